@@ -1,0 +1,69 @@
+//! Typed errors. Every error a user can provoke (bad weights, bad shapes, bad
+//! images, bad boxes, missing GPU) lands here; the library never panics on input.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An op got tensors whose shapes do not fit together.
+    #[error("{op}: shape mismatch: {msg}")]
+    Shape { op: &'static str, msg: String },
+
+    /// An op got a tensor of a dtype it cannot compute on.
+    #[error("{op}: expected dtype {expected}, got {got}")]
+    DType { op: &'static str, expected: &'static str, got: &'static str },
+
+    /// An op got a tensor on a device it does not run on.
+    #[error("{op}: tensor is on {got}, expected {expected}")]
+    Device { op: &'static str, expected: String, got: String },
+
+    #[error("weights: missing tensor `{name}` (the model expects shape {expected:?})")]
+    MissingTensor { name: String, expected: Vec<usize> },
+
+    #[error("weights: unexpected tensor `{name}` with shape {shape:?}")]
+    UnexpectedTensor { name: String, shape: Vec<usize> },
+
+    #[error("weights: tensor `{name}` has shape {got:?}, the model expects {expected:?}")]
+    TensorShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+
+    #[error("weights: tensor `{name}` has dtype {dtype}, expected f32, f16 or bf16")]
+    TensorDType { name: String, dtype: String },
+
+    /// The weights file cannot be read as safetensors (corrupt, truncated, ...).
+    #[error("weights file {path}: {msg}")]
+    WeightsFile { path: PathBuf, msg: String },
+
+    /// The weights do not describe a SAM-UNet we can build.
+    #[error("configuration: {0}")]
+    Config(String),
+
+    #[error("box {index} {bbox:?}: {reason}")]
+    InvalidBox { index: usize, bbox: [f32; 4], reason: String },
+
+    #[error("image: {0}")]
+    Image(String),
+
+    #[error("mask {path}: {msg}")]
+    Mask { path: PathBuf, msg: String },
+
+    #[error("{op}: {msg}")]
+    InvalidInput { op: &'static str, msg: String },
+
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// No usable CUDA driver or GPU, or the kernels were not built.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Shape { op, msg: msg.into() }
+    }
+    pub(crate) fn input(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidInput { op, msg: msg.into() }
+    }
+}

@@ -1,0 +1,122 @@
+//! Named weight tensors, read from safetensors (memory-mapped) and stored as f32
+//! for computing. f16 / bf16 / f32 on disk; integer tensors (BatchNorm's
+//! `num_batches_tracked`) are kept aside, since inference does not use them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Default, Debug)]
+pub struct Weights {
+    tensors: BTreeMap<String, Tensor>,
+    /// Names of non-floating tensors that were present (with shapes).
+    others: BTreeMap<String, Vec<usize>>,
+}
+
+impl Weights {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads a `.safetensors` file through a memory map.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        // SAFETY: the map is read-only and lives only for this call; a file changed
+        // underneath by another process could give wrong values but not UB in safe
+        // code that copies the bytes out immediately.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        Self::from_safetensors_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })
+    }
+
+    /// Parses safetensors bytes; the error is a message for the caller to wrap.
+    pub fn from_safetensors_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+        let mut w = Weights::new();
+        for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let data = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+                Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
+                _ => {
+                    w.others.insert(name, shape);
+                    continue;
+                }
+            };
+            let t = Tensor::from_vec(values, shape).map_err(|e| format!("tensor `{name}`: {e}"))?;
+            w.tensors.insert(name, t);
+        }
+        Ok(w)
+    }
+
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor `name`, or a typed error naming it.
+    pub fn req(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), expected: vec![] })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn non_float(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.others.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Writes every tensor as f32 safetensors, atomically (temporary file, rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let io = |source| Error::Io { path: path.to_path_buf(), source };
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| {
+                let v = t.as_f32()?;
+                Ok((k.clone(), bytemuck::cast_slice::<f32, u8>(v).to_vec(), t.dims().to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+            .iter()
+            .map(|(k, b, s)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::WeightsFile { path: path.to_path_buf(), msg: e.to_string() })
+            })
+            .collect::<Result<_>>()?;
+        let data = safetensors::serialize(views, None).map_err(|e| Error::WeightsFile { path: path.to_path_buf(), msg: e.to_string() })?;
+        let tmp = path.with_extension("safetensors.tmp");
+        std::fs::write(&tmp, data).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}

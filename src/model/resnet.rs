@@ -1,0 +1,79 @@
+//! The ResNet branch (`resnet.`): torchvision's ResNet without avgpool / fc, with
+//! BatchNorm folded into the convolutions for inference.
+
+use crate::error::Result;
+use crate::io::Weights;
+use crate::model::config::ResNetConfig;
+use crate::nn::Conv2d;
+use crate::ops::activation::Act;
+use crate::ops::conv::max_pool2d;
+use crate::tensor::Tensor;
+
+enum Block {
+    Basic { conv1: Conv2d, conv2: Conv2d, downsample: Option<Conv2d> },
+    Bottleneck { conv1: Conv2d, conv2: Conv2d, conv3: Conv2d, downsample: Option<Conv2d> },
+}
+
+pub struct ResNet {
+    stem: Conv2d,
+    stages: Vec<Vec<Block>>,
+}
+
+impl ResNet {
+    pub fn load(w: &Weights, cfg: &ResNetConfig) -> Result<Self> {
+        let stem = Conv2d::load_bn(w, "resnet.stage0.0", "resnet.stage0.1", 2, 3)?;
+        let mut stages = Vec::new();
+        for s in 0..4 {
+            let mut blocks = Vec::new();
+            for b in 0..cfg.blocks[s] {
+                let pre = format!("resnet.stage{}.{b}", s + 1);
+                let stride = if s > 0 && b == 0 { 2 } else { 1 };
+                let downsample = if w.contains(&format!("{pre}.downsample.0.weight")) {
+                    Some(Conv2d::load_bn(w, &format!("{pre}.downsample.0"), &format!("{pre}.downsample.1"), stride, 0)?)
+                } else {
+                    None
+                };
+                let cb = |c: &str, bn: &str, st: usize, pad: usize| Conv2d::load_bn(w, &format!("{pre}.{c}"), &format!("{pre}.{bn}"), st, pad);
+                blocks.push(if cfg.bottleneck {
+                    Block::Bottleneck { conv1: cb("conv1", "bn1", 1, 0)?, conv2: cb("conv2", "bn2", stride, 1)?, conv3: cb("conv3", "bn3", 1, 0)?, downsample }
+                } else {
+                    Block::Basic { conv1: cb("conv1", "bn1", stride, 1)?, conv2: cb("conv2", "bn2", 1, 1)?, downsample }
+                });
+            }
+            stages.push(blocks);
+        }
+        Ok(ResNet { stem, stages })
+    }
+
+    /// x [B, 3, 256, 256] -> f1..f4 [B, C_i, 64 / 2^i, 64 / 2^i].
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let x = self.stem.forward(x, Act::Relu)?;
+        let mut x = max_pool2d(&x, 3, 2, 1)?;
+        let mut feats = Vec::with_capacity(4);
+        for stage in &self.stages {
+            for block in stage {
+                x = match block {
+                    Block::Basic { conv1, conv2, downsample } => {
+                        let identity = match downsample {
+                            Some(d) => d.forward(&x, Act::None)?,
+                            None => x.clone(),
+                        };
+                        let h = conv1.forward(&x, Act::Relu)?;
+                        conv2.forward_residual(&h, &identity, Act::Relu)?
+                    }
+                    Block::Bottleneck { conv1, conv2, conv3, downsample } => {
+                        let identity = match downsample {
+                            Some(d) => d.forward(&x, Act::None)?,
+                            None => x.clone(),
+                        };
+                        let h = conv1.forward(&x, Act::Relu)?;
+                        let h = conv2.forward(&h, Act::Relu)?;
+                        conv3.forward_residual(&h, &identity, Act::Relu)?
+                    }
+                };
+            }
+            feats.push(x.clone());
+        }
+        Ok(feats)
+    }
+}

@@ -1,0 +1,160 @@
+//! The whole model: the ResNet branch feeding the frozen ViT through the
+//! adapters, the bridges into the multi-scale feature, the prompt encoder and
+//! the mask decoder.
+
+use crate::error::{Error, Result};
+use crate::io::Weights;
+use crate::model::adapters::{Reshaper, Up4};
+use crate::model::config::SamUnetConfig;
+use crate::model::image_encoder::ImageEncoderViT;
+use crate::model::mask_decoder::MaskDecoder;
+use crate::model::prompt_encoder::PromptEncoder;
+use crate::model::resnet::ResNet;
+use crate::model::Trace;
+use crate::ops::activation::{add_, Act};
+use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
+use crate::ops::resize::bilinear;
+use crate::ops::cpu_f32;
+use crate::preprocess::ResizeInfo;
+use crate::tensor::Tensor;
+
+/// What the image side computes once per image and every box reuses.
+#[derive(Clone, Debug)]
+pub struct ImageFeatures {
+    /// [B, 256, 16, 16]
+    pub image_embeddings: Tensor,
+    /// [B, 32, 64, 64]
+    pub multi_scale_feature: Tensor,
+}
+
+pub struct SamUnet {
+    pub config: SamUnetConfig,
+    resnet: ResNet,
+    vit: ImageEncoderViT,
+    adapters_in: Vec<Reshaper>,
+    /// adapters_bridge.0..2; bridge 2 - i follows stage i.
+    bridges: Vec<Up4>,
+    embedding_encoder: Up4,
+    prompt: PromptEncoder,
+    decoder: MaskDecoder,
+    /// [1, 256, 16, 16], fixed for a model.
+    dense_pe: Tensor,
+}
+
+impl SamUnet {
+    /// Builds the model from weights whose configuration is read off the tensors;
+    /// every expected tensor must be present with its shape, and nothing else.
+    pub fn from_weights(w: &Weights) -> Result<Self> {
+        let config = SamUnetConfig::from_weights(w)?;
+        config.validate(w)?;
+        Self::build(config, w)
+    }
+
+    fn build(config: SamUnetConfig, w: &Weights) -> Result<Self> {
+        let prompt = PromptEncoder::load(w, config.img_size, config.grid())?;
+        let dense_pe = prompt.dense_pe();
+        Ok(SamUnet {
+            resnet: ResNet::load(w, &config.resnet)?,
+            vit: ImageEncoderViT::load(w, &config)?,
+            adapters_in: (0..4).map(|i| Reshaper::load(w, i)).collect::<Result<_>>()?,
+            bridges: (0..3).map(|j| Up4::load(w, &format!("adapters_bridge.{j}"))).collect::<Result<_>>()?,
+            embedding_encoder: Up4::load(w, "embedding_encoder")?,
+            prompt,
+            decoder: MaskDecoder::load(w)?,
+            dense_pe,
+            config,
+        })
+    }
+
+    /// x [B, 3, S, S] (normalised, padded) -> image features.
+    pub fn encode_image(&self, x: &Tensor, trace: &mut Trace) -> Result<ImageFeatures> {
+        let s = self.config.img_size;
+        let [_, c, h, w] = x.dims_n::<4>("encode_image", "input")?;
+        if c != 3 || h != s || w != s {
+            return Err(Error::shape("encode_image", format!("input {:?}, expected [B, 3, {s}, {s}]", x.dims())));
+        }
+        let feats = self.resnet.forward(x)?;
+        for (i, f) in feats.iter().enumerate() {
+            trace.push(format!("resnet.f{}", i + 1), f);
+        }
+        let mut t = self.vit.embed(x)?;
+        trace.push("vit.patch_embed", &t);
+        let mut bridge_out: [Option<Tensor>; 3] = [None, None, None];
+        for i in 0..4 {
+            for b in [3 * i, 3 * i + 1] {
+                t = self.vit.blocks[b].forward(&t)?;
+                trace.push(format!("vit.block{b}"), &t);
+            }
+            let a = nchw_to_nhwc(&self.adapters_in[i].forward(&feats[i])?)?;
+            trace.push(format!("adapter_in{i}"), &a);
+            add_(&mut t, &a)?;
+            trace.push(format!("vit.fused{i}"), &t);
+            t = self.vit.blocks[3 * i + 2].forward(&t)?;
+            trace.push(format!("vit.block{}", 3 * i + 2), &t);
+            if i < 3 {
+                let j = 2 - i;
+                let br = self.bridges[j].forward(&nhwc_to_nchw(&t)?, Act::None)?;
+                trace.push(format!("bridge{j}"), &br);
+                bridge_out[j] = Some(br);
+            }
+        }
+        let image_embeddings = self.vit.neck(&t)?;
+        trace.push("image_embeddings", &image_embeddings);
+        let mut msf = self.embedding_encoder.forward(&image_embeddings, Act::None)?;
+        trace.push("embedding_encoder", &msf);
+        // ((ee + bridge0) + bridge1) + bridge2, the reference's order.
+        for br in bridge_out.iter().flatten() {
+            add_(&mut msf, br)?;
+        }
+        trace.push("multi_scale_feature", &msf);
+        Ok(ImageFeatures { image_embeddings, multi_scale_feature: msf })
+    }
+
+    /// Decodes boxes (model frame) against image `index` of `features`:
+    /// low-res logits [N, 1, 64, 64].
+    pub fn decode(&self, features: &ImageFeatures, index: usize, boxes: &[[f32; 4]], trace: &mut Trace) -> Result<Tensor> {
+        let b = features.image_embeddings.dims()[0];
+        if index >= b {
+            return Err(Error::input("decode", format!("image index {index} of a batch of {b}")));
+        }
+        let emb = slice_first(&features.image_embeddings, index)?;
+        let msf = slice_first(&features.multi_scale_feature, index)?;
+        let sparse = self.prompt.embed_boxes(boxes);
+        trace.push("prompt.sparse", &sparse);
+        trace.push("prompt.dense_pe", &self.dense_pe);
+        let low = self.decoder.forward(&emb, &self.dense_pe, &sparse, self.prompt.no_mask_embed(), &msf)?;
+        trace.push("low_res_logits", &low);
+        Ok(low)
+    }
+
+    /// low-res logits [N, 1, 64, 64] -> logits at the original size [N, 1, H, W]:
+    /// bilinear to the input side, crop to the resized image, bilinear to H x W.
+    pub fn postprocess(&self, low: &Tensor, info: &ResizeInfo) -> Result<Tensor> {
+        let s = self.config.img_size;
+        let up = bilinear(low, s, s)?;
+        let [n, c, _, _] = up.dims_n::<4>("postprocess", "logits")?;
+        let src = cpu_f32("postprocess", &up)?;
+        let (nh, nw) = (info.new_h, info.new_w);
+        let mut crop = Vec::with_capacity(n * c * nh * nw);
+        for pl in 0..n * c {
+            for y in 0..nh {
+                crop.extend_from_slice(&src[pl * s * s + y * s..pl * s * s + y * s + nw]);
+            }
+        }
+        let crop = Tensor::from_f32(crop, &[n, c, nh, nw]);
+        bilinear(&crop, info.orig_h, info.orig_w)
+    }
+}
+
+/// x [B, ...] -> [1, ...] the index-th item (no copy when B is 1).
+fn slice_first(x: &Tensor, index: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims[0] == 1 && index == 0 {
+        return Ok(x.clone());
+    }
+    let per: usize = dims[1..].iter().product();
+    let v = cpu_f32("slice", x)?[index * per..(index + 1) * per].to_vec();
+    let mut d = dims.to_vec();
+    d[0] = 1;
+    Ok(Tensor::from_f32(v, &d))
+}

@@ -1,0 +1,113 @@
+//! Layers with their weights, loaded under PyTorch's state_dict names.
+//! `forward` functions are inference forms (BatchNorm folded into its conv).
+
+use crate::error::Result;
+use crate::io::Weights;
+use crate::ops::activation::Act;
+use crate::ops::conv::{conv2d, conv_transpose2d, Conv2dArgs};
+use crate::ops::linear::linear_fused;
+use crate::ops::norm::{fold_batch_norm, layer_norm, layer_norm2d};
+use crate::tensor::Tensor;
+
+fn get(w: &Weights, prefix: &str, name: &str) -> Result<Tensor> {
+    w.req(&format!("{prefix}.{name}")).cloned()
+}
+
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// [out, in]
+    pub weight: Tensor,
+    /// [out]
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(Linear { weight: get(w, prefix, "weight")?, bias: w.get(&format!("{prefix}.bias")).cloned() })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear_fused(x, &self.weight, self.bias.as_ref(), None, Act::None)
+    }
+    pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        linear_fused(x, &self.weight, self.bias.as_ref(), None, act)
+    }
+    /// residual + x W^T + b
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        linear_fused(x, &self.weight, self.bias.as_ref(), Some(residual), Act::None)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// [O, C, kh, kw]
+    pub weight: Tensor,
+    /// [O]
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(w: &Weights, prefix: &str, stride: usize, padding: usize) -> Result<Self> {
+        Ok(Conv2d { weight: get(w, prefix, "weight")?, bias: w.get(&format!("{prefix}.bias")).cloned(), stride, padding })
+    }
+    /// A bias-free conv followed by BatchNorm2d (eps 1e-5, running statistics),
+    /// folded into one conv with bias.
+    pub fn load_bn(w: &Weights, conv: &str, bn: &str, stride: usize, padding: usize) -> Result<Self> {
+        let cw = get(w, conv, "weight")?;
+        let (fw, fb) = fold_batch_norm(
+            &cw,
+            &get(w, bn, "weight")?,
+            &get(w, bn, "bias")?,
+            &get(w, bn, "running_mean")?,
+            &get(w, bn, "running_var")?,
+            1e-5,
+        )?;
+        Ok(Conv2d { weight: fw, bias: Some(fb), stride, padding })
+    }
+    pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), Conv2dArgs { stride: self.stride, padding: self.padding }, None, act)
+    }
+    /// act(conv(x) + residual)
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
+        conv2d(x, &self.weight, self.bias.as_ref(), Conv2dArgs { stride: self.stride, padding: self.padding }, Some(residual), act)
+    }
+}
+
+/// ConvTranspose2d with kernel = stride (2 x 2, stride 2 in SAM-UNet).
+#[derive(Clone, Debug)]
+pub struct ConvTranspose2d {
+    /// [C, O, k, k]
+    pub weight: Tensor,
+    /// [O]
+    pub bias: Option<Tensor>,
+}
+
+impl ConvTranspose2d {
+    pub fn load(w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(ConvTranspose2d { weight: get(w, prefix, "weight")?, bias: w.get(&format!("{prefix}.bias")).cloned() })
+    }
+    pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        conv_transpose2d(x, &self.weight, self.bias.as_ref(), act)
+    }
+}
+
+/// LayerNorm over the last dim, or (as `forward2d`) SAM's LayerNorm2d over channels.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, prefix: &str, eps: f32) -> Result<Self> {
+        Ok(LayerNorm { weight: get(w, prefix, "weight")?, bias: get(w, prefix, "bias")?, eps })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+    pub fn forward2d(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        layer_norm2d(x, &self.weight, &self.bias, self.eps, act)
+    }
+}

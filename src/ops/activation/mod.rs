@@ -1,0 +1,78 @@
+//! Element-wise activations and adds. GELU is the exact (erf) form.
+
+mod cpu;
+
+use crate::error::{Error, Result};
+use crate::ops::cpu_f32;
+use crate::tensor::Tensor;
+
+/// An activation applied in an op's epilogue (fused after a GEMM or a norm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    Gelu,
+}
+
+pub use cpu::apply_act_slice;
+pub(crate) use cpu::apply_act_seq;
+
+/// act(x), elementwise.
+pub fn act(x: &Tensor, a: Act) -> Result<Tensor> {
+    let xs = cpu_f32("act", x)?;
+    let mut out = xs.to_vec();
+    apply_act_slice(&mut out, a);
+    Ok(Tensor::from_f32(out, x.dims()))
+}
+
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    act(x, Act::Gelu)
+}
+
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    act(x, Act::Relu)
+}
+
+/// a + b for equal shapes.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let mut out = a.clone();
+    add_(&mut out, b)?;
+    Ok(out)
+}
+
+/// a += b in place (copies a's storage first only if it is shared).
+pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(Error::shape("add", format!("{:?} + {:?}", a.dims(), b.dims())));
+    }
+    let bs = cpu_f32("add", b)?;
+    cpu_f32("add", a)?;
+    let av = a.as_f32_mut()?;
+    cpu::add_assign(av, bs);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gelu_and_relu_values() {
+        let x = Tensor::from_vec(vec![-2.0, -0.5, 0.0, 0.5, 2.0], [5]).unwrap();
+        let g = gelu(&x).unwrap();
+        // torch.nn.functional.gelu on the same values.
+        let want = [-0.045_500_26, -0.154_268_47, 0.0, 0.345_731_53, 1.954_499_7];
+        for (a, b) in g.as_f32().unwrap().iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let r = relu(&x).unwrap();
+        assert_eq!(r.as_f32().unwrap(), &[0.0, 0.0, 0.0, 0.5, 2.0]);
+    }
+
+    #[test]
+    fn add_checks_shapes() {
+        let a = Tensor::zeros([2, 3]);
+        let b = Tensor::zeros([3, 2]);
+        assert!(matches!(add(&a, &b), Err(Error::Shape { op: "add", .. })));
+    }
+}

@@ -1,0 +1,157 @@
+//! Attention.
+//!
+//! * `rel_pos_attention`: the image encoder's multi-head attention with decomposed
+//!   relative position bias (MViTv2 / SAM), for window blocks (the G x G grid
+//!   zero-padded to a multiple of the window and cut into windows, row-major) and
+//!   global blocks (window = 0: one window of the whole grid). Only the real
+//!   tokens' q, k, v are passed in: a padded token is the zero vector after
+//!   norm1, so its key and value are exactly the k and v biases; the padded
+//!   queries' outputs are dropped by the model, so they are not computed at all.
+//!   This gives the reference's numbers while skipping (Gp^2 - G^2) / Gp^2 of the
+//!   qkv / proj work.
+//! * `attention`: plain multi-head attention on projected q, k, v (the two-way
+//!   transformer of the mask decoder).
+
+mod cpu;
+
+use crate::error::{Error, Result};
+use crate::ops::cpu_f32;
+use crate::tensor::Tensor;
+
+/// qkv [B, G, G, 3 * D] (channel = which * D + head * hd + c, as SAM's reshape),
+/// qkv_bias [3 * D], rel_h / rel_w [2 S - 1, hd] with S the window (or G when
+/// `window == 0`) -> [B, G, G, D], the attention output before `proj`.
+/// Logits = (q * hd^-0.5) k^T + q . Rh[qh - kh + S - 1] + q . Rw[qw - kw + S - 1].
+pub fn rel_pos_attention(qkv: &Tensor, qkv_bias: &Tensor, rel_h: &Tensor, rel_w: &Tensor, heads: usize, window: usize) -> Result<Tensor> {
+    const OP: &str = "rel_pos_attention";
+    let [b, gh, gw, c3] = qkv.dims_n::<4>(OP, "qkv")?;
+    if gh != gw {
+        return Err(Error::shape(OP, format!("grid must be square, qkv {:?}", qkv.dims())));
+    }
+    if heads == 0 || c3 % (3 * heads) != 0 {
+        return Err(Error::shape(OP, format!("qkv {:?} cannot split into 3 x {heads} heads", qkv.dims())));
+    }
+    let d = c3 / 3;
+    let hd = d / heads;
+    qkv_bias.expect_dims(OP, "qkv bias", &[c3])?;
+    let s = if window == 0 { gh } else { window };
+    rel_h.expect_dims(OP, "rel_pos_h", &[2 * s - 1, hd])?;
+    rel_w.expect_dims(OP, "rel_pos_w", &[2 * s - 1, hd])?;
+    let out = cpu::rel_pos_attention(
+        cpu_f32(OP, qkv)?,
+        cpu_f32(OP, qkv_bias)?,
+        cpu_f32(OP, rel_h)?,
+        cpu_f32(OP, rel_w)?,
+        cpu::RelPosGeometry { b, g: gh, heads, hd, s },
+    );
+    Ok(Tensor::from_f32(out, &[b, gh, gw, d]))
+}
+
+/// q [N, Lq, I], k [N, Lk, I], v [N, Lk, I] with I = heads * hd ->
+/// softmax(q_h k_h^T / sqrt(hd)) v_h per head, concatenated: [N, Lq, I].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    const OP: &str = "attention";
+    let [n, lq, i] = q.dims_n::<3>(OP, "q")?;
+    let [nk, lk, ik] = k.dims_n::<3>(OP, "k")?;
+    if nk != n || ik != i {
+        return Err(Error::shape(OP, format!("q {:?} vs k {:?}", q.dims(), k.dims())));
+    }
+    v.expect_dims(OP, "v", &[n, lk, i])?;
+    if heads == 0 || i % heads != 0 {
+        return Err(Error::shape(OP, format!("width {i} cannot split into {heads} heads")));
+    }
+    let out = cpu::attention(cpu_f32(OP, q)?, cpu_f32(OP, k)?, cpu_f32(OP, v)?, n, lq, lk, i, heads);
+    Ok(Tensor::from_f32(out, &[n, lq, i]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, f: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * f).sin()).collect()
+    }
+
+    /// The reference's computation written out literally: pad the token grid with
+    /// zero tokens, project every position (padded ones give the biases), full
+    /// attention inside each window over all positions.
+    #[test]
+    fn window_attention_equals_padded_reference() {
+        let (b, g, heads, hd, s) = (1usize, 5usize, 2usize, 4usize, 3usize);
+        let d = heads * hd;
+        let gp = g.div_ceil(s) * s;
+        let qkv = seq(b * g * g * 3 * d, 0.37);
+        let bias = seq(3 * d, 1.3);
+        let rh = seq((2 * s - 1) * hd, 0.71);
+        let rw = seq((2 * s - 1) * hd, 0.53);
+        let got = rel_pos_attention(
+            &Tensor::from_vec(qkv.clone(), [b, g, g, 3 * d]).unwrap(),
+            &Tensor::from_vec(bias.clone(), [3 * d]).unwrap(),
+            &Tensor::from_vec(rh.clone(), [2 * s - 1, hd]).unwrap(),
+            &Tensor::from_vec(rw.clone(), [2 * s - 1, hd]).unwrap(),
+            heads,
+            s,
+        )
+        .unwrap();
+        let got = got.as_f32().unwrap();
+        let at = |y: usize, x: usize, which: usize, h: usize, c: usize| -> f64 {
+            if y < g && x < g { qkv[(y * g + x) * 3 * d + which * d + h * hd + c] as f64 } else { bias[which * d + h * hd + c] as f64 }
+        };
+        let scale = (hd as f64).powf(-0.5);
+        for wy in 0..gp / s {
+            for wx in 0..gp / s {
+                for h in 0..heads {
+                    for qi in 0..s * s {
+                        let (qy, qx) = (qi / s, qi % s);
+                        let (gy, gx) = (wy * s + qy, wx * s + qx);
+                        if gy >= g || gx >= g {
+                            continue;
+                        }
+                        let mut logits = vec![0.0f64; s * s];
+                        for (ki, l) in logits.iter_mut().enumerate() {
+                            let (ky, kx) = (ki / s, ki % s);
+                            let mut dot = 0.0;
+                            let mut relh = 0.0;
+                            let mut relw = 0.0;
+                            for c in 0..hd {
+                                let qv = at(gy, gx, 0, h, c);
+                                dot += qv * scale * at(wy * s + ky, wx * s + kx, 1, h, c);
+                                relh += qv * rh[(qy + s - 1 - ky) * hd + c] as f64;
+                                relw += qv * rw[(qx + s - 1 - kx) * hd + c] as f64;
+                            }
+                            *l = dot + relh + relw;
+                        }
+                        let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                        let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+                        let z: f64 = e.iter().sum();
+                        for c in 0..hd {
+                            let mut o = 0.0;
+                            for ki in 0..s * s {
+                                o += e[ki] / z * at(wy * s + ki / s, wx * s + ki % s, 2, h, c);
+                            }
+                            let gv = got[(gy * g + gx) * d + h * hd + c] as f64;
+                            assert!((gv - o).abs() < 1e-5, "window ({wy},{wx}) head {h} q {qi} c {c}: {gv} vs {o}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_single_key_returns_value() {
+        // One key: softmax is 1, the output is v.
+        let q = Tensor::from_vec(seq(2 * 3 * 4, 0.3), [2, 3, 4]).unwrap();
+        let k = Tensor::from_vec(seq(2 * 4, 0.9), [2, 1, 4]).unwrap();
+        let v = Tensor::from_vec(seq(2 * 4, 1.7), [2, 1, 4]).unwrap();
+        let o = attention(&q, &k, &v, 2).unwrap();
+        let (o, v) = (o.as_f32().unwrap(), v.as_f32().unwrap());
+        for n in 0..2 {
+            for l in 0..3 {
+                for c in 0..4 {
+                    assert!((o[(n * 3 + l) * 4 + c] - v[n * 4 + c]).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Convolutions on NCHW maps: Conv2d (im2col + GEMM; a 1x1 stride-1 conv is a
+//! plain GEMM), ConvTranspose2d with kernel == stride (the 2x2 / stride 2
+//! upsamplers of SAM-UNet: non-overlapping, so one GEMM and a scatter), and max
+//! pooling. Bias, a residual add and an activation are fused in the epilogue.
+
+mod cpu;
+
+use crate::error::{Error, Result};
+use crate::ops::activation::Act;
+use crate::ops::cpu_f32;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dArgs {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// x [B, C, H, W], w [O, C, kh, kw], b [O], residual [B, O, Ho, Wo] -> [B, O, Ho, Wo]
+/// with Ho = (H + 2p - kh) / s + 1.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, args: Conv2dArgs, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
+    let [o, wc, kh, kw] = w.dims_n::<4>(OP, "weight")?;
+    if wc != c {
+        return Err(Error::shape(OP, format!("input {:?} has {c} channels, weight {:?} expects {wc}", x.dims(), w.dims())));
+    }
+    if args.stride == 0 || kh == 0 || kw == 0 {
+        return Err(Error::shape(OP, format!("stride {} with kernel {kh}x{kw}", args.stride)));
+    }
+    if h + 2 * args.padding < kh || wd + 2 * args.padding < kw {
+        return Err(Error::shape(OP, format!("input {:?} smaller than kernel {:?} with padding {}", x.dims(), w.dims(), args.padding)));
+    }
+    let ho = (h + 2 * args.padding - kh) / args.stride + 1;
+    let wo = (wd + 2 * args.padding - kw) / args.stride + 1;
+    if let Some(b) = b {
+        b.expect_dims(OP, "bias", &[o])?;
+    }
+    let out_dims = [n, o, ho, wo];
+    if let Some(r) = residual {
+        r.expect_dims(OP, "residual", &out_dims)?;
+    }
+    let geo = cpu::ConvGeometry { n, c, h, w: wd, o, kh, kw, stride: args.stride, pad: args.padding, ho, wo };
+    let out = cpu::conv2d(
+        &geo,
+        cpu_f32(OP, x)?,
+        cpu_f32(OP, w)?,
+        b.map(|b| cpu_f32(OP, b)).transpose()?,
+        residual.map(|r| cpu_f32(OP, r)).transpose()?,
+        act,
+    );
+    Ok(Tensor::from_f32(out, &out_dims))
+}
+
+/// ConvTranspose2d with kernel k == stride k and no padding.
+/// x [B, C, H, W], w [C, O, k, k] (PyTorch's layout), b [O] -> [B, O, kH, kW].
+pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    const OP: &str = "conv_transpose2d";
+    let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
+    let [wc, o, kh, kw] = w.dims_n::<4>(OP, "weight")?;
+    if wc != c {
+        return Err(Error::shape(OP, format!("input {:?} has {c} channels, weight {:?} expects {wc}", x.dims(), w.dims())));
+    }
+    if kh != kw || kh == 0 {
+        return Err(Error::shape(OP, format!("only square kernels with stride = kernel are supported, weight {:?}", w.dims())));
+    }
+    if let Some(b) = b {
+        b.expect_dims(OP, "bias", &[o])?;
+    }
+    let out = cpu::conv_transpose2d(cpu_f32(OP, x)?, cpu_f32(OP, w)?, b.map(|b| cpu_f32(OP, b)).transpose()?, act, n, c, h, wd, o, kh);
+    Ok(Tensor::from_f32(out, &[n, o, h * kh, wd * kh]))
+}
+
+/// Max pooling, padding with -inf as PyTorch. x [B, C, H, W] -> [B, C, Ho, Wo].
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    const OP: &str = "max_pool2d";
+    let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
+    if stride == 0 || kernel == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel || padding * 2 > kernel {
+        return Err(Error::shape(OP, format!("input {:?}, kernel {kernel}, stride {stride}, padding {padding}", x.dims())));
+    }
+    let ho = (h + 2 * padding - kernel) / stride + 1;
+    let wo = (w + 2 * padding - kernel) / stride + 1;
+    let out = cpu::max_pool2d(cpu_f32(OP, x)?, n * c, h, w, ho, wo, kernel, stride, padding);
+    Ok(Tensor::from_f32(out, &[n, c, ho, wo]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct 7-loop convolution, the definition.
+    fn conv_ref(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize, h: usize, wd: usize, o: usize, k: usize, s: usize, p: usize) -> Vec<f32> {
+        let ho = (h + 2 * p - k) / s + 1;
+        let wo = (wd + 2 * p - k) / s + 1;
+        let mut out = vec![0.0; n * o * ho * wo];
+        for ni in 0..n {
+            for oi in 0..o {
+                for y in 0..ho {
+                    for xx in 0..wo {
+                        let mut acc = b[oi] as f64;
+                        for ci in 0..c {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (y * s + ky) as isize - p as isize;
+                                    let ix = (xx * s + kx) as isize - p as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                        acc += x[((ni * c + ci) * h + iy as usize) * wd + ix as usize] as f64
+                                            * w[((oi * c + ci) * k + ky) * k + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        out[((ni * o + oi) * ho + y) * wo + xx] = acc as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn seq(n: usize, f: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * f).sin() * 1.5)).collect()
+    }
+
+    #[test]
+    fn conv2d_matches_direct_definition() {
+        for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (1, 1, 0), (7, 2, 3), (2, 2, 0)] {
+            let (n, c, h, wd, o) = (2, 3, 9, 7, 4);
+            let x = seq(n * c * h * wd, 0.37);
+            let w = seq(o * c * k * k, 0.91);
+            let b = seq(o, 2.3);
+            let want = conv_ref(&x, &w, &b, n, c, h, wd, o, k, s, p);
+            let got = conv2d(
+                &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
+                &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
+                Some(&Tensor::from_vec(b, [o]).unwrap()),
+                Conv2dArgs { stride: s, padding: p },
+                None,
+                Act::None,
+            )
+            .unwrap();
+            for (a, b) in got.as_f32().unwrap().iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "k{k} s{s} p{p}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn conv_transpose_matches_definition() {
+        let (n, c, h, wd, o, k) = (2, 3, 4, 5, 2, 2);
+        let x = seq(n * c * h * wd, 0.3);
+        let w = seq(c * o * k * k, 0.7);
+        let b = vec![0.5, -0.25];
+        let y = conv_transpose2d(
+            &Tensor::from_vec(x.clone(), [n, c, h, wd]).unwrap(),
+            &Tensor::from_vec(w.clone(), [c, o, k, k]).unwrap(),
+            Some(&Tensor::from_vec(b.clone(), [o]).unwrap()),
+            Act::None,
+        )
+        .unwrap();
+        let y = y.as_f32().unwrap();
+        for ni in 0..n {
+            for oi in 0..o {
+                for oy in 0..h * k {
+                    for ox in 0..wd * k {
+                        let (iy, ky, ix, kx) = (oy / k, oy % k, ox / k, ox % k);
+                        let mut acc = b[oi];
+                        for ci in 0..c {
+                            acc += x[((ni * c + ci) * h + iy) * wd + ix] * w[((ci * o + oi) * k + ky) * k + kx];
+                        }
+                        let got = y[((ni * o + oi) * h * k + oy) * wd * k + ox];
+                        assert!((got - acc).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn max_pool_pads_with_neg_inf() {
+        let x = Tensor::from_vec(vec![-1., -2., -3., -4.], [1, 1, 2, 2]).unwrap();
+        let y = max_pool2d(&x, 3, 2, 1).unwrap();
+        assert_eq!(y.dims(), &[1, 1, 1, 1]);
+        assert_eq!(y.as_f32().unwrap(), &[-1.0]);
+    }
+
+    #[test]
+    fn conv_rejects_channel_mismatch() {
+        let e = conv2d(&Tensor::zeros([1, 3, 8, 8]), &Tensor::zeros([4, 2, 3, 3]), None, Conv2dArgs { stride: 1, padding: 1 }, None, Act::None);
+        assert!(matches!(e, Err(Error::Shape { op: "conv2d", .. })));
+    }
+}

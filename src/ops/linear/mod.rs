@@ -1,0 +1,72 @@
+//! Linear layers: y = act(x W^T + b (+ residual)), W stored [out, in] as in PyTorch.
+
+mod cpu;
+
+use crate::error::{Error, Result};
+use crate::ops::activation::Act;
+use crate::ops::cpu_f32;
+use crate::tensor::Tensor;
+
+/// x: [..., K], w: [N, K], b: [N] -> [..., N].
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_fused(x, w, b, None, Act::None)
+}
+
+/// act(x W^T + b + residual): the bias, the residual add and the activation are
+/// applied in the GEMM's epilogue (the residual seeds the accumulator).
+/// residual: same shape as the output.
+pub fn linear_fused(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let [n, k] = w.dims_n::<2>(OP, "weight")?;
+    let xd = x.dims();
+    if xd.last() != Some(&k) {
+        return Err(Error::shape(OP, format!("input {:?} does not end in weight's in-features {k} (weight {:?})", xd, w.dims())));
+    }
+    let m = x.numel() / k.max(1);
+    if let Some(b) = b {
+        b.expect_dims(OP, "bias", &[n])?;
+    }
+    let mut out_dims = xd.to_vec();
+    *out_dims.last_mut().expect("rank >= 1 checked above") = n;
+    if let Some(r) = residual {
+        r.expect_dims(OP, "residual", &out_dims)?;
+    }
+    let out = cpu::linear(
+        cpu_f32(OP, x)?,
+        cpu_f32(OP, w)?,
+        b.map(|b| cpu_f32(OP, b)).transpose()?,
+        residual.map(|r| cpu_f32(OP, r)).transpose()?,
+        act,
+        m,
+        n,
+        k,
+    );
+    Ok(Tensor::from_f32(out, &out_dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_hand_computation() {
+        // x [2, 3], w [2, 3]
+        let x = Tensor::from_vec(vec![1., 2., 3., -1., 0., 2.], [2, 3]).unwrap();
+        let w = Tensor::from_vec(vec![1., 0., -1., 0.5, 0.5, 0.5], [2, 3]).unwrap();
+        let b = Tensor::from_vec(vec![0.25, -1.0], [2]).unwrap();
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.dims(), &[2, 2]);
+        assert_eq!(y.as_f32().unwrap(), &[-1.75, 2.0, -2.75, -0.5]);
+        let r = Tensor::from_vec(vec![1., 1., 1., 1.], [2, 2]).unwrap();
+        let y = linear_fused(&x, &w, Some(&b), Some(&r), Act::Relu).unwrap();
+        assert_eq!(y.as_f32().unwrap(), &[0.0, 3.0, 0.0, 0.5]);
+    }
+
+    #[test]
+    fn linear_rejects_bad_shapes() {
+        let x = Tensor::zeros([2, 4]);
+        let w = Tensor::zeros([2, 3]);
+        let e = linear(&x, &w, None).unwrap_err().to_string();
+        assert!(e.contains("linear") && e.contains("[2, 4]"), "{e}");
+    }
+}

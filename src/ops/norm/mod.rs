@@ -1,0 +1,96 @@
+//! LayerNorm over the last dimension (channels-last tokens) and LayerNorm2d over
+//! the channel dimension of NCHW maps (SAM's LayerNorm2d), each with an optional
+//! fused activation; BatchNorm folding for inference.
+//!
+//! Statistics: mean first, then the biased variance of (x - mean), both
+//! accumulated in f64 per row so the result does not depend on the summation order.
+
+mod cpu;
+
+use crate::error::Result;
+use crate::ops::activation::Act;
+use crate::ops::cpu_f32;
+use crate::tensor::Tensor;
+
+/// x: [..., C], weight/bias: [C].
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let c = *x.dims().last().unwrap_or(&0);
+    w.expect_dims(OP, "weight", &[c])?;
+    b.expect_dims(OP, "bias", &[c])?;
+    let out = cpu::layer_norm(cpu_f32(OP, x)?, cpu_f32(OP, w)?, cpu_f32(OP, b)?, c, eps);
+    Ok(Tensor::from_f32(out, x.dims()))
+}
+
+/// x: [B, C, H, W], weight/bias: [C]; normalised over C at every pixel, then act.
+pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> Result<Tensor> {
+    const OP: &str = "layer_norm2d";
+    let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
+    w.expect_dims(OP, "weight", &[c])?;
+    b.expect_dims(OP, "bias", &[c])?;
+    let out = cpu::layer_norm2d(cpu_f32(OP, x)?, cpu_f32(OP, w)?, cpu_f32(OP, b)?, n, c, h * wd, eps, act);
+    Ok(Tensor::from_f32(out, x.dims()))
+}
+
+/// Folds an inference BatchNorm (gamma, beta, running mean / var, eps) that follows
+/// a bias-free convolution into the convolution: returns (w', b') with
+/// w' = w * s, b' = beta - mean * s, s = gamma / sqrt(var + eps).
+/// conv_w: [O, ...], all BN tensors [O].
+pub fn fold_batch_norm(conv_w: &Tensor, gamma: &Tensor, beta: &Tensor, mean: &Tensor, var: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "fold_batch_norm";
+    let o = *conv_w.dims().first().unwrap_or(&0);
+    for (t, what) in [(gamma, "weight"), (beta, "bias"), (mean, "running_mean"), (var, "running_var")] {
+        t.expect_dims(OP, what, &[o])?;
+    }
+    let w = cpu_f32(OP, conv_w)?;
+    let per = w.len() / o.max(1);
+    let (g, be, mu, va) = (cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?, cpu_f32(OP, mean)?, cpu_f32(OP, var)?);
+    let mut nw = w.to_vec();
+    let mut nb = vec![0.0f32; o];
+    for i in 0..o {
+        // In f64 so the folded weights are the correctly rounded products.
+        let s = g[i] as f64 / (va[i] as f64 + eps as f64).sqrt();
+        for v in &mut nw[i * per..(i + 1) * per] {
+            *v = (*v as f64 * s) as f32;
+        }
+        nb[i] = (be[i] as f64 - mu[i] as f64 * s) as f32;
+    }
+    Ok((Tensor::from_f32(nw, conv_w.dims()), Tensor::from_f32(nb, &[o])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_rows() {
+        let x = Tensor::from_vec(vec![1., 2., 3., 4., -1., -1., -1., -1.], [2, 4]).unwrap();
+        let w = Tensor::from_vec(vec![1.0; 4], [4]).unwrap();
+        let b = Tensor::from_vec(vec![0.5; 4], [4]).unwrap();
+        let y = layer_norm(&x, &w, &b, 0.0).unwrap();
+        let y = y.as_f32().unwrap();
+        // (x - 2.5) / sqrt(1.25) + 0.5
+        let s = 1.25f32.sqrt();
+        for (i, v) in [1., 2., 3., 4.].iter().enumerate() {
+            assert!((y[i] - ((v - 2.5) / s + 0.5)).abs() < 1e-6);
+        }
+        assert!(y[4..].iter().all(|&v| v == 0.5));
+    }
+
+    #[test]
+    fn layer_norm2d_matches_channels_last_layer_norm() {
+        // [1, 3, 1, 2] vs its channels-last transpose [2, 3].
+        let x = Tensor::from_vec(vec![1., 4., 2., 5., 6., -3.], [1, 3, 1, 2]).unwrap();
+        let xt = Tensor::from_vec(vec![1., 2., 6., 4., 5., -3.], [2, 3]).unwrap();
+        let w = Tensor::from_vec(vec![1., 2., 3.], [3]).unwrap();
+        let b = Tensor::from_vec(vec![0., 1., -1.], [3]).unwrap();
+        let a = layer_norm2d(&x, &w, &b, 1e-6, Act::None).unwrap();
+        let c = layer_norm(&xt, &w, &b, 1e-6).unwrap();
+        let (a, c) = (a.as_f32().unwrap(), c.as_f32().unwrap());
+        for ch in 0..3 {
+            for p in 0..2 {
+                assert!((a[ch * 2 + p] - c[p * 3 + ch]).abs() < 1e-6);
+            }
+        }
+    }
+}

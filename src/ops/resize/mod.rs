@@ -1,0 +1,61 @@
+//! Resizing.
+//!
+//! * `bilinear`: PyTorch's `F.interpolate(mode='bilinear', align_corners=False)`
+//!   without antialias, on f32 NCHW maps (mask logits post-processing).
+//! * `resize_u8_pil_bilinear`: PIL's `Image.resize(..., BILINEAR)` on 8-bit images:
+//!   a separable triangle filter whose support widens with the downscale factor
+//!   (antialiasing), fixed-point coefficients with 22 fractional bits, a horizontal
+//!   pass then a vertical pass, each rounded and clamped to 0..255.
+
+mod cpu;
+
+use crate::error::{Error, Result};
+use crate::ops::cpu_f32;
+use crate::tensor::Tensor;
+
+/// x [B, C, H, W] -> [B, C, oh, ow].
+pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    const OP: &str = "bilinear";
+    let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
+    if h == 0 || w == 0 || oh == 0 || ow == 0 {
+        return Err(Error::shape(OP, format!("cannot resize {:?} to {oh} x {ow}", x.dims())));
+    }
+    let out = cpu::bilinear(cpu_f32(OP, x)?, n * c, h, w, oh, ow);
+    Ok(Tensor::from_f32(out, &[n, c, oh, ow]))
+}
+
+/// img: h x w x ch interleaved u8 -> oh x ow x ch.
+pub fn resize_u8_pil_bilinear(img: &[u8], h: usize, w: usize, ch: usize, oh: usize, ow: usize) -> Result<Vec<u8>> {
+    const OP: &str = "resize_u8_pil_bilinear";
+    if img.len() != h * w * ch {
+        return Err(Error::shape(OP, format!("{} bytes for {h} x {w} x {ch}", img.len())));
+    }
+    if h == 0 || w == 0 || oh == 0 || ow == 0 || ch == 0 {
+        return Err(Error::shape(OP, format!("cannot resize {h} x {w} x {ch} to {oh} x {ow}")));
+    }
+    Ok(cpu::resize_u8(img, h, w, ch, oh, ow))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_upsample_2x_matches_torch() {
+        // torch: F.interpolate(torch.tensor([[[[0.,1.],[2.,3.]]]]), size=(4,4), mode='bilinear')
+        let x = Tensor::from_vec(vec![0., 1., 2., 3.], [1, 1, 2, 2]).unwrap();
+        let y = bilinear(&x, 4, 4).unwrap();
+        let want = [
+            0.0, 0.25, 0.75, 1.0, 0.5, 0.75, 1.25, 1.5, 1.5, 1.75, 2.25, 2.5, 2.0, 2.25, 2.75, 3.0,
+        ];
+        assert_eq!(y.as_f32().unwrap(), &want);
+    }
+
+    #[test]
+    fn pil_identity_and_constant() {
+        let img: Vec<u8> = (0..5 * 7 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        assert_eq!(resize_u8_pil_bilinear(&img, 5, 7, 3, 5, 7).unwrap(), img);
+        let flat = vec![77u8; 30 * 20];
+        assert!(resize_u8_pil_bilinear(&flat, 30, 20, 1, 7, 11).unwrap().iter().all(|&v| v == 77));
+    }
+}

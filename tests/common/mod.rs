@@ -1,0 +1,112 @@
+//! Shared helpers of the golden tests: finding the fixtures, reading them
+//! (including u8 tensors and metadata), and the fixtures README's comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+/// The fixtures folder, or None (with a printed reason) when it is missing
+/// outside CI. With CI=true a missing fixture fails the test.
+pub fn fixtures() -> Option<PathBuf> {
+    let dir = std::env::var("SAM_UNET_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared/fixtures"));
+    if dir.join("README.md").exists() {
+        return Some(dir);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("fixtures not found at {} (CI=true: a missing fixture is a failure)", dir.display());
+    }
+    eprintln!("SKIPPED: fixtures not found at {} (set SAM_UNET_FIXTURES)", dir.display());
+    None
+}
+
+/// A fixture file that must exist once the folder does.
+pub fn fixture(dir: &std::path::Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    assert!(p.exists(), "fixture {} is missing", p.display());
+    p
+}
+
+/// The demo data next to the fixtures (../data_demo).
+pub fn data_demo(fixtures: &std::path::Path) -> PathBuf {
+    let p = fixtures.join("../data_demo");
+    assert!(p.exists(), "data_demo not found at {}", p.display());
+    p
+}
+
+pub struct Fixture {
+    pub f32s: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    pub u8s: HashMap<String, (Vec<usize>, Vec<u8>)>,
+    pub meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    pub fn load(path: &std::path::Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, md) = SafeTensors::read_metadata(&bytes).expect("fixture header");
+        let meta = md.metadata().clone().unwrap_or_default();
+        let st = SafeTensors::deserialize(&bytes).expect("fixture");
+        let mut f32s = HashMap::new();
+        let mut u8s = HashMap::new();
+        for (name, v) in st.tensors() {
+            let shape = v.shape().to_vec();
+            let d = v.data();
+            match v.dtype() {
+                Dtype::F32 => {
+                    f32s.insert(name, (shape, d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()));
+                }
+                Dtype::F16 => {
+                    f32s.insert(name, (shape, d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()));
+                }
+                Dtype::F64 => {
+                    f32s.insert(name, (shape, d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()));
+                }
+                Dtype::U8 | Dtype::BOOL => {
+                    u8s.insert(name, (shape, d.to_vec()));
+                }
+                other => panic!("fixture tensor {name}: dtype {other:?}"),
+            }
+        }
+        Fixture { f32s, u8s, meta }
+    }
+
+    pub fn f(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
+        self.f32s.get(name).unwrap_or_else(|| panic!("fixture tensor `{name}` missing"))
+    }
+
+    pub fn u(&self, name: &str) -> &(Vec<usize>, Vec<u8>) {
+        self.u8s.get(name).unwrap_or_else(|| panic!("fixture tensor `{name}` missing"))
+    }
+
+    pub fn tensor(&self, name: &str) -> sam_unet::Tensor {
+        let (s, v) = self.f(name);
+        sam_unet::Tensor::from_vec(v.clone(), s.clone()).unwrap()
+    }
+}
+
+/// Relative L2 error |a - b| / |b|, and max |a - b|, and max |b|.
+pub fn errors(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let (mut num, mut den, mut maxd, mut maxr) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (&a, &b) in got.iter().zip(want) {
+        let d = (a as f64 - b as f64).abs();
+        num += d * d;
+        den += (b as f64) * (b as f64);
+        maxd = maxd.max(d);
+        maxr = maxr.max((b as f64).abs());
+        assert!(a.is_finite(), "non-finite output");
+    }
+    ((num / den.max(1e-300)).sqrt(), maxd, maxr)
+}
+
+/// The intermediate tolerance of the fixtures README:
+/// max |a - b| <= 1e-3 max(1, max |ref|) and relative L2 <= 1e-4.
+pub fn check_intermediate(name: &str, got: &sam_unet::Tensor, want: &(Vec<usize>, Vec<f32>)) -> f64 {
+    assert_eq!(got.dims(), want.0.as_slice(), "{name}: shape");
+    let (rel, maxd, maxr) = errors(got.as_f32().unwrap(), &want.1);
+    println!("{name:24} rel L2 {rel:.2e}  max abs {maxd:.2e}  (max |ref| {maxr:.3})");
+    assert!(maxd <= 1e-3 * maxr.max(1.0), "{name}: max abs error {maxd} > {}", 1e-3 * maxr.max(1.0));
+    assert!(rel <= 1e-4, "{name}: relative L2 error {rel} > 1e-4");
+    rel
+}
