@@ -151,7 +151,17 @@ fn small34_infer_s0619_32() {
     run_small34_infer("s0619_32");
 }
 
+/// The fixture's ViT-B blocks at the README's tolerance (relative L2 <= 1e-5).
+///
+/// Ignored: this fixture's outputs were not computed from its stored inputs. The
+/// outputs differ from an exact (f64) evaluation of the block on the stored f16
+/// input by 3.0e-4 / 3.2e-4 (window / global), and perturbing the input by a
+/// uniform half f16 ulp changes our output by 3.2e-4 / 3.3e-4: the outputs were
+/// computed from the float32 input before it was rounded to float16 for storage.
+/// `vitb_blocks_match_exact_reference` checks the same blocks, full width, at the
+/// same tolerance against the exact evaluation instead. Run with `--ignored`.
 #[test]
+#[ignore = "fixture outputs come from the unrounded f32 input (see doc comment)"]
 fn ref_vitb_blocks() {
     let Some(dir) = fixtures() else { return };
     let path = fixture(&dir, "ref_vitb_blocks.safetensors");
@@ -163,17 +173,151 @@ fn ref_vitb_blocks() {
         let y = block.forward(&x).unwrap();
         let (rel, maxd, _) = errors(y.as_f32().unwrap(), &fx.f(&format!("{kind}.output")).1);
         println!("{kind} block: rel L2 {rel:.2e}, max abs {maxd:.2e}");
-        let want = &fx.f(&format!("{kind}.output")).1;
-        let half = want.len() / 2;
-        let (r0, _, _) = errors(&y.as_f32().unwrap()[..half], &want[..half]);
-        let (r1, _, _) = errors(&y.as_f32().unwrap()[half..], &want[half..]);
-        println!("  per image: {r0:.2e} {r1:.2e}");
-        let xin = x.as_f32().unwrap();
-        let (rx, _, _) = errors(y.as_f32().unwrap(), xin);
-        println!("  output vs input: {rx:.2e}");
-        continue;
-        #[allow(unreachable_code)]
         assert!(rel <= 1e-5, "{kind} block: relative L2 {rel} > 1e-5");
+    }
+}
+
+/// erf to ~1e-13: Taylor series below 2, Lentz's continued fraction of erfc above.
+fn erf64(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 2.0 {
+        let (mut term, mut sum, mut n) = (a, a, 0.0);
+        loop {
+            n += 1.0;
+            term *= -a * a / n;
+            let t = term / (2.0 * n + 1.0);
+            sum += t;
+            if t.abs() < 1e-17 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc(a) = exp(-a^2)/sqrt(pi) * 1/(a + 1/2/(a + 1/(a + 3/2/(a + ...))))
+        let mut f = a;
+        let (mut c, mut d) = (a, 0.0);
+        for k in 1..200 {
+            let an = k as f64 / 2.0;
+            d = a + an * d;
+            d = 1.0 / d;
+            c = a + an / c;
+            let delta = c * d;
+            f *= delta;
+            if (delta - 1.0).abs() < 1e-16 {
+                break;
+            }
+        }
+        1.0 - (-a * a).exp() / std::f64::consts::PI.sqrt() / f
+    };
+    if x < 0.0 { -r } else { r }
+}
+
+/// One ViT block exactly as MODEL.md writes it, in f64, literally: the grid padded
+/// with zero tokens after norm1, every padded position projected, attention over
+/// all window positions, outputs of padded positions dropped. x: [G, G, D].
+fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<f64> {
+    let p = |n: &str| w.get(&format!("{pre}.{n}")).unwrap().as_f32().unwrap().to_vec();
+    let d = x.len() / (g * g);
+    let (heads, hd) = (d / 64, 64);
+    let ln = |x: &[f64], wt: &[f32], b: &[f32]| -> Vec<f64> {
+        let mut o = vec![0.0; x.len()];
+        for (r, row) in x.chunks(d).enumerate() {
+            let m = row.iter().sum::<f64>() / d as f64;
+            let v = row.iter().map(|a| (a - m) * (a - m)).sum::<f64>() / d as f64;
+            for i in 0..d {
+                o[r * d + i] = (row[i] - m) / (v + 1e-6).sqrt() * wt[i] as f64 + b[i] as f64;
+            }
+        }
+        o
+    };
+    let lin = |x: &[f64], wt: &[f32], b: &[f32]| -> Vec<f64> {
+        let (n, k) = (b.len(), wt.len() / b.len());
+        let wt64: Vec<f64> = wt.iter().map(|&v| v as f64).collect();
+        let mut o = vec![0.0; x.len() / k * n];
+        for (i, row) in x.chunks(k).enumerate() {
+            for j in 0..n {
+                o[i * n + j] = b[j] as f64 + row.iter().zip(&wt64[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum::<f64>();
+            }
+        }
+        o
+    };
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let h = ln(&x64, &p("norm1.weight"), &p("norm1.bias"));
+    let s = if window == 0 { g } else { window };
+    let gp = g.div_ceil(s) * s;
+    let mut hp = vec![0.0; gp * gp * d];
+    for y in 0..g {
+        for xx in 0..g {
+            hp[(y * gp + xx) * d..(y * gp + xx + 1) * d].copy_from_slice(&h[(y * g + xx) * d..(y * g + xx + 1) * d]);
+        }
+    }
+    let qkv = lin(&hp, &p("attn.qkv.weight"), &p("attn.qkv.bias"));
+    let (rh, rw) = (p("attn.rel_pos_h"), p("attn.rel_pos_w"));
+    let mut att = vec![0.0; gp * gp * d];
+    let scale = (hd as f64).powf(-0.5);
+    for wy in 0..gp / s {
+        for wx in 0..gp / s {
+            let pos = |i: usize| ((wy * s + i / s) * gp + wx * s + i % s) * 3 * d;
+            for hh in 0..heads {
+                for qi in 0..s * s {
+                    let (qy, qx) = (qi / s, qi % s);
+                    let q = &qkv[pos(qi) + hh * hd..][..hd];
+                    let logits: Vec<f64> = (0..s * s)
+                        .map(|ki| {
+                            let (ky, kx) = (ki / s, ki % s);
+                            let k = &qkv[pos(ki) + d + hh * hd..][..hd];
+                            (0..hd)
+                                .map(|c| q[c] * scale * k[c] + q[c] * rh[(qy + s - 1 - ky) * hd + c] as f64 + q[c] * rw[(qx + s - 1 - kx) * hd + c] as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    let o = (pos(qi) / 3) + hh * hd;
+                    for c in 0..hd {
+                        att[o + c] = (0..s * s).map(|ki| e[ki] / z * qkv[pos(ki) + 2 * d + hh * hd + c]).sum();
+                    }
+                }
+            }
+        }
+    }
+    let mut a = vec![0.0; g * g * d];
+    for y in 0..g {
+        for xx in 0..g {
+            a[(y * g + xx) * d..(y * g + xx + 1) * d].copy_from_slice(&att[(y * gp + xx) * d..(y * gp + xx + 1) * d]);
+        }
+    }
+    let pr = lin(&a, &p("attn.proj.weight"), &p("attn.proj.bias"));
+    let x1: Vec<f64> = x64.iter().zip(&pr).map(|(a, b)| a + b).collect();
+    let m = lin(&ln(&x1, &p("norm2.weight"), &p("norm2.bias")), &p("mlp.lin1.weight"), &p("mlp.lin1.bias"));
+    let m: Vec<f64> = m.iter().map(|&v| 0.5 * v * (1.0 + erf64(v / 2f64.sqrt()))).collect();
+    let m2 = lin(&m, &p("mlp.lin2.weight"), &p("mlp.lin2.bias"));
+    x1.iter().zip(&m2).map(|(a, b)| a + b).collect()
+}
+
+/// The fixture's full-width ViT-B window and global blocks (D 768, 12 heads) on its
+/// stored input, against an exact f64 evaluation of MODEL.md, at the fixture's
+/// tolerance (relative L2 <= 1e-5). Also checks the f64 evaluation lands where the
+/// fixture's outputs are to within their input-rounding discrepancy.
+#[test]
+fn vitb_blocks_match_exact_reference() {
+    let Some(dir) = fixtures() else { return };
+    let path = fixture(&dir, "ref_vitb_blocks.safetensors");
+    let w = Weights::from_file(&path).unwrap();
+    let fx = Fixture::load(&path);
+    for (kind, window) in [("window", 14), ("global", 0)] {
+        let block = Block::load(&w, kind, 12, window).unwrap();
+        let x = w.get(&format!("{kind}.input")).unwrap().clone();
+        let y = block.forward(&x).unwrap();
+        let per = 16 * 16 * 768;
+        // The first image of the batch (the f64 evaluation is slow).
+        let exact: Vec<f32> = block_f64(&w, kind, &x.as_f32().unwrap()[..per], 16, window).iter().map(|&v| v as f32).collect();
+        let (rel, maxd, _) = errors(&y.as_f32().unwrap()[..per], &exact);
+        let (fx_rel, _, _) = errors(&fx.f(&format!("{kind}.output")).1[..per], &exact);
+        println!("{kind} block: vs exact rel L2 {rel:.2e} (max abs {maxd:.2e}); fixture vs exact {fx_rel:.2e}");
+        assert!(rel <= 1e-5, "{kind} block: relative L2 {rel} > 1e-5 against the exact evaluation");
+        assert!(fx_rel < 1e-3, "{kind}: the exact evaluation is far from the fixture ({fx_rel})");
     }
 }
 

@@ -67,10 +67,10 @@ mod tests {
         let x = Tensor::from_vec(vec![1., 2., 3., 4., -1., -1., -1., -1.], [2, 4]).unwrap();
         let w = Tensor::from_vec(vec![1.0; 4], [4]).unwrap();
         let b = Tensor::from_vec(vec![0.5; 4], [4]).unwrap();
-        let y = layer_norm(&x, &w, &b, 0.0).unwrap();
+        let y = layer_norm(&x, &w, &b, 1e-5).unwrap();
         let y = y.as_f32().unwrap();
-        // (x - 2.5) / sqrt(1.25) + 0.5
-        let s = 1.25f32.sqrt();
+        // (x - 2.5) / sqrt(1.25 + eps) + 0.5; a constant row gives the bias.
+        let s = (1.25f32 + 1e-5).sqrt();
         for (i, v) in [1., 2., 3., 4.].iter().enumerate() {
             assert!((y[i] - ((v - 2.5) / s + 0.5)).abs() < 1e-6);
         }
