@@ -19,6 +19,7 @@ pub mod nn;
 pub mod ops;
 pub mod predictor;
 pub mod preprocess;
+pub mod profile;
 pub mod tensor;
 
 pub use error::{Error, Result};

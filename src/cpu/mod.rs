@@ -4,6 +4,42 @@
 
 pub mod math;
 
+/// Whether this CPU has AVX2 and FMA (checked once).
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines a function twice, once compiled for AVX2 + FMA and once for the
+/// baseline target, and dispatches at run time. The body's `#[inline(always)]`
+/// helpers (`math::exp`, `math::gelu`) are inlined into both versions and
+/// vectorised for each. Used for the element-wise hot loops; the GEMM has its own
+/// dispatch.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn fast($($a: $t),*) $(-> $r)? $body
+                if $crate::cpu::has_avx2_fma() {
+                    // SAFETY: the CPU supports AVX2 and FMA, checked at run time just above.
+                    return unsafe { fast($($a),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+pub(crate) use multiversion;
+
 /// A view of a row-major-or-strided f32 matrix: element (i, j) is at
 /// `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -63,37 +99,112 @@ pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, c_cs: usize, accu
         }
         return;
     }
+    let threads = rayon::current_num_threads();
+    if par == Par::Pool && threads > 1 && m < 128 && n >= 256 * threads {
+        // The packed kernels parallelise a short-and-wide product poorly (about
+        // 90 GFLOPS on two Zen 2 cores for m = 64 against 130 this way): give each
+        // thread its own block of columns and run the kernels sequentially.
+        let chunk = n.div_ceil(threads).next_multiple_of(16);
+        let cptr = c.as_mut_ptr() as usize;
+        rayon::scope(|sc| {
+            for j0 in (0..n).step_by(chunk) {
+                let nj = chunk.min(n - j0);
+                sc.spawn(move |_| {
+                    // SAFETY: this task writes only columns j0..j0 + nj of c, disjoint
+                    // from every other task's columns; all indices are in bounds by
+                    // the asserts above; `c` outlives the scope.
+                    unsafe {
+                        raw_gemm(m, nj, k, (cptr as *mut f32).add(j0 * c_cs), c_rs, c_cs, accumulate, a, b.data.as_ptr().add(j0 * b.cs), b.rs, b.cs, gemm::Parallelism::None);
+                    }
+                });
+            }
+        });
+        return;
+    }
     let parallelism = match par {
         // Tiny products are not worth waking the pool for.
-        Par::Pool if m * n * k >= 1 << 15 => gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        Par::Pool if m * n * k >= 1 << 15 => gemm::Parallelism::Rayon(threads),
         _ => gemm::Parallelism::None,
     };
     // SAFETY: the asserts above bound every index the kernel touches for these
     // dimensions and strides inside the three slices; `c` is borrowed mutably and
     // cannot alias `a` or `b`.
+    unsafe { raw_gemm(m, n, k, c.as_mut_ptr(), c_rs, c_cs, accumulate, a, b.data.as_ptr(), b.rs, b.cs, parallelism) }
+}
+
+/// The `gemm` crate call: c (m x n at c_rs, c_cs) (+)= a x b (b at b_rs, b_cs).
+///
+/// # Safety
+/// Every index touched must be inside the allocations behind the pointers, and
+/// `c` must not alias `a` or `b` or be written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: usize, c_cs: usize, accumulate: bool, a: MatRef, b: *const f32, b_rs: usize, b_cs: usize, par: gemm::Parallelism) {
+    // SAFETY: forwarded from the caller's contract.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            c_cs as isize,
-            c_rs as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        gemm::gemm(m, n, k, c, c_cs as isize, c_rs as isize, accumulate, a.data.as_ptr(), a.cs as isize, a.rs as isize, b, b_cs as isize, b_rs as isize, 1.0, 1.0, false, false, false, par);
     }
+}
+
+/// A block of columns of a row-major output matrix, owned by one parallel task.
+pub struct Tile {
+    ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+}
+
+// SAFETY: a Tile is the only handle to its columns while its task runs (see
+// `par_col_tiles`), so moving it to another thread cannot create shared access.
+unsafe impl Send for Tile {}
+
+impl Tile {
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// self (+)= a x b with a rows x k, b k x cols, sequentially (the caller is
+    /// already one of many parallel tasks).
+    pub fn gemm(&mut self, a: MatRef, b: MatRef, accumulate: bool) {
+        assert!(a.rows == self.rows && b.cols == self.cols && a.cols == b.rows, "Tile::gemm: shapes");
+        assert!(a.data.len() > a.max_index() && b.data.len() > b.max_index(), "Tile::gemm: operands out of bounds");
+        if a.cols == 0 || self.rows == 0 || self.cols == 0 {
+            return;
+        }
+        // SAFETY: the tile's rows x cols elements at stride rs are inside the
+        // output slice and touched by no other task (par_col_tiles); the operands
+        // are in bounds by the asserts.
+        unsafe { raw_gemm(self.rows, self.cols, a.cols, self.ptr, self.rs, 1, accumulate, a, b.data.as_ptr(), b.rs, b.cs, gemm::Parallelism::None) }
+    }
+
+    /// Row i of the tile (cols values).
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows);
+        // SAFETY: row i of this tile lies inside the output slice and belongs to
+        // this task only; the borrow of self keeps it unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.rs), self.cols) }
+    }
+}
+
+/// Runs `f(batch, first_col, tile, scratch)` in parallel over the column tiles of
+/// `c`, which holds `batches` row-major matrices of rows x cols one after another.
+/// Each task gets exclusive access to its tile and a per-thread scratch vector.
+pub fn par_col_tiles<F>(c: &mut [f32], batches: usize, rows: usize, cols: usize, tile: usize, f: F)
+where
+    F: Fn(usize, usize, &mut Tile, &mut Vec<f32>) + Sync + Send,
+{
+    use rayon::prelude::*;
+    assert!(c.len() >= batches * rows * cols && tile > 0, "par_col_tiles: output too small");
+    let tiles = cols.div_ceil(tile);
+    let base = c.as_mut_ptr() as usize;
+    (0..batches * tiles).into_par_iter().for_each_init(Vec::new, |scratch, t| {
+        let (b, c0) = (t / tiles, (t % tiles) * tile);
+        // SAFETY: the offset is inside `c` (asserted above); tiles of different
+        // tasks cover disjoint columns or batches, and `c` is mutably borrowed for
+        // the whole call.
+        let ptr = unsafe { (base as *mut f32).add(b * rows * cols + c0) };
+        let mut t = Tile { ptr, rows, cols: tile.min(cols - c0), rs: cols };
+        f(b, c0, &mut t, scratch);
+    });
 }
 
 /// Splits `n` items into chunks for rayon so each thread gets a few chunks.

@@ -48,6 +48,7 @@ impl MaskDecoder {
     /// no_mask [C], msf [1, 32, 4G, 4G] -> low-res logits [N, 1, 4G, 4G].
     pub fn forward(&self, image_embeddings: &Tensor, dense_pe: &Tensor, sparse: &Tensor, no_mask: &[f32], msf: &Tensor) -> Result<Tensor> {
         const OP: &str = "mask_decoder";
+        let _p = crate::profile::scope("mask_decoder (total)");
         let [one, c, g, _] = image_embeddings.dims_n::<4>(OP, "image_embeddings")?;
         if one != 1 {
             return Err(Error::shape(OP, format!("one image at a time, got image_embeddings {:?}", image_embeddings.dims())));

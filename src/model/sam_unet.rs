@@ -68,6 +68,7 @@ impl SamUnet {
 
     /// x [B, 3, S, S] (normalised, padded) -> image features.
     pub fn encode_image(&self, x: &Tensor, trace: &mut Trace) -> Result<ImageFeatures> {
+        let _p = crate::profile::scope("encode_image (total)");
         let s = self.config.img_size;
         let [_, c, h, w] = x.dims_n::<4>("encode_image", "input")?;
         if c != 3 || h != s || w != s {

@@ -1,7 +1,15 @@
 use rayon::prelude::*;
 
 use super::Act;
-use crate::cpu::math;
+use crate::cpu::{math, multiversion};
+
+multiversion! {
+    fn gelu_inplace(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = math::gelu(*v);
+        }
+    }
+}
 
 const CHUNK: usize = 1 << 14;
 
@@ -10,7 +18,7 @@ pub fn apply_act_slice(x: &mut [f32], a: Act) {
     match a {
         Act::None => {}
         Act::Relu => x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
-        Act::Gelu => x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = math::gelu(*v))),
+        Act::Gelu => x.par_chunks_mut(CHUNK).for_each(gelu_inplace),
     }
 }
 
@@ -19,7 +27,7 @@ pub fn apply_act_seq(x: &mut [f32], a: Act) {
     match a {
         Act::None => {}
         Act::Relu => x.iter_mut().for_each(|v| *v = v.max(0.0)),
-        Act::Gelu => x.iter_mut().for_each(|v| *v = math::gelu(*v)),
+        Act::Gelu => gelu_inplace(x),
     }
 }
 

@@ -19,6 +19,7 @@ pub(crate) use cpu::apply_act_seq;
 
 /// act(x), elementwise.
 pub fn act(x: &Tensor, a: Act) -> Result<Tensor> {
+    let _p = crate::profile::scope("act");
     let xs = cpu_f32("act", x)?;
     let mut out = xs.to_vec();
     apply_act_slice(&mut out, a);
@@ -42,6 +43,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// a += b in place (copies a's storage first only if it is shared).
 pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
+    let _p = crate::profile::scope("add");
     if a.dims() != b.dims() {
         return Err(Error::shape("add", format!("{:?} + {:?}", a.dims(), b.dims())));
     }

@@ -1,18 +1,36 @@
 use rayon::prelude::*;
 
-use crate::cpu::{math, sgemm, MatRef, Par};
+use crate::cpu::{math, multiversion, sgemm, MatRef, Par};
 
-/// Row-wise softmax in place, rows of `cols`.
-pub fn softmax_rows(x: &mut [f32], cols: usize) {
-    for row in x.chunks_mut(cols) {
-        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut z = 0.0f32;
-        for v in row.iter_mut() {
-            *v = math::exp(*v - m);
-            z += *v;
+multiversion! {
+    /// Row-wise softmax in place, rows of `cols`; 8 partial sums so the
+    /// reductions vectorise.
+    pub fn softmax_rows(x: &mut [f32], cols: usize) {
+        for row in x.chunks_mut(cols) {
+            let mut m8 = [f32::NEG_INFINITY; 8];
+            let mut chunks = row.chunks_exact(8);
+            for c in &mut chunks {
+                for i in 0..8 {
+                    m8[i] = m8[i].max(c[i]);
+                }
+            }
+            let m = chunks.remainder().iter().fold(m8.iter().cloned().fold(f32::NEG_INFINITY, f32::max), |a, &b| a.max(b));
+            let mut z8 = [0.0f32; 8];
+            let mut chunks = row.chunks_exact_mut(8);
+            for c in &mut chunks {
+                for i in 0..8 {
+                    c[i] = math::exp(c[i] - m);
+                    z8[i] += c[i];
+                }
+            }
+            let mut z: f32 = z8.iter().sum();
+            for v in chunks.into_remainder() {
+                *v = math::exp(*v - m);
+                z += *v;
+            }
+            let inv = 1.0 / z;
+            row.iter_mut().for_each(|v| *v *= inv);
         }
-        let inv = 1.0 / z;
-        row.iter_mut().for_each(|v| *v *= inv);
     }
 }
 

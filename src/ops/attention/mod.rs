@@ -24,6 +24,7 @@ use crate::tensor::Tensor;
 /// Logits = (q * hd^-0.5) k^T + q . Rh[qh - kh + S - 1] + q . Rw[qw - kw + S - 1].
 pub fn rel_pos_attention(qkv: &Tensor, qkv_bias: &Tensor, rel_h: &Tensor, rel_w: &Tensor, heads: usize, window: usize) -> Result<Tensor> {
     const OP: &str = "rel_pos_attention";
+    let _p = crate::profile::scope(OP);
     let [b, gh, gw, c3] = qkv.dims_n::<4>(OP, "qkv")?;
     if gh != gw {
         return Err(Error::shape(OP, format!("grid must be square, qkv {:?}", qkv.dims())));
@@ -51,6 +52,7 @@ pub fn rel_pos_attention(qkv: &Tensor, qkv_bias: &Tensor, rel_h: &Tensor, rel_w:
 /// softmax(q_h k_h^T / sqrt(hd)) v_h per head, concatenated: [N, Lq, I].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     const OP: &str = "attention";
+    let _p = crate::profile::scope(OP);
     let [n, lq, i] = q.dims_n::<3>(OP, "q")?;
     let [nk, lk, ik] = k.dims_n::<3>(OP, "k")?;
     if nk != n || ik != i {

@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
-use crate::cpu::{sgemm, MatRef, Par};
-use crate::ops::activation::{apply_act_slice, Act};
+use crate::cpu::{par_col_tiles, sgemm, MatRef, Par};
+use crate::ops::activation::{apply_act_seq, apply_act_slice, Act};
 
 pub struct ConvGeometry {
     pub n: usize,
@@ -17,29 +17,61 @@ pub struct ConvGeometry {
     pub wo: usize,
 }
 
-/// im2col of one image: x [c, h, w] -> col [c * kh * kw, ho * wo], zero outside.
-fn im2col(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
-    let (p, hw) = (g.ho * g.wo, g.h * g.w);
-    col.par_chunks_mut(p).enumerate().for_each(|(r, dst)| {
+/// im2col of output pixels [q0, q0 + len) of one image x [c, h, w] into
+/// col [c * kh * kw, len] (row-major, zero outside the input).
+fn im2col_cols(g: &ConvGeometry, x: &[f32], q0: usize, len: usize, col: &mut [f32]) {
+    let hw = g.h * g.w;
+    for (r, dst) in col.chunks_mut(len).enumerate() {
         let (ci, ky, kx) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
         let src = &x[ci * hw..(ci + 1) * hw];
-        for oy in 0..g.ho {
-            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-            let drow = &mut dst[oy * g.wo..(oy + 1) * g.wo];
-            if iy < 0 || iy as usize >= g.h {
-                drow.fill(0.0);
-                continue;
-            }
-            let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-            for (ox, d) in drow.iter_mut().enumerate() {
-                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                *d = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
-            }
-        }
-    });
+        im2col_row(g, src, ky, kx, q0, dst);
+    }
 }
 
+/// One row (kernel tap ky, kx of one channel) for output pixels q0.. (dst.len()).
+#[inline]
+fn im2col_row(g: &ConvGeometry, src: &[f32], ky: usize, kx: usize, q0: usize, dst: &mut [f32]) {
+    let mut q = q0;
+    let end = q0 + dst.len();
+    while q < end {
+        let (oy, ox0) = (q / g.wo, q % g.wo);
+        let seg = (g.wo - ox0).min(end - q);
+        let d = &mut dst[q - q0..q - q0 + seg];
+        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+        if iy < 0 || iy as usize >= g.h {
+            d.fill(0.0);
+        } else {
+            let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
+            if g.stride == 1 {
+                // ix = ox + kx - pad: a shifted contiguous copy with zero edges.
+                let shift = kx as isize - g.pad as isize;
+                for (i, v) in d.iter_mut().enumerate() {
+                    let ix = (ox0 + i) as isize + shift;
+                    *v = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+                }
+            } else {
+                for (i, v) in d.iter_mut().enumerate() {
+                    let ix = ((ox0 + i) * g.stride + kx) as isize - g.pad as isize;
+                    *v = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+                }
+            }
+        }
+        q += seg;
+    }
+}
+
+/// Output pixels per tile in the tiled path: its im2col block stays in L2.
+const TILE: usize = 256;
+/// Weights up to this many values take the tiled path (each task re-packs them).
+const SMALL_WEIGHTS: usize = 1 << 16;
+
 /// out [n, o, ho*wo] = W [o, c*kh*kw] x col + bias + residual, then act.
+///
+/// Two schedules. Small weights (o * k <= 64 K, the ResNet stem and stage 1, the
+/// decoder's mask-feature convs): parallel over (image, 256-pixel tile), each task
+/// builds its im2col block in cache and runs a sequential GEMM into its own
+/// columns, then the activation. Large weights: im2col of the whole image and one
+/// GEMM parallelised inside.
 pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>, act: Act) -> Vec<f32> {
     let p = g.ho * g.wo;
     let k = g.c * g.kh * g.kw;
@@ -55,16 +87,42 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
         });
     }
     let direct = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
+    let img = g.c * g.h * g.w;
+    if g.o * k <= SMALL_WEIGHTS {
+        let _p = crate::profile::scope("conv2d.tiled");
+        par_col_tiles(&mut out, g.n, g.o, p, TILE, |bi, q0, tile, col| {
+            let len = tile.cols();
+            let xi = &x[bi * img..(bi + 1) * img];
+            if direct {
+                tile.gemm(MatRef::rm(w, g.o, k), MatRef { data: &xi[q0..], rows: k, cols: len, rs: p, cs: 1 }, seeded);
+            } else {
+                col.resize(k * len, 0.0);
+                im2col_cols(g, xi, q0, len, &mut col[..k * len]);
+                tile.gemm(MatRef::rm(w, g.o, k), MatRef::rm(&col[..k * len], k, len), seeded);
+            }
+            if act != Act::None {
+                for r in 0..g.o {
+                    apply_act_seq(tile.row_mut(r), act);
+                }
+            }
+        });
+        return out;
+    }
     let mut col = if direct { Vec::new() } else { vec![0.0f32; k * p] };
     for i in 0..g.n {
-        let xi = &x[i * g.c * g.h * g.w..(i + 1) * g.c * g.h * g.w];
+        let xi = &x[i * img..(i + 1) * img];
         let rhs = if direct {
             MatRef::rm(xi, k, p)
         } else {
-            im2col(g, xi, &mut col);
+            let _p = crate::profile::scope("conv2d.im2col");
+            col.par_chunks_mut(p).enumerate().for_each(|(r, dst)| {
+                let (ci, ky, kx) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
+                im2col_row(g, &xi[ci * g.h * g.w..(ci + 1) * g.h * g.w], ky, kx, 0, dst);
+            });
             MatRef::rm(&col, k, p)
         };
         let oi = &mut out[i * g.o * p..(i + 1) * g.o * p];
+        let _p = crate::profile::scope("conv2d.gemm");
         sgemm(MatRef::rm(w, g.o, k), rhs, oi, p, 1, seeded, Par::Pool);
     }
     apply_act_slice(&mut out, act);
@@ -97,9 +155,9 @@ pub fn conv_transpose2d(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Act, n: us
                     }
                 }
             }
+            apply_act_seq(plane, act);
         });
     }
-    apply_act_slice(&mut out, act);
     out
 }
 

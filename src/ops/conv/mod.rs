@@ -20,6 +20,7 @@ pub struct Conv2dArgs {
 /// with Ho = (H + 2p - kh) / s + 1.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, args: Conv2dArgs, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
     const OP: &str = "conv2d";
+    let _p = crate::profile::scope(OP);
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     let [o, wc, kh, kw] = w.dims_n::<4>(OP, "weight")?;
     if wc != c {
@@ -56,6 +57,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, args: Conv2dArgs, resi
 /// x [B, C, H, W], w [C, O, k, k] (PyTorch's layout), b [O] -> [B, O, kH, kW].
 pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
     const OP: &str = "conv_transpose2d";
+    let _p = crate::profile::scope(OP);
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     let [wc, o, kh, kw] = w.dims_n::<4>(OP, "weight")?;
     if wc != c {
@@ -74,6 +76,7 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
 /// Max pooling, padding with -inf as PyTorch. x [B, C, H, W] -> [B, C, Ho, Wo].
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     const OP: &str = "max_pool2d";
+    let _p = crate::profile::scope(OP);
     let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
     if stride == 0 || kernel == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel || padding * 2 > kernel {
         return Err(Error::shape(OP, format!("input {:?}, kernel {kernel}, stride {stride}, padding {padding}", x.dims())));

@@ -10,6 +10,7 @@ use crate::tensor::Tensor;
 /// [B, C, H, W] -> [B, H, W, C]
 pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "nchw_to_nhwc";
+    let _p = crate::profile::scope("layout");
     let [b, c, h, w] = x.dims_n::<4>(OP, "input")?;
     let xs = cpu_f32(OP, x)?;
     let mut out = vec![0.0f32; xs.len()];
@@ -28,6 +29,7 @@ pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
 /// [B, H, W, C] -> [B, C, H, W]
 pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "nhwc_to_nchw";
+    let _p = crate::profile::scope("layout");
     let [b, h, w, c] = x.dims_n::<4>(OP, "input")?;
     let xs = cpu_f32(OP, x)?;
     let mut out = vec![0.0f32; xs.len()];

@@ -15,7 +15,11 @@ pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>,
     if let Some(b) = b {
         out.par_chunks_mut(n.max(1)).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
     }
-    sgemm(MatRef::rm(x, m, k), MatRef::tr(w, k, n), &mut out, n, 1, seeded, Par::Pool);
+    {
+        let _p = crate::profile::scope("linear.gemm");
+        sgemm(MatRef::rm(x, m, k), MatRef::tr(w, k, n), &mut out, n, 1, seeded, Par::Pool);
+    }
+    let _p = crate::profile::scope("linear.act");
     apply_act_slice(&mut out, act);
     out
 }

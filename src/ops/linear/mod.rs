@@ -17,6 +17,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// residual: same shape as the output.
 pub fn linear_fused(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
     const OP: &str = "linear";
+    let _p = crate::profile::scope(OP);
     let [n, k] = w.dims_n::<2>(OP, "weight")?;
     let xd = x.dims();
     if xd.last() != Some(&k) {

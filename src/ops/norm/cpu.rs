@@ -1,71 +1,107 @@
 use rayon::prelude::*;
 
+use crate::cpu::multiversion;
 use crate::ops::activation::{apply_act_seq, Act};
 
-/// x [rows, c] -> [rows, c].
-pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(c.max(1)).zip(x.par_chunks(c.max(1))).for_each(|(o, xr)| {
-        let mean = (xr.iter().map(|&v| v as f64).sum::<f64>() / c as f64) as f32;
-        let var = xr.iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>() / c as f64;
+multiversion! {
+    /// One row: statistics in f64 (4 lanes), the affine map in f32.
+    fn layer_norm_row(xr: &[f32], o: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        let c = xr.len();
+        let mut s4 = [0.0f64; 4];
+        let mut ch = xr.chunks_exact(4);
+        for q in &mut ch {
+            for i in 0..4 {
+                s4[i] += q[i] as f64;
+            }
+        }
+        let sum = s4.iter().sum::<f64>() + ch.remainder().iter().map(|&v| v as f64).sum::<f64>();
+        let mean = (sum / c as f64) as f32;
+        let mut v4 = [0.0f64; 4];
+        let mut ch = xr.chunks_exact(4);
+        for q in &mut ch {
+            for i in 0..4 {
+                let d = (q[i] - mean) as f64;
+                v4[i] += d * d;
+            }
+        }
+        let var = (v4.iter().sum::<f64>() + ch.remainder().iter().map(|&v| ((v - mean) as f64).powi(2)).sum::<f64>()) / c as f64;
         let rstd = (1.0 / (var + eps as f64).sqrt()) as f32;
         for i in 0..c {
             o[i] = (xr[i] - mean) * rstd * w[i] + b[i];
         }
-    });
+    }
+}
+
+/// x [rows, c] -> [rows, c].
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(c.max(1)).zip(x.par_chunks(c.max(1))).for_each(|(o, xr)| layer_norm_row(xr, o, w, b, eps));
     out
 }
 
-/// x [n, c, p] (p pixels) normalised over c at each pixel; parallel over images
-/// and blocks of 64 pixels so the inner loops run along contiguous pixels.
+multiversion! {
+    /// Per-pixel mean and 1/std over `c` channels for the pixels [p0, p0 + len)
+    /// of one image x [c, p]; the loops run along contiguous pixels.
+    fn ln2d_stats(x: &[f32], c: usize, p: usize, p0: usize, mean: &mut [f32], rstd: &mut [f32], eps: f32) {
+        let len = mean.len();
+        let mut acc = [0.0f64; 64];
+        let acc = &mut acc[..len];
+        for ch in 0..c {
+            let row = &x[ch * p + p0..ch * p + p0 + len];
+            for (a, &v) in acc.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        for (m, a) in mean.iter_mut().zip(acc.iter_mut()) {
+            *m = (*a / c as f64) as f32;
+            *a = 0.0;
+        }
+        for ch in 0..c {
+            let row = &x[ch * p + p0..ch * p + p0 + len];
+            for ((a, &v), &m) in acc.iter_mut().zip(row).zip(mean.iter()) {
+                let d = (v - m) as f64;
+                *a += d * d;
+            }
+        }
+        for (r, a) in rstd.iter_mut().zip(acc.iter()) {
+            *r = (1.0 / (*a / c as f64 + eps as f64).sqrt()) as f32;
+        }
+    }
+}
+
+multiversion! {
+    fn ln2d_apply(x: &[f32], o: &mut [f32], mean: &[f32], rstd: &[f32], w: f32, b: f32) {
+        for i in 0..o.len() {
+            o[i] = (x[i] - mean[i]) * rstd[i] * w + b;
+        }
+    }
+}
+
+/// x [n, c, p] (p pixels) normalised over c at each pixel, then act.
+/// Two parallel passes: statistics per block of 64 pixels, then the affine map
+/// (and activation) per channel row.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm2d(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize, p: usize, eps: f32, act: Act) -> Vec<f32> {
     const BLK: usize = 64;
-    let mut out = vec![0.0f32; x.len()];
-    let nblk = p.div_ceil(BLK);
-    // Each task owns one (image, pixel block); outputs are written through raw
-    // offsets into disjoint columns, so collect per task and scatter afterwards.
-    let results: Vec<(usize, usize, Vec<f32>)> = (0..n * nblk)
-        .into_par_iter()
-        .map(|t| {
-            let (img, blk) = (t / nblk, t % nblk);
-            let p0 = blk * BLK;
-            let len = BLK.min(p - p0);
-            let base = img * c * p;
-            let mut mean = vec![0.0f64; len];
-            for ch in 0..c {
-                let row = &x[base + ch * p + p0..base + ch * p + p0 + len];
-                for (m, &v) in mean.iter_mut().zip(row) {
-                    *m += v as f64;
-                }
-            }
-            let mean: Vec<f32> = mean.iter().map(|m| (m / c as f64) as f32).collect();
-            let mut var = vec![0.0f64; len];
-            for ch in 0..c {
-                let row = &x[base + ch * p + p0..base + ch * p + p0 + len];
-                for ((s, &v), &m) in var.iter_mut().zip(row).zip(&mean) {
-                    *s += ((v - m) as f64).powi(2);
-                }
-            }
-            let rstd: Vec<f32> = var.iter().map(|s| (1.0 / (s / c as f64 + eps as f64).sqrt()) as f32).collect();
-            let mut blk_out = vec![0.0f32; c * len];
-            for ch in 0..c {
-                let row = &x[base + ch * p + p0..base + ch * p + p0 + len];
-                let o = &mut blk_out[ch * len..(ch + 1) * len];
-                for i in 0..len {
-                    o[i] = (row[i] - mean[i]) * rstd[i] * w[ch] + b[ch];
-                }
-                apply_act_seq(o, act);
-            }
-            (img, p0, blk_out)
-        })
-        .collect();
-    for (img, p0, blk) in results {
-        let len = blk.len() / c.max(1);
-        for ch in 0..c {
-            let dst = img * c * p + ch * p + p0;
-            out[dst..dst + len].copy_from_slice(&blk[ch * len..(ch + 1) * len]);
+    let mut mean = vec![0.0f32; n * p];
+    let mut rstd = vec![0.0f32; n * p];
+    mean.par_chunks_mut(BLK).zip(rstd.par_chunks_mut(BLK)).enumerate().for_each(|(t, (m, r))| {
+        // Blocks never straddle images: p is a multiple of 64 in SAM-UNet, and
+        // otherwise the block is split at the image boundary below.
+        let start = t * BLK;
+        let (img, p0) = (start / p, start % p);
+        let first = m.len().min(p - p0);
+        ln2d_stats(&x[img * c * p..(img + 1) * c * p], c, p, p0, &mut m[..first], &mut r[..first], eps);
+        if first < m.len() {
+            let img2 = img + 1;
+            ln2d_stats(&x[img2 * c * p..(img2 + 1) * c * p], c, p, 0, &mut m[first..], &mut r[first..], eps);
         }
-    }
+    });
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(p).enumerate().for_each(|(row, o)| {
+        let (img, ch) = (row / c, row % c);
+        ln2d_apply(&x[row * p..(row + 1) * p], o, &mean[img * p..(img + 1) * p], &rstd[img * p..(img + 1) * p], w[ch], b[ch]);
+        apply_act_seq(o, act);
+    });
     out
 }

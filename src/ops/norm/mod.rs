@@ -15,6 +15,7 @@ use crate::tensor::Tensor;
 /// x: [..., C], weight/bias: [C].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
     const OP: &str = "layer_norm";
+    let _p = crate::profile::scope(OP);
     let c = *x.dims().last().unwrap_or(&0);
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;
@@ -25,6 +26,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor
 /// x: [B, C, H, W], weight/bias: [C]; normalised over C at every pixel, then act.
 pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> Result<Tensor> {
     const OP: &str = "layer_norm2d";
+    let _p = crate::profile::scope(OP);
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;

@@ -16,6 +16,7 @@ use crate::tensor::Tensor;
 /// x [B, C, H, W] -> [B, C, oh, ow].
 pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     const OP: &str = "bilinear";
+    let _p = crate::profile::scope(OP);
     let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
     if h == 0 || w == 0 || oh == 0 || ow == 0 {
         return Err(Error::shape(OP, format!("cannot resize {:?} to {oh} x {ow}", x.dims())));
@@ -27,6 +28,7 @@ pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
 /// img: h x w x ch interleaved u8 -> oh x ow x ch.
 pub fn resize_u8_pil_bilinear(img: &[u8], h: usize, w: usize, ch: usize, oh: usize, ow: usize) -> Result<Vec<u8>> {
     const OP: &str = "resize_u8_pil_bilinear";
+    let _p = crate::profile::scope(OP);
     if img.len() != h * w * ch {
         return Err(Error::shape(OP, format!("{} bytes for {h} x {w} x {ch}", img.len())));
     }

@@ -1,0 +1,56 @@
+//! Opt-in op-level profile: with `SAM_UNET_PROFILE=1` every op records its wall
+//! time under its name; `report()` gives the totals. Off, a scope costs one
+//! relaxed atomic load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 off, 2 on
+static TOTALS: Mutex<Option<HashMap<&'static str, (Duration, u64)>>> = Mutex::new(None);
+
+pub fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("SAM_UNET_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0");
+            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+    }
+}
+
+pub struct Scope {
+    name: &'static str,
+    start: Option<Instant>,
+}
+
+/// Times the enclosing block under `name` when profiling is on.
+pub fn scope(name: &'static str) -> Scope {
+    Scope { name, start: enabled().then(Instant::now) }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if let Some(s) = self.start {
+            let d = s.elapsed();
+            if let Ok(mut t) = TOTALS.lock() {
+                let e = t.get_or_insert_with(HashMap::new).entry(self.name).or_default();
+                e.0 += d;
+                e.1 += 1;
+            }
+        }
+    }
+}
+
+/// (name, total time, calls), largest first; clears the totals.
+pub fn take_report() -> Vec<(&'static str, Duration, u64)> {
+    let mut v: Vec<_> = TOTALS
+        .lock()
+        .map(|mut t| t.take().unwrap_or_default().into_iter().map(|(k, (d, n))| (k, d, n)).collect())
+        .unwrap_or_default();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
+}

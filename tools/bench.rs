@@ -1,0 +1,118 @@
+//! End-to-end latency of SAM-UNet with random weights (no file needed).
+//!
+//!     bench --arch sam-unet-50 --boxes 1,16 --runs 10
+//!
+//! Per box count, one JSON line: image side (preprocessing + encoder, ms),
+//! decoder per box (ms), total for one image with that many boxes (ms); medians
+//! over the runs, after one warm-up run.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sam_unet::io::image::RgbImage;
+use sam_unet::model::{SamUnet, SamUnetConfig};
+use sam_unet::{Device, Predictor, PredictorOptions};
+
+#[derive(Parser)]
+#[command(about = "Time SAM-UNet end to end with random weights")]
+struct Args {
+    /// Architecture: sam-unet-50, sam-unet-34 (or sam-unet-18/101/152).
+    #[arg(long, default_value = "sam-unet-50")]
+    arch: String,
+    /// Comma-separated box counts per image.
+    #[arg(long, default_value = "1,16", value_delimiter = ',')]
+    boxes: Vec<usize>,
+    /// Timed runs per configuration (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Side of the synthetic square input image, in pixels.
+    #[arg(long, default_value_t = 512)]
+    image_size: usize,
+    /// cpu, cuda or cuda:N
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// f32 or bf16
+    #[arg(long, default_value = "f32")]
+    dtype: sam_unet::DType,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(t) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("thread pool")?;
+    }
+    if args.runs == 0 || args.boxes.iter().any(|&b| b == 0) {
+        bail!("--runs and every --boxes count must be at least 1");
+    }
+    let cfg = SamUnetConfig::named(&args.arch)?;
+    let model = SamUnet::from_weights(&cfg.random_weights(0))?;
+    let predictor = Predictor::new(model, PredictorOptions { device: args.device, dtype: args.dtype })?;
+    let mut predictor = predictor;
+    // A synthetic CT-like image: smooth gradients and a disc.
+    let s = args.image_size;
+    let mut data = vec![0u8; s * s * 3];
+    for y in 0..s {
+        for x in 0..s {
+            let d = (((x as f32 - s as f32 / 2.0).powi(2) + (y as f32 - s as f32 / 2.0).powi(2)).sqrt() / s as f32 * 512.0) as i32;
+            let v = if d < 120 { 200 } else { ((x + y) * 255 / (2 * s)) as i32 };
+            data[(y * s + x) * 3..(y * s + x) * 3 + 3].fill(v.clamp(0, 255) as u8);
+        }
+    }
+    let img = RgbImage::new(s, s, data)?;
+    for &n in &args.boxes {
+        let boxes: Vec<[f32; 4]> = (0..n)
+            .map(|i| {
+                let o = (i * 7 % 50) as f32;
+                [20.0 + o, 30.0 + o, s as f32 / 2.0 + o, s as f32 / 2.0 + 10.0 + o]
+            })
+            .collect();
+        let (mut enc, mut dec, mut tot) = (vec![], vec![], vec![]);
+        for run in 0..=args.runs {
+            let t0 = Instant::now();
+            predictor.set_image(&img)?;
+            let t1 = Instant::now();
+            let pred = predictor.predict(&boxes)?;
+            let t2 = Instant::now();
+            std::hint::black_box(&pred);
+            if run > 0 {
+                enc.push((t1 - t0).as_secs_f64() * 1e3);
+                dec.push((t2 - t1).as_secs_f64() * 1e3);
+                tot.push((t2 - t0).as_secs_f64() * 1e3);
+            }
+        }
+        let dec_ms = median(&mut dec);
+        println!(
+            "{}",
+            serde_json::json!({
+                "arch": args.arch,
+                "device": args.device.to_string(),
+                "dtype": args.dtype.name(),
+                "threads": rayon::current_num_threads(),
+                "image": format!("{s}x{s}"),
+                "boxes": n,
+                "runs": args.runs,
+                "image_side_ms": (median(&mut enc) * 100.0).round() / 100.0,
+                "decoder_ms": (dec_ms * 100.0).round() / 100.0,
+                "decoder_per_box_ms": (dec_ms / n as f64 * 100.0).round() / 100.0,
+                "total_ms": (median(&mut tot) * 100.0).round() / 100.0,
+            })
+        );
+    }
+    if sam_unet::profile::enabled() {
+        eprintln!("op profile over all runs (SAM_UNET_PROFILE):");
+        for (name, d, n) in sam_unet::profile::take_report() {
+            eprintln!("  {name:28} {:9.1} ms  {n:6} calls", d.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(())
+}
