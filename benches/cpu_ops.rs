@@ -1,1 +1,100 @@
-fn main() {}
+//! criterion benchmarks of the main CPU ops at SAM-UNet-50's shapes (one image,
+//! 256 x 256 input; decoder shapes for 16 boxes). Named `cpu_<op>_<shape>`; the
+//! CUDA twins will sit beside them as `cuda_<op>_<shape>`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sam_unet::ops::activation::{act, Act};
+use sam_unet::ops::attention::{attention, rel_pos_attention};
+use sam_unet::ops::conv::{conv2d, conv_transpose2d, Conv2dArgs};
+use sam_unet::ops::linear::linear_fused;
+use sam_unet::ops::norm::{layer_norm, layer_norm2d};
+use sam_unet::ops::resize::{bilinear, resize_u8_pil_bilinear};
+use sam_unet::Tensor;
+
+fn rand(dims: &[usize], seed: u64) -> Tensor {
+    let n: usize = dims.iter().product();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+        })
+        .collect();
+    Tensor::from_vec(v, dims.to_vec()).unwrap()
+}
+
+fn linear(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_linear");
+    // ViT-B at 256 tokens: qkv, proj, mlp.lin1 (+GELU), mlp.lin2 (+residual)
+    for &(name, m, k, n, a) in &[("qkv_256x768x2304", 256, 768, 2304, Act::None), ("lin1_gelu_256x768x3072", 256, 768, 3072, Act::Gelu), ("lin2_256x3072x768", 256, 3072, 768, Act::None), ("dec_k_4096x256x128", 16 * 256, 256, 128, Act::None)] {
+        let (x, w, b) = (rand(&[m, k], 1), rand(&[n, k], 2), rand(&[n], 3));
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| linear_fused(&x, &w, Some(&b), None, a).unwrap()));
+    }
+    g.finish();
+}
+
+fn conv(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_conv2d");
+    // (name, input dims, weight dims, stride, pad)
+    let cases: &[(&str, [usize; 4], [usize; 4], usize, usize)] = &[
+        ("stem_7x7s2_3to64_256", [1, 3, 256, 256], [64, 3, 7, 7], 2, 3),
+        ("r50_l1_3x3_64_64", [1, 64, 64, 64], [64, 64, 3, 3], 1, 1),
+        ("r50_l3_1x1_1024to256_16", [1, 1024, 16, 16], [256, 1024, 1, 1], 1, 0),
+        ("adapter0_3x3s2_512to1024_32", [1, 512, 32, 32], [1024, 512, 3, 3], 2, 1),
+        ("neck_3x3_256_16", [1, 256, 16, 16], [256, 256, 3, 3], 1, 1),
+        ("maskfeature_3x3_64to32_x16", [16, 64, 64, 64], [32, 64, 3, 3], 1, 1),
+    ];
+    for (name, xd, wd, s, p) in cases {
+        let (x, w, b) = (rand(xd, 4), rand(wd, 5), rand(&[wd[0]], 6));
+        let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
+        g.throughput(Throughput::Elements((2 * xd[0] * wd[0] * ho * ho * wd[1] * wd[2] * wd[3]) as u64));
+        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| conv2d(&x, &w, Some(&b), Conv2dArgs { stride: *s, padding: *p }, None, Act::Relu).unwrap()));
+    }
+    g.finish();
+    let mut g = c.benchmark_group("cpu_conv_transpose2d");
+    for (name, xd, wd) in [("bridge_768to256_16", [1, 768, 16, 16], [768, 256, 2, 2]), ("upscale_64to32_32_x16", [16, 64, 32, 32], [64, 32, 2, 2])] {
+        let (x, w, b) = (rand(&xd, 7), rand(&wd, 8), rand(&[wd[1]], 9));
+        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| conv_transpose2d(&x, &w, Some(&b), Act::None).unwrap()));
+    }
+    g.finish();
+}
+
+fn attn(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_attention");
+    let qkv = rand(&[1, 16, 16, 2304], 10);
+    let bias = rand(&[2304], 11);
+    let (rh27, rw27, rh31, rw31) = (rand(&[27, 64], 12), rand(&[27, 64], 13), rand(&[31, 64], 14), rand(&[31, 64], 15));
+    g.bench_function("window14_vitb", |b| b.iter(|| rel_pos_attention(&qkv, &bias, &rh27, &rw27, 12, 14).unwrap()));
+    g.bench_function("global16_vitb", |b| b.iter(|| rel_pos_attention(&qkv, &bias, &rh31, &rw31, 12, 0).unwrap()));
+    let (q, k, v) = (rand(&[16, 256, 128], 16), rand(&[16, 3, 128], 17), rand(&[16, 3, 128], 18));
+    g.bench_function("decoder_image_to_token_x16", |b| b.iter(|| attention(&q, &k, &v, 8).unwrap()));
+    g.finish();
+}
+
+fn elementwise(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_elementwise");
+    let x = rand(&[256, 3072], 19);
+    g.throughput(Throughput::Elements(x.numel() as u64));
+    g.bench_function("gelu_256x3072", |b| b.iter(|| act(&x, Act::Gelu).unwrap()));
+    let t = rand(&[1, 16, 16, 768], 20);
+    let (w, bb) = (rand(&[768], 21), rand(&[768], 22));
+    g.bench_function("layer_norm_256x768", |b| b.iter(|| layer_norm(&t, &w, &bb, 1e-6).unwrap()));
+    let m = rand(&[16, 64, 64, 64], 23);
+    let (w2, b2) = (rand(&[64], 24), rand(&[64], 25));
+    g.bench_function("layer_norm2d_gelu_16x64x64x64", |b| b.iter(|| layer_norm2d(&m, &w2, &b2, 1e-6, Act::Gelu).unwrap()));
+    let low = rand(&[16, 1, 64, 64], 26);
+    g.bench_function("bilinear_64to256_x16", |b| b.iter(|| bilinear(&low, 256, 256).unwrap()));
+    let img: Vec<u8> = (0..512 * 512 * 3).map(|i| (i * 31 % 251) as u8).collect();
+    g.bench_function("pil_resize_512to256_rgb", |b| b.iter(|| resize_u8_pil_bilinear(&img, 512, 512, 3, 256, 256).unwrap()));
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
+    targets = linear, conv, attn, elementwise
+}
+criterion_main!(benches);

@@ -7,46 +7,68 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_145_75;
 const LN2_LO: f32 = 1.428_606_8e-6;
 
+/// a * b + c, fused when `F` (only in code compiled with the FMA feature:
+/// elsewhere `mul_add` is a slow library call).
+#[inline(always)]
+fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if F { a.mul_add(b, c) } else { a * b + c }
+}
+
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    exp_g::<false>(x)
+}
+
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    erf_g::<false>(x)
+}
+
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    gelu_g::<false>(x)
+}
+
 /// e^x: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-7 Taylor polynomial,
 /// 2^n built in the exponent bits. Clamped so that 2^n stays a normal number.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp_g<const F: bool>(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest by the 1.5 * 2^23 trick: no libm call, vectorises.
+    // Round to nearest by the 1.5 * 2^23 trick: `t`'s low mantissa bits then hold
+    // n in two's complement, so 2^n is built with integer ops only (a float to
+    // int cast would be scalarised: Rust's `as` saturates).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let mut p = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = madd::<F>(p, r, c);
+    }
+    let ni = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    let scale = f32::from_bits(ni.wrapping_add(127) << 23);
     p * scale
 }
 
 /// erf(x) through the Chebyshev-fitted erfc of Numerical Recipes (fractional error
 /// below 1.2e-7): erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z/2).
 #[inline(always)]
-pub fn erf(x: f32) -> f32 {
+pub fn erf_g<const F: bool>(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let erfc = t * exp(-z * z + poly);
+    let mut poly = 0.170_872_77;
+    for c in [-0.822_152_23, 1.488_515_87, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7, -1.265_512_2] {
+        poly = madd::<F>(poly, t, c);
+    }
+    let erfc = t * exp_g::<F>(madd::<F>(-z, z, poly));
     let e = 1.0 - erfc;
     e.copysign(x)
 }
 
 /// Exact (erf) GELU, as torch.nn.GELU() with approximate='none'.
 #[inline(always)]
-pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+pub fn gelu_g<const F: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_g::<F>(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 #[cfg(test)]

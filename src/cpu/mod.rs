@@ -20,7 +20,8 @@ pub fn has_avx2_fma() -> bool {
 /// Defines a function twice, once compiled for AVX2 + FMA and once for the
 /// baseline target, and dispatches at run time. The body's `#[inline(always)]`
 /// helpers (`math::exp`, `math::gelu`) are inlined into both versions and
-/// vectorised for each. Used for the element-wise hot loops; the GEMM has its own
+/// vectorised for each; the body sees `const FMA: bool`, true in the AVX2 + FMA
+/// version, to pick fused multiply-adds (`math::*_g::<FMA>`). Used for the element-wise hot loops; the GEMM has its own
 /// dispatch.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
@@ -28,12 +29,19 @@ macro_rules! multiversion {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
-                fn fast($($a: $t),*) $(-> $r)? $body
+                #[allow(clippy::needless_return)]
+                fn fast($($a: $t),*) $(-> $r)? {
+                    #[allow(dead_code)]
+                    const FMA: bool = true;
+                    $body
+                }
                 if $crate::cpu::has_avx2_fma() {
                     // SAFETY: the CPU supports AVX2 and FMA, checked at run time just above.
                     return unsafe { fast($($a),*) };
                 }
             }
+            #[allow(dead_code)]
+            const FMA: bool = false;
             $body
         }
     };

@@ -31,6 +31,14 @@ impl Weights {
         // underneath by another process could give wrong values but not UB in safe
         // code that copies the bytes out immediately.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        if mmap.starts_with(b"PK\x03\x04") || mmap.first() == Some(&0x80) {
+            return Err(Error::WeightsFile {
+                path: path.to_path_buf(),
+                msg: "this is a PyTorch checkpoint (.pth), which this version cannot read yet; save it as safetensors \
+                      (safetensors.torch.save_file(model.state_dict(), ...))"
+                    .into(),
+            });
+        }
         Self::from_safetensors_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })
     }
 

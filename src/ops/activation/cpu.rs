@@ -6,7 +6,7 @@ use crate::cpu::{math, multiversion};
 multiversion! {
     fn gelu_inplace(x: &mut [f32]) {
         for v in x.iter_mut() {
-            *v = math::gelu(*v);
+            *v = math::gelu_g::<FMA>(*v);
         }
     }
 }

@@ -19,13 +19,13 @@ multiversion! {
             let mut chunks = row.chunks_exact_mut(8);
             for c in &mut chunks {
                 for i in 0..8 {
-                    c[i] = math::exp(c[i] - m);
+                    c[i] = math::exp_g::<FMA>(c[i] - m);
                     z8[i] += c[i];
                 }
             }
             let mut z: f32 = z8.iter().sum();
             for v in chunks.into_remainder() {
-                *v = math::exp(*v - m);
+                *v = math::exp_g::<FMA>(*v - m);
                 z += *v;
             }
             let inv = 1.0 / z;
