@@ -23,8 +23,12 @@ use sam_unet::{DType, Device, Predictor, PredictorOptions};
 #[command(about = "Segment an image with box prompts")]
 struct Args {
     /// SAM-UNet weights (.safetensors).
-    #[arg(long)]
-    weights: PathBuf,
+    #[arg(long, required_unless_present = "random_weights")]
+    weights: Option<PathBuf>,
+    /// No weights file: a seeded random model of this architecture (sam-unet-50,
+    /// sam-unet-34) to try the pipeline. Its masks are random.
+    #[arg(long, conflicts_with = "weights", value_name = "ARCH")]
+    random_weights: Option<String>,
     /// The image: PNG or JPEG, 8 or 16 bit, grey, RGB or RGBA.
     #[arg(long)]
     image: PathBuf,
@@ -80,7 +84,14 @@ fn run(args: Args) -> Result<()> {
         bail!("no prompt: give at least one --box x0,y0,x1,y1 or --box-from-mask M.png");
     }
     let t0 = Instant::now();
-    let w = Weights::from_file(&args.weights)?;
+    let w = match (&args.weights, &args.random_weights) {
+        (Some(p), _) => Weights::from_file(p)?,
+        (None, Some(arch)) => {
+            eprintln!("warning: random {arch} weights: the masks are random, not segmentations");
+            sam_unet::model::SamUnetConfig::named(arch)?.random_weights(0)
+        }
+        (None, None) => bail!("give --weights FILE (or --random-weights ARCH to try the pipeline)"),
+    };
     let model = sam_unet::model::SamUnet::from_weights(&w)?;
     drop(w);
     let mut p = Predictor::new(model, PredictorOptions { device: args.device, dtype: args.dtype })?;
