@@ -42,17 +42,24 @@ fn im2col_row(g: &ConvGeometry, src: &[f32], ky: usize, kx: usize, q0: usize, ds
             d.fill(0.0);
         } else {
             let srow = &src[iy as usize * g.w..(iy as usize + 1) * g.w];
-            if g.stride == 1 {
-                // ix = ox + kx - pad: a shifted contiguous copy with zero edges.
-                let shift = kx as isize - g.pad as isize;
-                for (i, v) in d.iter_mut().enumerate() {
-                    let ix = (ox0 + i) as isize + shift;
-                    *v = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
-                }
-            } else {
-                for (i, v) in d.iter_mut().enumerate() {
-                    let ix = ((ox0 + i) * g.stride + kx) as isize - g.pad as isize;
-                    *v = if ix >= 0 && (ix as usize) < g.w { srow[ix as usize] } else { 0.0 };
+            // Output columns ox whose input column ix = ox * s + kx - pad is inside
+            // [0, w): a contiguous range [lo, hi); zeros on either side.
+            let s = g.stride as isize;
+            let off = kx as isize - g.pad as isize;
+            let lo = (((-off).max(0) + s - 1) / s).max(ox0 as isize) as usize;
+            let hi = ((g.w as isize - off + s - 1) / s).clamp(0, (ox0 + seg) as isize) as usize;
+            let hi = hi.max(lo);
+            d[..lo.saturating_sub(ox0).min(seg)].fill(0.0);
+            d[(hi - ox0).min(seg)..].fill(0.0);
+            if hi > lo {
+                let dst = &mut d[lo - ox0..hi - ox0];
+                let first = (lo as isize * s + off) as usize;
+                if g.stride == 1 {
+                    dst.copy_from_slice(&srow[first..first + dst.len()]);
+                } else {
+                    for (i, v) in dst.iter_mut().enumerate() {
+                        *v = srow[first + i * g.stride];
+                    }
                 }
             }
         }
@@ -75,17 +82,15 @@ const SMALL_WEIGHTS: usize = 1 << 16;
 pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>, act: Act) -> Vec<f32> {
     let p = g.ho * g.wo;
     let k = g.c * g.kh * g.kw;
-    let mut out = match residual {
-        Some(r) => r.to_vec(),
-        None => vec![0.0f32; g.n * g.o * p],
-    };
     let seeded = residual.is_some() || b.is_some();
-    if let Some(b) = b {
-        out.par_chunks_mut(p).enumerate().for_each(|(i, row)| {
-            let bv = b[i % g.o];
-            row.iter_mut().for_each(|v| *v += bv);
-        });
-    }
+    // The accumulator starts as residual + bias (one pass, no separate zeroing).
+    let out: Vec<f32> = match (residual, b) {
+        (Some(r), Some(b)) => r.chunks(p).enumerate().flat_map(|(i, row)| row.iter().map(move |v| v + b[i % g.o])).collect(),
+        (Some(r), None) => r.to_vec(),
+        (None, Some(b)) => (0..g.n * g.o).flat_map(|i| std::iter::repeat_n(b[i % g.o], p)).collect(),
+        (None, None) => vec![0.0f32; g.n * g.o * p],
+    };
+    let mut out = out;
     let direct = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
     let img = g.c * g.h * g.w;
     if g.o * k <= SMALL_WEIGHTS {
@@ -137,25 +142,34 @@ pub fn conv_transpose2d(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Act, n: us
     let rows = o * k * k;
     let (oh, ow) = (h * k, wd * k);
     let mut out = vec![0.0f32; n * o * oh * ow];
-    let mut tmp = vec![0.0f32; rows * hw];
-    for i in 0..n {
-        let xi = &x[i * c * hw..(i + 1) * c * hw];
-        sgemm(MatRef::tr(w, rows, c), MatRef::rm(xi, c, hw), &mut tmp, hw, 1, false, Par::Pool);
-        let oi = &mut out[i * o * oh * ow..(i + 1) * o * oh * ow];
-        oi.par_chunks_mut(oh * ow).enumerate().for_each(|(oc, plane)| {
-            let bv = b.map_or(0.0, |b| b[oc]);
-            for ky in 0..k {
-                for kx in 0..k {
-                    let t = &tmp[((oc * k + ky) * k + kx) * hw..][..hw];
-                    for y in 0..h {
-                        let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
-                        for xx in 0..wd {
-                            dst[xx * k + kx] = t[y * wd + xx] + bv;
-                        }
+    // tmp [o*k*k, h*w] of one image -> its output planes [o, kh, kw].
+    let scatter = |tmp: &[f32], oc: usize, plane: &mut [f32]| {
+        let bv = b.map_or(0.0, |b| b[oc]);
+        for ky in 0..k {
+            for kx in 0..k {
+                let t = &tmp[((oc * k + ky) * k + kx) * hw..][..hw];
+                for y in 0..h {
+                    let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
+                    for (xx, &v) in t[y * wd..(y + 1) * wd].iter().enumerate() {
+                        dst[xx * k + kx] = v + bv;
                     }
                 }
             }
-            apply_act_seq(plane, act);
+        }
+        apply_act_seq(plane, act);
+    };
+    if n == 1 {
+        let mut tmp = vec![0.0f32; rows * hw];
+        sgemm(MatRef::tr(w, rows, c), MatRef::rm(x, c, hw), &mut tmp, hw, 1, false, Par::Pool);
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(oc, plane)| scatter(&tmp, oc, plane));
+    } else {
+        // A batch (the decoder's boxes): one image per task, sequential GEMMs.
+        out.par_chunks_mut(o * oh * ow).enumerate().for_each_init(Vec::new, |tmp, (i, oi)| {
+            tmp.resize(rows * hw, 0.0);
+            sgemm(MatRef::tr(w, rows, c), MatRef::rm(&x[i * c * hw..(i + 1) * c * hw], c, hw), tmp, hw, 1, false, Par::Seq);
+            for (oc, plane) in oi.chunks_mut(oh * ow).enumerate() {
+                scatter(tmp, oc, plane);
+            }
         });
     }
     out

@@ -148,6 +148,31 @@ mod tests {
         }
     }
 
+    /// Weights above the tiled path's limit take the whole-image im2col + GEMM path.
+    #[test]
+    fn conv2d_large_weights_path_matches_definition() {
+        let (n, c, h, wd, o, k) = (2, 130, 9, 7, 64, 3);
+        assert!(o * c * k * k > 1 << 16);
+        for &(s, p) in &[(1, 1), (2, 1)] {
+            let x = seq(n * c * h * wd, 0.37);
+            let w = seq(o * c * k * k, 0.91);
+            let b = seq(o, 2.3);
+            let want = conv_ref(&x, &w, &b, n, c, h, wd, o, k, s, p);
+            let got = conv2d(
+                &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
+                &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
+                Some(&Tensor::from_vec(b, [o]).unwrap()),
+                Conv2dArgs { stride: s, padding: p },
+                None,
+                Act::None,
+            )
+            .unwrap();
+            for (a, b) in got.as_f32().unwrap().iter().zip(&want) {
+                assert!((a - b).abs() < 1e-3, "s{s} p{p}: {a} vs {b}");
+            }
+        }
+    }
+
     #[test]
     fn conv_transpose_matches_definition() {
         let (n, c, h, wd, o, k) = (2, 3, 4, 5, 2, 2);
