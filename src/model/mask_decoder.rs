@@ -79,7 +79,10 @@ impl MaskDecoder {
         }
         let src = Tensor::from_f32(src1.repeat(n), &[n, hw, c]);
         let pos = Tensor::from_f32(pos1.repeat(n), &[n, hw, c]);
+        let tr = crate::profile::scope("dec.transformer");
         let (q, k) = self.transformer.forward(&src, &pos, &tokens)?;
+        drop(tr);
+        let _up = crate::profile::scope("dec.upscale+feature");
         // keys back to [N, C, G, G]
         let ks = cpu_f32(OP, &k)?;
         let mut kc = vec![0.0f32; n * c * hw];
