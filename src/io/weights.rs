@@ -31,13 +31,10 @@ impl Weights {
         // underneath by another process could give wrong values but not UB in safe
         // code that copies the bytes out immediately.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        if mmap.starts_with(b"PK\x03\x04") || mmap.first() == Some(&0x80) {
-            return Err(Error::WeightsFile {
-                path: path.to_path_buf(),
-                msg: "this is a PyTorch checkpoint (.pth), which this version cannot read yet; save it as safetensors \
-                      (safetensors.torch.save_file(model.state_dict(), ...))"
-                    .into(),
-            });
+        if crate::io::pth::is_pth(&mmap) {
+            // A PyTorch checkpoint: its state dict (a trainer checkpoint's `model`).
+            let ck = crate::io::pth::read_pth_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })?;
+            return Ok(Self::from_checkpoint(&ck));
         }
         Self::from_safetensors_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })
     }
@@ -63,6 +60,20 @@ impl Weights {
             w.tensors.insert(name, t);
         }
         Ok(w)
+    }
+
+    /// The floating tensors of a PyTorch checkpoint as f32; the others kept aside.
+    pub fn from_checkpoint(ck: &crate::io::pth::Checkpoint) -> Self {
+        let mut w = Weights::new();
+        for (name, t) in &ck.tensors {
+            match t.to_tensor() {
+                Some(x) => w.insert(name.clone(), x),
+                None => {
+                    w.others.insert(name.clone(), t.shape.clone());
+                }
+            }
+        }
+        w
     }
 
     pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
@@ -104,27 +115,32 @@ impl Weights {
 
     /// Writes every tensor as f32 safetensors, atomically (temporary file, rename).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let io = |source| Error::Io { path: path.to_path_buf(), source };
-        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| {
-                let v = t.as_f32()?;
-                Ok((k.clone(), bytemuck::cast_slice::<f32, u8>(v).to_vec(), t.dims().to_vec()))
-            })
-            .collect::<Result<_>>()?;
-        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-            .iter()
-            .map(|(k, b, s)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                    .map(|v| (k.clone(), v))
-                    .map_err(|e| Error::WeightsFile { path: path.to_path_buf(), msg: e.to_string() })
-            })
-            .collect::<Result<_>>()?;
-        let data = safetensors::serialize(views, None).map_err(|e| Error::WeightsFile { path: path.to_path_buf(), msg: e.to_string() })?;
-        let tmp = path.with_extension("safetensors.tmp");
-        std::fs::write(&tmp, data).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let mut out = Vec::with_capacity(self.tensors.len());
+        for (k, t) in &self.tensors {
+            out.push((k.clone(), Dtype::F32, t.dims().to_vec(), bytemuck::cast_slice::<f32, u8>(t.as_f32()?).to_vec()));
+        }
+        write_safetensors(path.as_ref(), &out)
     }
+}
+
+/// Writes (name, dtype, shape, little-endian bytes) records as a safetensors file,
+/// atomically: a temporary file beside the target, then a rename, so a failure
+/// leaves no partial file behind.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    let fail = |msg: String| Error::WeightsFile { path: path.to_path_buf(), msg };
+    let views = tensors
+        .iter()
+        .map(|(k, dt, s, b)| safetensors::tensor::TensorView::new(*dt, s.clone(), b).map(|v| (k.clone(), v)).map_err(|e| fail(format!("tensor `{k}`: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, None).map_err(|e| fail(e.to_string()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()));
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    std::fs::write(&tmp, data).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
 }

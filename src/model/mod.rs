@@ -3,6 +3,7 @@
 pub mod adapters;
 pub mod config;
 pub mod image_encoder;
+pub mod init;
 pub mod mask_decoder;
 pub mod prompt_encoder;
 pub mod resnet;

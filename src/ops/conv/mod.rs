@@ -122,7 +122,7 @@ mod tests {
     }
 
     fn seq(n: usize, f: f32) -> Vec<f32> {
-        (0..n).map(|i| ((i as f32 * f).sin() * 1.5)).collect()
+        (0..n).map(|i| (i as f32 * f).sin() * 1.5).collect()
     }
 
     #[test]
