@@ -1,6 +1,6 @@
 //! criterion benchmarks of the main CPU ops at SAM-UNet-50's shapes (one image,
 //! 256 x 256 input; decoder shapes for 16 boxes). Named `cpu_<op>_<shape>`; the
-//! CUDA twins will sit beside them as `cuda_<op>_<shape>`.
+//! CUDA twins sit beside them as `cuda_<group>/<op>_<shape>`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sam_unet::ops::activation::{act, Act};
@@ -92,9 +92,43 @@ fn elementwise(c: &mut Criterion) {
     g.finish();
 }
 
+/// CUDA twins, timed with the stream synchronised inside each iteration; skipped
+/// with a printed reason where there is no GPU.
+fn cuda(c: &mut Criterion) {
+    let dev = match sam_unet::cuda::CudaDevice::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cuda benchmarks skipped: {e}");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("cuda_elementwise");
+    let x = rand(&[256, 3072], 19);
+    let xd = dev.upload(x.as_f32().unwrap()).unwrap();
+    g.throughput(Throughput::Elements(x.numel() as u64));
+    g.bench_function("gelu_256x3072", |b| {
+        b.iter(|| {
+            let y = sam_unet::ops::activation::cuda::act(&dev, &xd, Act::Gelu).unwrap();
+            dev.synchronize().unwrap();
+            y
+        })
+    });
+    let t = rand(&[256, 768], 20);
+    let (td, wd, bd) = (dev.upload(t.as_f32().unwrap()).unwrap(), dev.upload(&vec![1.0; 768]).unwrap(), dev.upload(&vec![0.0; 768]).unwrap());
+    g.throughput(Throughput::Elements(t.numel() as u64));
+    g.bench_function("layer_norm_256x768", |b| {
+        b.iter(|| {
+            let y = sam_unet::ops::norm::cuda::layer_norm(&dev, &td, &wd, &bd, 768, 1e-6).unwrap();
+            dev.synchronize().unwrap();
+            y
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = linear, conv, attn, elementwise
+    targets = linear, conv, attn, elementwise, cuda
 }
 criterion_main!(benches);

@@ -1,6 +1,7 @@
 //! Element-wise activations and adds. GELU is the exact (erf) form.
 
 mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::ops::cpu_f32;

@@ -6,6 +6,7 @@
 //! accumulated in f64 per row so the result does not depend on the summation order.
 
 mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::ops::activation::Act;

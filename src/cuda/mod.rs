@@ -1,0 +1,104 @@
+//! The CUDA runtime: driver probe, context and stream per device, the PTX
+//! modules compiled by build.rs, device buffers, and launch helpers. cudarc is
+//! loaded dynamically, so this compiles and the CPU path runs on machines with
+//! no CUDA at all; every failure is a typed `Error`, and the driver library is
+//! probed before the first call (cudarc panics when libcuda is missing).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
+
+use crate::error::{Error, Result};
+
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Whether build.rs compiled the kernels (and why not, when it did not).
+pub fn kernels_built() -> std::result::Result<(), &'static str> {
+    match kernels::NOT_BUILT {
+        None => Ok(()),
+        Some(why) => Err(why),
+    }
+}
+
+/// Names of the kernel files compiled into this build.
+pub fn kernel_files() -> Vec<&'static str> {
+    kernels::PTX.iter().map(|(n, _)| *n).collect()
+}
+
+pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e| Error::CudaUnavailable(format!("{op}: {e}"))
+}
+
+/// One device: its context, one stream, and the loaded kernel modules.
+pub struct CudaDevice {
+    pub ordinal: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+}
+
+impl CudaDevice {
+    /// Opens `cuda:ordinal`: probes the driver library, creates the context and a
+    /// stream, and loads every kernel module.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if let Err(why) = kernels_built() {
+            return Err(Error::CudaUnavailable(format!("kernels were not built: {why}")));
+        }
+        // SAFETY: only tries to open the driver library (dlopen); no CUDA call is
+        // made, so a machine without libcuda gets an error instead of cudarc's panic.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::CudaUnavailable("no CUDA driver (libcuda) on this machine".into()));
+        }
+        let n = CudaContext::device_count().map_err(driver_err("device_count"))?;
+        if ordinal as i32 >= n {
+            return Err(Error::CudaUnavailable(format!("cuda:{ordinal} requested, {n} device(s) present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("create context"))?;
+        let stream = ctx.new_stream().map_err(driver_err("create stream"))?;
+        let mut modules = HashMap::new();
+        for (name, ptx) in kernels::PTX {
+            let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(*ptx)).map_err(driver_err("load PTX module"))?;
+            modules.insert(*name, m);
+        }
+        Ok(CudaDevice { ordinal, ctx, stream, modules })
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown".into())
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A kernel from one of the modules.
+    pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let m = self.modules.get(module).ok_or_else(|| Error::CudaUnavailable(format!("kernel module `{module}` not built")))?;
+        m.load_function(name).map_err(driver_err("load kernel"))
+    }
+
+    pub fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(v).map_err(driver_err("copy to device"))
+    }
+
+    pub fn download(&self, d: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(d).map_err(driver_err("copy to host"))
+    }
+
+    pub fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n).map_err(driver_err("allocate"))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(driver_err("synchronize"))
+    }
+}
+
+/// Blocks for a grid-stride launch over n elements.
+pub(crate) fn grid_for(n: usize) -> u32 {
+    (n.div_ceil(256)).clamp(1, 65_535 * 16) as u32
+}

@@ -1,0 +1,25 @@
+//! CUDA twin of layer_norm (cuda/norm.cu).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::cuda::{driver_err, CudaDevice};
+use crate::error::{Error, Result};
+
+/// x [rows, c], w / b [c] -> [rows, c].
+pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &CudaSlice<f32>, c: usize, eps: f32) -> Result<CudaSlice<f32>> {
+    if c == 0 || x.len() % c != 0 || w.len() != c || b.len() != c {
+        return Err(Error::shape("layer_norm (cuda)", format!("x of {} values, C {c}, weight {}, bias {}", x.len(), w.len(), b.len())));
+    }
+    let rows = x.len() / c;
+    let mut y = dev.alloc(x.len())?;
+    let f = dev.function("norm", "layer_norm_f32")?;
+    let threads = (c.next_power_of_two() as u32).clamp(32, 256);
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let (r, cc) = (rows as i32, c as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y).arg(x).arg(w).arg(b).arg(&r).arg(&cc).arg(&eps);
+    // SAFETY: x and y hold rows * c floats, w and b c floats; one block per row
+    // touches only its row; argument types match (float*, const float* x3, int, int, float).
+    unsafe { l.launch(cfg) }.map_err(driver_err("layer_norm launch"))?;
+    Ok(y)
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU check for a machine with an NVIDIA GPU and no Rust: runs the test and
+# benchmark binaries built elsewhere (x86-64 Linux, see README "GPU check") and
+# ends with a summary table. Usage: tools/gpu-check.sh [BIN_DIR] (default gpu-bin/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN="${1:-gpu-bin}"
+OUTDIR="${OUT:-/tmp}"
+log="$OUTDIR/gpu-check.log"
+: > "$log"
+echo "== device" | tee -a "$log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
+
+echo "== CUDA ops against their CPU twins" | tee -a "$log"
+SAM_UNET_REQUIRE_GPU=1 timeout 300 "$BIN/cuda_ops" --test-threads=1 --nocapture 2>&1 | tee -a "$log"
+test_rc=${PIPESTATUS[0]}
+
+echo "== benchmarks (cuda_*)" | tee -a "$log"
+timeout 240 "$BIN/cpu_ops" --bench cuda_ --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | tee -a "$log" >/dev/null
+bench_rc=${PIPESTATUS[0]}
+
+passed=$(grep -cE '^test .* ok$' "$log")
+failed=$(grep -cE '^test .* FAILED$' "$log")
+echo
+echo "== summary"
+printf '%-40s %s\n' "device" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+printf '%-40s %s\n' "tests passed / failed" "$passed / $failed (exit $test_rc)"
+grep -E '^(gelu|relu|add|layer_norm).*worst index' "$log" | sed 's/^/  /'
+awk '/^cuda_/{name=$1} /time:/{ if (name!="") { printf "%-40s %s %s\n", name, $4, $5; name="" } }' "$log"
+echo "(bench exit $bench_rc; full log: $log)"
+[ "$test_rc" -eq 0 ] && [ "$failed" -eq 0 ]
