@@ -124,6 +124,51 @@ fn cuda(c: &mut Criterion) {
         })
     });
     g.finish();
+    // A whole ViT-B block (window 14), f32 and bf16, batch 1 and 64: the encoder's
+    // twelve blocks cost about twelve of these.
+    let blas = match sam_unet::cuda::blas::Blas::new(dev.stream()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cuda block benchmarks skipped: {e}");
+            return;
+        }
+    };
+    let mut w = sam_unet::io::Weights::new();
+    for (n, dims) in [
+        ("norm1.weight", vec![768]),
+        ("norm1.bias", vec![768]),
+        ("attn.qkv.weight", vec![2304, 768]),
+        ("attn.qkv.bias", vec![2304]),
+        ("attn.proj.weight", vec![768, 768]),
+        ("attn.proj.bias", vec![768]),
+        ("attn.rel_pos_h", vec![27, 64]),
+        ("attn.rel_pos_w", vec![27, 64]),
+        ("norm2.weight", vec![768]),
+        ("norm2.bias", vec![768]),
+        ("mlp.lin1.weight", vec![3072, 768]),
+        ("mlp.lin1.bias", vec![3072]),
+        ("mlp.lin2.weight", vec![768, 3072]),
+        ("mlp.lin2.bias", vec![768]),
+    ] {
+        w.insert(format!("blk.{n}"), rand(&dims, 50));
+    }
+    let mut g = c.benchmark_group("cuda_vit_block");
+    g.sample_size(20);
+    for dt in [sam_unet::DType::F32, sam_unet::DType::BF16] {
+        let blk = sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, 14, dt).unwrap();
+        for b in [1usize, 64] {
+            let x = dev.upload(rand(&[b, 16, 16, 768], 51).as_f32().unwrap()).unwrap();
+            g.throughput(Throughput::Elements(b as u64));
+            g.bench_function(format!("window14_{}_b{b}", dt.name()), |bch| {
+                bch.iter(|| {
+                    let y = blk.forward(&dev, &blas, &x, b, 16).unwrap();
+                    dev.synchronize().unwrap();
+                    y
+                })
+            });
+        }
+    }
+    g.finish();
 }
 
 criterion_group! {

@@ -2,6 +2,9 @@
 // compute_80 (A100) and run on sm_80 and later (H100 / H200 by JIT).
 #pragma once
 
+// +infinity without math.h (NVRTC has no host headers).
+#define SAM_INF __int_as_float(0x7f800000)
+
 // Grid-stride loop over n elements.
 #define GRID_STRIDE(i, n) \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); i += (long long)gridDim.x * blockDim.x)

@@ -94,3 +94,109 @@ fn cuda_reports_clear_errors() {
         Ok(_) => panic!("cuda:1000 opened"),
     }
 }
+
+#[test]
+fn cuda_rel_pos_attention_matches_cpu() {
+    let Some(dev) = device() else { return };
+    // ViT-B: 12 heads of 64 on the 16 x 16 grid; window 14 (padded to 28) and global.
+    let (b, g, heads, d) = (2usize, 16usize, 12usize, 768usize);
+    let qkv = rand(b * g * g * 3 * d, 6, 2.0);
+    let bias = rand(3 * d, 7, 1.0);
+    for window in [14usize, 0] {
+        let s = if window == 0 { g } else { window };
+        let rh = rand((2 * s - 1) * 64, 8, 0.5);
+        let rw = rand((2 * s - 1) * 64, 9, 0.5);
+        let gpu = sam_unet::ops::attention::cuda::rel_pos_attention(
+            &dev,
+            &dev.upload(&qkv).unwrap(),
+            &dev.upload(&bias).unwrap(),
+            &dev.upload(&rh).unwrap(),
+            &dev.upload(&rw).unwrap(),
+            b,
+            g,
+            d,
+            heads,
+            window,
+        )
+        .unwrap();
+        let gpu = dev.download(&gpu).unwrap();
+        let t = |v: &Vec<f32>, dims: Vec<usize>| Tensor::from_vec(v.clone(), dims).unwrap();
+        let cpu = sam_unet::ops::attention::rel_pos_attention(&t(&qkv, vec![b, g, g, 3 * d]), &t(&bias, vec![3 * d]), &t(&rh, vec![2 * s - 1, 64]), &t(&rw, vec![2 * s - 1, 64]), heads, window).unwrap();
+        assert_close(&format!("rel_pos_attention window {window}"), &gpu, cpu.as_f32().unwrap(), 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn cuda_linear_cublas_matches_cpu() {
+    let Some(dev) = device() else { return };
+    let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
+    let (m, k, n) = (256usize, 768usize, 2304usize);
+    let (x, w) = (rand(m * k, 10, 1.0), rand(n * k, 11, 0.05));
+    let mut y = dev.alloc(m * n).unwrap();
+    blas.linear_f32(dev.stream(), &dev.upload(&x).unwrap(), &dev.upload(&w).unwrap(), &mut y, m, n, k, false).unwrap();
+    let gpu = dev.download(&y).unwrap();
+    let cpu = sam_unet::ops::linear::linear(&Tensor::from_vec(x.clone(), [m, k]).unwrap(), &Tensor::from_vec(w.clone(), [n, k]).unwrap(), None).unwrap();
+    assert_close("linear f32 (cuBLAS, no TF32)", &gpu, cpu.as_f32().unwrap(), 1e-4, 1e-4);
+    let mut y16 = dev.alloc(m * n).unwrap();
+    let (x16, w16) = (
+        sam_unet::ops::activation::cuda::to_bf16(&dev, &dev.upload(&x).unwrap()).unwrap(),
+        sam_unet::ops::activation::cuda::to_bf16(&dev, &dev.upload(&w).unwrap()).unwrap(),
+    );
+    blas.linear_bf16(dev.stream(), &x16, &w16, &mut y16, m, n, k, false).unwrap();
+    let gpu16 = dev.download(&y16).unwrap();
+    let rel = rel_l2(&gpu16, cpu.as_f32().unwrap());
+    println!("linear bf16 (f32 accumulate): relative L2 {rel:.2e}");
+    assert!(rel <= 2e-2, "bf16 linear relative L2 {rel}");
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// A ViT-B block with seeded random weights at the reference's scale.
+fn vitb_block_weights(window: usize) -> sam_unet::io::Weights {
+    let d = 768;
+    let s = if window == 0 { 16 } else { window };
+    let mut w = sam_unet::io::Weights::new();
+    let mut put = |n: &str, dims: Vec<usize>, seed: u64, scale: f32, offset: f32| {
+        let v: Vec<f32> = rand(dims.iter().product(), seed, scale).into_iter().map(|x| x + offset).collect();
+        w.insert(format!("blk.{n}"), Tensor::from_vec(v, dims).unwrap());
+    };
+    put("norm1.weight", vec![d], 20, 0.2, 1.0);
+    put("norm1.bias", vec![d], 21, 0.1, 0.0);
+    put("attn.qkv.weight", vec![3 * d, d], 22, 0.06, 0.0);
+    put("attn.qkv.bias", vec![3 * d], 23, 0.1, 0.0);
+    put("attn.proj.weight", vec![d, d], 24, 0.06, 0.0);
+    put("attn.proj.bias", vec![d], 25, 0.1, 0.0);
+    put("attn.rel_pos_h", vec![2 * s - 1, 64], 26, 0.3, 0.0);
+    put("attn.rel_pos_w", vec![2 * s - 1, 64], 27, 0.3, 0.0);
+    put("norm2.weight", vec![d], 28, 0.2, 1.0);
+    put("norm2.bias", vec![d], 29, 0.1, 0.0);
+    put("mlp.lin1.weight", vec![4 * d, d], 30, 0.06, 0.0);
+    put("mlp.lin1.bias", vec![4 * d], 31, 0.1, 0.0);
+    put("mlp.lin2.weight", vec![d, 4 * d], 32, 0.03, 0.0);
+    put("mlp.lin2.bias", vec![d], 33, 0.1, 0.0);
+    w
+}
+
+#[test]
+fn cuda_vit_block_matches_cpu_f32_and_bf16() {
+    let Some(dev) = device() else { return };
+    let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
+    let (b, g, d) = (2usize, 16usize, 768usize);
+    let x = rand(b * g * g * d, 40, 2.0);
+    for window in [14usize, 0] {
+        let w = vitb_block_weights(window);
+        let cpu = sam_unet::model::image_encoder::Block::load(&w, "blk", 12, window).unwrap().forward(&Tensor::from_vec(x.clone(), [b, g, g, d]).unwrap()).unwrap();
+        for dt in [sam_unet::DType::F32, sam_unet::DType::BF16] {
+            let blk = sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, window, dt).unwrap();
+            let y = dev.download(&blk.forward(&dev, &blas, &dev.upload(&x).unwrap(), b, g).unwrap()).unwrap();
+            let rel = rel_l2(&y, cpu.as_f32().unwrap());
+            println!("vit block window {window} {}: relative L2 vs CPU {rel:.2e}", dt.name());
+            let tol = if dt == sam_unet::DType::F32 { 1e-5 } else { 2e-2 };
+            assert!(rel <= tol, "vit block window {window} {}: relative L2 {rel} > {tol}", dt.name());
+        }
+    }
+}

@@ -11,6 +11,16 @@ log="$OUTDIR/gpu-check.log"
 echo "== device" | tee -a "$log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$log"
 
+# cuBLAS: the system's CUDA, or the one PyTorch ships (cuBLAS 12 or 13).
+if [ -z "${SAM_UNET_CUBLAS:-}" ]; then
+  lib=$(find /usr/local/cuda*/lib64 /usr/local/lib /opt /usr/lib -name 'libcublas.so.1[23]*' -not -name '*Lt*' 2>/dev/null | sort | head -1)
+  if [ -n "$lib" ]; then
+    export SAM_UNET_CUBLAS="$lib"
+    export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
+  fi
+fi
+echo "cuBLAS: ${SAM_UNET_CUBLAS:-(loader path)}" | tee -a "$log"
+
 echo "== CUDA ops against their CPU twins" | tee -a "$log"
 SAM_UNET_REQUIRE_GPU=1 timeout 300 "$BIN/cuda_ops" --test-threads=1 --nocapture 2>&1 | tee -a "$log"
 test_rc=${PIPESTATUS[0]}
@@ -18,6 +28,11 @@ test_rc=${PIPESTATUS[0]}
 echo "== benchmarks (cuda_*)" | tee -a "$log"
 timeout 240 "$BIN/cpu_ops" --bench cuda_ --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | tee -a "$log" >/dev/null
 bench_rc=${PIPESTATUS[0]}
+
+if [ "${SKIP_PYTORCH:-0}" != 1 ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
+  echo "== PyTorch eager on the same GPU" | tee -a "$log"
+  timeout 240 python3 tools/pytorch_gpu_baseline.py 2>&1 | tee -a "$log" "$OUTDIR/pytorch-gpu.jsonl" >/dev/null
+fi
 
 passed=$(grep -cE '^test .* ok$' "$log")
 failed=$(grep -cE '^test .* FAILED$' "$log")
@@ -28,4 +43,8 @@ printf '%-40s %s\n' "tests passed / failed" "$passed / $failed (exit $test_rc)"
 grep -E '^(gelu|relu|add|layer_norm).*worst index' "$log" | sed 's/^/  /'
 awk '/^cuda_/{name=$1} /time:/{ if (name!="") { printf "%-40s %s %s\n", name, $4, $5; name="" } }' "$log"
 echo "(bench exit $bench_rc; full log: $log)"
+if [ -s "$OUTDIR/pytorch-gpu.jsonl" ]; then
+  echo "PyTorch eager, same GPU:"
+  grep '^{' "$OUTDIR/pytorch-gpu.jsonl" | sed 's/^/  /'
+fi
 [ "$test_rc" -eq 0 ] && [ "$failed" -eq 0 ]

@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
 
+pub mod blas;
+pub mod vit;
+
 use crate::error::{Error, Result};
 
 mod kernels {

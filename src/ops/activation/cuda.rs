@@ -46,3 +46,41 @@ pub fn add(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<C
     unsafe { l.launch(cfg) }.map_err(driver_err("add launch"))?;
     Ok(y)
 }
+
+/// y [rows, cols] = act(y + bias) in place (a GEMM epilogue); bias [cols] or none.
+pub fn bias_act(dev: &CudaDevice, y: &mut CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, cols: usize, a: Act) -> Result<()> {
+    if cols == 0 || y.len() % cols != 0 || bias.is_some_and(|b| b.len() != cols) {
+        return Err(Error::shape("bias_act (cuda)", format!("{} values, {cols} columns, bias {:?}", y.len(), bias.map(|b| b.len()))));
+    }
+    let rows = (y.len() / cols) as i64;
+    let f = dev.function("activation", "bias_act_f32")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(y.len()), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (c, act) = (cols as i32, match a { Act::None => 0i32, Act::Relu => 1, Act::Gelu => 2 });
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y);
+    // A null pointer means "no bias" to the kernel.
+    let null: u64 = 0;
+    match bias {
+        Some(b) => l.arg(b),
+        None => l.arg(&null),
+    };
+    l.arg(&rows).arg(&c).arg(&act);
+    // SAFETY: y holds rows * cols floats, bias cols floats or is null; argument
+    // types match (float*, const float*, long long, int, int).
+    unsafe { l.launch(cfg) }.map_err(driver_err("bias_act launch"))?;
+    Ok(())
+}
+
+/// bf16 copy of x (round to nearest even), for bf16 GEMM inputs.
+pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::bf16>> {
+    let n = x.len();
+    let mut y = dev.stream().alloc_zeros::<half::bf16>(n).map_err(driver_err("allocate"))?;
+    let f = dev.function("activation", "f32_to_bf16")?;
+    let cfg = LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let nn = n as i64;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y).arg(x).arg(&nn);
+    // SAFETY: n bf16 out, n f32 in; types match (unsigned short*, const float*, long long).
+    unsafe { l.launch(cfg) }.map_err(driver_err("f32_to_bf16 launch"))?;
+    Ok(y)
+}

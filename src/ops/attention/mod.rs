@@ -13,6 +13,7 @@
 //!   transformer of the mask decoder).
 
 mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::ops::cpu_f32;

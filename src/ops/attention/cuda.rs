@@ -1,0 +1,32 @@
+//! CUDA twin of rel_pos_attention (cuda/attention.cu).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::cuda::{driver_err, CudaDevice};
+use crate::error::{Error, Result};
+
+/// qkv [b, g, g, 3d], bias [3d], rel_h / rel_w [2s - 1, 64] -> [b, g, g, d].
+/// `window` 0 means global attention (s = g). Head dim must be 64.
+#[allow(clippy::too_many_arguments)]
+pub fn rel_pos_attention(dev: &CudaDevice, qkv: &CudaSlice<f32>, bias: &CudaSlice<f32>, rel_h: &CudaSlice<f32>, rel_w: &CudaSlice<f32>, b: usize, g: usize, d: usize, heads: usize, window: usize) -> Result<CudaSlice<f32>> {
+    const OP: &str = "rel_pos_attention (cuda)";
+    let s = if window == 0 { g } else { window };
+    if heads == 0 || d != heads * 64 {
+        return Err(Error::shape(OP, format!("width {d} with {heads} heads: the kernel needs head dim 64")));
+    }
+    if s > 32 || qkv.len() != b * g * g * 3 * d || bias.len() != 3 * d || rel_h.len() != (2 * s - 1) * 64 || rel_w.len() != (2 * s - 1) * 64 {
+        return Err(Error::shape(OP, format!("qkv {} bias {} rel {} / {} for b {b} g {g} d {d} window {s}", qkv.len(), bias.len(), rel_h.len(), rel_w.len())));
+    }
+    let nwin = g.div_ceil(s);
+    let mut out = dev.alloc(b * g * g * d)?;
+    let f = dev.function("attention", "rel_pos_attention_f32")?;
+    let cfg = LaunchConfig { grid_dim: ((s * s).div_ceil(8) as u32, heads as u32, (b * nwin * nwin) as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (bb, gg, dd, ss) = (b as i32, g as i32, d as i32, s as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut out).arg(qkv).arg(bias).arg(rel_h).arg(rel_w).arg(&bb).arg(&gg).arg(&dd).arg(&ss);
+    // SAFETY: buffer sizes checked above against the indices the kernel forms
+    // (tokens of b g g positions, 3d channels, tables of 2s - 1 rows of 64);
+    // S <= 32 fits the kernel's per-warp bias arrays; argument types match.
+    unsafe { l.launch(cfg) }.map_err(driver_err("rel_pos_attention launch"))?;
+    Ok(out)
+}
