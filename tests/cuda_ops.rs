@@ -1,7 +1,8 @@
 //! CUDA ops against their CPU twins on seeded random inputs at model shapes:
 //! |gpu - cpu| <= atol + rtol |cpu|, the worst index printed. Without a GPU
-//! every test prints why it is skipped; under SAM_UNET_REQUIRE_GPU=1 (the GPU
-//! check script) a missing GPU is a failure.
+//! the run prints why every test is skipped (its own harness, so the reason shows
+//! in `cargo test` output); under SAM_UNET_REQUIRE_GPU=1 (the GPU check script) a
+//! missing GPU is a failure.
 
 use sam_unet::cuda::CudaDevice;
 use sam_unet::ops::activation::{self, Act};
@@ -9,18 +10,49 @@ use sam_unet::ops::norm;
 use sam_unet::Tensor;
 
 fn device() -> Option<CudaDevice> {
-    match CudaDevice::new(0) {
+    CudaDevice::new(0).ok()
+}
+
+type TestFn = fn();
+
+fn main() {
+    // (name, needs a GPU, test)
+    let tests: &[(&str, bool, TestFn)] = &[
+        ("cuda_gelu_relu_add_match_cpu", true, cuda_gelu_relu_add_match_cpu),
+        ("cuda_layer_norm_matches_cpu", true, cuda_layer_norm_matches_cpu),
+        ("cuda_rel_pos_attention_matches_cpu", true, cuda_rel_pos_attention_matches_cpu),
+        ("cuda_linear_cublas_matches_cpu", true, cuda_linear_cublas_matches_cpu),
+        ("cuda_vit_block_matches_cpu_f32_and_bf16", true, cuda_vit_block_matches_cpu_f32_and_bf16),
+        ("cuda_reports_clear_errors", false, cuda_reports_clear_errors),
+    ];
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let selected: Vec<_> = tests.iter().filter(|(n, _, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str()))).collect();
+    let gpu = match CudaDevice::new(0) {
         Ok(d) => {
-            println!("running on cuda:0 ({})", d.name());
-            Some(d)
+            println!("running {} CUDA tests on cuda:0 ({})", selected.len(), d.name());
+            true
         }
         Err(e) => {
             if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("SAM_UNET_REQUIRE_GPU=1 but {e}");
+                println!("test cuda_device ... FAILED (SAM_UNET_REQUIRE_GPU=1 but {e})");
+                std::process::exit(1);
             }
-            eprintln!("SKIPPED (no GPU): {e}");
-            None
+            println!("no GPU: {e}");
+            false
         }
+    };
+    let mut failed = 0;
+    for (name, needs_gpu, f) in selected {
+        if *needs_gpu && !gpu {
+            println!("test {name} ... SKIPPED (needs a GPU)");
+            continue;
+        }
+        let r = std::panic::catch_unwind(f);
+        println!("test {name} ... {}", if r.is_ok() { "ok" } else { "FAILED" });
+        failed += r.is_err() as usize;
+    }
+    if failed > 0 {
+        std::process::exit(1);
     }
 }
 
@@ -51,9 +83,8 @@ fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
     assert!(worst <= 0.0 && gpu.iter().all(|v| v.is_finite()), "{what}: index {at}: gpu {} vs cpu {} beyond atol {atol} + rtol {rtol}", gpu[at], cpu[at]);
 }
 
-#[test]
 fn cuda_gelu_relu_add_match_cpu() {
-    let Some(dev) = device() else { return };
+    let dev = device().expect("a GPU was found at start");
     // ViT MLP hidden activations: 256 tokens x 3072.
     let n = 256 * 3072;
     let x = rand(n, 1, 6.0);
@@ -70,9 +101,8 @@ fn cuda_gelu_relu_add_match_cpu() {
     assert_close("add", &g, c.as_f32().unwrap(), 0.0, 0.0);
 }
 
-#[test]
 fn cuda_layer_norm_matches_cpu() {
-    let Some(dev) = device() else { return };
+    let dev = device().expect("a GPU was found at start");
     // ViT-B tokens (256 x 768) and decoder keys for 16 boxes (4096 x 256).
     for (rows, c) in [(256usize, 768usize), (4096, 256)] {
         let x = rand(rows * c, 3, 4.0);
@@ -85,7 +115,6 @@ fn cuda_layer_norm_matches_cpu() {
     }
 }
 
-#[test]
 fn cuda_reports_clear_errors() {
     // Any machine: a device index that does not exist is a typed error, never a panic.
     match CudaDevice::new(1000) {
@@ -95,9 +124,8 @@ fn cuda_reports_clear_errors() {
     }
 }
 
-#[test]
 fn cuda_rel_pos_attention_matches_cpu() {
-    let Some(dev) = device() else { return };
+    let dev = device().expect("a GPU was found at start");
     // ViT-B: 12 heads of 64 on the 16 x 16 grid; window 14 (padded to 28) and global.
     let (b, g, heads, d) = (2usize, 16usize, 12usize, 768usize);
     let qkv = rand(b * g * g * 3 * d, 6, 2.0);
@@ -126,9 +154,8 @@ fn cuda_rel_pos_attention_matches_cpu() {
     }
 }
 
-#[test]
 fn cuda_linear_cublas_matches_cpu() {
-    let Some(dev) = device() else { return };
+    let dev = device().expect("a GPU was found at start");
     let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
     let (m, k, n) = (256usize, 768usize, 2304usize);
     let (x, w) = (rand(m * k, 10, 1.0), rand(n * k, 11, 0.05));
@@ -181,9 +208,8 @@ fn vitb_block_weights(window: usize) -> sam_unet::io::Weights {
     w
 }
 
-#[test]
 fn cuda_vit_block_matches_cpu_f32_and_bf16() {
-    let Some(dev) = device() else { return };
+    let dev = device().expect("a GPU was found at start");
     let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
     let (b, g, d) = (2usize, 16usize, 768usize);
     let x = rand(b * g * g * d, 40, 2.0);

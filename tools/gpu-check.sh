@@ -35,7 +35,7 @@ if [ "${SKIP_PYTORCH:-0}" != 1 ] && python3 -c 'import torch; assert torch.cuda.
 fi
 
 passed=$(grep -cE '^test .* ok$' "$log")
-failed=$(grep -cE '^test .* FAILED$' "$log")
+failed=$(grep -cE '^test .* FAILED' "$log")
 echo
 echo "== summary"
 printf '%-40s %s\n' "device" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
