@@ -26,3 +26,33 @@ extern "C" __global__ void layer_norm_f32(float* __restrict__ y, const float* __
     float rstd = rsqrtf(block_sum(v, scratch) / C + eps);
     for (int c = threadIdx.x; c < C; c += blockDim.x) yr[c] = (xr[c] - mean) * rstd * w[c] + b[c];
 }
+
+// LayerNorm2d (SAM) over the channels of an NCHW map, then an activation:
+//   y[n, c, p] = act((x[n, c, p] - mean_{n,p}) * rstd_{n,p} * w[c] + b[c])
+// Layout: x, y [N, C, P] (P = H * W pixels). One thread per pixel (n, p):
+// consecutive threads read consecutive pixels of a channel row, so every load
+// is coalesced; two passes over the C channels (mean, centred variance).
+// act: 0 none, 1 ReLU, 2 GELU.
+extern "C" __global__ void layer_norm2d_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w,
+                                            const float* __restrict__ b, int N, int C, long long P, float eps, int act) {
+    GRID_STRIDE(i, (long long)N * P) {
+        long long n = i / P, p = i % P;
+        const float* xs = x + n * C * P + p;
+        float s = 0.0f;
+        for (int c = 0; c < C; ++c) s += xs[c * P];
+        float mean = s / C;
+        float v = 0.0f;
+        for (int c = 0; c < C; ++c) {
+            float d = xs[c * P] - mean;
+            v += d * d;
+        }
+        float rstd = rsqrtf(v / C + eps);
+        float* ys = y + n * C * P + p;
+        for (int c = 0; c < C; ++c) {
+            float o = (xs[c * P] - mean) * rstd * w[c] + b[c];
+            if (act == 1) o = fmaxf(o, 0.0f);
+            else if (act == 2) o = 0.5f * o * (1.0f + erff(o * 0.70710678118654752f));
+            ys[c * P] = o;
+        }
+    }
+}

@@ -1,11 +1,17 @@
 //! The predictor: set an image once (the expensive image side, cached), then
 //! prompt with any number of boxes (the cheap decoder, all boxes in one batch).
+//! CPU, or CUDA (`Device::Cuda`) with f32 or bf16 ViT GEMMs.
 
 use std::path::Path;
 
+use crate::cuda::blas::Blas;
+use crate::cuda::model::{GpuFeatures, GpuSamUnet};
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::io::image::RgbImage;
 use crate::io::Weights;
+use crate::model::config::SamUnetConfig;
+use crate::model::sam_unet::postprocess;
 use crate::model::{ImageFeatures, SamUnet, Trace};
 use crate::preprocess::{box_to_model_frame, normalize_pad, resize_image, validate_box, ResizeInfo};
 use crate::tensor::{DType, Device, Tensor};
@@ -37,34 +43,64 @@ pub struct Prediction {
     pub model_boxes: Vec<[f32; 4]>,
 }
 
+struct Cuda {
+    dev: CudaDevice,
+    blas: Blas,
+    model: GpuSamUnet,
+}
+
+enum Backend {
+    Cpu(SamUnet),
+    Cuda(Box<Cuda>),
+}
+
+enum Features {
+    Cpu(ImageFeatures),
+    Cuda(GpuFeatures),
+}
+
 pub struct Predictor {
-    model: SamUnet,
+    backend: Backend,
     options: PredictorOptions,
-    image: Option<(ImageFeatures, ResizeInfo)>,
+    image: Option<(Features, ResizeInfo)>,
 }
 
 impl Predictor {
+    /// A CPU predictor around a built model (f32).
     pub fn new(model: SamUnet, options: PredictorOptions) -> Result<Self> {
         match (options.device, options.dtype) {
-            (Device::Cpu, DType::F32) => {}
-            (Device::Cpu, dt) => {
-                return Err(Error::input("Predictor", format!("the CPU backend computes in f32, not {}", dt.name())));
-            }
-            (Device::Cuda(i), _) => {
-                return Err(Error::CudaUnavailable(format!("cuda:{i} requested, but this build has no CUDA backend yet; use --device cpu")));
+            (Device::Cpu, DType::F32) => Ok(Predictor { backend: Backend::Cpu(model), options, image: None }),
+            (Device::Cpu, dt) => Err(Error::input("Predictor", format!("the CPU backend computes in f32, not {}", dt.name()))),
+            (Device::Cuda(_), _) => Err(Error::input("Predictor", "a CUDA predictor is built from weights: use Predictor::from_weights")),
+        }
+    }
+
+    /// Builds the model the weights describe on the chosen device.
+    pub fn from_weights(w: &Weights, options: PredictorOptions) -> Result<Self> {
+        match options.device {
+            Device::Cpu => Self::new(SamUnet::from_weights(w)?, options),
+            Device::Cuda(i) => {
+                if options.dtype == DType::F16 {
+                    return Err(Error::input("Predictor", "CUDA runs f32 or bf16, not f16"));
+                }
+                let dev = CudaDevice::new(i)?;
+                let blas = Blas::new(dev.stream())?;
+                let model = GpuSamUnet::from_weights(&dev, w, options.dtype)?;
+                Ok(Predictor { backend: Backend::Cuda(Box::new(Cuda { dev, blas, model })), options, image: None })
             }
         }
-        Ok(Predictor { model, options, image: None })
     }
 
-    /// Loads weights (safetensors) and builds the model they describe.
+    /// Loads weights (safetensors or a PyTorch checkpoint) and builds the model.
     pub fn from_file(path: impl AsRef<Path>, options: PredictorOptions) -> Result<Self> {
-        let w = Weights::from_file(path)?;
-        Self::new(SamUnet::from_weights(&w)?, options)
+        Self::from_weights(&Weights::from_file(path)?, options)
     }
 
-    pub fn model(&self) -> &SamUnet {
-        &self.model
+    pub fn config(&self) -> &SamUnetConfig {
+        match &self.backend {
+            Backend::Cpu(m) => &m.config,
+            Backend::Cuda(c) => &c.model.config,
+        }
     }
 
     pub fn options(&self) -> PredictorOptions {
@@ -74,7 +110,8 @@ impl Predictor {
     /// Runs the image side (ResNet, ViT, adapters, neck) and caches its features.
     pub fn set_image(&mut self, img: &RgbImage) -> Result<()> {
         let (x, info) = self.prepare(std::slice::from_ref(img))?;
-        let f = self.model.encode_image(&x, &mut Trace::default())?;
+        self.image = None;
+        let f = self.encode(&x)?;
         self.image = Some((f, info[0]));
         Ok(())
     }
@@ -104,12 +141,29 @@ impl Predictor {
         for (info, bs) in infos.iter().zip(boxes) {
             check_boxes(bs, info)?;
         }
-        let f = self.model.encode_image(&x, &mut Trace::default())?;
+        let f = self.encode(&x)?;
         infos.iter().zip(boxes).enumerate().map(|(i, (info, bs))| self.decode(&f, i, info, bs)).collect()
     }
 
+    /// Only the image side, for a batch of preprocessed inputs [B, 3, S, S]
+    /// (benchmarks); the features are dropped.
+    pub fn encode_only(&self, x: &Tensor) -> Result<()> {
+        let f = self.encode(x)?;
+        if let (Backend::Cuda(c), Features::Cuda(_)) = (&self.backend, &f) {
+            c.dev.synchronize()?;
+        }
+        Ok(())
+    }
+
+    fn encode(&self, x: &Tensor) -> Result<Features> {
+        Ok(match &self.backend {
+            Backend::Cpu(m) => Features::Cpu(m.encode_image(x, &mut Trace::default())?),
+            Backend::Cuda(c) => Features::Cuda(c.model.encode_image(&c.dev, &c.blas, x)?),
+        })
+    }
+
     fn prepare(&self, images: &[RgbImage]) -> Result<(Tensor, Vec<ResizeInfo>)> {
-        let s = self.model.config.img_size;
+        let s = self.config().img_size;
         let mut v = Vec::with_capacity(images.len() * 3 * s * s);
         let mut infos = Vec::with_capacity(images.len());
         for img in images {
@@ -123,11 +177,15 @@ impl Predictor {
         Ok((Tensor::from_f32(v, &[images.len(), 3, s, s]), infos))
     }
 
-    fn decode(&self, f: &ImageFeatures, index: usize, info: &ResizeInfo, boxes: &[[f32; 4]]) -> Result<Prediction> {
+    fn decode(&self, f: &Features, index: usize, info: &ResizeInfo, boxes: &[[f32; 4]]) -> Result<Prediction> {
         check_boxes(boxes, info)?;
         let model_boxes: Vec<[f32; 4]> = boxes.iter().map(|b| box_to_model_frame(*b, info)).collect();
-        let low = self.model.decode(f, index, &model_boxes, &mut Trace::default())?;
-        let logits = self.model.postprocess(&low, info)?;
+        let low = match (&self.backend, f) {
+            (Backend::Cpu(m), Features::Cpu(f)) => m.decode(f, index, &model_boxes, &mut Trace::default())?,
+            (Backend::Cuda(c), Features::Cuda(f)) => c.model.decode(&c.dev, &c.blas, f, index, &model_boxes)?,
+            _ => return Err(Error::input("predict", "features from another backend")),
+        };
+        let logits = postprocess(&low, info, self.config().img_size)?;
         let hw = info.orig_h * info.orig_w;
         let masks = logits.as_f32()?.chunks(hw).map(|m| m.iter().map(|&v| v > 0.0).collect()).collect();
         Ok(Prediction { width: info.orig_w, height: info.orig_h, masks, logits, low_res_logits: low, model_boxes })

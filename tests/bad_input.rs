@@ -130,8 +130,10 @@ fn bad_boxes_and_calls() {
 #[test]
 fn unavailable_devices_and_dtypes_are_errors() {
     let m = || SamUnet::from_weights(&small_weights()).unwrap();
-    let e = Predictor::new(m(), PredictorOptions { device: Device::Cuda(0), dtype: sam_unet::DType::F32 }).err().unwrap();
+    // This machine may or may not have a GPU; a device that cannot exist always fails cleanly.
+    let e = Predictor::from_weights(&small_weights(), PredictorOptions { device: Device::Cuda(999), dtype: sam_unet::DType::F32 }).err().unwrap();
     assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
+    assert!(Predictor::new(m(), PredictorOptions { device: Device::Cuda(0), dtype: sam_unet::DType::F32 }).is_err());
     assert!(Predictor::new(m(), PredictorOptions { device: Device::Cpu, dtype: sam_unet::DType::BF16 }).is_err());
     assert!("cuda:x".parse::<Device>().is_err());
     assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use sam_unet::io::image::RgbImage;
-use sam_unet::model::{SamUnet, SamUnetConfig};
+use sam_unet::model::SamUnetConfig;
 use sam_unet::{Device, Predictor, PredictorOptions};
 
 #[derive(Parser)]
@@ -35,6 +35,10 @@ struct Args {
     /// f32 or bf16
     #[arg(long, default_value = "f32")]
     dtype: sam_unet::DType,
+    /// Also time the image side alone on batches of this many images
+    /// (comma-separated), reporting images/s.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -64,9 +68,7 @@ fn run(args: Args) -> Result<()> {
         bail!("--runs and every --boxes count must be at least 1");
     }
     let cfg = SamUnetConfig::named(&args.arch)?;
-    let model = SamUnet::from_weights(&cfg.random_weights(0))?;
-    let predictor = Predictor::new(model, PredictorOptions { device: args.device, dtype: args.dtype })?;
-    let mut predictor = predictor;
+    let mut predictor = Predictor::from_weights(&cfg.random_weights(0), PredictorOptions { device: args.device, dtype: args.dtype })?;
     // A synthetic CT-like image: smooth gradients and a disc.
     let s = args.image_size;
     let mut data = vec![0u8; s * s * 3];
@@ -114,6 +116,31 @@ fn run(args: Args) -> Result<()> {
                 "decoder_ms": (dec_ms * 100.0).round() / 100.0,
                 "decoder_per_box_ms": (dec_ms / n as f64 * 100.0).round() / 100.0,
                 "total_ms": (median(&mut tot) * 100.0).round() / 100.0,
+            })
+        );
+    }
+    for &b in &args.batch {
+        if b == 0 {
+            bail!("--batch sizes must be at least 1");
+        }
+        let s = cfg.img_size;
+        let x = sam_unet::Tensor::from_vec((0..b * 3 * s * s).map(|i| ((i % 977) as f32 / 977.0 - 0.5) * 3.0).collect(), [b, 3, s, s])?;
+        let mut times = vec![];
+        for run in 0..=args.runs {
+            let t = Instant::now();
+            predictor.encode_only(&x)?;
+            if run > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let ms = median(&mut times);
+        println!(
+            "{}",
+            serde_json::json!({
+                "arch": args.arch, "device": args.device.to_string(), "dtype": args.dtype.name(),
+                "what": "image_side", "batch": b, "runs": args.runs,
+                "ms": (ms * 100.0).round() / 100.0,
+                "images_per_s": (b as f64 / ms * 1e3 * 10.0).round() / 10.0,
             })
         );
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a machine with an NVIDIA GPU and no Rust: runs the test and
-# benchmark binaries built elsewhere (x86-64 Linux, see README "GPU check") and
+# benchmark binaries built elsewhere by tools/build-gpu-bin.sh (x86-64 Linux), and
 # ends with a summary table. Usage: tools/gpu-check.sh [BIN_DIR] (default gpu-bin/).
+# About 5 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${1:-gpu-bin}"
@@ -22,8 +23,17 @@ fi
 echo "cuBLAS: ${SAM_UNET_CUBLAS:-(loader path)}" | tee -a "$log"
 
 echo "== CUDA ops against their CPU twins" | tee -a "$log"
-SAM_UNET_REQUIRE_GPU=1 timeout 300 "$BIN/cuda_ops" --test-threads=1 --nocapture 2>&1 | tee -a "$log"
+SAM_UNET_REQUIRE_GPU=1 timeout 120 "$BIN/cuda_ops" 2>&1 | tee -a "$log"
 test_rc=${PIPESTATUS[0]}
+echo "== the whole model on CUDA against the CPU backend" | tee -a "$log"
+SAM_UNET_REQUIRE_GPU=1 timeout 240 "$BIN/cuda_model" 2>&1 | tee -a "$log"
+model_rc=${PIPESTATUS[0]}
+[ "$model_rc" -ne 0 ] && test_rc=$model_rc
+
+echo "== end to end (bench, random SAM-UNet-50)" | tee -a "$log"
+for dt in f32 bf16; do
+  timeout 150 "$BIN/bench" --device cuda --dtype "$dt" --boxes 1,32 --batch 1,8,64 --runs 10 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
+done
 
 echo "== benchmarks (cuda_*)" | tee -a "$log"
 timeout 240 "$BIN/cpu_ops" --bench cuda_ --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | tee -a "$log" >/dev/null
@@ -40,9 +50,13 @@ echo
 echo "== summary"
 printf '%-40s %s\n' "device" "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 printf '%-40s %s\n' "tests passed / failed" "$passed / $failed (exit $test_rc)"
-grep -E '^(gelu|relu|add|layer_norm).*worst index' "$log" | sed 's/^/  /'
+grep -E 'worst index|relative L2' "$log" | sed 's/^/  /'
 awk '/^cuda_/{name=$1} /time:/{ if (name!="") { printf "%-40s %s %s\n", name, $4, $5; name="" } }' "$log"
-echo "(bench exit $bench_rc; full log: $log)"
+echo "(criterion exit $bench_rc; full log: $log)"
+if [ -s "$OUTDIR/bench-cuda.jsonl" ]; then
+  echo "bench (ours, CUDA):"
+  grep '^{' "$OUTDIR/bench-cuda.jsonl" | sed 's/^/  /'
+fi
 if [ -s "$OUTDIR/pytorch-gpu.jsonl" ]; then
   echo "PyTorch eager, same GPU:"
   grep '^{' "$OUTDIR/pytorch-gpu.jsonl" | sed 's/^/  /'

@@ -92,9 +92,8 @@ fn run(args: Args) -> Result<()> {
         }
         (None, None) => bail!("give --weights FILE (or --random-weights ARCH to try the pipeline)"),
     };
-    let model = sam_unet::model::SamUnet::from_weights(&w)?;
+    let mut p = Predictor::from_weights(&w, PredictorOptions { device: args.device, dtype: args.dtype })?;
     drop(w);
-    let mut p = Predictor::new(model, PredictorOptions { device: args.device, dtype: args.dtype })?;
     let t1 = Instant::now();
     p.set_image(&img)?;
     let t2 = Instant::now();

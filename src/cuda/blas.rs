@@ -139,6 +139,54 @@ impl Blas {
     }
 }
 
+impl Blas {
+    /// Row-major c [m, n] (+)= op(a) op(b), op(a) m x k, op(b) k x n; `ta` / `tb`
+    /// say that a is stored k x m / b is stored n x k; lda, ldb, ldc are the
+    /// row-major leading dimensions. Works on slices and views.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_f32<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        stream: &CudaStream,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &A,
+        lda: usize,
+        b: &B,
+        ldb: usize,
+        c: &mut C,
+        ldc: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let need = |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols };
+        if a.len() < need(ar, ac, lda) || b.len() < need(br, bc, ldb) || c.len() < need(m, n, ldc) || lda < ac || ldb < bc || ldc < n {
+            return Err(Error::shape("gemm (cuda)", format!("m {m} n {n} k {k}: buffers {} / {} / {} with ld {lda} / {ldb} / {ldc}", a.len(), b.len(), c.len())));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        let (ap, _ga) = a.device_ptr(stream);
+        let (bp, _gb) = b.device_ptr(stream);
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        let op = |t: bool| if t { OP_T } else { OP_N };
+        // Column-major: C^T [n, m] = op(B)^T op(A)^T; a row-major matrix is its
+        // own transpose in column-major with the same leading dimension.
+        // SAFETY: every element the GEMM touches lies inside the buffers (checked
+        // above); the guards keep them alive and stream-ordered for the call.
+        unsafe {
+            check(
+                "cublasSgemm",
+                (self.sgemm)(self.handle, op(tb), op(ta), n as c_int, m as c_int, k as c_int, &alpha, bp as *const f32, ldb as c_int, ap as *const f32, lda as c_int, &beta, cp as *mut f32, ldc as c_int),
+            )
+        }
+    }
+}
+
 impl Drop for Blas {
     fn drop(&mut self) {
         // SAFETY: the handle was created by cublasCreate and is destroyed once.

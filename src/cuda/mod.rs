@@ -10,6 +10,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
 
 pub mod blas;
+pub mod model;
+pub mod nn;
+pub mod tensor;
 pub mod vit;
 
 use crate::error::{Error, Result};
@@ -104,4 +107,20 @@ impl CudaDevice {
 /// Blocks for a grid-stride launch over n elements.
 pub(crate) fn grid_for(n: usize) -> u32 {
     (n.div_ceil(256)).clamp(1, 65_535 * 16) as u32
+}
+
+/// A 1-d grid-stride launch configuration over n elements.
+pub(crate) fn cfg1d(n: usize) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+pub use tensor::GpuTensor;
+
+/// The activation code the kernels take: 0 none, 1 ReLU, 2 GELU.
+pub(crate) fn act_code(a: crate::ops::activation::Act) -> i32 {
+    match a {
+        crate::ops::activation::Act::None => 0,
+        crate::ops::activation::Act::Relu => 1,
+        crate::ops::activation::Act::Gelu => 2,
+    }
 }

@@ -128,23 +128,27 @@ impl SamUnet {
         Ok(low)
     }
 
-    /// low-res logits [N, 1, 64, 64] -> logits at the original size [N, 1, H, W]:
-    /// bilinear to the input side, crop to the resized image, bilinear to H x W.
+    /// low-res logits [N, 1, 64, 64] -> logits at the original size [N, 1, H, W].
     pub fn postprocess(&self, low: &Tensor, info: &ResizeInfo) -> Result<Tensor> {
-        let s = self.config.img_size;
-        let up = bilinear(low, s, s)?;
-        let [n, c, _, _] = up.dims_n::<4>("postprocess", "logits")?;
-        let src = cpu_f32("postprocess", &up)?;
-        let (nh, nw) = (info.new_h, info.new_w);
-        let mut crop = Vec::with_capacity(n * c * nh * nw);
-        for pl in 0..n * c {
-            for y in 0..nh {
-                crop.extend_from_slice(&src[pl * s * s + y * s..pl * s * s + y * s + nw]);
-            }
-        }
-        let crop = Tensor::from_f32(crop, &[n, c, nh, nw]);
-        bilinear(&crop, info.orig_h, info.orig_w)
+        postprocess(low, info, self.config.img_size)
     }
+}
+
+/// low-res logits [N, 1, 64, 64] -> logits at the original size [N, 1, H, W]:
+/// bilinear to the input side, crop to the resized image, bilinear to H x W.
+pub fn postprocess(low: &Tensor, info: &ResizeInfo, s: usize) -> Result<Tensor> {
+    let up = bilinear(low, s, s)?;
+    let [n, c, _, _] = up.dims_n::<4>("postprocess", "logits")?;
+    let src = cpu_f32("postprocess", &up)?;
+    let (nh, nw) = (info.new_h, info.new_w);
+    let mut crop = Vec::with_capacity(n * c * nh * nw);
+    for pl in 0..n * c {
+        for y in 0..nh {
+            crop.extend_from_slice(&src[pl * s * s + y * s..pl * s * s + y * s + nw]);
+        }
+    }
+    let crop = Tensor::from_f32(crop, &[n, c, nh, nw]);
+    bilinear(&crop, info.orig_h, info.orig_w)
 }
 
 /// x [B, ...] -> [1, ...] the index-th item (no copy when B is 1).

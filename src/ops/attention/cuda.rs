@@ -30,3 +30,24 @@ pub fn rel_pos_attention(dev: &CudaDevice, qkv: &CudaSlice<f32>, bias: &CudaSlic
     unsafe { l.launch(cfg) }.map_err(driver_err("rel_pos_attention launch"))?;
     Ok(out)
 }
+
+/// Multi-head attention on projected q [N, Lq, I], k / v [N, Lk, I]: [N, Lq, I].
+pub fn mha(dev: &CudaDevice, q: &crate::cuda::GpuTensor, k: &crate::cuda::GpuTensor, v: &crate::cuda::GpuTensor, heads: usize) -> Result<crate::cuda::GpuTensor> {
+    const OP: &str = "attention (cuda)";
+    let [n, lq, i]: [usize; 3] = q.dims.as_slice().try_into().map_err(|_| Error::shape(OP, format!("q {:?}", q.dims)))?;
+    let lk = k.dims.get(1).copied().unwrap_or(0);
+    if k.dims != [n, lk, i] || v.dims != k.dims || heads == 0 || i % heads != 0 || i / heads > 64 {
+        return Err(Error::shape(OP, format!("q {:?}, k {:?}, v {:?}, {heads} heads (head dim at most 64)", q.dims, k.dims, v.dims)));
+    }
+    let mut out = dev.alloc(n * lq * i)?;
+    let f = dev.function("decoder", "mha_f32")?;
+    let warps = n * heads * lq;
+    let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (nn, lqq, lkk, ii, hh) = (n as i32, lq as i32, lk as i32, i as i32, heads as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut out).arg(&q.data).arg(&k.data).arg(&v.data).arg(&nn).arg(&lqq).arg(&lkk).arg(&ii).arg(&hh);
+    // SAFETY: one warp per (n, head, query) reads its q row, the Lk rows of k and
+    // v of its head, writes its output row; all within the sizes checked above.
+    unsafe { l.launch(cfg) }.map_err(driver_err("mha launch"))?;
+    Ok(crate::cuda::GpuTensor { data: out, dims: vec![n, lq, i] })
+}

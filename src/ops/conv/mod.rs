@@ -4,6 +4,7 @@
 //! pooling. Bias, a residual add and an activation are fused in the epilogue.
 
 mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;

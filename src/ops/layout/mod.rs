@@ -1,6 +1,8 @@
 //! Layout changes between channels-first maps (NCHW, convolutions) and
 //! channels-last tokens (NHWC, the ViT), and broadcast helpers.
 
+pub mod cuda;
+
 use rayon::prelude::*;
 
 use crate::error::Result;

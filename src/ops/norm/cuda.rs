@@ -23,3 +23,21 @@ pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &
     unsafe { l.launch(cfg) }.map_err(driver_err("layer_norm launch"))?;
     Ok(y)
 }
+
+/// SAM's LayerNorm2d then act: x [N, C, H, W], w / b [C] -> same shape.
+pub fn layer_norm2d(dev: &CudaDevice, x: &crate::cuda::GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32, a: crate::ops::activation::Act) -> Result<crate::cuda::GpuTensor> {
+    let [n, c, h, wd]: [usize; 4] = x.dims.as_slice().try_into().map_err(|_| Error::shape("layer_norm2d (cuda)", format!("input {:?}", x.dims)))?;
+    if w.len() != c || b.len() != c {
+        return Err(Error::shape("layer_norm2d (cuda)", format!("input {:?}, weight {}, bias {}", x.dims, w.len(), b.len())));
+    }
+    let p = (h * wd) as i64;
+    let mut y = dev.alloc(x.numel())?;
+    let f = dev.function("norm", "layer_norm2d_f32")?;
+    let act = crate::cuda::act_code(a);
+    let (nn, cc) = (n as i32, c as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y).arg(&x.data).arg(w).arg(b).arg(&nn).arg(&cc).arg(&p).arg(&eps).arg(&act);
+    // SAFETY: x and y hold n * c * p floats, w and b c floats; types match the kernel.
+    unsafe { l.launch(crate::cuda::cfg1d(n * h * wd)) }.map_err(driver_err("layer_norm2d launch"))?;
+    Ok(crate::cuda::GpuTensor { data: y, dims: x.dims.clone() })
+}

@@ -1,0 +1,78 @@
+// Convolution helpers, the CUDA twins of src/ops/conv/cpu.rs. The GEMMs run in
+// cuBLAS; these kernels build and scatter around them.
+//
+//   im2col_f32:  col[(c * kh + ky) * kw + kx, oy * Wo + ox] = x[c, oy s + ky - p, ox s + kx - p]
+//                (0 outside), for one image x [C, H, W] -> col [C kh kw, Ho Wo].
+//   conv_epilogue_f32: y[n, o, q] = act(y[n, o, q] + bias[o] + residual[n, o, q])
+//   convt_scatter_f32: a transposed conv with kernel = stride = k: every input
+//                pixel owns its k x k output patch.
+//                tmp [O k k, H W] -> y[o, y k + ky, x k + kx] = tmp[(o k + ky) k + kx, y W + x] + bias[o]
+//   max_pool2d_f32: max over the window, padding is -inf (PyTorch).
+#include "common.cuh"
+
+extern "C" __global__ void im2col_f32(float* __restrict__ col, const float* __restrict__ x, int C, int H, int W, int kh, int kw, int stride,
+                                      int pad, int Ho, int Wo) {
+    long long total = (long long)C * kh * kw * Ho * Wo;
+    GRID_STRIDE(i, total) {
+        int ox = i % Wo;
+        long long t = i / Wo;
+        int oy = t % Ho;
+        t /= Ho;
+        int kx = t % kw;
+        t /= kw;
+        int ky = t % kh;
+        int c = t / kh;
+        int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
+        col[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((long long)c * H + iy) * W + ix] : 0.0f;
+    }
+}
+
+extern "C" __global__ void conv_epilogue_f32(float* __restrict__ y, const float* __restrict__ bias, const float* __restrict__ residual,
+                                             int N, int O, long long Q, int act) {
+    GRID_STRIDE(i, (long long)N * O * Q) {
+        int o = (i / Q) % O;
+        float v = y[i] + (bias ? bias[o] : 0.0f) + (residual ? residual[i] : 0.0f);
+        if (act == 1) v = fmaxf(v, 0.0f);
+        else if (act == 2) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        y[i] = v;
+    }
+}
+
+extern "C" __global__ void convt_scatter_f32(float* __restrict__ y, const float* __restrict__ tmp, const float* __restrict__ bias, int O, int H,
+                                             int W, int k, int act) {
+    long long OH = (long long)H * k, OW = (long long)W * k;
+    GRID_STRIDE(i, (long long)O * OH * OW) {
+        int ox = i % OW;
+        long long t = i / OW;
+        int oy = t % OH;
+        int o = t / OH;
+        int yy = oy / k, ky = oy % k, xx = ox / k, kx = ox % k;
+        float v = tmp[((long long)(o * k + ky) * k + kx) * H * W + (long long)yy * W + xx] + (bias ? bias[o] : 0.0f);
+        if (act == 1) v = fmaxf(v, 0.0f);
+        else if (act == 2) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        y[i] = v;
+    }
+}
+
+extern "C" __global__ void max_pool2d_f32(float* __restrict__ y, const float* __restrict__ x, long long planes, int H, int W, int Ho, int Wo, int k,
+                                          int s, int p) {
+    GRID_STRIDE(i, planes * Ho * Wo) {
+        int ox = i % Wo;
+        long long t = i / Wo;
+        int oy = t % Ho;
+        long long pl = t / Ho;
+        const float* xp = x + pl * H * W;
+        float m = -SAM_INF;
+        for (int ky = 0; ky < k; ++ky) {
+            int iy = oy * s + ky - p;
+            if (iy < 0 || iy >= H) continue;
+            for (int kx = 0; kx < k; ++kx) {
+                int ix = ox * s + kx - p;
+                if (ix < 0 || ix >= W) continue;
+                float v = xp[iy * W + ix];
+                if (v > m || v != v) m = v;
+            }
+        }
+        y[i] = m;
+    }
+}

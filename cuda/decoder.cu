@@ -1,0 +1,66 @@
+// Mask-decoder kernels, the CUDA twins of src/ops/attention/cpu.rs::attention
+// and of the last step of src/model/mask_decoder.rs.
+//
+//   mha_f32: multi-head attention on projected q [N, Lq, I], k, v [N, Lk, I]
+//            (I = heads * hd, hd <= 64): out = softmax(q_h k_h^T / sqrt(hd)) v_h.
+//            One warp per (n, head, query); keys in tiles of 32, lane j computes
+//            key j's logit, online softmax, lanes own channels lane and lane + 32.
+//   mask_dot_f32: low[n, p] = sum_c h[n, c] (f[n, c, p] + msf[c, p]), the
+//            hypernetwork dot product; one thread per (n, p), coalesced over p.
+#include "common.cuh"
+
+extern "C" __global__ void mha_f32(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                                   int N, int Lq, int Lk, int I, int heads) {
+    int lane = threadIdx.x & 31;
+    long long wid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long total = (long long)N * heads * Lq;
+    if (wid >= total) return;
+    int qi = wid % Lq;
+    int h = (wid / Lq) % heads;
+    int n = wid / ((long long)Lq * heads);
+    int hd = I / heads;
+    float sd = sqrtf((float)hd);
+    const float* qp = q + ((long long)n * Lq + qi) * I + h * hd;
+    const float* kb = k + (long long)n * Lk * I + h * hd;
+    const float* vb = v + (long long)n * Lk * I + h * hd;
+    float m = -SAM_INF, l = 0.f, a0 = 0.f, a1 = 0.f;
+    for (int t0 = 0; t0 < Lk; t0 += 32) {
+        int j = t0 + lane;
+        float logit = -SAM_INF;
+        if (j < Lk) {
+            const float* kp = kb + (long long)j * I;
+            float s = 0.f;
+            for (int c = 0; c < hd; ++c) s += qp[c] * kp[c];
+            logit = s / sd;
+        }
+        float tmax = logit;
+        for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+        float mnew = fmaxf(m, tmax);
+        float p = j < Lk ? expf(logit - mnew) : 0.f;
+        float corr = expf(m - mnew);
+        l = l * corr + warp_sum(p);
+        a0 *= corr;
+        a1 *= corr;
+        int nk = min(32, Lk - t0);
+        for (int jj = 0; jj < nk; ++jj) {
+            float pj = __shfl_sync(0xffffffffu, p, jj);
+            const float* vp = vb + (long long)(t0 + jj) * I;
+            if (lane < hd) a0 += pj * vp[lane];
+            if (lane + 32 < hd) a1 += pj * vp[lane + 32];
+        }
+        m = mnew;
+    }
+    float* op = out + ((long long)n * Lq + qi) * I + h * hd;
+    if (lane < hd) op[lane] = a0 / l;
+    if (lane + 32 < hd) op[lane + 32] = a1 / l;
+}
+
+extern "C" __global__ void mask_dot_f32(float* __restrict__ low, const float* __restrict__ h, const float* __restrict__ f, const float* __restrict__ msf,
+                                        int N, int C, long long P) {
+    GRID_STRIDE(i, (long long)N * P) {
+        long long n = i / P, p = i % P;
+        float s = 0.f;
+        for (int c = 0; c < C; ++c) s += h[n * C + c] * (f[(n * C + c) * P + p] + msf[c * P + p]);
+        low[i] = s;
+    }
+}

@@ -1,0 +1,24 @@
+// Layout changes between channels-first maps and channels-last tokens, the
+// CUDA twins of src/ops/layout: y[b, p, c] = x[b, c, p] and back. One thread per
+// output element (reads strided, writes coalesced; these maps are small).
+#include "common.cuh"
+
+extern "C" __global__ void nchw_to_nhwc_f32(float* __restrict__ y, const float* __restrict__ x, int B, int C, long long P) {
+    GRID_STRIDE(i, (long long)B * C * P) {
+        int c = i % C;
+        long long t = i / C;
+        long long p = t % P;
+        long long b = t / P;
+        y[i] = x[(b * C + c) * P + p];
+    }
+}
+
+extern "C" __global__ void nhwc_to_nchw_f32(float* __restrict__ y, const float* __restrict__ x, int B, int C, long long P) {
+    GRID_STRIDE(i, (long long)B * C * P) {
+        long long p = i % P;
+        long long t = i / P;
+        int c = t % C;
+        long long b = t / C;
+        y[i] = x[(b * P + p) * C + c];
+    }
+}

@@ -1,0 +1,32 @@
+//! A device-resident f32 tensor: a cudarc buffer and its dims (row-major).
+
+use cudarc::driver::CudaSlice;
+
+use crate::cuda::CudaDevice;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+pub struct GpuTensor {
+    pub data: CudaSlice<f32>,
+    pub dims: Vec<usize>,
+}
+
+impl GpuTensor {
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+    pub fn upload(dev: &CudaDevice, t: &Tensor) -> Result<Self> {
+        Ok(GpuTensor { data: dev.upload(t.as_f32()?)?, dims: t.dims().to_vec() })
+    }
+    pub fn zeros(dev: &CudaDevice, dims: &[usize]) -> Result<Self> {
+        Ok(GpuTensor { data: dev.alloc(dims.iter().product())?, dims: dims.to_vec() })
+    }
+    pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
+        Tensor::from_vec(dev.download(&self.data)?, self.dims.clone())
+    }
+    /// The same buffer seen with other dims of equal element count.
+    pub fn reshape(self, dims: &[usize]) -> Self {
+        debug_assert_eq!(dims.iter().product::<usize>(), self.numel());
+        GpuTensor { data: self.data, dims: dims.to_vec() }
+    }
+}

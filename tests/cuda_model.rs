@@ -1,0 +1,81 @@
+//! The whole model on CUDA against the CPU backend: the small34 fixture weights
+//! on its input, and full-size SAM-UNet-50 with random weights. f32 (TF32 off):
+//! relative L2 <= 1e-4 on the logits; bf16: relative L2 <= 2e-2 and at least
+//! 99.5 % of mask pixels equal. Own harness: without a GPU it prints why each test
+//! is skipped; SAM_UNET_REQUIRE_GPU=1 makes a missing GPU a failure.
+
+use sam_unet::io::image::RgbImage;
+use sam_unet::io::Weights;
+use sam_unet::model::SamUnetConfig;
+use sam_unet::{DType, Device, Predictor, PredictorOptions};
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn image(w: usize, h: usize) -> RgbImage {
+    RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 37 / 3) % 251) as u8).collect()).unwrap()
+}
+
+fn compare(name: &str, w: &Weights, img: &RgbImage, boxes: &[[f32; 4]]) {
+    let mut cpu = Predictor::from_weights(w, PredictorOptions::default()).unwrap();
+    cpu.set_image(img).unwrap();
+    let want = cpu.predict(boxes).unwrap();
+    for dt in [DType::F32, DType::BF16] {
+        let mut gpu = Predictor::from_weights(w, PredictorOptions { device: Device::Cuda(0), dtype: dt }).unwrap();
+        gpu.set_image(img).unwrap();
+        let got = gpu.predict(boxes).unwrap();
+        let rel = rel_l2(got.logits.as_f32().unwrap(), want.logits.as_f32().unwrap());
+        let same = got.masks.iter().flatten().zip(want.masks.iter().flatten()).filter(|(a, b)| a == b).count() as f64 / (want.masks.len() * want.width * want.height) as f64;
+        println!("{name} {}: logits relative L2 {rel:.2e}, {:.3} % of mask pixels equal", dt.name(), same * 100.0);
+        match dt {
+            DType::F32 => assert!(rel <= 1e-4, "{name} f32: relative L2 {rel}"),
+            _ => assert!(rel <= 2e-2 && same >= 0.995, "{name} bf16: relative L2 {rel}, masks {same}"),
+        }
+    }
+}
+
+fn small34() {
+    let dir = std::env::var("SAM_UNET_FIXTURES").unwrap_or_else(|_| "../shared/fixtures".into());
+    let p = std::path::Path::new(&dir).join("small34_weights.safetensors");
+    if !p.exists() {
+        println!("small34 fixture not found at {} (set SAM_UNET_FIXTURES); using a random small model", p.display());
+        let mut c = SamUnetConfig::named("sam-unet-34").unwrap();
+        c.vit_dim = 128;
+        c.vit_heads = 2;
+        c.vit_mlp_dim = 512;
+        return compare("small random", &c.random_weights(3), &image(181, 258), &[[10.0, 20.0, 150.0, 200.0], [40.0, 5.0, 90.0, 250.0]]);
+    }
+    compare("small34", &Weights::from_file(p).unwrap(), &image(181, 258), &[[10.0, 20.0, 150.0, 200.0], [40.0, 5.0, 90.0, 250.0]]);
+}
+
+fn sam_unet_50_random() {
+    let w = SamUnetConfig::named("sam-unet-50").unwrap().random_weights(1);
+    compare("sam-unet-50 random", &w, &image(512, 512), &[[30.0, 40.0, 300.0, 260.0], [100.0, 100.0, 400.0, 500.0], [0.0, 0.0, 512.0, 512.0]]);
+}
+
+fn main() {
+    let tests: &[(&str, fn())] = &[("cuda_model_small34", small34), ("cuda_model_sam_unet_50_random", sam_unet_50_random)];
+    if let Err(e) = sam_unet::cuda::CudaDevice::new(0) {
+        if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            println!("test cuda_device ... FAILED (SAM_UNET_REQUIRE_GPU=1 but {e})");
+            std::process::exit(1);
+        }
+        println!("no GPU: {e}");
+        for (n, _) in tests {
+            println!("test {n} ... SKIPPED (needs a GPU)");
+        }
+        return;
+    }
+    let mut failed = 0;
+    for (n, f) in tests {
+        let r = std::panic::catch_unwind(f);
+        println!("test {n} ... {}", if r.is_ok() { "ok" } else { "FAILED" });
+        failed += r.is_err() as usize;
+    }
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
