@@ -219,3 +219,17 @@ fn broken_archives_give_clear_errors() {
     assert!(matches!(read_pth(&f), Err(Error::WeightsFile { .. })));
     std::fs::remove_file(f).ok();
 }
+
+/// Inputs the fuzzer found (fuzz/regressions): each must give an error, not a panic.
+#[test]
+fn fuzz_regressions_are_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(read_pth_bytes(&bytes).is_err(), "{} was accepted", p.display());
+        n += 1;
+    }
+    assert!(n > 0, "no regression inputs in {}", dir.display());
+}

@@ -279,55 +279,58 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
     }
 
     fn append(&mut self, target: &Value, items: Vec<Value>) -> R<()> {
-        match target {
-            Value::List(l) => {
-                let mut l = l.borrow_mut();
-                if l.frozen {
-                    return Err(self.bad("append to a list already placed in another container"));
-                }
-                for it in items {
-                    l.depth = l.depth.max(it.depth() + 1);
-                    if l.depth > MAX_DEPTH {
-                        return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
-                    }
-                    it.freeze();
-                    l.items.push(it);
-                }
-                Ok(())
-            }
-            other => Err(self.bad(format!("APPEND to a {}", other.kind()))),
+        let Value::List(l) = target else {
+            return Err(self.bad(format!("APPEND to a {}", target.kind())));
+        };
+        if l.borrow().frozen {
+            return Err(self.bad("append to a list already placed in another container"));
         }
+        // An unfrozen list is inside no other container, so only the list itself
+        // could make a cycle: refuse it (found by fuzzing: DUP then APPEND).
+        if items.iter().any(|it| matches!(it, Value::List(x) if Rc::ptr_eq(x, l))) {
+            return Err(self.bad("a list appended to itself"));
+        }
+        let depth = items.iter().map(Value::depth).max().map_or(0, |d| d + 1);
+        if depth > MAX_DEPTH {
+            return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
+        }
+        items.iter().for_each(Value::freeze);
+        let mut l = l.borrow_mut();
+        l.depth = l.depth.max(depth);
+        l.items.extend(items);
+        Ok(())
     }
 
     fn set_items(&mut self, target: &Value, kv: Vec<Value>) -> R<()> {
         if kv.len() % 2 != 0 {
             return Err(self.bad("SETITEMS with an odd number of values"));
         }
-        match target {
-            Value::Dict(d) => {
-                let mut d = d.borrow_mut();
-                if d.frozen {
-                    return Err(self.bad("SETITEM on a dict already placed in another container"));
-                }
-                let mut it = kv.into_iter();
-                while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                    d.depth = d.depth.max(k.depth().max(v.depth()) + 1);
-                    if d.depth > MAX_DEPTH {
-                        return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
-                    }
-                    k.freeze();
-                    v.freeze();
-                    // A later duplicate key replaces the earlier value, as in Python.
-                    if let Some(slot) = d.items.iter_mut().find(|(ek, _)| matches!((ek, &k), (Value::Str(a), Value::Str(b)) if a == b)) {
-                        slot.1 = v;
-                    } else {
-                        d.items.push((k, v));
-                    }
-                }
-                Ok(())
-            }
-            other => Err(self.bad(format!("SETITEM on a {}", other.kind()))),
+        let Value::Dict(d) = target else {
+            return Err(self.bad(format!("SETITEM on a {}", target.kind())));
+        };
+        if d.borrow().frozen {
+            return Err(self.bad("SETITEM on a dict already placed in another container"));
         }
+        if kv.iter().any(|it| matches!(it, Value::Dict(x) if Rc::ptr_eq(x, d))) {
+            return Err(self.bad("a dict inserted into itself"));
+        }
+        let depth = kv.iter().map(Value::depth).max().map_or(0, |x| x + 1);
+        if depth > MAX_DEPTH {
+            return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
+        }
+        kv.iter().for_each(Value::freeze);
+        let mut d = d.borrow_mut();
+        d.depth = d.depth.max(depth);
+        let mut it = kv.into_iter();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            // A later duplicate key replaces the earlier value, as in Python.
+            if let Some(slot) = d.items.iter_mut().find(|(ek, _)| matches!((ek, &k), (Value::Str(a), Value::Str(b)) if a == b)) {
+                slot.1 = v;
+            } else {
+                d.items.push((k, v));
+            }
+        }
+        Ok(())
     }
 
     /// `callable(*args)` for an allowed global; builds a value, executes nothing.
@@ -698,5 +701,8 @@ mod tests {
         }
         // Appending into a container after placing it elsewhere.
         assert!(run(b"\x80\x02]q\x00\x85h\x00K\x01a.").is_err());
+        // A list appended to itself, a dict set into itself (fuzzing found the first).
+        assert!(run(b"\x80\x02]2a.").is_err());
+        assert!(run(b"\x80\x02}q\x00K\x01h\x00s.").is_err());
     }
 }
