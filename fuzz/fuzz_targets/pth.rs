@@ -2,7 +2,7 @@
 //! restricted pickle machine, tensor materialisation. Any input must give a
 //! value or an error, never a panic, a hang or a huge allocation.
 //!
-//!     cargo +nightly fuzz run pth fuzz/corpus/pth -- -max_total_time=600 -rss_limit_mb=1024
+//!     cargo +nightly fuzz run pth fuzz/corpus/pth fuzz/seeds -- -max_total_time=600 -rss_limit_mb=1024
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
