@@ -123,6 +123,69 @@ fn cuda(c: &mut Criterion) {
             y
         })
     });
+    g.throughput(Throughput::Elements((16 * 64 * 64 * 64) as u64));
+    let m = dev.upload(rand(&[16, 64, 64, 64], 23).as_f32().unwrap()).unwrap();
+    let mt = sam_unet::cuda::GpuTensor { data: m, dims: vec![16, 64, 64, 64] };
+    let (w2, b2) = (dev.upload(&vec![1.0; 64]).unwrap(), dev.upload(&vec![0.0; 64]).unwrap());
+    g.bench_function("layer_norm2d_gelu_16x64x64x64", |b| {
+        b.iter(|| {
+            let y = sam_unet::ops::norm::cuda::layer_norm2d(&dev, &mt, &w2, &b2, 1e-6, Act::Gelu).unwrap();
+            dev.synchronize().unwrap();
+            y
+        })
+    });
+    g.finish();
+    let blas0 = match sam_unet::cuda::blas::Blas::new(dev.stream()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cuda GEMM benchmarks skipped: {e}");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("cuda_conv2d");
+    let cases: &[(&str, [usize; 4], [usize; 4], usize, usize)] = &[
+        ("stem_7x7s2_3to64_256", [1, 3, 256, 256], [64, 3, 7, 7], 2, 3),
+        ("r50_l1_3x3_64_64", [1, 64, 64, 64], [64, 64, 3, 3], 1, 1),
+        ("adapter0_3x3s2_512to1024_32", [1, 512, 32, 32], [1024, 512, 3, 3], 2, 1),
+        ("maskfeature_3x3_64to32_x16", [16, 64, 64, 64], [32, 64, 3, 3], 1, 1),
+    ];
+    for (name, xd, wd, s, p) in cases {
+        let x = sam_unet::cuda::GpuTensor { data: dev.upload(rand(xd, 4).as_f32().unwrap()).unwrap(), dims: xd.to_vec() };
+        let w = dev.upload(rand(wd, 5).as_f32().unwrap()).unwrap();
+        let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
+        g.throughput(Throughput::Elements((2 * xd[0] * wd[0] * ho * ho * wd[1] * wd[2] * wd[3]) as u64));
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let y = sam_unet::ops::conv::cuda::conv2d(&dev, &blas0, &x, &w, None, wd[0], wd[2], wd[3], *s, *p, None, Act::Relu).unwrap();
+                dev.synchronize().unwrap();
+                y
+            })
+        });
+    }
+    g.finish();
+    let mut g = c.benchmark_group("cuda_attention");
+    let qkv = dev.upload(rand(&[1, 16, 16, 2304], 10).as_f32().unwrap()).unwrap();
+    let bias = dev.upload(rand(&[2304], 11).as_f32().unwrap()).unwrap();
+    for (name, window, rows) in [("window14_vitb", 14usize, 27usize), ("global16_vitb", 0, 31)] {
+        let (rh, rw) = (dev.upload(rand(&[rows, 64], 12).as_f32().unwrap()).unwrap(), dev.upload(rand(&[rows, 64], 13).as_f32().unwrap()).unwrap());
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let y = sam_unet::ops::attention::cuda::rel_pos_attention(&dev, &qkv, &bias, &rh, &rw, 1, 16, 768, 12, window).unwrap();
+                dev.synchronize().unwrap();
+                y
+            })
+        });
+    }
+    let qd = sam_unet::cuda::GpuTensor { data: dev.upload(rand(&[16, 256, 128], 16).as_f32().unwrap()).unwrap(), dims: vec![16, 256, 128] };
+    let kd = sam_unet::cuda::GpuTensor { data: dev.upload(rand(&[16, 3, 128], 17).as_f32().unwrap()).unwrap(), dims: vec![16, 3, 128] };
+    let vd = sam_unet::cuda::GpuTensor { data: dev.upload(rand(&[16, 3, 128], 18).as_f32().unwrap()).unwrap(), dims: vec![16, 3, 128] };
+    g.bench_function("decoder_image_to_token_x16", |b| {
+        b.iter(|| {
+            let y = sam_unet::ops::attention::cuda::mha(&dev, &qd, &kd, &vd, 8).unwrap();
+            dev.synchronize().unwrap();
+            y
+        })
+    });
     g.finish();
     // A whole ViT-B block (window 14), f32 and bf16, batch 1 and 64: the encoder's
     // twelve blocks cost about twelve of these.

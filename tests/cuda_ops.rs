@@ -23,6 +23,11 @@ fn main() {
         ("cuda_rel_pos_attention_matches_cpu", true, cuda_rel_pos_attention_matches_cpu),
         ("cuda_linear_cublas_matches_cpu", true, cuda_linear_cublas_matches_cpu),
         ("cuda_vit_block_matches_cpu_f32_and_bf16", true, cuda_vit_block_matches_cpu_f32_and_bf16),
+        ("cuda_layer_norm2d_matches_cpu", true, cuda_layer_norm2d_matches_cpu),
+        ("cuda_conv2d_matches_cpu", true, cuda_conv2d_matches_cpu),
+        ("cuda_conv_transpose2d_and_pool_match_cpu", true, cuda_conv_transpose2d_and_pool_match_cpu),
+        ("cuda_layout_matches_cpu", true, cuda_layout_matches_cpu),
+        ("cuda_decoder_attention_matches_cpu", true, cuda_decoder_attention_matches_cpu),
         ("cuda_reports_clear_errors", false, cuda_reports_clear_errors),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
@@ -224,5 +229,91 @@ fn cuda_vit_block_matches_cpu_f32_and_bf16() {
             let tol = if dt == sam_unet::DType::F32 { 1e-5 } else { 2e-2 };
             assert!(rel <= tol, "vit block window {window} {}: relative L2 {rel} > {tol}", dt.name());
         }
+    }
+}
+
+fn gpu_t(dev: &CudaDevice, v: &[f32], dims: &[usize]) -> sam_unet::cuda::GpuTensor {
+    sam_unet::cuda::GpuTensor { data: dev.upload(v).unwrap(), dims: dims.to_vec() }
+}
+
+fn cpu_t(v: &[f32], dims: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), dims.to_vec()).unwrap()
+}
+
+fn cuda_layer_norm2d_matches_cpu() {
+    let dev = device().expect("a GPU was found at start");
+    // An adapter map and the decoder's mask feature for 16 boxes.
+    for dims in [[1usize, 512, 32, 32], [16, 64, 64, 64]] {
+        let n: usize = dims.iter().product();
+        let (x, w, b) = (rand(n, 60, 3.0), rand(dims[1], 61, 1.0), rand(dims[1], 62, 1.0));
+        let g = norm::cuda::layer_norm2d(&dev, &gpu_t(&dev, &x, &dims), &dev.upload(&w).unwrap(), &dev.upload(&b).unwrap(), 1e-6, Act::Gelu).unwrap();
+        let c = norm::layer_norm2d(&cpu_t(&x, &dims), &cpu_t(&w, &[dims[1]]), &cpu_t(&b, &[dims[1]]), 1e-6, Act::Gelu).unwrap();
+        assert_close(&format!("layer_norm2d+gelu {dims:?}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-5, 1e-4);
+    }
+}
+
+fn cuda_conv2d_matches_cpu() {
+    use sam_unet::ops::conv::{self, Conv2dArgs};
+    let dev = device().expect("a GPU was found at start");
+    let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
+    // (input, weight, stride, pad, with residual)
+    let cases: &[([usize; 4], [usize; 4], usize, usize, bool)] = &[
+        ([1, 3, 256, 256], [64, 3, 7, 7], 2, 3, false),
+        ([1, 64, 64, 64], [64, 64, 3, 3], 1, 1, true),
+        ([1, 512, 32, 32], [1024, 512, 3, 3], 2, 1, false),
+        ([1, 1024, 16, 16], [256, 1024, 1, 1], 1, 0, true),
+        ([4, 64, 64, 64], [32, 64, 3, 3], 1, 1, false),
+    ];
+    for (i, (xd, wd, s, p, res)) in cases.iter().enumerate() {
+        let (nx, nw) = (xd.iter().product::<usize>(), wd.iter().product::<usize>());
+        let fan = (wd[1] * wd[2] * wd[3]) as f32;
+        let (x, w, b) = (rand(nx, 70 + i as u64, 1.0), rand(nw, 80 + i as u64, 1.0 / fan.sqrt()), rand(wd[0], 90 + i as u64, 0.5));
+        let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
+        let od = [xd[0], wd[0], ho, ho];
+        let r = rand(od.iter().product(), 95, 1.0);
+        let g = conv::cuda::conv2d(&dev, &blas, &gpu_t(&dev, &x, xd), &dev.upload(&w).unwrap(), Some(&dev.upload(&b).unwrap()), wd[0], wd[2], wd[3], *s, *p, res.then(|| gpu_t(&dev, &r, &od)).as_ref(), Act::Relu).unwrap();
+        let c = conv::conv2d(&cpu_t(&x, xd), &cpu_t(&w, wd), Some(&cpu_t(&b, &[wd[0]])), Conv2dArgs { stride: *s, padding: *p }, res.then(|| cpu_t(&r, &od)).as_ref(), Act::Relu).unwrap();
+        assert_close(&format!("conv2d {xd:?} * {wd:?} s{s} p{p} residual {res}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-4, 1e-4);
+    }
+}
+
+fn cuda_conv_transpose2d_and_pool_match_cpu() {
+    use sam_unet::ops::conv;
+    let dev = device().expect("a GPU was found at start");
+    let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
+    for (i, (xd, wd)) in [([1usize, 768, 16, 16], [768usize, 256, 2, 2]), ([16, 64, 32, 32], [64, 32, 2, 2])].iter().enumerate() {
+        let (x, w, b) = (rand(xd.iter().product(), 100 + i as u64, 1.0), rand(wd.iter().product(), 110 + i as u64, 0.05), rand(wd[1], 120, 0.5));
+        let g = conv::cuda::conv_transpose2d(&dev, &blas, &gpu_t(&dev, &x, xd), &dev.upload(&w).unwrap(), Some(&dev.upload(&b).unwrap()), wd[1], 2, Act::Gelu).unwrap();
+        let c = conv::conv_transpose2d(&cpu_t(&x, xd), &cpu_t(&w, wd), Some(&cpu_t(&b, &[wd[1]])), Act::Gelu).unwrap();
+        assert_close(&format!("conv_transpose2d {xd:?} * {wd:?}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-4, 1e-4);
+    }
+    let dims = [1usize, 64, 128, 128];
+    let x = rand(dims.iter().product(), 130, 2.0);
+    let g = conv::cuda::max_pool2d(&dev, &gpu_t(&dev, &x, &dims), 3, 2, 1).unwrap();
+    let c = conv::max_pool2d(&cpu_t(&x, &dims), 3, 2, 1).unwrap();
+    assert_close("max_pool2d", &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 0.0, 0.0);
+}
+
+fn cuda_layout_matches_cpu() {
+    use sam_unet::ops::layout;
+    let dev = device().expect("a GPU was found at start");
+    let dims = [2usize, 768, 16, 16];
+    let x = rand(dims.iter().product(), 140, 1.0);
+    let g = layout::cuda::nchw_to_nhwc(&dev, &gpu_t(&dev, &x, &dims)).unwrap();
+    let c = layout::nchw_to_nhwc(&cpu_t(&x, &dims)).unwrap();
+    assert_close("nchw_to_nhwc", &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 0.0, 0.0);
+    let back = layout::cuda::nhwc_to_nchw(&dev, &g).unwrap();
+    assert_close("nhwc_to_nchw", &dev.download(&back.data).unwrap(), &x, 0.0, 0.0);
+}
+
+fn cuda_decoder_attention_matches_cpu() {
+    use sam_unet::ops::attention;
+    let dev = device().expect("a GPU was found at start");
+    // self (3 tokens, width 256), token-to-image (3 vs 256, width 128), image-to-token.
+    for (n, lq, lk, i) in [(16usize, 3usize, 3usize, 256usize), (16, 3, 256, 128), (16, 256, 3, 128)] {
+        let (q, k, v) = (rand(n * lq * i, 150, 2.0), rand(n * lk * i, 151, 2.0), rand(n * lk * i, 152, 1.0));
+        let g = attention::cuda::mha(&dev, &gpu_t(&dev, &q, &[n, lq, i]), &gpu_t(&dev, &k, &[n, lk, i]), &gpu_t(&dev, &v, &[n, lk, i]), 8).unwrap();
+        let c = attention::attention(&cpu_t(&q, &[n, lq, i]), &cpu_t(&k, &[n, lk, i]), &cpu_t(&v, &[n, lk, i]), 8).unwrap();
+        assert_close(&format!("attention q {lq} k {lk} width {i}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-5, 1e-4);
     }
 }
