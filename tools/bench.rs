@@ -6,6 +6,9 @@
 //! decoder per box (ms), total for one image with that many boxes (ms); medians
 //! over the runs, after one warm-up run.
 
+#[path = "cli.rs"]
+mod cli;
+
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -51,13 +54,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::exit(run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {

@@ -8,6 +8,9 @@
 //!
 //! Output is written atomically (temporary file, then rename).
 
+#[path = "cli.rs"]
+mod cli;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -43,13 +46,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::exit(run(Args::parse()))
 }
 
 fn run(a: Args) -> Result<()> {

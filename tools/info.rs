@@ -3,6 +3,9 @@
 //!     info --weights sam-unet.safetensors
 //!     info --arch sam-unet-50
 
+#[path = "cli.rs"]
+mod cli;
+
 use anyhow::{bail, Result};
 use clap::Parser;
 use sam_unet::io::Weights;
@@ -36,13 +39,7 @@ fn group(c: usize) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::exit(run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {

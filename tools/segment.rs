@@ -9,6 +9,9 @@
 //! `--logits F.safetensors` the f32 logits: `low_res_logits` (N x 1 x 64 x 64) and
 //! `logits` (N x 1 x H x W).
 
+#[path = "cli.rs"]
+mod cli;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -59,13 +62,7 @@ fn parse_box(s: &str) -> std::result::Result<[f32; 4], String> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::exit(run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {
