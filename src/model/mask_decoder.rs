@@ -77,8 +77,9 @@ impl MaskDecoder {
                 pos1[p * c + ch] = pe[ch * hw + p];
             }
         }
-        let src = Tensor::from_f32(src1.repeat(n), &[n, hw, c]);
-        let pos = Tensor::from_f32(pos1.repeat(n), &[n, hw, c]);
+        // One copy, shared by every box in the first layer.
+        let src = Tensor::from_f32(src1, &[1, hw, c]);
+        let pos = Tensor::from_f32(pos1, &[1, hw, c]);
         let tr = crate::profile::scope("dec.transformer");
         let (q, k) = self.transformer.forward(&src, &pos, &tokens)?;
         drop(tr);
@@ -94,9 +95,18 @@ impl MaskDecoder {
             }
         });
         let kc = Tensor::from_f32(kc, &[n, c, g, g]);
-        let up = self.output_upscaling.forward(&kc, Act::Gelu)?; // [N, 32, 4G, 4G]
-        let f = self.emf1.forward2d(&self.emf0.forward(&up, Act::None)?, Act::Gelu)?;
+        let up = {
+            let _p = crate::profile::scope("dec.upscaling");
+            self.output_upscaling.forward(&kc, Act::Gelu)? // [N, 32, 4G, 4G]
+        };
+        let _pf = crate::profile::scope("dec.maskfeature");
+        let f = self.emf0.forward(&up, Act::None)?;
+        let f = {
+            let _p = crate::profile::scope("dec.maskfeature.ln2d");
+            self.emf1.forward2d(&f, Act::Gelu)?
+        };
         let f = self.emf3.forward(&f, Act::None)?; // [N, 32, 4G, 4G]
+        drop(_pf);
         // h [N, 32] from the med token's output
         let qs = cpu_f32(OP, &q)?;
         let med: Vec<f32> = (0..n).flat_map(|i| qs[i * 3 * c..i * 3 * c + c].to_vec()).collect();

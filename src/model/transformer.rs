@@ -5,7 +5,8 @@
 use crate::error::Result;
 use crate::io::Weights;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::activation::{add, Act};
+use crate::ops::activation::{add, add_broadcast, Act};
+use crate::ops::layout::repeat_first;
 use crate::ops::attention::attention;
 use crate::tensor::Tensor;
 
@@ -70,7 +71,9 @@ impl TwoWayBlock {
         })
     }
 
-    /// Returns the new (queries, keys).
+    /// Returns the new (queries, keys). `keys` may be [1, HW, C], shared by every
+    /// box (the first layer: the image side is the same for all boxes), then its
+    /// projections are computed once; `key_pe` is [1, HW, C].
     pub fn forward(&self, queries: &Tensor, keys: &Tensor, query_pe: &Tensor, key_pe: &Tensor) -> Result<(Tensor, Tensor)> {
         let q = if self.skip_first_layer_pe {
             self.self_attn.forward(queries, queries, queries, None)?
@@ -80,12 +83,14 @@ impl TwoWayBlock {
         };
         let q = self.norm1.forward(&q)?;
         let qp = add(&q, query_pe)?;
-        let kp = add(keys, key_pe)?;
+        let kp = add_broadcast(keys, key_pe)?;
         let q = self.norm2.forward(&self.cross_t2i.forward(&qp, &kp, keys, Some(&q))?)?;
         let m = self.lin1.forward_act(&q, Act::Relu)?;
         let q = self.norm3.forward(&self.lin2.forward_residual(&m, &q)?)?;
         let qp = add(&q, query_pe)?;
-        let k = self.norm4.forward(&self.cross_i2t.forward(&kp, &qp, &q, Some(keys))?)?;
+        let n = q.dims()[0];
+        let keys_n = if keys.dims()[0] == n { keys.clone() } else { repeat_first(keys, n)? };
+        let k = self.norm4.forward(&self.cross_i2t.forward(&kp, &qp, &q, Some(&keys_n))?)?;
         Ok((q, k))
     }
 }
@@ -105,14 +110,15 @@ impl TwoWayTransformer {
         })
     }
 
-    /// src / pos [N, HW, C], tokens [N, T, C] -> (queries [N, T, C], keys [N, HW, C]).
+    /// src / pos [N or 1, HW, C] (1: shared by every box), tokens [N, T, C] ->
+    /// (queries [N, T, C], keys [N, HW, C]).
     pub fn forward(&self, src: &Tensor, pos: &Tensor, tokens: &Tensor) -> Result<(Tensor, Tensor)> {
         let (mut q, mut k) = (tokens.clone(), src.clone());
         for l in &self.layers {
             (q, k) = l.forward(&q, &k, tokens, pos)?;
         }
         let qp = add(&q, tokens)?;
-        let kp = add(&k, pos)?;
+        let kp = add_broadcast(&k, pos)?;
         let q = self.norm_final.forward(&self.final_attn.forward(&qp, &kp, &k, Some(&q))?)?;
         Ok((q, k))
     }

@@ -42,6 +42,24 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// a + b where b's leading dim is a's or 1 (b shared along it).
+pub fn add_broadcast(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (ad, bd) = (a.dims(), b.dims());
+    if ad == bd {
+        return add(a, b);
+    }
+    if ad.len() != bd.len() || ad.is_empty() || bd[0] != 1 || ad[1..] != bd[1..] {
+        return Err(Error::shape("add", format!("{:?} + {:?}", ad, bd)));
+    }
+    let _p = crate::profile::scope("add");
+    let bs = cpu_f32("add", b)?;
+    let mut out = cpu_f32("add", a)?.to_vec();
+    for chunk in out.chunks_mut(bs.len().max(1)) {
+        cpu::add_assign(chunk, bs);
+    }
+    Ok(Tensor::from_f32(out, ad))
+}
+
 /// a += b in place (copies a's storage first only if it is shared).
 pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
     let _p = crate::profile::scope("add");

@@ -132,18 +132,20 @@ pub fn rel_pos_attention(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], geo:
     out
 }
 
-/// See `super::attention`. One task per (batch item, head), strided views, no copies in.
+/// See `super::attention`. One task per (batch item, head), strided views, no
+/// copies in; `batched` says which of q, k, v have a batch (else shared).
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], n: usize, lq: usize, lk: usize, i: usize, heads: usize) -> Vec<f32> {
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], batched: [bool; 3], n: usize, lq: usize, lk: usize, i: usize, heads: usize) -> Vec<f32> {
     let hd = i / heads;
     let sd = (hd as f32).sqrt();
     let results: Vec<Vec<f32>> = (0..n * heads)
         .into_par_iter()
         .map(|t| {
             let (ni, h) = (t / heads, t % heads);
-            let qv = MatRef { data: &q[ni * lq * i + h * hd..], rows: lq, cols: hd, rs: i, cs: 1 };
-            let kt = MatRef { data: &k[ni * lk * i + h * hd..], rows: hd, cols: lk, rs: 1, cs: i };
-            let vv = MatRef { data: &v[ni * lk * i + h * hd..], rows: lk, cols: hd, rs: i, cs: 1 };
+            let (qi, ki, vi) = (if batched[0] { ni } else { 0 }, if batched[1] { ni } else { 0 }, if batched[2] { ni } else { 0 });
+            let qv = MatRef { data: &q[qi * lq * i + h * hd..], rows: lq, cols: hd, rs: i, cs: 1 };
+            let kt = MatRef { data: &k[ki * lk * i + h * hd..], rows: hd, cols: lk, rs: 1, cs: i };
+            let vv = MatRef { data: &v[vi * lk * i + h * hd..], rows: lk, cols: hd, rs: i, cs: 1 };
             let mut logits = vec![0.0f32; lq * lk];
             sgemm(qv, kt, &mut logits, lk, 1, false, Par::Seq);
             // The reference divides the product (q k^T) / sqrt(hd).

@@ -51,19 +51,23 @@ pub fn rel_pos_attention(qkv: &Tensor, qkv_bias: &Tensor, rel_h: &Tensor, rel_w:
 
 /// q [N, Lq, I], k [N, Lk, I], v [N, Lk, I] with I = heads * hd ->
 /// softmax(q_h k_h^T / sqrt(hd)) v_h per head, concatenated: [N, Lq, I].
+/// Any of q, k, v may have a leading 1 instead of N: it is shared by the whole
+/// batch (the decoder's first layer, where the image side is the same per box).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     const OP: &str = "attention";
     let _p = crate::profile::scope(OP);
-    let [n, lq, i] = q.dims_n::<3>(OP, "q")?;
+    let [nq, lq, i] = q.dims_n::<3>(OP, "q")?;
     let [nk, lk, ik] = k.dims_n::<3>(OP, "k")?;
-    if nk != n || ik != i {
-        return Err(Error::shape(OP, format!("q {:?} vs k {:?}", q.dims(), k.dims())));
+    let [nv, lv, iv] = v.dims_n::<3>(OP, "v")?;
+    let n = nq.max(nk).max(nv);
+    let fits = |b: usize| b == n || b == 1;
+    if ik != i || iv != i || lv != lk || !fits(nq) || !fits(nk) || !fits(nv) {
+        return Err(Error::shape(OP, format!("q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims())));
     }
-    v.expect_dims(OP, "v", &[n, lk, i])?;
     if heads == 0 || i % heads != 0 {
         return Err(Error::shape(OP, format!("width {i} cannot split into {heads} heads")));
     }
-    let out = cpu::attention(cpu_f32(OP, q)?, cpu_f32(OP, k)?, cpu_f32(OP, v)?, n, lq, lk, i, heads);
+    let out = cpu::attention(cpu_f32(OP, q)?, cpu_f32(OP, k)?, cpu_f32(OP, v)?, [nq > 1, nk > 1, nv > 1], n, lq, lk, i, heads);
     Ok(Tensor::from_f32(out, &[n, lq, i]))
 }
 
@@ -139,6 +143,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn attention_broadcasts_a_batch_of_one() {
+        let q = Tensor::from_vec(seq(3 * 5 * 8, 0.3), [3, 5, 8]).unwrap();
+        let k1 = Tensor::from_vec(seq(4 * 8, 0.9), [1, 4, 8]).unwrap();
+        let v1 = Tensor::from_vec(seq(4 * 8, 1.7), [1, 4, 8]).unwrap();
+        let k3 = crate::ops::layout::repeat_first(&k1, 3).unwrap();
+        let v3 = crate::ops::layout::repeat_first(&v1, 3).unwrap();
+        let a = attention(&q, &k1, &v1, 2).unwrap();
+        let b = attention(&q, &k3, &v3, 2).unwrap();
+        assert_eq!(a.as_f32().unwrap(), b.as_f32().unwrap());
+        let q1 = Tensor::from_vec(seq(5 * 8, 0.3), [1, 5, 8]).unwrap();
+        let c = attention(&q1, &k3, &v3, 2).unwrap();
+        assert_eq!(c.dims(), &[3, 5, 8]);
+        assert!(attention(&q, &Tensor::zeros([2, 4, 8]), &v3, 2).is_err());
     }
 
     #[test]

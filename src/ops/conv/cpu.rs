@@ -67,8 +67,9 @@ fn im2col_row(g: &ConvGeometry, src: &[f32], ky: usize, kx: usize, q0: usize, ds
     }
 }
 
-/// Output pixels per tile in the tiled path: its im2col block stays in L2.
-const TILE: usize = 256;
+/// Floats of im2col block per tile in the tiled path: 256 KiB, so that the block,
+/// the weights and the output tile stay in a 512 KiB L2.
+const TILE_FLOATS: usize = 1 << 16;
 /// Weights up to this many values take the tiled path (each task re-packs them).
 const SMALL_WEIGHTS: usize = 1 << 16;
 
@@ -95,7 +96,8 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
     let img = g.c * g.h * g.w;
     if g.o * k <= SMALL_WEIGHTS {
         let _p = crate::profile::scope("conv2d.tiled");
-        par_col_tiles(&mut out, g.n, g.o, p, TILE, |bi, q0, tile, col| {
+        let tile = (TILE_FLOATS / k.max(1)).clamp(16, 1024) / 16 * 16;
+        par_col_tiles(&mut out, g.n, g.o, p, tile, |bi, q0, tile, col| {
             let len = tile.cols();
             let xi = &x[bi * img..(bi + 1) * img];
             if direct {
