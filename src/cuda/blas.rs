@@ -2,6 +2,7 @@
 //! cublasSgemm_v2, cublasGemmEx), so one build works against cuBLAS 12 or 13.
 //! Every status is checked and turned into an error naming the op.
 //!
+//! f32 GEMMs run in true f32 (TF32 off), bf16 ones with f32 accumulation.
 //! Row-major GEMMs map onto cuBLAS's column-major ones by computing the
 //! transpose: C^T = op(B)^T op(A)^T.
 
@@ -27,8 +28,10 @@ const CUDA_R_32F: c_int = 0;
 const CUDA_R_16BF: c_int = 14;
 const COMPUTE_32F: c_int = 68;
 const GEMM_DEFAULT: c_int = -1;
-/// CUBLAS_PEDANTIC_MATH: f32 GEMMs in true f32 (no TF32), the reference path.
-const PEDANTIC_MATH: c_int = 2;
+/// CUBLAS_DEFAULT_MATH: keeps at least the requested precision, so f32 GEMMs stay
+/// true f32 (TF32 needs the TF32 mode or NVIDIA_TF32_OVERRIDE), while the bf16
+/// GemmEx calls may use tensor cores. (Pedantic mode could keep bf16 off them.)
+const DEFAULT_MATH: c_int = 0;
 
 pub struct Blas {
     _lib: libloading::Library,
@@ -48,15 +51,25 @@ fn check(op: &'static str, status: c_int) -> Result<()> {
 
 impl Blas {
     /// Loads cuBLAS (`SAM_UNET_CUBLAS` names a file, else libcublas.so.13, .12 or
-    /// the unversioned name through the loader path) and binds a handle to `stream`.
+    /// the unversioned name through the loader path; the first whose handle can be
+    /// created wins) and binds a handle to `stream`. Every GEMM of this handle runs
+    /// on that stream: pass the same stream to its methods.
     pub fn new(stream: &CudaStream) -> Result<Self> {
         let mut names: Vec<String> = std::env::var("SAM_UNET_CUBLAS").into_iter().collect();
         names.extend(["libcublas.so.13", "libcublas.so.12", "libcublas.so"].map(String::from));
-        // SAFETY: loading cuBLAS runs only its library initialisers.
-        let lib = names
-            .iter()
-            .find_map(|n| unsafe { libloading::Library::new(n) }.ok())
-            .ok_or_else(|| Error::CudaUnavailable(format!("cuBLAS not found (tried {names:?}; set SAM_UNET_CUBLAS or LD_LIBRARY_PATH)")))?;
+        let mut errors = vec![];
+        for n in &names {
+            // SAFETY: loading cuBLAS runs only its library initialisers.
+            let Ok(lib) = (unsafe { libloading::Library::new(n) }) else { continue };
+            match Self::with_library(lib, stream) {
+                Ok(b) => return Ok(b),
+                Err(e) => errors.push(format!("{n}: {e}")),
+            }
+        }
+        Err(Error::CudaUnavailable(format!("no usable cuBLAS (tried {names:?}; {errors:?}); set SAM_UNET_CUBLAS or LD_LIBRARY_PATH")))
+    }
+
+    fn with_library(lib: libloading::Library, stream: &CudaStream) -> Result<Self> {
         let sym = |e: libloading::Error| Error::CudaUnavailable(format!("cuBLAS symbol: {e}"));
         // SAFETY: these are cuBLAS's documented C entry points with the declared
         // signatures (cublas_api.h), stable across cuBLAS 11-13.
@@ -71,7 +84,7 @@ impl Blas {
             check("cublasCreate", create(&mut handle))?;
             let b = Blas { _lib: lib, handle, destroy, sgemm, gemm_ex };
             check("cublasSetStream", set_stream(handle, stream.cu_stream() as *mut c_void))?;
-            check("cublasSetMathMode", set_math(handle, PEDANTIC_MATH))?;
+            check("cublasSetMathMode", set_math(handle, DEFAULT_MATH))?;
             Ok(b)
         }
     }

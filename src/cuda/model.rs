@@ -335,6 +335,9 @@ impl GpuSamUnet {
         let h = self.hf[1].forward_act(&h, Act::Relu)?;
         let h = self.hf[2].forward(&h)?;
         let (fc, fh, fw) = (fm.dims[1], fm.dims[2], fm.dims[3]);
+        if h.dims() != [n, fc] || f.multi_scale_feature.dims[1..] != [fc, fh, fw] {
+            return Err(Error::shape("mask_decoder (cuda)", format!("hypernetwork {:?}, mask feature {:?}, multi-scale feature {:?}", h.dims(), fm.dims, f.multi_scale_feature.dims)));
+        }
         let msf_i = slice_copy(dev, &f.multi_scale_feature.data, index * fc * fh * fw, fc * fh * fw)?;
         let hd = dev.upload(h.as_f32()?)?;
         let mut low = dev.alloc(n * fh * fw)?;

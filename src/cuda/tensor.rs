@@ -19,7 +19,7 @@ impl GpuTensor {
         Ok(GpuTensor { data: dev.upload(t.as_f32()?)?, dims: t.dims().to_vec() })
     }
     pub fn zeros(dev: &CudaDevice, dims: &[usize]) -> Result<Self> {
-        Ok(GpuTensor { data: dev.alloc(dims.iter().product())?, dims: dims.to_vec() })
+        Ok(GpuTensor { data: dev.alloc_zeros(dims.iter().product())?, dims: dims.to_vec() })
     }
     pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
         Tensor::from_vec(dev.download(&self.data)?, self.dims.clone())

@@ -83,6 +83,9 @@ impl GpuVitBlock {
     pub fn forward(&self, dev: &CudaDevice, blas: &Blas, x: &CudaSlice<f32>, b: usize, g: usize) -> Result<CudaSlice<f32>> {
         let t = b * g * g;
         let d = self.d;
+        if x.len() != t * d {
+            return Err(crate::Error::shape("vit block (cuda)", format!("{} values for {b} x {g} x {g} x {d}", x.len())));
+        }
         let h = layer_norm(dev, x, &self.norm1.0, &self.norm1.1, d, 1e-6)?;
         let mut qkv = dev.alloc(t * 3 * d)?;
         self.linear(dev, blas, &self.qkv, &h, &mut qkv, t, false, Act::None)?;
