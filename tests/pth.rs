@@ -214,7 +214,7 @@ fn broken_archives_give_clear_errors() {
     assert!(read_pth_bytes(b"PK\x03\x04 nothing else").is_err());
     assert!(read_pth_bytes(b"\x80\x02 garbage").is_err());
     // Through the file API: a typed error naming the file.
-    let f = PathBuf::from(std::env::temp_dir()).join(format!("sam-unet-trunc-{}.pth", std::process::id()));
+    let f = std::env::temp_dir().join(format!("sam-unet-trunc-{}.pth", std::process::id()));
     std::fs::write(&f, &good[..good.len() - 30]).unwrap();
     assert!(matches!(read_pth(&f), Err(Error::WeightsFile { .. })));
     std::fs::remove_file(f).ok();

@@ -61,7 +61,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(t) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("thread pool")?;
     }
-    if args.runs == 0 || args.boxes.iter().any(|&b| b == 0) {
+    if args.runs == 0 || args.boxes.contains(&0) {
         bail!("--runs and every --boxes count must be at least 1");
     }
     let cfg = SamUnetConfig::named(&args.arch)?;

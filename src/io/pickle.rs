@@ -302,7 +302,7 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
     }
 
     fn set_items(&mut self, target: &Value, kv: Vec<Value>) -> R<()> {
-        if kv.len() % 2 != 0 {
+        if !kv.len().is_multiple_of(2) {
             return Err(self.bad("SETITEMS with an odd number of values"));
         }
         let Value::Dict(d) = target else {
@@ -485,7 +485,7 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                     let items = self.pop_mark()?;
                     self.push(tuple(items)?)?
                 }
-                0x85 | 0x86 | 0x87 => {
+                0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n {
                         return Err(self.bad("stack underflow"));

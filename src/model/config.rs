@@ -414,23 +414,6 @@ impl SamUnetConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn official_parameter_counts() {
-        assert_eq!(SamUnetConfig::named("sam-unet-50").unwrap().parameter_counts(), (138_428_204, 51_755_564));
-        assert_eq!(SamUnetConfig::named("sam-unet-34").unwrap().parameter_counts(), (116_019_884, 29_347_244));
-    }
-
-    #[test]
-    fn unknown_arch_is_an_error() {
-        assert!(SamUnetConfig::named("sam-unet-42").is_err());
-        assert!(SamUnetConfig::named("vit-h").is_err());
-    }
-}
-
 impl SamUnetConfig {
     /// Random weights for this configuration (seeded, reproducible): enough to run
     /// and time the model; the masks they give are random.
@@ -461,5 +444,22 @@ impl SamUnetConfig {
             w.insert(s.name.clone(), crate::tensor::Tensor::from_f32(v, &s.shape));
         }
         w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_parameter_counts() {
+        assert_eq!(SamUnetConfig::named("sam-unet-50").unwrap().parameter_counts(), (138_428_204, 51_755_564));
+        assert_eq!(SamUnetConfig::named("sam-unet-34").unwrap().parameter_counts(), (116_019_884, 29_347_244));
+    }
+
+    #[test]
+    fn unknown_arch_is_an_error() {
+        assert!(SamUnetConfig::named("sam-unet-42").is_err());
+        assert!(SamUnetConfig::named("vit-h").is_err());
     }
 }

@@ -49,7 +49,7 @@ pub fn add(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<C
 
 /// y [rows, cols] = act(y + bias) in place (a GEMM epilogue); bias [cols] or none.
 pub fn bias_act(dev: &CudaDevice, y: &mut CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, cols: usize, a: Act) -> Result<()> {
-    if cols == 0 || y.len() % cols != 0 || bias.is_some_and(|b| b.len() != cols) {
+    if cols == 0 || !y.len().is_multiple_of(cols) || bias.is_some_and(|b| b.len() != cols) {
         return Err(Error::shape("bias_act (cuda)", format!("{} values, {cols} columns, bias {:?}", y.len(), bias.map(|b| b.len()))));
     }
     let rows = (y.len() / cols) as i64;

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 
 /// x [rows, c], w / b [c] -> [rows, c].
 pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &CudaSlice<f32>, c: usize, eps: f32) -> Result<CudaSlice<f32>> {
-    if c == 0 || x.len() % c != 0 || w.len() != c || b.len() != c {
+    if c == 0 || !x.len().is_multiple_of(c) || w.len() != c || b.len() != c {
         return Err(Error::shape("layer_norm (cuda)", format!("x of {} values, C {c}, weight {}, bias {}", x.len(), w.len(), b.len())));
     }
     let rows = x.len() / c;
