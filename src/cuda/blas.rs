@@ -92,23 +92,7 @@ impl Blas {
     /// y [m, n] = (accumulate ? y : 0) + x [m, k] W^T, W [n, k] row-major (a Linear).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_f32(&self, stream: &CudaStream, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
-        if x.len() < m * k || w.len() < n * k || y.len() < m * n {
-            return Err(Error::shape("linear (cuda)", format!("x {} w {} y {} for m {m} n {n} k {k}", x.len(), w.len(), y.len())));
-        }
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        let (xp, _gx) = x.device_ptr(stream);
-        let (wp, _gw) = w.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        // Column-major: Y^T [n, m] = W [n, k] (W row-major read as T) x X^T [k, m].
-        // SAFETY: the three device buffers hold at least the elements the GEMM
-        // touches (checked above) and stay alive (and stream-ordered, via the
-        // guards) for the call, which is enqueued on the handle's stream.
-        unsafe {
-            check(
-                "cublasSgemm (linear)",
-                (self.sgemm)(self.handle, OP_T, OP_N, n as c_int, m as c_int, k as c_int, &alpha, wp as *const f32, k as c_int, xp as *const f32, k as c_int, &beta, yp as *mut f32, n as c_int),
-            )
-        }
+        self.gemm_f32(stream, false, true, m, n, k, x, k, w, k, y, n, accumulate)
     }
 
     /// The same Linear in bf16 inputs with f32 accumulation and f32 output:
