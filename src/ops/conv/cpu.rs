@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::{par_col_tiles, sgemm, MatRef, Par};
-use crate::ops::activation::{apply_act_seq, apply_act_slice, Act};
+use crate::ops::activation::{apply_act_seq, Act};
 
 pub struct ConvGeometry {
     pub n: usize,
@@ -83,15 +83,9 @@ const SMALL_WEIGHTS: usize = 1 << 16;
 pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>, act: Act) -> Vec<f32> {
     let p = g.ho * g.wo;
     let k = g.c * g.kh * g.kw;
-    let seeded = residual.is_some() || b.is_some();
-    // The accumulator starts as residual + bias (one pass, no separate zeroing).
-    let out: Vec<f32> = match (residual, b) {
-        (Some(r), Some(b)) => r.chunks(p).enumerate().flat_map(|(i, row)| row.iter().map(move |v| v + b[i % g.o])).collect(),
-        (Some(r), None) => r.to_vec(),
-        (None, Some(b)) => (0..g.n * g.o).flat_map(|i| std::iter::repeat_n(b[i % g.o], p)).collect(),
-        (None, None) => vec![0.0f32; g.n * g.o * p],
-    };
-    let mut out = out;
+    // The GEMMs write the products; bias, residual and activation follow in one
+    // fused pass (per tile while it is in cache, or per row in parallel).
+    let mut out = vec![0.0f32; g.n * g.o * p];
     let direct = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
     let img = g.c * g.h * g.w;
     if g.o * k <= SMALL_WEIGHTS {
@@ -101,16 +95,23 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
             let len = tile.cols();
             let xi = &x[bi * img..(bi + 1) * img];
             if direct {
-                tile.gemm(MatRef::rm(w, g.o, k), MatRef { data: &xi[q0..], rows: k, cols: len, rs: p, cs: 1 }, seeded);
+                tile.gemm(MatRef::rm(w, g.o, k), MatRef { data: &xi[q0..], rows: k, cols: len, rs: p, cs: 1 }, false);
             } else {
                 col.resize(k * len, 0.0);
                 im2col_cols(g, xi, q0, len, &mut col[..k * len]);
-                tile.gemm(MatRef::rm(w, g.o, k), MatRef::rm(&col[..k * len], k, len), seeded);
+                tile.gemm(MatRef::rm(w, g.o, k), MatRef::rm(&col[..k * len], k, len), false);
             }
-            if act != Act::None {
-                for r in 0..g.o {
-                    apply_act_seq(tile.row_mut(r), act);
+            for r in 0..g.o {
+                let row = tile.row_mut(r);
+                if let Some(b) = b {
+                    let bv = b[r];
+                    row.iter_mut().for_each(|v| *v += bv);
                 }
+                if let Some(res) = residual {
+                    let at = (bi * g.o + r) * p + q0;
+                    row.iter_mut().zip(&res[at..at + len]).for_each(|(v, r)| *v += r);
+                }
+                apply_act_seq(row, act);
             }
         });
         return out;
@@ -130,9 +131,19 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
         };
         let oi = &mut out[i * g.o * p..(i + 1) * g.o * p];
         let _p = crate::profile::scope("conv2d.gemm");
-        sgemm(MatRef::rm(w, g.o, k), rhs, oi, p, 1, seeded, Par::Pool);
+        sgemm(MatRef::rm(w, g.o, k), rhs, oi, p, 1, false, Par::Pool);
     }
-    apply_act_slice(&mut out, act);
+    let _p = crate::profile::scope("conv2d.epilogue");
+    out.par_chunks_mut(p).enumerate().for_each(|(i, row)| {
+        if let Some(b) = b {
+            let bv = b[i % g.o];
+            row.iter_mut().for_each(|v| *v += bv);
+        }
+        if let Some(res) = residual {
+            row.iter_mut().zip(&res[i * p..(i + 1) * p]).for_each(|(v, r)| *v += r);
+        }
+        apply_act_seq(row, act);
+    });
     out
 }
 

@@ -1,23 +1,41 @@
-use crate::cpu::{sgemm, MatRef, Par};
-use crate::ops::activation::{apply_act_slice, Act};
+use rayon::prelude::*;
 
-/// x [m, k] row-major, w [n, k] row-major -> [m, n].
+use crate::cpu::{multiversion, sgemm, MatRef, Par};
+use crate::ops::activation::{apply_act_seq, Act};
+
+multiversion! {
+    /// row = act(row + bias (+ residual)), the GEMM epilogue of one output row.
+    pub(crate) fn epilogue_row(row: &mut [f32], bias: Option<&[f32]>, residual: Option<&[f32]>) {
+        match (bias, residual) {
+            (Some(b), Some(r)) => row.iter_mut().zip(b).zip(r).for_each(|((o, b), r)| *o += b + r),
+            (Some(b), None) => row.iter_mut().zip(b).for_each(|(o, b)| *o += b),
+            (None, Some(r)) => row.iter_mut().zip(r).for_each(|(o, r)| *o += r),
+            (None, None) => {}
+        }
+    }
+}
+
+/// x [m, k] row-major, w [n, k] row-major -> act(x W^T + b + residual) [m, n].
+/// The GEMM writes the product; one parallel pass then adds the bias and the
+/// residual and applies the activation (rows hot in cache, no separate seeding).
 #[allow(clippy::too_many_arguments)]
 pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>, act: Act, m: usize, n: usize, k: usize) -> Vec<f32> {
-    // Seed the accumulator with residual + bias so the GEMM adds onto it.
-    let seeded = residual.is_some() || b.is_some();
-    // The accumulator starts as residual + bias (one pass, no separate zeroing).
-    let mut out: Vec<f32> = match (residual, b) {
-        (Some(r), Some(b)) => r.chunks(n.max(1)).flat_map(|row| row.iter().zip(b).map(|(r, b)| r + b)).collect(),
-        (Some(r), None) => r.to_vec(),
-        (None, Some(b)) => b.iter().copied().cycle().take(m * n).collect(),
-        (None, None) => vec![0.0f32; m * n],
-    };
+    let mut out = vec![0.0f32; m * n];
     {
         let _p = crate::profile::scope("linear.gemm");
-        sgemm(MatRef::rm(x, m, k), MatRef::tr(w, k, n), &mut out, n, 1, seeded, Par::Pool);
+        sgemm(MatRef::rm(x, m, k), MatRef::tr(w, k, n), &mut out, n, 1, false, Par::Pool);
     }
-    let _p = crate::profile::scope("linear.act");
-    apply_act_slice(&mut out, act);
+    let _p = crate::profile::scope("linear.epilogue");
+    if b.is_some() || residual.is_some() || act != Act::None {
+        // Rows in chunks of ~16 K values per task.
+        let rows_per = (16_384 / n.max(1)).max(1);
+        out.par_chunks_mut(rows_per * n.max(1)).enumerate().for_each(|(c, chunk)| {
+            for (i, row) in chunk.chunks_mut(n.max(1)).enumerate() {
+                let r = (c * rows_per + i) * n;
+                epilogue_row(row, b, residual.map(|res| &res[r..r + n]));
+                apply_act_seq(row, act);
+            }
+        });
+    }
     out
 }
