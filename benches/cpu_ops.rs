@@ -55,7 +55,11 @@ fn conv(c: &mut Criterion) {
     }
     g.finish();
     let mut g = c.benchmark_group("cpu_conv_transpose2d");
-    for (name, xd, wd) in [("bridge_768to256_16", [1, 768, 16, 16], [768, 256, 2, 2]), ("upscale_64to32_32_x16", [16, 64, 32, 32], [64, 32, 2, 2])] {
+    for (name, xd, wd) in [
+        ("bridge_768to256_16", [1, 768, 16, 16], [768, 256, 2, 2]),
+        ("adapter3_2048to1024_8", [1, 2048, 8, 8], [2048, 1024, 2, 2]),
+        ("upscale_64to32_32_x16", [16, 64, 32, 32], [64, 32, 2, 2]),
+    ] {
         let (x, w, b) = (rand(&xd, 7), rand(&wd, 8), rand(&[wd[1]], 9));
         g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| conv_transpose2d(&x, &w, Some(&b), Act::None).unwrap()));
     }

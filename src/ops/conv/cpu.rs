@@ -171,7 +171,28 @@ pub fn conv_transpose2d(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Act, n: us
         }
         apply_act_seq(plane, act);
     };
-    if n == 1 {
+    if n == 1 && hw < 128 {
+        // Few input pixels (adapter 3: 8 x 8): as tmp [O k k, HW] the product is
+        // short and wide and the packed kernels stall; compute its transpose
+        // tmpT [HW, O k k] = X^T W, which takes the column-split path.
+        let mut tmp_t = vec![0.0f32; hw * rows];
+        sgemm(MatRef::tr(x, hw, c), MatRef::rm(w, c, rows), &mut tmp_t, rows, 1, false, Par::Pool);
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(oc, plane)| {
+            let bv = b.map_or(0.0, |b| b[oc]);
+            for y in 0..h {
+                for ky in 0..k {
+                    let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
+                    for xx in 0..wd {
+                        let src = &tmp_t[(y * wd + xx) * rows + (oc * k + ky) * k..][..k];
+                        for kx in 0..k {
+                            dst[xx * k + kx] = src[kx] + bv;
+                        }
+                    }
+                }
+            }
+            apply_act_seq(plane, act);
+        });
+    } else if n == 1 {
         let mut tmp = vec![0.0f32; rows * hw];
         sgemm(MatRef::tr(w, rows, c), MatRef::rm(x, c, hw), &mut tmp, hw, 1, false, Par::Pool);
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(oc, plane)| scatter(&tmp, oc, plane));

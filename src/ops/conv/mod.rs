@@ -176,10 +176,17 @@ mod tests {
 
     #[test]
     fn conv_transpose_matches_definition() {
-        let (n, c, h, wd, o, k) = (2, 3, 4, 5, 2, 2);
+        // A batch (one task per image) and single images (small and larger maps
+        // take different GEMM layouts).
+        for (n, c, h, wd, o, k) in [(2, 3, 4, 5, 2, 2), (1, 5, 3, 4, 3, 2), (1, 4, 12, 11, 2, 2)] {
+            conv_transpose_case(n, c, h, wd, o, k);
+        }
+    }
+
+    fn conv_transpose_case(n: usize, c: usize, h: usize, wd: usize, o: usize, k: usize) {
         let x = seq(n * c * h * wd, 0.3);
         let w = seq(c * o * k * k, 0.7);
-        let b = vec![0.5, -0.25];
+        let b = seq(o, 2.9);
         let y = conv_transpose2d(
             &Tensor::from_vec(x.clone(), [n, c, h, wd]).unwrap(),
             &Tensor::from_vec(w.clone(), [c, o, k, k]).unwrap(),
