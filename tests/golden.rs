@@ -151,6 +151,24 @@ fn small34_infer_s0619_32() {
     run_small34_infer("s0619_32");
 }
 
+/// Our window (14) and global blocks on the ref_vitb_blocks fixture's stored
+/// inputs: (weights, fixture, [(kind, window, input, output)]).
+fn vitb_fixture_runs(dir: &std::path::Path) -> (Weights, Fixture, Vec<(&'static str, usize, Tensor, Tensor)>) {
+    let path = fixture(dir, "ref_vitb_blocks.safetensors");
+    let w = Weights::from_file(&path).unwrap();
+    let fx = Fixture::load(&path);
+    let runs = [("window", 14), ("global", 0)]
+        .into_iter()
+        .map(|(kind, window)| {
+            let block = Block::load(&w, kind, 12, window).unwrap();
+            let x: Tensor = w.get(&format!("{kind}.input")).unwrap().clone();
+            let y = block.forward(&x).unwrap();
+            (kind, window, x, y)
+        })
+        .collect();
+    (w, fx, runs)
+}
+
 /// The fixture's ViT-B blocks at the README's tolerance (relative L2 <= 1e-5).
 ///
 /// Ignored: this fixture's outputs were not computed from its stored inputs. The
@@ -164,13 +182,8 @@ fn small34_infer_s0619_32() {
 #[ignore = "fixture outputs come from the unrounded f32 input (see doc comment)"]
 fn ref_vitb_blocks() {
     let Some(dir) = fixtures() else { return };
-    let path = fixture(&dir, "ref_vitb_blocks.safetensors");
-    let w = Weights::from_file(&path).unwrap();
-    let fx = Fixture::load(&path);
-    for (kind, window) in [("window", 14), ("global", 0)] {
-        let block = Block::load(&w, kind, 12, window).unwrap();
-        let x: Tensor = w.get(&format!("{kind}.input")).unwrap().clone();
-        let y = block.forward(&x).unwrap();
+    let (_, fx, runs) = vitb_fixture_runs(&dir);
+    for (kind, _, _, y) in runs {
         let (rel, maxd, _) = errors(y.as_f32().unwrap(), &fx.f(&format!("{kind}.output")).1);
         println!("{kind} block: rel L2 {rel:.2e}, max abs {maxd:.2e}");
         assert!(rel <= 1e-5, "{kind} block: relative L2 {rel} > 1e-5");
@@ -303,13 +316,8 @@ fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<
 #[test]
 fn vitb_blocks_match_exact_reference() {
     let Some(dir) = fixtures() else { return };
-    let path = fixture(&dir, "ref_vitb_blocks.safetensors");
-    let w = Weights::from_file(&path).unwrap();
-    let fx = Fixture::load(&path);
-    for (kind, window) in [("window", 14), ("global", 0)] {
-        let block = Block::load(&w, kind, 12, window).unwrap();
-        let x = w.get(&format!("{kind}.input")).unwrap().clone();
-        let y = block.forward(&x).unwrap();
+    let (w, fx, runs) = vitb_fixture_runs(&dir);
+    for (kind, window, x, y) in runs {
         let per = 16 * 16 * 768;
         // The first image of the batch (the f64 evaluation is slow).
         let exact: Vec<f32> = block_f64(&w, kind, &x.as_f32().unwrap()[..per], 16, window).iter().map(|&v| v as f32).collect();

@@ -126,51 +126,41 @@ mod tests {
         (0..n).map(|i| (i as f32 * f).sin() * 1.5).collect()
     }
 
+    /// conv2d against the direct definition for one geometry, within `tol`.
+    #[allow(clippy::too_many_arguments)]
+    fn check_conv(n: usize, c: usize, h: usize, wd: usize, o: usize, k: usize, s: usize, p: usize, tol: f32) {
+        let x = seq(n * c * h * wd, 0.37);
+        let w = seq(o * c * k * k, 0.91);
+        let b = seq(o, 2.3);
+        let want = conv_ref(&x, &w, &b, n, c, h, wd, o, k, s, p);
+        let got = conv2d(
+            &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
+            &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
+            Some(&Tensor::from_vec(b, [o]).unwrap()),
+            Conv2dArgs { stride: s, padding: p },
+            None,
+            Act::None,
+        )
+        .unwrap();
+        for (a, b) in got.as_f32().unwrap().iter().zip(&want) {
+            assert!((a - b).abs() < tol, "c{c} o{o} k{k} s{s} p{p}: {a} vs {b}");
+        }
+    }
+
     #[test]
     fn conv2d_matches_direct_definition() {
         for &(k, s, p) in &[(3, 1, 1), (3, 2, 1), (1, 1, 0), (7, 2, 3), (2, 2, 0)] {
-            let (n, c, h, wd, o) = (2, 3, 9, 7, 4);
-            let x = seq(n * c * h * wd, 0.37);
-            let w = seq(o * c * k * k, 0.91);
-            let b = seq(o, 2.3);
-            let want = conv_ref(&x, &w, &b, n, c, h, wd, o, k, s, p);
-            let got = conv2d(
-                &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
-                &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
-                Some(&Tensor::from_vec(b, [o]).unwrap()),
-                Conv2dArgs { stride: s, padding: p },
-                None,
-                Act::None,
-            )
-            .unwrap();
-            for (a, b) in got.as_f32().unwrap().iter().zip(&want) {
-                assert!((a - b).abs() < 1e-4, "k{k} s{s} p{p}: {a} vs {b}");
-            }
+            check_conv(2, 3, 9, 7, 4, k, s, p, 1e-4);
         }
     }
 
     /// Weights above the tiled path's limit take the whole-image im2col + GEMM path.
     #[test]
     fn conv2d_large_weights_path_matches_definition() {
-        let (n, c, h, wd, o, k) = (2, 130, 9, 7, 64, 3);
+        let (c, o, k) = (130, 64, 3);
         assert!(o * c * k * k > 1 << 16);
         for &(s, p) in &[(1, 1), (2, 1)] {
-            let x = seq(n * c * h * wd, 0.37);
-            let w = seq(o * c * k * k, 0.91);
-            let b = seq(o, 2.3);
-            let want = conv_ref(&x, &w, &b, n, c, h, wd, o, k, s, p);
-            let got = conv2d(
-                &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
-                &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
-                Some(&Tensor::from_vec(b, [o]).unwrap()),
-                Conv2dArgs { stride: s, padding: p },
-                None,
-                Act::None,
-            )
-            .unwrap();
-            for (a, b) in got.as_f32().unwrap().iter().zip(&want) {
-                assert!((a - b).abs() < 1e-3, "s{s} p{p}: {a} vs {b}");
-            }
+            check_conv(2, c, 9, 7, o, k, s, p, 1e-3);
         }
     }
 
