@@ -9,11 +9,8 @@ use sam_unet::io::Weights;
 use sam_unet::model::SamUnetConfig;
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
-}
+mod kernel_check;
+use kernel_check::rel_l2;
 
 fn image(w: usize, h: usize) -> RgbImage {
     RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 37 / 3) % 251) as u8).collect()).unwrap()

@@ -9,6 +9,9 @@ use sam_unet::ops::activation::{self, Act};
 use sam_unet::ops::norm;
 use sam_unet::Tensor;
 
+mod kernel_check;
+use kernel_check::{assert_close, rand, rel_l2};
+
 fn device() -> Option<CudaDevice> {
     CudaDevice::new(0).ok()
 }
@@ -59,33 +62,6 @@ fn main() {
     if failed > 0 {
         std::process::exit(1);
     }
-}
-
-fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-        })
-        .collect()
-}
-
-/// Asserts |g - c| <= atol + rtol |c| everywhere; prints the worst element.
-fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
-    let (mut worst, mut at) = (0.0f32, 0usize);
-    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
-        let excess = (g - c).abs() - (atol + rtol * c.abs());
-        if !(excess <= worst) {
-            worst = excess;
-            at = i;
-        }
-    }
-    println!("{what}: worst index {at}: gpu {} cpu {} (|d| {:.3e})", gpu[at], cpu[at], (gpu[at] - cpu[at]).abs());
-    assert!(worst <= 0.0 && gpu.iter().all(|v| v.is_finite()), "{what}: index {at}: gpu {} vs cpu {} beyond atol {atol} + rtol {rtol}", gpu[at], cpu[at]);
 }
 
 fn cuda_gelu_relu_add_match_cpu() {
@@ -179,12 +155,6 @@ fn cuda_linear_cublas_matches_cpu() {
     let rel = rel_l2(&gpu16, cpu.as_f32().unwrap());
     println!("linear bf16 (f32 accumulate): relative L2 {rel:.2e}");
     assert!(rel <= 2e-2, "bf16 linear relative L2 {rel}");
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 /// A ViT-B block with seeded random weights at the reference's scale.

@@ -140,12 +140,13 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
 }
 
 /// Blocks for a grid-stride launch over n elements.
-pub(crate) fn grid_for(n: usize) -> u32 {
+pub fn grid_for(n: usize) -> u32 {
     (n.div_ceil(256)).clamp(1, 65_535 * 16) as u32
 }
 
-/// A 1-d grid-stride launch configuration over n elements.
-pub(crate) fn cfg1d(n: usize) -> cudarc::driver::LaunchConfig {
+/// A 1-d grid-stride launch configuration over n elements (the geometry of
+/// every element-wise kernel; public for the host-emulation tests).
+pub fn cfg1d(n: usize) -> cudarc::driver::LaunchConfig {
     cudarc::driver::LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 

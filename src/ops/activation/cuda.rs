@@ -1,9 +1,9 @@
 //! CUDA twins of the activations (cuda/activation.cu).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::Act;
-use crate::cuda::{driver_err, grid_for, CudaDevice};
+use crate::cuda::{cfg1d, driver_err, CudaDevice};
 use crate::error::{Error, Result};
 
 /// y = act(x) on the device. x: n floats.
@@ -19,7 +19,7 @@ pub fn act(dev: &CudaDevice, x: &CudaSlice<f32>, a: Act) -> Result<CudaSlice<f32
         }
     };
     let f = dev.function("activation", name)?;
-    let cfg = LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = cfg1d(n);
     let nn = n as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&mut y).arg(x).arg(&nn);
@@ -38,7 +38,7 @@ pub fn add(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<C
     let n = a.len();
     let mut y = dev.alloc(n)?;
     let f = dev.function("activation", "add_f32")?;
-    let cfg = LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = cfg1d(n);
     let nn = n as i64;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(a).arg(b).arg(&nn);
@@ -54,7 +54,7 @@ pub fn bias_act(dev: &CudaDevice, y: &mut CudaSlice<f32>, bias: Option<&CudaSlic
     }
     let rows = (y.len() / cols) as i64;
     let f = dev.function("activation", "bias_act_f32")?;
-    let cfg = LaunchConfig { grid_dim: (grid_for(y.len()), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = cfg1d(y.len());
     let (c, act) = (cols as i32, match a { Act::None => 0i32, Act::Relu => 1, Act::Gelu => 2 });
     let mut l = dev.stream().launch_builder(&f);
     l.arg(y);
@@ -76,7 +76,7 @@ pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::b
     let n = x.len();
     let mut y = dev.stream().alloc_zeros::<half::bf16>(n).map_err(driver_err("allocate"))?;
     let f = dev.function("activation", "f32_to_bf16")?;
-    let cfg = LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = cfg1d(n);
     let nn = n as i64;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(x).arg(&nn);

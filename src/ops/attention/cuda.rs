@@ -17,10 +17,9 @@ pub fn rel_pos_attention(dev: &CudaDevice, qkv: &CudaSlice<f32>, bias: &CudaSlic
     if s > 32 || qkv.len() != b * g * g * 3 * d || bias.len() != 3 * d || rel_h.len() != (2 * s - 1) * 64 || rel_w.len() != (2 * s - 1) * 64 {
         return Err(Error::shape(OP, format!("qkv {} bias {} rel {} / {} for b {b} g {g} d {d} window {s}", qkv.len(), bias.len(), rel_h.len(), rel_w.len())));
     }
-    let nwin = g.div_ceil(s);
     let mut out = dev.alloc(b * g * g * d)?;
     let f = dev.function("attention", "rel_pos_attention_f32")?;
-    let cfg = LaunchConfig { grid_dim: ((s * s).div_ceil(8) as u32, heads as u32, (b * nwin * nwin) as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = rel_pos_attention_config(b, g, heads, s);
     let (bb, gg, dd, ss) = (b as i32, g as i32, d as i32, s as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut out).arg(qkv).arg(bias).arg(rel_h).arg(rel_w).arg(&bb).arg(&gg).arg(&dd).arg(&ss);
@@ -29,6 +28,18 @@ pub fn rel_pos_attention(dev: &CudaDevice, qkv: &CudaSlice<f32>, bias: &CudaSlic
     // S <= 32 fits the kernel's per-warp bias arrays; argument types match.
     unsafe { l.launch(cfg) }.map_err(driver_err("rel_pos_attention launch"))?;
     Ok(out)
+}
+
+/// Launch geometry of rel_pos_attention_f32 (shared with the host-emulation
+/// tests): 8 warps of one (image, window, head) per block, one query per warp.
+pub fn rel_pos_attention_config(b: usize, g: usize, heads: usize, s: usize) -> LaunchConfig {
+    let nwin = g.div_ceil(s);
+    LaunchConfig { grid_dim: ((s * s).div_ceil(8) as u32, heads as u32, (b * nwin * nwin) as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launch geometry of mha_f32: one warp per (n, head, query), 8 per block.
+pub fn mha_config(n: usize, heads: usize, lq: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n * heads * lq).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Multi-head attention on projected q [N, Lq, I], k / v [N, Lk, I]: [N, Lq, I].
@@ -41,8 +52,7 @@ pub fn mha(dev: &CudaDevice, q: &crate::cuda::GpuTensor, k: &crate::cuda::GpuTen
     }
     let mut out = dev.alloc(n * lq * i)?;
     let f = dev.function("decoder", "mha_f32")?;
-    let warps = n * heads * lq;
-    let cfg = LaunchConfig { grid_dim: (warps.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = mha_config(n, heads, lq);
     let (nn, lqq, lkk, ii, hh) = (n as i32, lq as i32, lk as i32, i as i32, heads as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut out).arg(&q.data).arg(&k.data).arg(&v.data).arg(&nn).arg(&lqq).arg(&lkk).arg(&ii).arg(&hh);

@@ -5,6 +5,13 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use crate::cuda::{driver_err, CudaDevice};
 use crate::error::{Error, Result};
 
+/// Launch geometry of layer_norm_f32 (shared with the host-emulation tests):
+/// one block per row, a power of two of threads (32..=256) striding over C.
+pub fn layer_norm_config(rows: usize, c: usize) -> LaunchConfig {
+    let threads = (c.next_power_of_two() as u32).clamp(32, 256);
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// x [rows, c], w / b [c] -> [rows, c].
 pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &CudaSlice<f32>, c: usize, eps: f32) -> Result<CudaSlice<f32>> {
     if c == 0 || !x.len().is_multiple_of(c) || w.len() != c || b.len() != c {
@@ -13,8 +20,7 @@ pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &
     let rows = x.len() / c;
     let mut y = dev.alloc(x.len())?;
     let f = dev.function("norm", "layer_norm_f32")?;
-    let threads = (c.next_power_of_two() as u32).clamp(32, 256);
-    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = layer_norm_config(rows, c);
     let (r, cc) = (rows as i32, c as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(x).arg(w).arg(b).arg(&r).arg(&cc).arg(&eps);

@@ -1,0 +1,312 @@
+//! Every CUDA kernel run on the CPU by the host SIMT emulator (tests/simt,
+//! cuda/host) with the launch geometry of its launcher, against the CPU twin
+//! at the tolerances of tests/cuda_ops.rs. This runs everywhere a C++ compiler
+//! is (CI sets SAM_UNET_REQUIRE_SIMT=1), so the kernels' indexing, barriers,
+//! warp collectives and bounds are tested on every run, not only on a GPU
+//! machine; their speed and the GPU's own arithmetic (FMA contraction,
+//! expf / erff ulps) are left to tests/cuda_ops.rs on a GPU. Shapes are the
+//! model's, with fewer heads / images where emulation would be slow.
+
+mod kernel_check;
+mod simt;
+
+use cudarc::driver::LaunchConfig;
+use kernel_check::{assert_close, rand};
+use sam_unet::cuda::cfg1d;
+use sam_unet::ops::activation::{self, Act};
+use sam_unet::ops::{attention, conv, layout, norm};
+use sam_unet::Tensor;
+use simt::{simt, Buf};
+
+type F32p = *const f32;
+type F32m = *mut f32;
+
+fn t(v: &[f32], dims: &[usize]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), dims.to_vec()).unwrap()
+}
+
+/// A grid-stride geometry with only `blocks` blocks, so that every thread
+/// loops several times.
+fn few_blocks(blocks: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+#[test]
+fn elementwise_kernels_match_cpu() {
+    let Some(s) = simt() else { return };
+    let n = 256 * 3072; // ViT MLP hidden activations
+    let x = rand(n, 1, 6.0);
+    let xb = Buf::from(s, &x);
+    for (a, name) in [(Act::Gelu, "gelu_f32"), (Act::Relu, "relu_f32")] {
+        let want = activation::act(&t(&x, &[n]), a).unwrap();
+        for cfg in [cfg1d(n), few_blocks(7)] {
+            let y = Buf::<f32>::out(s, n);
+            s.launch(name, cfg, |k: unsafe extern "C" fn(F32m, F32p, i64)| unsafe { k(y.m(), xb.p(), n as i64) }).unwrap();
+            assert_close(name, &y.to_vec(), want.as_f32().unwrap(), 1e-6, 1e-5);
+        }
+    }
+    let z = rand(n, 2, 3.0);
+    let zb = Buf::from(s, &z);
+    let y = Buf::<f32>::out(s, n);
+    s.launch("add_f32", cfg1d(n), |k: unsafe extern "C" fn(F32m, F32p, F32p, i64)| unsafe { k(y.m(), xb.p(), zb.p(), n as i64) }).unwrap();
+    let want = activation::add(&t(&x, &[n]), &t(&z, &[n])).unwrap();
+    assert_close("add_f32", &y.to_vec(), want.as_f32().unwrap(), 0.0, 0.0);
+}
+
+#[test]
+fn bias_act_epilogue_matches_cpu() {
+    let Some(s) = simt() else { return };
+    let (rows, cols) = (256usize, 3072usize);
+    let x = rand(rows * cols, 3, 4.0);
+    let bias = rand(cols, 4, 1.0);
+    let bb = Buf::from(s, &bias);
+    for (a, code) in [(Act::None, 0), (Act::Relu, 1), (Act::Gelu, 2)] {
+        let y = Buf::from(s, &x);
+        s.launch("bias_act_f32", cfg1d(rows * cols), |k: unsafe extern "C" fn(F32m, F32p, i64, i32, i32)| unsafe { k(y.m(), bb.p(), rows as i64, cols as i32, code) }).unwrap();
+        let pre: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + bias[i % cols]).collect();
+        let want = activation::act(&t(&pre, &[rows * cols]), a).unwrap();
+        assert_close(&format!("bias_act {a:?}"), &y.to_vec(), want.as_f32().unwrap(), 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn f32_to_bf16_rounds_to_nearest_even() {
+    let Some(s) = simt() else { return };
+    let mut x = rand(4096, 5, 100.0);
+    x.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-40, -1e-40, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]);
+    let n = x.len();
+    let xb = Buf::from(s, &x);
+    let y = Buf::<u16>::out(s, n);
+    s.launch("f32_to_bf16", cfg1d(n), |k: unsafe extern "C" fn(*mut u16, F32p, i64)| unsafe { k(y.m(), xb.p(), n as i64) }).unwrap();
+    for (i, (&got, &v)) in y.to_vec().iter().zip(&x).enumerate() {
+        let want = half::bf16::from_f32(v);
+        if v.is_nan() {
+            assert!(half::bf16::from_bits(got).is_nan(), "index {i}: NaN became {got:#06x}");
+        } else {
+            assert_eq!(got, want.to_bits(), "index {i}: {v} -> {got:#06x}, want {:#06x}", want.to_bits());
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_cpu() {
+    let Some(s) = simt() else { return };
+    // ViT-B tokens (256 x 768: three values per thread), decoder keys (512 x
+    // 256), and C = 96 on a block of 128 (threads without a value).
+    for (rows, c) in [(256usize, 768usize), (512, 256), (64, 96)] {
+        let (x, w, b) = (rand(rows * c, 3, 4.0), rand(c, 4, 1.0), rand(c, 5, 1.0));
+        let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));
+        let y = Buf::<f32>::out(s, rows * c);
+        s.launch("layer_norm_f32", norm::cuda::layer_norm_config(rows, c), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, f32)| unsafe {
+            k(y.m(), xb.p(), wb.p(), bb.p(), rows as i32, c as i32, 1e-6)
+        })
+        .unwrap();
+        let want = norm::layer_norm(&t(&x, &[rows, c]), &t(&w, &[c]), &t(&b, &[c]), 1e-6).unwrap();
+        assert_close(&format!("layer_norm {rows}x{c}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn layer_norm2d_matches_cpu() {
+    let Some(s) = simt() else { return };
+    for (dims, a, code) in [([1usize, 512, 32, 32], Act::Gelu, 2), ([4, 64, 64, 64], Act::Gelu, 2), ([2, 32, 16, 16], Act::Relu, 1), ([1, 256, 16, 16], Act::None, 0)] {
+        let n: usize = dims.iter().product();
+        let (x, w, b) = (rand(n, 60, 3.0), rand(dims[1], 61, 1.0), rand(dims[1], 62, 1.0));
+        let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));
+        let y = Buf::<f32>::out(s, n);
+        let p = (dims[2] * dims[3]) as i64;
+        s.launch("layer_norm2d_f32", cfg1d(dims[0] * dims[2] * dims[3]), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i64, f32, i32)| unsafe {
+            k(y.m(), xb.p(), wb.p(), bb.p(), dims[0] as i32, dims[1] as i32, p, 1e-6, code)
+        })
+        .unwrap();
+        let want = norm::layer_norm2d(&t(&x, &dims), &t(&w, &[dims[1]]), &t(&b, &[dims[1]]), 1e-6, a).unwrap();
+        assert_close(&format!("layer_norm2d {dims:?} {a:?}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn rel_pos_attention_matches_cpu() {
+    let Some(s) = simt() else { return };
+    // The ViT's 16 x 16 grid with head dim 64; two heads (ViT-B has 12: the
+    // heads are independent blocks of the grid, two show the channel offsets).
+    let (b, g, heads) = (2usize, 16usize, 2usize);
+    let d = heads * 64;
+    let qkv = rand(b * g * g * 3 * d, 6, 2.0);
+    let bias = rand(3 * d, 7, 1.0);
+    let (qb, biasb) = (Buf::from(s, &qkv), Buf::from(s, &bias));
+    for window in [14usize, 0, 8] {
+        let ws = if window == 0 { g } else { window };
+        let (rh, rw) = (rand((2 * ws - 1) * 64, 8, 0.5), rand((2 * ws - 1) * 64, 9, 0.5));
+        let (rhb, rwb) = (Buf::from(s, &rh), Buf::from(s, &rw));
+        let y = Buf::<f32>::out(s, b * g * g * d);
+        s.launch("rel_pos_attention_f32", attention::cuda::rel_pos_attention_config(b, g, heads, ws), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, i32, i32, i32, i32)| unsafe {
+            k(y.m(), qb.p(), biasb.p(), rhb.p(), rwb.p(), b as i32, g as i32, d as i32, ws as i32)
+        })
+        .unwrap();
+        let want = attention::rel_pos_attention(&t(&qkv, &[b, g, g, 3 * d]), &t(&bias, &[3 * d]), &t(&rh, &[2 * ws - 1, 64]), &t(&rw, &[2 * ws - 1, 64]), heads, window).unwrap();
+        assert_close(&format!("rel_pos_attention window {window}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-4);
+    }
+}
+
+#[test]
+fn decoder_attention_matches_cpu() {
+    let Some(s) = simt() else { return };
+    // self (3 tokens, width 256), token-to-image (3 vs 256, width 128),
+    // image-to-token (256 vs 3), 8 heads; 2 and 3 boxes; then head dims 5
+    // and 64 (the kernel's limit: lanes own channels lane and lane + 32).
+    for (n, lq, lk, i) in [(3usize, 3usize, 3usize, 256usize), (3, 3, 256, 128), (2, 256, 3, 128), (2, 5, 70, 40), (2, 3, 40, 512)] {
+        let heads = 8;
+        let (q, k, v) = (rand(n * lq * i, 150, 2.0), rand(n * lk * i, 151, 2.0), rand(n * lk * i, 152, 1.0));
+        let (qb, kb, vb) = (Buf::from(s, &q), Buf::from(s, &k), Buf::from(s, &v));
+        let y = Buf::<f32>::out(s, n * lq * i);
+        s.launch("mha_f32", attention::cuda::mha_config(n, heads, lq), |f: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
+            f(y.m(), qb.p(), kb.p(), vb.p(), n as i32, lq as i32, lk as i32, i as i32, heads as i32)
+        })
+        .unwrap();
+        let want = attention::attention(&t(&q, &[n, lq, i]), &t(&k, &[n, lk, i]), &t(&v, &[n, lk, i]), heads).unwrap();
+        assert_close(&format!("mha q {lq} k {lk} width {i}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-4);
+    }
+}
+
+/// c [m, n] = a [m, k] b [k, n] (optionally a stored transposed, [k, m]), in f64.
+fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, a_t: bool) -> Vec<f32> {
+    let mut c = vec![0f64; m * n];
+    for i in 0..m {
+        for p in 0..k {
+            let av = if a_t { a[p * m + i] } else { a[i * k + p] } as f64;
+            for j in 0..n {
+                c[i * n + j] += av * b[p * n + j] as f64;
+            }
+        }
+    }
+    c.into_iter().map(|v| v as f32).collect()
+}
+
+#[test]
+fn conv2d_pipeline_matches_cpu() {
+    // im2col kernel -> GEMM (here on the host, cuBLAS on the GPU) -> epilogue
+    // kernel (bias, residual, ReLU), exactly as ops::conv::cuda::conv2d.
+    let Some(s) = simt() else { return };
+    let cases: &[([usize; 4], [usize; 4], usize, usize, bool)] =
+        &[([1, 3, 64, 64], [16, 3, 7, 7], 2, 3, false), ([2, 64, 16, 16], [32, 64, 3, 3], 1, 1, true), ([1, 64, 16, 16], [32, 64, 3, 3], 2, 1, false), ([1, 8, 9, 7], [4, 8, 3, 3], 2, 0, true)];
+    for (ci, (xd, wd, st, pd, res)) in cases.iter().enumerate() {
+        let [n, c, h, w] = *xd;
+        let [o, _, kh, kw] = *wd;
+        let fan = (c * kh * kw) as f32;
+        let (x, wt, bias) = (rand(xd.iter().product(), 70 + ci as u64, 1.0), rand(wd.iter().product(), 80 + ci as u64, 1.0 / fan.sqrt()), rand(o, 90 + ci as u64, 0.5));
+        let (ho, wo) = ((h + 2 * pd - kh) / st + 1, (w + 2 * pd - kw) / st + 1);
+        let (k, p) = (c * kh * kw, ho * wo);
+        let r = rand(n * o * p, 95, 1.0);
+        let mut y = vec![0f32; n * o * p];
+        for i in 0..n {
+            let xi = Buf::from(s, &x[i * c * h * w..(i + 1) * c * h * w]);
+            let col = Buf::<f32>::out(s, k * p);
+            s.launch("im2col_f32", cfg1d(k * p), |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i32, i32, i32, i32, i32, i32, i32)| unsafe {
+                f(col.m(), xi.p(), c as i32, h as i32, w as i32, kh as i32, kw as i32, *st as i32, *pd as i32, ho as i32, wo as i32)
+            })
+            .unwrap();
+            y[i * o * p..(i + 1) * o * p].copy_from_slice(&matmul(&wt, &col.to_vec(), o, k, p, false));
+        }
+        let yb = Buf::from(s, &y);
+        let (bb, rb) = (Buf::from(s, &bias), Buf::from(s, &r));
+        let rp = if *res { rb.p() } else { std::ptr::null() };
+        s.launch("conv_epilogue_f32", cfg1d(n * o * p), |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i64, i32)| unsafe { f(yb.m(), bb.p(), rp, n as i32, o as i32, p as i64, 1) }).unwrap();
+        let want = conv::conv2d(&t(&x, xd), &t(&wt, wd), Some(&t(&bias, &[o])), conv::Conv2dArgs { stride: *st, padding: *pd }, res.then(|| t(&r, &[n, o, ho, wo])).as_ref(), Act::Relu).unwrap();
+        assert_close(&format!("conv2d {xd:?} * {wd:?} s{st} p{pd} residual {res}"), &yb.to_vec(), want.as_f32().unwrap(), 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn conv_transpose2d_pipeline_matches_cpu() {
+    // GEMM tmp = W^T X (host here, cuBLAS on the GPU) -> scatter kernel.
+    let Some(s) = simt() else { return };
+    for (i, (xd, wd, a, code)) in [([1usize, 96, 8, 8], [96usize, 32, 2, 2], Act::Gelu, 2), ([2, 64, 8, 8], [64, 32, 2, 2], Act::None, 0), ([1, 16, 5, 3], [16, 8, 3, 3], Act::Relu, 1)].iter().enumerate() {
+        let [n, c, h, w] = *xd;
+        let [_, o, k, _] = *wd;
+        let (x, wt, bias) = (rand(xd.iter().product(), 100 + i as u64, 1.0), rand(wd.iter().product(), 110 + i as u64, 0.05), rand(o, 120, 0.5));
+        let (hw, rows) = (h * w, o * k * k);
+        let bb = Buf::from(s, &bias);
+        let mut y = vec![];
+        for im in 0..n {
+            let tmp = Buf::from(s, &matmul(&wt, &x[im * c * hw..(im + 1) * c * hw], rows, c, hw, true));
+            let yi = Buf::<f32>::out(s, o * hw * k * k);
+            s.launch("convt_scatter_f32", cfg1d(o * hw * k * k), |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
+                f(yi.m(), tmp.p(), bb.p(), o as i32, h as i32, w as i32, k as i32, *code)
+            })
+            .unwrap();
+            y.extend(yi.to_vec());
+        }
+        let want = conv::conv_transpose2d(&t(&x, xd), &t(&wt, wd), Some(&t(&bias, &[o])), *a).unwrap();
+        assert_close(&format!("conv_transpose2d {xd:?} * {wd:?}"), &y, want.as_f32().unwrap(), 1e-4, 1e-4);
+    }
+}
+
+#[test]
+fn max_pool_matches_cpu() {
+    let Some(s) = simt() else { return };
+    for (dims, kk, st, pd) in [([1usize, 64, 64, 64], 3usize, 2usize, 1usize), ([2, 3, 7, 9], 2, 2, 0), ([1, 2, 5, 5], 3, 1, 1)] {
+        let mut x = rand(dims.iter().product(), 130, 2.0);
+        x[5] = f32::NAN; // NaN propagates, as in PyTorch
+        let (h, w) = (dims[2], dims[3]);
+        let (ho, wo) = ((h + 2 * pd - kk) / st + 1, (w + 2 * pd - kk) / st + 1);
+        let planes = dims[0] * dims[1];
+        let xb = Buf::from(s, &x);
+        let y = Buf::<f32>::out(s, planes * ho * wo);
+        s.launch("max_pool2d_f32", cfg1d(planes * ho * wo), |f: unsafe extern "C" fn(F32m, F32p, i64, i32, i32, i32, i32, i32, i32, i32)| unsafe {
+            f(y.m(), xb.p(), planes as i64, h as i32, w as i32, ho as i32, wo as i32, kk as i32, st as i32, pd as i32)
+        })
+        .unwrap();
+        let want = conv::max_pool2d(&t(&x, &dims), kk, st, pd).unwrap();
+        let (got, want) = (y.to_vec(), want.as_f32().unwrap().to_vec());
+        assert!(got[0].is_nan() == want[0].is_nan(), "NaN propagation");
+        let strip = |v: &[f32]| v.iter().map(|x| if x.is_nan() { 12345.0 } else { *x }).collect::<Vec<_>>();
+        assert_close(&format!("max_pool2d {dims:?} k{kk} s{st} p{pd}"), &strip(&got), &strip(&want), 0.0, 0.0);
+    }
+}
+
+#[test]
+fn layout_kernels_match_cpu() {
+    let Some(s) = simt() else { return };
+    let dims = [2usize, 768, 16, 16];
+    let n: usize = dims.iter().product();
+    let x = rand(n, 140, 1.0);
+    let xb = Buf::from(s, &x);
+    let y = Buf::<f32>::out(s, n);
+    let (b, c, p) = (dims[0] as i32, dims[1] as i32, (dims[2] * dims[3]) as i64);
+    s.launch("nchw_to_nhwc_f32", cfg1d(n), |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i64)| unsafe { f(y.m(), xb.p(), b, c, p) }).unwrap();
+    let want = layout::nchw_to_nhwc(&t(&x, &dims)).unwrap();
+    assert_close("nchw_to_nhwc", &y.to_vec(), want.as_f32().unwrap(), 0.0, 0.0);
+    let back = Buf::<f32>::out(s, n);
+    s.launch("nhwc_to_nchw_f32", cfg1d(n), |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i64)| unsafe { f(back.m(), y.p(), b, c, p) }).unwrap();
+    assert_close("nhwc_to_nchw", &back.to_vec(), &x, 0.0, 0.0);
+}
+
+#[test]
+fn mask_dot_matches_definition() {
+    let Some(s) = simt() else { return };
+    let (n, c, p) = (3usize, 32usize, 256 * 256);
+    let (h, f, msf) = (rand(n * c, 160, 1.0), rand(n * c * p, 161, 1.0), rand(c * p, 162, 1.0));
+    let (hb, fb, mb) = (Buf::from(s, &h), Buf::from(s, &f), Buf::from(s, &msf));
+    let y = Buf::<f32>::out(s, n * p);
+    s.launch("mask_dot_f32", cfg1d(n * p), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i64)| unsafe { k(y.m(), hb.p(), fb.p(), mb.p(), n as i32, c as i32, p as i64) }).unwrap();
+    let want: Vec<f32> = (0..n * p).map(|i| (0..c).map(|ch| h[(i / p) * c + ch] as f64 * (f[((i / p) * c + ch) * p + i % p] + msf[ch * p + i % p]) as f64).sum::<f64>() as f32).collect();
+    assert_close("mask_dot", &y.to_vec(), &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn emulator_reports_broken_rules() {
+    // The emulator itself (cuda/host/selftest.cu): broken synchronisation and
+    // invalid geometry are errors naming the place, never a hang or a pass.
+    let Some(s) = simt() else { return };
+    let cfg = |threads| LaunchConfig { grid_dim: (2, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let y = Buf::<f32>::out(s, 64);
+    let run = |name: &str, threads| s.launch(name, cfg(threads), |k: unsafe extern "C" fn(F32m)| unsafe { k(y.m()) });
+    run("selftest_block_sum", 64).unwrap();
+    assert!(y.to_vec().iter().all(|&v| v == 64.0), "block_sum over 64 threads: {:?}", y.to_vec());
+    let e = run("selftest_divergent_barrier", 64).unwrap_err();
+    assert!(e.contains("divergent barrier") && e.contains("selftest_divergent_barrier: block (0, 0, 0)"), "{e}");
+    let e = run("selftest_shuffle_after_exit", 32).unwrap_err();
+    assert!(e.contains("lane(s) of its warp have exited"), "{e}");
+    let e = run("selftest_block_sum", 2048).unwrap_err();
+    assert!(e.contains("invalid launch configuration"), "{e}");
+}
