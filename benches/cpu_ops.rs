@@ -2,14 +2,14 @@
 //! 256 x 256 input; decoder shapes for 16 boxes). Named `cpu_<op>_<shape>`; the
 //! CUDA twins sit beside them as `cuda_<group>/<op>_<shape>`.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sam_unet::ops::activation::{act, Act};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use sam_unet::Tensor;
+use sam_unet::ops::activation::{Act, act};
 use sam_unet::ops::attention::{attention, rel_pos_attention};
-use sam_unet::ops::conv::{conv2d, conv_transpose2d, Conv2dArgs};
+use sam_unet::ops::conv::{Conv2dArgs, conv_transpose2d, conv2d};
 use sam_unet::ops::linear::linear_fused;
 use sam_unet::ops::norm::{layer_norm, layer_norm2d};
 use sam_unet::ops::resize::{bilinear, resize_u8_pil_bilinear};
-use sam_unet::Tensor;
 
 fn rand(dims: &[usize], seed: u64) -> Tensor {
     let n: usize = dims.iter().product();
@@ -28,10 +28,17 @@ fn rand(dims: &[usize], seed: u64) -> Tensor {
 fn linear(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_linear");
     // ViT-B at 256 tokens: qkv, proj, mlp.lin1 (+GELU), mlp.lin2 (+residual)
-    for &(name, m, k, n, a) in &[("qkv_256x768x2304", 256, 768, 2304, Act::None), ("lin1_gelu_256x768x3072", 256, 768, 3072, Act::Gelu), ("lin2_256x3072x768", 256, 3072, 768, Act::None), ("dec_k_4096x256x128", 16 * 256, 256, 128, Act::None)] {
+    for &(name, m, k, n, a) in &[
+        ("qkv_256x768x2304", 256, 768, 2304, Act::None),
+        ("lin1_gelu_256x768x3072", 256, 768, 3072, Act::Gelu),
+        ("lin2_256x3072x768", 256, 3072, 768, Act::None),
+        ("dec_k_4096x256x128", 16 * 256, 256, 128, Act::None),
+    ] {
         let (x, w, b) = (rand(&[m, k], 1), rand(&[n, k], 2), rand(&[n], 3));
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));
-        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| linear_fused(&x, &w, Some(&b), None, a).unwrap()));
+        g.bench_function(BenchmarkId::from_parameter(name), |bch| {
+            bch.iter(|| linear_fused(&x, &w, Some(&b), None, a).unwrap())
+        });
     }
     g.finish();
 }
@@ -40,18 +47,59 @@ fn conv(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_conv2d");
     // (name, input dims, weight dims, stride, pad)
     let cases: &[(&str, [usize; 4], [usize; 4], usize, usize)] = &[
-        ("stem_7x7s2_3to64_256", [1, 3, 256, 256], [64, 3, 7, 7], 2, 3),
+        (
+            "stem_7x7s2_3to64_256",
+            [1, 3, 256, 256],
+            [64, 3, 7, 7],
+            2,
+            3,
+        ),
         ("r50_l1_3x3_64_64", [1, 64, 64, 64], [64, 64, 3, 3], 1, 1),
-        ("r50_l3_1x1_1024to256_16", [1, 1024, 16, 16], [256, 1024, 1, 1], 1, 0),
-        ("adapter0_3x3s2_512to1024_32", [1, 512, 32, 32], [1024, 512, 3, 3], 2, 1),
+        (
+            "r50_l3_1x1_1024to256_16",
+            [1, 1024, 16, 16],
+            [256, 1024, 1, 1],
+            1,
+            0,
+        ),
+        (
+            "adapter0_3x3s2_512to1024_32",
+            [1, 512, 32, 32],
+            [1024, 512, 3, 3],
+            2,
+            1,
+        ),
         ("neck_3x3_256_16", [1, 256, 16, 16], [256, 256, 3, 3], 1, 1),
-        ("maskfeature_3x3_64to32_x16", [16, 64, 64, 64], [32, 64, 3, 3], 1, 1),
+        (
+            "maskfeature_3x3_64to32_x16",
+            [16, 64, 64, 64],
+            [32, 64, 3, 3],
+            1,
+            1,
+        ),
     ];
     for (name, xd, wd, s, p) in cases {
         let (x, w, b) = (rand(xd, 4), rand(wd, 5), rand(&[wd[0]], 6));
         let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
-        g.throughput(Throughput::Elements((2 * xd[0] * wd[0] * ho * ho * wd[1] * wd[2] * wd[3]) as u64));
-        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| conv2d(&x, &w, Some(&b), Conv2dArgs { stride: *s, padding: *p }, None, Act::Relu).unwrap()));
+        g.throughput(Throughput::Elements(
+            (2 * xd[0] * wd[0] * ho * ho * wd[1] * wd[2] * wd[3]) as u64,
+        ));
+        g.bench_function(BenchmarkId::from_parameter(name), |bch| {
+            bch.iter(|| {
+                conv2d(
+                    &x,
+                    &w,
+                    Some(&b),
+                    Conv2dArgs {
+                        stride: *s,
+                        padding: *p,
+                    },
+                    None,
+                    Act::Relu,
+                )
+                .unwrap()
+            })
+        });
     }
     g.finish();
     let mut g = c.benchmark_group("cpu_conv_transpose2d");
@@ -61,7 +109,9 @@ fn conv(c: &mut Criterion) {
         ("upscale_64to32_32_x16", [16, 64, 32, 32], [64, 32, 2, 2]),
     ] {
         let (x, w, b) = (rand(&xd, 7), rand(&wd, 8), rand(&[wd[1]], 9));
-        g.bench_function(BenchmarkId::from_parameter(name), |bch| bch.iter(|| conv_transpose2d(&x, &w, Some(&b), Act::None).unwrap()));
+        g.bench_function(BenchmarkId::from_parameter(name), |bch| {
+            bch.iter(|| conv_transpose2d(&x, &w, Some(&b), Act::None).unwrap())
+        });
     }
     g.finish();
 }
@@ -70,11 +120,26 @@ fn attn(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_attention");
     let qkv = rand(&[1, 16, 16, 2304], 10);
     let bias = rand(&[2304], 11);
-    let (rh27, rw27, rh31, rw31) = (rand(&[27, 64], 12), rand(&[27, 64], 13), rand(&[31, 64], 14), rand(&[31, 64], 15));
-    g.bench_function("window14_vitb", |b| b.iter(|| rel_pos_attention(&qkv, &bias, &rh27, &rw27, 12, 14).unwrap()));
-    g.bench_function("global16_vitb", |b| b.iter(|| rel_pos_attention(&qkv, &bias, &rh31, &rw31, 12, 0).unwrap()));
-    let (q, k, v) = (rand(&[16, 256, 128], 16), rand(&[16, 3, 128], 17), rand(&[16, 3, 128], 18));
-    g.bench_function("decoder_image_to_token_x16", |b| b.iter(|| attention(&q, &k, &v, 8).unwrap()));
+    let (rh27, rw27, rh31, rw31) = (
+        rand(&[27, 64], 12),
+        rand(&[27, 64], 13),
+        rand(&[31, 64], 14),
+        rand(&[31, 64], 15),
+    );
+    g.bench_function("window14_vitb", |b| {
+        b.iter(|| rel_pos_attention(&qkv, &bias, &rh27, &rw27, 12, 14).unwrap())
+    });
+    g.bench_function("global16_vitb", |b| {
+        b.iter(|| rel_pos_attention(&qkv, &bias, &rh31, &rw31, 12, 0).unwrap())
+    });
+    let (q, k, v) = (
+        rand(&[16, 256, 128], 16),
+        rand(&[16, 3, 128], 17),
+        rand(&[16, 3, 128], 18),
+    );
+    g.bench_function("decoder_image_to_token_x16", |b| {
+        b.iter(|| attention(&q, &k, &v, 8).unwrap())
+    });
     g.finish();
 }
 
@@ -85,14 +150,22 @@ fn elementwise(c: &mut Criterion) {
     g.bench_function("gelu_256x3072", |b| b.iter(|| act(&x, Act::Gelu).unwrap()));
     let t = rand(&[1, 16, 16, 768], 20);
     let (w, bb) = (rand(&[768], 21), rand(&[768], 22));
-    g.bench_function("layer_norm_256x768", |b| b.iter(|| layer_norm(&t, &w, &bb, 1e-6).unwrap()));
+    g.bench_function("layer_norm_256x768", |b| {
+        b.iter(|| layer_norm(&t, &w, &bb, 1e-6).unwrap())
+    });
     let m = rand(&[16, 64, 64, 64], 23);
     let (w2, b2) = (rand(&[64], 24), rand(&[64], 25));
-    g.bench_function("layer_norm2d_gelu_16x64x64x64", |b| b.iter(|| layer_norm2d(&m, &w2, &b2, 1e-6, Act::Gelu).unwrap()));
+    g.bench_function("layer_norm2d_gelu_16x64x64x64", |b| {
+        b.iter(|| layer_norm2d(&m, &w2, &b2, 1e-6, Act::Gelu).unwrap())
+    });
     let low = rand(&[16, 1, 64, 64], 26);
-    g.bench_function("bilinear_64to256_x16", |b| b.iter(|| bilinear(&low, 256, 256).unwrap()));
+    g.bench_function("bilinear_64to256_x16", |b| {
+        b.iter(|| bilinear(&low, 256, 256).unwrap())
+    });
     let img: Vec<u8> = (0..512 * 512 * 3).map(|i| (i * 31 % 251) as u8).collect();
-    g.bench_function("pil_resize_512to256_rgb", |b| b.iter(|| resize_u8_pil_bilinear(&img, 512, 512, 3, 256, 256).unwrap()));
+    g.bench_function("pil_resize_512to256_rgb", |b| {
+        b.iter(|| resize_u8_pil_bilinear(&img, 512, 512, 3, 256, 256).unwrap())
+    });
     g.finish();
 }
 
@@ -118,7 +191,11 @@ fn cuda(c: &mut Criterion) {
         })
     });
     let t = rand(&[256, 768], 20);
-    let (td, wd, bd) = (dev.upload(t.as_f32().unwrap()).unwrap(), dev.upload(&vec![1.0; 768]).unwrap(), dev.upload(&vec![0.0; 768]).unwrap());
+    let (td, wd, bd) = (
+        dev.upload(t.as_f32().unwrap()).unwrap(),
+        dev.upload(&vec![1.0; 768]).unwrap(),
+        dev.upload(&vec![0.0; 768]).unwrap(),
+    );
     g.throughput(Throughput::Elements(t.numel() as u64));
     g.bench_function("layer_norm_256x768", |b| {
         b.iter(|| {
@@ -128,12 +205,21 @@ fn cuda(c: &mut Criterion) {
         })
     });
     g.throughput(Throughput::Elements((16 * 64 * 64 * 64) as u64));
-    let m = dev.upload(rand(&[16, 64, 64, 64], 23).as_f32().unwrap()).unwrap();
-    let mt = sam_unet::cuda::GpuTensor { data: m, dims: vec![16, 64, 64, 64] };
-    let (w2, b2) = (dev.upload(&vec![1.0; 64]).unwrap(), dev.upload(&vec![0.0; 64]).unwrap());
+    let m = dev
+        .upload(rand(&[16, 64, 64, 64], 23).as_f32().unwrap())
+        .unwrap();
+    let mt = sam_unet::cuda::GpuTensor {
+        data: m,
+        dims: vec![16, 64, 64, 64],
+    };
+    let (w2, b2) = (
+        dev.upload(&vec![1.0; 64]).unwrap(),
+        dev.upload(&vec![0.0; 64]).unwrap(),
+    );
     g.bench_function("layer_norm2d_gelu_16x64x64x64", |b| {
         b.iter(|| {
-            let y = sam_unet::ops::norm::cuda::layer_norm2d(&dev, &mt, &w2, &b2, 1e-6, Act::Gelu).unwrap();
+            let y = sam_unet::ops::norm::cuda::layer_norm2d(&dev, &mt, &w2, &b2, 1e-6, Act::Gelu)
+                .unwrap();
             dev.synchronize().unwrap();
             y
         })
@@ -148,19 +234,56 @@ fn cuda(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("cuda_conv2d");
     let cases: &[(&str, [usize; 4], [usize; 4], usize, usize)] = &[
-        ("stem_7x7s2_3to64_256", [1, 3, 256, 256], [64, 3, 7, 7], 2, 3),
+        (
+            "stem_7x7s2_3to64_256",
+            [1, 3, 256, 256],
+            [64, 3, 7, 7],
+            2,
+            3,
+        ),
         ("r50_l1_3x3_64_64", [1, 64, 64, 64], [64, 64, 3, 3], 1, 1),
-        ("adapter0_3x3s2_512to1024_32", [1, 512, 32, 32], [1024, 512, 3, 3], 2, 1),
-        ("maskfeature_3x3_64to32_x16", [16, 64, 64, 64], [32, 64, 3, 3], 1, 1),
+        (
+            "adapter0_3x3s2_512to1024_32",
+            [1, 512, 32, 32],
+            [1024, 512, 3, 3],
+            2,
+            1,
+        ),
+        (
+            "maskfeature_3x3_64to32_x16",
+            [16, 64, 64, 64],
+            [32, 64, 3, 3],
+            1,
+            1,
+        ),
     ];
     for (name, xd, wd, s, p) in cases {
-        let x = sam_unet::cuda::GpuTensor { data: dev.upload(rand(xd, 4).as_f32().unwrap()).unwrap(), dims: xd.to_vec() };
+        let x = sam_unet::cuda::GpuTensor {
+            data: dev.upload(rand(xd, 4).as_f32().unwrap()).unwrap(),
+            dims: xd.to_vec(),
+        };
         let w = dev.upload(rand(wd, 5).as_f32().unwrap()).unwrap();
         let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
-        g.throughput(Throughput::Elements((2 * xd[0] * wd[0] * ho * ho * wd[1] * wd[2] * wd[3]) as u64));
+        g.throughput(Throughput::Elements(
+            (2 * xd[0] * wd[0] * ho * ho * wd[1] * wd[2] * wd[3]) as u64,
+        ));
         g.bench_function(*name, |b| {
             b.iter(|| {
-                let y = sam_unet::ops::conv::cuda::conv2d(&dev, &blas0, &x, &w, None, wd[0], wd[2], wd[3], *s, *p, None, Act::Relu).unwrap();
+                let y = sam_unet::ops::conv::cuda::conv2d(
+                    &dev,
+                    &blas0,
+                    &x,
+                    &w,
+                    None,
+                    wd[0],
+                    wd[2],
+                    wd[3],
+                    *s,
+                    *p,
+                    None,
+                    Act::Relu,
+                )
+                .unwrap();
                 dev.synchronize().unwrap();
                 y
             })
@@ -168,21 +291,47 @@ fn cuda(c: &mut Criterion) {
     }
     g.finish();
     let mut g = c.benchmark_group("cuda_attention");
-    let qkv = dev.upload(rand(&[1, 16, 16, 2304], 10).as_f32().unwrap()).unwrap();
+    let qkv = dev
+        .upload(rand(&[1, 16, 16, 2304], 10).as_f32().unwrap())
+        .unwrap();
     let bias = dev.upload(rand(&[2304], 11).as_f32().unwrap()).unwrap();
-    for (name, window, rows) in [("window14_vitb", 14usize, 27usize), ("global16_vitb", 0, 31)] {
-        let (rh, rw) = (dev.upload(rand(&[rows, 64], 12).as_f32().unwrap()).unwrap(), dev.upload(rand(&[rows, 64], 13).as_f32().unwrap()).unwrap());
+    for (name, window, rows) in [
+        ("window14_vitb", 14usize, 27usize),
+        ("global16_vitb", 0, 31),
+    ] {
+        let (rh, rw) = (
+            dev.upload(rand(&[rows, 64], 12).as_f32().unwrap()).unwrap(),
+            dev.upload(rand(&[rows, 64], 13).as_f32().unwrap()).unwrap(),
+        );
         g.bench_function(name, |b| {
             b.iter(|| {
-                let y = sam_unet::ops::attention::cuda::rel_pos_attention(&dev, &qkv, &bias, &rh, &rw, 1, 16, 768, 12, window).unwrap();
+                let y = sam_unet::ops::attention::cuda::rel_pos_attention(
+                    &dev, &qkv, &bias, &rh, &rw, 1, 16, 768, 12, window,
+                )
+                .unwrap();
                 dev.synchronize().unwrap();
                 y
             })
         });
     }
-    let qd = sam_unet::cuda::GpuTensor { data: dev.upload(rand(&[16, 256, 128], 16).as_f32().unwrap()).unwrap(), dims: vec![16, 256, 128] };
-    let kd = sam_unet::cuda::GpuTensor { data: dev.upload(rand(&[16, 3, 128], 17).as_f32().unwrap()).unwrap(), dims: vec![16, 3, 128] };
-    let vd = sam_unet::cuda::GpuTensor { data: dev.upload(rand(&[16, 3, 128], 18).as_f32().unwrap()).unwrap(), dims: vec![16, 3, 128] };
+    let qd = sam_unet::cuda::GpuTensor {
+        data: dev
+            .upload(rand(&[16, 256, 128], 16).as_f32().unwrap())
+            .unwrap(),
+        dims: vec![16, 256, 128],
+    };
+    let kd = sam_unet::cuda::GpuTensor {
+        data: dev
+            .upload(rand(&[16, 3, 128], 17).as_f32().unwrap())
+            .unwrap(),
+        dims: vec![16, 3, 128],
+    };
+    let vd = sam_unet::cuda::GpuTensor {
+        data: dev
+            .upload(rand(&[16, 3, 128], 18).as_f32().unwrap())
+            .unwrap(),
+        dims: vec![16, 3, 128],
+    };
     g.bench_function("decoder_image_to_token_x16", |b| {
         b.iter(|| {
             let y = sam_unet::ops::attention::cuda::mha(&dev, &qd, &kd, &vd, 8).unwrap();
@@ -224,7 +373,9 @@ fn cuda(c: &mut Criterion) {
     for dt in [sam_unet::DType::F32, sam_unet::DType::BF16] {
         let blk = sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, 14, dt).unwrap();
         for b in [1usize, 64] {
-            let x = dev.upload(rand(&[b, 16, 16, 768], 51).as_f32().unwrap()).unwrap();
+            let x = dev
+                .upload(rand(&[b, 16, 16, 768], 51).as_f32().unwrap())
+                .unwrap();
             g.throughput(Throughput::Elements(b as u64));
             g.bench_function(format!("window14_{}_b{b}", dt.name()), |bch| {
                 bch.iter(|| {

@@ -22,3 +22,9 @@ extern "C" __global__ void nhwc_to_nchw_f32(float* __restrict__ y, const float* 
         y[i] = x[(b * P + p) * C + c];
     }
 }
+
+// y[r, i] = x[i] for r < n: one buffer of len values repeated n times (the
+// decoder's image tokens and positional encoding, once per box).
+extern "C" __global__ void repeat_f32(float* __restrict__ y, const float* __restrict__ x, long long len, long long n) {
+    GRID_STRIDE(i, len * n) { y[i] = x[i % len]; }
+}

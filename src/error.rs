@@ -11,11 +11,19 @@ pub enum Error {
 
     /// An op got a tensor of a dtype it cannot compute on.
     #[error("{op}: expected dtype {expected}, got {got}")]
-    DType { op: &'static str, expected: &'static str, got: &'static str },
+    DType {
+        op: &'static str,
+        expected: &'static str,
+        got: &'static str,
+    },
 
     /// An op got a tensor on a device it does not run on.
     #[error("{op}: tensor is on {got}, expected {expected}")]
-    Device { op: &'static str, expected: String, got: String },
+    Device {
+        op: &'static str,
+        expected: String,
+        got: String,
+    },
 
     #[error("weights: missing tensor `{name}` (the model expects shape {expected:?})")]
     MissingTensor { name: String, expected: Vec<usize> },
@@ -24,7 +32,11 @@ pub enum Error {
     UnexpectedTensor { name: String, shape: Vec<usize> },
 
     #[error("weights: tensor `{name}` has shape {got:?}, the model expects {expected:?}")]
-    TensorShape { name: String, expected: Vec<usize>, got: Vec<usize> },
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
 
     #[error("weights: tensor `{name}` has dtype {dtype}, expected f32, f16 or bf16")]
     TensorDType { name: String, dtype: String },
@@ -38,7 +50,11 @@ pub enum Error {
     Config(String),
 
     #[error("box {index} {bbox:?}: {reason}")]
-    InvalidBox { index: usize, bbox: [f32; 4], reason: String },
+    InvalidBox {
+        index: usize,
+        bbox: [f32; 4],
+        reason: String,
+    },
 
     #[error("image: {0}")]
     Image(String),
@@ -50,7 +66,10 @@ pub enum Error {
     InvalidInput { op: &'static str, msg: String },
 
     #[error("I/O error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// No usable CUDA driver or GPU, or the kernels were not built.
     #[error("CUDA unavailable: {0}")]
@@ -61,9 +80,15 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape { op, msg: msg.into() }
+        Error::Shape {
+            op,
+            msg: msg.into(),
+        }
     }
     pub(crate) fn input(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidInput { op, msg: msg.into() }
+        Error::InvalidInput {
+            op,
+            msg: msg.into(),
+        }
     }
 }

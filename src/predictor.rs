@@ -4,16 +4,18 @@
 
 use std::path::Path;
 
+use crate::cuda::CudaDevice;
 use crate::cuda::blas::Blas;
 use crate::cuda::model::{GpuFeatures, GpuSamUnet};
-use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
-use crate::io::image::RgbImage;
 use crate::io::Weights;
+use crate::io::image::RgbImage;
 use crate::model::config::SamUnetConfig;
 use crate::model::sam_unet::postprocess;
 use crate::model::{ImageFeatures, SamUnet, Trace};
-use crate::preprocess::{box_to_model_frame, normalize_pad, resize_image, validate_box, ResizeInfo};
+use crate::preprocess::{
+    ResizeInfo, box_to_model_frame, normalize_pad, resize_image, validate_box,
+};
 use crate::tensor::{DType, Device, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -24,7 +26,10 @@ pub struct PredictorOptions {
 
 impl Default for PredictorOptions {
     fn default() -> Self {
-        PredictorOptions { device: Device::Cpu, dtype: DType::F32 }
+        PredictorOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
     }
 }
 
@@ -69,9 +74,19 @@ impl Predictor {
     /// A CPU predictor around a built model (f32).
     pub fn new(model: SamUnet, options: PredictorOptions) -> Result<Self> {
         match (options.device, options.dtype) {
-            (Device::Cpu, DType::F32) => Ok(Predictor { backend: Backend::Cpu(model), options, image: None }),
-            (Device::Cpu, dt) => Err(Error::input("Predictor", format!("the CPU backend computes in f32, not {}", dt.name()))),
-            (Device::Cuda(_), _) => Err(Error::input("Predictor", "a CUDA predictor is built from weights: use Predictor::from_weights")),
+            (Device::Cpu, DType::F32) => Ok(Predictor {
+                backend: Backend::Cpu(model),
+                options,
+                image: None,
+            }),
+            (Device::Cpu, dt) => Err(Error::input(
+                "Predictor",
+                format!("the CPU backend computes in f32, not {}", dt.name()),
+            )),
+            (Device::Cuda(_), _) => Err(Error::input(
+                "Predictor",
+                "a CUDA predictor is built from weights: use Predictor::from_weights",
+            )),
         }
     }
 
@@ -86,7 +101,11 @@ impl Predictor {
                 let dev = CudaDevice::new(i)?;
                 let blas = Blas::new(dev.stream())?;
                 let model = GpuSamUnet::from_weights(&dev, w, options.dtype)?;
-                Ok(Predictor { backend: Backend::Cuda(Box::new(Cuda { dev, blas, model })), options, image: None })
+                Ok(Predictor {
+                    backend: Backend::Cuda(Box::new(Cuda { dev, blas, model })),
+                    options,
+                    image: None,
+                })
             }
         }
     }
@@ -124,14 +143,24 @@ impl Predictor {
     /// Boxes (x0, y0, x1, y1) in original pixels, max exclusive -> masks. All boxes
     /// go through the decoder as one batch.
     pub fn predict(&self, boxes: &[[f32; 4]]) -> Result<Prediction> {
-        let (f, info) = self.image.as_ref().ok_or_else(|| Error::input("predict", "no image set: call set_image first"))?;
+        let (f, info) = self
+            .image
+            .as_ref()
+            .ok_or_else(|| Error::input("predict", "no image set: call set_image first"))?;
         self.decode(f, 0, info, boxes)
     }
 
     /// A batch of images through the image side in one call, then each image's boxes.
-    pub fn predict_batch(&self, images: &[RgbImage], boxes: &[Vec<[f32; 4]>]) -> Result<Vec<Prediction>> {
+    pub fn predict_batch(
+        &self,
+        images: &[RgbImage],
+        boxes: &[Vec<[f32; 4]>],
+    ) -> Result<Vec<Prediction>> {
         if images.len() != boxes.len() {
-            return Err(Error::input("predict_batch", format!("{} images but {} box lists", images.len(), boxes.len())));
+            return Err(Error::input(
+                "predict_batch",
+                format!("{} images but {} box lists", images.len(), boxes.len()),
+            ));
         }
         if images.is_empty() {
             return Ok(vec![]);
@@ -142,7 +171,12 @@ impl Predictor {
             check_boxes(bs, info)?;
         }
         let f = self.encode(&x)?;
-        infos.iter().zip(boxes).enumerate().map(|(i, (info, bs))| self.decode(&f, i, info, bs)).collect()
+        infos
+            .iter()
+            .zip(boxes)
+            .enumerate()
+            .map(|(i, (info, bs))| self.decode(&f, i, info, bs))
+            .collect()
     }
 
     /// Only the image side, for a batch of preprocessed inputs [B, 3, S, S]
@@ -168,7 +202,12 @@ impl Predictor {
         let mut infos = Vec::with_capacity(images.len());
         for img in images {
             if img.width == 0 || img.height == 0 || img.data.len() != img.width * img.height * 3 {
-                return Err(Error::Image(format!("invalid image: {} x {} with {} bytes", img.width, img.height, img.data.len())));
+                return Err(Error::Image(format!(
+                    "invalid image: {} x {} with {} bytes",
+                    img.width,
+                    img.height,
+                    img.data.len()
+                )));
             }
             let info = ResizeInfo::new(img.height, img.width, s)?;
             normalize_pad(&resize_image(img, &info)?, &info, &mut v);
@@ -177,24 +216,58 @@ impl Predictor {
         Ok((Tensor::from_f32(v, &[images.len(), 3, s, s]), infos))
     }
 
-    fn decode(&self, f: &Features, index: usize, info: &ResizeInfo, boxes: &[[f32; 4]]) -> Result<Prediction> {
+    fn decode(
+        &self,
+        f: &Features,
+        index: usize,
+        info: &ResizeInfo,
+        boxes: &[[f32; 4]],
+    ) -> Result<Prediction> {
         check_boxes(boxes, info)?;
-        let model_boxes: Vec<[f32; 4]> = boxes.iter().map(|b| box_to_model_frame(*b, info)).collect();
-        let low = match (&self.backend, f) {
-            (Backend::Cpu(m), Features::Cpu(f)) => m.decode(f, index, &model_boxes, &mut Trace::default())?,
-            (Backend::Cuda(c), Features::Cuda(f)) => c.model.decode(&c.dev, &c.blas, f, index, &model_boxes)?,
+        let model_boxes: Vec<[f32; 4]> =
+            boxes.iter().map(|b| box_to_model_frame(*b, info)).collect();
+        let (low, logits) = match (&self.backend, f) {
+            (Backend::Cpu(m), Features::Cpu(f)) => {
+                let low = m.decode(f, index, &model_boxes, &mut Trace::default())?;
+                let logits = postprocess(&low, info, self.config().img_size)?;
+                (low, logits)
+            }
+            (Backend::Cuda(c), Features::Cuda(f)) => {
+                // Post-processing on the device too: only the logits come back.
+                let low = c.model.decode(&c.dev, &c.blas, f, index, &model_boxes)?;
+                let logits = crate::ops::resize::cuda::postprocess(
+                    &c.dev,
+                    &low,
+                    info,
+                    self.config().img_size,
+                )?;
+                (low.download(&c.dev)?, logits.download(&c.dev)?)
+            }
             _ => return Err(Error::input("predict", "features from another backend")),
         };
-        let logits = postprocess(&low, info, self.config().img_size)?;
         let hw = info.orig_h * info.orig_w;
-        let masks = logits.as_f32()?.chunks(hw).map(|m| m.iter().map(|&v| v > 0.0).collect()).collect();
-        Ok(Prediction { width: info.orig_w, height: info.orig_h, masks, logits, low_res_logits: low, model_boxes })
+        let masks = logits
+            .as_f32()?
+            .chunks(hw)
+            .map(|m| m.iter().map(|&v| v > 0.0).collect())
+            .collect();
+        Ok(Prediction {
+            width: info.orig_w,
+            height: info.orig_h,
+            masks,
+            logits,
+            low_res_logits: low,
+            model_boxes,
+        })
     }
 }
 
 fn check_boxes(boxes: &[[f32; 4]], info: &ResizeInfo) -> Result<()> {
     if boxes.is_empty() {
-        return Err(Error::input("predict", "no boxes given: pass at least one (x0, y0, x1, y1)"));
+        return Err(Error::input(
+            "predict",
+            "no boxes given: pass at least one (x0, y0, x1, y1)",
+        ));
     }
     for (i, b) in boxes.iter().enumerate() {
         validate_box(i, *b, info)?;

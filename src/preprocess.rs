@@ -30,7 +30,13 @@ impl ResizeInfo {
         let scale = size as f64 / orig_h.max(orig_w) as f64;
         let new_h = ((orig_h as f64 * scale + 0.5) as usize).max(1);
         let new_w = ((orig_w as f64 * scale + 0.5) as usize).max(1);
-        Ok(ResizeInfo { orig_h, orig_w, new_h, new_w, size })
+        Ok(ResizeInfo {
+            orig_h,
+            orig_w,
+            new_h,
+            new_w,
+            size,
+        })
     }
 }
 
@@ -49,7 +55,8 @@ pub fn normalize_pad(resized: &[u8], info: &ResizeInfo, out: &mut Vec<f32>) {
     for y in 0..info.new_h {
         for x in 0..info.new_w {
             for c in 0..3 {
-                dst[c * s * s + y * s + x] = (resized[(y * info.new_w + x) * 3 + c] as f32 - PIXEL_MEAN[c]) / PIXEL_STD[c];
+                dst[c * s * s + y * s + x] =
+                    (resized[(y * info.new_w + x) * 3 + c] as f32 - PIXEL_MEAN[c]) / PIXEL_STD[c];
             }
         }
     }
@@ -67,7 +74,13 @@ pub fn preprocess(img: &RgbImage, size: usize) -> Result<(Tensor, ResizeInfo)> {
 /// Checks a box (x0, y0, x1, y1) in original pixels, max exclusive:
 /// finite, 0 <= x0 < x1 <= W, 0 <= y0 < y1 <= H.
 pub fn validate_box(index: usize, b: [f32; 4], info: &ResizeInfo) -> Result<()> {
-    let err = |reason: String| Err(Error::InvalidBox { index, bbox: b, reason });
+    let err = |reason: String| {
+        Err(Error::InvalidBox {
+            index,
+            bbox: b,
+            reason,
+        })
+    };
     if b.iter().any(|v| !v.is_finite()) {
         return err("coordinates must be finite numbers".into());
     }
@@ -76,7 +89,10 @@ pub fn validate_box(index: usize, b: [f32; 4], info: &ResizeInfo) -> Result<()> 
     }
     let (w, h) = (info.orig_w as f32, info.orig_h as f32);
     if b[0] < 0.0 || b[1] < 0.0 || b[2] > w || b[3] > h {
-        return err(format!("outside the {} x {} image (need 0 <= x0 < x1 <= {}, 0 <= y0 < y1 <= {})", info.orig_w, info.orig_h, info.orig_w, info.orig_h));
+        return err(format!(
+            "outside the {} x {} image (need 0 <= x0 < x1 <= {}, 0 <= y0 < y1 <= {})",
+            info.orig_w, info.orig_h, info.orig_w, info.orig_h
+        ));
     }
     Ok(())
 }
@@ -128,13 +144,27 @@ pub fn box_from_mask(mask: &Mask) -> Option<[f32; 4]> {
             best = Some((area, bb));
         }
     }
-    best.map(|(_, b)| [b[0] as f32, b[1] as f32, (b[2] + 1) as f32, (b[3] + 1) as f32])
+    best.map(|(_, b)| {
+        [
+            b[0] as f32,
+            b[1] as f32,
+            (b[2] + 1) as f32,
+            (b[3] + 1) as f32,
+        ]
+    })
 }
 
 /// Resizes a 0/1 mask like the image (PIL bilinear on uint8, rounded):
 /// new_h x new_w values in {0, 1}.
 pub fn resize_mask(mask: &Mask, info: &ResizeInfo) -> Result<Vec<u8>> {
-    resize_u8_pil_bilinear(&mask.data, mask.height, mask.width, 1, info.new_h, info.new_w)
+    resize_u8_pil_bilinear(
+        &mask.data,
+        mask.height,
+        mask.width,
+        1,
+        info.new_h,
+        info.new_w,
+    )
 }
 
 #[cfg(test)]
@@ -155,9 +185,17 @@ mod tests {
             }
         }
         data[8 * w + 8] = 1; // diagonal neighbour of (7,7): same component
-        let m = Mask { width: w, height: h, data };
+        let m = Mask {
+            width: w,
+            height: h,
+            data,
+        };
         assert_eq!(box_from_mask(&m), Some([5.0, 5.0, 9.0, 9.0]));
-        let empty = Mask { width: 3, height: 3, data: vec![0; 9] };
+        let empty = Mask {
+            width: 3,
+            height: 3,
+            data: vec![0; 9],
+        };
         assert_eq!(box_from_mask(&empty), None);
     }
 
@@ -172,8 +210,17 @@ mod tests {
     #[test]
     fn bad_boxes_are_typed_errors() {
         let i = ResizeInfo::new(100, 200, 256).unwrap();
-        for b in [[10., 10., 5., 20.], [f32::NAN, 0., 5., 5.], [0., 0., 201., 50.], [-1., 0., 5., 5.], [3., 3., 3., 9.]] {
-            assert!(matches!(validate_box(0, b, &i), Err(Error::InvalidBox { .. })), "{b:?}");
+        for b in [
+            [10., 10., 5., 20.],
+            [f32::NAN, 0., 5., 5.],
+            [0., 0., 201., 50.],
+            [-1., 0., 5., 5.],
+            [3., 3., 3., 9.],
+        ] {
+            assert!(
+                matches!(validate_box(0, b, &i), Err(Error::InvalidBox { .. })),
+                "{b:?}"
+            );
         }
         assert!(validate_box(0, [0., 0., 200., 100.], &i).is_ok());
     }

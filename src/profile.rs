@@ -3,8 +3,8 @@
 //! relaxed atomic load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 static STATE: AtomicU8 = AtomicU8::new(0); // 0 unknown, 1 off, 2 on
@@ -29,7 +29,10 @@ pub struct Scope {
 
 /// Times the enclosing block under `name` when profiling is on.
 pub fn scope(name: &'static str) -> Scope {
-    Scope { name, start: enabled().then(Instant::now) }
+    Scope {
+        name,
+        start: enabled().then(Instant::now),
+    }
 }
 
 impl Drop for Scope {
@@ -37,7 +40,10 @@ impl Drop for Scope {
         if let Some(s) = self.start {
             let d = s.elapsed();
             if let Ok(mut t) = TOTALS.lock() {
-                let e = t.get_or_insert_with(HashMap::new).entry(self.name).or_default();
+                let e = t
+                    .get_or_insert_with(HashMap::new)
+                    .entry(self.name)
+                    .or_default();
                 e.0 += d;
                 e.1 += 1;
             }
@@ -49,7 +55,13 @@ impl Drop for Scope {
 pub fn take_report() -> Vec<(&'static str, Duration, u64)> {
     let mut v: Vec<_> = TOTALS
         .lock()
-        .map(|mut t| t.take().unwrap_or_default().into_iter().map(|(k, (d, n))| (k, d, n)).collect())
+        .map(|mut t| {
+            t.take()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, (d, n))| (k, d, n))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort_by(|a, b| b.1.cmp(&a.1));
     v

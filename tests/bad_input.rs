@@ -6,8 +6,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use sam_unet::io::image::{read_mask, read_rgb, RgbImage};
 use sam_unet::io::Weights;
+use sam_unet::io::image::{RgbImage, read_mask, read_rgb};
 use sam_unet::model::{SamUnet, SamUnetConfig};
 use sam_unet::{Device, Error, Predictor, PredictorOptions, Tensor};
 
@@ -39,9 +39,15 @@ fn image(w: usize, h: usize) -> RgbImage {
 fn corrupt_and_truncated_weights_files() {
     let p = tmp("garbage.safetensors");
     std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap();
-    assert!(matches!(Weights::from_file(&p), Err(Error::WeightsFile { .. })));
+    assert!(matches!(
+        Weights::from_file(&p),
+        Err(Error::WeightsFile { .. })
+    ));
     std::fs::write(&p, b"").unwrap();
-    assert!(matches!(Weights::from_file(&p), Err(Error::WeightsFile { .. })));
+    assert!(matches!(
+        Weights::from_file(&p),
+        Err(Error::WeightsFile { .. })
+    ));
     // A valid file cut in the middle of its data.
     let good = tmp("good.safetensors");
     small_weights().save(&good).unwrap();
@@ -53,7 +59,10 @@ fn corrupt_and_truncated_weights_files() {
     // Round trip of the good one builds a model.
     let w = Weights::from_file(&good).unwrap();
     assert!(SamUnet::from_weights(&w).is_ok());
-    assert!(matches!(Weights::from_file(tmp("does-not-exist.safetensors")), Err(Error::Io { .. })));
+    assert!(matches!(
+        Weights::from_file(tmp("does-not-exist.safetensors")),
+        Err(Error::Io { .. })
+    ));
 }
 
 #[test]
@@ -61,9 +70,17 @@ fn missing_unexpected_and_misshaped_tensors_are_named() {
     let name = "mask_decoder.hf_mlp.layers.2.weight";
     let mut w = small_weights();
     w.insert(name, Tensor::zeros([31, 256]));
-    let e = SamUnet::from_weights(&w).err().expect("mis-shaped tensor accepted");
+    let e = SamUnet::from_weights(&w)
+        .err()
+        .expect("mis-shaped tensor accepted");
     let msg = e.to_string();
-    assert!(matches!(e, Error::TensorShape { .. }) && msg.contains(name) && msg.contains("[31, 256]") && msg.contains("[32, 256]"), "{msg}");
+    assert!(
+        matches!(e, Error::TensorShape { .. })
+            && msg.contains(name)
+            && msg.contains("[31, 256]")
+            && msg.contains("[32, 256]"),
+        "{msg}"
+    );
 
     let mut w2 = Weights::new();
     for (n, t) in small_weights().iter() {
@@ -71,17 +88,30 @@ fn missing_unexpected_and_misshaped_tensors_are_named() {
             w2.insert(n, t.clone());
         }
     }
-    let e = SamUnet::from_weights(&w2).err().expect("missing tensor accepted");
-    assert!(matches!(&e, Error::MissingTensor { name, .. } if name == "resnet.stage3.1.bn2.running_var"), "{e}");
+    let e = SamUnet::from_weights(&w2)
+        .err()
+        .expect("missing tensor accepted");
+    assert!(
+        matches!(&e, Error::MissingTensor { name, .. } if name == "resnet.stage3.1.bn2.running_var"),
+        "{e}"
+    );
 
     let mut w3 = small_weights();
     w3.insert("mask_decoder.iou_token.weight", Tensor::zeros([1, 256]));
-    let e = SamUnet::from_weights(&w3).err().expect("unexpected tensor accepted");
-    assert!(matches!(&e, Error::UnexpectedTensor { name, .. } if name == "mask_decoder.iou_token.weight"), "{e}");
+    let e = SamUnet::from_weights(&w3)
+        .err()
+        .expect("unexpected tensor accepted");
+    assert!(
+        matches!(&e, Error::UnexpectedTensor { name, .. } if name == "mask_decoder.iou_token.weight"),
+        "{e}"
+    );
 
     // A configuration the model cannot have.
     let mut w4 = small_weights();
-    w4.insert("image_encoder.sam_img_encoder.patch_embed.proj.weight", Tensor::zeros([128, 4, 16, 16]));
+    w4.insert(
+        "image_encoder.sam_img_encoder.patch_embed.proj.weight",
+        Tensor::zeros([128, 4, 16, 16]),
+    );
     assert!(matches!(SamUnet::from_weights(&w4), Err(Error::Config(_))));
     assert!(SamUnet::from_weights(&Weights::new()).is_err());
 }
@@ -89,36 +119,71 @@ fn missing_unexpected_and_misshaped_tensors_are_named() {
 #[test]
 fn bad_images() {
     assert!(matches!(RgbImage::new(0, 10, vec![]), Err(Error::Image(_))));
-    assert!(matches!(RgbImage::new(4, 4, vec![0; 5]), Err(Error::Image(_))));
+    assert!(matches!(
+        RgbImage::new(4, 4, vec![0; 5]),
+        Err(Error::Image(_))
+    ));
     let p = tmp("not-an-image.png");
     std::fs::write(&p, b"\x89PNG\r\n\x1a\n this is not a png").unwrap();
     assert!(matches!(read_rgb(&p), Err(Error::Image(_))));
     assert!(matches!(read_mask(&p), Err(Error::Image(_))));
-    assert!(matches!(read_rgb(tmp("missing.png")), Err(Error::Io { .. })));
+    assert!(matches!(
+        read_rgb(tmp("missing.png")),
+        Err(Error::Io { .. })
+    ));
     // An image struct made by hand with inconsistent fields.
-    let p = Predictor::new(SamUnet::from_weights(&small_weights()).unwrap(), PredictorOptions::default()).unwrap();
-    let bogus = RgbImage { width: 0, height: 0, data: vec![] };
-    assert!(p.predict_batch(&[bogus], &[vec![[0.0, 0.0, 1.0, 1.0]]]).is_err());
+    let p = Predictor::new(
+        SamUnet::from_weights(&small_weights()).unwrap(),
+        PredictorOptions::default(),
+    )
+    .unwrap();
+    let bogus = RgbImage {
+        width: 0,
+        height: 0,
+        data: vec![],
+    };
+    assert!(
+        p.predict_batch(&[bogus], &[vec![[0.0, 0.0, 1.0, 1.0]]])
+            .is_err()
+    );
 }
 
 #[test]
 fn bad_boxes_and_calls() {
-    let mut p = Predictor::new(SamUnet::from_weights(&small_weights()).unwrap(), PredictorOptions::default()).unwrap();
-    assert!(matches!(p.predict(&[[0.0, 0.0, 5.0, 5.0]]), Err(Error::InvalidInput { .. })), "predict before set_image");
+    let mut p = Predictor::new(
+        SamUnet::from_weights(&small_weights()).unwrap(),
+        PredictorOptions::default(),
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            p.predict(&[[0.0, 0.0, 5.0, 5.0]]),
+            Err(Error::InvalidInput { .. })
+        ),
+        "predict before set_image"
+    );
     p.set_image(&image(64, 48)).unwrap();
     for b in [
-        [10.0, 10.0, 5.0, 20.0],       // inverted
-        [10.0, 10.0, 10.0, 20.0],      // empty
-        [f32::NAN, 0.0, 5.0, 5.0],     // NaN
+        [10.0, 10.0, 5.0, 20.0],        // inverted
+        [10.0, 10.0, 10.0, 20.0],       // empty
+        [f32::NAN, 0.0, 5.0, 5.0],      // NaN
         [0.0, 0.0, f32::INFINITY, 5.0], // infinite
-        [0.0, 0.0, 65.0, 10.0],        // past the right edge
-        [-3.0, 0.0, 10.0, 10.0],       // before the left edge
-        [0.0, 40.0, 10.0, 49.0],       // past the bottom
+        [0.0, 0.0, 65.0, 10.0],         // past the right edge
+        [-3.0, 0.0, 10.0, 10.0],        // before the left edge
+        [0.0, 40.0, 10.0, 49.0],        // past the bottom
     ] {
-        assert!(matches!(p.predict(&[[1.0, 1.0, 9.0, 9.0], b]), Err(Error::InvalidBox { index: 1, .. })), "{b:?}");
+        assert!(
+            matches!(
+                p.predict(&[[1.0, 1.0, 9.0, 9.0], b]),
+                Err(Error::InvalidBox { index: 1, .. })
+            ),
+            "{b:?}"
+        );
     }
     assert!(matches!(p.predict(&[]), Err(Error::InvalidInput { .. })));
-    let ok = p.predict(&[[0.0, 0.0, 64.0, 48.0], [3.0, 4.0, 20.0, 30.0]]).unwrap();
+    let ok = p
+        .predict(&[[0.0, 0.0, 64.0, 48.0], [3.0, 4.0, 20.0, 30.0]])
+        .unwrap();
     assert_eq!((ok.masks.len(), ok.width, ok.height), (2, 64, 48));
     assert_eq!(ok.logits.dims(), &[2, 1, 48, 64]);
     assert_eq!(ok.low_res_logits.dims(), &[2, 1, 64, 64]);
@@ -131,10 +196,36 @@ fn bad_boxes_and_calls() {
 fn unavailable_devices_and_dtypes_are_errors() {
     let m = || SamUnet::from_weights(&small_weights()).unwrap();
     // This machine may or may not have a GPU; a device that cannot exist always fails cleanly.
-    let e = Predictor::from_weights(&small_weights(), PredictorOptions { device: Device::Cuda(999), dtype: sam_unet::DType::F32 }).err().unwrap();
+    let e = Predictor::from_weights(
+        &small_weights(),
+        PredictorOptions {
+            device: Device::Cuda(999),
+            dtype: sam_unet::DType::F32,
+        },
+    )
+    .err()
+    .unwrap();
     assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
-    assert!(Predictor::new(m(), PredictorOptions { device: Device::Cuda(0), dtype: sam_unet::DType::F32 }).is_err());
-    assert!(Predictor::new(m(), PredictorOptions { device: Device::Cpu, dtype: sam_unet::DType::BF16 }).is_err());
+    assert!(
+        Predictor::new(
+            m(),
+            PredictorOptions {
+                device: Device::Cuda(0),
+                dtype: sam_unet::DType::F32
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        Predictor::new(
+            m(),
+            PredictorOptions {
+                device: Device::Cpu,
+                dtype: sam_unet::DType::BF16
+            }
+        )
+        .is_err()
+    );
     assert!("cuda:x".parse::<Device>().is_err());
     assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
 }
@@ -144,8 +235,13 @@ fn batch_equals_single_image_calls() {
     let model = SamUnet::from_weights(&small_weights()).unwrap();
     let mut p = Predictor::new(model, PredictorOptions::default()).unwrap();
     let (a, b) = (image(64, 48), image(30, 70));
-    let (ba, bb) = (vec![[2.0, 3.0, 40.0, 30.0]], vec![[1.0, 1.0, 20.0, 60.0], [5.0, 5.0, 25.0, 25.0]]);
-    let batch = p.predict_batch(&[a.clone(), b.clone()], &[ba.clone(), bb.clone()]).unwrap();
+    let (ba, bb) = (
+        vec![[2.0, 3.0, 40.0, 30.0]],
+        vec![[1.0, 1.0, 20.0, 60.0], [5.0, 5.0, 25.0, 25.0]],
+    );
+    let batch = p
+        .predict_batch(&[a.clone(), b.clone()], &[ba.clone(), bb.clone()])
+        .unwrap();
     p.set_image(&a).unwrap();
     let sa = p.predict(&ba).unwrap();
     p.set_image(&b).unwrap();

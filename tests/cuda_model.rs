@@ -4,8 +4,8 @@
 //! 99.5 % of mask pixels equal. Own harness: without a GPU it prints why each test
 //! is skipped; SAM_UNET_REQUIRE_GPU=1 makes a missing GPU a failure.
 
-use sam_unet::io::image::RgbImage;
 use sam_unet::io::Weights;
+use sam_unet::io::image::RgbImage;
 use sam_unet::model::SamUnetConfig;
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
@@ -13,7 +13,12 @@ mod kernel_check;
 use kernel_check::rel_l2;
 
 fn image(w: usize, h: usize) -> RgbImage {
-    RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 37 / 3) % 251) as u8).collect()).unwrap()
+    RgbImage::new(
+        w,
+        h,
+        (0..w * h * 3).map(|i| ((i * 37 / 3) % 251) as u8).collect(),
+    )
+    .unwrap()
 }
 
 fn compare(name: &str, w: &Weights, img: &RgbImage, boxes: &[[f32; 4]]) {
@@ -21,15 +26,36 @@ fn compare(name: &str, w: &Weights, img: &RgbImage, boxes: &[[f32; 4]]) {
     cpu.set_image(img).unwrap();
     let want = cpu.predict(boxes).unwrap();
     for dt in [DType::F32, DType::BF16] {
-        let mut gpu = Predictor::from_weights(w, PredictorOptions { device: Device::Cuda(0), dtype: dt }).unwrap();
+        let mut gpu = Predictor::from_weights(
+            w,
+            PredictorOptions {
+                device: Device::Cuda(0),
+                dtype: dt,
+            },
+        )
+        .unwrap();
         gpu.set_image(img).unwrap();
         let got = gpu.predict(boxes).unwrap();
         let rel = rel_l2(got.logits.as_f32().unwrap(), want.logits.as_f32().unwrap());
-        let same = got.masks.iter().flatten().zip(want.masks.iter().flatten()).filter(|(a, b)| a == b).count() as f64 / (want.masks.len() * want.width * want.height) as f64;
-        println!("{name} {}: logits relative L2 {rel:.2e}, {:.3} % of mask pixels equal", dt.name(), same * 100.0);
+        let same = got
+            .masks
+            .iter()
+            .flatten()
+            .zip(want.masks.iter().flatten())
+            .filter(|(a, b)| a == b)
+            .count() as f64
+            / (want.masks.len() * want.width * want.height) as f64;
+        println!(
+            "{name} {}: logits relative L2 {rel:.2e}, {:.3} % of mask pixels equal",
+            dt.name(),
+            same * 100.0
+        );
         match dt {
             DType::F32 => assert!(rel <= 1e-4, "{name} f32: relative L2 {rel}"),
-            _ => assert!(rel <= 2e-2 && same >= 0.995, "{name} bf16: relative L2 {rel}, masks {same}"),
+            _ => assert!(
+                rel <= 2e-2 && same >= 0.995,
+                "{name} bf16: relative L2 {rel}, masks {same}"
+            ),
         }
     }
 }
@@ -38,23 +64,50 @@ fn small34() {
     let dir = std::env::var("SAM_UNET_FIXTURES").unwrap_or_else(|_| "../shared/fixtures".into());
     let p = std::path::Path::new(&dir).join("small34_weights.safetensors");
     if !p.exists() {
-        println!("small34 fixture not found at {} (set SAM_UNET_FIXTURES); using a random small model", p.display());
+        println!(
+            "small34 fixture not found at {} (set SAM_UNET_FIXTURES); using a random small model",
+            p.display()
+        );
         let mut c = SamUnetConfig::named("sam-unet-34").unwrap();
         c.vit_dim = 128;
         c.vit_heads = 2;
         c.vit_mlp_dim = 512;
-        return compare("small random", &c.random_weights(3), &image(181, 258), &[[10.0, 20.0, 150.0, 200.0], [40.0, 5.0, 90.0, 250.0]]);
+        return compare(
+            "small random",
+            &c.random_weights(3),
+            &image(181, 258),
+            &[[10.0, 20.0, 150.0, 200.0], [40.0, 5.0, 90.0, 250.0]],
+        );
     }
-    compare("small34", &Weights::from_file(p).unwrap(), &image(181, 258), &[[10.0, 20.0, 150.0, 200.0], [40.0, 5.0, 90.0, 250.0]]);
+    compare(
+        "small34",
+        &Weights::from_file(p).unwrap(),
+        &image(181, 258),
+        &[[10.0, 20.0, 150.0, 200.0], [40.0, 5.0, 90.0, 250.0]],
+    );
 }
 
 fn sam_unet_50_random() {
-    let w = SamUnetConfig::named("sam-unet-50").unwrap().random_weights(1);
-    compare("sam-unet-50 random", &w, &image(512, 512), &[[30.0, 40.0, 300.0, 260.0], [100.0, 100.0, 400.0, 500.0], [0.0, 0.0, 512.0, 512.0]]);
+    let w = SamUnetConfig::named("sam-unet-50")
+        .unwrap()
+        .random_weights(1);
+    compare(
+        "sam-unet-50 random",
+        &w,
+        &image(512, 512),
+        &[
+            [30.0, 40.0, 300.0, 260.0],
+            [100.0, 100.0, 400.0, 500.0],
+            [0.0, 0.0, 512.0, 512.0],
+        ],
+    );
 }
 
 fn main() {
-    let tests: &[(&str, fn())] = &[("cuda_model_small34", small34), ("cuda_model_sam_unet_50_random", sam_unet_50_random)];
+    let tests: &[(&str, fn())] = &[
+        ("cuda_model_small34", small34),
+        ("cuda_model_sam_unet_50_random", sam_unet_50_random),
+    ];
     if let Err(e) = sam_unet::cuda::CudaDevice::new(0) {
         if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
             println!("test cuda_device ... FAILED (SAM_UNET_REQUIRE_GPU=1 but {e})");

@@ -4,10 +4,10 @@
 //! in `cargo test` output); under SAM_UNET_REQUIRE_GPU=1 (the GPU check script) a
 //! missing GPU is a failure.
 
+use sam_unet::Tensor;
 use sam_unet::cuda::CudaDevice;
 use sam_unet::ops::activation::{self, Act};
 use sam_unet::ops::norm;
-use sam_unet::Tensor;
 
 mod kernel_check;
 use kernel_check::{assert_close, rand, rel_l2};
@@ -21,23 +21,74 @@ type TestFn = fn();
 fn main() {
     // (name, needs a GPU, test)
     let tests: &[(&str, bool, TestFn)] = &[
-        ("cuda_gelu_relu_add_match_cpu", true, cuda_gelu_relu_add_match_cpu),
-        ("cuda_layer_norm_matches_cpu", true, cuda_layer_norm_matches_cpu),
-        ("cuda_rel_pos_attention_matches_cpu", true, cuda_rel_pos_attention_matches_cpu),
-        ("cuda_linear_cublas_matches_cpu", true, cuda_linear_cublas_matches_cpu),
-        ("cuda_vit_block_matches_cpu_f32_and_bf16", true, cuda_vit_block_matches_cpu_f32_and_bf16),
-        ("cuda_layer_norm2d_matches_cpu", true, cuda_layer_norm2d_matches_cpu),
+        (
+            "cuda_gelu_relu_add_match_cpu",
+            true,
+            cuda_gelu_relu_add_match_cpu,
+        ),
+        (
+            "cuda_layer_norm_matches_cpu",
+            true,
+            cuda_layer_norm_matches_cpu,
+        ),
+        (
+            "cuda_rel_pos_attention_matches_cpu",
+            true,
+            cuda_rel_pos_attention_matches_cpu,
+        ),
+        (
+            "cuda_linear_cublas_matches_cpu",
+            true,
+            cuda_linear_cublas_matches_cpu,
+        ),
+        (
+            "cuda_vit_block_matches_cpu_f32_and_bf16",
+            true,
+            cuda_vit_block_matches_cpu_f32_and_bf16,
+        ),
+        (
+            "cuda_layer_norm2d_matches_cpu",
+            true,
+            cuda_layer_norm2d_matches_cpu,
+        ),
         ("cuda_conv2d_matches_cpu", true, cuda_conv2d_matches_cpu),
-        ("cuda_conv_transpose2d_and_pool_match_cpu", true, cuda_conv_transpose2d_and_pool_match_cpu),
+        (
+            "cuda_conv_transpose2d_and_pool_match_cpu",
+            true,
+            cuda_conv_transpose2d_and_pool_match_cpu,
+        ),
         ("cuda_layout_matches_cpu", true, cuda_layout_matches_cpu),
-        ("cuda_decoder_attention_matches_cpu", true, cuda_decoder_attention_matches_cpu),
-        ("cuda_reports_clear_errors", false, cuda_reports_clear_errors),
+        (
+            "cuda_decoder_attention_matches_cpu",
+            true,
+            cuda_decoder_attention_matches_cpu,
+        ),
+        (
+            "cuda_postprocess_box_tokens_repeat_match_cpu",
+            true,
+            cuda_postprocess_box_tokens_repeat_match_cpu,
+        ),
+        (
+            "cuda_reports_clear_errors",
+            false,
+            cuda_reports_clear_errors,
+        ),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let selected: Vec<_> = tests.iter().filter(|(n, _, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str()))).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(n, _, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str())))
+        .collect();
     let gpu = match CudaDevice::new(0) {
         Ok(d) => {
-            println!("running {} CUDA tests on cuda:0 ({})", selected.len(), d.name());
+            println!(
+                "running {} CUDA tests on cuda:0 ({})",
+                selected.len(),
+                d.name()
+            );
             true
         }
         Err(e) => {
@@ -56,7 +107,10 @@ fn main() {
             continue;
         }
         let r = std::panic::catch_unwind(f);
-        println!("test {name} ... {}", if r.is_ok() { "ok" } else { "FAILED" });
+        println!(
+            "test {name} ... {}",
+            if r.is_ok() { "ok" } else { "FAILED" }
+        );
         failed += r.is_err() as usize;
     }
     if failed > 0 {
@@ -72,12 +126,16 @@ fn cuda_gelu_relu_add_match_cpu() {
     let xd = dev.upload(&x).unwrap();
     let xt = Tensor::from_vec(x.clone(), [n]).unwrap();
     for (a, name) in [(Act::Gelu, "gelu"), (Act::Relu, "relu")] {
-        let g = dev.download(&activation::cuda::act(&dev, &xd, a).unwrap()).unwrap();
+        let g = dev
+            .download(&activation::cuda::act(&dev, &xd, a).unwrap())
+            .unwrap();
         let c = activation::act(&xt, a).unwrap();
         assert_close(name, &g, c.as_f32().unwrap(), 1e-6, 1e-5);
     }
     let y = rand(n, 2, 3.0);
-    let g = dev.download(&activation::cuda::add(&dev, &xd, &dev.upload(&y).unwrap()).unwrap()).unwrap();
+    let g = dev
+        .download(&activation::cuda::add(&dev, &xd, &dev.upload(&y).unwrap()).unwrap())
+        .unwrap();
     let c = activation::add(&xt, &Tensor::from_vec(y, [n]).unwrap()).unwrap();
     assert_close("add", &g, c.as_f32().unwrap(), 0.0, 0.0);
 }
@@ -89,10 +147,30 @@ fn cuda_layer_norm_matches_cpu() {
         let x = rand(rows * c, 3, 4.0);
         let w = rand(c, 4, 1.0);
         let b = rand(c, 5, 1.0);
-        let g = norm::cuda::layer_norm(&dev, &dev.upload(&x).unwrap(), &dev.upload(&w).unwrap(), &dev.upload(&b).unwrap(), c, 1e-6).unwrap();
+        let g = norm::cuda::layer_norm(
+            &dev,
+            &dev.upload(&x).unwrap(),
+            &dev.upload(&w).unwrap(),
+            &dev.upload(&b).unwrap(),
+            c,
+            1e-6,
+        )
+        .unwrap();
         let g = dev.download(&g).unwrap();
-        let cpu = norm::layer_norm(&Tensor::from_vec(x, [rows, c]).unwrap(), &Tensor::from_vec(w, [c]).unwrap(), &Tensor::from_vec(b, [c]).unwrap(), 1e-6).unwrap();
-        assert_close(&format!("layer_norm {rows}x{c}"), &g, cpu.as_f32().unwrap(), 1e-5, 1e-5);
+        let cpu = norm::layer_norm(
+            &Tensor::from_vec(x, [rows, c]).unwrap(),
+            &Tensor::from_vec(w, [c]).unwrap(),
+            &Tensor::from_vec(b, [c]).unwrap(),
+            1e-6,
+        )
+        .unwrap();
+        assert_close(
+            &format!("layer_norm {rows}x{c}"),
+            &g,
+            cpu.as_f32().unwrap(),
+            1e-5,
+            1e-5,
+        );
     }
 }
 
@@ -130,8 +208,22 @@ fn cuda_rel_pos_attention_matches_cpu() {
         .unwrap();
         let gpu = dev.download(&gpu).unwrap();
         let t = |v: &Vec<f32>, dims: Vec<usize>| Tensor::from_vec(v.clone(), dims).unwrap();
-        let cpu = sam_unet::ops::attention::rel_pos_attention(&t(&qkv, vec![b, g, g, 3 * d]), &t(&bias, vec![3 * d]), &t(&rh, vec![2 * s - 1, 64]), &t(&rw, vec![2 * s - 1, 64]), heads, window).unwrap();
-        assert_close(&format!("rel_pos_attention window {window}"), &gpu, cpu.as_f32().unwrap(), 1e-5, 1e-4);
+        let cpu = sam_unet::ops::attention::rel_pos_attention(
+            &t(&qkv, vec![b, g, g, 3 * d]),
+            &t(&bias, vec![3 * d]),
+            &t(&rh, vec![2 * s - 1, 64]),
+            &t(&rw, vec![2 * s - 1, 64]),
+            heads,
+            window,
+        )
+        .unwrap();
+        assert_close(
+            &format!("rel_pos_attention window {window}"),
+            &gpu,
+            cpu.as_f32().unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
 }
 
@@ -141,16 +233,38 @@ fn cuda_linear_cublas_matches_cpu() {
     let (m, k, n) = (256usize, 768usize, 2304usize);
     let (x, w) = (rand(m * k, 10, 1.0), rand(n * k, 11, 0.05));
     let mut y = dev.alloc(m * n).unwrap();
-    blas.linear_f32(dev.stream(), &dev.upload(&x).unwrap(), &dev.upload(&w).unwrap(), &mut y, m, n, k, false).unwrap();
+    blas.linear_f32(
+        dev.stream(),
+        &dev.upload(&x).unwrap(),
+        &dev.upload(&w).unwrap(),
+        &mut y,
+        m,
+        n,
+        k,
+        false,
+    )
+    .unwrap();
     let gpu = dev.download(&y).unwrap();
-    let cpu = sam_unet::ops::linear::linear(&Tensor::from_vec(x.clone(), [m, k]).unwrap(), &Tensor::from_vec(w.clone(), [n, k]).unwrap(), None).unwrap();
-    assert_close("linear f32 (cuBLAS, no TF32)", &gpu, cpu.as_f32().unwrap(), 1e-4, 1e-4);
+    let cpu = sam_unet::ops::linear::linear(
+        &Tensor::from_vec(x.clone(), [m, k]).unwrap(),
+        &Tensor::from_vec(w.clone(), [n, k]).unwrap(),
+        None,
+    )
+    .unwrap();
+    assert_close(
+        "linear f32 (cuBLAS, no TF32)",
+        &gpu,
+        cpu.as_f32().unwrap(),
+        1e-4,
+        1e-4,
+    );
     let mut y16 = dev.alloc(m * n).unwrap();
     let (x16, w16) = (
         sam_unet::ops::activation::cuda::to_bf16(&dev, &dev.upload(&x).unwrap()).unwrap(),
         sam_unet::ops::activation::cuda::to_bf16(&dev, &dev.upload(&w).unwrap()).unwrap(),
     );
-    blas.linear_bf16(dev.stream(), &x16, &w16, &mut y16, m, n, k, false).unwrap();
+    blas.linear_bf16(dev.stream(), &x16, &w16, &mut y16, m, n, k, false)
+        .unwrap();
     let gpu16 = dev.download(&y16).unwrap();
     let rel = rel_l2(&gpu16, cpu.as_f32().unwrap());
     println!("linear bf16 (f32 accumulate): relative L2 {rel:.2e}");
@@ -163,7 +277,10 @@ fn vitb_block_weights(window: usize) -> sam_unet::io::Weights {
     let s = if window == 0 { 16 } else { window };
     let mut w = sam_unet::io::Weights::new();
     let mut put = |n: &str, dims: Vec<usize>, seed: u64, scale: f32, offset: f32| {
-        let v: Vec<f32> = rand(dims.iter().product(), seed, scale).into_iter().map(|x| x + offset).collect();
+        let v: Vec<f32> = rand(dims.iter().product(), seed, scale)
+            .into_iter()
+            .map(|x| x + offset)
+            .collect();
         w.insert(format!("blk.{n}"), Tensor::from_vec(v, dims).unwrap());
     };
     put("norm1.weight", vec![d], 20, 0.2, 1.0);
@@ -190,20 +307,43 @@ fn cuda_vit_block_matches_cpu_f32_and_bf16() {
     let x = rand(b * g * g * d, 40, 2.0);
     for window in [14usize, 0] {
         let w = vitb_block_weights(window);
-        let cpu = sam_unet::model::image_encoder::Block::load(&w, "blk", 12, window).unwrap().forward(&Tensor::from_vec(x.clone(), [b, g, g, d]).unwrap()).unwrap();
+        let cpu = sam_unet::model::image_encoder::Block::load(&w, "blk", 12, window)
+            .unwrap()
+            .forward(&Tensor::from_vec(x.clone(), [b, g, g, d]).unwrap())
+            .unwrap();
         for dt in [sam_unet::DType::F32, sam_unet::DType::BF16] {
-            let blk = sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, window, dt).unwrap();
-            let y = dev.download(&blk.forward(&dev, &blas, &dev.upload(&x).unwrap(), b, g).unwrap()).unwrap();
+            let blk =
+                sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, window, dt).unwrap();
+            let y = dev
+                .download(
+                    &blk.forward(&dev, &blas, &dev.upload(&x).unwrap(), b, g)
+                        .unwrap(),
+                )
+                .unwrap();
             let rel = rel_l2(&y, cpu.as_f32().unwrap());
-            println!("vit block window {window} {}: relative L2 vs CPU {rel:.2e}", dt.name());
-            let tol = if dt == sam_unet::DType::F32 { 1e-5 } else { 2e-2 };
-            assert!(rel <= tol, "vit block window {window} {}: relative L2 {rel} > {tol}", dt.name());
+            println!(
+                "vit block window {window} {}: relative L2 vs CPU {rel:.2e}",
+                dt.name()
+            );
+            let tol = if dt == sam_unet::DType::F32 {
+                1e-5
+            } else {
+                2e-2
+            };
+            assert!(
+                rel <= tol,
+                "vit block window {window} {}: relative L2 {rel} > {tol}",
+                dt.name()
+            );
         }
     }
 }
 
 fn gpu_t(dev: &CudaDevice, v: &[f32], dims: &[usize]) -> sam_unet::cuda::GpuTensor {
-    sam_unet::cuda::GpuTensor { data: dev.upload(v).unwrap(), dims: dims.to_vec() }
+    sam_unet::cuda::GpuTensor {
+        data: dev.upload(v).unwrap(),
+        dims: dims.to_vec(),
+    }
 }
 
 fn cpu_t(v: &[f32], dims: &[usize]) -> Tensor {
@@ -215,10 +355,35 @@ fn cuda_layer_norm2d_matches_cpu() {
     // An adapter map and the decoder's mask feature for 16 boxes.
     for dims in [[1usize, 512, 32, 32], [16, 64, 64, 64]] {
         let n: usize = dims.iter().product();
-        let (x, w, b) = (rand(n, 60, 3.0), rand(dims[1], 61, 1.0), rand(dims[1], 62, 1.0));
-        let g = norm::cuda::layer_norm2d(&dev, &gpu_t(&dev, &x, &dims), &dev.upload(&w).unwrap(), &dev.upload(&b).unwrap(), 1e-6, Act::Gelu).unwrap();
-        let c = norm::layer_norm2d(&cpu_t(&x, &dims), &cpu_t(&w, &[dims[1]]), &cpu_t(&b, &[dims[1]]), 1e-6, Act::Gelu).unwrap();
-        assert_close(&format!("layer_norm2d+gelu {dims:?}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-5, 1e-4);
+        let (x, w, b) = (
+            rand(n, 60, 3.0),
+            rand(dims[1], 61, 1.0),
+            rand(dims[1], 62, 1.0),
+        );
+        let g = norm::cuda::layer_norm2d(
+            &dev,
+            &gpu_t(&dev, &x, &dims),
+            &dev.upload(&w).unwrap(),
+            &dev.upload(&b).unwrap(),
+            1e-6,
+            Act::Gelu,
+        )
+        .unwrap();
+        let c = norm::layer_norm2d(
+            &cpu_t(&x, &dims),
+            &cpu_t(&w, &[dims[1]]),
+            &cpu_t(&b, &[dims[1]]),
+            1e-6,
+            Act::Gelu,
+        )
+        .unwrap();
+        assert_close(
+            &format!("layer_norm2d+gelu {dims:?}"),
+            &dev.download(&g.data).unwrap(),
+            c.as_f32().unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
 }
 
@@ -237,13 +402,48 @@ fn cuda_conv2d_matches_cpu() {
     for (i, (xd, wd, s, p, res)) in cases.iter().enumerate() {
         let (nx, nw) = (xd.iter().product::<usize>(), wd.iter().product::<usize>());
         let fan = (wd[1] * wd[2] * wd[3]) as f32;
-        let (x, w, b) = (rand(nx, 70 + i as u64, 1.0), rand(nw, 80 + i as u64, 1.0 / fan.sqrt()), rand(wd[0], 90 + i as u64, 0.5));
+        let (x, w, b) = (
+            rand(nx, 70 + i as u64, 1.0),
+            rand(nw, 80 + i as u64, 1.0 / fan.sqrt()),
+            rand(wd[0], 90 + i as u64, 0.5),
+        );
         let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
         let od = [xd[0], wd[0], ho, ho];
         let r = rand(od.iter().product(), 95, 1.0);
-        let g = conv::cuda::conv2d(&dev, &blas, &gpu_t(&dev, &x, xd), &dev.upload(&w).unwrap(), Some(&dev.upload(&b).unwrap()), wd[0], wd[2], wd[3], *s, *p, res.then(|| gpu_t(&dev, &r, &od)).as_ref(), Act::Relu).unwrap();
-        let c = conv::conv2d(&cpu_t(&x, xd), &cpu_t(&w, wd), Some(&cpu_t(&b, &[wd[0]])), Conv2dArgs { stride: *s, padding: *p }, res.then(|| cpu_t(&r, &od)).as_ref(), Act::Relu).unwrap();
-        assert_close(&format!("conv2d {xd:?} * {wd:?} s{s} p{p} residual {res}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-4, 1e-4);
+        let g = conv::cuda::conv2d(
+            &dev,
+            &blas,
+            &gpu_t(&dev, &x, xd),
+            &dev.upload(&w).unwrap(),
+            Some(&dev.upload(&b).unwrap()),
+            wd[0],
+            wd[2],
+            wd[3],
+            *s,
+            *p,
+            res.then(|| gpu_t(&dev, &r, &od)).as_ref(),
+            Act::Relu,
+        )
+        .unwrap();
+        let c = conv::conv2d(
+            &cpu_t(&x, xd),
+            &cpu_t(&w, wd),
+            Some(&cpu_t(&b, &[wd[0]])),
+            Conv2dArgs {
+                stride: *s,
+                padding: *p,
+            },
+            res.then(|| cpu_t(&r, &od)).as_ref(),
+            Act::Relu,
+        )
+        .unwrap();
+        assert_close(
+            &format!("conv2d {xd:?} * {wd:?} s{s} p{p} residual {res}"),
+            &dev.download(&g.data).unwrap(),
+            c.as_f32().unwrap(),
+            1e-4,
+            1e-4,
+        );
     }
 }
 
@@ -251,17 +451,55 @@ fn cuda_conv_transpose2d_and_pool_match_cpu() {
     use sam_unet::ops::conv;
     let dev = device().expect("a GPU was found at start");
     let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
-    for (i, (xd, wd)) in [([1usize, 768, 16, 16], [768usize, 256, 2, 2]), ([16, 64, 32, 32], [64, 32, 2, 2])].iter().enumerate() {
-        let (x, w, b) = (rand(xd.iter().product(), 100 + i as u64, 1.0), rand(wd.iter().product(), 110 + i as u64, 0.05), rand(wd[1], 120, 0.5));
-        let g = conv::cuda::conv_transpose2d(&dev, &blas, &gpu_t(&dev, &x, xd), &dev.upload(&w).unwrap(), Some(&dev.upload(&b).unwrap()), wd[1], 2, Act::Gelu).unwrap();
-        let c = conv::conv_transpose2d(&cpu_t(&x, xd), &cpu_t(&w, wd), Some(&cpu_t(&b, &[wd[1]])), Act::Gelu).unwrap();
-        assert_close(&format!("conv_transpose2d {xd:?} * {wd:?}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-4, 1e-4);
+    for (i, (xd, wd)) in [
+        ([1usize, 768, 16, 16], [768usize, 256, 2, 2]),
+        ([16, 64, 32, 32], [64, 32, 2, 2]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (x, w, b) = (
+            rand(xd.iter().product(), 100 + i as u64, 1.0),
+            rand(wd.iter().product(), 110 + i as u64, 0.05),
+            rand(wd[1], 120, 0.5),
+        );
+        let g = conv::cuda::conv_transpose2d(
+            &dev,
+            &blas,
+            &gpu_t(&dev, &x, xd),
+            &dev.upload(&w).unwrap(),
+            Some(&dev.upload(&b).unwrap()),
+            wd[1],
+            2,
+            Act::Gelu,
+        )
+        .unwrap();
+        let c = conv::conv_transpose2d(
+            &cpu_t(&x, xd),
+            &cpu_t(&w, wd),
+            Some(&cpu_t(&b, &[wd[1]])),
+            Act::Gelu,
+        )
+        .unwrap();
+        assert_close(
+            &format!("conv_transpose2d {xd:?} * {wd:?}"),
+            &dev.download(&g.data).unwrap(),
+            c.as_f32().unwrap(),
+            1e-4,
+            1e-4,
+        );
     }
     let dims = [1usize, 64, 128, 128];
     let x = rand(dims.iter().product(), 130, 2.0);
     let g = conv::cuda::max_pool2d(&dev, &gpu_t(&dev, &x, &dims), 3, 2, 1).unwrap();
     let c = conv::max_pool2d(&cpu_t(&x, &dims), 3, 2, 1).unwrap();
-    assert_close("max_pool2d", &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 0.0, 0.0);
+    assert_close(
+        "max_pool2d",
+        &dev.download(&g.data).unwrap(),
+        c.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
 }
 
 fn cuda_layout_matches_cpu() {
@@ -271,19 +509,131 @@ fn cuda_layout_matches_cpu() {
     let x = rand(dims.iter().product(), 140, 1.0);
     let g = layout::cuda::nchw_to_nhwc(&dev, &gpu_t(&dev, &x, &dims)).unwrap();
     let c = layout::nchw_to_nhwc(&cpu_t(&x, &dims)).unwrap();
-    assert_close("nchw_to_nhwc", &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 0.0, 0.0);
+    assert_close(
+        "nchw_to_nhwc",
+        &dev.download(&g.data).unwrap(),
+        c.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
     let back = layout::cuda::nhwc_to_nchw(&dev, &g).unwrap();
-    assert_close("nhwc_to_nchw", &dev.download(&back.data).unwrap(), &x, 0.0, 0.0);
+    assert_close(
+        "nhwc_to_nchw",
+        &dev.download(&back.data).unwrap(),
+        &x,
+        0.0,
+        0.0,
+    );
 }
 
 fn cuda_decoder_attention_matches_cpu() {
     use sam_unet::ops::attention;
     let dev = device().expect("a GPU was found at start");
     // self (3 tokens, width 256), token-to-image (3 vs 256, width 128), image-to-token.
-    for (n, lq, lk, i) in [(16usize, 3usize, 3usize, 256usize), (16, 3, 256, 128), (16, 256, 3, 128)] {
-        let (q, k, v) = (rand(n * lq * i, 150, 2.0), rand(n * lk * i, 151, 2.0), rand(n * lk * i, 152, 1.0));
-        let g = attention::cuda::mha(&dev, &gpu_t(&dev, &q, &[n, lq, i]), &gpu_t(&dev, &k, &[n, lk, i]), &gpu_t(&dev, &v, &[n, lk, i]), 8).unwrap();
-        let c = attention::attention(&cpu_t(&q, &[n, lq, i]), &cpu_t(&k, &[n, lk, i]), &cpu_t(&v, &[n, lk, i]), 8).unwrap();
-        assert_close(&format!("attention q {lq} k {lk} width {i}"), &dev.download(&g.data).unwrap(), c.as_f32().unwrap(), 1e-5, 1e-4);
+    for (n, lq, lk, i) in [
+        (16usize, 3usize, 3usize, 256usize),
+        (16, 3, 256, 128),
+        (16, 256, 3, 128),
+    ] {
+        let (q, k, v) = (
+            rand(n * lq * i, 150, 2.0),
+            rand(n * lk * i, 151, 2.0),
+            rand(n * lk * i, 152, 1.0),
+        );
+        let g = attention::cuda::mha(
+            &dev,
+            &gpu_t(&dev, &q, &[n, lq, i]),
+            &gpu_t(&dev, &k, &[n, lk, i]),
+            &gpu_t(&dev, &v, &[n, lk, i]),
+            8,
+        )
+        .unwrap();
+        let c = attention::attention(
+            &cpu_t(&q, &[n, lq, i]),
+            &cpu_t(&k, &[n, lk, i]),
+            &cpu_t(&v, &[n, lk, i]),
+            8,
+        )
+        .unwrap();
+        assert_close(
+            &format!("attention q {lq} k {lk} width {i}"),
+            &dev.download(&g.data).unwrap(),
+            c.as_f32().unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
+}
+
+fn cuda_postprocess_box_tokens_repeat_match_cpu() {
+    let dev = device().expect("a GPU was found at start");
+    // 16 boxes' low-res logits to a 512 x 342 image (resized to 256 x 171):
+    // bit-exact with the CPU (every rounding in the same order, no FMA).
+    let (n, g) = (16usize, 64usize);
+    let low = rand(n * g * g, 170, 20.0);
+    let info = sam_unet::preprocess::ResizeInfo {
+        orig_h: 512,
+        orig_w: 342,
+        new_h: 256,
+        new_w: 171,
+        size: 256,
+    };
+    let got = sam_unet::ops::resize::cuda::postprocess(
+        &dev,
+        &gpu_t(&dev, &low, &[n, 1, g, g]),
+        &info,
+        256,
+    )
+    .unwrap();
+    let want =
+        sam_unet::model::sam_unet::postprocess(&cpu_t(&low, &[n, 1, g, g]), &info, 256).unwrap();
+    assert_close(
+        "postprocess",
+        &dev.download(&got.data).unwrap(),
+        want.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+    // Box tokens for 32 boxes against the CPU encoder (sin / cos ulps apart).
+    let c = 256usize;
+    let gauss = rand(c, 180, 1.7);
+    let (med, e0, e1) = (rand(c, 181, 1.0), rand(c, 182, 1.0), rand(c, 183, 1.0));
+    let boxes: Vec<[f32; 4]> = (0..32)
+        .map(|i| {
+            let v = rand(4, 200 + i, 128.0);
+            [v[0] + 128.0, v[1] + 128.0, v[2] + 128.0, v[3] + 128.0]
+        })
+        .collect();
+    let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+    let up = |v: &[f32]| dev.upload(v).unwrap();
+    let tok = sam_unet::ops::prompt::cuda::box_tokens(
+        &dev,
+        &up(&flat),
+        &up(&gauss),
+        &up(&med),
+        &up(&e0),
+        &up(&e1),
+        256,
+    )
+    .unwrap();
+    let sparse = sam_unet::ops::prompt::embed_boxes(&boxes, &gauss, &e0, &e1, 256);
+    let want: Vec<f32> = (0..boxes.len())
+        .flat_map(|i| {
+            med.iter()
+                .chain(&sparse[i * 2 * c..(i + 1) * 2 * c])
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_close(
+        "box_tokens",
+        &dev.download(&tok.data).unwrap(),
+        &want,
+        1e-6,
+        1e-5,
+    );
+    let x = rand(256 * 256, 190, 1.0);
+    let r = sam_unet::ops::layout::cuda::repeat(&dev, &up(&x), 4, vec![4, 256, 256]).unwrap();
+    let want: Vec<f32> = (0..4).flat_map(|_| x.iter().copied()).collect();
+    assert_close("repeat", &dev.download(&r.data).unwrap(), &want, 0.0, 0.0);
 }

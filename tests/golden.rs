@@ -5,11 +5,13 @@
 mod common;
 
 use common::*;
-use sam_unet::io::image::{read_mask, read_rgb};
 use sam_unet::io::Weights;
+use sam_unet::io::image::{read_mask, read_rgb};
 use sam_unet::model::image_encoder::Block;
 use sam_unet::model::{SamUnet, SamUnetConfig, Trace};
-use sam_unet::preprocess::{box_from_mask, box_to_model_frame, preprocess, resize_image, resize_mask, ResizeInfo};
+use sam_unet::preprocess::{
+    ResizeInfo, box_from_mask, box_to_model_frame, preprocess, resize_image, resize_mask,
+};
 use sam_unet::{Predictor, PredictorOptions, Tensor};
 
 fn small34(dir: &std::path::Path) -> (Weights, SamUnet) {
@@ -21,23 +23,35 @@ fn small34(dir: &std::path::Path) -> (Weights, SamUnet) {
 #[test]
 fn small34_config_and_parameter_counts() {
     let Some(dir) = fixtures() else { return };
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(&dir, "small34_config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&dir, "small34_config.json")).unwrap(),
+    )
+    .unwrap();
     let (_, m) = small34(&dir);
     let c: &SamUnetConfig = &m.config;
     assert_eq!(c.vit_dim, cfg["vit_embed_dim"].as_u64().unwrap() as usize);
     assert_eq!(c.vit_heads, cfg["vit_num_heads"].as_u64().unwrap() as usize);
-    assert_eq!(c.window_size, cfg["vit_window_size"].as_u64().unwrap() as usize);
+    assert_eq!(
+        c.window_size,
+        cfg["vit_window_size"].as_u64().unwrap() as usize
+    );
     assert_eq!(c.img_size, cfg["img_size"].as_u64().unwrap() as usize);
     assert_eq!(c.resnet.name(), "ResNet-34");
     let (total, trainable) = c.parameter_counts();
     assert_eq!(total as u64, cfg["parameters_total"].as_u64().unwrap());
-    assert_eq!(trainable as u64, cfg["parameters_trainable"].as_u64().unwrap());
+    assert_eq!(
+        trainable as u64,
+        cfg["parameters_trainable"].as_u64().unwrap()
+    );
 }
 
 /// Reads the masks of a fixture's metadata (paths relative to data_demo).
 fn masks_of(fx: &Fixture, demo: &std::path::Path) -> Vec<sam_unet::io::image::Mask> {
     let names: Vec<String> = serde_json::from_str(&fx.meta["masks"]).unwrap();
-    names.iter().map(|n| read_mask(demo.join(n)).unwrap()).collect()
+    names
+        .iter()
+        .map(|n| read_mask(demo.join(n)).unwrap())
+        .collect()
 }
 
 fn run_small34_infer(name: &str) {
@@ -69,28 +83,56 @@ fn run_small34_infer(name: &str) {
     // Boxes from the masks' largest components.
     let masks = masks_of(&fx, &demo);
     let boxes: Vec<[f32; 4]> = masks.iter().map(|m| box_from_mask(m).unwrap()).collect();
-    let model_boxes: Vec<[f32; 4]> = boxes.iter().map(|b| box_to_model_frame(*b, &info)).collect();
+    let model_boxes: Vec<[f32; 4]> = boxes
+        .iter()
+        .map(|b| box_to_model_frame(*b, &info))
+        .collect();
     let want_boxes = &fx.f("boxes").1;
     assert_eq!(model_boxes.concat(), *want_boxes, "boxes in the 256 frame");
 
     // The image side on the reference's own input, every intermediate.
     let mut trace = Trace::on();
     let feats = model.encode_image(&fx.tensor("input"), &mut trace).unwrap();
-    let mut names: Vec<&str> = vec!["resnet.f1", "resnet.f2", "resnet.f3", "resnet.f4", "vit.patch_embed"];
+    let mut names: Vec<&str> = vec![
+        "resnet.f1",
+        "resnet.f2",
+        "resnet.f3",
+        "resnet.f4",
+        "vit.patch_embed",
+    ];
     let blocks: Vec<String> = (0..12).map(|b| format!("vit.block{b}")).collect();
-    let others: Vec<String> = (0..4).flat_map(|i| [format!("adapter_in{i}"), format!("vit.fused{i}")]).chain((0..3).map(|j| format!("bridge{j}"))).collect();
+    let others: Vec<String> = (0..4)
+        .flat_map(|i| [format!("adapter_in{i}"), format!("vit.fused{i}")])
+        .chain((0..3).map(|j| format!("bridge{j}")))
+        .collect();
     names.extend(blocks.iter().map(String::as_str));
     names.extend(others.iter().map(String::as_str));
-    names.extend(["image_embeddings", "embedding_encoder", "multi_scale_feature"]);
+    names.extend([
+        "image_embeddings",
+        "embedding_encoder",
+        "multi_scale_feature",
+    ]);
     for n in &names {
-        check_intermediate(n, trace.get(n).unwrap_or_else(|| panic!("trace lacks {n}")), fx.f(n));
+        check_intermediate(
+            n,
+            trace.get(n).unwrap_or_else(|| panic!("trace lacks {n}")),
+            fx.f(n),
+        );
     }
 
     // The decoder on the reference boxes.
     let mut trace = Trace::on();
     let low = model.decode(&feats, 0, &model_boxes, &mut trace).unwrap();
-    check_intermediate("prompt.sparse", trace.get("prompt.sparse").unwrap(), fx.f("prompt.sparse"));
-    check_intermediate("prompt.dense_pe", trace.get("prompt.dense_pe").unwrap(), fx.f("prompt.dense_pe"));
+    check_intermediate(
+        "prompt.sparse",
+        trace.get("prompt.sparse").unwrap(),
+        fx.f("prompt.sparse"),
+    );
+    check_intermediate(
+        "prompt.dense_pe",
+        trace.get("prompt.dense_pe").unwrap(),
+        fx.f("prompt.dense_pe"),
+    );
     let rel = check_intermediate("low_res_logits", &low, fx.f("low_res_logits"));
     assert!(rel <= 1e-4);
     let logits = model.postprocess(&low, &info).unwrap();
@@ -106,7 +148,11 @@ fn run_small34_infer(name: &str) {
     for i in 0..mv.len() {
         let ours = u8::from(lg[i] > 0.0);
         if ours != mv[i] {
-            assert!(ref_logits[i].abs() <= 1e-3, "mask pixel {i} flips with reference logit {}", ref_logits[i]);
+            assert!(
+                ref_logits[i].abs() <= 1e-3,
+                "mask pixel {i} flips with reference logit {}",
+                ref_logits[i]
+            );
             differ += 1;
         }
     }
@@ -128,16 +174,28 @@ fn run_small34_infer(name: &str) {
             b += l;
         }
         let dice = 2.0 * inter / (a + b).max(1e-9);
-        assert!((dice - wd).abs() <= 2e-3, "dice of mask {i}: {dice} vs {wd}");
+        assert!(
+            (dice - wd).abs() <= 2e-3,
+            "dice of mask {i}: {dice} vs {wd}"
+        );
     }
 
     // The predictor end to end (from the image file) agrees with the reference masks.
     let mut p = Predictor::new(model, PredictorOptions::default()).unwrap();
     p.set_image(&img).unwrap();
     let pred = p.predict(&boxes).unwrap();
-    let agree = pred.masks.iter().flatten().zip(mv.iter()).filter(|(a, b)| u8::from(**a) == **b).count();
+    let agree = pred
+        .masks
+        .iter()
+        .flatten()
+        .zip(mv.iter())
+        .filter(|(a, b)| u8::from(**a) == **b)
+        .count();
     let frac = agree as f64 / mv.len() as f64;
-    println!("predictor from the image file: {:.4} % of mask pixels equal", frac * 100.0);
+    println!(
+        "predictor from the image file: {:.4} % of mask pixels equal",
+        frac * 100.0
+    );
     assert!(frac >= 0.999);
 }
 
@@ -153,7 +211,9 @@ fn small34_infer_s0619_32() {
 
 /// Our window (14) and global blocks on the ref_vitb_blocks fixture's stored
 /// inputs: (weights, fixture, [(kind, window, input, output)]).
-fn vitb_fixture_runs(dir: &std::path::Path) -> (Weights, Fixture, Vec<(&'static str, usize, Tensor, Tensor)>) {
+fn vitb_fixture_runs(
+    dir: &std::path::Path,
+) -> (Weights, Fixture, Vec<(&'static str, usize, Tensor, Tensor)>) {
     let path = fixture(dir, "ref_vitb_blocks.safetensors");
     let w = Weights::from_file(&path).unwrap();
     let fx = Fixture::load(&path);
@@ -229,7 +289,13 @@ fn erf64(x: f64) -> f64 {
 /// with zero tokens after norm1, every padded position projected, attention over
 /// all window positions, outputs of padded positions dropped. x: [G, G, D].
 fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<f64> {
-    let p = |n: &str| w.get(&format!("{pre}.{n}")).unwrap().as_f32().unwrap().to_vec();
+    let p = |n: &str| {
+        w.get(&format!("{pre}.{n}"))
+            .unwrap()
+            .as_f32()
+            .unwrap()
+            .to_vec()
+    };
     let d = x.len() / (g * g);
     let (heads, hd) = (d / 64, 64);
     let ln = |x: &[f64], wt: &[f32], b: &[f32]| -> Vec<f64> {
@@ -249,7 +315,12 @@ fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<
         let mut o = vec![0.0; x.len() / k * n];
         for (i, row) in x.chunks(k).enumerate() {
             for j in 0..n {
-                o[i * n + j] = b[j] as f64 + row.iter().zip(&wt64[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum::<f64>();
+                o[i * n + j] = b[j] as f64
+                    + row
+                        .iter()
+                        .zip(&wt64[j * k..(j + 1) * k])
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>();
             }
         }
         o
@@ -261,7 +332,8 @@ fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<
     let mut hp = vec![0.0; gp * gp * d];
     for y in 0..g {
         for xx in 0..g {
-            hp[(y * gp + xx) * d..(y * gp + xx + 1) * d].copy_from_slice(&h[(y * g + xx) * d..(y * g + xx + 1) * d]);
+            hp[(y * gp + xx) * d..(y * gp + xx + 1) * d]
+                .copy_from_slice(&h[(y * g + xx) * d..(y * g + xx + 1) * d]);
         }
     }
     let qkv = lin(&hp, &p("attn.qkv.weight"), &p("attn.qkv.bias"));
@@ -280,7 +352,11 @@ fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<
                             let (ky, kx) = (ki / s, ki % s);
                             let k = &qkv[pos(ki) + d + hh * hd..][..hd];
                             (0..hd)
-                                .map(|c| q[c] * scale * k[c] + q[c] * rh[(qy + s - 1 - ky) * hd + c] as f64 + q[c] * rw[(qx + s - 1 - kx) * hd + c] as f64)
+                                .map(|c| {
+                                    q[c] * scale * k[c]
+                                        + q[c] * rh[(qy + s - 1 - ky) * hd + c] as f64
+                                        + q[c] * rw[(qx + s - 1 - kx) * hd + c] as f64
+                                })
                                 .sum()
                         })
                         .collect();
@@ -289,7 +365,9 @@ fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<
                     let z: f64 = e.iter().sum();
                     let o = (pos(qi) / 3) + hh * hd;
                     for c in 0..hd {
-                        att[o + c] = (0..s * s).map(|ki| e[ki] / z * qkv[pos(ki) + 2 * d + hh * hd + c]).sum();
+                        att[o + c] = (0..s * s)
+                            .map(|ki| e[ki] / z * qkv[pos(ki) + 2 * d + hh * hd + c])
+                            .sum();
                     }
                 }
             }
@@ -298,13 +376,21 @@ fn block_f64(w: &Weights, pre: &str, x: &[f32], g: usize, window: usize) -> Vec<
     let mut a = vec![0.0; g * g * d];
     for y in 0..g {
         for xx in 0..g {
-            a[(y * g + xx) * d..(y * g + xx + 1) * d].copy_from_slice(&att[(y * gp + xx) * d..(y * gp + xx + 1) * d]);
+            a[(y * g + xx) * d..(y * g + xx + 1) * d]
+                .copy_from_slice(&att[(y * gp + xx) * d..(y * gp + xx + 1) * d]);
         }
     }
     let pr = lin(&a, &p("attn.proj.weight"), &p("attn.proj.bias"));
     let x1: Vec<f64> = x64.iter().zip(&pr).map(|(a, b)| a + b).collect();
-    let m = lin(&ln(&x1, &p("norm2.weight"), &p("norm2.bias")), &p("mlp.lin1.weight"), &p("mlp.lin1.bias"));
-    let m: Vec<f64> = m.iter().map(|&v| 0.5 * v * (1.0 + erf64(v / 2f64.sqrt()))).collect();
+    let m = lin(
+        &ln(&x1, &p("norm2.weight"), &p("norm2.bias")),
+        &p("mlp.lin1.weight"),
+        &p("mlp.lin1.bias"),
+    );
+    let m: Vec<f64> = m
+        .iter()
+        .map(|&v| 0.5 * v * (1.0 + erf64(v / 2f64.sqrt())))
+        .collect();
     let m2 = lin(&m, &p("mlp.lin2.weight"), &p("mlp.lin2.bias"));
     x1.iter().zip(&m2).map(|(a, b)| a + b).collect()
 }
@@ -320,12 +406,23 @@ fn vitb_blocks_match_exact_reference() {
     for (kind, window, x, y) in runs {
         let per = 16 * 16 * 768;
         // The first image of the batch (the f64 evaluation is slow).
-        let exact: Vec<f32> = block_f64(&w, kind, &x.as_f32().unwrap()[..per], 16, window).iter().map(|&v| v as f32).collect();
+        let exact: Vec<f32> = block_f64(&w, kind, &x.as_f32().unwrap()[..per], 16, window)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
         let (rel, maxd, _) = errors(&y.as_f32().unwrap()[..per], &exact);
         let (fx_rel, _, _) = errors(&fx.f(&format!("{kind}.output")).1[..per], &exact);
-        println!("{kind} block: vs exact rel L2 {rel:.2e} (max abs {maxd:.2e}); fixture vs exact {fx_rel:.2e}");
-        assert!(rel <= 1e-5, "{kind} block: relative L2 {rel} > 1e-5 against the exact evaluation");
-        assert!(fx_rel < 1e-3, "{kind}: the exact evaluation is far from the fixture ({fx_rel})");
+        println!(
+            "{kind} block: vs exact rel L2 {rel:.2e} (max abs {maxd:.2e}); fixture vs exact {fx_rel:.2e}"
+        );
+        assert!(
+            rel <= 1e-5,
+            "{kind} block: relative L2 {rel} > 1e-5 against the exact evaluation"
+        );
+        assert!(
+            fx_rel < 1e-3,
+            "{kind}: the exact evaluation is far from the fixture ({fx_rel})"
+        );
     }
 }
 
@@ -342,16 +439,37 @@ fn ref_preprocess() {
         let (split, stem) = key.split_once('/').unwrap();
         let img = read_rgb(demo.join(split).join("images").join(format!("{stem}.png"))).unwrap();
         let orig = meta["original_size"].as_array().unwrap();
-        assert_eq!((img.height as u64, img.width as u64), (orig[0].as_u64().unwrap(), orig[1].as_u64().unwrap()));
+        assert_eq!(
+            (img.height as u64, img.width as u64),
+            (orig[0].as_u64().unwrap(), orig[1].as_u64().unwrap())
+        );
         let info = ResizeInfo::new(img.height, img.width, 256).unwrap();
         let resized = resize_image(&img, &info).unwrap();
         let (rs, rv) = fx.u(&format!("{key}/resized"));
         assert_eq!(rs, &vec![info.new_h, info.new_w, 3]);
-        let maxd = resized.iter().zip(rv).map(|(a, b)| (*a as i32 - *b as i32).abs()).max().unwrap();
-        let mean = resized.iter().zip(rv).map(|(a, b)| (*a as i32 - *b as i32).abs() as f64).sum::<f64>() / rv.len() as f64;
+        let maxd = resized
+            .iter()
+            .zip(rv)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        let mean = resized
+            .iter()
+            .zip(rv)
+            .map(|(a, b)| (*a as i32 - *b as i32).abs() as f64)
+            .sum::<f64>()
+            / rv.len() as f64;
         println!("{key}: resized max diff {maxd}, mean {mean:.4}");
-        assert!(maxd <= 2 && mean <= 0.5, "{key}: resized differs (max {maxd}, mean {mean})");
-        let names: Vec<String> = meta["masks"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert!(
+            maxd <= 2 && mean <= 0.5,
+            "{key}: resized differs (max {maxd}, mean {mean})"
+        );
+        let names: Vec<String> = meta["masks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
         if names.is_empty() {
             continue;
         }
@@ -363,8 +481,15 @@ fn ref_preprocess() {
             let b = box_to_model_frame(box_from_mask(&m).unwrap(), &info);
             assert_eq!(&b[..], &want_boxes[i * 4..i * 4 + 4], "{key} {n}: box");
             let mr = resize_mask(&m, &info).unwrap();
-            let diff = mr.iter().zip(&want_masks[i * plane..(i + 1) * plane]).filter(|(a, b)| a != b).count();
-            assert!(diff as f64 <= 0.001 * plane as f64, "{key} {n}: {diff} resized mask pixels differ");
+            let diff = mr
+                .iter()
+                .zip(&want_masks[i * plane..(i + 1) * plane])
+                .filter(|(a, b)| a != b)
+                .count();
+            assert!(
+                diff as f64 <= 0.001 * plane as f64,
+                "{key} {n}: {diff} resized mask pixels differ"
+            );
         }
     }
 }

@@ -12,11 +12,11 @@ mod simt;
 
 use cudarc::driver::LaunchConfig;
 use kernel_check::{assert_close, rand};
+use sam_unet::Tensor;
 use sam_unet::cuda::cfg1d;
 use sam_unet::ops::activation::{self, Act};
 use sam_unet::ops::{attention, conv, layout, norm};
-use sam_unet::Tensor;
-use simt::{simt, Buf};
+use simt::{Buf, simt};
 
 type F32p = *const f32;
 type F32m = *mut f32;
@@ -28,7 +28,11 @@ fn t(v: &[f32], dims: &[usize]) -> Tensor {
 /// A grid-stride geometry with only `blocks` blocks, so that every thread
 /// loops several times.
 fn few_blocks(blocks: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 #[test]
@@ -41,14 +45,26 @@ fn elementwise_kernels_match_cpu() {
         let want = activation::act(&t(&x, &[n]), a).unwrap();
         for cfg in [cfg1d(n), few_blocks(7)] {
             let y = Buf::<f32>::out(s, n);
-            s.launch(name, cfg, |k: unsafe extern "C" fn(F32m, F32p, i64)| unsafe { k(y.m(), xb.p(), n as i64) }).unwrap();
+            s.launch(
+                name,
+                cfg,
+                |k: unsafe extern "C" fn(F32m, F32p, i64)| unsafe { k(y.m(), xb.p(), n as i64) },
+            )
+            .unwrap();
             assert_close(name, &y.to_vec(), want.as_f32().unwrap(), 1e-6, 1e-5);
         }
     }
     let z = rand(n, 2, 3.0);
     let zb = Buf::from(s, &z);
     let y = Buf::<f32>::out(s, n);
-    s.launch("add_f32", cfg1d(n), |k: unsafe extern "C" fn(F32m, F32p, F32p, i64)| unsafe { k(y.m(), xb.p(), zb.p(), n as i64) }).unwrap();
+    s.launch(
+        "add_f32",
+        cfg1d(n),
+        |k: unsafe extern "C" fn(F32m, F32p, F32p, i64)| unsafe {
+            k(y.m(), xb.p(), zb.p(), n as i64)
+        },
+    )
+    .unwrap();
     let want = activation::add(&t(&x, &[n]), &t(&z, &[n])).unwrap();
     assert_close("add_f32", &y.to_vec(), want.as_f32().unwrap(), 0.0, 0.0);
 }
@@ -62,10 +78,27 @@ fn bias_act_epilogue_matches_cpu() {
     let bb = Buf::from(s, &bias);
     for (a, code) in [(Act::None, 0), (Act::Relu, 1), (Act::Gelu, 2)] {
         let y = Buf::from(s, &x);
-        s.launch("bias_act_f32", cfg1d(rows * cols), |k: unsafe extern "C" fn(F32m, F32p, i64, i32, i32)| unsafe { k(y.m(), bb.p(), rows as i64, cols as i32, code) }).unwrap();
-        let pre: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + bias[i % cols]).collect();
+        s.launch(
+            "bias_act_f32",
+            cfg1d(rows * cols),
+            |k: unsafe extern "C" fn(F32m, F32p, i64, i32, i32)| unsafe {
+                k(y.m(), bb.p(), rows as i64, cols as i32, code)
+            },
+        )
+        .unwrap();
+        let pre: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + bias[i % cols])
+            .collect();
         let want = activation::act(&t(&pre, &[rows * cols]), a).unwrap();
-        assert_close(&format!("bias_act {a:?}"), &y.to_vec(), want.as_f32().unwrap(), 1e-6, 1e-5);
+        assert_close(
+            &format!("bias_act {a:?}"),
+            &y.to_vec(),
+            want.as_f32().unwrap(),
+            1e-6,
+            1e-5,
+        );
     }
 }
 
@@ -73,17 +106,44 @@ fn bias_act_epilogue_matches_cpu() {
 fn f32_to_bf16_rounds_to_nearest_even() {
     let Some(s) = simt() else { return };
     let mut x = rand(4096, 5, 100.0);
-    x.extend([0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-40, -1e-40, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0]);
+    x.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        1e-40,
+        -1e-40,
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+    ]);
     let n = x.len();
     let xb = Buf::from(s, &x);
     let y = Buf::<u16>::out(s, n);
-    s.launch("f32_to_bf16", cfg1d(n), |k: unsafe extern "C" fn(*mut u16, F32p, i64)| unsafe { k(y.m(), xb.p(), n as i64) }).unwrap();
+    s.launch(
+        "f32_to_bf16",
+        cfg1d(n),
+        |k: unsafe extern "C" fn(*mut u16, F32p, i64)| unsafe { k(y.m(), xb.p(), n as i64) },
+    )
+    .unwrap();
     for (i, (&got, &v)) in y.to_vec().iter().zip(&x).enumerate() {
         let want = half::bf16::from_f32(v);
         if v.is_nan() {
-            assert!(half::bf16::from_bits(got).is_nan(), "index {i}: NaN became {got:#06x}");
+            assert!(
+                half::bf16::from_bits(got).is_nan(),
+                "index {i}: NaN became {got:#06x}"
+            );
         } else {
-            assert_eq!(got, want.to_bits(), "index {i}: {v} -> {got:#06x}, want {:#06x}", want.to_bits());
+            assert_eq!(
+                got,
+                want.to_bits(),
+                "index {i}: {v} -> {got:#06x}, want {:#06x}",
+                want.to_bits()
+            );
         }
     }
 }
@@ -97,30 +157,76 @@ fn layer_norm_matches_cpu() {
         let (x, w, b) = (rand(rows * c, 3, 4.0), rand(c, 4, 1.0), rand(c, 5, 1.0));
         let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));
         let y = Buf::<f32>::out(s, rows * c);
-        s.launch("layer_norm_f32", norm::cuda::layer_norm_config(rows, c), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, f32)| unsafe {
-            k(y.m(), xb.p(), wb.p(), bb.p(), rows as i32, c as i32, 1e-6)
-        })
+        s.launch(
+            "layer_norm_f32",
+            norm::cuda::layer_norm_config(rows, c),
+            |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, f32)| unsafe {
+                k(y.m(), xb.p(), wb.p(), bb.p(), rows as i32, c as i32, 1e-6)
+            },
+        )
         .unwrap();
         let want = norm::layer_norm(&t(&x, &[rows, c]), &t(&w, &[c]), &t(&b, &[c]), 1e-6).unwrap();
-        assert_close(&format!("layer_norm {rows}x{c}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-5);
+        assert_close(
+            &format!("layer_norm {rows}x{c}"),
+            &y.to_vec(),
+            want.as_f32().unwrap(),
+            1e-5,
+            1e-5,
+        );
     }
 }
 
 #[test]
 fn layer_norm2d_matches_cpu() {
     let Some(s) = simt() else { return };
-    for (dims, a, code) in [([1usize, 512, 32, 32], Act::Gelu, 2), ([4, 64, 64, 64], Act::Gelu, 2), ([2, 32, 16, 16], Act::Relu, 1), ([1, 256, 16, 16], Act::None, 0)] {
+    for (dims, a, code) in [
+        ([1usize, 512, 32, 32], Act::Gelu, 2),
+        ([4, 64, 64, 64], Act::Gelu, 2),
+        ([2, 32, 16, 16], Act::Relu, 1),
+        ([1, 256, 16, 16], Act::None, 0),
+    ] {
         let n: usize = dims.iter().product();
-        let (x, w, b) = (rand(n, 60, 3.0), rand(dims[1], 61, 1.0), rand(dims[1], 62, 1.0));
+        let (x, w, b) = (
+            rand(n, 60, 3.0),
+            rand(dims[1], 61, 1.0),
+            rand(dims[1], 62, 1.0),
+        );
         let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));
         let y = Buf::<f32>::out(s, n);
         let p = (dims[2] * dims[3]) as i64;
-        s.launch("layer_norm2d_f32", cfg1d(dims[0] * dims[2] * dims[3]), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i64, f32, i32)| unsafe {
-            k(y.m(), xb.p(), wb.p(), bb.p(), dims[0] as i32, dims[1] as i32, p, 1e-6, code)
-        })
+        s.launch(
+            "layer_norm2d_f32",
+            cfg1d(dims[0] * dims[2] * dims[3]),
+            |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i64, f32, i32)| unsafe {
+                k(
+                    y.m(),
+                    xb.p(),
+                    wb.p(),
+                    bb.p(),
+                    dims[0] as i32,
+                    dims[1] as i32,
+                    p,
+                    1e-6,
+                    code,
+                )
+            },
+        )
         .unwrap();
-        let want = norm::layer_norm2d(&t(&x, &dims), &t(&w, &[dims[1]]), &t(&b, &[dims[1]]), 1e-6, a).unwrap();
-        assert_close(&format!("layer_norm2d {dims:?} {a:?}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-4);
+        let want = norm::layer_norm2d(
+            &t(&x, &dims),
+            &t(&w, &[dims[1]]),
+            &t(&b, &[dims[1]]),
+            1e-6,
+            a,
+        )
+        .unwrap();
+        assert_close(
+            &format!("layer_norm2d {dims:?} {a:?}"),
+            &y.to_vec(),
+            want.as_f32().unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
 }
 
@@ -136,15 +242,46 @@ fn rel_pos_attention_matches_cpu() {
     let (qb, biasb) = (Buf::from(s, &qkv), Buf::from(s, &bias));
     for window in [14usize, 0, 8] {
         let ws = if window == 0 { g } else { window };
-        let (rh, rw) = (rand((2 * ws - 1) * 64, 8, 0.5), rand((2 * ws - 1) * 64, 9, 0.5));
+        let (rh, rw) = (
+            rand((2 * ws - 1) * 64, 8, 0.5),
+            rand((2 * ws - 1) * 64, 9, 0.5),
+        );
         let (rhb, rwb) = (Buf::from(s, &rh), Buf::from(s, &rw));
         let y = Buf::<f32>::out(s, b * g * g * d);
-        s.launch("rel_pos_attention_f32", attention::cuda::rel_pos_attention_config(b, g, heads, ws), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, i32, i32, i32, i32)| unsafe {
-            k(y.m(), qb.p(), biasb.p(), rhb.p(), rwb.p(), b as i32, g as i32, d as i32, ws as i32)
-        })
+        s.launch(
+            "rel_pos_attention_f32",
+            attention::cuda::rel_pos_attention_config(b, g, heads, ws),
+            |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, i32, i32, i32, i32)| unsafe {
+                k(
+                    y.m(),
+                    qb.p(),
+                    biasb.p(),
+                    rhb.p(),
+                    rwb.p(),
+                    b as i32,
+                    g as i32,
+                    d as i32,
+                    ws as i32,
+                )
+            },
+        )
         .unwrap();
-        let want = attention::rel_pos_attention(&t(&qkv, &[b, g, g, 3 * d]), &t(&bias, &[3 * d]), &t(&rh, &[2 * ws - 1, 64]), &t(&rw, &[2 * ws - 1, 64]), heads, window).unwrap();
-        assert_close(&format!("rel_pos_attention window {window}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-4);
+        let want = attention::rel_pos_attention(
+            &t(&qkv, &[b, g, g, 3 * d]),
+            &t(&bias, &[3 * d]),
+            &t(&rh, &[2 * ws - 1, 64]),
+            &t(&rw, &[2 * ws - 1, 64]),
+            heads,
+            window,
+        )
+        .unwrap();
+        assert_close(
+            &format!("rel_pos_attention window {window}"),
+            &y.to_vec(),
+            want.as_f32().unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
 }
 
@@ -154,17 +291,53 @@ fn decoder_attention_matches_cpu() {
     // self (3 tokens, width 256), token-to-image (3 vs 256, width 128),
     // image-to-token (256 vs 3), 8 heads; 2 and 3 boxes; then head dims 5
     // and 64 (the kernel's limit: lanes own channels lane and lane + 32).
-    for (n, lq, lk, i) in [(3usize, 3usize, 3usize, 256usize), (3, 3, 256, 128), (2, 256, 3, 128), (2, 5, 70, 40), (2, 3, 40, 512)] {
+    for (n, lq, lk, i) in [
+        (3usize, 3usize, 3usize, 256usize),
+        (3, 3, 256, 128),
+        (2, 256, 3, 128),
+        (2, 5, 70, 40),
+        (2, 3, 40, 512),
+    ] {
         let heads = 8;
-        let (q, k, v) = (rand(n * lq * i, 150, 2.0), rand(n * lk * i, 151, 2.0), rand(n * lk * i, 152, 1.0));
+        let (q, k, v) = (
+            rand(n * lq * i, 150, 2.0),
+            rand(n * lk * i, 151, 2.0),
+            rand(n * lk * i, 152, 1.0),
+        );
         let (qb, kb, vb) = (Buf::from(s, &q), Buf::from(s, &k), Buf::from(s, &v));
         let y = Buf::<f32>::out(s, n * lq * i);
-        s.launch("mha_f32", attention::cuda::mha_config(n, heads, lq), |f: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
-            f(y.m(), qb.p(), kb.p(), vb.p(), n as i32, lq as i32, lk as i32, i as i32, heads as i32)
-        })
+        s.launch(
+            "mha_f32",
+            attention::cuda::mha_config(n, heads, lq),
+            |f: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
+                f(
+                    y.m(),
+                    qb.p(),
+                    kb.p(),
+                    vb.p(),
+                    n as i32,
+                    lq as i32,
+                    lk as i32,
+                    i as i32,
+                    heads as i32,
+                )
+            },
+        )
         .unwrap();
-        let want = attention::attention(&t(&q, &[n, lq, i]), &t(&k, &[n, lk, i]), &t(&v, &[n, lk, i]), heads).unwrap();
-        assert_close(&format!("mha q {lq} k {lk} width {i}"), &y.to_vec(), want.as_f32().unwrap(), 1e-5, 1e-4);
+        let want = attention::attention(
+            &t(&q, &[n, lq, i]),
+            &t(&k, &[n, lk, i]),
+            &t(&v, &[n, lk, i]),
+            heads,
+        )
+        .unwrap();
+        assert_close(
+            &format!("mha q {lq} k {lk} width {i}"),
+            &y.to_vec(),
+            want.as_f32().unwrap(),
+            1e-5,
+            1e-4,
+        );
     }
 }
 
@@ -187,13 +360,21 @@ fn conv2d_pipeline_matches_cpu() {
     // im2col kernel -> GEMM (here on the host, cuBLAS on the GPU) -> epilogue
     // kernel (bias, residual, ReLU), exactly as ops::conv::cuda::conv2d.
     let Some(s) = simt() else { return };
-    let cases: &[([usize; 4], [usize; 4], usize, usize, bool)] =
-        &[([1, 3, 64, 64], [16, 3, 7, 7], 2, 3, false), ([2, 64, 16, 16], [32, 64, 3, 3], 1, 1, true), ([1, 64, 16, 16], [32, 64, 3, 3], 2, 1, false), ([1, 8, 9, 7], [4, 8, 3, 3], 2, 0, true)];
+    let cases: &[([usize; 4], [usize; 4], usize, usize, bool)] = &[
+        ([1, 3, 64, 64], [16, 3, 7, 7], 2, 3, false),
+        ([2, 64, 16, 16], [32, 64, 3, 3], 1, 1, true),
+        ([1, 64, 16, 16], [32, 64, 3, 3], 2, 1, false),
+        ([1, 8, 9, 7], [4, 8, 3, 3], 2, 0, true),
+    ];
     for (ci, (xd, wd, st, pd, res)) in cases.iter().enumerate() {
         let [n, c, h, w] = *xd;
         let [o, _, kh, kw] = *wd;
         let fan = (c * kh * kw) as f32;
-        let (x, wt, bias) = (rand(xd.iter().product(), 70 + ci as u64, 1.0), rand(wd.iter().product(), 80 + ci as u64, 1.0 / fan.sqrt()), rand(o, 90 + ci as u64, 0.5));
+        let (x, wt, bias) = (
+            rand(xd.iter().product(), 70 + ci as u64, 1.0),
+            rand(wd.iter().product(), 80 + ci as u64, 1.0 / fan.sqrt()),
+            rand(o, 90 + ci as u64, 0.5),
+        );
         let (ho, wo) = ((h + 2 * pd - kh) / st + 1, (w + 2 * pd - kw) / st + 1);
         let (k, p) = (c * kh * kw, ho * wo);
         let r = rand(n * o * p, 95, 1.0);
@@ -201,18 +382,77 @@ fn conv2d_pipeline_matches_cpu() {
         for i in 0..n {
             let xi = Buf::from(s, &x[i * c * h * w..(i + 1) * c * h * w]);
             let col = Buf::<f32>::out(s, k * p);
-            s.launch("im2col_f32", cfg1d(k * p), |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i32, i32, i32, i32, i32, i32, i32)| unsafe {
-                f(col.m(), xi.p(), c as i32, h as i32, w as i32, kh as i32, kw as i32, *st as i32, *pd as i32, ho as i32, wo as i32)
-            })
+            s.launch(
+                "im2col_f32",
+                cfg1d(k * p),
+                |f: unsafe extern "C" fn(
+                    F32m,
+                    F32p,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                )| unsafe {
+                    f(
+                        col.m(),
+                        xi.p(),
+                        c as i32,
+                        h as i32,
+                        w as i32,
+                        kh as i32,
+                        kw as i32,
+                        *st as i32,
+                        *pd as i32,
+                        ho as i32,
+                        wo as i32,
+                    )
+                },
+            )
             .unwrap();
-            y[i * o * p..(i + 1) * o * p].copy_from_slice(&matmul(&wt, &col.to_vec(), o, k, p, false));
+            y[i * o * p..(i + 1) * o * p].copy_from_slice(&matmul(
+                &wt,
+                &col.to_vec(),
+                o,
+                k,
+                p,
+                false,
+            ));
         }
         let yb = Buf::from(s, &y);
         let (bb, rb) = (Buf::from(s, &bias), Buf::from(s, &r));
         let rp = if *res { rb.p() } else { std::ptr::null() };
-        s.launch("conv_epilogue_f32", cfg1d(n * o * p), |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i64, i32)| unsafe { f(yb.m(), bb.p(), rp, n as i32, o as i32, p as i64, 1) }).unwrap();
-        let want = conv::conv2d(&t(&x, xd), &t(&wt, wd), Some(&t(&bias, &[o])), conv::Conv2dArgs { stride: *st, padding: *pd }, res.then(|| t(&r, &[n, o, ho, wo])).as_ref(), Act::Relu).unwrap();
-        assert_close(&format!("conv2d {xd:?} * {wd:?} s{st} p{pd} residual {res}"), &yb.to_vec(), want.as_f32().unwrap(), 1e-4, 1e-4);
+        s.launch(
+            "conv_epilogue_f32",
+            cfg1d(n * o * p),
+            |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i64, i32)| unsafe {
+                f(yb.m(), bb.p(), rp, n as i32, o as i32, p as i64, 1)
+            },
+        )
+        .unwrap();
+        let want = conv::conv2d(
+            &t(&x, xd),
+            &t(&wt, wd),
+            Some(&t(&bias, &[o])),
+            conv::Conv2dArgs {
+                stride: *st,
+                padding: *pd,
+            },
+            res.then(|| t(&r, &[n, o, ho, wo])).as_ref(),
+            Act::Relu,
+        )
+        .unwrap();
+        assert_close(
+            &format!("conv2d {xd:?} * {wd:?} s{st} p{pd} residual {res}"),
+            &yb.to_vec(),
+            want.as_f32().unwrap(),
+            1e-4,
+            1e-4,
+        );
     }
 }
 
@@ -220,31 +460,69 @@ fn conv2d_pipeline_matches_cpu() {
 fn conv_transpose2d_pipeline_matches_cpu() {
     // GEMM tmp = W^T X (host here, cuBLAS on the GPU) -> scatter kernel.
     let Some(s) = simt() else { return };
-    for (i, (xd, wd, a, code)) in [([1usize, 96, 8, 8], [96usize, 32, 2, 2], Act::Gelu, 2), ([2, 64, 8, 8], [64, 32, 2, 2], Act::None, 0), ([1, 16, 5, 3], [16, 8, 3, 3], Act::Relu, 1)].iter().enumerate() {
+    for (i, (xd, wd, a, code)) in [
+        ([1usize, 96, 8, 8], [96usize, 32, 2, 2], Act::Gelu, 2),
+        ([2, 64, 8, 8], [64, 32, 2, 2], Act::None, 0),
+        ([1, 16, 5, 3], [16, 8, 3, 3], Act::Relu, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
         let [n, c, h, w] = *xd;
         let [_, o, k, _] = *wd;
-        let (x, wt, bias) = (rand(xd.iter().product(), 100 + i as u64, 1.0), rand(wd.iter().product(), 110 + i as u64, 0.05), rand(o, 120, 0.5));
+        let (x, wt, bias) = (
+            rand(xd.iter().product(), 100 + i as u64, 1.0),
+            rand(wd.iter().product(), 110 + i as u64, 0.05),
+            rand(o, 120, 0.5),
+        );
         let (hw, rows) = (h * w, o * k * k);
         let bb = Buf::from(s, &bias);
         let mut y = vec![];
         for im in 0..n {
-            let tmp = Buf::from(s, &matmul(&wt, &x[im * c * hw..(im + 1) * c * hw], rows, c, hw, true));
+            let tmp = Buf::from(
+                s,
+                &matmul(&wt, &x[im * c * hw..(im + 1) * c * hw], rows, c, hw, true),
+            );
             let yi = Buf::<f32>::out(s, o * hw * k * k);
-            s.launch("convt_scatter_f32", cfg1d(o * hw * k * k), |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
-                f(yi.m(), tmp.p(), bb.p(), o as i32, h as i32, w as i32, k as i32, *code)
-            })
+            s.launch(
+                "convt_scatter_f32",
+                cfg1d(o * hw * k * k),
+                |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
+                    f(
+                        yi.m(),
+                        tmp.p(),
+                        bb.p(),
+                        o as i32,
+                        h as i32,
+                        w as i32,
+                        k as i32,
+                        *code,
+                    )
+                },
+            )
             .unwrap();
             y.extend(yi.to_vec());
         }
-        let want = conv::conv_transpose2d(&t(&x, xd), &t(&wt, wd), Some(&t(&bias, &[o])), *a).unwrap();
-        assert_close(&format!("conv_transpose2d {xd:?} * {wd:?}"), &y, want.as_f32().unwrap(), 1e-4, 1e-4);
+        let want =
+            conv::conv_transpose2d(&t(&x, xd), &t(&wt, wd), Some(&t(&bias, &[o])), *a).unwrap();
+        assert_close(
+            &format!("conv_transpose2d {xd:?} * {wd:?}"),
+            &y,
+            want.as_f32().unwrap(),
+            1e-4,
+            1e-4,
+        );
     }
 }
 
 #[test]
 fn max_pool_matches_cpu() {
     let Some(s) = simt() else { return };
-    for (dims, kk, st, pd) in [([1usize, 64, 64, 64], 3usize, 2usize, 1usize), ([2, 3, 7, 9], 2, 2, 0), ([1, 2, 5, 5], 3, 1, 1)] {
+    for (dims, kk, st, pd) in [
+        ([1usize, 64, 64, 64], 3usize, 2usize, 1usize),
+        ([2, 3, 7, 9], 2, 2, 0),
+        ([1, 2, 5, 5], 3, 1, 1),
+    ] {
         let mut x = rand(dims.iter().product(), 130, 2.0);
         x[5] = f32::NAN; // NaN propagates, as in PyTorch
         let (h, w) = (dims[2], dims[3]);
@@ -252,15 +530,40 @@ fn max_pool_matches_cpu() {
         let planes = dims[0] * dims[1];
         let xb = Buf::from(s, &x);
         let y = Buf::<f32>::out(s, planes * ho * wo);
-        s.launch("max_pool2d_f32", cfg1d(planes * ho * wo), |f: unsafe extern "C" fn(F32m, F32p, i64, i32, i32, i32, i32, i32, i32, i32)| unsafe {
-            f(y.m(), xb.p(), planes as i64, h as i32, w as i32, ho as i32, wo as i32, kk as i32, st as i32, pd as i32)
-        })
+        s.launch(
+            "max_pool2d_f32",
+            cfg1d(planes * ho * wo),
+            |f: unsafe extern "C" fn(F32m, F32p, i64, i32, i32, i32, i32, i32, i32, i32)| unsafe {
+                f(
+                    y.m(),
+                    xb.p(),
+                    planes as i64,
+                    h as i32,
+                    w as i32,
+                    ho as i32,
+                    wo as i32,
+                    kk as i32,
+                    st as i32,
+                    pd as i32,
+                )
+            },
+        )
         .unwrap();
         let want = conv::max_pool2d(&t(&x, &dims), kk, st, pd).unwrap();
         let (got, want) = (y.to_vec(), want.as_f32().unwrap().to_vec());
         assert!(got[0].is_nan() == want[0].is_nan(), "NaN propagation");
-        let strip = |v: &[f32]| v.iter().map(|x| if x.is_nan() { 12345.0 } else { *x }).collect::<Vec<_>>();
-        assert_close(&format!("max_pool2d {dims:?} k{kk} s{st} p{pd}"), &strip(&got), &strip(&want), 0.0, 0.0);
+        let strip = |v: &[f32]| {
+            v.iter()
+                .map(|x| if x.is_nan() { 12345.0 } else { *x })
+                .collect::<Vec<_>>()
+        };
+        assert_close(
+            &format!("max_pool2d {dims:?} k{kk} s{st} p{pd}"),
+            &strip(&got),
+            &strip(&want),
+            0.0,
+            0.0,
+        );
     }
 }
 
@@ -273,11 +576,27 @@ fn layout_kernels_match_cpu() {
     let xb = Buf::from(s, &x);
     let y = Buf::<f32>::out(s, n);
     let (b, c, p) = (dims[0] as i32, dims[1] as i32, (dims[2] * dims[3]) as i64);
-    s.launch("nchw_to_nhwc_f32", cfg1d(n), |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i64)| unsafe { f(y.m(), xb.p(), b, c, p) }).unwrap();
+    s.launch(
+        "nchw_to_nhwc_f32",
+        cfg1d(n),
+        |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i64)| unsafe { f(y.m(), xb.p(), b, c, p) },
+    )
+    .unwrap();
     let want = layout::nchw_to_nhwc(&t(&x, &dims)).unwrap();
-    assert_close("nchw_to_nhwc", &y.to_vec(), want.as_f32().unwrap(), 0.0, 0.0);
+    assert_close(
+        "nchw_to_nhwc",
+        &y.to_vec(),
+        want.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
     let back = Buf::<f32>::out(s, n);
-    s.launch("nhwc_to_nchw_f32", cfg1d(n), |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i64)| unsafe { f(back.m(), y.p(), b, c, p) }).unwrap();
+    s.launch(
+        "nhwc_to_nchw_f32",
+        cfg1d(n),
+        |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i64)| unsafe { f(back.m(), y.p(), b, c, p) },
+    )
+    .unwrap();
     assert_close("nhwc_to_nchw", &back.to_vec(), &x, 0.0, 0.0);
 }
 
@@ -285,11 +604,31 @@ fn layout_kernels_match_cpu() {
 fn mask_dot_matches_definition() {
     let Some(s) = simt() else { return };
     let (n, c, p) = (3usize, 32usize, 256 * 256);
-    let (h, f, msf) = (rand(n * c, 160, 1.0), rand(n * c * p, 161, 1.0), rand(c * p, 162, 1.0));
+    let (h, f, msf) = (
+        rand(n * c, 160, 1.0),
+        rand(n * c * p, 161, 1.0),
+        rand(c * p, 162, 1.0),
+    );
     let (hb, fb, mb) = (Buf::from(s, &h), Buf::from(s, &f), Buf::from(s, &msf));
     let y = Buf::<f32>::out(s, n * p);
-    s.launch("mask_dot_f32", cfg1d(n * p), |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i64)| unsafe { k(y.m(), hb.p(), fb.p(), mb.p(), n as i32, c as i32, p as i64) }).unwrap();
-    let want: Vec<f32> = (0..n * p).map(|i| (0..c).map(|ch| h[(i / p) * c + ch] as f64 * (f[((i / p) * c + ch) * p + i % p] + msf[ch * p + i % p]) as f64).sum::<f64>() as f32).collect();
+    s.launch(
+        "mask_dot_f32",
+        cfg1d(n * p),
+        |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i64)| unsafe {
+            k(y.m(), hb.p(), fb.p(), mb.p(), n as i32, c as i32, p as i64)
+        },
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..n * p)
+        .map(|i| {
+            (0..c)
+                .map(|ch| {
+                    h[(i / p) * c + ch] as f64
+                        * (f[((i / p) * c + ch) * p + i % p] + msf[ch * p + i % p]) as f64
+                })
+                .sum::<f64>() as f32
+        })
+        .collect();
     assert_close("mask_dot", &y.to_vec(), &want, 1e-5, 1e-5);
 }
 
@@ -298,15 +637,187 @@ fn emulator_reports_broken_rules() {
     // The emulator itself (cuda/host/selftest.cu): broken synchronisation and
     // invalid geometry are errors naming the place, never a hang or a pass.
     let Some(s) = simt() else { return };
-    let cfg = |threads| LaunchConfig { grid_dim: (2, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let cfg = |threads| LaunchConfig {
+        grid_dim: (2, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let y = Buf::<f32>::out(s, 64);
-    let run = |name: &str, threads| s.launch(name, cfg(threads), |k: unsafe extern "C" fn(F32m)| unsafe { k(y.m()) });
+    let run = |name: &str, threads| {
+        s.launch(name, cfg(threads), |k: unsafe extern "C" fn(F32m)| unsafe {
+            k(y.m())
+        })
+    };
     run("selftest_block_sum", 64).unwrap();
-    assert!(y.to_vec().iter().all(|&v| v == 64.0), "block_sum over 64 threads: {:?}", y.to_vec());
+    assert!(
+        y.to_vec().iter().all(|&v| v == 64.0),
+        "block_sum over 64 threads: {:?}",
+        y.to_vec()
+    );
     let e = run("selftest_divergent_barrier", 64).unwrap_err();
-    assert!(e.contains("divergent barrier") && e.contains("selftest_divergent_barrier: block (0, 0, 0)"), "{e}");
+    assert!(
+        e.contains("divergent barrier")
+            && e.contains("selftest_divergent_barrier: block (0, 0, 0)"),
+        "{e}"
+    );
     let e = run("selftest_shuffle_after_exit", 32).unwrap_err();
     assert!(e.contains("lane(s) of its warp have exited"), "{e}");
     let e = run("selftest_block_sum", 2048).unwrap_err();
     assert!(e.contains("invalid launch configuration"), "{e}");
+}
+
+#[test]
+fn bilinear_matches_cpu_bit_for_bit() {
+    // The mask post-processing: 64 -> 256, then the crop of a 256 x 171
+    // resized image up to 512 x 342, and a downscale; exact, as the kernel
+    // rounds every step in the CPU's order.
+    let Some(s) = simt() else { return };
+    let (n, g) = (3usize, 64usize);
+    let low = rand(n * g * g, 170, 20.0);
+    let lb = Buf::from(s, &low);
+    let run = |x: &Buf<f32>,
+               planes: usize,
+               ph: usize,
+               pw: usize,
+               h: usize,
+               w: usize,
+               oh: usize,
+               ow: usize| {
+        let y = Buf::<f32>::out(s, planes * oh * ow);
+        s.launch(
+            "bilinear_f32",
+            cfg1d(planes * oh * ow),
+            |k: unsafe extern "C" fn(F32m, F32p, i64, i32, i32, i32, i64, i32, i32)| unsafe {
+                k(
+                    y.m(),
+                    x.p(),
+                    planes as i64,
+                    h as i32,
+                    w as i32,
+                    pw as i32,
+                    (ph * pw) as i64,
+                    oh as i32,
+                    ow as i32,
+                )
+            },
+        )
+        .unwrap();
+        y
+    };
+    let up = run(&lb, n, g, g, g, g, 256, 256);
+    let want_up = sam_unet::ops::resize::bilinear(&t(&low, &[n, 1, g, g]), 256, 256).unwrap();
+    assert_close(
+        "bilinear 64 -> 256",
+        &up.to_vec(),
+        want_up.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+    let info = sam_unet::preprocess::ResizeInfo {
+        orig_h: 512,
+        orig_w: 342,
+        new_h: 256,
+        new_w: 171,
+        size: 256,
+    };
+    let out = run(
+        &up,
+        n,
+        256,
+        256,
+        info.new_h,
+        info.new_w,
+        info.orig_h,
+        info.orig_w,
+    );
+    let want = sam_unet::model::sam_unet::postprocess(&t(&low, &[n, 1, g, g]), &info, 256).unwrap();
+    assert_close(
+        "postprocess (crop + bilinear to 512 x 342)",
+        &out.to_vec(),
+        want.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+    let down = run(&lb, n, g, g, g, g, 37, 50);
+    let want_down = sam_unet::ops::resize::bilinear(&t(&low, &[n, 1, g, g]), 37, 50).unwrap();
+    assert_close(
+        "bilinear 64 -> 37 x 50",
+        &down.to_vec(),
+        want_down.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+}
+
+#[test]
+fn box_tokens_match_cpu() {
+    let Some(s) = simt() else { return };
+    let c = 256usize;
+    // SAM's Gaussian matrix is N(0, 1); boxes anywhere in the 256 frame,
+    // including the corners and a degenerate one.
+    let gauss: Vec<f32> = rand(c, 180, 1.7);
+    let (med, e0, e1) = (rand(c, 181, 1.0), rand(c, 182, 1.0), rand(c, 183, 1.0));
+    let boxes: Vec<[f32; 4]> = vec![
+        [10.0, 20.5, 200.0, 180.25],
+        [0.0, 0.0, 255.0, 255.0],
+        [100.0, 100.0, 100.0, 100.0],
+        [3.3, 250.1, 7.9, 255.0],
+    ];
+    let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+    let (bb, gb, mb, e0b, e1b) = (
+        Buf::from(s, &flat),
+        Buf::from(s, &gauss),
+        Buf::from(s, &med),
+        Buf::from(s, &e0),
+        Buf::from(s, &e1),
+    );
+    let n = boxes.len();
+    let y = Buf::<f32>::out(s, n * 3 * c);
+    s.launch(
+        "box_tokens_f32",
+        cfg1d(n * 3 * c),
+        |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, F32p, i32, i32, f32)| unsafe {
+            k(
+                y.m(),
+                bb.p(),
+                gb.p(),
+                mb.p(),
+                e0b.p(),
+                e1b.p(),
+                n as i32,
+                c as i32,
+                256.0,
+            )
+        },
+    )
+    .unwrap();
+    let sparse = sam_unet::ops::prompt::embed_boxes(&boxes, &gauss, &e0, &e1, 256);
+    let want: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            med.iter()
+                .chain(&sparse[i * 2 * c..(i + 1) * 2 * c])
+                .copied()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_close("box_tokens", &y.to_vec(), &want, 1e-6, 1e-6);
+}
+
+#[test]
+fn repeat_matches_definition() {
+    let Some(s) = simt() else { return };
+    let (len, n) = (256 * 256 + 3, 5usize);
+    let x = rand(len, 190, 1.0);
+    let xb = Buf::from(s, &x);
+    let y = Buf::<f32>::out(s, len * n);
+    s.launch(
+        "repeat_f32",
+        cfg1d(len * n),
+        |k: unsafe extern "C" fn(F32m, F32p, i64, i64)| unsafe {
+            k(y.m(), xb.p(), len as i64, n as i64)
+        },
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..n).flat_map(|_| x.iter().copied()).collect();
+    assert_close("repeat", &y.to_vec(), &want, 0.0, 0.0);
 }

@@ -7,23 +7,35 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use sam_unet::io::pth::{read_pth, read_pth_bytes, read_tensors, RawDType};
-use sam_unet::io::Weights;
-use sam_unet::model::init::{sam_to_input_size, starting_weights, InitReport};
-use sam_unet::model::SamUnet;
 use sam_unet::Error;
+use sam_unet::io::Weights;
+use sam_unet::io::pth::{RawDType, read_pth, read_pth_bytes, read_tensors};
+use sam_unet::model::SamUnet;
+use sam_unet::model::init::{InitReport, sam_to_input_size, starting_weights};
 
 fn expected(path: &Path) -> Vec<(String, RawDType, Vec<usize>, Vec<u8>)> {
-    read_tensors(path).unwrap().tensors.into_iter().map(|(n, t)| (n, t.dtype, t.shape, t.data)).collect()
+    read_tensors(path)
+        .unwrap()
+        .tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype, t.shape, t.data))
+        .collect()
 }
 
 fn check_equal(pth: &Path, want: &Path, floats_only: bool) {
     let ck = read_pth(pth).unwrap();
     let want = expected(want);
-    let got: Vec<_> = ck.tensors.iter().filter(|(_, t)| !floats_only || t.dtype.is_float()).collect();
+    let got: Vec<_> = ck
+        .tensors
+        .iter()
+        .filter(|(_, t)| !floats_only || t.dtype.is_float())
+        .collect();
     assert_eq!(got.len(), want.len(), "{}: tensor count", pth.display());
     for (name, dt, shape, data) in &want {
-        let (_, t) = got.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{} lacks `{name}`", pth.display()));
+        let (_, t) = got
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{} lacks `{name}`", pth.display()));
         assert_eq!((&t.dtype, &t.shape), (dt, shape), "{name}");
         assert_eq!(&t.data, data, "{name}: values differ");
     }
@@ -32,26 +44,53 @@ fn check_equal(pth: &Path, want: &Path, floats_only: bool) {
 #[test]
 fn views_legacy_and_trainer_checkpoints_equal_their_expected_files() {
     let Some(dir) = fixtures() else { return };
-    check_equal(&fixture(&dir, "ckpt_views.pth"), &fixture(&dir, "ckpt_views_expected.safetensors"), false);
-    check_equal(&fixture(&dir, "ckpt_legacy.pth"), &fixture(&dir, "ckpt_legacy_expected.safetensors"), false);
-    check_equal(&fixture(&dir, "ckpt_trainer_ckpt.pth"), &fixture(&dir, "ckpt_trainer_ckpt_model.safetensors"), true);
+    check_equal(
+        &fixture(&dir, "ckpt_views.pth"),
+        &fixture(&dir, "ckpt_views_expected.safetensors"),
+        false,
+    );
+    check_equal(
+        &fixture(&dir, "ckpt_legacy.pth"),
+        &fixture(&dir, "ckpt_legacy_expected.safetensors"),
+        false,
+    );
+    check_equal(
+        &fixture(&dir, "ckpt_trainer_ckpt.pth"),
+        &fixture(&dir, "ckpt_trainer_ckpt_model.safetensors"),
+        true,
+    );
     let ck = read_pth(fixture(&dir, "ckpt_trainer_ckpt.pth")).unwrap();
     assert_eq!(ck.source, "model");
-    assert!(ck.skipped.iter().any(|s| s.contains("torch.optim.adam.Adam")), "{:?}", ck.skipped);
+    assert!(
+        ck.skipped
+            .iter()
+            .any(|s| s.contains("torch.optim.adam.Adam")),
+        "{:?}",
+        ck.skipped
+    );
 }
 
 /// [numel, sum, sum of squares, first, last] in f64.
 fn stats(v: &[f32]) -> [f64; 5] {
     let s: f64 = v.iter().map(|&x| x as f64).sum();
     let q: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
-    [v.len() as f64, s, q, *v.first().unwrap_or(&0.0) as f64, *v.last().unwrap_or(&0.0) as f64]
+    [
+        v.len() as f64,
+        s,
+        q,
+        *v.first().unwrap_or(&0.0) as f64,
+        *v.last().unwrap_or(&0.0) as f64,
+    ]
 }
 
 fn check_stats(name: &str, got: &[f32], want: &[f32]) {
     let g = stats(got);
     for i in 0..5 {
         let (a, b) = (g[i], want[i] as f64);
-        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{name}: stat {i}: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+            "{name}: stat {i}: {a} vs {b}"
+        );
     }
 }
 
@@ -76,7 +115,11 @@ fn sam1024_converted_for_256_matches_the_official_loader() {
     let ck = read_pth(fixture(&dir, "ckpt_sam1024.pth")).unwrap();
     let fx = Fixture::load(&fixture(&dir, "ckpt_sam1024_expected256.safetensors"));
     let got = sam_to_input_size(&ck.tensors, 256, &mut InitReport::default()).unwrap();
-    let want_names: Vec<&String> = fx.f32s.keys().filter_map(|k| k.strip_prefix("stats/").map(|_| k)).collect();
+    let want_names: Vec<&String> = fx
+        .f32s
+        .keys()
+        .filter_map(|k| k.strip_prefix("stats/").map(|_| k))
+        .collect();
     assert_eq!(got.len(), want_names.len(), "kept tensors");
     for (name, t) in &got {
         let v = t.as_f32().unwrap();
@@ -84,7 +127,11 @@ fn sam1024_converted_for_256_matches_the_official_loader() {
         if let Some((shape, full)) = fx.f32s.get(name) {
             // pos_embed and every rel-pos table in full, to 1e-6.
             assert_eq!(t.dims(), shape.as_slice(), "{name}");
-            let maxd = v.iter().zip(full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let maxd = v
+                .iter()
+                .zip(full)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
             assert!(maxd <= 1e-6, "{name}: max diff {maxd}");
         }
     }
@@ -99,17 +146,38 @@ fn starting_point_runs_through_info_and_segment() {
     let (w, cfg, rep) = starting_weights(&sam.tensors, &rn.tensors, 256, 0).unwrap();
     assert_eq!(cfg.resnet.name(), "ResNet-18");
     assert!(rep.dropped.iter().any(|n| n == "fc.weight"));
-    assert!(rep.dropped.iter().any(|n| n.starts_with("mask_decoder.iou_prediction_head")));
-    assert!(rep.initialised.iter().any(|(n, how)| n == "adapters_in.0.reshaper.0.weight" && how.contains("kaiming")));
+    assert!(
+        rep.dropped
+            .iter()
+            .any(|n| n.starts_with("mask_decoder.iou_prediction_head"))
+    );
+    assert!(
+        rep.initialised
+            .iter()
+            .any(|(n, how)| n == "adapters_in.0.reshaper.0.weight" && how.contains("kaiming"))
+    );
     // Reproducible: the same seed gives the same weights.
     let (w2, _, _) = starting_weights(&sam.tensors, &rn.tensors, 256, 0).unwrap();
-    assert_eq!(w.get("mask_decoder.med_token.weight").unwrap().as_f32().unwrap(), w2.get("mask_decoder.med_token.weight").unwrap().as_f32().unwrap());
-    let out = std::env::temp_dir().join(format!("sam-unet-init-{}.safetensors", std::process::id()));
+    assert_eq!(
+        w.get("mask_decoder.med_token.weight")
+            .unwrap()
+            .as_f32()
+            .unwrap(),
+        w2.get("mask_decoder.med_token.weight")
+            .unwrap()
+            .as_f32()
+            .unwrap()
+    );
+    let out =
+        std::env::temp_dir().join(format!("sam-unet-init-{}.safetensors", std::process::id()));
     w.save(&out).unwrap();
     let loaded = Weights::from_file(&out).unwrap();
     let model = SamUnet::from_weights(&loaded).unwrap();
     let mut p = sam_unet::Predictor::new(model, Default::default()).unwrap();
-    p.set_image(&sam_unet::io::image::read_rgb(data_demo(&dir).join("test/images/s0619_32.png")).unwrap()).unwrap();
+    p.set_image(
+        &sam_unet::io::image::read_rgb(data_demo(&dir).join("test/images/s0619_32.png")).unwrap(),
+    )
+    .unwrap();
     let pred = p.predict(&[[30.0, 20.0, 120.0, 100.0]]).unwrap();
     assert!(pred.logits.as_f32().unwrap().iter().all(|v| v.is_finite()));
     // Loading .pth directly wherever weights are accepted: a trainer checkpoint's model.
@@ -123,15 +191,28 @@ fn malicious_checkpoint_is_refused_and_runs_nothing() {
     let Some(dir) = fixtures() else { return };
     let p = fixture(&dir, "ckpt_malicious_system.pth");
     let e = read_pth(&p).unwrap_err();
-    assert!(matches!(&e, Error::WeightsFile { msg, .. } if msg.contains("posix.system")), "{e}");
+    assert!(
+        matches!(&e, Error::WeightsFile { msg, .. } if msg.contains("posix.system")),
+        "{e}"
+    );
     assert!(Weights::from_file(&p).is_err());
     // The converter leaves no output and no temporary file.
     let out = std::env::temp_dir().join(format!("sam-unet-mal-{}", std::process::id()));
     std::fs::create_dir_all(&out).unwrap();
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_convert")).arg("--in").arg(&p).arg("--out").arg(out.join("x.safetensors")).output().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_convert"))
+        .arg("--in")
+        .arg(&p)
+        .arg("--out")
+        .arg(out.join("x.safetensors"))
+        .output()
+        .unwrap();
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("posix.system"));
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "conversion left files behind");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "conversion left files behind"
+    );
 }
 
 /// A stored zip with the given records (what torch.save writes, minus alignment).
@@ -194,9 +275,15 @@ fn state_pickle(numel: u8, rows: u8, cols: u8) -> Vec<u8> {
 fn broken_archives_give_clear_errors() {
     let floats: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
     // A well-formed one first.
-    let good = zip(&[("a/data.pkl", &state_pickle(6, 2, 3)), ("a/data/0", &floats)]);
+    let good = zip(&[
+        ("a/data.pkl", &state_pickle(6, 2, 3)),
+        ("a/data/0", &floats),
+    ]);
     let ck = read_pth_bytes(&good).unwrap();
-    assert_eq!(ck.tensors[0].1.to_f32().unwrap(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(
+        ck.tensors[0].1.to_f32().unwrap(),
+        vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    );
     // Truncated archive (every prefix).
     for n in [0, 10, good.len() / 2, good.len() - 1] {
         assert!(read_pth_bytes(&good[..n]).is_err(), "prefix {n}");
@@ -205,10 +292,18 @@ fn broken_archives_give_clear_errors() {
     let e = read_pth_bytes(&zip(&[("a/data.pkl", &state_pickle(6, 2, 3))])).unwrap_err();
     assert!(e.contains("missing"), "{e}");
     // A storage shorter than its tensor: 6 declared, 4 stored.
-    let e = read_pth_bytes(&zip(&[("a/data.pkl", &state_pickle(6, 2, 3)), ("a/data/0", &floats[..16])])).unwrap_err();
+    let e = read_pth_bytes(&zip(&[
+        ("a/data.pkl", &state_pickle(6, 2, 3)),
+        ("a/data/0", &floats[..16]),
+    ]))
+    .unwrap_err();
     assert!(e.contains("bytes"), "{e}");
     // A tensor reaching past its storage: 2 x 3 on a storage of 4.
-    let e = read_pth_bytes(&zip(&[("a/data.pkl", &state_pickle(4, 2, 3)), ("a/data/0", &floats[..16])])).unwrap_err();
+    let e = read_pth_bytes(&zip(&[
+        ("a/data.pkl", &state_pickle(4, 2, 3)),
+        ("a/data/0", &floats[..16]),
+    ]))
+    .unwrap_err();
     assert!(e.contains("reaches element"), "{e}");
     // Garbage.
     assert!(read_pth_bytes(b"PK\x03\x04 nothing else").is_err());
@@ -228,7 +323,11 @@ fn fuzz_regressions_are_errors() {
     for e in std::fs::read_dir(&dir).unwrap() {
         let p = e.unwrap().path();
         let bytes = std::fs::read(&p).unwrap();
-        assert!(read_pth_bytes(&bytes).is_err(), "{} was accepted", p.display());
+        assert!(
+            read_pth_bytes(&bytes).is_err(),
+            "{} was accepted",
+            p.display()
+        );
         n += 1;
     }
     assert!(n > 0, "no regression inputs in {}", dir.display());

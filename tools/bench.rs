@@ -11,7 +11,7 @@ mod cli;
 
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sam_unet::io::image::RgbImage;
 use sam_unet::model::SamUnetConfig;
@@ -50,7 +50,11 @@ struct Args {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,20 +63,36 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> Result<()> {
     if let Some(t) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("thread pool")?;
     }
     if args.runs == 0 || args.boxes.contains(&0) {
         bail!("--runs and every --boxes count must be at least 1");
     }
     let cfg = SamUnetConfig::named(&args.arch)?;
-    let mut predictor = Predictor::from_weights(&cfg.random_weights(0), PredictorOptions { device: args.device, dtype: args.dtype })?;
+    let mut predictor = Predictor::from_weights(
+        &cfg.random_weights(0),
+        PredictorOptions {
+            device: args.device,
+            dtype: args.dtype,
+        },
+    )?;
     // A synthetic CT-like image: smooth gradients and a disc.
     let s = args.image_size;
     let mut data = vec![0u8; s * s * 3];
     for y in 0..s {
         for x in 0..s {
-            let d = (((x as f32 - s as f32 / 2.0).powi(2) + (y as f32 - s as f32 / 2.0).powi(2)).sqrt() / s as f32 * 512.0) as i32;
-            let v = if d < 120 { 200 } else { ((x + y) * 255 / (2 * s)) as i32 };
+            let d = (((x as f32 - s as f32 / 2.0).powi(2) + (y as f32 - s as f32 / 2.0).powi(2))
+                .sqrt()
+                / s as f32
+                * 512.0) as i32;
+            let v = if d < 120 {
+                200
+            } else {
+                ((x + y) * 255 / (2 * s)) as i32
+            };
             data[(y * s + x) * 3..(y * s + x) * 3 + 3].fill(v.clamp(0, 255) as u8);
         }
     }
@@ -81,7 +101,12 @@ fn run(args: Args) -> Result<()> {
         let boxes: Vec<[f32; 4]> = (0..n)
             .map(|i| {
                 let o = (i * 7 % 50) as f32;
-                [20.0 + o, 30.0 + o, s as f32 / 2.0 + o, s as f32 / 2.0 + 10.0 + o]
+                [
+                    20.0 + o,
+                    30.0 + o,
+                    s as f32 / 2.0 + o,
+                    s as f32 / 2.0 + 10.0 + o,
+                ]
             })
             .collect();
         let (mut enc, mut dec, mut tot) = (vec![], vec![], vec![]);
@@ -121,7 +146,12 @@ fn run(args: Args) -> Result<()> {
             bail!("--batch sizes must be at least 1");
         }
         let s = cfg.img_size;
-        let x = sam_unet::Tensor::from_vec((0..b * 3 * s * s).map(|i| ((i % 977) as f32 / 977.0 - 0.5) * 3.0).collect(), [b, 3, s, s])?;
+        let x = sam_unet::Tensor::from_vec(
+            (0..b * 3 * s * s)
+                .map(|i| ((i % 977) as f32 / 977.0 - 0.5) * 3.0)
+                .collect(),
+            [b, 3, s, s],
+        )?;
         let mut times = vec![];
         for run in 0..=args.runs {
             let t = Instant::now();

@@ -13,14 +13,16 @@ mod cli;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sam_unet::io::pth::read_tensors;
 use sam_unet::io::weights::write_safetensors;
 use sam_unet::model::init::starting_weights;
 
 #[derive(Parser)]
-#[command(about = "Convert PyTorch checkpoints to safetensors, or build SAM-UNet's starting weights")]
+#[command(
+    about = "Convert PyTorch checkpoints to safetensors, or build SAM-UNet's starting weights"
+)]
 struct Args {
     /// A checkpoint (.pth or .safetensors) to convert as it is.
     #[arg(long = "in", conflicts_with_all = ["sam", "resnet"])]
@@ -53,9 +55,26 @@ fn run(a: Args) -> Result<()> {
     match (&a.input, &a.sam, &a.resnet) {
         (Some(input), _, _) => {
             let ck = read_tensors(input)?;
-            let recs: Vec<_> = ck.tensors.iter().map(|(n, t)| (n.clone(), t.dtype.safetensors(), t.shape.clone(), t.data.clone())).collect();
+            let recs: Vec<_> = ck
+                .tensors
+                .iter()
+                .map(|(n, t)| {
+                    (
+                        n.clone(),
+                        t.dtype.safetensors(),
+                        t.shape.clone(),
+                        t.data.clone(),
+                    )
+                })
+                .collect();
             write_safetensors(&a.out, &recs)?;
-            println!("{}: {} tensors from the {} state dict -> {}", input.display(), recs.len(), ck.source, a.out.display());
+            println!(
+                "{}: {} tensors from the {} state dict -> {}",
+                input.display(),
+                recs.len(),
+                ck.source,
+                a.out.display()
+            );
             for s in &ck.skipped {
                 println!("  skipped: {s}");
             }
@@ -67,7 +86,8 @@ fn run(a: Args) -> Result<()> {
         }
         (None, Some(sam), Some(resnet)) => {
             let s = read_tensors(sam).with_context(|| format!("reading {}", sam.display()))?;
-            let r = read_tensors(resnet).with_context(|| format!("reading {}", resnet.display()))?;
+            let r =
+                read_tensors(resnet).with_context(|| format!("reading {}", resnet.display()))?;
             let (w, cfg, rep) = starting_weights(&s.tensors, &r.tensors, a.img_size, a.seed)?;
             w.save(&a.out)?;
             let (total, trainable) = cfg.parameter_counts();
@@ -78,16 +98,34 @@ fn run(a: Args) -> Result<()> {
                 cfg.resnet.name(),
                 a.out.display()
             );
-            println!("  mapped       {} tensors (image_encoder., prompt_encoder., mask_decoder. -> sam_*; conv1/bn1/layerK -> resnet.stage*)", rep.mapped.len());
+            println!(
+                "  mapped       {} tensors (image_encoder., prompt_encoder., mask_decoder. -> sam_*; conv1/bn1/layerK -> resnet.stage*)",
+                rep.mapped.len()
+            );
             for (n, how) in &rep.interpolated {
                 println!("  interpolated {n}: {how}");
             }
-            let (counters, dropped): (Vec<&String>, Vec<&String>) = rep.dropped.iter().partition(|n| n.ends_with("num_batches_tracked"));
-            println!("  dropped      {} tensors: {}", dropped.len(), summarize(dropped.iter().map(|s| s.as_str())));
+            let (counters, dropped): (Vec<&String>, Vec<&String>) = rep
+                .dropped
+                .iter()
+                .partition(|n| n.ends_with("num_batches_tracked"));
+            println!(
+                "  dropped      {} tensors: {}",
+                dropped.len(),
+                summarize(dropped.iter().map(|s| s.as_str()))
+            );
             if !counters.is_empty() {
-                println!("               and {} BatchNorm step counters (num_batches_tracked, unused)", counters.len());
+                println!(
+                    "               and {} BatchNorm step counters (num_batches_tracked, unused)",
+                    counters.len()
+                );
             }
-            println!("  initialised  {} tensors (seed {}): {}", rep.initialised.len(), a.seed, summarize(rep.initialised.iter().map(|(n, _)| n.as_str())));
+            println!(
+                "  initialised  {} tensors (seed {}): {}",
+                rep.initialised.len(),
+                a.seed,
+                summarize(rep.initialised.iter().map(|(n, _)| n.as_str()))
+            );
             if a.verbose {
                 for (f, t) in &rep.mapped {
                     println!("    {f} -> {t}");

@@ -6,11 +6,11 @@
 #[path = "cli.rs"]
 mod cli;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use clap::Parser;
 use sam_unet::io::Weights;
-use sam_unet::model::config::Kind;
 use sam_unet::model::SamUnetConfig;
+use sam_unet::model::config::Kind;
 
 #[derive(Parser)]
 #[command(about = "Print a SAM-UNet's configuration and parameter counts")]
@@ -54,7 +54,12 @@ fn run(args: Args) -> Result<()> {
         (None, None) => bail!("give --weights FILE or --arch NAME (sam-unet-50, sam-unet-34)"),
     };
     let (total, trainable) = cfg.parameter_counts();
-    let buffers: usize = cfg.param_specs().iter().filter(|s| s.kind == Kind::Buffer).map(|s| s.shape.iter().product::<usize>()).sum();
+    let buffers: usize = cfg
+        .param_specs()
+        .iter()
+        .filter(|s| s.kind == Kind::Buffer)
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
     if args.json {
         println!(
             "{}",
@@ -72,14 +77,42 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!("SAM-UNet from {source}");
-    println!("  input            {0} x {0}, patch {1}", cfg.img_size, cfg.patch_size);
-    println!("  image encoder    ViT: width {}, depth {}, {} heads of {}, MLP {}", cfg.vit_dim, cfg.vit_depth, cfg.vit_heads, cfg.head_dim(), cfg.vit_mlp_dim);
-    println!("                   window {} (blocks {:?} global)", cfg.window_size, cfg.global_blocks);
-    println!("  CNN branch       {} (blocks {:?}, {})", cfg.resnet.name(), cfg.resnet.blocks, if cfg.resnet.bottleneck { "bottleneck" } else { "basic" });
+    println!(
+        "  input            {0} x {0}, patch {1}",
+        cfg.img_size, cfg.patch_size
+    );
+    println!(
+        "  image encoder    ViT: width {}, depth {}, {} heads of {}, MLP {}",
+        cfg.vit_dim,
+        cfg.vit_depth,
+        cfg.vit_heads,
+        cfg.head_dim(),
+        cfg.vit_mlp_dim
+    );
+    println!(
+        "                   window {} (blocks {:?} global)",
+        cfg.window_size, cfg.global_blocks
+    );
+    println!(
+        "  CNN branch       {} (blocks {:?}, {})",
+        cfg.resnet.name(),
+        cfg.resnet.blocks,
+        if cfg.resnet.bottleneck {
+            "bottleneck"
+        } else {
+            "basic"
+        }
+    );
     println!("  prompt / decoder width {}", cfg.prompt_dim);
     println!("  parameters       {} total", group(total));
-    println!("                   {} trainable (all but image_encoder.*)", group(trainable));
+    println!(
+        "                   {} trainable (all but image_encoder.*)",
+        group(trainable)
+    );
     println!("                   {} frozen", group(total - trainable));
-    println!("  buffers          {} values (BatchNorm statistics, PE matrix)", group(buffers));
+    println!(
+        "  buffers          {} values (BatchNorm statistics, PE matrix)",
+        group(buffers)
+    );
     Ok(())
 }

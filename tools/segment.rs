@@ -15,10 +15,10 @@ mod cli;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
-use sam_unet::io::image::{read_mask, read_rgb, write_mask_png, write_overlay_png};
 use sam_unet::io::Weights;
+use sam_unet::io::image::{read_mask, read_rgb, write_mask_png, write_overlay_png};
 use sam_unet::preprocess::box_from_mask;
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
@@ -57,8 +57,13 @@ struct Args {
 }
 
 fn parse_box(s: &str) -> std::result::Result<[f32; 4], String> {
-    let v: Vec<f32> = s.split(',').map(|t| t.trim().parse::<f32>()).collect::<std::result::Result<_, _>>().map_err(|e| format!("`{s}`: {e}"))?;
-    v.try_into().map_err(|_| format!("`{s}`: a box is four numbers x0,y0,x1,y1"))
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|t| t.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("`{s}`: {e}"))?;
+    v.try_into()
+        .map_err(|_| format!("`{s}`: a box is four numbers x0,y0,x1,y1"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,10 +76,25 @@ fn run(args: Args) -> Result<()> {
     for m in &args.box_from_mask {
         let mask = read_mask(m)?;
         if (mask.width, mask.height) != (img.width, img.height) {
-            bail!("mask {} is {} x {}, the image is {} x {}", m.display(), mask.width, mask.height, img.width, img.height);
+            bail!(
+                "mask {} is {} x {}, the image is {} x {}",
+                m.display(),
+                mask.width,
+                mask.height,
+                img.width,
+                img.height
+            );
         }
-        let b = box_from_mask(&mask).with_context(|| format!("mask {} is empty: no box to take", m.display()))?;
-        eprintln!("box from {}: {},{},{},{}", m.display(), b[0], b[1], b[2], b[3]);
+        let b = box_from_mask(&mask)
+            .with_context(|| format!("mask {} is empty: no box to take", m.display()))?;
+        eprintln!(
+            "box from {}: {},{},{},{}",
+            m.display(),
+            b[0],
+            b[1],
+            b[2],
+            b[3]
+        );
         boxes.push(b);
     }
     if boxes.is_empty() {
@@ -89,20 +109,37 @@ fn run(args: Args) -> Result<()> {
         }
         (None, None) => bail!("give --weights FILE (or --random-weights ARCH to try the pipeline)"),
     };
-    let mut p = Predictor::from_weights(&w, PredictorOptions { device: args.device, dtype: args.dtype })?;
+    let mut p = Predictor::from_weights(
+        &w,
+        PredictorOptions {
+            device: args.device,
+            dtype: args.dtype,
+        },
+    )?;
     drop(w);
     let t1 = Instant::now();
     p.set_image(&img)?;
     let t2 = Instant::now();
     let pred = p.predict(&boxes)?;
     let t3 = Instant::now();
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let stem = args.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stem = args
+        .image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
     for (k, m) in pred.masks.iter().enumerate() {
         let path = args.out.join(format!("{stem}_mask{k}.png"));
         write_mask_png(&path, pred.width, pred.height, m)?;
         let area = m.iter().filter(|&&v| v).count();
-        println!("{}: box {:?}, {} pixels ({:.2} %)", path.display(), boxes[k], area, 100.0 * area as f64 / m.len() as f64);
+        println!(
+            "{}: box {:?}, {} pixels ({:.2} %)",
+            path.display(),
+            boxes[k],
+            area,
+            100.0 * area as f64 / m.len() as f64
+        );
     }
     let overlay = args.out.join(format!("{stem}_overlay.png"));
     write_overlay_png(&overlay, &img, &pred.masks, &boxes)?;

@@ -153,3 +153,9 @@ static inline long long max(long long a, long long b) { return a > b ? a : b; }
 static inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 static inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 // expf, erff, sqrtf, fmaxf, ...: the C library's, declared by <cmath> at global scope.
+// IEEE round-to-nearest operations that CUDA never contracts into an FMA; the
+// host compiler does not contract across these calls either.
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }

@@ -62,11 +62,23 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A contiguous row-major `rows x cols` matrix.
     pub fn rm(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a contiguous row-major `cols x rows` matrix, seen as `rows x cols`.
     pub fn tr(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, rs: 1, cs: rows }
+        MatRef {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        }
     }
     fn max_index(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
@@ -88,15 +100,32 @@ pub enum Par {
 /// (c at `c[i * c_rs + j * c_cs]`).
 ///
 /// Panics only on an internal layout bug (the public ops check shapes first).
-pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, c_cs: usize, accumulate: bool, par: Par) {
+pub fn sgemm(
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+    par: Par,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "sgemm: inner dimensions");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(a.data.len() > a.max_index() || k == 0, "sgemm: lhs out of bounds");
-    assert!(b.data.len() > b.max_index() || k == 0, "sgemm: rhs out of bounds");
-    assert!(c.len() > (m - 1) * c_rs + (n - 1) * c_cs, "sgemm: dst out of bounds");
+    assert!(
+        a.data.len() > a.max_index() || k == 0,
+        "sgemm: lhs out of bounds"
+    );
+    assert!(
+        b.data.len() > b.max_index() || k == 0,
+        "sgemm: rhs out of bounds"
+    );
+    assert!(
+        c.len() > (m - 1) * c_rs + (n - 1) * c_cs,
+        "sgemm: dst out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -122,7 +151,20 @@ pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, c_cs: usize, accu
                     // from every other task's columns; all indices are in bounds by
                     // the asserts above; `c` outlives the scope.
                     unsafe {
-                        raw_gemm(m, nj, k, (cptr as *mut f32).add(j0 * c_cs), c_rs, c_cs, accumulate, a, b.data.as_ptr().add(j0 * b.cs), b.rs, b.cs, gemm::Parallelism::None);
+                        raw_gemm(
+                            m,
+                            nj,
+                            k,
+                            (cptr as *mut f32).add(j0 * c_cs),
+                            c_rs,
+                            c_cs,
+                            accumulate,
+                            a,
+                            b.data.as_ptr().add(j0 * b.cs),
+                            b.rs,
+                            b.cs,
+                            gemm::Parallelism::None,
+                        );
                     }
                 });
             }
@@ -137,7 +179,22 @@ pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, c_cs: usize, accu
     // SAFETY: the asserts above bound every index the kernel touches for these
     // dimensions and strides inside the three slices; `c` is borrowed mutably and
     // cannot alias `a` or `b`.
-    unsafe { raw_gemm(m, n, k, c.as_mut_ptr(), c_rs, c_cs, accumulate, a, b.data.as_ptr(), b.rs, b.cs, parallelism) }
+    unsafe {
+        raw_gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_rs,
+            c_cs,
+            accumulate,
+            a,
+            b.data.as_ptr(),
+            b.rs,
+            b.cs,
+            parallelism,
+        )
+    }
 }
 
 /// The `gemm` crate call: c (m x n at c_rs, c_cs) (+)= a x b (b at b_rs, b_cs).
@@ -146,10 +203,43 @@ pub fn sgemm(a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, c_cs: usize, accu
 /// Every index touched must be inside the allocations behind the pointers, and
 /// `c` must not alias `a` or `b` or be written by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)]
-unsafe fn raw_gemm(m: usize, n: usize, k: usize, c: *mut f32, c_rs: usize, c_cs: usize, accumulate: bool, a: MatRef, b: *const f32, b_rs: usize, b_cs: usize, par: gemm::Parallelism) {
+unsafe fn raw_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+    a: MatRef,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+    par: gemm::Parallelism,
+) {
     // SAFETY: forwarded from the caller's contract.
     unsafe {
-        gemm::gemm(m, n, k, c, c_cs as isize, c_rs as isize, accumulate, a.data.as_ptr(), a.cs as isize, a.rs as isize, b, b_cs as isize, b_rs as isize, 1.0, 1.0, false, false, false, par);
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            c_cs as isize,
+            c_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
     }
 }
 
@@ -173,15 +263,36 @@ impl Tile {
     /// self (+)= a x b with a rows x k, b k x cols, sequentially (the caller is
     /// already one of many parallel tasks).
     pub fn gemm(&mut self, a: MatRef, b: MatRef, accumulate: bool) {
-        assert!(a.rows == self.rows && b.cols == self.cols && a.cols == b.rows, "Tile::gemm: shapes");
-        assert!(a.data.len() > a.max_index() && b.data.len() > b.max_index(), "Tile::gemm: operands out of bounds");
+        assert!(
+            a.rows == self.rows && b.cols == self.cols && a.cols == b.rows,
+            "Tile::gemm: shapes"
+        );
+        assert!(
+            a.data.len() > a.max_index() && b.data.len() > b.max_index(),
+            "Tile::gemm: operands out of bounds"
+        );
         if a.cols == 0 || self.rows == 0 || self.cols == 0 {
             return;
         }
         // SAFETY: the tile's rows x cols elements at stride rs are inside the
         // output slice and touched by no other task (par_col_tiles); the operands
         // are in bounds by the asserts.
-        unsafe { raw_gemm(self.rows, self.cols, a.cols, self.ptr, self.rs, 1, accumulate, a, b.data.as_ptr(), b.rs, b.cs, gemm::Parallelism::None) }
+        unsafe {
+            raw_gemm(
+                self.rows,
+                self.cols,
+                a.cols,
+                self.ptr,
+                self.rs,
+                1,
+                accumulate,
+                a,
+                b.data.as_ptr(),
+                b.rs,
+                b.cs,
+                gemm::Parallelism::None,
+            )
+        }
     }
 
     /// Row i of the tile (cols values).
@@ -201,18 +312,28 @@ where
     F: Fn(usize, usize, &mut Tile, &mut Vec<f32>) + Sync + Send,
 {
     use rayon::prelude::*;
-    assert!(c.len() >= batches * rows * cols && tile > 0, "par_col_tiles: output too small");
+    assert!(
+        c.len() >= batches * rows * cols && tile > 0,
+        "par_col_tiles: output too small"
+    );
     let tiles = cols.div_ceil(tile);
     let base = c.as_mut_ptr() as usize;
-    (0..batches * tiles).into_par_iter().for_each_init(Vec::new, |scratch, t| {
-        let (b, c0) = (t / tiles, (t % tiles) * tile);
-        // SAFETY: the offset is inside `c` (asserted above); tiles of different
-        // tasks cover disjoint columns or batches, and `c` is mutably borrowed for
-        // the whole call.
-        let ptr = unsafe { (base as *mut f32).add(b * rows * cols + c0) };
-        let mut t = Tile { ptr, rows, cols: tile.min(cols - c0), rs: cols };
-        f(b, c0, &mut t, scratch);
-    });
+    (0..batches * tiles)
+        .into_par_iter()
+        .for_each_init(Vec::new, |scratch, t| {
+            let (b, c0) = (t / tiles, (t % tiles) * tile);
+            // SAFETY: the offset is inside `c` (asserted above); tiles of different
+            // tasks cover disjoint columns or batches, and `c` is mutably borrowed for
+            // the whole call.
+            let ptr = unsafe { (base as *mut f32).add(b * rows * cols + c0) };
+            let mut t = Tile {
+                ptr,
+                rows,
+                cols: tile.min(cols - c0),
+                rs: cols,
+            };
+            f(b, c0, &mut t, scratch);
+        });
 }
 
 /// Splits `n` items into chunks for rayon so each thread gets a few chunks.

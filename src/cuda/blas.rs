@@ -18,9 +18,44 @@ type DestroyFn = unsafe extern "C" fn(Handle) -> c_int;
 type SetStreamFn = unsafe extern "C" fn(Handle, *mut c_void) -> c_int;
 type SetMathModeFn = unsafe extern "C" fn(Handle, c_int) -> c_int;
 #[allow(clippy::type_complexity)]
-type SgemmFn = unsafe extern "C" fn(Handle, c_int, c_int, c_int, c_int, c_int, *const f32, *const f32, c_int, *const f32, c_int, *const f32, *mut f32, c_int) -> c_int;
+type SgemmFn = unsafe extern "C" fn(
+    Handle,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    *const f32,
+    *const f32,
+    c_int,
+    *const f32,
+    c_int,
+    *const f32,
+    *mut f32,
+    c_int,
+) -> c_int;
 #[allow(clippy::type_complexity)]
-type GemmExFn = unsafe extern "C" fn(Handle, c_int, c_int, c_int, c_int, c_int, *const c_void, *const c_void, c_int, c_int, *const c_void, c_int, c_int, *const c_void, *mut c_void, c_int, c_int, c_int, c_int) -> c_int;
+type GemmExFn = unsafe extern "C" fn(
+    Handle,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    *const c_void,
+    *const c_void,
+    c_int,
+    c_int,
+    *const c_void,
+    c_int,
+    c_int,
+    *const c_void,
+    *mut c_void,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+) -> c_int;
 
 const OP_N: c_int = 0;
 const OP_T: c_int = 1;
@@ -45,7 +80,9 @@ fn check(op: &'static str, status: c_int) -> Result<()> {
     if status == 0 {
         Ok(())
     } else {
-        Err(Error::CudaUnavailable(format!("{op}: cuBLAS status {status}")))
+        Err(Error::CudaUnavailable(format!(
+            "{op}: cuBLAS status {status}"
+        )))
     }
 }
 
@@ -60,13 +97,17 @@ impl Blas {
         let mut errors = vec![];
         for n in &names {
             // SAFETY: loading cuBLAS runs only its library initialisers.
-            let Ok(lib) = (unsafe { libloading::Library::new(n) }) else { continue };
+            let Ok(lib) = (unsafe { libloading::Library::new(n) }) else {
+                continue;
+            };
             match Self::with_library(lib, stream) {
                 Ok(b) => return Ok(b),
                 Err(e) => errors.push(format!("{n}: {e}")),
             }
         }
-        Err(Error::CudaUnavailable(format!("no usable cuBLAS (tried {names:?}; {errors:?}); set SAM_UNET_CUBLAS or LD_LIBRARY_PATH")))
+        Err(Error::CudaUnavailable(format!(
+            "no usable cuBLAS (tried {names:?}; {errors:?}); set SAM_UNET_CUBLAS or LD_LIBRARY_PATH"
+        )))
     }
 
     fn with_library(lib: libloading::Library, stream: &CudaStream) -> Result<Self> {
@@ -76,14 +117,26 @@ impl Blas {
         unsafe {
             let create: CreateFn = *lib.get::<CreateFn>(b"cublasCreate_v2").map_err(sym)?;
             let destroy: DestroyFn = *lib.get::<DestroyFn>(b"cublasDestroy_v2").map_err(sym)?;
-            let set_stream: SetStreamFn = *lib.get::<SetStreamFn>(b"cublasSetStream_v2").map_err(sym)?;
-            let set_math: SetMathModeFn = *lib.get::<SetMathModeFn>(b"cublasSetMathMode").map_err(sym)?;
+            let set_stream: SetStreamFn =
+                *lib.get::<SetStreamFn>(b"cublasSetStream_v2").map_err(sym)?;
+            let set_math: SetMathModeFn = *lib
+                .get::<SetMathModeFn>(b"cublasSetMathMode")
+                .map_err(sym)?;
             let sgemm: SgemmFn = *lib.get::<SgemmFn>(b"cublasSgemm_v2").map_err(sym)?;
             let gemm_ex: GemmExFn = *lib.get::<GemmExFn>(b"cublasGemmEx").map_err(sym)?;
             let mut handle: Handle = std::ptr::null_mut();
             check("cublasCreate", create(&mut handle))?;
-            let b = Blas { _lib: lib, handle, destroy, sgemm, gemm_ex };
-            check("cublasSetStream", set_stream(handle, stream.cu_stream() as *mut c_void))?;
+            let b = Blas {
+                _lib: lib,
+                handle,
+                destroy,
+                sgemm,
+                gemm_ex,
+            };
+            check(
+                "cublasSetStream",
+                set_stream(handle, stream.cu_stream() as *mut c_void),
+            )?;
             check("cublasSetMathMode", set_math(handle, DEFAULT_MATH))?;
             Ok(b)
         }
@@ -91,16 +144,44 @@ impl Blas {
 
     /// y [m, n] = (accumulate ? y : 0) + x [m, k] W^T, W [n, k] row-major (a Linear).
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_f32(&self, stream: &CudaStream, x: &CudaSlice<f32>, w: &CudaSlice<f32>, y: &mut CudaSlice<f32>, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+    pub fn linear_f32(
+        &self,
+        stream: &CudaStream,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         self.gemm_f32(stream, false, true, m, n, k, x, k, w, k, y, n, accumulate)
     }
 
     /// The same Linear in bf16 inputs with f32 accumulation and f32 output:
     /// x [m, k] bf16, w [n, k] bf16 -> y [m, n] f32.
     #[allow(clippy::too_many_arguments)]
-    pub fn linear_bf16(&self, stream: &CudaStream, x: &CudaSlice<half::bf16>, w: &CudaSlice<half::bf16>, y: &mut CudaSlice<f32>, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+    pub fn linear_bf16(
+        &self,
+        stream: &CudaStream,
+        x: &CudaSlice<half::bf16>,
+        w: &CudaSlice<half::bf16>,
+        y: &mut CudaSlice<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         if x.len() < m * k || w.len() < n * k || y.len() < m * n {
-            return Err(Error::shape("linear bf16 (cuda)", format!("x {} w {} y {} for m {m} n {n} k {k}", x.len(), w.len(), y.len())));
+            return Err(Error::shape(
+                "linear bf16 (cuda)",
+                format!(
+                    "x {} w {} y {} for m {m} n {n} k {k}",
+                    x.len(),
+                    w.len(),
+                    y.len()
+                ),
+            ));
         }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let (xp, _gx) = x.device_ptr(stream);
@@ -159,9 +240,29 @@ impl Blas {
     ) -> Result<()> {
         let (ar, ac) = if ta { (k, m) } else { (m, k) };
         let (br, bc) = if tb { (n, k) } else { (k, n) };
-        let need = |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols };
-        if a.len() < need(ar, ac, lda) || b.len() < need(br, bc, ldb) || c.len() < need(m, n, ldc) || lda < ac || ldb < bc || ldc < n {
-            return Err(Error::shape("gemm (cuda)", format!("m {m} n {n} k {k}: buffers {} / {} / {} with ld {lda} / {ldb} / {ldc}", a.len(), b.len(), c.len())));
+        let need = |rows: usize, cols: usize, ld: usize| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (rows - 1) * ld + cols
+            }
+        };
+        if a.len() < need(ar, ac, lda)
+            || b.len() < need(br, bc, ldb)
+            || c.len() < need(m, n, ldc)
+            || lda < ac
+            || ldb < bc
+            || ldc < n
+        {
+            return Err(Error::shape(
+                "gemm (cuda)",
+                format!(
+                    "m {m} n {n} k {k}: buffers {} / {} / {} with ld {lda} / {ldb} / {ldc}",
+                    a.len(),
+                    b.len(),
+                    c.len()
+                ),
+            ));
         }
         if m == 0 || n == 0 {
             return Ok(());
@@ -178,7 +279,22 @@ impl Blas {
         unsafe {
             check(
                 "cublasSgemm",
-                (self.sgemm)(self.handle, op(tb), op(ta), n as c_int, m as c_int, k as c_int, &alpha, bp as *const f32, ldb as c_int, ap as *const f32, lda as c_int, &beta, cp as *mut f32, ldc as c_int),
+                (self.sgemm)(
+                    self.handle,
+                    op(tb),
+                    op(ta),
+                    n as c_int,
+                    m as c_int,
+                    k as c_int,
+                    &alpha,
+                    bp as *const f32,
+                    ldb as c_int,
+                    ap as *const f32,
+                    lda as c_int,
+                    &beta,
+                    cp as *mut f32,
+                    ldc as c_int,
+                ),
             )
         }
     }

@@ -51,16 +51,22 @@ impl CudaDevice {
     /// stream, and loads every kernel module.
     pub fn new(ordinal: usize) -> Result<Self> {
         if let Err(why) = kernels_built() {
-            return Err(Error::CudaUnavailable(format!("kernels were not built: {why}")));
+            return Err(Error::CudaUnavailable(format!(
+                "kernels were not built: {why}"
+            )));
         }
         // SAFETY: only tries to open the driver library (dlopen); no CUDA call is
         // made, so a machine without libcuda gets an error instead of cudarc's panic.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::CudaUnavailable("no CUDA driver (libcuda) on this machine".into()));
+            return Err(Error::CudaUnavailable(
+                "no CUDA driver (libcuda) on this machine".into(),
+            ));
         }
         let n = CudaContext::device_count().map_err(driver_err("device_count"))?;
         if ordinal as i32 >= n {
-            return Err(Error::CudaUnavailable(format!("cuda:{ordinal} requested, {n} device(s) present")));
+            return Err(Error::CudaUnavailable(format!(
+                "cuda:{ordinal} requested, {n} device(s) present"
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_err("create context"))?;
         // One stream per device handle: cudarc's cross-stream event tracking is
@@ -71,10 +77,17 @@ impl CudaDevice {
         let stream = ctx.new_stream().map_err(driver_err("create stream"))?;
         let mut modules = HashMap::new();
         for (name, ptx) in kernels::PTX {
-            let m = ctx.load_module(cudarc::nvrtc::Ptx::from_src(*ptx)).map_err(driver_err("load PTX module"))?;
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(*ptx))
+                .map_err(driver_err("load PTX module"))?;
             modules.insert(*name, m);
         }
-        Ok(CudaDevice { ordinal, ctx, stream, modules })
+        Ok(CudaDevice {
+            ordinal,
+            ctx,
+            stream,
+            modules,
+        })
     }
 
     /// The device's name as the driver reports it.
@@ -88,16 +101,23 @@ impl CudaDevice {
 
     /// A kernel from one of the modules.
     pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
-        let m = self.modules.get(module).ok_or_else(|| Error::CudaUnavailable(format!("kernel module `{module}` not built")))?;
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::CudaUnavailable(format!("kernel module `{module}` not built")))?;
         m.load_function(name).map_err(driver_err("load kernel"))
     }
 
     pub fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream.clone_htod(v).map_err(driver_err("copy to device"))
+        self.stream
+            .clone_htod(v)
+            .map_err(driver_err("copy to device"))
     }
 
     pub fn download(&self, d: &CudaSlice<f32>) -> Result<Vec<f32>> {
-        self.stream.clone_dtoh(d).map_err(driver_err("copy to host"))
+        self.stream
+            .clone_dtoh(d)
+            .map_err(driver_err("copy to host"))
     }
 
     /// A buffer of n floats for an op to write completely (no memset: every op
@@ -111,7 +131,9 @@ impl CudaDevice {
 
     /// A zeroed buffer of n floats.
     pub fn alloc_zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n).map_err(driver_err("allocate"))
+        self.stream
+            .alloc_zeros::<f32>(n)
+            .map_err(driver_err("allocate"))
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -129,12 +151,17 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     // SAFETY: plain driver queries on this context's device with valid
     // out-pointers; a device without memory pools reports an error we ignore.
     unsafe {
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS {
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) != sys::CUresult::CUDA_SUCCESS
+        {
             return Ok(());
         }
         let mut threshold: u64 = u64::MAX;
         // A tuning setting only: a driver that refuses it still works, uncached.
-        let _ = sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut std::ffi::c_void);
+        let _ = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut std::ffi::c_void,
+        );
     }
     Ok(())
 }
@@ -147,7 +174,11 @@ pub fn grid_for(n: usize) -> u32 {
 /// A 1-d grid-stride launch configuration over n elements (the geometry of
 /// every element-wise kernel; public for the host-emulation tests).
 pub fn cfg1d(n: usize) -> cudarc::driver::LaunchConfig {
-    cudarc::driver::LaunchConfig { grid_dim: (grid_for(n), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    cudarc::driver::LaunchConfig {
+        grid_dim: (grid_for(n), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 pub use tensor::GpuTensor;

@@ -4,10 +4,10 @@
 use cudarc::driver::CudaSlice;
 
 use crate::cuda::blas::Blas;
-use crate::cuda::{driver_err, CudaDevice, GpuTensor};
+use crate::cuda::{CudaDevice, GpuTensor, driver_err};
 use crate::error::{Error, Result};
 use crate::io::Weights;
-use crate::ops::activation::{cuda as act, Act};
+use crate::ops::activation::{Act, cuda as act};
 use crate::ops::conv::cuda as conv;
 use crate::ops::norm::cuda as norm;
 use crate::ops::norm::fold_batch_norm;
@@ -33,14 +33,32 @@ impl GpuLinear {
     pub fn load(dev: &CudaDevice, w: &Weights, prefix: &str) -> Result<Self> {
         let wt = get(w, prefix, "weight")?;
         let [n, k] = wt.dims_n::<2>("GpuLinear", prefix)?;
-        let b = w.get(&format!("{prefix}.bias")).map(|t| up(dev, t)).transpose()?;
-        Ok(GpuLinear { w: up(dev, wt)?, b, n, k })
+        let b = w
+            .get(&format!("{prefix}.bias"))
+            .map(|t| up(dev, t))
+            .transpose()?;
+        Ok(GpuLinear {
+            w: up(dev, wt)?,
+            b,
+            n,
+            k,
+        })
     }
 
     /// x [..., k] -> [..., n].
-    pub fn forward(&self, dev: &CudaDevice, blas: &Blas, x: &GpuTensor, residual: Option<&GpuTensor>, a: Act) -> Result<GpuTensor> {
+    pub fn forward(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+        a: Act,
+    ) -> Result<GpuTensor> {
         if x.dims.last() != Some(&self.k) {
-            return Err(Error::shape("linear (cuda)", format!("input {:?} for a {} -> {} layer", x.dims, self.k, self.n)));
+            return Err(Error::shape(
+                "linear (cuda)",
+                format!("input {:?} for a {} -> {} layer", x.dims, self.k, self.n),
+            ));
         }
         let rows = x.numel() / self.k;
         let mut dims = x.dims.clone();
@@ -48,15 +66,70 @@ impl GpuLinear {
         let mut y = dev.alloc(rows * self.n)?;
         if let Some(r) = residual {
             if r.dims != dims {
-                return Err(Error::shape("linear (cuda)", format!("residual {:?} for output {:?}", r.dims, dims)));
+                return Err(Error::shape(
+                    "linear (cuda)",
+                    format!("residual {:?} for output {:?}", r.dims, dims),
+                ));
             }
-            dev.stream().memcpy_dtod(&r.data, &mut y).map_err(driver_err("copy"))?;
+            dev.stream()
+                .memcpy_dtod(&r.data, &mut y)
+                .map_err(driver_err("copy"))?;
         }
-        blas.gemm_f32(dev.stream(), false, true, rows, self.n, self.k, &x.data, self.k, &self.w, self.k, &mut y, self.n, residual.is_some())?;
+        blas.gemm_f32(
+            dev.stream(),
+            false,
+            true,
+            rows,
+            self.n,
+            self.k,
+            &x.data,
+            self.k,
+            &self.w,
+            self.k,
+            &mut y,
+            self.n,
+            residual.is_some(),
+        )?;
         if self.b.is_some() || a != Act::None {
             act::bias_act(dev, &mut y, self.b.as_ref(), self.n, a)?;
         }
         Ok(GpuTensor { data: y, dims })
+    }
+
+    /// act(x W^T + b) on `rows` rows of x that lie `ld` values apart (a
+    /// strided view, e.g. one token of each box): [rows, n].
+    pub fn forward_rows(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        ld: usize,
+        a: Act,
+    ) -> Result<GpuTensor> {
+        let mut y = dev.alloc(rows * self.n)?;
+        blas.gemm_f32(
+            dev.stream(),
+            false,
+            true,
+            rows,
+            self.n,
+            self.k,
+            x,
+            ld,
+            &self.w,
+            self.k,
+            &mut y,
+            self.n,
+            false,
+        )?;
+        if self.b.is_some() || a != Act::None {
+            act::bias_act(dev, &mut y, self.b.as_ref(), self.n, a)?;
+        }
+        Ok(GpuTensor {
+            data: y,
+            dims: vec![rows, self.n],
+        })
     }
 }
 
@@ -72,15 +145,48 @@ pub struct GpuConv {
 }
 
 impl GpuConv {
-    fn from_tensors(dev: &CudaDevice, wt: &Tensor, b: Option<&Tensor>, stride: usize, pad: usize) -> Result<Self> {
+    fn from_tensors(
+        dev: &CudaDevice,
+        wt: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
         let [o, _, kh, kw] = wt.dims_n::<4>("GpuConv", "weight")?;
-        Ok(GpuConv { w: up(dev, wt)?, b: b.map(|b| up(dev, b)).transpose()?, o, kh, kw, stride, pad })
+        Ok(GpuConv {
+            w: up(dev, wt)?,
+            b: b.map(|b| up(dev, b)).transpose()?,
+            o,
+            kh,
+            kw,
+            stride,
+            pad,
+        })
     }
-    pub fn load(dev: &CudaDevice, w: &Weights, prefix: &str, stride: usize, pad: usize) -> Result<Self> {
-        Self::from_tensors(dev, get(w, prefix, "weight")?, w.get(&format!("{prefix}.bias")), stride, pad)
+    pub fn load(
+        dev: &CudaDevice,
+        w: &Weights,
+        prefix: &str,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        Self::from_tensors(
+            dev,
+            get(w, prefix, "weight")?,
+            w.get(&format!("{prefix}.bias")),
+            stride,
+            pad,
+        )
     }
     /// A bias-free conv followed by BatchNorm (running statistics), folded.
-    pub fn load_bn(dev: &CudaDevice, w: &Weights, conv: &str, bn: &str, stride: usize, pad: usize) -> Result<Self> {
+    pub fn load_bn(
+        dev: &CudaDevice,
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
         let (fw, fb) = fold_batch_norm(
             get(w, conv, "weight")?,
             get(w, bn, "weight")?,
@@ -91,8 +197,28 @@ impl GpuConv {
         )?;
         Self::from_tensors(dev, &fw, Some(&fb), stride, pad)
     }
-    pub fn forward(&self, dev: &CudaDevice, blas: &Blas, x: &GpuTensor, residual: Option<&GpuTensor>, a: Act) -> Result<GpuTensor> {
-        conv::conv2d(dev, blas, x, &self.w, self.b.as_ref(), self.o, self.kh, self.kw, self.stride, self.pad, residual, a)
+    pub fn forward(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        x: &GpuTensor,
+        residual: Option<&GpuTensor>,
+        a: Act,
+    ) -> Result<GpuTensor> {
+        conv::conv2d(
+            dev,
+            blas,
+            x,
+            &self.w,
+            self.b.as_ref(),
+            self.o,
+            self.kh,
+            self.kw,
+            self.stride,
+            self.pad,
+            residual,
+            a,
+        )
     }
 }
 
@@ -108,9 +234,22 @@ impl GpuConvT {
     pub fn load(dev: &CudaDevice, w: &Weights, prefix: &str) -> Result<Self> {
         let wt = get(w, prefix, "weight")?;
         let [_, o, k, _] = wt.dims_n::<4>("GpuConvT", prefix)?;
-        Ok(GpuConvT { w: up(dev, wt)?, b: w.get(&format!("{prefix}.bias")).map(|b| up(dev, b)).transpose()?, o, k })
+        Ok(GpuConvT {
+            w: up(dev, wt)?,
+            b: w.get(&format!("{prefix}.bias"))
+                .map(|b| up(dev, b))
+                .transpose()?,
+            o,
+            k,
+        })
     }
-    pub fn forward(&self, dev: &CudaDevice, blas: &Blas, x: &GpuTensor, a: Act) -> Result<GpuTensor> {
+    pub fn forward(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        x: &GpuTensor,
+        a: Act,
+    ) -> Result<GpuTensor> {
         conv::conv_transpose2d(dev, blas, x, &self.w, self.b.as_ref(), self.o, self.k, a)
     }
 }
@@ -126,11 +265,19 @@ pub struct GpuNorm {
 impl GpuNorm {
     pub fn load(dev: &CudaDevice, w: &Weights, prefix: &str, eps: f32) -> Result<Self> {
         let wt = get(w, prefix, "weight")?;
-        Ok(GpuNorm { c: wt.numel(), w: up(dev, wt)?, b: up(dev, get(w, prefix, "bias")?)?, eps })
+        Ok(GpuNorm {
+            c: wt.numel(),
+            w: up(dev, wt)?,
+            b: up(dev, get(w, prefix, "bias")?)?,
+            eps,
+        })
     }
     pub fn forward(&self, dev: &CudaDevice, x: &GpuTensor) -> Result<GpuTensor> {
         let y = norm::layer_norm(dev, &x.data, &self.w, &self.b, self.c, self.eps)?;
-        Ok(GpuTensor { data: y, dims: x.dims.clone() })
+        Ok(GpuTensor {
+            data: y,
+            dims: x.dims.clone(),
+        })
     }
     pub fn forward2d(&self, dev: &CudaDevice, x: &GpuTensor, a: Act) -> Result<GpuTensor> {
         norm::layer_norm2d(dev, x, &self.w, &self.b, self.eps, a)
@@ -146,10 +293,22 @@ pub struct GpuUp4 {
 
 impl GpuUp4 {
     pub fn load(dev: &CudaDevice, w: &Weights, pre: &str) -> Result<Self> {
-        Ok(GpuUp4 { t0: GpuConvT::load(dev, w, &format!("{pre}.0"))?, n1: GpuNorm::load(dev, w, &format!("{pre}.1"), 1e-6)?, t3: GpuConvT::load(dev, w, &format!("{pre}.3"))? })
+        Ok(GpuUp4 {
+            t0: GpuConvT::load(dev, w, &format!("{pre}.0"))?,
+            n1: GpuNorm::load(dev, w, &format!("{pre}.1"), 1e-6)?,
+            t3: GpuConvT::load(dev, w, &format!("{pre}.3"))?,
+        })
     }
-    pub fn forward(&self, dev: &CudaDevice, blas: &Blas, x: &GpuTensor, a: Act) -> Result<GpuTensor> {
-        let h = self.n1.forward2d(dev, &self.t0.forward(dev, blas, x, Act::None)?, Act::Gelu)?;
+    pub fn forward(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        x: &GpuTensor,
+        a: Act,
+    ) -> Result<GpuTensor> {
+        let h = self
+            .n1
+            .forward2d(dev, &self.t0.forward(dev, blas, x, Act::None)?, Act::Gelu)?;
         self.t3.forward(dev, blas, &h, a)
     }
 }

@@ -16,10 +16,16 @@ impl GpuTensor {
         self.dims.iter().product()
     }
     pub fn upload(dev: &CudaDevice, t: &Tensor) -> Result<Self> {
-        Ok(GpuTensor { data: dev.upload(t.as_f32()?)?, dims: t.dims().to_vec() })
+        Ok(GpuTensor {
+            data: dev.upload(t.as_f32()?)?,
+            dims: t.dims().to_vec(),
+        })
     }
     pub fn zeros(dev: &CudaDevice, dims: &[usize]) -> Result<Self> {
-        Ok(GpuTensor { data: dev.alloc_zeros(dims.iter().product())?, dims: dims.to_vec() })
+        Ok(GpuTensor {
+            data: dev.alloc_zeros(dims.iter().product())?,
+            dims: dims.to_vec(),
+        })
     }
     pub fn download(&self, dev: &CudaDevice) -> Result<Tensor> {
         Tensor::from_vec(dev.download(&self.data)?, self.dims.clone())
@@ -27,6 +33,9 @@ impl GpuTensor {
     /// The same buffer seen with other dims of equal element count.
     pub fn reshape(self, dims: &[usize]) -> Self {
         debug_assert_eq!(dims.iter().product::<usize>(), self.numel());
-        GpuTensor { data: self.data, dims: dims.to_vec() }
+        GpuTensor {
+            data: self.data,
+            dims: dims.to_vec(),
+        }
     }
 }

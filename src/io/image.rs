@@ -23,9 +23,16 @@ impl RgbImage {
             return Err(Error::Image(format!("empty image ({width} x {height})")));
         }
         if data.len() != width * height * 3 {
-            return Err(Error::Image(format!("{} bytes cannot be a {width} x {height} RGB image", data.len())));
+            return Err(Error::Image(format!(
+                "{} bytes cannot be a {width} x {height} RGB image",
+                data.len()
+            )));
         }
-        Ok(RgbImage { width, height, data })
+        Ok(RgbImage {
+            width,
+            height,
+            data,
+        })
     }
 }
 
@@ -39,13 +46,24 @@ pub struct Mask {
 
 fn open(path: &Path) -> Result<DynamicImage> {
     let reader = image::ImageReader::open(path)
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
         .with_guessed_format()
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let img = reader.decode().map_err(|e| Error::Image(format!("{}: cannot decode: {e}", path.display())))?;
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let img = reader
+        .decode()
+        .map_err(|e| Error::Image(format!("{}: cannot decode: {e}", path.display())))?;
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::Image(format!("{}: empty image ({w} x {h})", path.display())));
+        return Err(Error::Image(format!(
+            "{}: empty image ({w} x {h})",
+            path.display()
+        )));
     }
     Ok(img)
 }
@@ -64,17 +82,36 @@ pub fn read_mask(path: impl AsRef<Path>) -> Result<Mask> {
     let path = path.as_ref();
     let img = open(path)?;
     let (w, h) = img.dimensions();
-    let data = img.to_luma8().into_raw().into_iter().map(|v| u8::from(v > 0)).collect();
-    Ok(Mask { width: w as usize, height: h as usize, data })
+    let data = img
+        .to_luma8()
+        .into_raw()
+        .into_iter()
+        .map(|v| u8::from(v > 0))
+        .collect();
+    Ok(Mask {
+        width: w as usize,
+        height: h as usize,
+        data,
+    })
 }
 
 /// Writes a mask as an 8-bit grey PNG with values 0 / 255.
-pub fn write_mask_png(path: impl AsRef<Path>, width: usize, height: usize, mask: &[bool]) -> Result<()> {
+pub fn write_mask_png(
+    path: impl AsRef<Path>,
+    width: usize,
+    height: usize,
+    mask: &[bool],
+) -> Result<()> {
     let path = path.as_ref();
     let buf: Vec<u8> = mask.iter().map(|&m| if m { 255 } else { 0 }).collect();
-    let img = image::GrayImage::from_raw(width as u32, height as u32, buf)
-        .ok_or_else(|| Error::Image(format!("mask of {} pixels is not {width} x {height}", mask.len())))?;
-    img.save(path).map_err(|e| Error::Image(format!("{}: cannot write: {e}", path.display())))
+    let img = image::GrayImage::from_raw(width as u32, height as u32, buf).ok_or_else(|| {
+        Error::Image(format!(
+            "mask of {} pixels is not {width} x {height}",
+            mask.len()
+        ))
+    })?;
+    img.save(path)
+        .map_err(|e| Error::Image(format!("{}: cannot write: {e}", path.display())))
 }
 
 /// A distinct colour per mask index.
@@ -96,7 +133,12 @@ pub fn palette(i: usize) -> [u8; 3] {
 
 /// Writes the image with each mask blended in its colour (alpha 0.45) and each
 /// box outlined.
-pub fn write_overlay_png(path: impl AsRef<Path>, img: &RgbImage, masks: &[Vec<bool>], boxes: &[[f32; 4]]) -> Result<()> {
+pub fn write_overlay_png(
+    path: impl AsRef<Path>,
+    img: &RgbImage,
+    masks: &[Vec<bool>],
+    boxes: &[[f32; 4]],
+) -> Result<()> {
     let path = path.as_ref();
     let (w, h) = (img.width, img.height);
     let mut out = img.data.clone();
@@ -115,8 +157,14 @@ pub fn write_overlay_png(path: impl AsRef<Path>, img: &RgbImage, masks: &[Vec<bo
         let col = palette(i);
         let clampx = |v: f32| (v.max(0.0) as usize).min(w - 1);
         let clampy = |v: f32| (v.max(0.0) as usize).min(h - 1);
-        let (x0, y0, x1, y1) = (clampx(b[0]), clampy(b[1]), clampx(b[2] - 1.0), clampy(b[3] - 1.0));
-        let mut put = |x: usize, y: usize| out[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&col);
+        let (x0, y0, x1, y1) = (
+            clampx(b[0]),
+            clampy(b[1]),
+            clampx(b[2] - 1.0),
+            clampy(b[3] - 1.0),
+        );
+        let mut put =
+            |x: usize, y: usize| out[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&col);
         for x in x0..=x1.max(x0) {
             put(x, y0);
             put(x, y1);
@@ -126,6 +174,8 @@ pub fn write_overlay_png(path: impl AsRef<Path>, img: &RgbImage, masks: &[Vec<bo
             put(x1, y);
         }
     }
-    let img = image::RgbImage::from_raw(w as u32, h as u32, out).ok_or_else(|| Error::Image("overlay size".into()))?;
-    img.save(path).map_err(|e| Error::Image(format!("{}: cannot write: {e}", path.display())))
+    let img = image::RgbImage::from_raw(w as u32, h as u32, out)
+        .ok_or_else(|| Error::Image("overlay size".into()))?;
+    img.save(path)
+        .map_err(|e| Error::Image(format!("{}: cannot write: {e}", path.display())))
 }

@@ -3,7 +3,7 @@
 pub mod image;
 pub mod pickle;
 pub mod pth;
-pub mod zip;
 pub mod weights;
+pub mod zip;
 
 pub use weights::Weights;

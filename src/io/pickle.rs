@@ -25,7 +25,9 @@ const MAX_VALUES: usize = 50_000_000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PickleError {
-    #[error("refused global `{0}`: not on the allowlist of a tensor checkpoint (nothing was executed)")]
+    #[error(
+        "refused global `{0}`: not on the allowlist of a tensor checkpoint (nothing was executed)"
+    )]
     RefusedGlobal(String),
     #[error("truncated pickle: {0}")]
     Truncated(&'static str),
@@ -73,7 +75,9 @@ fn allowed(module: &str, name: &str) -> Option<Global> {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("collections", "defaultdict") => Global::DefaultDict,
         ("builtins" | "__builtin__", "dict") => Global::Dict,
-        ("torch.optim.adam", "Adam") | ("torch.optim.adamw", "AdamW") | ("torch.optim.sgd", "SGD") => Global::Placeholder(format!("{module}.{name}")),
+        ("torch.optim.adam", "Adam")
+        | ("torch.optim.adamw", "AdamW")
+        | ("torch.optim.sgd", "SGD") => Global::Placeholder(format!("{module}.{name}")),
         _ => return None,
     })
 }
@@ -181,23 +185,39 @@ impl Value {
 fn tuple(items: Vec<Value>) -> R<Value> {
     let depth = 1 + items.iter().map(Value::depth).max().unwrap_or(0);
     if depth > MAX_DEPTH {
-        return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
+        return Err(PickleError::Limit(format!(
+            "containers nested deeper than {MAX_DEPTH}"
+        )));
     }
     items.iter().for_each(Value::freeze);
-    Ok(Value::Tuple(Rc::new(Node { items, depth, frozen: true })))
+    Ok(Value::Tuple(Rc::new(Node {
+        items,
+        depth,
+        frozen: true,
+    })))
 }
 
 fn new_list(items: Vec<Value>) -> R<Value> {
     let depth = 1 + items.iter().map(Value::depth).max().unwrap_or(0);
     if depth > MAX_DEPTH {
-        return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
+        return Err(PickleError::Limit(format!(
+            "containers nested deeper than {MAX_DEPTH}"
+        )));
     }
     items.iter().for_each(Value::freeze);
-    Ok(Value::List(Rc::new(RefCell::new(Node { items, depth, frozen: false }))))
+    Ok(Value::List(Rc::new(RefCell::new(Node {
+        items,
+        depth,
+        frozen: false,
+    }))))
 }
 
 fn new_dict() -> Value {
-    Value::Dict(Rc::new(RefCell::new(Node { items: vec![], depth: 1, frozen: false })))
+    Value::Dict(Rc::new(RefCell::new(Node {
+        items: vec![],
+        depth: 1,
+        frozen: false,
+    })))
 }
 
 /// The machine. `persistent` maps a persistent id (BINPERSID) to a value.
@@ -213,7 +233,15 @@ pub struct Machine<'a, F: FnMut(Value) -> R<Value>> {
 
 impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
     pub fn new(data: &'a [u8], persistent: F) -> Self {
-        Machine { data, pos: 0, stack: vec![], marks: vec![], memo: HashMap::new(), persistent, values: 0 }
+        Machine {
+            data,
+            pos: 0,
+            stack: vec![],
+            marks: vec![],
+            memo: HashMap::new(),
+            persistent,
+            values: 0,
+        }
     }
 
     /// Bytes consumed so far (a stream may hold several pickles back to back).
@@ -233,22 +261,40 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
         Ok(self.take(1, "opcode argument")?[0])
     }
     fn u16(&mut self) -> R<u16> {
-        Ok(u16::from_le_bytes(self.take(2, "opcode argument")?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2, "opcode argument")?
+                .try_into()
+                .expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> R<u32> {
-        Ok(u32::from_le_bytes(self.take(4, "opcode argument")?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4, "opcode argument")?
+                .try_into()
+                .expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> R<u64> {
-        Ok(u64::from_le_bytes(self.take(8, "opcode argument")?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8, "opcode argument")?
+                .try_into()
+                .expect("8 bytes"),
+        ))
     }
     fn line(&mut self) -> R<&'a str> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&b| b == b'\n').ok_or(PickleError::Truncated("text line"))?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or(PickleError::Truncated("text line"))?;
         self.pos += n + 1;
         std::str::from_utf8(&rest[..n]).map_err(|_| self.bad("text argument is not UTF-8"))
     }
     fn bad(&self, msg: impl Into<String>) -> PickleError {
-        PickleError::Malformed { pos: self.pos, msg: msg.into() }
+        PickleError::Malformed {
+            pos: self.pos,
+            msg: msg.into(),
+        }
     }
     fn push(&mut self, v: Value) -> R<()> {
         self.values += 1;
@@ -263,11 +309,17 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
     }
     fn top(&mut self) -> R<&mut Value> {
         let pos = self.pos;
-        self.stack.last_mut().ok_or(PickleError::Malformed { pos, msg: "stack underflow".into() })
+        self.stack.last_mut().ok_or(PickleError::Malformed {
+            pos,
+            msg: "stack underflow".into(),
+        })
     }
     fn pop_mark(&mut self) -> R<Vec<Value>> {
         let items = std::mem::take(&mut self.stack);
-        self.stack = self.marks.pop().ok_or_else(|| self.bad("no MARK to pop to"))?;
+        self.stack = self
+            .marks
+            .pop()
+            .ok_or_else(|| self.bad("no MARK to pop to"))?;
         Ok(items)
     }
     fn sized(&mut self, n: u64, what: &'static str) -> R<&'a [u8]> {
@@ -275,7 +327,9 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
         self.take(n, what)
     }
     fn utf8(&self, b: &[u8]) -> R<Rc<str>> {
-        std::str::from_utf8(b).map(Rc::from).map_err(|_| self.bad("string is not UTF-8"))
+        std::str::from_utf8(b)
+            .map(Rc::from)
+            .map_err(|_| self.bad("string is not UTF-8"))
     }
 
     fn append(&mut self, target: &Value, items: Vec<Value>) -> R<()> {
@@ -287,12 +341,17 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
         }
         // An unfrozen list is inside no other container, so only the list itself
         // could make a cycle: refuse it (found by fuzzing: DUP then APPEND).
-        if items.iter().any(|it| matches!(it, Value::List(x) if Rc::ptr_eq(x, l))) {
+        if items
+            .iter()
+            .any(|it| matches!(it, Value::List(x) if Rc::ptr_eq(x, l)))
+        {
             return Err(self.bad("a list appended to itself"));
         }
         let depth = items.iter().map(Value::depth).max().map_or(0, |d| d + 1);
         if depth > MAX_DEPTH {
-            return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
+            return Err(PickleError::Limit(format!(
+                "containers nested deeper than {MAX_DEPTH}"
+            )));
         }
         items.iter().for_each(Value::freeze);
         let mut l = l.borrow_mut();
@@ -311,12 +370,17 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
         if d.borrow().frozen {
             return Err(self.bad("SETITEM on a dict already placed in another container"));
         }
-        if kv.iter().any(|it| matches!(it, Value::Dict(x) if Rc::ptr_eq(x, d))) {
+        if kv
+            .iter()
+            .any(|it| matches!(it, Value::Dict(x) if Rc::ptr_eq(x, d)))
+        {
             return Err(self.bad("a dict inserted into itself"));
         }
         let depth = kv.iter().map(Value::depth).max().map_or(0, |x| x + 1);
         if depth > MAX_DEPTH {
-            return Err(PickleError::Limit(format!("containers nested deeper than {MAX_DEPTH}")));
+            return Err(PickleError::Limit(format!(
+                "containers nested deeper than {MAX_DEPTH}"
+            )));
         }
         kv.iter().for_each(Value::freeze);
         let mut d = d.borrow_mut();
@@ -324,7 +388,11 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
         let mut it = kv.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             // A later duplicate key replaces the earlier value, as in Python.
-            if let Some(slot) = d.items.iter_mut().find(|(ek, _)| matches!((ek, &k), (Value::Str(a), Value::Str(b)) if a == b)) {
+            if let Some(slot) = d
+                .items
+                .iter_mut()
+                .find(|(ek, _)| matches!((ek, &k), (Value::Str(a), Value::Str(b)) if a == b))
+            {
                 slot.1 = v;
             } else {
                 d.items.push((k, v));
@@ -338,12 +406,20 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
         let Value::Global(g) = f else {
             return Err(self.bad(format!("call of a {}", f.kind())));
         };
-        let a = args.items().ok_or_else(|| self.bad("call arguments are not a tuple"))?;
+        let a = args
+            .items()
+            .ok_or_else(|| self.bad("call arguments are not a tuple"))?;
         let usize_of = |v: &Value, what: &str| -> R<usize> {
-            v.as_int().and_then(|i| usize::try_from(i).ok()).ok_or_else(|| self.bad(format!("{what} is not a non-negative int")))
+            v.as_int()
+                .and_then(|i| usize::try_from(i).ok())
+                .ok_or_else(|| self.bad(format!("{what} is not a non-negative int")))
         };
         let dims = |v: &Value, what: &str| -> R<Vec<usize>> {
-            v.items().ok_or_else(|| self.bad(format!("{what} is not a tuple")))?.iter().map(|d| usize_of(d, what)).collect()
+            v.items()
+                .ok_or_else(|| self.bad(format!("{what} is not a tuple")))?
+                .iter()
+                .map(|d| usize_of(d, what))
+                .collect()
         };
         match g {
             Global::RebuildTensorV2 | Global::RebuildTensor => {
@@ -357,7 +433,12 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                 if size.len() != stride.len() {
                     return Err(self.bad("tensor size and stride differ in length"));
                 }
-                Ok(Value::Tensor(Rc::new(TensorRef { storage: a[0].clone(), offset: usize_of(&a[1], "storage offset")?, size, stride })))
+                Ok(Value::Tensor(Rc::new(TensorRef {
+                    storage: a[0].clone(),
+                    offset: usize_of(&a[1], "storage offset")?,
+                    size,
+                    stride,
+                })))
             }
             Global::RebuildParameter => match a.first() {
                 Some(t @ Value::Tensor(_)) => Ok(t.clone()),
@@ -371,7 +452,10 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                 {
                     let mut kv = Vec::new();
                     for p in items {
-                        let pair = p.items().filter(|p| p.len() == 2).ok_or_else(|| self.bad("OrderedDict item is not a pair"))?;
+                        let pair = p
+                            .items()
+                            .filter(|p| p.len() == 2)
+                            .ok_or_else(|| self.bad("OrderedDict item is not a pair"))?;
                         kv.extend(pair);
                     }
                     self.set_items(&d, kv)?;
@@ -436,10 +520,18 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                     self.push(Value::Int(v))?
                 }
                 0x8a | 0x8b => {
-                    let n = if op == 0x8a { self.u8()? as u64 } else { self.u32()? as u64 };
+                    let n = if op == 0x8a {
+                        self.u8()? as u64
+                    } else {
+                        self.u32()? as u64
+                    };
                     let b = self.sized(n, "LONG bytes")?;
                     let v = if b.len() <= 8 {
-                        let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xffu8; 8] } else { [0u8; 8] };
+                        let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+                            [0xffu8; 8]
+                        } else {
+                            [0u8; 8]
+                        };
                         buf[..b.len()].copy_from_slice(b);
                         Value::Int(i64::from_le_bytes(buf))
                     } else {
@@ -448,11 +540,15 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                     self.push(v)?
                 }
                 b'G' => {
-                    let v = f64::from_be_bytes(self.take(8, "BINFLOAT")?.try_into().expect("8 bytes"));
+                    let v =
+                        f64::from_be_bytes(self.take(8, "BINFLOAT")?.try_into().expect("8 bytes"));
                     self.push(Value::Float(v))?
                 }
                 b'F' => {
-                    let v = self.line()?.parse::<f64>().map_err(|_| self.bad("FLOAT argument"))?;
+                    let v = self
+                        .line()?
+                        .parse::<f64>()
+                        .map_err(|_| self.bad("FLOAT argument"))?;
                     self.push(Value::Float(v))?
                 }
                 b'X' | 0x8c | 0x8d => {
@@ -466,7 +562,11 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                     self.push(Value::Str(s))?
                 }
                 b'T' | b'U' => {
-                    let n = if op == b'T' { self.u32()? as u64 } else { self.u8()? as u64 };
+                    let n = if op == b'T' {
+                        self.u32()? as u64
+                    } else {
+                        self.u8()? as u64
+                    };
                     let b = self.sized(n, "string")?;
                     let s = Rc::from(String::from_utf8_lossy(b).as_ref());
                     self.push(Value::Str(s))?
@@ -537,12 +637,19 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                     self.push(v)?
                 }
                 b'p' => {
-                    let i = self.line()?.parse::<u32>().map_err(|_| self.bad("PUT index"))?;
+                    let i = self
+                        .line()?
+                        .parse::<u32>()
+                        .map_err(|_| self.bad("PUT index"))?;
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
                 b'q' | b'r' => {
-                    let i = if op == b'q' { self.u8()? as u32 } else { self.u32()? };
+                    let i = if op == b'q' {
+                        self.u8()? as u32
+                    } else {
+                        self.u32()?
+                    };
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
@@ -553,17 +660,25 @@ impl<'a, F: FnMut(Value) -> R<Value>> Machine<'a, F> {
                 }
                 b'g' | b'h' | b'j' => {
                     let i = match op {
-                        b'g' => self.line()?.parse::<u32>().map_err(|_| self.bad("GET index"))?,
+                        b'g' => self
+                            .line()?
+                            .parse::<u32>()
+                            .map_err(|_| self.bad("GET index"))?,
                         b'h' => self.u8()? as u32,
                         _ => self.u32()?,
                     };
-                    let v = self.memo.get(&i).cloned().ok_or_else(|| self.bad(format!("memo index {i} was never stored")))?;
+                    let v = self
+                        .memo
+                        .get(&i)
+                        .cloned()
+                        .ok_or_else(|| self.bad(format!("memo index {i} was never stored")))?;
                     self.push(v)?
                 }
                 b'c' => {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
-                    let g = allowed(&module, &name).ok_or(PickleError::RefusedGlobal(format!("{module}.{name}")))?;
+                    let g = allowed(&module, &name)
+                        .ok_or(PickleError::RefusedGlobal(format!("{module}.{name}")))?;
                     self.push(Value::Global(g))?
                 }
                 0x93 => {
@@ -637,7 +752,13 @@ mod tests {
     use super::*;
 
     fn run(data: &[u8]) -> R<Value> {
-        Machine::new(data, |_| Err(PickleError::Malformed { pos: 0, msg: "no storages".into() })).run()
+        Machine::new(data, |_| {
+            Err(PickleError::Malformed {
+                pos: 0,
+                msg: "no storages".into(),
+            })
+        })
+        .run()
     }
 
     #[test]
@@ -645,7 +766,9 @@ mod tests {
         // {'a': [1, 2.5, 'x'], 'b': (True, None)} at protocol 2
         let p = b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02(K\x01G@\x04\x00\x00\x00\x00\x00\x00X\x01\x00\x00\x00xeX\x01\x00\x00\x00b\x88N\x86u.";
         let v = run(p).unwrap();
-        let Value::Dict(d) = v else { panic!("not a dict") };
+        let Value::Dict(d) = v else {
+            panic!("not a dict")
+        };
         let d = d.borrow();
         assert_eq!(d.items.len(), 2);
         assert_eq!(d.items[0].0.as_str(), Some("a"));
@@ -658,9 +781,15 @@ mod tests {
     #[test]
     fn refuses_unknown_globals() {
         let p = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.";
-        assert_eq!(run(p).unwrap_err(), PickleError::RefusedGlobal("posix.system".into()));
+        assert_eq!(
+            run(p).unwrap_err(),
+            PickleError::RefusedGlobal("posix.system".into())
+        );
         let p = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.";
-        assert_eq!(run(p).unwrap_err(), PickleError::RefusedGlobal("builtins.eval".into()));
+        assert_eq!(
+            run(p).unwrap_err(),
+            PickleError::RefusedGlobal("builtins.eval".into())
+        );
     }
 
     #[test]
@@ -675,11 +804,20 @@ mod tests {
         p.extend(std::iter::repeat_n(b'(', 100_000));
         assert!(matches!(run(&p), Err(PickleError::Limit(_))));
         // A declared size far beyond the data.
-        assert!(matches!(run(b"\x80\x02X\xff\xff\xff\xff"), Err(PickleError::Truncated(_))));
-        assert!(matches!(run(b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\xff"), Err(PickleError::Truncated(_))));
+        assert!(matches!(
+            run(b"\x80\x02X\xff\xff\xff\xff"),
+            Err(PickleError::Truncated(_))
+        ));
+        assert!(matches!(
+            run(b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\xff"),
+            Err(PickleError::Truncated(_))
+        ));
         // A huge memo index stores one entry, and an unknown one is an error.
         assert!(run(b"\x80\x02Nr\xff\xff\xff\xff.").is_ok());
-        assert!(matches!(run(b"\x80\x02j\xff\xff\xff\xff."), Err(PickleError::Malformed { .. })));
+        assert!(matches!(
+            run(b"\x80\x02j\xff\xff\xff\xff."),
+            Err(PickleError::Malformed { .. })
+        ));
         // Billion laughs by memo: each level a tuple of 8 references to the
         // previous; values are shared, never copied.
         let mut p = b"\x80\x02]q\x00".to_vec();

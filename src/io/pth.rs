@@ -87,10 +87,22 @@ impl RawTensor {
     pub fn to_f32(&self) -> Option<Vec<f32>> {
         let d = &self.data;
         Some(match self.dtype {
-            RawDType::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            RawDType::F16 => d.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            RawDType::BF16 => d.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            RawDType::F64 => d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
+            RawDType::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            RawDType::F16 => d
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            RawDType::BF16 => d
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            RawDType::F64 => d
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                .collect(),
             _ => return None,
         })
     }
@@ -119,12 +131,17 @@ struct StorageInfo {
 }
 
 fn err(msg: impl Into<String>) -> PickleError {
-    PickleError::Malformed { pos: 0, msg: msg.into() }
+    PickleError::Malformed {
+        pos: 0,
+        msg: msg.into(),
+    }
 }
 
 /// persistent_load: ('storage', <torch.XStorage>, key, location, numel[, view]).
 fn storage_from_pid(pid: Value) -> std::result::Result<Value, PickleError> {
-    let items = pid.items().ok_or_else(|| err("persistent id is not a tuple"))?;
+    let items = pid
+        .items()
+        .ok_or_else(|| err("persistent id is not a tuple"))?;
     if items.len() < 5 || items[0].as_str() != Some("storage") {
         return Err(err("persistent id is not a storage record"));
     }
@@ -132,40 +149,82 @@ fn storage_from_pid(pid: Value) -> std::result::Result<Value, PickleError> {
         return Err(err("storage record without a storage type"));
     };
     let dtype = RawDType::from_tag(tag).ok_or_else(|| err("unknown storage type"))?;
-    let key = items[2].as_str().ok_or_else(|| err("storage key is not a string"))?.to_string();
-    let numel = items[4].as_int().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| err("storage size is not a count"))?;
+    let key = items[2]
+        .as_str()
+        .ok_or_else(|| err("storage key is not a string"))?
+        .to_string();
+    let numel = items[4]
+        .as_int()
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| err("storage size is not a count"))?;
     let mut view_of = None;
     if let Some(v) = items.get(5).and_then(Value::items) {
         // (view key, offset, size) of a legacy storage view onto root `key`.
-        let off = v.get(1).and_then(Value::as_int).and_then(|n| usize::try_from(n).ok()).ok_or_else(|| err("storage view offset"))?;
+        let off = v
+            .get(1)
+            .and_then(Value::as_int)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| err("storage view offset"))?;
         view_of = Some((key.clone(), off));
     }
-    Ok(Value::Persistent(Rc::new(StorageInfo { dtype, key, numel, view_of })))
+    Ok(Value::Persistent(Rc::new(StorageInfo {
+        dtype,
+        key,
+        numel,
+        view_of,
+    })))
 }
 
 /// Storage key -> its bytes.
 type Storages<'a> = HashMap<String, &'a [u8]>;
 
-fn materialize(t: &super::pickle::TensorRef, storages: &Storages, name: &str) -> std::result::Result<RawTensor, String> {
-    let Value::Persistent(p) = &t.storage else { return Err(format!("tensor `{name}` has no storage")) };
-    let info = p.downcast_ref::<StorageInfo>().ok_or_else(|| format!("tensor `{name}`: bad storage"))?;
+fn materialize(
+    t: &super::pickle::TensorRef,
+    storages: &Storages,
+    name: &str,
+) -> std::result::Result<RawTensor, String> {
+    let Value::Persistent(p) = &t.storage else {
+        return Err(format!("tensor `{name}` has no storage"));
+    };
+    let info = p
+        .downcast_ref::<StorageInfo>()
+        .ok_or_else(|| format!("tensor `{name}`: bad storage"))?;
     let (root, base) = match &info.view_of {
         Some((k, off)) => (k.as_str(), *off),
         None => (info.key.as_str(), 0),
     };
-    let bytes = storages.get(root).ok_or_else(|| format!("tensor `{name}`: storage record `{root}` is missing from the file"))?;
+    let bytes = storages.get(root).ok_or_else(|| {
+        format!("tensor `{name}`: storage record `{root}` is missing from the file")
+    })?;
     let es = info.dtype.size();
-    let declared = info.numel.checked_mul(es).ok_or_else(|| format!("tensor `{name}`: storage size overflows"))?;
+    let declared = info
+        .numel
+        .checked_mul(es)
+        .ok_or_else(|| format!("tensor `{name}`: storage size overflows"))?;
     if info.view_of.is_none() && bytes.len() < declared {
-        return Err(format!("tensor `{name}`: storage `{root}` holds {} bytes but declares {} elements of {} bytes", bytes.len(), info.numel, es));
+        return Err(format!(
+            "tensor `{name}`: storage `{root}` holds {} bytes but declares {} elements of {} bytes",
+            bytes.len(),
+            info.numel,
+            es
+        ));
     }
     let avail = bytes.len() / es;
-    let numel = t.size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| format!("tensor `{name}`: size {:?} overflows", t.size))?;
-    let start = base.checked_add(t.offset).ok_or_else(|| format!("tensor `{name}`: offset overflows"))?;
+    let numel = t
+        .size
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("tensor `{name}`: size {:?} overflows", t.size))?;
+    let start = base
+        .checked_add(t.offset)
+        .ok_or_else(|| format!("tensor `{name}`: offset overflows"))?;
     if numel > 0 {
         let mut last = start;
         for (&d, &s) in t.size.iter().zip(&t.stride) {
-            last = (d - 1).checked_mul(s).and_then(|x| last.checked_add(x)).ok_or_else(|| format!("tensor `{name}`: strides overflow"))?;
+            last = (d - 1)
+                .checked_mul(s)
+                .and_then(|x| last.checked_add(x))
+                .ok_or_else(|| format!("tensor `{name}`: strides overflow"))?;
         }
         if last >= avail {
             return Err(format!(
@@ -175,7 +234,15 @@ fn materialize(t: &super::pickle::TensorRef, storages: &Storages, name: &str) ->
         }
     }
     let mut data = Vec::with_capacity(numel * es);
-    let contiguous = t.size.iter().zip(&t.stride).rev().try_fold(1usize, |expect, (&d, &s)| (d <= 1 || s == expect).then_some(expect * d)).is_some();
+    let contiguous = t
+        .size
+        .iter()
+        .zip(&t.stride)
+        .rev()
+        .try_fold(1usize, |expect, (&d, &s)| {
+            (d <= 1 || s == expect).then_some(expect * d)
+        })
+        .is_some();
     if contiguous {
         data.extend_from_slice(&bytes[start * es..(start + numel) * es]);
     } else if numel > 0 {
@@ -193,7 +260,11 @@ fn materialize(t: &super::pickle::TensorRef, storages: &Storages, name: &str) ->
             }
         }
     }
-    Ok(RawTensor { dtype: info.dtype, shape: t.size.clone(), data })
+    Ok(RawTensor {
+        dtype: info.dtype,
+        shape: t.size.clone(),
+        data,
+    })
 }
 
 fn dict_items(v: &Value) -> Option<Vec<(Value, Value)>> {
@@ -206,12 +277,23 @@ fn dict_items(v: &Value) -> Option<Vec<(Value, Value)>> {
 /// Finds the state dict: a `model` / `state_dict` / `module` entry holding tensors,
 /// or the top level itself.
 fn state_dict(root: &Value, storages: &Storages) -> std::result::Result<Checkpoint, String> {
-    let top = dict_items(root).ok_or_else(|| format!("the checkpoint holds a {}, not a dict of tensors", root.kind()))?;
-    let has_tensors = |items: &[(Value, Value)]| items.iter().any(|(_, v)| matches!(v, Value::Tensor(_)));
+    let top = dict_items(root).ok_or_else(|| {
+        format!(
+            "the checkpoint holds a {}, not a dict of tensors",
+            root.kind()
+        )
+    })?;
+    let has_tensors =
+        |items: &[(Value, Value)]| items.iter().any(|(_, v)| matches!(v, Value::Tensor(_)));
     let (source, items, skipped) = if has_tensors(&top) {
         ("top level".to_string(), top, vec![])
-    } else if let Some((k, v)) = ["model", "state_dict", "module"].iter().find_map(|k| top.iter().find(|(ek, _)| ek.as_str() == Some(k)).cloned()) {
-        let inner = dict_items(&v).filter(|i| has_tensors(i)).ok_or_else(|| format!("entry `{}` holds no tensors", k.as_str().unwrap_or("?")))?;
+    } else if let Some((k, v)) = ["model", "state_dict", "module"]
+        .iter()
+        .find_map(|k| top.iter().find(|(ek, _)| ek.as_str() == Some(k)).cloned())
+    {
+        let inner = dict_items(&v)
+            .filter(|i| has_tensors(i))
+            .ok_or_else(|| format!("entry `{}` holds no tensors", k.as_str().unwrap_or("?")))?;
         let skipped = top
             .iter()
             .filter(|(ek, _)| ek.as_str() != k.as_str())
@@ -225,11 +307,20 @@ fn state_dict(root: &Value, storages: &Storages) -> std::result::Result<Checkpoi
         let keys: Vec<&str> = top.iter().filter_map(|(k, _)| k.as_str()).take(8).collect();
         return Err(format!("no tensors found: top-level keys {keys:?}"));
     };
-    let mut out = Checkpoint { source, skipped, ..Default::default() };
+    let mut out = Checkpoint {
+        source,
+        skipped,
+        ..Default::default()
+    };
     for (k, v) in items {
-        let name = k.as_str().ok_or("a state dict key is not a string")?.to_string();
+        let name = k
+            .as_str()
+            .ok_or("a state dict key is not a string")?
+            .to_string();
         match v {
-            Value::Tensor(t) => out.tensors.push((name.clone(), materialize(&t, storages, &name)?)),
+            Value::Tensor(t) => out
+                .tensors
+                .push((name.clone(), materialize(&t, storages, &name)?)),
             other => out.skipped.push(format!("{name} ({})", other.kind())),
         }
     }
@@ -238,7 +329,12 @@ fn state_dict(root: &Value, storages: &Storages) -> std::result::Result<Checkpoi
 
 fn read_zip(b: &[u8]) -> std::result::Result<Checkpoint, String> {
     let idx = zip::index(b)?;
-    let pkl = idx.entries.keys().find(|k| k.ends_with("data.pkl") && k.matches('/').count() == 1).ok_or("not a PyTorch archive: no <name>/data.pkl record")?.clone();
+    let pkl = idx
+        .entries
+        .keys()
+        .find(|k| k.ends_with("data.pkl") && k.matches('/').count() == 1)
+        .ok_or("not a PyTorch archive: no <name>/data.pkl record")?
+        .clone();
     let prefix = &pkl[..pkl.len() - "data.pkl".len()];
     if let Some(r) = idx.entries.get(&format!("{prefix}byteorder"))
         && &b[r.clone()] != b"little"
@@ -263,7 +359,13 @@ fn read_legacy(b: &[u8]) -> std::result::Result<Checkpoint, String> {
     const MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
     let mut pos = 0usize;
     let next = |pos: &mut usize, persistent: bool| -> std::result::Result<Value, String> {
-        let mut m = Machine::new(&b[*pos..], |pid| if persistent { storage_from_pid(pid) } else { Err(err("unexpected persistent id")) });
+        let mut m = Machine::new(&b[*pos..], |pid| {
+            if persistent {
+                storage_from_pid(pid)
+            } else {
+                Err(err("unexpected persistent id"))
+            }
+        });
         let v = m.run().map_err(|e| e.to_string())?;
         *pos += m.position();
         Ok(v)
@@ -277,24 +379,41 @@ fn read_legacy(b: &[u8]) -> std::result::Result<Checkpoint, String> {
     }
     let sys = next(&mut pos, false)?;
     if let Some(items) = dict_items(&sys)
-        && items.iter().any(|(k, v)| k.as_str() == Some("little_endian") && matches!(v, Value::Bool(false)))
+        && items
+            .iter()
+            .any(|(k, v)| k.as_str() == Some("little_endian") && matches!(v, Value::Bool(false)))
     {
         return Err("big-endian checkpoints are not supported".into());
     }
     let root = next(&mut pos, true)?;
-    let keys = next(&mut pos, false)?.items().ok_or("legacy storage key list missing")?;
+    let keys = next(&mut pos, false)?
+        .items()
+        .ok_or("legacy storage key list missing")?;
     // Element sizes of the storages, from the object's storage records.
     let mut sizes: HashMap<String, usize> = HashMap::new();
     collect_storage_sizes(&root, &mut sizes, &mut 0)?;
     let mut storages: Storages = HashMap::new();
     for k in keys {
-        let key = k.as_str().ok_or("legacy storage key is not a string")?.to_string();
-        let n = b.get(pos..pos + 8).ok_or_else(|| format!("truncated file: storage `{key}` missing"))?;
+        let key = k
+            .as_str()
+            .ok_or("legacy storage key is not a string")?
+            .to_string();
+        let n = b
+            .get(pos..pos + 8)
+            .ok_or_else(|| format!("truncated file: storage `{key}` missing"))?;
         let numel = u64::from_le_bytes(n.try_into().expect("8 bytes"));
         pos += 8;
-        let es = *sizes.get(&key).ok_or_else(|| format!("storage `{key}` is not used by any tensor"))?;
-        let len = usize::try_from(numel).ok().and_then(|n| n.checked_mul(es)).ok_or("storage size overflows")?;
-        let r: Range<usize> = pos..pos.checked_add(len).filter(|&e| e <= b.len()).ok_or_else(|| format!("truncated file: storage `{key}` needs {len} bytes"))?;
+        let es = *sizes
+            .get(&key)
+            .ok_or_else(|| format!("storage `{key}` is not used by any tensor"))?;
+        let len = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(es))
+            .ok_or("storage size overflows")?;
+        let r: Range<usize> = pos..pos
+            .checked_add(len)
+            .filter(|&e| e <= b.len())
+            .ok_or_else(|| format!("truncated file: storage `{key}` needs {len} bytes"))?;
         storages.insert(key, &b[r]);
         pos += len;
     }
@@ -302,7 +421,11 @@ fn read_legacy(b: &[u8]) -> std::result::Result<Checkpoint, String> {
 }
 
 /// Walks the object (bounded) for storage records: key -> element size.
-fn collect_storage_sizes(v: &Value, out: &mut HashMap<String, usize>, budget: &mut usize) -> std::result::Result<(), String> {
+fn collect_storage_sizes(
+    v: &Value,
+    out: &mut HashMap<String, usize>,
+    budget: &mut usize,
+) -> std::result::Result<(), String> {
     *budget += 1;
     if *budget > 10_000_000 {
         return Err("checkpoint object too large to walk".into());
@@ -346,10 +469,19 @@ pub fn read_pth_bytes(b: &[u8]) -> std::result::Result<Checkpoint, String> {
 /// Reads a `.pth` file through a memory map.
 pub fn read_pth(path: impl AsRef<Path>) -> Result<Checkpoint> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // SAFETY: a read-only map, used only during this call; the tensors are copied out.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    read_pth_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    read_pth_bytes(&mmap).map_err(|msg| Error::WeightsFile {
+        path: path.to_path_buf(),
+        msg,
+    })
 }
 
 pub fn is_pth(b: &[u8]) -> bool {
@@ -359,15 +491,31 @@ pub fn is_pth(b: &[u8]) -> bool {
 /// The tensors of a `.pth` checkpoint or a `.safetensors` file, dtypes kept.
 pub fn read_tensors(path: impl AsRef<Path>) -> Result<Checkpoint> {
     let path = path.as_ref();
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // SAFETY: a read-only map, used only during this call; the tensors are copied out.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let fail = |msg: String| Error::WeightsFile { path: path.to_path_buf(), msg };
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fail = |msg: String| Error::WeightsFile {
+        path: path.to_path_buf(),
+        msg,
+    };
     if is_pth(&mmap) {
         return read_pth_bytes(&mmap).map_err(fail);
     }
-    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| fail(format!("neither a PyTorch checkpoint nor a safetensors file: {e}")))?;
-    let mut ck = Checkpoint { source: "safetensors".into(), ..Default::default() };
+    let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+        fail(format!(
+            "neither a PyTorch checkpoint nor a safetensors file: {e}"
+        ))
+    })?;
+    let mut ck = Checkpoint {
+        source: "safetensors".into(),
+        ..Default::default()
+    };
     for (name, v) in st.iter() {
         use safetensors::Dtype as D;
         let dtype = match v.dtype() {
@@ -381,9 +529,20 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Checkpoint> {
             D::I8 => RawDType::I8,
             D::U8 => RawDType::U8,
             D::BOOL => RawDType::Bool,
-            other => return Err(fail(format!("tensor `{name}`: unsupported dtype {other:?}"))),
+            other => {
+                return Err(fail(format!(
+                    "tensor `{name}`: unsupported dtype {other:?}"
+                )));
+            }
         };
-        ck.tensors.push((name.to_string(), RawTensor { dtype, shape: v.shape().to_vec(), data: v.data().to_vec() }));
+        ck.tensors.push((
+            name.to_string(),
+            RawTensor {
+                dtype,
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
+            },
+        ));
     }
     Ok(ck)
 }

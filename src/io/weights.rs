@@ -26,31 +26,56 @@ impl Weights {
     /// Reads a `.safetensors` file through a memory map.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         // SAFETY: the map is read-only and lives only for this call; a file changed
         // underneath by another process could give wrong values but not UB in safe
         // code that copies the bytes out immediately.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if crate::io::pth::is_pth(&mmap) {
             // A PyTorch checkpoint: its state dict (a trainer checkpoint's `model`).
-            let ck = crate::io::pth::read_pth_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })?;
+            let ck = crate::io::pth::read_pth_bytes(&mmap).map_err(|msg| Error::WeightsFile {
+                path: path.to_path_buf(),
+                msg,
+            })?;
             return Ok(Self::from_checkpoint(&ck));
         }
-        Self::from_safetensors_bytes(&mmap).map_err(|msg| Error::WeightsFile { path: path.to_path_buf(), msg })
+        Self::from_safetensors_bytes(&mmap).map_err(|msg| Error::WeightsFile {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 
     /// Parses safetensors bytes; the error is a message for the caller to wrap.
     pub fn from_safetensors_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| format!("not a valid safetensors file: {e}"))?;
         let mut w = Weights::new();
         for (name, view) in st.tensors() {
             let shape = view.shape().to_vec();
             let data = view.data();
             let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-                Dtype::F64 => data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect(),
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::F64 => data
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
+                    .collect(),
                 _ => {
                     w.others.insert(name, shape);
                     continue;
@@ -86,7 +111,10 @@ impl Weights {
 
     /// The tensor `name`, or a typed error naming it.
     pub fn req(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), expected: vec![] })
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            expected: vec![],
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -117,7 +145,12 @@ impl Weights {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let mut out = Vec::with_capacity(self.tensors.len());
         for (k, t) in &self.tensors {
-            out.push((k.clone(), Dtype::F32, t.dims().to_vec(), bytemuck::cast_slice::<f32, u8>(t.as_f32()?).to_vec()));
+            out.push((
+                k.clone(),
+                Dtype::F32,
+                t.dims().to_vec(),
+                bytemuck::cast_slice::<f32, u8>(t.as_f32()?).to_vec(),
+            ));
         }
         write_safetensors(path.as_ref(), &out)
     }
@@ -126,15 +159,33 @@ impl Weights {
 /// Writes (name, dtype, shape, little-endian bytes) records as a safetensors file,
 /// atomically: a temporary file beside the target, then a rename, so a failure
 /// leaves no partial file behind.
-pub fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) -> Result<()> {
-    let fail = |msg: String| Error::WeightsFile { path: path.to_path_buf(), msg };
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
+    let fail = |msg: String| Error::WeightsFile {
+        path: path.to_path_buf(),
+        msg,
+    };
     let views = tensors
         .iter()
-        .map(|(k, dt, s, b)| safetensors::tensor::TensorView::new(*dt, s.clone(), b).map(|v| (k.clone(), v)).map_err(|e| fail(format!("tensor `{k}`: {e}"))))
+        .map(|(k, dt, s, b)| {
+            safetensors::tensor::TensorView::new(*dt, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| fail(format!("tensor `{k}`: {e}")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let data = safetensors::serialize(views, None).map_err(|e| fail(e.to_string()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()));
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     std::fs::write(&tmp, data).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e)

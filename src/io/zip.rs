@@ -28,7 +28,10 @@ pub fn is_zip(b: &[u8]) -> bool {
 pub fn index(b: &[u8]) -> Result<ZipIndex, String> {
     // End of central directory: 22 bytes plus a comment of up to 64 KiB.
     let min = b.len().saturating_sub(22 + 65_535);
-    let eocd = (min..=b.len().saturating_sub(22)).rev().find(|&i| u32_at(b, i) == Some(0x0605_4b50)).ok_or("truncated archive: no end-of-central-directory record")?;
+    let eocd = (min..=b.len().saturating_sub(22))
+        .rev()
+        .find(|&i| u32_at(b, i) == Some(0x0605_4b50))
+        .ok_or("truncated archive: no end-of-central-directory record")?;
     let mut count = u16_at(b, eocd + 10).ok_or("truncated archive")? as u64;
     let mut cd_size = u32_at(b, eocd + 12).ok_or("truncated archive")? as u64;
     let mut cd_off = u32_at(b, eocd + 16).ok_or("truncated archive")? as u64;
@@ -38,7 +41,8 @@ pub fn index(b: &[u8]) -> Result<ZipIndex, String> {
         if u32_at(b, loc) != Some(0x0706_4b50) {
             return Err("zip64 locator missing".into());
         }
-        let z = usize::try_from(u64_at(b, loc + 8).ok_or("truncated zip64 archive")?).map_err(|_| "zip64 offset too large")?;
+        let z = usize::try_from(u64_at(b, loc + 8).ok_or("truncated zip64 archive")?)
+            .map_err(|_| "zip64 offset too large")?;
         if u32_at(b, z) != Some(0x0606_4b50) {
             return Err("zip64 end-of-central-directory record missing".into());
         }
@@ -46,7 +50,10 @@ pub fn index(b: &[u8]) -> Result<ZipIndex, String> {
         cd_size = u64_at(b, z + 40).ok_or("truncated zip64 archive")?;
         cd_off = u64_at(b, z + 48).ok_or("truncated zip64 archive")?;
     }
-    let cd_end = cd_off.checked_add(cd_size).filter(|&e| e <= b.len() as u64).ok_or("truncated archive: central directory outside the file")?;
+    let cd_end = cd_off
+        .checked_add(cd_size)
+        .filter(|&e| e <= b.len() as u64)
+        .ok_or("truncated archive: central directory outside the file")?;
     let (mut p, cd_end) = (cd_off as usize, cd_end as usize);
     let mut entries = HashMap::new();
     for _ in 0..count {
@@ -60,13 +67,20 @@ pub fn index(b: &[u8]) -> Result<ZipIndex, String> {
         let xlen = u16_at(b, p + 30).ok_or("corrupt central directory")? as usize;
         let clen = u16_at(b, p + 32).ok_or("corrupt central directory")? as usize;
         let mut local = u32_at(b, p + 42).ok_or("corrupt central directory")? as u64;
-        let name = b.get(p + 46..p + 46 + nlen).ok_or("corrupt central directory")?;
+        let name = b
+            .get(p + 46..p + 46 + nlen)
+            .ok_or("corrupt central directory")?;
         let name = String::from_utf8_lossy(name).into_owned();
         // zip64 extra field: the 0xffffffff fields in order (usize, csize, offset).
-        let extra = b.get(p + 46 + nlen..p + 46 + nlen + xlen).ok_or("corrupt central directory")?;
+        let extra = b
+            .get(p + 46 + nlen..p + 46 + nlen + xlen)
+            .ok_or("corrupt central directory")?;
         let mut e = 0;
         while e + 4 <= extra.len() {
-            let (id, len) = (u16_at(extra, e).unwrap_or(0), u16_at(extra, e + 2).unwrap_or(0) as usize);
+            let (id, len) = (
+                u16_at(extra, e).unwrap_or(0),
+                u16_at(extra, e + 2).unwrap_or(0) as usize,
+            );
             if id == 0x0001 {
                 let mut q = e + 4;
                 for field in [&mut usize_, &mut csize, &mut local] {
@@ -79,17 +93,31 @@ pub fn index(b: &[u8]) -> Result<ZipIndex, String> {
             e += 4 + len;
         }
         if method != 0 {
-            return Err(format!("record `{name}` is compressed (method {method}); PyTorch archives store records uncompressed"));
+            return Err(format!(
+                "record `{name}` is compressed (method {method}); PyTorch archives store records uncompressed"
+            ));
         }
         if csize != usize_ {
-            return Err(format!("record `{name}`: stored size {csize} differs from its size {usize_}"));
+            return Err(format!(
+                "record `{name}`: stored size {csize} differs from its size {usize_}"
+            ));
         }
         let l = usize::try_from(local).map_err(|_| "offset too large")?;
         if u32_at(b, l) != Some(0x0403_4b50) {
-            return Err(format!("record `{name}`: local header missing (truncated or corrupt archive)"));
+            return Err(format!(
+                "record `{name}`: local header missing (truncated or corrupt archive)"
+            ));
         }
-        let data = l + 30 + u16_at(b, l + 26).ok_or("truncated archive")? as usize + u16_at(b, l + 28).ok_or("truncated archive")? as usize;
-        let end = (data as u64).checked_add(csize).filter(|&e| e <= b.len() as u64).ok_or_else(|| format!("truncated archive: record `{name}` runs past the end of the file"))?;
+        let data = l
+            + 30
+            + u16_at(b, l + 26).ok_or("truncated archive")? as usize
+            + u16_at(b, l + 28).ok_or("truncated archive")? as usize;
+        let end = (data as u64)
+            .checked_add(csize)
+            .filter(|&e| e <= b.len() as u64)
+            .ok_or_else(|| {
+                format!("truncated archive: record `{name}` runs past the end of the file")
+            })?;
         entries.insert(name, data..end as usize);
         p += 46 + nlen + xlen + clen;
     }

@@ -13,13 +13,27 @@ const LN2D_EPS: f32 = 1e-6;
 /// Maps f(i+1) (C channels, S = 64 / 2^i pixels) to [B, D, 16, 16].
 pub enum Reshaper {
     /// S = 64: conv s2, LN2d, GELU, conv s2, LN2d, GELU, conv 1x1
-    Down4 { c0: Conv2d, n1: LayerNorm, c3: Conv2d, n4: LayerNorm, c6: Conv2d },
+    Down4 {
+        c0: Conv2d,
+        n1: LayerNorm,
+        c3: Conv2d,
+        n4: LayerNorm,
+        c6: Conv2d,
+    },
     /// S = 32: conv s2, LN2d, GELU, conv 1x1
-    Down2 { c0: Conv2d, n1: LayerNorm, c3: Conv2d },
+    Down2 {
+        c0: Conv2d,
+        n1: LayerNorm,
+        c3: Conv2d,
+    },
     /// S = 16: conv 1x1
     Same { c0: Conv2d },
     /// S = 8: convT 2x2 s2, LN2d, GELU, conv 1x1
-    Up2 { t0: ConvTranspose2d, n1: LayerNorm, c3: Conv2d },
+    Up2 {
+        t0: ConvTranspose2d,
+        n1: LayerNorm,
+        c3: Conv2d,
+    },
 }
 
 impl Reshaper {
@@ -28,10 +42,24 @@ impl Reshaper {
         let conv = |j: usize, s: usize, p: usize| Conv2d::load(w, &format!("{pre}.{j}"), s, p);
         let ln = |j: usize| LayerNorm::load(w, &format!("{pre}.{j}"), LN2D_EPS);
         Ok(match i {
-            0 => Reshaper::Down4 { c0: conv(0, 2, 1)?, n1: ln(1)?, c3: conv(3, 2, 1)?, n4: ln(4)?, c6: conv(6, 1, 0)? },
-            1 => Reshaper::Down2 { c0: conv(0, 2, 1)?, n1: ln(1)?, c3: conv(3, 1, 0)? },
+            0 => Reshaper::Down4 {
+                c0: conv(0, 2, 1)?,
+                n1: ln(1)?,
+                c3: conv(3, 2, 1)?,
+                n4: ln(4)?,
+                c6: conv(6, 1, 0)?,
+            },
+            1 => Reshaper::Down2 {
+                c0: conv(0, 2, 1)?,
+                n1: ln(1)?,
+                c3: conv(3, 1, 0)?,
+            },
             2 => Reshaper::Same { c0: conv(0, 1, 0)? },
-            _ => Reshaper::Up2 { t0: ConvTranspose2d::load(w, &format!("{pre}.0"))?, n1: ln(1)?, c3: conv(3, 1, 0)? },
+            _ => Reshaper::Up2 {
+                t0: ConvTranspose2d::load(w, &format!("{pre}.0"))?,
+                n1: ln(1)?,
+                c3: conv(3, 1, 0)?,
+            },
         })
     }
 
@@ -75,7 +103,9 @@ impl Up4 {
 
     /// x [B, C, 16, 16] -> [B, 32, 64, 64]; `act` after the last convT.
     pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        let x = self.n1.forward2d(&self.t0.forward(x, Act::None)?, Act::Gelu)?;
+        let x = self
+            .n1
+            .forward2d(&self.t0.forward(x, Act::None)?, Act::Gelu)?;
         self.t3.forward(&x, act)
     }
 }

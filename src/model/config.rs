@@ -25,13 +25,18 @@ impl ResNetConfig {
             50 => ([3, 4, 6, 3], true),
             101 => ([3, 4, 23, 3], true),
             152 => ([3, 8, 36, 3], true),
-            _ => return Err(Error::Config(format!("ResNet depth {depth} is not one of 18, 34, 50, 101, 152"))),
+            _ => {
+                return Err(Error::Config(format!(
+                    "ResNet depth {depth} is not one of 18, 34, 50, 101, 152"
+                )));
+            }
         };
         Ok(ResNetConfig { blocks, bottleneck })
     }
     /// The torchvision depth name, when the block counts are a standard one.
     pub fn name(&self) -> String {
-        let layers: usize = self.blocks.iter().sum::<usize>() * if self.bottleneck { 3 } else { 2 } + 2;
+        let layers: usize =
+            self.blocks.iter().sum::<usize>() * if self.bottleneck { 3 } else { 2 } + 2;
         format!("ResNet-{layers}")
     }
     pub fn expansion(&self) -> usize {
@@ -106,7 +111,11 @@ impl SamUnetConfig {
         let depth = name
             .strip_prefix("sam-unet-")
             .and_then(|d| d.parse::<usize>().ok())
-            .ok_or_else(|| Error::Config(format!("unknown architecture `{name}` (sam-unet-50, sam-unet-34, sam-unet-18/101/152)")))?;
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown architecture `{name}` (sam-unet-50, sam-unet-34, sam-unet-18/101/152)"
+                ))
+            })?;
         Self::base(depth)
     }
 
@@ -123,16 +132,25 @@ impl SamUnetConfig {
     /// Reads the configuration off the tensors' names and shapes (MODEL.md).
     pub fn from_weights(w: &Weights) -> Result<Self> {
         let shape = |n: &str| -> Result<Vec<usize>> {
-            w.get(n).map(|t| t.dims().to_vec()).ok_or_else(|| Error::MissingTensor { name: n.into(), expected: vec![] })
+            w.get(n)
+                .map(|t| t.dims().to_vec())
+                .ok_or_else(|| Error::MissingTensor {
+                    name: n.into(),
+                    expected: vec![],
+                })
         };
         let pe = shape(&format!("{IE}.patch_embed.proj.weight"))?;
         if pe.len() != 4 || pe[1] != 3 || pe[2] != pe[3] || pe[2] == 0 {
-            return Err(Error::Config(format!("{IE}.patch_embed.proj.weight has shape {pe:?}, expected [D, 3, p, p]")));
+            return Err(Error::Config(format!(
+                "{IE}.patch_embed.proj.weight has shape {pe:?}, expected [D, 3, p, p]"
+            )));
         }
         let (vit_dim, patch_size) = (pe[0], pe[2]);
         let pos = shape(&format!("{IE}.pos_embed"))?;
         if pos.len() != 4 || pos[1] != pos[2] || pos[3] != vit_dim {
-            return Err(Error::Config(format!("{IE}.pos_embed has shape {pos:?}, expected [1, G, G, {vit_dim}]")));
+            return Err(Error::Config(format!(
+                "{IE}.pos_embed has shape {pos:?}, expected [1, G, G, {vit_dim}]"
+            )));
         }
         let grid = pos[1];
         let mut depth = 0;
@@ -140,11 +158,15 @@ impl SamUnetConfig {
             depth += 1;
         }
         if depth != 12 {
-            return Err(Error::Config(format!("found {depth} ViT blocks; SAM-UNet's four stages need 12")));
+            return Err(Error::Config(format!(
+                "found {depth} ViT blocks; SAM-UNet's four stages need 12"
+            )));
         }
         let rel0 = shape(&format!("{IE}.blocks.0.attn.rel_pos_h"))?;
         if rel0.len() != 2 || rel0[1] == 0 || vit_dim % rel0[1] != 0 {
-            return Err(Error::Config(format!("{IE}.blocks.0.attn.rel_pos_h has shape {rel0:?}, expected [2S-1, head_dim]")));
+            return Err(Error::Config(format!(
+                "{IE}.blocks.0.attn.rel_pos_h has shape {rel0:?}, expected [2S-1, head_dim]"
+            )));
         }
         let head_dim = rel0[1];
         let mut global_blocks = vec![];
@@ -152,18 +174,26 @@ impl SamUnetConfig {
         for b in 0..depth {
             let r = shape(&format!("{IE}.blocks.{b}.attn.rel_pos_h"))?;
             if r.len() != 2 || r[0] % 2 == 0 {
-                return Err(Error::Config(format!("{IE}.blocks.{b}.attn.rel_pos_h has shape {r:?}")));
+                return Err(Error::Config(format!(
+                    "{IE}.blocks.{b}.attn.rel_pos_h has shape {r:?}"
+                )));
             }
             if r[0] == 2 * grid - 1 {
                 global_blocks.push(b);
             } else if window_size == 0 || window_size == r[0].div_ceil(2) {
                 window_size = r[0].div_ceil(2);
             } else {
-                return Err(Error::Config(format!("block {b}: rel-pos table of {} rows, other window blocks have {}", r[0], 2 * window_size - 1)));
+                return Err(Error::Config(format!(
+                    "block {b}: rel-pos table of {} rows, other window blocks have {}",
+                    r[0],
+                    2 * window_size - 1
+                )));
             }
         }
         if global_blocks != [2, 5, 8, 11] {
-            return Err(Error::Config(format!("global-attention blocks {global_blocks:?}; SAM-UNet has 2, 5, 8, 11")));
+            return Err(Error::Config(format!(
+                "global-attention blocks {global_blocks:?}; SAM-UNet has 2, 5, 8, 11"
+            )));
         }
         let mlp = shape(&format!("{IE}.blocks.0.mlp.lin1.weight"))?;
         let prompt = shape(&format!("{IE}.neck.0.weight"))?;
@@ -173,7 +203,10 @@ impl SamUnetConfig {
                 *n += 1;
             }
             if *n == 0 {
-                return Err(Error::MissingTensor { name: format!("resnet.stage{}.0.conv1.weight", s + 1), expected: vec![] });
+                return Err(Error::MissingTensor {
+                    name: format!("resnet.stage{}.0.conv1.weight", s + 1),
+                    expected: vec![],
+                });
             }
         }
         let bottleneck = w.contains("resnet.stage1.0.conv3.weight");
@@ -198,34 +231,115 @@ impl SamUnetConfig {
         let pd = self.prompt_dim;
         let frozen = Kind::Param { trainable: false };
         let train = Kind::Param { trainable: true };
-        let mut p = |name: String, shape: Vec<usize>, kind: Kind, init: Init| v.push(ParamSpec { name, shape, kind, init });
+        let mut p = |name: String, shape: Vec<usize>, kind: Kind, init: Init| {
+            v.push(ParamSpec {
+                name,
+                shape,
+                kind,
+                init,
+            })
+        };
         // --- image encoder (frozen) ---
         let ps = self.patch_size;
-        p(format!("{IE}.pos_embed"), vec![1, self.grid(), self.grid(), d], frozen, Init::Zeros);
-        p(format!("{IE}.patch_embed.proj.weight"), vec![d, 3, ps, ps], frozen, Init::FanIn);
-        p(format!("{IE}.patch_embed.proj.bias"), vec![d], frozen, Init::Zeros);
+        p(
+            format!("{IE}.pos_embed"),
+            vec![1, self.grid(), self.grid(), d],
+            frozen,
+            Init::Zeros,
+        );
+        p(
+            format!("{IE}.patch_embed.proj.weight"),
+            vec![d, 3, ps, ps],
+            frozen,
+            Init::FanIn,
+        );
+        p(
+            format!("{IE}.patch_embed.proj.bias"),
+            vec![d],
+            frozen,
+            Init::Zeros,
+        );
         for b in 0..self.vit_depth {
             let pre = format!("{IE}.blocks.{b}");
-            let s = if self.is_global(b) { self.grid() } else { self.window_size };
+            let s = if self.is_global(b) {
+                self.grid()
+            } else {
+                self.window_size
+            };
             p(format!("{pre}.norm1.weight"), vec![d], frozen, Init::Ones);
             p(format!("{pre}.norm1.bias"), vec![d], frozen, Init::Zeros);
-            p(format!("{pre}.attn.rel_pos_h"), vec![2 * s - 1, self.head_dim()], frozen, Init::Zeros);
-            p(format!("{pre}.attn.rel_pos_w"), vec![2 * s - 1, self.head_dim()], frozen, Init::Zeros);
-            p(format!("{pre}.attn.qkv.weight"), vec![3 * d, d], frozen, Init::FanIn);
-            p(format!("{pre}.attn.qkv.bias"), vec![3 * d], frozen, Init::Zeros);
-            p(format!("{pre}.attn.proj.weight"), vec![d, d], frozen, Init::FanIn);
-            p(format!("{pre}.attn.proj.bias"), vec![d], frozen, Init::Zeros);
+            p(
+                format!("{pre}.attn.rel_pos_h"),
+                vec![2 * s - 1, self.head_dim()],
+                frozen,
+                Init::Zeros,
+            );
+            p(
+                format!("{pre}.attn.rel_pos_w"),
+                vec![2 * s - 1, self.head_dim()],
+                frozen,
+                Init::Zeros,
+            );
+            p(
+                format!("{pre}.attn.qkv.weight"),
+                vec![3 * d, d],
+                frozen,
+                Init::FanIn,
+            );
+            p(
+                format!("{pre}.attn.qkv.bias"),
+                vec![3 * d],
+                frozen,
+                Init::Zeros,
+            );
+            p(
+                format!("{pre}.attn.proj.weight"),
+                vec![d, d],
+                frozen,
+                Init::FanIn,
+            );
+            p(
+                format!("{pre}.attn.proj.bias"),
+                vec![d],
+                frozen,
+                Init::Zeros,
+            );
             p(format!("{pre}.norm2.weight"), vec![d], frozen, Init::Ones);
             p(format!("{pre}.norm2.bias"), vec![d], frozen, Init::Zeros);
-            p(format!("{pre}.mlp.lin1.weight"), vec![self.vit_mlp_dim, d], frozen, Init::FanIn);
-            p(format!("{pre}.mlp.lin1.bias"), vec![self.vit_mlp_dim], frozen, Init::Zeros);
-            p(format!("{pre}.mlp.lin2.weight"), vec![d, self.vit_mlp_dim], frozen, Init::FanIn);
+            p(
+                format!("{pre}.mlp.lin1.weight"),
+                vec![self.vit_mlp_dim, d],
+                frozen,
+                Init::FanIn,
+            );
+            p(
+                format!("{pre}.mlp.lin1.bias"),
+                vec![self.vit_mlp_dim],
+                frozen,
+                Init::Zeros,
+            );
+            p(
+                format!("{pre}.mlp.lin2.weight"),
+                vec![d, self.vit_mlp_dim],
+                frozen,
+                Init::FanIn,
+            );
             p(format!("{pre}.mlp.lin2.bias"), vec![d], frozen, Init::Zeros);
         }
-        p(format!("{IE}.neck.0.weight"), vec![pd, d, 1, 1], frozen, Init::FanIn);
+        p(
+            format!("{IE}.neck.0.weight"),
+            vec![pd, d, 1, 1],
+            frozen,
+            Init::FanIn,
+        );
         p(format!("{IE}.neck.1.weight"), vec![pd], frozen, Init::Ones);
         p(format!("{IE}.neck.1.bias"), vec![pd], frozen, Init::Zeros);
-        p(format!("{IE}.neck.2.weight"), vec![pd, pd, 3, 3], frozen, Init::FanIn);
+        p(
+            format!("{IE}.neck.2.weight"),
+            vec![pd, pd, 3, 3],
+            frozen,
+            Init::FanIn,
+        );
         p(format!("{IE}.neck.3.weight"), vec![pd], frozen, Init::Ones);
         p(format!("{IE}.neck.3.bias"), vec![pd], frozen, Init::Zeros);
 
@@ -233,10 +347,25 @@ impl SamUnetConfig {
         let bn = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, c: usize| {
             p(format!("{pre}.weight"), vec![c], train, Init::Ones);
             p(format!("{pre}.bias"), vec![c], train, Init::Zeros);
-            p(format!("{pre}.running_mean"), vec![c], Kind::Buffer, Init::Zeros);
-            p(format!("{pre}.running_var"), vec![c], Kind::Buffer, Init::Ones);
+            p(
+                format!("{pre}.running_mean"),
+                vec![c],
+                Kind::Buffer,
+                Init::Zeros,
+            );
+            p(
+                format!("{pre}.running_var"),
+                vec![c],
+                Kind::Buffer,
+                Init::Ones,
+            );
         };
-        p("resnet.stage0.0.weight".into(), vec![64, 3, 7, 7], train, Init::FanIn);
+        p(
+            "resnet.stage0.0.weight".into(),
+            vec![64, 3, 7, 7],
+            train,
+            Init::FanIn,
+        );
         bn(&mut p, "resnet.stage0.1".into(), 64);
         let r = &self.resnet;
         let mut inp = 64;
@@ -246,21 +375,51 @@ impl SamUnetConfig {
             for bi in 0..r.blocks[s] {
                 let pre = format!("resnet.stage{}.{bi}", s + 1);
                 if r.bottleneck {
-                    p(format!("{pre}.conv1.weight"), vec![planes, inp, 1, 1], train, Init::FanIn);
+                    p(
+                        format!("{pre}.conv1.weight"),
+                        vec![planes, inp, 1, 1],
+                        train,
+                        Init::FanIn,
+                    );
                     bn(&mut p, format!("{pre}.bn1"), planes);
-                    p(format!("{pre}.conv2.weight"), vec![planes, planes, 3, 3], train, Init::FanIn);
+                    p(
+                        format!("{pre}.conv2.weight"),
+                        vec![planes, planes, 3, 3],
+                        train,
+                        Init::FanIn,
+                    );
                     bn(&mut p, format!("{pre}.bn2"), planes);
-                    p(format!("{pre}.conv3.weight"), vec![out, planes, 1, 1], train, Init::FanIn);
+                    p(
+                        format!("{pre}.conv3.weight"),
+                        vec![out, planes, 1, 1],
+                        train,
+                        Init::FanIn,
+                    );
                     bn(&mut p, format!("{pre}.bn3"), out);
                 } else {
-                    p(format!("{pre}.conv1.weight"), vec![planes, inp, 3, 3], train, Init::FanIn);
+                    p(
+                        format!("{pre}.conv1.weight"),
+                        vec![planes, inp, 3, 3],
+                        train,
+                        Init::FanIn,
+                    );
                     bn(&mut p, format!("{pre}.bn1"), planes);
-                    p(format!("{pre}.conv2.weight"), vec![planes, planes, 3, 3], train, Init::FanIn);
+                    p(
+                        format!("{pre}.conv2.weight"),
+                        vec![planes, planes, 3, 3],
+                        train,
+                        Init::FanIn,
+                    );
                     bn(&mut p, format!("{pre}.bn2"), planes);
                 }
                 let stride = if s > 0 && bi == 0 { 2 } else { 1 };
                 if bi == 0 && (stride != 1 || inp != out) {
-                    p(format!("{pre}.downsample.0.weight"), vec![out, inp, 1, 1], train, Init::FanIn);
+                    p(
+                        format!("{pre}.downsample.0.weight"),
+                        vec![out, inp, 1, 1],
+                        train,
+                        Init::FanIn,
+                    );
                     bn(&mut p, format!("{pre}.downsample.1"), out);
                 }
                 inp = out;
@@ -268,14 +427,29 @@ impl SamUnetConfig {
         }
 
         // --- adapters ---
-        let conv = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, o: usize, c: usize, k: usize| {
-            p(format!("{pre}.weight"), vec![o, c, k, k], train, Init::FanIn);
+        let conv = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init),
+                    pre: String,
+                    o: usize,
+                    c: usize,
+                    k: usize| {
+            p(
+                format!("{pre}.weight"),
+                vec![o, c, k, k],
+                train,
+                Init::FanIn,
+            );
             p(format!("{pre}.bias"), vec![o], train, Init::Zeros);
         };
-        let convt = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, c: usize, o: usize| {
-            p(format!("{pre}.weight"), vec![c, o, 2, 2], train, Init::FanIn);
-            p(format!("{pre}.bias"), vec![o], train, Init::Zeros);
-        };
+        let convt =
+            |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, c: usize, o: usize| {
+                p(
+                    format!("{pre}.weight"),
+                    vec![c, o, 2, 2],
+                    train,
+                    Init::FanIn,
+                );
+                p(format!("{pre}.bias"), vec![o], train, Init::Zeros);
+            };
         let ln = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, c: usize| {
             p(format!("{pre}.weight"), vec![c], train, Init::Ones);
             p(format!("{pre}.bias"), vec![c], train, Init::Zeros);
@@ -315,30 +489,52 @@ impl SamUnetConfig {
         convt(&mut p, "embedding_encoder.3".into(), 64, 32);
 
         // --- prompt encoder ---
-        p(format!("{PE}.pe_layer.positional_encoding_gaussian_matrix"), vec![2, pd / 2], Kind::Buffer, Init::Normal);
+        p(
+            format!("{PE}.pe_layer.positional_encoding_gaussian_matrix"),
+            vec![2, pd / 2],
+            Kind::Buffer,
+            Init::Normal,
+        );
         for k in 0..4 {
-            p(format!("{PE}.point_embeddings.{k}.weight"), vec![1, pd], train, Init::Normal);
+            p(
+                format!("{PE}.point_embeddings.{k}.weight"),
+                vec![1, pd],
+                train,
+                Init::Normal,
+            );
         }
-        p(format!("{PE}.not_a_point_embed.weight"), vec![1, pd], train, Init::Normal);
+        p(
+            format!("{PE}.not_a_point_embed.weight"),
+            vec![1, pd],
+            train,
+            Init::Normal,
+        );
         conv(&mut p, format!("{PE}.mask_downscaling.0"), 4, 1, 2);
         ln(&mut p, format!("{PE}.mask_downscaling.1"), 4);
         conv(&mut p, format!("{PE}.mask_downscaling.3"), 16, 4, 2);
         ln(&mut p, format!("{PE}.mask_downscaling.4"), 16);
         conv(&mut p, format!("{PE}.mask_downscaling.6"), pd, 16, 1);
-        p(format!("{PE}.no_mask_embed.weight"), vec![1, pd], train, Init::Normal);
+        p(
+            format!("{PE}.no_mask_embed.weight"),
+            vec![1, pd],
+            train,
+            Init::Normal,
+        );
 
         // --- mask decoder ---
-        let lin = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, o: usize, i: usize| {
-            p(format!("{pre}.weight"), vec![o, i], train, Init::FanIn);
-            p(format!("{pre}.bias"), vec![o], train, Init::Zeros);
-        };
+        let lin =
+            |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, o: usize, i: usize| {
+                p(format!("{pre}.weight"), vec![o, i], train, Init::FanIn);
+                p(format!("{pre}.bias"), vec![o], train, Init::Zeros);
+            };
         let tr = format!("{MD}.sam_mask_decoder.transformer");
-        let attn = |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, inner: usize| {
-            for n in ["q_proj", "k_proj", "v_proj"] {
-                lin(p, format!("{pre}.{n}"), inner, pd);
-            }
-            lin(p, format!("{pre}.out_proj"), pd, inner);
-        };
+        let attn =
+            |p: &mut dyn FnMut(String, Vec<usize>, Kind, Init), pre: String, inner: usize| {
+                for n in ["q_proj", "k_proj", "v_proj"] {
+                    lin(p, format!("{pre}.{n}"), inner, pd);
+                }
+                lin(p, format!("{pre}.out_proj"), pd, inner);
+            };
         for l in 0..2 {
             let pre = format!("{tr}.layers.{l}");
             attn(&mut p, format!("{pre}.self_attn"), pd);
@@ -357,7 +553,12 @@ impl SamUnetConfig {
         convt(&mut p, format!("{up}.0"), pd, 64);
         ln(&mut p, format!("{up}.1"), 64);
         convt(&mut p, format!("{up}.3"), 64, 32);
-        p(format!("{MD}.med_token.weight"), vec![1, pd], train, Init::Normal);
+        p(
+            format!("{MD}.med_token.weight"),
+            vec![1, pd],
+            train,
+            Init::Normal,
+        );
         conv(&mut p, format!("{MD}.embedding_maskfeature.0"), 64, 32, 3);
         ln(&mut p, format!("{MD}.embedding_maskfeature.1"), 64);
         conv(&mut p, format!("{MD}.embedding_maskfeature.3"), 32, 64, 3);
@@ -390,16 +591,28 @@ impl SamUnetConfig {
         for s in &specs {
             known.insert(s.name.as_str());
             match w.get(&s.name) {
-                None => return Err(Error::MissingTensor { name: s.name.clone(), expected: s.shape.clone() }),
+                None => {
+                    return Err(Error::MissingTensor {
+                        name: s.name.clone(),
+                        expected: s.shape.clone(),
+                    });
+                }
                 Some(t) if t.dims() != s.shape.as_slice() => {
-                    return Err(Error::TensorShape { name: s.name.clone(), expected: s.shape.clone(), got: t.dims().to_vec() });
+                    return Err(Error::TensorShape {
+                        name: s.name.clone(),
+                        expected: s.shape.clone(),
+                        got: t.dims().to_vec(),
+                    });
                 }
                 _ => {}
             }
         }
         for (name, t) in w.iter() {
             if !known.contains(name) {
-                return Err(Error::UnexpectedTensor { name: name.to_string(), shape: t.dims().to_vec() });
+                return Err(Error::UnexpectedTensor {
+                    name: name.to_string(),
+                    shape: t.dims().to_vec(),
+                });
             }
         }
         for (name, shape) in w.non_float() {
@@ -407,7 +620,10 @@ impl SamUnetConfig {
                 .strip_suffix(".num_batches_tracked")
                 .is_some_and(|pre| known.contains(format!("{pre}.running_mean").as_str()));
             if !is_bn_counter {
-                return Err(Error::UnexpectedTensor { name: name.to_string(), shape: shape.to_vec() });
+                return Err(Error::UnexpectedTensor {
+                    name: name.to_string(),
+                    shape: shape.to_vec(),
+                });
             }
         }
         Ok(())
@@ -453,8 +669,18 @@ mod tests {
 
     #[test]
     fn official_parameter_counts() {
-        assert_eq!(SamUnetConfig::named("sam-unet-50").unwrap().parameter_counts(), (138_428_204, 51_755_564));
-        assert_eq!(SamUnetConfig::named("sam-unet-34").unwrap().parameter_counts(), (116_019_884, 29_347_244));
+        assert_eq!(
+            SamUnetConfig::named("sam-unet-50")
+                .unwrap()
+                .parameter_counts(),
+            (138_428_204, 51_755_564)
+        );
+        assert_eq!(
+            SamUnetConfig::named("sam-unet-34")
+                .unwrap()
+                .parameter_counts(),
+            (116_019_884, 29_347_244)
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::io::Weights;
 use crate::model::config::SamUnetConfig;
 use crate::nn::{Conv2d, LayerNorm, Linear};
-use crate::ops::activation::{add_, Act};
+use crate::ops::activation::{Act, add_};
 use crate::ops::attention::rel_pos_attention;
 use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::tensor::Tensor;
@@ -51,8 +51,22 @@ impl Block {
         let h = self.norm1.forward(x)?;
         // [B, G, G, 3D] for the real tokens only; padded ones are the bias.
         let qkv = self.qkv.forward(&h)?;
-        let bias = self.qkv.bias.as_ref().ok_or_else(|| crate::Error::MissingTensor { name: "attn.qkv.bias".into(), expected: vec![] })?;
-        let a = rel_pos_attention(&qkv, bias, &self.rel_pos_h, &self.rel_pos_w, self.heads, self.window)?;
+        let bias = self
+            .qkv
+            .bias
+            .as_ref()
+            .ok_or_else(|| crate::Error::MissingTensor {
+                name: "attn.qkv.bias".into(),
+                expected: vec![],
+            })?;
+        let a = rel_pos_attention(
+            &qkv,
+            bias,
+            &self.rel_pos_h,
+            &self.rel_pos_w,
+            self.heads,
+            self.window,
+        )?;
         let x = self.proj.forward_residual(&a, x)?;
         let h = self.lin1.forward_act(&self.norm2.forward(&x)?, Act::Gelu)?;
         self.lin2.forward_residual(&h, &x)
@@ -102,7 +116,10 @@ impl ImageEncoderViT {
     /// tokens [B, G, G, D] -> image embeddings [B, 256, G, G].
     pub fn neck(&self, t: &Tensor) -> Result<Tensor> {
         let x = nhwc_to_nchw(t)?;
-        let x = self.neck1.forward2d(&self.neck0.forward(&x, Act::None)?, Act::None)?;
-        self.neck3.forward2d(&self.neck2.forward(&x, Act::None)?, Act::None)
+        let x = self
+            .neck1
+            .forward2d(&self.neck0.forward(&x, Act::None)?, Act::None)?;
+        self.neck3
+            .forward2d(&self.neck2.forward(&x, Act::None)?, Act::None)
     }
 }

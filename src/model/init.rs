@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
-use crate::io::pth::RawTensor;
 use crate::io::Weights;
+use crate::io::pth::RawTensor;
 use crate::model::config::{Kind, SamUnetConfig};
 use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::ops::resize::bilinear;
@@ -27,7 +27,10 @@ pub struct InitReport {
 }
 
 fn f32_of(name: &str, t: &RawTensor) -> Result<Tensor> {
-    t.to_tensor().ok_or_else(|| Error::TensorDType { name: name.into(), dtype: t.dtype.name().into() })
+    t.to_tensor().ok_or_else(|| Error::TensorDType {
+        name: name.into(),
+        dtype: t.dtype.name().into(),
+    })
 }
 
 /// The official loader's work on SAM's own names, for an `img_size` input:
@@ -35,23 +38,38 @@ fn f32_of(name: &str, t: &RawTensor) -> Result<Tensor> {
 /// tables (2 G0 - 1 rows) -> 2 G - 1 rows, both by bilinear interpolation
 /// (align_corners = False, no antialias); the IoU head, mask tokens and
 /// hypernetwork MLPs dropped. Window-block tables are kept.
-pub fn sam_to_input_size(sam: &[(String, RawTensor)], img_size: usize, report: &mut InitReport) -> Result<BTreeMap<String, Tensor>> {
+pub fn sam_to_input_size(
+    sam: &[(String, RawTensor)],
+    img_size: usize,
+    report: &mut InitReport,
+) -> Result<BTreeMap<String, Tensor>> {
     let patch = sam
         .iter()
         .find(|(n, _)| n == "image_encoder.patch_embed.proj.weight")
         .map(|(_, t)| t.shape.get(2).copied().unwrap_or(16))
-        .ok_or_else(|| Error::MissingTensor { name: "image_encoder.patch_embed.proj.weight".into(), expected: vec![] })?;
+        .ok_or_else(|| Error::MissingTensor {
+            name: "image_encoder.patch_embed.proj.weight".into(),
+            expected: vec![],
+        })?;
     let g = img_size / patch.max(1);
     let g0 = sam
         .iter()
         .find(|(n, _)| n == "image_encoder.pos_embed")
         .and_then(|(_, t)| t.shape.get(1).copied())
-        .ok_or_else(|| Error::MissingTensor { name: "image_encoder.pos_embed".into(), expected: vec![] })?;
+        .ok_or_else(|| Error::MissingTensor {
+            name: "image_encoder.pos_embed".into(),
+            expected: vec![],
+        })?;
     let mut out = BTreeMap::new();
     for (name, t) in sam {
-        let dropped = ["mask_decoder.mask_tokens", "mask_decoder.iou_token", "mask_decoder.output_hypernetworks_mlps", "mask_decoder.iou_prediction_head"]
-            .iter()
-            .any(|p| name.starts_with(p));
+        let dropped = [
+            "mask_decoder.mask_tokens",
+            "mask_decoder.iou_token",
+            "mask_decoder.output_hypernetworks_mlps",
+            "mask_decoder.iou_prediction_head",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p));
         if dropped {
             report.dropped.push(name.clone());
             continue;
@@ -64,13 +82,22 @@ pub fn sam_to_input_size(sam: &[(String, RawTensor)], img_size: usize, report: &
         let x = if name == "image_encoder.pos_embed" && g != g0 {
             // [1, G0, G0, D] -> [1, D, G0, G0] -> resize -> [1, G, G, D]
             let r = nchw_to_nhwc(&bilinear(&nhwc_to_nchw(&x)?, g, g)?)?;
-            report.interpolated.push((name.clone(), format!("{g0} x {g0} -> {g} x {g} (bilinear)")));
+            report
+                .interpolated
+                .push((name.clone(), format!("{g0} x {g0} -> {g} x {g} (bilinear)")));
             r
-        } else if name.starts_with("image_encoder.blocks.") && (name.ends_with("attn.rel_pos_h") || name.ends_with("attn.rel_pos_w")) && x.dims()[0] == 2 * g0 - 1 && g != g0 {
+        } else if name.starts_with("image_encoder.blocks.")
+            && (name.ends_with("attn.rel_pos_h") || name.ends_with("attn.rel_pos_w"))
+            && x.dims()[0] == 2 * g0 - 1
+            && g != g0
+        {
             // A global block's table, [2 G0 - 1, C] seen as a 1 x 1 x L x C image.
             let [l, c] = x.dims_n::<2>("rel_pos", name)?;
             let r = bilinear(&x.reshape([1, 1, l, c])?, 2 * g - 1, c)?.reshape([2 * g - 1, c])?;
-            report.interpolated.push((name.clone(), format!("{l} -> {} rows (bilinear)", 2 * g - 1)));
+            report.interpolated.push((
+                name.clone(),
+                format!("{l} -> {} rows (bilinear)", 2 * g - 1),
+            ));
             r
         } else {
             x
@@ -129,7 +156,12 @@ impl Rng {
 }
 
 /// The SAM-UNet starting point from SAM's and a ResNet's state dicts.
-pub fn starting_weights(sam: &[(String, RawTensor)], resnet: &[(String, RawTensor)], img_size: usize, seed: u64) -> Result<(Weights, SamUnetConfig, InitReport)> {
+pub fn starting_weights(
+    sam: &[(String, RawTensor)],
+    resnet: &[(String, RawTensor)],
+    img_size: usize,
+    seed: u64,
+) -> Result<(Weights, SamUnetConfig, InitReport)> {
     let mut report = InitReport::default();
     let mut w = Weights::new();
     for (name, t) in sam_to_input_size(sam, img_size, &mut report)? {
@@ -152,45 +184,81 @@ pub fn starting_weights(sam: &[(String, RawTensor)], resnet: &[(String, RawTenso
     }
     let cfg = SamUnetConfig::from_weights(&w)?;
     let specs = cfg.param_specs();
-    let shapes: std::collections::HashMap<&str, &[usize]> = specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice())).collect();
+    let shapes: std::collections::HashMap<&str, &[usize]> = specs
+        .iter()
+        .map(|s| (s.name.as_str(), s.shape.as_slice()))
+        .collect();
     let mut rng = Rng(seed);
     for spec in &specs {
         if w.contains(&spec.name) {
             continue;
         }
         let name = spec.name.as_str();
-        let new_module = ["adapters_in.", "adapters_bridge.", "embedding_encoder.", "mask_decoder.med_token", "mask_decoder.embedding_maskfeature.", "mask_decoder.hf_mlp."]
-            .iter()
-            .any(|p| name.starts_with(p));
+        let new_module = [
+            "adapters_in.",
+            "adapters_bridge.",
+            "embedding_encoder.",
+            "mask_decoder.med_token",
+            "mask_decoder.embedding_maskfeature.",
+            "mask_decoder.hf_mlp.",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p));
         if !new_module || matches!(spec.kind, Kind::Buffer) {
-            return Err(Error::MissingTensor { name: spec.name.clone(), expected: spec.shape.clone() });
+            return Err(Error::MissingTensor {
+                name: spec.name.clone(),
+                expected: spec.shape.clone(),
+            });
         }
         let n: usize = spec.shape.iter().product();
         let (stem, leaf) = name.rsplit_once('.').unwrap_or((name, ""));
         // The module's weight decides what it is: 1-d LayerNorm, 4-d conv, 2-d linear.
-        let weight = shapes.get(format!("{stem}.weight").as_str()).copied().unwrap_or(&spec.shape);
+        let weight = shapes
+            .get(format!("{stem}.weight").as_str())
+            .copied()
+            .unwrap_or(&spec.shape);
         // Reshaper convolutions (not the transposed one of stage 3).
-        let reshaper_conv = name.starts_with("adapters_in.") && weight.len() == 4 && !name.starts_with("adapters_in.3.reshaper.0.");
+        let reshaper_conv = name.starts_with("adapters_in.")
+            && weight.len() == 4
+            && !name.starts_with("adapters_in.3.reshaper.0.");
         let (values, how): (Vec<f32>, &'static str) = if name == "mask_decoder.med_token.weight" {
-            ((0..n).map(|_| rng.normal() as f32).collect(), "normal(0, 1)")
+            (
+                (0..n).map(|_| rng.normal() as f32).collect(),
+                "normal(0, 1)",
+            )
         } else if weight.len() == 1 {
-            if leaf == "weight" { (vec![1.0; n], "ones (LayerNorm)") } else { (vec![0.0; n], "zeros (LayerNorm)") }
+            if leaf == "weight" {
+                (vec![1.0; n], "ones (LayerNorm)")
+            } else {
+                (vec![0.0; n], "zeros (LayerNorm)")
+            }
         } else if reshaper_conv && leaf == "bias" {
             (vec![0.0; n], "zeros")
         } else if reshaper_conv {
             // kaiming_normal_(mode='fan_out', nonlinearity='relu'): std = sqrt(2 / fan_out)
             let fan_out = weight[0] * weight[2..].iter().product::<usize>();
             let std = (2.0 / fan_out as f64).sqrt();
-            ((0..n).map(|_| (rng.normal() * std) as f32).collect(), "kaiming normal (fan_out, relu)")
+            (
+                (0..n).map(|_| (rng.normal() * std) as f32).collect(),
+                "kaiming normal (fan_out, relu)",
+            )
         } else {
             // PyTorch's default for Linear / Conv2d / ConvTranspose2d, weight and
             // bias: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = numel / dim 0.
             let fan_in = weight.iter().product::<usize>() / weight[0].max(1);
             let b = 1.0 / (fan_in.max(1) as f64).sqrt();
-            ((0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32).collect(), "uniform(+-1/sqrt(fan_in)), PyTorch's default")
+            (
+                (0..n)
+                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * b) as f32)
+                    .collect(),
+                "uniform(+-1/sqrt(fan_in)), PyTorch's default",
+            )
         };
         report.initialised.push((spec.name.clone(), how));
-        w.insert(spec.name.clone(), Tensor::from_vec(values, spec.shape.clone())?);
+        w.insert(
+            spec.name.clone(),
+            Tensor::from_vec(values, spec.shape.clone())?,
+        );
     }
     cfg.validate(&w)?;
     Ok((w, cfg, report))

@@ -30,9 +30,15 @@ pub struct MaskDecoder {
 impl MaskDecoder {
     pub fn load(w: &Weights) -> Result<Self> {
         Ok(MaskDecoder {
-            transformer: TwoWayTransformer::load(w, &format!("{PRE}.sam_mask_decoder.transformer"))?,
+            transformer: TwoWayTransformer::load(
+                w,
+                &format!("{PRE}.sam_mask_decoder.transformer"),
+            )?,
             output_upscaling: Up4::load(w, &format!("{PRE}.sam_mask_decoder.output_upscaling"))?,
-            med_token: w.req(&format!("{PRE}.med_token.weight"))?.as_f32()?.to_vec(),
+            med_token: w
+                .req(&format!("{PRE}.med_token.weight"))?
+                .as_f32()?
+                .to_vec(),
             emf0: Conv2d::load(w, &format!("{PRE}.embedding_maskfeature.0"), 1, 1)?,
             emf1: LayerNorm::load(w, &format!("{PRE}.embedding_maskfeature.1"), 1e-6)?,
             emf3: Conv2d::load(w, &format!("{PRE}.embedding_maskfeature.3"), 1, 1)?,
@@ -46,16 +52,36 @@ impl MaskDecoder {
 
     /// image_embeddings [1, C, G, G], dense_pe [1, C, G, G], sparse [N, 2, C],
     /// no_mask [C], msf [1, 32, 4G, 4G] -> low-res logits [N, 1, 4G, 4G].
-    pub fn forward(&self, image_embeddings: &Tensor, dense_pe: &Tensor, sparse: &Tensor, no_mask: &[f32], msf: &Tensor) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        image_embeddings: &Tensor,
+        dense_pe: &Tensor,
+        sparse: &Tensor,
+        no_mask: &[f32],
+        msf: &Tensor,
+    ) -> Result<Tensor> {
         const OP: &str = "mask_decoder";
         let _p = crate::profile::scope("mask_decoder (total)");
         let [one, c, g, _] = image_embeddings.dims_n::<4>(OP, "image_embeddings")?;
         if one != 1 {
-            return Err(Error::shape(OP, format!("one image at a time, got image_embeddings {:?}", image_embeddings.dims())));
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "one image at a time, got image_embeddings {:?}",
+                    image_embeddings.dims()
+                ),
+            ));
         }
         let [n, two, sc] = sparse.dims_n::<3>(OP, "sparse")?;
         if two != 2 || sc != c || no_mask.len() != c || self.med_token.len() != c {
-            return Err(Error::shape(OP, format!("sparse {:?} vs embeddings {:?}", sparse.dims(), image_embeddings.dims())));
+            return Err(Error::shape(
+                OP,
+                format!(
+                    "sparse {:?} vs embeddings {:?}",
+                    sparse.dims(),
+                    image_embeddings.dims()
+                ),
+            ));
         }
         let hw = g * g;
         // tokens [N, 3, C] = [med_token, corner 0, corner 1]
@@ -109,7 +135,9 @@ impl MaskDecoder {
         drop(_pf);
         // h [N, 32] from the med token's output
         let qs = cpu_f32(OP, &q)?;
-        let med: Vec<f32> = (0..n).flat_map(|i| qs[i * 3 * c..i * 3 * c + c].to_vec()).collect();
+        let med: Vec<f32> = (0..n)
+            .flat_map(|i| qs[i * 3 * c..i * 3 * c + c].to_vec())
+            .collect();
         let h = Tensor::from_f32(med, &[n, c]);
         let h = self.hf[0].forward_act(&h, Act::Relu)?;
         let h = self.hf[1].forward_act(&h, Act::Relu)?;

@@ -25,7 +25,10 @@ pub struct Trace {
 
 impl Trace {
     pub fn on() -> Self {
-        Trace { enabled: true, items: vec![] }
+        Trace {
+            enabled: true,
+            items: vec![],
+        }
     }
     pub fn push(&mut self, name: impl Into<String>, t: &Tensor) {
         if self.enabled {

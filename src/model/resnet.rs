@@ -10,8 +10,17 @@ use crate::ops::conv::max_pool2d;
 use crate::tensor::Tensor;
 
 enum Block {
-    Basic { conv1: Conv2d, conv2: Conv2d, downsample: Option<Conv2d> },
-    Bottleneck { conv1: Conv2d, conv2: Conv2d, conv3: Conv2d, downsample: Option<Conv2d> },
+    Basic {
+        conv1: Conv2d,
+        conv2: Conv2d,
+        downsample: Option<Conv2d>,
+    },
+    Bottleneck {
+        conv1: Conv2d,
+        conv2: Conv2d,
+        conv3: Conv2d,
+        downsample: Option<Conv2d>,
+    },
 }
 
 pub struct ResNet {
@@ -29,15 +38,32 @@ impl ResNet {
                 let pre = format!("resnet.stage{}.{b}", s + 1);
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let downsample = if w.contains(&format!("{pre}.downsample.0.weight")) {
-                    Some(Conv2d::load_bn(w, &format!("{pre}.downsample.0"), &format!("{pre}.downsample.1"), stride, 0)?)
+                    Some(Conv2d::load_bn(
+                        w,
+                        &format!("{pre}.downsample.0"),
+                        &format!("{pre}.downsample.1"),
+                        stride,
+                        0,
+                    )?)
                 } else {
                     None
                 };
-                let cb = |c: &str, bn: &str, st: usize, pad: usize| Conv2d::load_bn(w, &format!("{pre}.{c}"), &format!("{pre}.{bn}"), st, pad);
+                let cb = |c: &str, bn: &str, st: usize, pad: usize| {
+                    Conv2d::load_bn(w, &format!("{pre}.{c}"), &format!("{pre}.{bn}"), st, pad)
+                };
                 blocks.push(if cfg.bottleneck {
-                    Block::Bottleneck { conv1: cb("conv1", "bn1", 1, 0)?, conv2: cb("conv2", "bn2", stride, 1)?, conv3: cb("conv3", "bn3", 1, 0)?, downsample }
+                    Block::Bottleneck {
+                        conv1: cb("conv1", "bn1", 1, 0)?,
+                        conv2: cb("conv2", "bn2", stride, 1)?,
+                        conv3: cb("conv3", "bn3", 1, 0)?,
+                        downsample,
+                    }
                 } else {
-                    Block::Basic { conv1: cb("conv1", "bn1", stride, 1)?, conv2: cb("conv2", "bn2", 1, 1)?, downsample }
+                    Block::Basic {
+                        conv1: cb("conv1", "bn1", stride, 1)?,
+                        conv2: cb("conv2", "bn2", 1, 1)?,
+                        downsample,
+                    }
                 });
             }
             stages.push(blocks);
@@ -53,7 +79,11 @@ impl ResNet {
         for stage in &self.stages {
             for block in stage {
                 x = match block {
-                    Block::Basic { conv1, conv2, downsample } => {
+                    Block::Basic {
+                        conv1,
+                        conv2,
+                        downsample,
+                    } => {
                         let identity = match downsample {
                             Some(d) => d.forward(&x, Act::None)?,
                             None => x.clone(),
@@ -61,7 +91,12 @@ impl ResNet {
                         let h = conv1.forward(&x, Act::Relu)?;
                         conv2.forward_residual(&h, &identity, Act::Relu)?
                     }
-                    Block::Bottleneck { conv1, conv2, conv3, downsample } => {
+                    Block::Bottleneck {
+                        conv1,
+                        conv2,
+                        conv3,
+                        downsample,
+                    } => {
                         let identity = match downsample {
                             Some(d) => d.forward(&x, Act::None)?,
                             None => x.clone(),

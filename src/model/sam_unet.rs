@@ -4,17 +4,17 @@
 
 use crate::error::{Error, Result};
 use crate::io::Weights;
+use crate::model::Trace;
 use crate::model::adapters::{Reshaper, Up4};
 use crate::model::config::SamUnetConfig;
 use crate::model::image_encoder::ImageEncoderViT;
 use crate::model::mask_decoder::MaskDecoder;
 use crate::model::prompt_encoder::PromptEncoder;
 use crate::model::resnet::ResNet;
-use crate::model::Trace;
-use crate::ops::activation::{add_, Act};
+use crate::ops::activation::{Act, add_};
+use crate::ops::cpu_f32;
 use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::ops::resize::bilinear;
-use crate::ops::cpu_f32;
 use crate::preprocess::ResizeInfo;
 use crate::tensor::Tensor;
 
@@ -56,8 +56,12 @@ impl SamUnet {
         Ok(SamUnet {
             resnet: ResNet::load(w, &config.resnet)?,
             vit: ImageEncoderViT::load(w, &config)?,
-            adapters_in: (0..4).map(|i| Reshaper::load(w, i)).collect::<Result<_>>()?,
-            bridges: (0..3).map(|j| Up4::load(w, &format!("adapters_bridge.{j}"))).collect::<Result<_>>()?,
+            adapters_in: (0..4)
+                .map(|i| Reshaper::load(w, i))
+                .collect::<Result<_>>()?,
+            bridges: (0..3)
+                .map(|j| Up4::load(w, &format!("adapters_bridge.{j}")))
+                .collect::<Result<_>>()?,
             embedding_encoder: Up4::load(w, "embedding_encoder")?,
             prompt,
             decoder: MaskDecoder::load(w)?,
@@ -72,7 +76,10 @@ impl SamUnet {
         let s = self.config.img_size;
         let [_, c, h, w] = x.dims_n::<4>("encode_image", "input")?;
         if c != 3 || h != s || w != s {
-            return Err(Error::shape("encode_image", format!("input {:?}, expected [B, 3, {s}, {s}]", x.dims())));
+            return Err(Error::shape(
+                "encode_image",
+                format!("input {:?}, expected [B, 3, {s}, {s}]", x.dims()),
+            ));
         }
         let feats = self.resnet.forward(x)?;
         for (i, f) in feats.iter().enumerate() {
@@ -101,29 +108,49 @@ impl SamUnet {
         }
         let image_embeddings = self.vit.neck(&t)?;
         trace.push("image_embeddings", &image_embeddings);
-        let mut msf = self.embedding_encoder.forward(&image_embeddings, Act::None)?;
+        let mut msf = self
+            .embedding_encoder
+            .forward(&image_embeddings, Act::None)?;
         trace.push("embedding_encoder", &msf);
         // ((ee + bridge0) + bridge1) + bridge2, the reference's order.
         for br in bridge_out.iter().flatten() {
             add_(&mut msf, br)?;
         }
         trace.push("multi_scale_feature", &msf);
-        Ok(ImageFeatures { image_embeddings, multi_scale_feature: msf })
+        Ok(ImageFeatures {
+            image_embeddings,
+            multi_scale_feature: msf,
+        })
     }
 
     /// Decodes boxes (model frame) against image `index` of `features`:
     /// low-res logits [N, 1, 64, 64].
-    pub fn decode(&self, features: &ImageFeatures, index: usize, boxes: &[[f32; 4]], trace: &mut Trace) -> Result<Tensor> {
+    pub fn decode(
+        &self,
+        features: &ImageFeatures,
+        index: usize,
+        boxes: &[[f32; 4]],
+        trace: &mut Trace,
+    ) -> Result<Tensor> {
         let b = features.image_embeddings.dims()[0];
         if index >= b {
-            return Err(Error::input("decode", format!("image index {index} of a batch of {b}")));
+            return Err(Error::input(
+                "decode",
+                format!("image index {index} of a batch of {b}"),
+            ));
         }
         let emb = slice_first(&features.image_embeddings, index)?;
         let msf = slice_first(&features.multi_scale_feature, index)?;
         let sparse = self.prompt.embed_boxes(boxes);
         trace.push("prompt.sparse", &sparse);
         trace.push("prompt.dense_pe", &self.dense_pe);
-        let low = self.decoder.forward(&emb, &self.dense_pe, &sparse, self.prompt.no_mask_embed(), &msf)?;
+        let low = self.decoder.forward(
+            &emb,
+            &self.dense_pe,
+            &sparse,
+            self.prompt.no_mask_embed(),
+            &msf,
+        )?;
         trace.push("low_res_logits", &low);
         Ok(low)
     }

@@ -5,9 +5,9 @@
 use crate::error::Result;
 use crate::io::Weights;
 use crate::nn::{LayerNorm, Linear};
-use crate::ops::activation::{add, add_broadcast, Act};
-use crate::ops::layout::repeat_first;
+use crate::ops::activation::{Act, add, add_broadcast};
 use crate::ops::attention::attention;
+use crate::ops::layout::repeat_first;
 use crate::tensor::Tensor;
 
 const HEADS: usize = 8;
@@ -24,12 +24,23 @@ pub struct Attention {
 impl Attention {
     pub fn load(w: &Weights, pre: &str) -> Result<Self> {
         let l = |n: &str| Linear::load(w, &format!("{pre}.{n}"));
-        Ok(Attention { q_proj: l("q_proj")?, k_proj: l("k_proj")?, v_proj: l("v_proj")?, out_proj: l("out_proj")? })
+        Ok(Attention {
+            q_proj: l("q_proj")?,
+            k_proj: l("k_proj")?,
+            v_proj: l("v_proj")?,
+            out_proj: l("out_proj")?,
+        })
     }
 
     /// q [N, Lq, C], k / v [N, Lk, C] -> [N, Lq, C]; with `residual`, adds it in
     /// out_proj's epilogue.
-    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let q = self.q_proj.forward(q)?;
         let k = self.k_proj.forward(k)?;
         let v = self.v_proj.forward(v)?;
@@ -74,7 +85,13 @@ impl TwoWayBlock {
     /// Returns the new (queries, keys). `keys` may be [1, HW, C], shared by every
     /// box (the first layer: the image side is the same for all boxes), then its
     /// projections are computed once; `key_pe` is [1, HW, C].
-    pub fn forward(&self, queries: &Tensor, keys: &Tensor, query_pe: &Tensor, key_pe: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        queries: &Tensor,
+        keys: &Tensor,
+        query_pe: &Tensor,
+        key_pe: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let q = if self.skip_first_layer_pe {
             self.self_attn.forward(queries, queries, queries, None)?
         } else {
@@ -84,13 +101,21 @@ impl TwoWayBlock {
         let q = self.norm1.forward(&q)?;
         let qp = add(&q, query_pe)?;
         let kp = add_broadcast(keys, key_pe)?;
-        let q = self.norm2.forward(&self.cross_t2i.forward(&qp, &kp, keys, Some(&q))?)?;
+        let q = self
+            .norm2
+            .forward(&self.cross_t2i.forward(&qp, &kp, keys, Some(&q))?)?;
         let m = self.lin1.forward_act(&q, Act::Relu)?;
         let q = self.norm3.forward(&self.lin2.forward_residual(&m, &q)?)?;
         let qp = add(&q, query_pe)?;
         let n = q.dims()[0];
-        let keys_n = if keys.dims()[0] == n { keys.clone() } else { repeat_first(keys, n)? };
-        let k = self.norm4.forward(&self.cross_i2t.forward(&kp, &qp, &q, Some(&keys_n))?)?;
+        let keys_n = if keys.dims()[0] == n {
+            keys.clone()
+        } else {
+            repeat_first(keys, n)?
+        };
+        let k = self
+            .norm4
+            .forward(&self.cross_i2t.forward(&kp, &qp, &q, Some(&keys_n))?)?;
         Ok((q, k))
     }
 }
@@ -104,7 +129,10 @@ pub struct TwoWayTransformer {
 impl TwoWayTransformer {
     pub fn load(w: &Weights, pre: &str) -> Result<Self> {
         Ok(TwoWayTransformer {
-            layers: vec![TwoWayBlock::load(w, &format!("{pre}.layers.0"), true)?, TwoWayBlock::load(w, &format!("{pre}.layers.1"), false)?],
+            layers: vec![
+                TwoWayBlock::load(w, &format!("{pre}.layers.0"), true)?,
+                TwoWayBlock::load(w, &format!("{pre}.layers.1"), false)?,
+            ],
             final_attn: Attention::load(w, &format!("{pre}.final_attn_token_to_image"))?,
             norm_final: LayerNorm::load(w, &format!("{pre}.norm_final_attn"), LN_EPS)?,
         })
@@ -119,7 +147,9 @@ impl TwoWayTransformer {
         }
         let qp = add(&q, tokens)?;
         let kp = add_broadcast(&k, pos)?;
-        let q = self.norm_final.forward(&self.final_attn.forward(&qp, &kp, &k, Some(&q))?)?;
+        let q = self
+            .norm_final
+            .forward(&self.final_attn.forward(&qp, &kp, &k, Some(&q))?)?;
         Ok((q, k))
     }
 }

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::io::Weights;
 use crate::ops::activation::Act;
-use crate::ops::conv::{conv2d, conv_transpose2d, Conv2dArgs};
+use crate::ops::conv::{Conv2dArgs, conv_transpose2d, conv2d};
 use crate::ops::linear::linear_fused;
 use crate::ops::norm::{fold_batch_norm, layer_norm, layer_norm2d};
 use crate::tensor::Tensor;
@@ -23,7 +23,10 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(w: &Weights, prefix: &str) -> Result<Self> {
-        Ok(Linear { weight: get(w, prefix, "weight")?, bias: w.get(&format!("{prefix}.bias")).cloned() })
+        Ok(Linear {
+            weight: get(w, prefix, "weight")?,
+            bias: w.get(&format!("{prefix}.bias")).cloned(),
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear_fused(x, &self.weight, self.bias.as_ref(), None, Act::None)
@@ -33,7 +36,13 @@ impl Linear {
     }
     /// residual + x W^T + b
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        linear_fused(x, &self.weight, self.bias.as_ref(), Some(residual), Act::None)
+        linear_fused(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            Some(residual),
+            Act::None,
+        )
     }
 }
 
@@ -49,11 +58,22 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub fn load(w: &Weights, prefix: &str, stride: usize, padding: usize) -> Result<Self> {
-        Ok(Conv2d { weight: get(w, prefix, "weight")?, bias: w.get(&format!("{prefix}.bias")).cloned(), stride, padding })
+        Ok(Conv2d {
+            weight: get(w, prefix, "weight")?,
+            bias: w.get(&format!("{prefix}.bias")).cloned(),
+            stride,
+            padding,
+        })
     }
     /// A bias-free conv followed by BatchNorm2d (eps 1e-5, running statistics),
     /// folded into one conv with bias.
-    pub fn load_bn(w: &Weights, conv: &str, bn: &str, stride: usize, padding: usize) -> Result<Self> {
+    pub fn load_bn(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let cw = get(w, conv, "weight")?;
         let (fw, fb) = fold_batch_norm(
             &cw,
@@ -63,14 +83,39 @@ impl Conv2d {
             &get(w, bn, "running_var")?,
             1e-5,
         )?;
-        Ok(Conv2d { weight: fw, bias: Some(fb), stride, padding })
+        Ok(Conv2d {
+            weight: fw,
+            bias: Some(fb),
+            stride,
+            padding,
+        })
     }
     pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        conv2d(x, &self.weight, self.bias.as_ref(), Conv2dArgs { stride: self.stride, padding: self.padding }, None, act)
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            Conv2dArgs {
+                stride: self.stride,
+                padding: self.padding,
+            },
+            None,
+            act,
+        )
     }
     /// act(conv(x) + residual)
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
-        conv2d(x, &self.weight, self.bias.as_ref(), Conv2dArgs { stride: self.stride, padding: self.padding }, Some(residual), act)
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            Conv2dArgs {
+                stride: self.stride,
+                padding: self.padding,
+            },
+            Some(residual),
+            act,
+        )
     }
 }
 
@@ -85,7 +130,10 @@ pub struct ConvTranspose2d {
 
 impl ConvTranspose2d {
     pub fn load(w: &Weights, prefix: &str) -> Result<Self> {
-        Ok(ConvTranspose2d { weight: get(w, prefix, "weight")?, bias: w.get(&format!("{prefix}.bias")).cloned() })
+        Ok(ConvTranspose2d {
+            weight: get(w, prefix, "weight")?,
+            bias: w.get(&format!("{prefix}.bias")).cloned(),
+        })
     }
     pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         conv_transpose2d(x, &self.weight, self.bias.as_ref(), act)
@@ -102,7 +150,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(w: &Weights, prefix: &str, eps: f32) -> Result<Self> {
-        Ok(LayerNorm { weight: get(w, prefix, "weight")?, bias: get(w, prefix, "bias")?, eps })
+        Ok(LayerNorm {
+            weight: get(w, prefix, "weight")?,
+            bias: get(w, prefix, "bias")?,
+            eps,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)

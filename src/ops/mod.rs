@@ -8,6 +8,7 @@ pub mod conv;
 pub mod layout;
 pub mod linear;
 pub mod norm;
+pub mod prompt;
 pub mod resize;
 
 use crate::error::{Error, Result};
@@ -17,7 +18,15 @@ use crate::tensor::{Device, Tensor};
 /// other device gets a typed error naming the op, never a silent copy.
 pub(crate) fn cpu_f32<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a [f32]> {
     if t.device() != Device::Cpu {
-        return Err(Error::Device { op, expected: "cpu".into(), got: t.device().to_string() });
+        return Err(Error::Device {
+            op,
+            expected: "cpu".into(),
+            got: t.device().to_string(),
+        });
     }
-    t.as_f32().map_err(|_| Error::DType { op, expected: "f32", got: t.dtype().name() })
+    t.as_f32().map_err(|_| Error::DType {
+        op,
+        expected: "f32",
+        got: t.dtype().name(),
+    })
 }

@@ -43,7 +43,10 @@ impl std::str::FromStr for DType {
             "f32" | "float32" => Ok(DType::F32),
             "f16" | "float16" => Ok(DType::F16),
             "bf16" | "bfloat16" => Ok(DType::BF16),
-            _ => Err(Error::input("dtype", format!("unknown dtype `{s}` (f32, f16, bf16)"))),
+            _ => Err(Error::input(
+                "dtype",
+                format!("unknown dtype `{s}` (f32, f16, bf16)"),
+            )),
         }
     }
 }
@@ -72,7 +75,10 @@ impl std::str::FromStr for Device {
             "cuda" => Ok(Device::Cuda(0)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
-                _ => Err(Error::input("device", format!("unknown device `{s}` (cpu, cuda, cuda:N)"))),
+                _ => Err(Error::input(
+                    "device",
+                    format!("unknown device `{s}` (cpu, cuda, cuda:N)"),
+                )),
             },
         }
     }
@@ -139,7 +145,13 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype().name(), self.device())
+        write!(
+            f,
+            "Tensor({:?}, {}, {})",
+            self.shape,
+            self.dtype().name(),
+            self.device()
+        )
     }
 }
 
@@ -153,35 +165,56 @@ impl Tensor {
                 format!("{} values cannot have shape {:?}", data.len(), shape),
             ));
         }
-        Ok(Tensor { storage: Arc::new(Storage::Cpu(CpuStorage::F32(data))), shape })
+        Ok(Tensor {
+            storage: Arc::new(Storage::Cpu(CpuStorage::F32(data))),
+            shape,
+        })
     }
 
     /// Internal constructor for op outputs whose length is right by construction.
     pub(crate) fn from_f32(data: Vec<f32>, dims: &[usize]) -> Self {
         debug_assert_eq!(data.len(), dims.iter().product::<usize>());
-        Tensor { storage: Arc::new(Storage::Cpu(CpuStorage::F32(data))), shape: Shape(dims.to_vec()) }
+        Tensor {
+            storage: Arc::new(Storage::Cpu(CpuStorage::F32(data))),
+            shape: Shape(dims.to_vec()),
+        }
     }
 
     pub fn from_f16(data: Vec<f16>, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
         if data.len() != shape.numel() {
-            return Err(Error::shape("Tensor::from_f16", format!("{} values vs {:?}", data.len(), shape)));
+            return Err(Error::shape(
+                "Tensor::from_f16",
+                format!("{} values vs {:?}", data.len(), shape),
+            ));
         }
-        Ok(Tensor { storage: Arc::new(Storage::Cpu(CpuStorage::F16(data))), shape })
+        Ok(Tensor {
+            storage: Arc::new(Storage::Cpu(CpuStorage::F16(data))),
+            shape,
+        })
     }
 
     pub fn from_bf16(data: Vec<bf16>, shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
         if data.len() != shape.numel() {
-            return Err(Error::shape("Tensor::from_bf16", format!("{} values vs {:?}", data.len(), shape)));
+            return Err(Error::shape(
+                "Tensor::from_bf16",
+                format!("{} values vs {:?}", data.len(), shape),
+            ));
         }
-        Ok(Tensor { storage: Arc::new(Storage::Cpu(CpuStorage::BF16(data))), shape })
+        Ok(Tensor {
+            storage: Arc::new(Storage::Cpu(CpuStorage::BF16(data))),
+            shape,
+        })
     }
 
     pub fn zeros(shape: impl Into<Shape>) -> Self {
         let shape = shape.into();
         let n = shape.numel();
-        Tensor { storage: Arc::new(Storage::Cpu(CpuStorage::F32(vec![0.0; n]))), shape }
+        Tensor {
+            storage: Arc::new(Storage::Cpu(CpuStorage::F32(vec![0.0; n]))),
+            shape,
+        }
     }
 
     pub fn shape(&self) -> &Shape {
@@ -210,7 +243,11 @@ impl Tensor {
     pub fn as_f32(&self) -> Result<&[f32]> {
         match &*self.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            _ => Err(Error::DType { op: "as_f32", expected: "f32", got: self.dtype().name() }),
+            _ => Err(Error::DType {
+                op: "as_f32",
+                expected: "f32",
+                got: self.dtype().name(),
+            }),
         }
     }
 
@@ -219,7 +256,11 @@ impl Tensor {
         let dt = self.dtype();
         match Arc::make_mut(&mut self.storage) {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            _ => Err(Error::DType { op: "as_f32_mut", expected: "f32", got: dt.name() }),
+            _ => Err(Error::DType {
+                op: "as_f32_mut",
+                expected: "f32",
+                got: dt.name(),
+            }),
         }
     }
 
@@ -227,10 +268,20 @@ impl Tensor {
     pub fn into_f32_vec(self) -> Result<Vec<f32>> {
         match Arc::try_unwrap(self.storage) {
             Ok(Storage::Cpu(CpuStorage::F32(v))) => Ok(v),
-            Ok(s) => Tensor { storage: Arc::new(s), shape: self.shape }.to_dtype(DType::F32).into_f32_vec(),
+            Ok(s) => Tensor {
+                storage: Arc::new(s),
+                shape: self.shape,
+            }
+            .to_dtype(DType::F32)
+            .into_f32_vec(),
             Err(arc) => match &*arc {
                 Storage::Cpu(CpuStorage::F32(v)) => Ok(v.clone()),
-                _ => Tensor { storage: arc.clone(), shape: self.shape }.to_dtype(DType::F32).into_f32_vec(),
+                _ => Tensor {
+                    storage: arc.clone(),
+                    shape: self.shape,
+                }
+                .to_dtype(DType::F32)
+                .into_f32_vec(),
             },
         }
     }
@@ -251,30 +302,49 @@ impl Tensor {
             DType::F16 => CpuStorage::F16(f32s.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => CpuStorage::BF16(f32s.iter().map(|&x| bf16::from_f32(x)).collect()),
         };
-        Tensor { storage: Arc::new(Storage::Cpu(storage)), shape: self.shape.clone() }
+        Tensor {
+            storage: Arc::new(Storage::Cpu(storage)),
+            shape: self.shape.clone(),
+        }
     }
 
     /// The same storage seen with another shape of equal element count.
     pub fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if shape.numel() != self.numel() {
-            return Err(Error::shape("reshape", format!("{:?} -> {:?}", self.shape, shape)));
+            return Err(Error::shape(
+                "reshape",
+                format!("{:?} -> {:?}", self.shape, shape),
+            ));
         }
-        Ok(Tensor { storage: self.storage.clone(), shape })
+        Ok(Tensor {
+            storage: self.storage.clone(),
+            shape,
+        })
     }
 
     /// Checks the dims, naming the op and both shapes on mismatch.
     pub(crate) fn expect_dims(&self, op: &'static str, what: &str, dims: &[usize]) -> Result<()> {
         if self.dims() != dims {
-            return Err(Error::shape(op, format!("{what}: expected {:?}, got {:?}", dims, self.dims())));
+            return Err(Error::shape(
+                op,
+                format!("{what}: expected {:?}, got {:?}", dims, self.dims()),
+            ));
         }
         Ok(())
     }
 
     /// Checks the rank and returns the dims.
-    pub(crate) fn dims_n<const N: usize>(&self, op: &'static str, what: &str) -> Result<[usize; N]> {
+    pub(crate) fn dims_n<const N: usize>(
+        &self,
+        op: &'static str,
+        what: &str,
+    ) -> Result<[usize; N]> {
         self.dims().try_into().map_err(|_| {
-            Error::shape(op, format!("{what}: expected rank {N}, got shape {:?}", self.dims()))
+            Error::shape(
+                op,
+                format!("{what}: expected rank {N}, got shape {:?}", self.dims()),
+            )
         })
     }
 }

@@ -10,14 +10,22 @@ use safetensors::{Dtype, SafeTensors};
 /// The fixtures folder, or None (with a printed reason) when it is missing
 /// outside CI. With CI=true a missing fixture fails the test.
 pub fn fixtures() -> Option<PathBuf> {
-    let dir = std::env::var("SAM_UNET_FIXTURES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("../shared/fixtures"));
+    let dir = std::env::var("SAM_UNET_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("../shared/fixtures"));
     if dir.join("README.md").exists() {
         return Some(dir);
     }
     if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("fixtures not found at {} (CI=true: a missing fixture is a failure)", dir.display());
+        panic!(
+            "fixtures not found at {} (CI=true: a missing fixture is a failure)",
+            dir.display()
+        );
     }
-    eprintln!("SKIPPED: fixtures not found at {} (set SAM_UNET_FIXTURES)", dir.display());
+    eprintln!(
+        "SKIPPED: fixtures not found at {} (set SAM_UNET_FIXTURES)",
+        dir.display()
+    );
     None
 }
 
@@ -54,13 +62,37 @@ impl Fixture {
             let d = v.data();
             match v.dtype() {
                 Dtype::F32 => {
-                    f32s.insert(name, (shape, d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()));
+                    f32s.insert(
+                        name,
+                        (
+                            shape,
+                            d.chunks_exact(4)
+                                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                                .collect(),
+                        ),
+                    );
                 }
                 Dtype::F16 => {
-                    f32s.insert(name, (shape, d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()));
+                    f32s.insert(
+                        name,
+                        (
+                            shape,
+                            d.chunks_exact(2)
+                                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                                .collect(),
+                        ),
+                    );
                 }
                 Dtype::F64 => {
-                    f32s.insert(name, (shape, d.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()));
+                    f32s.insert(
+                        name,
+                        (
+                            shape,
+                            d.chunks_exact(8)
+                                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                                .collect(),
+                        ),
+                    );
                 }
                 Dtype::U8 | Dtype::BOOL => {
                     u8s.insert(name, (shape, d.to_vec()));
@@ -72,11 +104,15 @@ impl Fixture {
     }
 
     pub fn f(&self, name: &str) -> &(Vec<usize>, Vec<f32>) {
-        self.f32s.get(name).unwrap_or_else(|| panic!("fixture tensor `{name}` missing"))
+        self.f32s
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture tensor `{name}` missing"))
     }
 
     pub fn u(&self, name: &str) -> &(Vec<usize>, Vec<u8>) {
-        self.u8s.get(name).unwrap_or_else(|| panic!("fixture tensor `{name}` missing"))
+        self.u8s
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture tensor `{name}` missing"))
     }
 
     pub fn tensor(&self, name: &str) -> sam_unet::Tensor {
@@ -102,11 +138,19 @@ pub fn errors(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
 
 /// The intermediate tolerance of the fixtures README:
 /// max |a - b| <= 1e-3 max(1, max |ref|) and relative L2 <= 1e-4.
-pub fn check_intermediate(name: &str, got: &sam_unet::Tensor, want: &(Vec<usize>, Vec<f32>)) -> f64 {
+pub fn check_intermediate(
+    name: &str,
+    got: &sam_unet::Tensor,
+    want: &(Vec<usize>, Vec<f32>),
+) -> f64 {
     assert_eq!(got.dims(), want.0.as_slice(), "{name}: shape");
     let (rel, maxd, maxr) = errors(got.as_f32().unwrap(), &want.1);
     println!("{name:24} rel L2 {rel:.2e}  max abs {maxd:.2e}  (max |ref| {maxr:.3})");
-    assert!(maxd <= 1e-3 * maxr.max(1.0), "{name}: max abs error {maxd} > {}", 1e-3 * maxr.max(1.0));
+    assert!(
+        maxd <= 1e-3 * maxr.max(1.0),
+        "{name}: max abs error {maxd} > {}",
+        1e-3 * maxr.max(1.0)
+    );
     assert!(rel <= 1e-4, "{name}: relative L2 error {rel} > 1e-4");
     rel
 }

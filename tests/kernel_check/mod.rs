@@ -28,8 +28,18 @@ pub fn assert_close(what: &str, got: &[f32], cpu: &[f32], atol: f32, rtol: f32) 
             at = i;
         }
     }
-    println!("{what}: worst index {at}: kernel {} cpu {} (|d| {:.3e})", got[at], cpu[at], (got[at] - cpu[at]).abs());
-    assert!(worst <= 0.0 && got.iter().all(|v| v.is_finite()), "{what}: index {at}: kernel {} vs cpu {} beyond atol {atol} + rtol {rtol}", got[at], cpu[at]);
+    println!(
+        "{what}: worst index {at}: kernel {} cpu {} (|d| {:.3e})",
+        got[at],
+        cpu[at],
+        (got[at] - cpu[at]).abs()
+    );
+    assert!(
+        worst <= 0.0 && got.iter().all(|v| v.is_finite()),
+        "{what}: index {at}: kernel {} vs cpu {} beyond atol {atol} + rtol {rtol}",
+        got[at],
+        cpu[at]
+    );
 }
 
 /// ||a - b|| / ||b|| in f64.

@@ -6,14 +6,26 @@
 //! fails the comparison.
 #![allow(dead_code)]
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{CString, c_char, c_void};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
 use cudarc::driver::LaunchConfig;
 
-type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, u32, u32, u32, u32, extern "C" fn(*mut c_void), *mut c_void, *mut c_char, usize) -> i32;
+type LaunchFn = unsafe extern "C" fn(
+    *const c_char,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    u32,
+    extern "C" fn(*mut c_void),
+    *mut c_void,
+    *mut c_char,
+    usize,
+) -> i32;
 type AllocFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
 
@@ -27,9 +39,18 @@ pub struct Simt {
 fn build() -> Result<Simt, String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let cuda = root.join("cuda");
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda).map_err(|e| e.to_string())?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
     // The rule-breaking kernels of the emulator's own tests come along.
-    sources.extend(std::fs::read_dir(cuda.join("host")).map_err(|e| e.to_string())?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "cu")));
+    sources.extend(
+        std::fs::read_dir(cuda.join("host"))
+            .map_err(|e| e.to_string())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "cu")),
+    );
     sources.sort();
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("simt");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -37,20 +58,34 @@ fn build() -> Result<Simt, String> {
     let lib_path = out_dir.join(format!("libkernels_host_{}.so", std::process::id()));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let mut cmd = Command::new(&cxx);
-    cmd.args(["-std=c++20", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused-function"])
-        .arg(format!("-I{}", cuda.display()))
-        .arg("-include")
-        .arg(cuda.join("host/simt.h"))
-        .args(["-x", "c++"])
-        .args(&sources)
-        .args(["-x", "none"])
-        .arg(cuda.join("host/simt.cpp"))
-        .arg("-o")
-        .arg(&lib_path);
-    let o = cmd.output().map_err(|e| format!("no C++ compiler `{cxx}` ({e})"))?;
+    cmd.args([
+        "-std=c++20",
+        "-O2",
+        "-g",
+        "-fPIC",
+        "-shared",
+        "-Wall",
+        "-Wno-unused-function",
+        "-ffp-contract=off",
+    ])
+    .arg(format!("-I{}", cuda.display()))
+    .arg("-include")
+    .arg(cuda.join("host/simt.h"))
+    .args(["-x", "c++"])
+    .args(&sources)
+    .args(["-x", "none"])
+    .arg(cuda.join("host/simt.cpp"))
+    .arg("-o")
+    .arg(&lib_path);
+    let o = cmd
+        .output()
+        .map_err(|e| format!("no C++ compiler `{cxx}` ({e})"))?;
     if !o.status.success() {
         // A compiler that exists but fails on our kernels is a real failure.
-        panic!("the kernels do not compile for the host emulator:\n{}", String::from_utf8_lossy(&o.stderr));
+        panic!(
+            "the kernels do not compile for the host emulator:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // SAFETY: the library was just built from our sources; its initialisers only
     // set up static data.
@@ -59,12 +94,19 @@ fn build() -> Result<Simt, String> {
     // SAFETY: these symbols are defined in simt.cpp with exactly these C signatures.
     let (launch, alloc, free) = unsafe {
         (
-            *lib.get::<LaunchFn>(b"simt_launch").map_err(|e| e.to_string())?,
-            *lib.get::<AllocFn>(b"simt_alloc").map_err(|e| e.to_string())?,
+            *lib.get::<LaunchFn>(b"simt_launch")
+                .map_err(|e| e.to_string())?,
+            *lib.get::<AllocFn>(b"simt_alloc")
+                .map_err(|e| e.to_string())?,
             *lib.get::<FreeFn>(b"simt_free").map_err(|e| e.to_string())?,
         )
     };
-    Ok(Simt { lib, launch, alloc, free })
+    Ok(Simt {
+        lib,
+        launch,
+        alloc,
+        free,
+    })
 }
 
 /// The emulator, or None with the reason printed (no C++ compiler). With
@@ -145,17 +187,44 @@ impl Simt {
     /// `cfg`: `call` receives the kernel and calls it with its arguments, once
     /// per emulated thread. Err: a broken synchronisation rule, with the block
     /// and thread that broke it.
-    pub fn launch<F: Copy>(&self, kernel: &str, cfg: LaunchConfig, call: impl Fn(F)) -> Result<(), String> {
-        assert_eq!(cfg.shared_mem_bytes, 0, "dynamic shared memory is not emulated");
+    pub fn launch<F: Copy>(
+        &self,
+        kernel: &str,
+        cfg: LaunchConfig,
+        call: impl Fn(F),
+    ) -> Result<(), String> {
+        assert_eq!(
+            cfg.shared_mem_bytes, 0,
+            "dynamic shared memory is not emulated"
+        );
         // SAFETY: F is the kernel's C signature as declared in its .cu file.
-        let f: F = unsafe { *self.lib.get::<F>(kernel.as_bytes()).map_err(|e| format!("kernel {kernel}: {e}"))? };
+        let f: F = unsafe {
+            *self
+                .lib
+                .get::<F>(kernel.as_bytes())
+                .map_err(|e| format!("kernel {kernel}: {e}"))?
+        };
         let body = move || call(f);
         let name = CString::new(kernel).unwrap();
         let mut err = vec![0u8; 1024];
         let (g, b) = (cfg.grid_dim, cfg.block_dim);
         // SAFETY: body outlives the call; the trampoline matches its type; err
         // has the length passed.
-        let rc = unsafe { (self.launch)(name.as_ptr(), g.0, g.1, g.2, b.0, b.1, b.2, trampoline_of(&body), &body as *const _ as *mut c_void, err.as_mut_ptr() as *mut c_char, err.len()) };
+        let rc = unsafe {
+            (self.launch)(
+                name.as_ptr(),
+                g.0,
+                g.1,
+                g.2,
+                b.0,
+                b.1,
+                b.2,
+                trampoline_of(&body),
+                &body as *const _ as *mut c_void,
+                err.as_mut_ptr() as *mut c_char,
+                err.len(),
+            )
+        };
         if rc == 0 {
             Ok(())
         } else {

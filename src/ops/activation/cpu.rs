@@ -17,7 +17,9 @@ const CHUNK: usize = 1 << 14;
 pub fn apply_act_slice(x: &mut [f32], a: Act) {
     match a {
         Act::None => {}
-        Act::Relu => x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
+        Act::Relu => x
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0))),
         Act::Gelu => x.par_chunks_mut(CHUNK).for_each(gelu_inplace),
     }
 }
@@ -32,7 +34,9 @@ pub fn apply_act_seq(x: &mut [f32], a: Act) {
 }
 
 pub fn add_assign(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(a, b)| {
-        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-    });
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|(a, b)| {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        });
 }

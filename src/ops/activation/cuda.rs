@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::Act;
-use crate::cuda::{cfg1d, driver_err, CudaDevice};
+use crate::cuda::{CudaDevice, cfg1d, driver_err};
 use crate::error::{Error, Result};
 
 /// y = act(x) on the device. x: n floats.
@@ -14,7 +14,9 @@ pub fn act(dev: &CudaDevice, x: &CudaSlice<f32>, a: Act) -> Result<CudaSlice<f32
         Act::Gelu => "gelu_f32",
         Act::Relu => "relu_f32",
         Act::None => {
-            dev.stream().memcpy_dtod(x, &mut y).map_err(driver_err("act copy"))?;
+            dev.stream()
+                .memcpy_dtod(x, &mut y)
+                .map_err(driver_err("act copy"))?;
             return Ok(y);
         }
     };
@@ -33,7 +35,10 @@ pub fn act(dev: &CudaDevice, x: &CudaSlice<f32>, a: Act) -> Result<CudaSlice<f32
 /// y = a + b on the device.
 pub fn add(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<CudaSlice<f32>> {
     if a.len() != b.len() {
-        return Err(Error::shape("add (cuda)", format!("{} vs {} elements", a.len(), b.len())));
+        return Err(Error::shape(
+            "add (cuda)",
+            format!("{} vs {} elements", a.len(), b.len()),
+        ));
     }
     let n = a.len();
     let mut y = dev.alloc(n)?;
@@ -48,14 +53,34 @@ pub fn add(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<C
 }
 
 /// y [rows, cols] = act(y + bias) in place (a GEMM epilogue); bias [cols] or none.
-pub fn bias_act(dev: &CudaDevice, y: &mut CudaSlice<f32>, bias: Option<&CudaSlice<f32>>, cols: usize, a: Act) -> Result<()> {
+pub fn bias_act(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    cols: usize,
+    a: Act,
+) -> Result<()> {
     if cols == 0 || !y.len().is_multiple_of(cols) || bias.is_some_and(|b| b.len() != cols) {
-        return Err(Error::shape("bias_act (cuda)", format!("{} values, {cols} columns, bias {:?}", y.len(), bias.map(|b| b.len()))));
+        return Err(Error::shape(
+            "bias_act (cuda)",
+            format!(
+                "{} values, {cols} columns, bias {:?}",
+                y.len(),
+                bias.map(|b| b.len())
+            ),
+        ));
     }
     let rows = (y.len() / cols) as i64;
     let f = dev.function("activation", "bias_act_f32")?;
     let cfg = cfg1d(y.len());
-    let (c, act) = (cols as i32, match a { Act::None => 0i32, Act::Relu => 1, Act::Gelu => 2 });
+    let (c, act) = (
+        cols as i32,
+        match a {
+            Act::None => 0i32,
+            Act::Relu => 1,
+            Act::Gelu => 2,
+        },
+    );
     let mut l = dev.stream().launch_builder(&f);
     l.arg(y);
     // A null pointer means "no bias" to the kernel.
@@ -74,7 +99,10 @@ pub fn bias_act(dev: &CudaDevice, y: &mut CudaSlice<f32>, bias: Option<&CudaSlic
 /// bf16 copy of x (round to nearest even), for bf16 GEMM inputs.
 pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::bf16>> {
     let n = x.len();
-    let mut y = dev.stream().alloc_zeros::<half::bf16>(n).map_err(driver_err("allocate"))?;
+    let mut y = dev
+        .stream()
+        .alloc_zeros::<half::bf16>(n)
+        .map_err(driver_err("allocate"))?;
     let f = dev.function("activation", "f32_to_bf16")?;
     let cfg = cfg1d(n);
     let nn = n as i64;

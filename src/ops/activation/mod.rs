@@ -15,8 +15,8 @@ pub enum Act {
     Gelu,
 }
 
-pub use cpu::apply_act_slice;
 pub(crate) use cpu::apply_act_seq;
+pub use cpu::apply_act_slice;
 
 /// act(x), elementwise.
 pub fn act(x: &Tensor, a: Act) -> Result<Tensor> {
@@ -64,7 +64,10 @@ pub fn add_broadcast(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
     let _p = crate::profile::scope("add");
     if a.dims() != b.dims() {
-        return Err(Error::shape("add", format!("{:?} + {:?}", a.dims(), b.dims())));
+        return Err(Error::shape(
+            "add",
+            format!("{:?} + {:?}", a.dims(), b.dims()),
+        ));
     }
     let bs = cpu_f32("add", b)?;
     cpu_f32("add", a)?;

@@ -1,6 +1,6 @@
 use rayon::prelude::*;
 
-use crate::cpu::{math, multiversion, sgemm, MatRef, Par};
+use crate::cpu::{MatRef, Par, math, multiversion, sgemm};
 
 multiversion! {
     /// Row-wise softmax in place, rows of `cols`; 8 partial sums so the
@@ -47,7 +47,13 @@ pub struct RelPosGeometry {
 /// gathers its window's K / V [S*S, hd] (biases at padded positions) and the real
 /// queries Q [nq, hd], then logits [nq, S*S] by GEMM, the decomposed bias from
 /// Ph = Q Rh^T and Pw = Q Rw^T [nq, 2S-1], softmax, and O = P V [nq, hd].
-pub fn rel_pos_attention(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], geo: RelPosGeometry) -> Vec<f32> {
+pub fn rel_pos_attention(
+    qkv: &[f32],
+    bias: &[f32],
+    rh: &[f32],
+    rw: &[f32],
+    geo: RelPosGeometry,
+) -> Vec<f32> {
     let RelPosGeometry { b, g, heads, hd, s } = geo;
     let d = heads * hd;
     let nwin = g.div_ceil(s);
@@ -55,7 +61,9 @@ pub fn rel_pos_attention(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], geo:
     let r = 2 * s - 1;
     let scale = (hd as f32).powf(-0.5);
     let tasks: Vec<(usize, usize, usize, usize)> = (0..b)
-        .flat_map(|bi| (0..nwin * nwin).flat_map(move |w| (0..heads).map(move |h| (bi, w / nwin, w % nwin, h))))
+        .flat_map(|bi| {
+            (0..nwin * nwin).flat_map(move |w| (0..heads).map(move |h| (bi, w / nwin, w % nwin, h)))
+        })
         .collect();
     let results: Vec<(usize, usize, usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
@@ -90,12 +98,36 @@ pub fn rel_pos_attention(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], geo:
             }
             // logits [nq, ss] = (q * scale) k^T
             let mut logits = vec![0.0f32; nq * ss];
-            sgemm(MatRef::rm(&qs, nq, hd), MatRef::tr(&k, hd, ss), &mut logits, ss, 1, false, Par::Seq);
+            sgemm(
+                MatRef::rm(&qs, nq, hd),
+                MatRef::tr(&k, hd, ss),
+                &mut logits,
+                ss,
+                1,
+                false,
+                Par::Seq,
+            );
             // ph / pw [nq, r] = q (unscaled) R^T
             let mut ph = vec![0.0f32; nq * r];
             let mut pw = vec![0.0f32; nq * r];
-            sgemm(MatRef::rm(&q, nq, hd), MatRef::tr(rh, hd, r), &mut ph, r, 1, false, Par::Seq);
-            sgemm(MatRef::rm(&q, nq, hd), MatRef::tr(rw, hd, r), &mut pw, r, 1, false, Par::Seq);
+            sgemm(
+                MatRef::rm(&q, nq, hd),
+                MatRef::tr(rh, hd, r),
+                &mut ph,
+                r,
+                1,
+                false,
+                Par::Seq,
+            );
+            sgemm(
+                MatRef::rm(&q, nq, hd),
+                MatRef::tr(rw, hd, r),
+                &mut pw,
+                r,
+                1,
+                false,
+                Par::Seq,
+            );
             for (i, &p) in qpos.iter().enumerate() {
                 let (qy, qx) = (p / s, p % s);
                 let row = &mut logits[i * ss..(i + 1) * ss];
@@ -111,7 +143,15 @@ pub fn rel_pos_attention(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], geo:
             }
             softmax_rows(&mut logits, ss);
             let mut o = vec![0.0f32; nq * hd];
-            sgemm(MatRef::rm(&logits, nq, ss), MatRef::rm(&v, ss, hd), &mut o, hd, 1, false, Par::Seq);
+            sgemm(
+                MatRef::rm(&logits, nq, ss),
+                MatRef::rm(&v, ss, hd),
+                &mut o,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
             // Tag each output row with its window position for the scatter.
             let mut tagged = Vec::with_capacity(nq * (hd + 1));
             for (i, &p) in qpos.iter().enumerate() {
@@ -135,24 +175,64 @@ pub fn rel_pos_attention(qkv: &[f32], bias: &[f32], rh: &[f32], rw: &[f32], geo:
 /// See `super::attention`. One task per (batch item, head), strided views, no
 /// copies in; `batched` says which of q, k, v have a batch (else shared).
 #[allow(clippy::too_many_arguments)]
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], batched: [bool; 3], n: usize, lq: usize, lk: usize, i: usize, heads: usize) -> Vec<f32> {
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batched: [bool; 3],
+    n: usize,
+    lq: usize,
+    lk: usize,
+    i: usize,
+    heads: usize,
+) -> Vec<f32> {
     let hd = i / heads;
     let sd = (hd as f32).sqrt();
     let results: Vec<Vec<f32>> = (0..n * heads)
         .into_par_iter()
         .map(|t| {
             let (ni, h) = (t / heads, t % heads);
-            let (qi, ki, vi) = (if batched[0] { ni } else { 0 }, if batched[1] { ni } else { 0 }, if batched[2] { ni } else { 0 });
-            let qv = MatRef { data: &q[qi * lq * i + h * hd..], rows: lq, cols: hd, rs: i, cs: 1 };
-            let kt = MatRef { data: &k[ki * lk * i + h * hd..], rows: hd, cols: lk, rs: 1, cs: i };
-            let vv = MatRef { data: &v[vi * lk * i + h * hd..], rows: lk, cols: hd, rs: i, cs: 1 };
+            let (qi, ki, vi) = (
+                if batched[0] { ni } else { 0 },
+                if batched[1] { ni } else { 0 },
+                if batched[2] { ni } else { 0 },
+            );
+            let qv = MatRef {
+                data: &q[qi * lq * i + h * hd..],
+                rows: lq,
+                cols: hd,
+                rs: i,
+                cs: 1,
+            };
+            let kt = MatRef {
+                data: &k[ki * lk * i + h * hd..],
+                rows: hd,
+                cols: lk,
+                rs: 1,
+                cs: i,
+            };
+            let vv = MatRef {
+                data: &v[vi * lk * i + h * hd..],
+                rows: lk,
+                cols: hd,
+                rs: i,
+                cs: 1,
+            };
             let mut logits = vec![0.0f32; lq * lk];
             sgemm(qv, kt, &mut logits, lk, 1, false, Par::Seq);
             // The reference divides the product (q k^T) / sqrt(hd).
             logits.iter_mut().for_each(|l| *l /= sd);
             softmax_rows(&mut logits, lk);
             let mut o = vec![0.0f32; lq * hd];
-            sgemm(MatRef::rm(&logits, lq, lk), vv, &mut o, hd, 1, false, Par::Seq);
+            sgemm(
+                MatRef::rm(&logits, lq, lk),
+                vv,
+                &mut o,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
             o
         })
         .collect();

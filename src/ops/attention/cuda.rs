@@ -2,27 +2,63 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::{driver_err, CudaDevice};
+use crate::cuda::{CudaDevice, driver_err};
 use crate::error::{Error, Result};
 
 /// qkv [b, g, g, 3d], bias [3d], rel_h / rel_w [2s - 1, 64] -> [b, g, g, d].
 /// `window` 0 means global attention (s = g). Head dim must be 64.
 #[allow(clippy::too_many_arguments)]
-pub fn rel_pos_attention(dev: &CudaDevice, qkv: &CudaSlice<f32>, bias: &CudaSlice<f32>, rel_h: &CudaSlice<f32>, rel_w: &CudaSlice<f32>, b: usize, g: usize, d: usize, heads: usize, window: usize) -> Result<CudaSlice<f32>> {
+pub fn rel_pos_attention(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rel_h: &CudaSlice<f32>,
+    rel_w: &CudaSlice<f32>,
+    b: usize,
+    g: usize,
+    d: usize,
+    heads: usize,
+    window: usize,
+) -> Result<CudaSlice<f32>> {
     const OP: &str = "rel_pos_attention (cuda)";
     let s = if window == 0 { g } else { window };
     if heads == 0 || d != heads * 64 {
-        return Err(Error::shape(OP, format!("width {d} with {heads} heads: the kernel needs head dim 64")));
+        return Err(Error::shape(
+            OP,
+            format!("width {d} with {heads} heads: the kernel needs head dim 64"),
+        ));
     }
-    if s > 32 || qkv.len() != b * g * g * 3 * d || bias.len() != 3 * d || rel_h.len() != (2 * s - 1) * 64 || rel_w.len() != (2 * s - 1) * 64 {
-        return Err(Error::shape(OP, format!("qkv {} bias {} rel {} / {} for b {b} g {g} d {d} window {s}", qkv.len(), bias.len(), rel_h.len(), rel_w.len())));
+    if s > 32
+        || qkv.len() != b * g * g * 3 * d
+        || bias.len() != 3 * d
+        || rel_h.len() != (2 * s - 1) * 64
+        || rel_w.len() != (2 * s - 1) * 64
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "qkv {} bias {} rel {} / {} for b {b} g {g} d {d} window {s}",
+                qkv.len(),
+                bias.len(),
+                rel_h.len(),
+                rel_w.len()
+            ),
+        ));
     }
     let mut out = dev.alloc(b * g * g * d)?;
     let f = dev.function("attention", "rel_pos_attention_f32")?;
     let cfg = rel_pos_attention_config(b, g, heads, s);
     let (bb, gg, dd, ss) = (b as i32, g as i32, d as i32, s as i32);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&mut out).arg(qkv).arg(bias).arg(rel_h).arg(rel_w).arg(&bb).arg(&gg).arg(&dd).arg(&ss);
+    l.arg(&mut out)
+        .arg(qkv)
+        .arg(bias)
+        .arg(rel_h)
+        .arg(rel_w)
+        .arg(&bb)
+        .arg(&gg)
+        .arg(&dd)
+        .arg(&ss);
     // SAFETY: buffer sizes checked above against the indices the kernel forms
     // (tokens of b g g positions, 3d channels, tables of 2s - 1 rows of 64);
     // S <= 32 fits the kernel's per-warp bias arrays; argument types match.
@@ -34,30 +70,69 @@ pub fn rel_pos_attention(dev: &CudaDevice, qkv: &CudaSlice<f32>, bias: &CudaSlic
 /// tests): 8 warps of one (image, window, head) per block, one query per warp.
 pub fn rel_pos_attention_config(b: usize, g: usize, heads: usize, s: usize) -> LaunchConfig {
     let nwin = g.div_ceil(s);
-    LaunchConfig { grid_dim: ((s * s).div_ceil(8) as u32, heads as u32, (b * nwin * nwin) as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (
+            (s * s).div_ceil(8) as u32,
+            heads as u32,
+            (b * nwin * nwin) as u32,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Launch geometry of mha_f32: one warp per (n, head, query), 8 per block.
 pub fn mha_config(n: usize, heads: usize, lq: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: ((n * heads * lq).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: ((n * heads * lq).div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Multi-head attention on projected q [N, Lq, I], k / v [N, Lk, I]: [N, Lq, I].
-pub fn mha(dev: &CudaDevice, q: &crate::cuda::GpuTensor, k: &crate::cuda::GpuTensor, v: &crate::cuda::GpuTensor, heads: usize) -> Result<crate::cuda::GpuTensor> {
+pub fn mha(
+    dev: &CudaDevice,
+    q: &crate::cuda::GpuTensor,
+    k: &crate::cuda::GpuTensor,
+    v: &crate::cuda::GpuTensor,
+    heads: usize,
+) -> Result<crate::cuda::GpuTensor> {
     const OP: &str = "attention (cuda)";
-    let [n, lq, i]: [usize; 3] = q.dims.as_slice().try_into().map_err(|_| Error::shape(OP, format!("q {:?}", q.dims)))?;
+    let [n, lq, i]: [usize; 3] = q
+        .dims
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::shape(OP, format!("q {:?}", q.dims)))?;
     let lk = k.dims.get(1).copied().unwrap_or(0);
     if k.dims != [n, lk, i] || v.dims != k.dims || heads == 0 || i % heads != 0 || i / heads > 64 {
-        return Err(Error::shape(OP, format!("q {:?}, k {:?}, v {:?}, {heads} heads (head dim at most 64)", q.dims, k.dims, v.dims)));
+        return Err(Error::shape(
+            OP,
+            format!(
+                "q {:?}, k {:?}, v {:?}, {heads} heads (head dim at most 64)",
+                q.dims, k.dims, v.dims
+            ),
+        ));
     }
     let mut out = dev.alloc(n * lq * i)?;
     let f = dev.function("decoder", "mha_f32")?;
     let cfg = mha_config(n, heads, lq);
     let (nn, lqq, lkk, ii, hh) = (n as i32, lq as i32, lk as i32, i as i32, heads as i32);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&mut out).arg(&q.data).arg(&k.data).arg(&v.data).arg(&nn).arg(&lqq).arg(&lkk).arg(&ii).arg(&hh);
+    l.arg(&mut out)
+        .arg(&q.data)
+        .arg(&k.data)
+        .arg(&v.data)
+        .arg(&nn)
+        .arg(&lqq)
+        .arg(&lkk)
+        .arg(&ii)
+        .arg(&hh);
     // SAFETY: one warp per (n, head, query) reads its q row, the Lk rows of k and
     // v of its head, writes its output row; all within the sizes checked above.
     unsafe { l.launch(cfg) }.map_err(driver_err("mha launch"))?;
-    Ok(crate::cuda::GpuTensor { data: out, dims: vec![n, lq, i] })
+    Ok(crate::cuda::GpuTensor {
+        data: out,
+        dims: vec![n, lq, i],
+    })
 }

@@ -23,15 +23,28 @@ use crate::tensor::Tensor;
 /// qkv_bias [3 * D], rel_h / rel_w [2 S - 1, hd] with S the window (or G when
 /// `window == 0`) -> [B, G, G, D], the attention output before `proj`.
 /// Logits = (q * hd^-0.5) k^T + q . Rh[qh - kh + S - 1] + q . Rw[qw - kw + S - 1].
-pub fn rel_pos_attention(qkv: &Tensor, qkv_bias: &Tensor, rel_h: &Tensor, rel_w: &Tensor, heads: usize, window: usize) -> Result<Tensor> {
+pub fn rel_pos_attention(
+    qkv: &Tensor,
+    qkv_bias: &Tensor,
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+    heads: usize,
+    window: usize,
+) -> Result<Tensor> {
     const OP: &str = "rel_pos_attention";
     let _p = crate::profile::scope(OP);
     let [b, gh, gw, c3] = qkv.dims_n::<4>(OP, "qkv")?;
     if gh != gw {
-        return Err(Error::shape(OP, format!("grid must be square, qkv {:?}", qkv.dims())));
+        return Err(Error::shape(
+            OP,
+            format!("grid must be square, qkv {:?}", qkv.dims()),
+        ));
     }
     if heads == 0 || c3 % (3 * heads) != 0 {
-        return Err(Error::shape(OP, format!("qkv {:?} cannot split into 3 x {heads} heads", qkv.dims())));
+        return Err(Error::shape(
+            OP,
+            format!("qkv {:?} cannot split into 3 x {heads} heads", qkv.dims()),
+        ));
     }
     let d = c3 / 3;
     let hd = d / heads;
@@ -44,7 +57,13 @@ pub fn rel_pos_attention(qkv: &Tensor, qkv_bias: &Tensor, rel_h: &Tensor, rel_w:
         cpu_f32(OP, qkv_bias)?,
         cpu_f32(OP, rel_h)?,
         cpu_f32(OP, rel_w)?,
-        cpu::RelPosGeometry { b, g: gh, heads, hd, s },
+        cpu::RelPosGeometry {
+            b,
+            g: gh,
+            heads,
+            hd,
+            s,
+        },
     );
     Ok(Tensor::from_f32(out, &[b, gh, gw, d]))
 }
@@ -62,12 +81,28 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
     let n = nq.max(nk).max(nv);
     let fits = |b: usize| b == n || b == 1;
     if ik != i || iv != i || lv != lk || !fits(nq) || !fits(nk) || !fits(nv) {
-        return Err(Error::shape(OP, format!("q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims())));
+        return Err(Error::shape(
+            OP,
+            format!("q {:?}, k {:?}, v {:?}", q.dims(), k.dims(), v.dims()),
+        ));
     }
     if heads == 0 || i % heads != 0 {
-        return Err(Error::shape(OP, format!("width {i} cannot split into {heads} heads")));
+        return Err(Error::shape(
+            OP,
+            format!("width {i} cannot split into {heads} heads"),
+        ));
     }
-    let out = cpu::attention(cpu_f32(OP, q)?, cpu_f32(OP, k)?, cpu_f32(OP, v)?, [nq > 1, nk > 1, nv > 1], n, lq, lk, i, heads);
+    let out = cpu::attention(
+        cpu_f32(OP, q)?,
+        cpu_f32(OP, k)?,
+        cpu_f32(OP, v)?,
+        [nq > 1, nk > 1, nv > 1],
+        n,
+        lq,
+        lk,
+        i,
+        heads,
+    );
     Ok(Tensor::from_f32(out, &[n, lq, i]))
 }
 
@@ -102,7 +137,11 @@ mod tests {
         .unwrap();
         let got = got.as_f32().unwrap();
         let at = |y: usize, x: usize, which: usize, h: usize, c: usize| -> f64 {
-            if y < g && x < g { qkv[(y * g + x) * 3 * d + which * d + h * hd + c] as f64 } else { bias[which * d + h * hd + c] as f64 }
+            if y < g && x < g {
+                qkv[(y * g + x) * 3 * d + which * d + h * hd + c] as f64
+            } else {
+                bias[which * d + h * hd + c] as f64
+            }
         };
         let scale = (hd as f64).powf(-0.5);
         for wy in 0..gp / s {
@@ -137,7 +176,10 @@ mod tests {
                                 o += e[ki] / z * at(wy * s + ki / s, wx * s + ki % s, 2, h, c);
                             }
                             let gv = got[(gy * g + gx) * d + h * hd + c] as f64;
-                            assert!((gv - o).abs() < 1e-5, "window ({wy},{wx}) head {h} q {qi} c {c}: {gv} vs {o}");
+                            assert!(
+                                (gv - o).abs() < 1e-5,
+                                "window ({wy},{wx}) head {h} q {qi} c {c}: {gv} vs {o}"
+                            );
                         }
                     }
                 }

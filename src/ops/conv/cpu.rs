@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
-use crate::cpu::{par_col_tiles, sgemm, MatRef, Par};
-use crate::ops::activation::{apply_act_seq, Act};
+use crate::cpu::{MatRef, Par, par_col_tiles, sgemm};
+use crate::ops::activation::{Act, apply_act_seq};
 
 pub struct ConvGeometry {
     pub n: usize,
@@ -80,7 +80,14 @@ const SMALL_WEIGHTS: usize = 1 << 16;
 /// builds its im2col block in cache and runs a sequential GEMM into its own
 /// columns, then the activation. Large weights: im2col of the whole image and one
 /// GEMM parallelised inside.
-pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>, act: Act) -> Vec<f32> {
+pub fn conv2d(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Act,
+) -> Vec<f32> {
     let p = g.ho * g.wo;
     let k = g.c * g.kh * g.kw;
     // The GEMMs write the products; bias, residual and activation follow in one
@@ -95,11 +102,25 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
             let len = tile.cols();
             let xi = &x[bi * img..(bi + 1) * img];
             if direct {
-                tile.gemm(MatRef::rm(w, g.o, k), MatRef { data: &xi[q0..], rows: k, cols: len, rs: p, cs: 1 }, false);
+                tile.gemm(
+                    MatRef::rm(w, g.o, k),
+                    MatRef {
+                        data: &xi[q0..],
+                        rows: k,
+                        cols: len,
+                        rs: p,
+                        cs: 1,
+                    },
+                    false,
+                );
             } else {
                 col.resize(k * len, 0.0);
                 im2col_cols(g, xi, q0, len, &mut col[..k * len]);
-                tile.gemm(MatRef::rm(w, g.o, k), MatRef::rm(&col[..k * len], k, len), false);
+                tile.gemm(
+                    MatRef::rm(w, g.o, k),
+                    MatRef::rm(&col[..k * len], k, len),
+                    false,
+                );
             }
             for r in 0..g.o {
                 let row = tile.row_mut(r);
@@ -109,14 +130,20 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
                 }
                 if let Some(res) = residual {
                     let at = (bi * g.o + r) * p + q0;
-                    row.iter_mut().zip(&res[at..at + len]).for_each(|(v, r)| *v += r);
+                    row.iter_mut()
+                        .zip(&res[at..at + len])
+                        .for_each(|(v, r)| *v += r);
                 }
                 apply_act_seq(row, act);
             }
         });
         return out;
     }
-    let mut col = if direct { Vec::new() } else { vec![0.0f32; k * p] };
+    let mut col = if direct {
+        Vec::new()
+    } else {
+        vec![0.0f32; k * p]
+    };
     for i in 0..g.n {
         let xi = &x[i * img..(i + 1) * img];
         let rhs = if direct {
@@ -140,7 +167,9 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
             row.iter_mut().for_each(|v| *v += bv);
         }
         if let Some(res) = residual {
-            row.iter_mut().zip(&res[i * p..(i + 1) * p]).for_each(|(v, r)| *v += r);
+            row.iter_mut()
+                .zip(&res[i * p..(i + 1) * p])
+                .for_each(|(v, r)| *v += r);
         }
         apply_act_seq(row, act);
     });
@@ -150,7 +179,18 @@ pub fn conv2d(g: &ConvGeometry, x: &[f32], w: &[f32], b: Option<&[f32]>, residua
 /// Transposed conv with kernel = stride = k: every input pixel writes its own k x k
 /// output patch. tmp [o*k*k, h*w] = W^T [o*k*k, c] x X [c, h*w], then scatter.
 #[allow(clippy::too_many_arguments)]
-pub fn conv_transpose2d(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Act, n: usize, c: usize, h: usize, wd: usize, o: usize, k: usize) -> Vec<f32> {
+pub fn conv_transpose2d(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    act: Act,
+    n: usize,
+    c: usize,
+    h: usize,
+    wd: usize,
+    o: usize,
+    k: usize,
+) -> Vec<f32> {
     let hw = h * wd;
     let rows = o * k * k;
     let (oh, ow) = (h * k, wd * k);
@@ -176,41 +216,81 @@ pub fn conv_transpose2d(x: &[f32], w: &[f32], b: Option<&[f32]>, act: Act, n: us
         // short and wide and the packed kernels stall; compute its transpose
         // tmpT [HW, O k k] = X^T W, which takes the column-split path.
         let mut tmp_t = vec![0.0f32; hw * rows];
-        sgemm(MatRef::tr(x, hw, c), MatRef::rm(w, c, rows), &mut tmp_t, rows, 1, false, Par::Pool);
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(oc, plane)| {
-            let bv = b.map_or(0.0, |b| b[oc]);
-            for y in 0..h {
-                for ky in 0..k {
-                    let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
-                    for xx in 0..wd {
-                        let src = &tmp_t[(y * wd + xx) * rows + (oc * k + ky) * k..][..k];
-                        for kx in 0..k {
-                            dst[xx * k + kx] = src[kx] + bv;
+        sgemm(
+            MatRef::tr(x, hw, c),
+            MatRef::rm(w, c, rows),
+            &mut tmp_t,
+            rows,
+            1,
+            false,
+            Par::Pool,
+        );
+        out.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(oc, plane)| {
+                let bv = b.map_or(0.0, |b| b[oc]);
+                for y in 0..h {
+                    for ky in 0..k {
+                        let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
+                        for xx in 0..wd {
+                            let src = &tmp_t[(y * wd + xx) * rows + (oc * k + ky) * k..][..k];
+                            for kx in 0..k {
+                                dst[xx * k + kx] = src[kx] + bv;
+                            }
                         }
                     }
                 }
-            }
-            apply_act_seq(plane, act);
-        });
+                apply_act_seq(plane, act);
+            });
     } else if n == 1 {
         let mut tmp = vec![0.0f32; rows * hw];
-        sgemm(MatRef::tr(w, rows, c), MatRef::rm(x, c, hw), &mut tmp, hw, 1, false, Par::Pool);
-        out.par_chunks_mut(oh * ow).enumerate().for_each(|(oc, plane)| scatter(&tmp, oc, plane));
+        sgemm(
+            MatRef::tr(w, rows, c),
+            MatRef::rm(x, c, hw),
+            &mut tmp,
+            hw,
+            1,
+            false,
+            Par::Pool,
+        );
+        out.par_chunks_mut(oh * ow)
+            .enumerate()
+            .for_each(|(oc, plane)| scatter(&tmp, oc, plane));
     } else {
         // A batch (the decoder's boxes): one image per task, sequential GEMMs.
-        out.par_chunks_mut(o * oh * ow).enumerate().for_each_init(Vec::new, |tmp, (i, oi)| {
-            tmp.resize(rows * hw, 0.0);
-            sgemm(MatRef::tr(w, rows, c), MatRef::rm(&x[i * c * hw..(i + 1) * c * hw], c, hw), tmp, hw, 1, false, Par::Seq);
-            for (oc, plane) in oi.chunks_mut(oh * ow).enumerate() {
-                scatter(tmp, oc, plane);
-            }
-        });
+        out.par_chunks_mut(o * oh * ow)
+            .enumerate()
+            .for_each_init(Vec::new, |tmp, (i, oi)| {
+                tmp.resize(rows * hw, 0.0);
+                sgemm(
+                    MatRef::tr(w, rows, c),
+                    MatRef::rm(&x[i * c * hw..(i + 1) * c * hw], c, hw),
+                    tmp,
+                    hw,
+                    1,
+                    false,
+                    Par::Seq,
+                );
+                for (oc, plane) in oi.chunks_mut(oh * ow).enumerate() {
+                    scatter(tmp, oc, plane);
+                }
+            });
     }
     out
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn max_pool2d(x: &[f32], planes: usize, h: usize, w: usize, ho: usize, wo: usize, k: usize, s: usize, p: usize) -> Vec<f32> {
+pub fn max_pool2d(
+    x: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; planes * ho * wo];
     out.par_chunks_mut(ho * wo).enumerate().for_each(|(pl, o)| {
         let src = &x[pl * h * w..(pl + 1) * h * w];

@@ -19,19 +19,44 @@ pub struct Conv2dArgs {
 
 /// x [B, C, H, W], w [O, C, kh, kw], b [O], residual [B, O, Ho, Wo] -> [B, O, Ho, Wo]
 /// with Ho = (H + 2p - kh) / s + 1.
-pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, args: Conv2dArgs, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    args: Conv2dArgs,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
     const OP: &str = "conv2d";
     let _p = crate::profile::scope(OP);
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     let [o, wc, kh, kw] = w.dims_n::<4>(OP, "weight")?;
     if wc != c {
-        return Err(Error::shape(OP, format!("input {:?} has {c} channels, weight {:?} expects {wc}", x.dims(), w.dims())));
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {:?} has {c} channels, weight {:?} expects {wc}",
+                x.dims(),
+                w.dims()
+            ),
+        ));
     }
     if args.stride == 0 || kh == 0 || kw == 0 {
-        return Err(Error::shape(OP, format!("stride {} with kernel {kh}x{kw}", args.stride)));
+        return Err(Error::shape(
+            OP,
+            format!("stride {} with kernel {kh}x{kw}", args.stride),
+        ));
     }
     if h + 2 * args.padding < kh || wd + 2 * args.padding < kw {
-        return Err(Error::shape(OP, format!("input {:?} smaller than kernel {:?} with padding {}", x.dims(), w.dims(), args.padding)));
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {:?} smaller than kernel {:?} with padding {}",
+                x.dims(),
+                w.dims(),
+                args.padding
+            ),
+        ));
     }
     let ho = (h + 2 * args.padding - kh) / args.stride + 1;
     let wo = (wd + 2 * args.padding - kw) / args.stride + 1;
@@ -42,7 +67,19 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, args: Conv2dArgs, resi
     if let Some(r) = residual {
         r.expect_dims(OP, "residual", &out_dims)?;
     }
-    let geo = cpu::ConvGeometry { n, c, h, w: wd, o, kh, kw, stride: args.stride, pad: args.padding, ho, wo };
+    let geo = cpu::ConvGeometry {
+        n,
+        c,
+        h,
+        w: wd,
+        o,
+        kh,
+        kw,
+        stride: args.stride,
+        pad: args.padding,
+        ho,
+        wo,
+    };
     let out = cpu::conv2d(
         &geo,
         cpu_f32(OP, x)?,
@@ -62,15 +99,39 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     let [wc, o, kh, kw] = w.dims_n::<4>(OP, "weight")?;
     if wc != c {
-        return Err(Error::shape(OP, format!("input {:?} has {c} channels, weight {:?} expects {wc}", x.dims(), w.dims())));
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {:?} has {c} channels, weight {:?} expects {wc}",
+                x.dims(),
+                w.dims()
+            ),
+        ));
     }
     if kh != kw || kh == 0 {
-        return Err(Error::shape(OP, format!("only square kernels with stride = kernel are supported, weight {:?}", w.dims())));
+        return Err(Error::shape(
+            OP,
+            format!(
+                "only square kernels with stride = kernel are supported, weight {:?}",
+                w.dims()
+            ),
+        ));
     }
     if let Some(b) = b {
         b.expect_dims(OP, "bias", &[o])?;
     }
-    let out = cpu::conv_transpose2d(cpu_f32(OP, x)?, cpu_f32(OP, w)?, b.map(|b| cpu_f32(OP, b)).transpose()?, act, n, c, h, wd, o, kh);
+    let out = cpu::conv_transpose2d(
+        cpu_f32(OP, x)?,
+        cpu_f32(OP, w)?,
+        b.map(|b| cpu_f32(OP, b)).transpose()?,
+        act,
+        n,
+        c,
+        h,
+        wd,
+        o,
+        kh,
+    );
     Ok(Tensor::from_f32(out, &[n, o, h * kh, wd * kh]))
 }
 
@@ -79,12 +140,33 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     const OP: &str = "max_pool2d";
     let _p = crate::profile::scope(OP);
     let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
-    if stride == 0 || kernel == 0 || h + 2 * padding < kernel || w + 2 * padding < kernel || padding * 2 > kernel {
-        return Err(Error::shape(OP, format!("input {:?}, kernel {kernel}, stride {stride}, padding {padding}", x.dims())));
+    if stride == 0
+        || kernel == 0
+        || h + 2 * padding < kernel
+        || w + 2 * padding < kernel
+        || padding * 2 > kernel
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {:?}, kernel {kernel}, stride {stride}, padding {padding}",
+                x.dims()
+            ),
+        ));
     }
     let ho = (h + 2 * padding - kernel) / stride + 1;
     let wo = (w + 2 * padding - kernel) / stride + 1;
-    let out = cpu::max_pool2d(cpu_f32(OP, x)?, n * c, h, w, ho, wo, kernel, stride, padding);
+    let out = cpu::max_pool2d(
+        cpu_f32(OP, x)?,
+        n * c,
+        h,
+        w,
+        ho,
+        wo,
+        kernel,
+        stride,
+        padding,
+    );
     Ok(Tensor::from_f32(out, &[n, c, ho, wo]))
 }
 
@@ -93,7 +175,19 @@ mod tests {
     use super::*;
 
     /// Direct 7-loop convolution, the definition.
-    fn conv_ref(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize, h: usize, wd: usize, o: usize, k: usize, s: usize, p: usize) -> Vec<f32> {
+    fn conv_ref(
+        x: &[f32],
+        w: &[f32],
+        b: &[f32],
+        n: usize,
+        c: usize,
+        h: usize,
+        wd: usize,
+        o: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+    ) -> Vec<f32> {
         let ho = (h + 2 * p - k) / s + 1;
         let wo = (wd + 2 * p - k) / s + 1;
         let mut out = vec![0.0; n * o * ho * wo];
@@ -107,8 +201,11 @@ mod tests {
                                 for kx in 0..k {
                                     let iy = (y * s + ky) as isize - p as isize;
                                     let ix = (xx * s + kx) as isize - p as isize;
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                        acc += x[((ni * c + ci) * h + iy as usize) * wd + ix as usize] as f64
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd
+                                    {
+                                        acc += x
+                                            [((ni * c + ci) * h + iy as usize) * wd + ix as usize]
+                                            as f64
                                             * w[((oi * c + ci) * k + ky) * k + kx] as f64;
                                     }
                                 }
@@ -128,7 +225,17 @@ mod tests {
 
     /// conv2d against the direct definition for one geometry, within `tol`.
     #[allow(clippy::too_many_arguments)]
-    fn check_conv(n: usize, c: usize, h: usize, wd: usize, o: usize, k: usize, s: usize, p: usize, tol: f32) {
+    fn check_conv(
+        n: usize,
+        c: usize,
+        h: usize,
+        wd: usize,
+        o: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+        tol: f32,
+    ) {
         let x = seq(n * c * h * wd, 0.37);
         let w = seq(o * c * k * k, 0.91);
         let b = seq(o, 2.3);
@@ -137,7 +244,10 @@ mod tests {
             &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
             &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
             Some(&Tensor::from_vec(b, [o]).unwrap()),
-            Conv2dArgs { stride: s, padding: p },
+            Conv2dArgs {
+                stride: s,
+                padding: p,
+            },
             None,
             Act::None,
         )
@@ -192,7 +302,8 @@ mod tests {
                         let (iy, ky, ix, kx) = (oy / k, oy % k, ox / k, ox % k);
                         let mut acc = b[oi];
                         for ci in 0..c {
-                            acc += x[((ni * c + ci) * h + iy) * wd + ix] * w[((ci * o + oi) * k + ky) * k + kx];
+                            acc += x[((ni * c + ci) * h + iy) * wd + ix]
+                                * w[((ci * o + oi) * k + ky) * k + kx];
                         }
                         let got = y[((ni * o + oi) * h * k + oy) * wd * k + ox];
                         assert!((got - acc).abs() < 1e-5);
@@ -212,7 +323,17 @@ mod tests {
 
     #[test]
     fn conv_rejects_channel_mismatch() {
-        let e = conv2d(&Tensor::zeros([1, 3, 8, 8]), &Tensor::zeros([4, 2, 3, 3]), None, Conv2dArgs { stride: 1, padding: 1 }, None, Act::None);
+        let e = conv2d(
+            &Tensor::zeros([1, 3, 8, 8]),
+            &Tensor::zeros([4, 2, 3, 3]),
+            None,
+            Conv2dArgs {
+                stride: 1,
+                padding: 1,
+            },
+            None,
+            Act::None,
+        );
         assert!(matches!(e, Err(Error::Shape { op: "conv2d", .. })));
     }
 }

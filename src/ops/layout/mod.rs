@@ -53,7 +53,10 @@ pub fn repeat_first(x: &Tensor, n: usize) -> Result<Tensor> {
     let xs = cpu_f32(OP, x)?;
     let mut dims = x.dims().to_vec();
     if dims.first() != Some(&1) {
-        return Err(crate::Error::shape(OP, format!("expected a leading 1, got {:?}", dims)));
+        return Err(crate::Error::shape(
+            OP,
+            format!("expected a leading 1, got {:?}", dims),
+        ));
     }
     dims[0] = n;
     let mut out = Vec::with_capacity(xs.len() * n);

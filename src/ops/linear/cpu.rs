@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
-use crate::cpu::{multiversion, sgemm, MatRef, Par};
-use crate::ops::activation::{apply_act_seq, Act};
+use crate::cpu::{MatRef, Par, multiversion, sgemm};
+use crate::ops::activation::{Act, apply_act_seq};
 
 multiversion! {
     /// row = act(row + bias (+ residual)), the GEMM epilogue of one output row.
@@ -19,23 +19,42 @@ multiversion! {
 /// The GEMM writes the product; one parallel pass then adds the bias and the
 /// residual and applies the activation (rows hot in cache, no separate seeding).
 #[allow(clippy::too_many_arguments)]
-pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, residual: Option<&[f32]>, act: Act, m: usize, n: usize, k: usize) -> Vec<f32> {
+pub fn linear(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Act,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; m * n];
     {
         let _p = crate::profile::scope("linear.gemm");
-        sgemm(MatRef::rm(x, m, k), MatRef::tr(w, k, n), &mut out, n, 1, false, Par::Pool);
+        sgemm(
+            MatRef::rm(x, m, k),
+            MatRef::tr(w, k, n),
+            &mut out,
+            n,
+            1,
+            false,
+            Par::Pool,
+        );
     }
     let _p = crate::profile::scope("linear.epilogue");
     if b.is_some() || residual.is_some() || act != Act::None {
         // Rows in chunks of ~16 K values per task.
         let rows_per = (16_384 / n.max(1)).max(1);
-        out.par_chunks_mut(rows_per * n.max(1)).enumerate().for_each(|(c, chunk)| {
-            for (i, row) in chunk.chunks_mut(n.max(1)).enumerate() {
-                let r = (c * rows_per + i) * n;
-                epilogue_row(row, b, residual.map(|res| &res[r..r + n]));
-                apply_act_seq(row, act);
-            }
-        });
+        out.par_chunks_mut(rows_per * n.max(1))
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (i, row) in chunk.chunks_mut(n.max(1)).enumerate() {
+                    let r = (c * rows_per + i) * n;
+                    epilogue_row(row, b, residual.map(|res| &res[r..r + n]));
+                    apply_act_seq(row, act);
+                }
+            });
     }
     out
 }

@@ -15,13 +15,26 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// act(x W^T + b + residual): the bias, the residual add and the activation are
 /// applied in the GEMM's epilogue (the residual seeds the accumulator).
 /// residual: same shape as the output.
-pub fn linear_fused(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+pub fn linear_fused(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
     const OP: &str = "linear";
     let _p = crate::profile::scope(OP);
     let [n, k] = w.dims_n::<2>(OP, "weight")?;
     let xd = x.dims();
     if xd.last() != Some(&k) {
-        return Err(Error::shape(OP, format!("input {:?} does not end in weight's in-features {k} (weight {:?})", xd, w.dims())));
+        return Err(Error::shape(
+            OP,
+            format!(
+                "input {:?} does not end in weight's in-features {k} (weight {:?})",
+                xd,
+                w.dims()
+            ),
+        ));
     }
     let m = x.numel() / k.max(1);
     if let Some(b) = b {

@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::multiversion;
-use crate::ops::activation::{apply_act_seq, Act};
+use crate::ops::activation::{Act, apply_act_seq};
 
 multiversion! {
     /// One row: statistics in f64 (4 lanes), the affine map in f32.
@@ -35,7 +35,9 @@ multiversion! {
 /// x [rows, c] -> [rows, c].
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], c: usize, eps: f32) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(c.max(1)).zip(x.par_chunks(c.max(1))).for_each(|(o, xr)| layer_norm_row(xr, o, w, b, eps));
+    out.par_chunks_mut(c.max(1))
+        .zip(x.par_chunks(c.max(1)))
+        .for_each(|(o, xr)| layer_norm_row(xr, o, w, b, eps));
     out
 }
 
@@ -81,26 +83,61 @@ multiversion! {
 /// Two parallel passes: statistics per block of 64 pixels, then the affine map
 /// (and activation) per channel row.
 #[allow(clippy::too_many_arguments)]
-pub fn layer_norm2d(x: &[f32], w: &[f32], b: &[f32], n: usize, c: usize, p: usize, eps: f32, act: Act) -> Vec<f32> {
+pub fn layer_norm2d(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    c: usize,
+    p: usize,
+    eps: f32,
+    act: Act,
+) -> Vec<f32> {
     const BLK: usize = 64;
     let mut mean = vec![0.0f32; n * p];
     let mut rstd = vec![0.0f32; n * p];
-    mean.par_chunks_mut(BLK).zip(rstd.par_chunks_mut(BLK)).enumerate().for_each(|(t, (m, r))| {
-        // Blocks never straddle images: p is a multiple of 64 in SAM-UNet, and
-        // otherwise the block is split at the image boundary below.
-        let start = t * BLK;
-        let (img, p0) = (start / p, start % p);
-        let first = m.len().min(p - p0);
-        ln2d_stats(&x[img * c * p..(img + 1) * c * p], c, p, p0, &mut m[..first], &mut r[..first], eps);
-        if first < m.len() {
-            let img2 = img + 1;
-            ln2d_stats(&x[img2 * c * p..(img2 + 1) * c * p], c, p, 0, &mut m[first..], &mut r[first..], eps);
-        }
-    });
+    mean.par_chunks_mut(BLK)
+        .zip(rstd.par_chunks_mut(BLK))
+        .enumerate()
+        .for_each(|(t, (m, r))| {
+            // Blocks never straddle images: p is a multiple of 64 in SAM-UNet, and
+            // otherwise the block is split at the image boundary below.
+            let start = t * BLK;
+            let (img, p0) = (start / p, start % p);
+            let first = m.len().min(p - p0);
+            ln2d_stats(
+                &x[img * c * p..(img + 1) * c * p],
+                c,
+                p,
+                p0,
+                &mut m[..first],
+                &mut r[..first],
+                eps,
+            );
+            if first < m.len() {
+                let img2 = img + 1;
+                ln2d_stats(
+                    &x[img2 * c * p..(img2 + 1) * c * p],
+                    c,
+                    p,
+                    0,
+                    &mut m[first..],
+                    &mut r[first..],
+                    eps,
+                );
+            }
+        });
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(p).enumerate().for_each(|(row, o)| {
         let (img, ch) = (row / c, row % c);
-        ln2d_apply(&x[row * p..(row + 1) * p], o, &mean[img * p..(img + 1) * p], &rstd[img * p..(img + 1) * p], w[ch], b[ch]);
+        ln2d_apply(
+            &x[row * p..(row + 1) * p],
+            o,
+            &mean[img * p..(img + 1) * p],
+            &rstd[img * p..(img + 1) * p],
+            w[ch],
+            b[ch],
+        );
         apply_act_seq(o, act);
     });
     out

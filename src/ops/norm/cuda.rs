@@ -2,20 +2,39 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::{driver_err, CudaDevice};
+use crate::cuda::{CudaDevice, driver_err};
 use crate::error::{Error, Result};
 
 /// Launch geometry of layer_norm_f32 (shared with the host-emulation tests):
 /// one block per row, a power of two of threads (32..=256) striding over C.
 pub fn layer_norm_config(rows: usize, c: usize) -> LaunchConfig {
     let threads = (c.next_power_of_two() as u32).clamp(32, 256);
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// x [rows, c], w / b [c] -> [rows, c].
-pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &CudaSlice<f32>, c: usize, eps: f32) -> Result<CudaSlice<f32>> {
+pub fn layer_norm(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    c: usize,
+    eps: f32,
+) -> Result<CudaSlice<f32>> {
     if c == 0 || !x.len().is_multiple_of(c) || w.len() != c || b.len() != c {
-        return Err(Error::shape("layer_norm (cuda)", format!("x of {} values, C {c}, weight {}, bias {}", x.len(), w.len(), b.len())));
+        return Err(Error::shape(
+            "layer_norm (cuda)",
+            format!(
+                "x of {} values, C {c}, weight {}, bias {}",
+                x.len(),
+                w.len(),
+                b.len()
+            ),
+        ));
     }
     let rows = x.len() / c;
     let mut y = dev.alloc(x.len())?;
@@ -23,7 +42,13 @@ pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &
     let cfg = layer_norm_config(rows, c);
     let (r, cc) = (rows as i32, c as i32);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&mut y).arg(x).arg(w).arg(b).arg(&r).arg(&cc).arg(&eps);
+    l.arg(&mut y)
+        .arg(x)
+        .arg(w)
+        .arg(b)
+        .arg(&r)
+        .arg(&cc)
+        .arg(&eps);
     // SAFETY: x and y hold rows * c floats, w and b c floats; one block per row
     // touches only its row; argument types match (float*, const float* x3, int, int, float).
     unsafe { l.launch(cfg) }.map_err(driver_err("layer_norm launch"))?;
@@ -31,10 +56,24 @@ pub fn layer_norm(dev: &CudaDevice, x: &CudaSlice<f32>, w: &CudaSlice<f32>, b: &
 }
 
 /// SAM's LayerNorm2d then act: x [N, C, H, W], w / b [C] -> same shape.
-pub fn layer_norm2d(dev: &CudaDevice, x: &crate::cuda::GpuTensor, w: &CudaSlice<f32>, b: &CudaSlice<f32>, eps: f32, a: crate::ops::activation::Act) -> Result<crate::cuda::GpuTensor> {
-    let [n, c, h, wd]: [usize; 4] = x.dims.as_slice().try_into().map_err(|_| Error::shape("layer_norm2d (cuda)", format!("input {:?}", x.dims)))?;
+pub fn layer_norm2d(
+    dev: &CudaDevice,
+    x: &crate::cuda::GpuTensor,
+    w: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    eps: f32,
+    a: crate::ops::activation::Act,
+) -> Result<crate::cuda::GpuTensor> {
+    let [n, c, h, wd]: [usize; 4] = x
+        .dims
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::shape("layer_norm2d (cuda)", format!("input {:?}", x.dims)))?;
     if w.len() != c || b.len() != c {
-        return Err(Error::shape("layer_norm2d (cuda)", format!("input {:?}, weight {}, bias {}", x.dims, w.len(), b.len())));
+        return Err(Error::shape(
+            "layer_norm2d (cuda)",
+            format!("input {:?}, weight {}, bias {}", x.dims, w.len(), b.len()),
+        ));
     }
     let p = (h * wd) as i64;
     let mut y = dev.alloc(x.numel())?;
@@ -42,8 +81,20 @@ pub fn layer_norm2d(dev: &CudaDevice, x: &crate::cuda::GpuTensor, w: &CudaSlice<
     let act = crate::cuda::act_code(a);
     let (nn, cc) = (n as i32, c as i32);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&mut y).arg(&x.data).arg(w).arg(b).arg(&nn).arg(&cc).arg(&p).arg(&eps).arg(&act);
+    l.arg(&mut y)
+        .arg(&x.data)
+        .arg(w)
+        .arg(b)
+        .arg(&nn)
+        .arg(&cc)
+        .arg(&p)
+        .arg(&eps)
+        .arg(&act);
     // SAFETY: x and y hold n * c * p floats, w and b c floats; types match the kernel.
-    unsafe { l.launch(crate::cuda::cfg1d(n * h * wd)) }.map_err(driver_err("layer_norm2d launch"))?;
-    Ok(crate::cuda::GpuTensor { data: y, dims: x.dims.clone() })
+    unsafe { l.launch(crate::cuda::cfg1d(n * h * wd)) }
+        .map_err(driver_err("layer_norm2d launch"))?;
+    Ok(crate::cuda::GpuTensor {
+        data: y,
+        dims: x.dims.clone(),
+    })
 }

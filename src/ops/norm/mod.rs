@@ -31,7 +31,16 @@ pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> R
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;
-    let out = cpu::layer_norm2d(cpu_f32(OP, x)?, cpu_f32(OP, w)?, cpu_f32(OP, b)?, n, c, h * wd, eps, act);
+    let out = cpu::layer_norm2d(
+        cpu_f32(OP, x)?,
+        cpu_f32(OP, w)?,
+        cpu_f32(OP, b)?,
+        n,
+        c,
+        h * wd,
+        eps,
+        act,
+    );
     Ok(Tensor::from_f32(out, x.dims()))
 }
 
@@ -39,15 +48,32 @@ pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> R
 /// a bias-free convolution into the convolution: returns (w', b') with
 /// w' = w * s, b' = beta - mean * s, s = gamma / sqrt(var + eps).
 /// conv_w: [O, ...], all BN tensors [O].
-pub fn fold_batch_norm(conv_w: &Tensor, gamma: &Tensor, beta: &Tensor, mean: &Tensor, var: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+pub fn fold_batch_norm(
+    conv_w: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
     const OP: &str = "fold_batch_norm";
     let o = *conv_w.dims().first().unwrap_or(&0);
-    for (t, what) in [(gamma, "weight"), (beta, "bias"), (mean, "running_mean"), (var, "running_var")] {
+    for (t, what) in [
+        (gamma, "weight"),
+        (beta, "bias"),
+        (mean, "running_mean"),
+        (var, "running_var"),
+    ] {
         t.expect_dims(OP, what, &[o])?;
     }
     let w = cpu_f32(OP, conv_w)?;
     let per = w.len() / o.max(1);
-    let (g, be, mu, va) = (cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?, cpu_f32(OP, mean)?, cpu_f32(OP, var)?);
+    let (g, be, mu, va) = (
+        cpu_f32(OP, gamma)?,
+        cpu_f32(OP, beta)?,
+        cpu_f32(OP, mean)?,
+        cpu_f32(OP, var)?,
+    );
     let mut nw = w.to_vec();
     let mut nb = vec![0.0f32; o];
     for i in 0..o {
@@ -58,7 +84,10 @@ pub fn fold_batch_norm(conv_w: &Tensor, gamma: &Tensor, beta: &Tensor, mean: &Te
         }
         nb[i] = (be[i] as f64 - mu[i] as f64 * s) as f32;
     }
-    Ok((Tensor::from_f32(nw, conv_w.dims()), Tensor::from_f32(nb, &[o])))
+    Ok((
+        Tensor::from_f32(nw, conv_w.dims()),
+        Tensor::from_f32(nb, &[o]),
+    ))
 }
 
 #[cfg(test)]

@@ -75,18 +75,20 @@ pub fn resize_u8(img: &[u8], h: usize, w: usize, ch: usize, oh: usize, ow: usize
     let (mid, mw) = if ow != w {
         let cx = pil_coeffs(w, ow);
         let mut mid = vec![0u8; h * ow * ch];
-        mid.par_chunks_mut(ow * ch).enumerate().for_each(|(y, row)| {
-            let src = &img[y * w * ch..(y + 1) * w * ch];
-            for (xx, (x0, k)) in cx.iter().enumerate() {
-                for c in 0..ch {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (j, &kv) in k.iter().enumerate() {
-                        acc += src[(x0 + j) * ch + c] as i64 * kv as i64;
+        mid.par_chunks_mut(ow * ch)
+            .enumerate()
+            .for_each(|(y, row)| {
+                let src = &img[y * w * ch..(y + 1) * w * ch];
+                for (xx, (x0, k)) in cx.iter().enumerate() {
+                    for c in 0..ch {
+                        let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                        for (j, &kv) in k.iter().enumerate() {
+                            acc += src[(x0 + j) * ch + c] as i64 * kv as i64;
+                        }
+                        row[xx * ch + c] = clip8(acc);
                     }
-                    row[xx * ch + c] = clip8(acc);
                 }
-            }
-        });
+            });
         (mid, ow)
     } else {
         (img.to_vec(), w)
@@ -96,15 +98,17 @@ pub fn resize_u8(img: &[u8], h: usize, w: usize, ch: usize, oh: usize, ow: usize
     }
     let cy = pil_coeffs(h, oh);
     let mut out = vec![0u8; oh * mw * ch];
-    out.par_chunks_mut(mw * ch).enumerate().for_each(|(yy, row)| {
-        let (y0, k) = &cy[yy];
-        for (i, o) in row.iter_mut().enumerate() {
-            let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-            for (j, &kv) in k.iter().enumerate() {
-                acc += mid[(y0 + j) * mw * ch + i] as i64 * kv as i64;
+    out.par_chunks_mut(mw * ch)
+        .enumerate()
+        .for_each(|(yy, row)| {
+            let (y0, k) = &cy[yy];
+            for (i, o) in row.iter_mut().enumerate() {
+                let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+                for (j, &kv) in k.iter().enumerate() {
+                    acc += mid[(y0 + j) * mw * ch + i] as i64 * kv as i64;
+                }
+                *o = clip8(acc);
             }
-            *o = clip8(acc);
-        }
-    });
+        });
     out
 }

@@ -8,6 +8,7 @@
 //!   pass then a vertical pass, each rounded and clamped to 0..255.
 
 mod cpu;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::ops::cpu_f32;
@@ -19,21 +20,37 @@ pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     let _p = crate::profile::scope(OP);
     let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
     if h == 0 || w == 0 || oh == 0 || ow == 0 {
-        return Err(Error::shape(OP, format!("cannot resize {:?} to {oh} x {ow}", x.dims())));
+        return Err(Error::shape(
+            OP,
+            format!("cannot resize {:?} to {oh} x {ow}", x.dims()),
+        ));
     }
     let out = cpu::bilinear(cpu_f32(OP, x)?, n * c, h, w, oh, ow);
     Ok(Tensor::from_f32(out, &[n, c, oh, ow]))
 }
 
 /// img: h x w x ch interleaved u8 -> oh x ow x ch.
-pub fn resize_u8_pil_bilinear(img: &[u8], h: usize, w: usize, ch: usize, oh: usize, ow: usize) -> Result<Vec<u8>> {
+pub fn resize_u8_pil_bilinear(
+    img: &[u8],
+    h: usize,
+    w: usize,
+    ch: usize,
+    oh: usize,
+    ow: usize,
+) -> Result<Vec<u8>> {
     const OP: &str = "resize_u8_pil_bilinear";
     let _p = crate::profile::scope(OP);
     if img.len() != h * w * ch {
-        return Err(Error::shape(OP, format!("{} bytes for {h} x {w} x {ch}", img.len())));
+        return Err(Error::shape(
+            OP,
+            format!("{} bytes for {h} x {w} x {ch}", img.len()),
+        ));
     }
     if h == 0 || w == 0 || oh == 0 || ow == 0 || ch == 0 {
-        return Err(Error::shape(OP, format!("cannot resize {h} x {w} x {ch} to {oh} x {ow}")));
+        return Err(Error::shape(
+            OP,
+            format!("cannot resize {h} x {w} x {ch} to {oh} x {ow}"),
+        ));
     }
     Ok(cpu::resize_u8(img, h, w, ch, oh, ow))
 }
@@ -58,6 +75,11 @@ mod tests {
         let img: Vec<u8> = (0..5 * 7 * 3).map(|i| (i * 7 % 256) as u8).collect();
         assert_eq!(resize_u8_pil_bilinear(&img, 5, 7, 3, 5, 7).unwrap(), img);
         let flat = vec![77u8; 30 * 20];
-        assert!(resize_u8_pil_bilinear(&flat, 30, 20, 1, 7, 11).unwrap().iter().all(|&v| v == 77));
+        assert!(
+            resize_u8_pil_bilinear(&flat, 30, 20, 1, 7, 11)
+                .unwrap()
+                .iter()
+                .all(|&v| v == 77)
+        );
     }
 }
