@@ -1,8 +1,10 @@
 //! The whole model on CUDA against the CPU backend: the small34 fixture weights
 //! on its input, and full-size SAM-UNet-50 with random weights. f32 (TF32 off):
 //! relative L2 <= 1e-4 on the logits; bf16: relative L2 <= 2e-2 and at least
-//! 99.5 % of mask pixels equal. Own harness: without a GPU it prints why each test
-//! is skipped; SAM_UNET_REQUIRE_GPU=1 makes a missing GPU a failure.
+//! 99.5 % of mask pixels equal. Own harness: on cuda:0 when there is a GPU,
+//! otherwise on the emulated CUDA driver of tests/simt (the whole GpuSamUnet
+//! data flow, every launcher and cuBLAS call, with host arithmetic), and it
+//! prints which; SAM_UNET_REQUIRE_GPU=1 makes a missing GPU a failure.
 
 use sam_unet::io::Weights;
 use sam_unet::io::image::RgbImage;
@@ -10,6 +12,7 @@ use sam_unet::model::SamUnetConfig;
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
 mod kernel_check;
+mod simt;
 use kernel_check::rel_l2;
 
 fn image(w: usize, h: usize) -> RgbImage {
@@ -108,16 +111,19 @@ fn main() {
         ("cuda_model_small34", small34),
         ("cuda_model_sam_unet_50_random", sam_unet_50_random),
     ];
-    if let Err(e) = sam_unet::cuda::CudaDevice::new(0) {
-        if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-            println!("test cuda_device ... FAILED (SAM_UNET_REQUIRE_GPU=1 but {e})");
-            std::process::exit(1);
+    match simt::gpu_or_emulator() {
+        Ok(what) => println!("running {} CUDA model tests on {what}", tests.len()),
+        Err(e) => {
+            if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                println!("test cuda_device ... FAILED ({e})");
+                std::process::exit(1);
+            }
+            println!("{e}");
+            for (n, _) in tests {
+                println!("test {n} ... SKIPPED (needs a GPU)");
+            }
+            return;
         }
-        println!("no GPU: {e}");
-        for (n, _) in tests {
-            println!("test {n} ... SKIPPED (needs a GPU)");
-        }
-        return;
     }
     let mut failed = 0;
     for (n, f) in tests {

@@ -1,8 +1,11 @@
 //! CUDA ops against their CPU twins on seeded random inputs at model shapes:
-//! |gpu - cpu| <= atol + rtol |cpu|, the worst index printed. Without a GPU
-//! the run prints why every test is skipped (its own harness, so the reason shows
-//! in `cargo test` output); under SAM_UNET_REQUIRE_GPU=1 (the GPU check script) a
-//! missing GPU is a failure.
+//! |gpu - cpu| <= atol + rtol |cpu|, the worst index printed. On a machine
+//! with a GPU they run on cuda:0; without one, on the emulated CUDA driver and
+//! cuBLAS of tests/simt (the same launchers, cudarc calls and kernels, run by
+//! the host SIMT scheduler), so every run checks the whole CUDA path except the
+//! GPU's own arithmetic and speed. Own harness, so the device used (or why
+//! none) shows in `cargo test` output; SAM_UNET_REQUIRE_GPU=1 (the GPU check
+//! script) makes a missing GPU a failure and refuses the emulator.
 
 use sam_unet::Tensor;
 use sam_unet::cuda::CudaDevice;
@@ -10,6 +13,7 @@ use sam_unet::ops::activation::{self, Act};
 use sam_unet::ops::norm;
 
 mod kernel_check;
+mod simt;
 use kernel_check::{assert_close, rand, rel_l2};
 
 fn device() -> Option<CudaDevice> {
@@ -82,21 +86,17 @@ fn main() {
         .iter()
         .filter(|(n, _, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str())))
         .collect();
-    let gpu = match CudaDevice::new(0) {
-        Ok(d) => {
-            println!(
-                "running {} CUDA tests on cuda:0 ({})",
-                selected.len(),
-                d.name()
-            );
+    let gpu = match simt::gpu_or_emulator() {
+        Ok(what) => {
+            println!("running {} CUDA tests on {what}", selected.len());
             true
         }
         Err(e) => {
             if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                println!("test cuda_device ... FAILED (SAM_UNET_REQUIRE_GPU=1 but {e})");
+                println!("test cuda_device ... FAILED ({e})");
                 std::process::exit(1);
             }
-            println!("no GPU: {e}");
+            println!("{e}");
             false
         }
     };

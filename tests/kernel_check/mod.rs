@@ -20,11 +20,13 @@ pub fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 /// finite); prints the worst element either way.
 pub fn assert_close(what: &str, got: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
     assert_eq!(got.len(), cpu.len(), "{what}: length");
-    let (mut worst, mut at) = (0.0f32, 0usize);
+    // The element with the largest excess over its tolerance (NaN counts as
+    // the largest), printed whether or not it passes.
+    let (mut worst, mut at) = (f32::NEG_INFINITY, 0usize);
     for (i, (g, c)) in got.iter().zip(cpu).enumerate() {
         let excess = (g - c).abs() - (atol + rtol * c.abs());
-        if !(excess <= worst) {
-            worst = excess;
+        if excess.is_nan() || excess > worst {
+            worst = if excess.is_nan() { f32::INFINITY } else { excess };
             at = i;
         }
     }
