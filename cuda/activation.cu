@@ -7,6 +7,7 @@
 // Backward (later, beside them): dgelu = Phi(x) + x phi(x), activation
 // gradients written (=), never accumulated.
 #include "common.cuh"
+#include "mma.cuh"
 
 extern "C" __global__ void gelu_f32(float* __restrict__ y, const float* __restrict__ x, long long n) {
     GRID_STRIDE(i, n) {
@@ -34,16 +35,26 @@ extern "C" __global__ void bias_act_f32(float* __restrict__ y, const float* __re
     }
 }
 
-// f32 -> bf16 (round to nearest even, NaN kept quiet), for GEMM inputs.
-// Written on the bits so that no header is needed; bf16 is the top half of f32.
+// f32 -> bf16 (round to nearest even, NaN kept quiet), for GEMM inputs; on
+// the bits (mma.cuh) so that no header is needed: bf16 is the top half of f32.
 extern "C" __global__ void f32_to_bf16(unsigned short* __restrict__ y, const float* __restrict__ x, long long n) {
-    GRID_STRIDE(i, n) {
-        unsigned int u = __float_as_uint(x[i]);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            y[i] = (unsigned short)((u >> 16) | 0x40u);
-        } else {
-            u += 0x7fffu + ((u >> 16) & 1u);
-            y[i] = (unsigned short)(u >> 16);
-        }
+    GRID_STRIDE(i, n) { y[i] = f32_to_bf16_bits(x[i]); }
+}
+
+// y16[r, c] = bf16(act(y[r, c] + bias[c])): a GEMM's f32 output turned into
+// the bf16 input of the next GEMM in one pass (the ViT MLP's lin1 -> lin2).
+extern "C" __global__ void bias_act_bf16out(unsigned short* __restrict__ y16, const float* __restrict__ y, const float* __restrict__ bias, long long rows,
+                                            int cols, int act) {
+    GRID_STRIDE(i, rows * cols) {
+        float v = y[i] + (bias ? bias[i % cols] : 0.0f);
+        if (act == 1) v = fmaxf(v, 0.0f);
+        else if (act == 2) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        y16[i] = f32_to_bf16_bits(v);
     }
+}
+
+// y[r, c] = x[r, c] + bias[c]: the residual plus the bias of the GEMM that
+// then accumulates onto it (beta = 1), so neither needs a pass of its own.
+extern "C" __global__ void add_bias_rows_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ bias, long long rows, int cols) {
+    GRID_STRIDE(i, rows * cols) { y[i] = x[i] + bias[i % cols]; }
 }

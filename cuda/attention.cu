@@ -130,3 +130,213 @@ extern "C" __global__ void rel_pos_attention_f32(float* __restrict__ out, const 
         o[2 * lane + 1] = acc1 / l;
     }
 }
+
+// ---------------------------------------------------------------------------
+// The same attention on tensor cores (bf16 inputs, f32 accumulation), for the
+// bf16 path: FlashAttention-2's schedule with mma.sync m16n8k16 (mma.cuh).
+//
+// Queries are indexed compactly by the real tokens of the window (rows
+// rh = min(S, G - wy S), columns rw = min(S, G - wx S); query i sits at window
+// position (i / rw, i % rw)), so the partial windows of the padded grid cost
+// no padding rows beyond the last tile. A block of 4 warps takes 64 queries
+// of one (image, window, head); warp w owns rows 16w..16w+15. Keys stream
+// through shared memory 64 at a time over all S x S window positions (padded
+// ones are the k / v biases, as in the f32 kernel). Per key tile:
+//   S = (0.125 q) K^T           mma, Q fragments held in registers all along
+//   S += relh[row][ky] + relw[row][kx], keys past S x S masked to -inf
+//   online softmax per row (the 4 lanes of a row group reduce by shuffles;
+//   the row sums stay per lane and are reduced once at the end)
+//   O = O corr + P V            P re-packed from the S accumulators as A
+//                               fragments (the C layout of two adjacent
+//                               8-key tiles is the A layout of 16 keys)
+// relh / relw are q . Rh / q . Rw per (query, key row / column), computed
+// once per block on CUDA cores from the bf16 q. `biased` = 0 means qkv comes
+// straight from a GEMM without its bias: the kernel adds it while loading.
+// Shared memory rows are 72 bf16 apart so that fragment loads (8 rows x 4
+// words per warp) hit 32 distinct banks. V is stored transposed (Vt[c][key])
+// so that its B fragments are single 32-bit loads.
+#include "mma.cuh"
+
+#define TC_BQ 64
+#define TC_BK 64
+#define TC_STR 72
+#define TC_MAXS 32
+
+template <bool BF16_OUT>
+__device__ __forceinline__ void rel_pos_attention_tc(void* __restrict__ out, const float* __restrict__ qkv, const float* __restrict__ bias,
+                                                     const float* __restrict__ rel_h, const float* __restrict__ rel_w, int B, int G, int D, int S,
+                                                     int biased) {
+    __shared__ unsigned short qs[TC_BQ][TC_STR];  // 0.125 q, bf16
+    __shared__ unsigned short ks[TC_BK][TC_STR];  // k, bf16
+    __shared__ unsigned short vt[HD][TC_STR];     // v transposed: vt[c][key]
+    __shared__ float relh[TC_BQ][TC_MAXS];
+    __shared__ float relw[TC_BQ][TC_MAXS];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int nwin = (G + S - 1) / S;
+    const int h = blockIdx.y;
+    const int b = blockIdx.z / (nwin * nwin);
+    const int win = blockIdx.z % (nwin * nwin);
+    const int wy = win / nwin, wx = win % nwin;
+    const int rh = min(S, G - wy * S), rw = min(S, G - wx * S);
+    const int nq = rh * rw, q0 = blockIdx.x * TC_BQ;
+    if (q0 >= nq) return;  // the whole block: before any barrier
+    const int SS = S * S;
+    const long long C3 = 3LL * D;
+    const float* bq = bias + h * HD;
+    const float* bk = bias + D + h * HD;
+    const float* bv = bias + 2 * D + h * HD;
+
+    // Q tile (rows past nq are zero: finite logits, never written).
+    for (int e = tid; e < TC_BQ * HD; e += blockDim.x) {
+        int r = e / HD, c = e % HD, i = q0 + r;
+        float v = 0.0f;
+        if (i < nq) {
+            int gy = wy * S + i / rw, gx = wx * S + i % rw;
+            v = qkv[(((long long)b * G + gy) * G + gx) * C3 + h * HD + c] + (biased ? 0.0f : bq[c]);
+        }
+        qs[r][c] = f32_to_bf16_bits(v * 0.125f);
+    }
+    __syncthreads();
+    // Decomposed relative position terms of every query row.
+    for (int e = tid; e < TC_BQ * S; e += blockDim.x) {
+        int r = e / S, j = e % S, i = q0 + r;
+        float sh = 0.0f, sw = 0.0f;
+        if (i < nq) {
+            const float* ph = rel_h + (long long)(i / rw - j + S - 1) * HD;
+            const float* pw = rel_w + (long long)(i % rw - j + S - 1) * HD;
+            for (int c = 0; c < HD; ++c) {
+                float q = bf16_bits_to_f32(qs[r][c]);
+                sh += q * ph[c];
+                sw += q * pw[c];
+            }
+        }
+        relh[r][j] = 8.0f * sh;  // qs holds 0.125 q: exact powers of two
+        relw[r][j] = 8.0f * sw;
+    }
+    // This warp's Q fragments for the 4 k-steps of the head dim.
+    unsigned int qa[4][4];
+    const int r0 = warp * 16 + g, r1 = r0 + 8;
+    for (int kk = 0; kk < 4; ++kk) {
+        int c = kk * 16 + 2 * t;
+        qa[kk][0] = *(const unsigned int*)&qs[r0][c];
+        qa[kk][1] = *(const unsigned int*)&qs[r1][c];
+        qa[kk][2] = *(const unsigned int*)&qs[r0][c + 8];
+        qa[kk][3] = *(const unsigned int*)&qs[r1][c + 8];
+    }
+
+    float o[8][4];
+    for (int n = 0; n < 8; ++n)
+        for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+    float m[2] = {-SAM_INF, -SAM_INF}, l[2] = {0.0f, 0.0f};
+
+    for (int t0 = 0; t0 < SS; t0 += TC_BK) {
+        __syncthreads();  // the previous tile's K / V are no longer read (and relh is complete)
+        for (int e = tid; e < TC_BK * HD; e += blockDim.x) {
+            int j = e / HD, c = e % HD, kp = t0 + j;
+            float kv = 0.0f, vv = 0.0f;
+            if (kp < SS) {
+                int gy = wy * S + kp / S, gx = wx * S + kp % S;
+                if (gy < G && gx < G) {
+                    const float* p = qkv + (((long long)b * G + gy) * G + gx) * C3 + h * HD + c;
+                    kv = p[D] + (biased ? 0.0f : bk[c]);
+                    vv = p[2 * D] + (biased ? 0.0f : bv[c]);
+                } else {
+                    kv = bk[c];
+                    vv = bv[c];
+                }
+            }
+            ks[j][c] = f32_to_bf16_bits(kv);
+            vt[c][j] = f32_to_bf16_bits(vv);
+        }
+        __syncthreads();
+        // S = Q K^T: 8 tiles of 8 keys.
+        float s[8][4];
+        for (int n = 0; n < 8; ++n) {
+            for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+            for (int kk = 0; kk < 4; ++kk) {
+                unsigned int kb[2];
+                kb[0] = *(const unsigned int*)&ks[n * 8 + g][kk * 16 + 2 * t];
+                kb[1] = *(const unsigned int*)&ks[n * 8 + g][kk * 16 + 8 + 2 * t];
+                mma_16816_bf16(s[n], qa[kk], kb);
+            }
+        }
+        // Relative position bias, mask, online softmax.
+        float mx[2] = {-SAM_INF, -SAM_INF};
+        for (int n = 0; n < 8; ++n)
+            for (int e = 0; e < 4; ++e) {
+                int key = t0 + n * 8 + 2 * t + (e & 1);
+                int r = e < 2 ? r0 : r1;
+                float v = key < SS ? s[n][e] + relh[r][key / S] + relw[r][key % S] : -SAM_INF;
+                s[n][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
+            }
+        float corr[2];
+        for (int rr = 0; rr < 2; ++rr) {
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+            mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+            float mn = fmaxf(m[rr], mx[rr]);  // finite: every tile has a real key
+            corr[rr] = expf(m[rr] - mn);      // 0 on the first tile
+            m[rr] = mn;
+            l[rr] *= corr[rr];
+        }
+        for (int n = 0; n < 8; ++n)
+            for (int e = 0; e < 4; ++e) {
+                float p = expf(s[n][e] - m[e >> 1]);  // masked keys: exp(-inf) = 0
+                s[n][e] = p;
+                l[e >> 1] += p;
+                o[n][e] *= corr[e >> 1];
+            }
+        // O += P V: 4 steps of 16 keys, 8 tiles of 8 channels.
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned int pa[4];
+            pa[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int n = 0; n < 8; ++n) {
+                unsigned int vb[2];
+                vb[0] = *(const unsigned int*)&vt[n * 8 + g][kk * 16 + 2 * t];
+                vb[1] = *(const unsigned int*)&vt[n * 8 + g][kk * 16 + 8 + 2 * t];
+                mma_16816_bf16(o[n], pa, vb);
+            }
+        }
+    }
+    // Row sums over the 4 lanes of each row group, then the output rows.
+    for (int rr = 0; rr < 2; ++rr) {
+        l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+        l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+    }
+    for (int rr = 0; rr < 2; ++rr) {
+        int i = q0 + (rr ? r1 : r0);
+        if (i >= nq) continue;
+        int gy = wy * S + i / rw, gx = wx * S + i % rw;
+        long long base = (((long long)b * G + gy) * G + gx) * D + h * HD;
+        float inv = 1.0f / l[rr];
+        for (int n = 0; n < 8; ++n) {
+            int c = n * 8 + 2 * t;
+            float v0 = o[n][2 * rr] * inv, v1 = o[n][2 * rr + 1] * inv;
+            if (BF16_OUT) {
+                *(unsigned int*)((unsigned short*)out + base + c) = pack_bf16x2(v0, v1);
+            } else {
+                ((float*)out)[base + c] = v0;
+                ((float*)out)[base + c + 1] = v1;
+            }
+        }
+    }
+}
+
+// out [B, G, G, D] f32.
+extern "C" __global__ void __launch_bounds__(128) rel_pos_attention_tc_f32(float* __restrict__ out, const float* __restrict__ qkv, const float* __restrict__ bias,
+                                                                        const float* __restrict__ rel_h, const float* __restrict__ rel_w, int B, int G, int D,
+                                                                        int S, int biased) {
+    rel_pos_attention_tc<false>(out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
+}
+
+// out [B, G, G, D] bf16 (the proj GEMM's input).
+extern "C" __global__ void __launch_bounds__(128) rel_pos_attention_tc_bf16(unsigned short* __restrict__ out, const float* __restrict__ qkv,
+                                                                         const float* __restrict__ bias, const float* __restrict__ rel_h,
+                                                                         const float* __restrict__ rel_w, int B, int G, int D, int S, int biased) {
+    rel_pos_attention_tc<true>(out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
+}

@@ -8,13 +8,18 @@
 // matches the CPU twin's two-pass statistics to rounding.
 #include "common.cuh"
 
-extern "C" __global__ void layer_norm_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w,
-                                          const float* __restrict__ b, int rows, int C, float eps) {
+#include "mma.cuh"
+
+// OUT: float, or unsigned short for bf16 (the input of a bf16 GEMM, written
+// directly instead of through a conversion pass).
+template <class OUT>
+__device__ __forceinline__ void layer_norm_rows(OUT* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                                                int rows, int C, float eps) {
     __shared__ float scratch[32];
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (long long)r * C;
-    float* yr = y + (long long)r * C;
+    OUT* yr = y + (long long)r * C;
     float s = 0.0f;
     for (int c = threadIdx.x; c < C; c += blockDim.x) s += xr[c];
     float mean = block_sum(s, scratch) / C;
@@ -24,7 +29,22 @@ extern "C" __global__ void layer_norm_f32(float* __restrict__ y, const float* __
         v += d * d;
     }
     float rstd = rsqrtf(block_sum(v, scratch) / C + eps);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) yr[c] = (xr[c] - mean) * rstd * w[c] + b[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float o = (xr[c] - mean) * rstd * w[c] + b[c];
+        if constexpr (sizeof(OUT) == 2) yr[c] = f32_to_bf16_bits(o);
+        else yr[c] = o;
+    }
+}
+
+extern "C" __global__ void layer_norm_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, int rows,
+                                          int C, float eps) {
+    layer_norm_rows<float>(y, x, w, b, rows, C, eps);
+}
+
+// The same, y in bf16.
+extern "C" __global__ void layer_norm_bf16out(unsigned short* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                                              int rows, int C, float eps) {
+    layer_norm_rows<unsigned short>(y, x, w, b, rows, C, eps);
 }
 
 // LayerNorm2d (SAM) over the channels of an NCHW map, then an activation:

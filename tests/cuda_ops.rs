@@ -68,6 +68,11 @@ fn main() {
             cuda_decoder_attention_matches_cpu,
         ),
         (
+            "cuda_rel_pos_attention_tensor_cores_match_cpu",
+            true,
+            cuda_rel_pos_attention_tensor_cores_match_cpu,
+        ),
+        (
             "cuda_postprocess_box_tokens_repeat_match_cpu",
             true,
             cuda_postprocess_box_tokens_repeat_match_cpu,
@@ -636,4 +641,67 @@ fn cuda_postprocess_box_tokens_repeat_match_cpu() {
     let r = sam_unet::ops::layout::cuda::repeat(&dev, &up(&x), 4, vec![4, 256, 256]).unwrap();
     let want: Vec<f32> = (0..4).flat_map(|_| x.iter().copied()).collect();
     assert_close("repeat", &dev.download(&r.data).unwrap(), &want, 0.0, 0.0);
+}
+
+fn cuda_rel_pos_attention_tensor_cores_match_cpu() {
+    let dev = device().expect("a GPU was found at start");
+    // ViT-B, 12 heads, batch 2: bf16 tensor-core kernel against the f32 CPU
+    // twin; qkv without its bias (the kernel adds it) and with it.
+    let (b, g, heads, d) = (2usize, 16usize, 12usize, 768usize);
+    let qkv = rand(b * g * g * 3 * d, 6, 2.0);
+    let bias = rand(3 * d, 7, 1.0);
+    let unbiased: Vec<f32> = qkv
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v - bias[i % (3 * d)])
+        .collect();
+    for (window, biased) in [(14usize, false), (0, false), (14, true)] {
+        let s = if window == 0 { g } else { window };
+        let rh = rand((2 * s - 1) * 64, 8, 0.5);
+        let rw = rand((2 * s - 1) * 64, 9, 0.5);
+        let src = if biased { &qkv } else { &unbiased };
+        let out = sam_unet::ops::attention::cuda::rel_pos_attention_tc_bf16(
+            &dev,
+            &dev.upload(src).unwrap(),
+            &dev.upload(&bias).unwrap(),
+            &dev.upload(&rh).unwrap(),
+            &dev.upload(&rw).unwrap(),
+            b,
+            g,
+            d,
+            heads,
+            window,
+            biased,
+        )
+        .unwrap();
+        let got: Vec<f32> = dev
+            .stream()
+            .clone_dtoh(&out)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let t = |v: &Vec<f32>, dims: Vec<usize>| Tensor::from_vec(v.clone(), dims).unwrap();
+        let cpu = sam_unet::ops::attention::rel_pos_attention(
+            &t(&qkv, vec![b, g, g, 3 * d]),
+            &t(&bias, vec![3 * d]),
+            &t(&rh, vec![2 * s - 1, 64]),
+            &t(&rw, vec![2 * s - 1, 64]),
+            heads,
+            window,
+        )
+        .unwrap();
+        let rel = rel_l2(&got, cpu.as_f32().unwrap());
+        println!(
+            "rel_pos_attention tensor cores window {window} biased {biased}: relative L2 {rel:.2e}"
+        );
+        assert!(rel < 5e-3, "relative L2 {rel}");
+        assert_close(
+            &format!("rel_pos_attention_tc window {window}"),
+            &got,
+            cpu.as_f32().unwrap(),
+            3e-2,
+            3e-2,
+        );
+    }
 }

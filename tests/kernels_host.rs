@@ -821,3 +821,143 @@ fn repeat_matches_definition() {
     let want: Vec<f32> = (0..n).flat_map(|_| x.iter().copied()).collect();
     assert_close("repeat", &y.to_vec(), &want, 0.0, 0.0);
 }
+
+#[test]
+fn rel_pos_attention_tensor_cores_match_cpu() {
+    // The bf16 tensor-core kernel (mma.sync fragments emulated lane by lane)
+    // against the f32 CPU twin: bf16 rounding of q, k, v and the
+    // probabilities bounds the error (relative L2 well under 1e-2). Window 14
+    // on the 16 x 16 grid (partial windows of 28 and 4 queries, key tiles past
+    // 196 masked), global (256 keys), window 8; qkv with and without its bias.
+    let Some(s) = simt() else { return };
+    let (b, g, heads) = (2usize, 16usize, 2usize);
+    let d = heads * 64;
+    let qkv = rand(b * g * g * 3 * d, 6, 2.0);
+    let bias = rand(3 * d, 7, 1.0);
+    let unbiased: Vec<f32> = qkv
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v - bias[i % (3 * d)])
+        .collect();
+    let (qb, ub, biasb) = (
+        Buf::from(s, &qkv),
+        Buf::from(s, &unbiased),
+        Buf::from(s, &bias),
+    );
+    for (window, biased) in [(14usize, true), (0, false), (8, true), (14, false)] {
+        let ws = if window == 0 { g } else { window };
+        let (rh, rw) = (
+            rand((2 * ws - 1) * 64, 8, 0.5),
+            rand((2 * ws - 1) * 64, 9, 0.5),
+        );
+        let (rhb, rwb) = (Buf::from(s, &rh), Buf::from(s, &rw));
+        let y = Buf::<u16>::out(s, b * g * g * d);
+        let src = if biased { qb.p() } else { ub.p() };
+        s.launch(
+            "rel_pos_attention_tc_bf16",
+            attention::cuda::rel_pos_attention_tc_config(b, g, heads, ws),
+            |k: unsafe extern "C" fn(*mut u16, F32p, F32p, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
+                k(y.m(), src, biasb.p(), rhb.p(), rwb.p(), b as i32, g as i32, d as i32, ws as i32, biased as i32)
+            },
+        )
+        .unwrap();
+        let got: Vec<f32> = y
+            .to_vec()
+            .into_iter()
+            .map(|v| half::bf16::from_bits(v).to_f32())
+            .collect();
+        let want = attention::rel_pos_attention(
+            &t(&qkv, &[b, g, g, 3 * d]),
+            &t(&bias, &[3 * d]),
+            &t(&rh, &[2 * ws - 1, 64]),
+            &t(&rw, &[2 * ws - 1, 64]),
+            heads,
+            window,
+        )
+        .unwrap();
+        let rel = kernel_check::rel_l2(&got, want.as_f32().unwrap());
+        println!("rel_pos_attention_tc window {window} biased {biased}: relative L2 {rel:.2e}");
+        assert!(
+            rel < 5e-3,
+            "tensor-core attention window {window}: relative L2 {rel}"
+        );
+        assert_close(
+            &format!("rel_pos_attention_tc window {window}"),
+            &got,
+            want.as_f32().unwrap(),
+            3e-2,
+            3e-2,
+        );
+    }
+}
+
+#[test]
+fn bf16_output_epilogues_match_cpu() {
+    // LayerNorm -> bf16, bias + GELU -> bf16, residual + bias: the fused
+    // passes of the bf16 ViT block; bf16 results equal the CPU value rounded
+    // to bf16 up to one ulp (GELU's erff and the norm's rsqrt may differ by
+    // an f32 ulp before rounding).
+    let Some(s) = simt() else { return };
+    let (rows, c) = (256usize, 768usize);
+    let (x, w, b) = (rand(rows * c, 3, 4.0), rand(c, 4, 1.0), rand(c, 5, 1.0));
+    let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));
+    let bf = |v: &[u16]| {
+        v.iter()
+            .map(|&u| half::bf16::from_bits(u).to_f32())
+            .collect::<Vec<f32>>()
+    };
+    let y = Buf::<u16>::out(s, rows * c);
+    s.launch(
+        "layer_norm_bf16out",
+        norm::cuda::layer_norm_config(rows, c),
+        |k: unsafe extern "C" fn(*mut u16, F32p, F32p, F32p, i32, i32, f32)| unsafe {
+            k(y.m(), xb.p(), wb.p(), bb.p(), rows as i32, c as i32, 1e-6)
+        },
+    )
+    .unwrap();
+    let want = norm::layer_norm(&t(&x, &[rows, c]), &t(&w, &[c]), &t(&b, &[c]), 1e-6).unwrap();
+    assert_close(
+        "layer_norm_bf16out",
+        &bf(&y.to_vec()),
+        want.as_f32().unwrap(),
+        1e-5,
+        1.0 / 128.0,
+    );
+    let (hid, hc) = (256usize, 3072usize);
+    let m = rand(hid * hc, 6, 4.0);
+    let bias = rand(hc, 7, 1.0);
+    let (mb, biasb) = (Buf::from(s, &m), Buf::from(s, &bias));
+    let y16 = Buf::<u16>::out(s, hid * hc);
+    s.launch(
+        "bias_act_bf16out",
+        cfg1d(hid * hc),
+        |k: unsafe extern "C" fn(*mut u16, F32p, F32p, i64, i32, i32)| unsafe {
+            k(y16.m(), mb.p(), biasb.p(), hid as i64, hc as i32, 2)
+        },
+    )
+    .unwrap();
+    let pre: Vec<f32> = m
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + bias[i % hc])
+        .collect();
+    let want = activation::act(&t(&pre, &[hid * hc]), Act::Gelu).unwrap();
+    assert_close(
+        "bias_gelu_bf16out",
+        &bf(&y16.to_vec()),
+        want.as_f32().unwrap(),
+        1e-6,
+        1.0 / 128.0,
+    );
+    let r = Buf::<f32>::out(s, rows * c);
+    s.launch(
+        "add_bias_rows_f32",
+        cfg1d(rows * c),
+        |k: unsafe extern "C" fn(F32m, F32p, F32p, i64, i32)| unsafe {
+            k(r.m(), xb.p(), bb.p(), rows as i64, c as i32)
+        },
+    )
+    .unwrap();
+    let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + b[i % c]).collect();
+    assert_close("add_bias_rows", &r.to_vec(), &want, 0.0, 0.0);
+}

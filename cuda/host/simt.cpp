@@ -71,6 +71,7 @@ std::mutex g_launch;  // one launch at a time: shared memory is static
 std::vector<Fiber> g_fibers;
 std::vector<char*> g_stacks;   // usable top of each fiber's stack
 std::vector<uint64_t> g_slots;  // 32 per warp
+std::vector<unsigned> g_scratch;  // 32 x 16 per warp
 void* g_sched_sp = nullptr;
 int g_cur = -1;
 void (*g_entry)(void*) = nullptr;
@@ -120,6 +121,7 @@ void ensure_fibers(size_t n) {
     if (g_fibers.size() < n) g_fibers.resize(n);
     size_t warps = (n + 31) / 32;
     if (g_slots.size() < warps * 32) g_slots.resize(warps * 32);
+    if (g_scratch.size() < warps * 32 * 16) g_scratch.resize(warps * 32 * 16);
 }
 
 // Guard-page buffers and the fault handler that names the kernel.
@@ -244,6 +246,11 @@ void simt_wait(int kind, unsigned mask) {
 uint64_t* simt_warp_slots() {
     unsigned t = simt_threadIdx.x + simt_blockDim.x * (simt_threadIdx.y + simt_blockDim.y * simt_threadIdx.z);
     return &g_slots[(t / 32) * 32];
+}
+
+unsigned int* simt_warp_scratch() {
+    unsigned t = simt_threadIdx.x + simt_blockDim.x * (simt_threadIdx.y + simt_blockDim.y * simt_threadIdx.z);
+    return &g_scratch[(t / 32) * 32 * 16];
 }
 
 int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx, char* err,

@@ -30,7 +30,11 @@ extern simt_dim3 simt_threadIdx, simt_blockIdx, simt_blockDim, simt_gridDim;
 void simt_wait(int kind, unsigned mask);
 // Exchange slot of the calling lane in its warp (64 bits per lane).
 uint64_t* simt_warp_slots();
+// Scratch of the calling warp for fragment exchanges: [32 lanes][16 words].
+unsigned int* simt_warp_scratch();
 }
+
+#define SIMT_HOST 1
 
 #define threadIdx simt_threadIdx
 #define blockIdx simt_blockIdx

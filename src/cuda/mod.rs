@@ -129,6 +129,13 @@ impl CudaDevice {
         unsafe { self.stream.alloc::<f32>(n) }.map_err(driver_err("allocate"))
     }
 
+    /// A buffer of n bf16 values for an op to write completely (as `alloc`).
+    pub fn alloc_bf16(&self, n: usize) -> Result<CudaSlice<half::bf16>> {
+        // SAFETY: as in `alloc`: bf16 has no invalid bit patterns and every
+        // caller writes all n values before any is read, on this one stream.
+        unsafe { self.stream.alloc::<half::bf16>(n) }.map_err(driver_err("allocate"))
+    }
+
     /// A zeroed buffer of n floats.
     pub fn alloc_zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream

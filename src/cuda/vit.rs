@@ -1,17 +1,18 @@
 //! A ViT block of the image encoder on the GPU: LayerNorm, the qkv / proj / MLP
 //! GEMMs in cuBLAS (f32, or bf16 inputs with f32 accumulation), the flash-style
-//! window / global attention with relative position bias, bias + GELU epilogues.
-//! The residual adds ride on the GEMMs (beta = 1 onto a copy of the input).
+//! window / global attention with relative position bias (CUDA cores in f32,
+//! tensor cores in bf16), bias + GELU epilogues. The residual adds ride on the
+//! GEMMs (beta = 1 onto x + bias, written in one pass).
 
 use cudarc::driver::CudaSlice;
 
+use crate::cuda::CudaDevice;
 use crate::cuda::blas::Blas;
-use crate::cuda::{CudaDevice, driver_err};
 use crate::error::Result;
 use crate::io::Weights;
 use crate::ops::activation::{Act, cuda as act};
-use crate::ops::attention::cuda::rel_pos_attention;
-use crate::ops::norm::cuda::layer_norm;
+use crate::ops::attention::cuda::{rel_pos_attention, rel_pos_attention_tc_bf16};
+use crate::ops::norm::cuda::{layer_norm, layer_norm_bf16};
 use crate::tensor::DType;
 
 struct Lin {
@@ -86,29 +87,14 @@ impl GpuVitBlock {
         })
     }
 
-    /// y (+)= x W^T, then bias and act.
-    fn linear(
-        &self,
-        dev: &CudaDevice,
-        blas: &Blas,
-        l: &Lin,
-        x: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        rows: usize,
-        accumulate: bool,
-        a: Act,
-    ) -> Result<()> {
-        match (&l.w16, self.dtype) {
-            (Some(w16), DType::BF16) => {
-                let x16 = act::to_bf16(dev, x)?;
-                blas.linear_bf16(dev.stream(), &x16, w16, y, rows, l.n, l.k, accumulate)?;
-            }
-            _ => blas.linear_f32(dev.stream(), x, &l.w, y, rows, l.n, l.k, accumulate)?,
-        }
-        act::bias_act(dev, y, Some(&l.b), l.n, a)
-    }
-
     /// x [b, g, g, d] -> [b, g, g, d].
+    ///
+    /// f32: LN -> qkv GEMM -> bias -> attention -> (x + b_proj) += a Wp^T ->
+    /// LN -> lin1 GEMM -> bias + GELU -> (x1 + b2) += m W2^T.
+    /// bf16: the LayerNorms write the bf16 GEMM inputs directly, the qkv bias
+    /// is added by the tensor-core attention while it loads (which writes the
+    /// bf16 proj input), and lin1's epilogue writes lin2's bf16 input: 6
+    /// kernels and 4 GEMMs per block, every GEMM bf16 x bf16 -> f32.
     pub fn forward(
         &self,
         dev: &CudaDevice,
@@ -125,34 +111,68 @@ impl GpuVitBlock {
                 format!("{} values for {b} x {g} x {g} x {d}", x.len()),
             ));
         }
-        let h = layer_norm(dev, x, &self.norm1.0, &self.norm1.1, d, 1e-6)?;
-        let mut qkv = dev.alloc(t * 3 * d)?;
-        self.linear(dev, blas, &self.qkv, &h, &mut qkv, t, false, Act::None)?;
-        let a = rel_pos_attention(
-            dev,
-            &qkv,
-            &self.qkv.b,
-            &self.rel_h,
-            &self.rel_w,
-            b,
-            g,
-            d,
-            self.heads,
-            self.window,
-        )?;
-        let mut x1 = dev.alloc(t * d)?;
-        dev.stream()
-            .memcpy_dtod(x, &mut x1)
-            .map_err(driver_err("copy"))?;
-        self.linear(dev, blas, &self.proj, &a, &mut x1, t, true, Act::None)?;
-        let h2 = layer_norm(dev, &x1, &self.norm2.0, &self.norm2.1, d, 1e-6)?;
-        let mut m = dev.alloc(t * self.lin1.n)?;
-        self.linear(dev, blas, &self.lin1, &h2, &mut m, t, false, Act::Gelu)?;
-        let mut y = dev.alloc(t * d)?;
-        dev.stream()
-            .memcpy_dtod(&x1, &mut y)
-            .map_err(driver_err("copy"))?;
-        self.linear(dev, blas, &self.lin2, &m, &mut y, t, true, Act::None)?;
-        Ok(y)
+        match (
+            &self.qkv.w16,
+            &self.proj.w16,
+            &self.lin1.w16,
+            &self.lin2.w16,
+        ) {
+            (Some(wq), Some(wp), Some(w1), Some(w2)) if self.dtype == DType::BF16 => {
+                let st = dev.stream();
+                let h = layer_norm_bf16(dev, x, &self.norm1.0, &self.norm1.1, d, 1e-6)?;
+                let mut qkv = dev.alloc(t * 3 * d)?;
+                blas.linear_bf16(st, &h, wq, &mut qkv, t, self.qkv.n, d, false)?;
+                let a = rel_pos_attention_tc_bf16(
+                    dev,
+                    &qkv,
+                    &self.qkv.b,
+                    &self.rel_h,
+                    &self.rel_w,
+                    b,
+                    g,
+                    d,
+                    self.heads,
+                    self.window,
+                    false,
+                )?;
+                let mut x1 = act::add_bias_rows(dev, x, &self.proj.b)?;
+                blas.linear_bf16(st, &a, wp, &mut x1, t, d, d, true)?;
+                let h2 = layer_norm_bf16(dev, &x1, &self.norm2.0, &self.norm2.1, d, 1e-6)?;
+                let mut m = dev.alloc(t * self.lin1.n)?;
+                blas.linear_bf16(st, &h2, w1, &mut m, t, self.lin1.n, d, false)?;
+                let m16 = act::bias_act_bf16(dev, &m, &self.lin1.b, self.lin1.n, Act::Gelu)?;
+                let mut y = act::add_bias_rows(dev, &x1, &self.lin2.b)?;
+                blas.linear_bf16(st, &m16, w2, &mut y, t, d, self.lin2.k, true)?;
+                Ok(y)
+            }
+            _ => {
+                let st = dev.stream();
+                let h = layer_norm(dev, x, &self.norm1.0, &self.norm1.1, d, 1e-6)?;
+                let mut qkv = dev.alloc(t * 3 * d)?;
+                blas.linear_f32(st, &h, &self.qkv.w, &mut qkv, t, self.qkv.n, d, false)?;
+                act::bias_act(dev, &mut qkv, Some(&self.qkv.b), self.qkv.n, Act::None)?;
+                let a = rel_pos_attention(
+                    dev,
+                    &qkv,
+                    &self.qkv.b,
+                    &self.rel_h,
+                    &self.rel_w,
+                    b,
+                    g,
+                    d,
+                    self.heads,
+                    self.window,
+                )?;
+                let mut x1 = act::add_bias_rows(dev, x, &self.proj.b)?;
+                blas.linear_f32(st, &a, &self.proj.w, &mut x1, t, d, d, true)?;
+                let h2 = layer_norm(dev, &x1, &self.norm2.0, &self.norm2.1, d, 1e-6)?;
+                let mut m = dev.alloc(t * self.lin1.n)?;
+                blas.linear_f32(st, &h2, &self.lin1.w, &mut m, t, self.lin1.n, d, false)?;
+                act::bias_act(dev, &mut m, Some(&self.lin1.b), self.lin1.n, Act::Gelu)?;
+                let mut y = act::add_bias_rows(dev, &x1, &self.lin2.b)?;
+                blas.linear_f32(st, &m, &self.lin2.w, &mut y, t, d, self.lin2.k, true)?;
+                Ok(y)
+            }
+        }
     }
 }

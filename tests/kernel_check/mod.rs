@@ -26,7 +26,11 @@ pub fn assert_close(what: &str, got: &[f32], cpu: &[f32], atol: f32, rtol: f32) 
     for (i, (g, c)) in got.iter().zip(cpu).enumerate() {
         let excess = (g - c).abs() - (atol + rtol * c.abs());
         if excess.is_nan() || excess > worst {
-            worst = if excess.is_nan() { f32::INFINITY } else { excess };
+            worst = if excess.is_nan() {
+                f32::INFINITY
+            } else {
+                excess
+            };
             at = i;
         }
     }

@@ -99,10 +99,7 @@ pub fn bias_act(
 /// bf16 copy of x (round to nearest even), for bf16 GEMM inputs.
 pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::bf16>> {
     let n = x.len();
-    let mut y = dev
-        .stream()
-        .alloc_zeros::<half::bf16>(n)
-        .map_err(driver_err("allocate"))?;
+    let mut y = dev.alloc_bf16(n)?;
     let f = dev.function("activation", "f32_to_bf16")?;
     let cfg = cfg1d(n);
     let nn = n as i64;
@@ -110,5 +107,65 @@ pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::b
     l.arg(&mut y).arg(x).arg(&nn);
     // SAFETY: n bf16 out, n f32 in; types match (unsigned short*, const float*, long long).
     unsafe { l.launch(cfg) }.map_err(driver_err("f32_to_bf16 launch"))?;
+    Ok(y)
+}
+
+/// bf16(act(y + bias)) with y [rows, cols] f32 and bias [cols]: a GEMM's
+/// epilogue that also makes the next bf16 GEMM's input.
+pub fn bias_act_bf16(
+    dev: &CudaDevice,
+    y: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    cols: usize,
+    a: Act,
+) -> Result<CudaSlice<half::bf16>> {
+    if cols == 0 || !y.len().is_multiple_of(cols) || bias.len() != cols {
+        return Err(Error::shape(
+            "bias_act_bf16 (cuda)",
+            format!("{} values, {cols} columns, bias {}", y.len(), bias.len()),
+        ));
+    }
+    let mut out = dev.alloc_bf16(y.len())?;
+    let f = dev.function("activation", "bias_act_bf16out")?;
+    let (rows, c, act) = (
+        (y.len() / cols) as i64,
+        cols as i32,
+        crate::cuda::act_code(a),
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut out)
+        .arg(y)
+        .arg(bias)
+        .arg(&rows)
+        .arg(&c)
+        .arg(&act);
+    // SAFETY: y and out hold rows * cols values, bias cols; types match
+    // (unsigned short*, const float*, const float*, long long, int, int).
+    unsafe { l.launch(cfg1d(y.len())) }.map_err(driver_err("bias_act_bf16 launch"))?;
+    Ok(out)
+}
+
+/// x + bias over rows (x [rows, cols], bias [cols]): the seed of a GEMM that
+/// accumulates a residual branch onto x.
+pub fn add_bias_rows(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+) -> Result<CudaSlice<f32>> {
+    let cols = bias.len();
+    if cols == 0 || !x.len().is_multiple_of(cols) {
+        return Err(Error::shape(
+            "add_bias_rows (cuda)",
+            format!("{} values, bias {cols}", x.len()),
+        ));
+    }
+    let mut y = dev.alloc(x.len())?;
+    let f = dev.function("activation", "add_bias_rows_f32")?;
+    let (rows, c) = ((x.len() / cols) as i64, cols as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y).arg(x).arg(bias).arg(&rows).arg(&c);
+    // SAFETY: x and y hold rows * cols floats, bias cols; types match
+    // (float*, const float*, const float*, long long, int).
+    unsafe { l.launch(cfg1d(x.len())) }.map_err(driver_err("add_bias_rows launch"))?;
     Ok(y)
 }

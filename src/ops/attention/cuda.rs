@@ -22,29 +22,7 @@ pub fn rel_pos_attention(
 ) -> Result<CudaSlice<f32>> {
     const OP: &str = "rel_pos_attention (cuda)";
     let s = if window == 0 { g } else { window };
-    if heads == 0 || d != heads * 64 {
-        return Err(Error::shape(
-            OP,
-            format!("width {d} with {heads} heads: the kernel needs head dim 64"),
-        ));
-    }
-    if s > 32
-        || qkv.len() != b * g * g * 3 * d
-        || bias.len() != 3 * d
-        || rel_h.len() != (2 * s - 1) * 64
-        || rel_w.len() != (2 * s - 1) * 64
-    {
-        return Err(Error::shape(
-            OP,
-            format!(
-                "qkv {} bias {} rel {} / {} for b {b} g {g} d {d} window {s}",
-                qkv.len(),
-                bias.len(),
-                rel_h.len(),
-                rel_w.len()
-            ),
-        ));
-    }
+    check_rel_pos(OP, qkv, bias, rel_h, rel_w, b, g, d, heads, s)?;
     let mut out = dev.alloc(b * g * g * d)?;
     let f = dev.function("attention", "rel_pos_attention_f32")?;
     let cfg = rel_pos_attention_config(b, g, heads, s);
@@ -79,6 +57,97 @@ pub fn rel_pos_attention_config(b: usize, g: usize, heads: usize, s: usize) -> L
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Launch geometry of rel_pos_attention_tc_*: 4 warps take 64 of the real
+/// queries of one (image, window, head); the fullest window has min(s, g)^2.
+pub fn rel_pos_attention_tc_config(b: usize, g: usize, heads: usize, s: usize) -> LaunchConfig {
+    let nwin = g.div_ceil(s);
+    LaunchConfig {
+        grid_dim: (
+            (s.min(g) * s.min(g)).div_ceil(64) as u32,
+            heads as u32,
+            (b * nwin * nwin) as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// rel_pos_attention on tensor cores (bf16 q / k / v and probabilities, f32
+/// accumulation and softmax), writing bf16: the input of the bf16 proj GEMM.
+/// `biased`: whether qkv already holds the qkv bias (else the kernel adds it).
+/// Shapes as rel_pos_attention.
+#[allow(clippy::too_many_arguments)]
+pub fn rel_pos_attention_tc_bf16(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rel_h: &CudaSlice<f32>,
+    rel_w: &CudaSlice<f32>,
+    b: usize,
+    g: usize,
+    d: usize,
+    heads: usize,
+    window: usize,
+    biased: bool,
+) -> Result<CudaSlice<half::bf16>> {
+    const OP: &str = "rel_pos_attention (cuda, tensor cores)";
+    let s = if window == 0 { g } else { window };
+    check_rel_pos(OP, qkv, bias, rel_h, rel_w, b, g, d, heads, s)?;
+    let mut out = dev.alloc_bf16(b * g * g * d)?;
+    let f = dev.function("attention", "rel_pos_attention_tc_bf16")?;
+    let (bb, gg, dd, ss, bi) = (b as i32, g as i32, d as i32, s as i32, biased as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut out).arg(qkv).arg(bias).arg(rel_h).arg(rel_w);
+    l.arg(&bb).arg(&gg).arg(&dd).arg(&ss).arg(&bi);
+    // SAFETY: sizes checked by check_rel_pos against the indices the kernel
+    // forms (b g g tokens of 3d channels, tables of 2s - 1 rows of 64, s <= 32
+    // for its per-row bias arrays); out holds b g g d bf16; types match
+    // (unsigned short*, const float* x4, int x5).
+    unsafe { l.launch(rel_pos_attention_tc_config(b, g, heads, s)) }
+        .map_err(driver_err("rel_pos_attention_tc launch"))?;
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_rel_pos(
+    op: &'static str,
+    qkv: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rel_h: &CudaSlice<f32>,
+    rel_w: &CudaSlice<f32>,
+    b: usize,
+    g: usize,
+    d: usize,
+    heads: usize,
+    s: usize,
+) -> Result<()> {
+    if heads == 0 || d != heads * 64 {
+        return Err(Error::shape(
+            op,
+            format!("width {d} with {heads} heads: the kernel needs head dim 64"),
+        ));
+    }
+    if s == 0
+        || s > 32
+        || qkv.len() != b * g * g * 3 * d
+        || bias.len() != 3 * d
+        || rel_h.len() != (2 * s - 1) * 64
+        || rel_w.len() != (2 * s - 1) * 64
+    {
+        return Err(Error::shape(
+            op,
+            format!(
+                "qkv {} bias {} rel {} / {} for b {b} g {g} d {d} window {s} (at most 32)",
+                qkv.len(),
+                bias.len(),
+                rel_h.len(),
+                rel_w.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Launch geometry of mha_f32: one warp per (n, head, query), 8 per block.

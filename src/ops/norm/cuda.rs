@@ -55,6 +55,44 @@ pub fn layer_norm(
     Ok(y)
 }
 
+/// layer_norm with a bf16 result: the input of a bf16 GEMM in one pass.
+pub fn layer_norm_bf16(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    c: usize,
+    eps: f32,
+) -> Result<CudaSlice<half::bf16>> {
+    if c == 0 || !x.len().is_multiple_of(c) || w.len() != c || b.len() != c {
+        return Err(Error::shape(
+            "layer_norm_bf16 (cuda)",
+            format!(
+                "x of {} values, C {c}, weight {}, bias {}",
+                x.len(),
+                w.len(),
+                b.len()
+            ),
+        ));
+    }
+    let rows = x.len() / c;
+    let mut y = dev.alloc_bf16(x.len())?;
+    let f = dev.function("norm", "layer_norm_bf16out")?;
+    let (r, cc) = (rows as i32, c as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y)
+        .arg(x)
+        .arg(w)
+        .arg(b)
+        .arg(&r)
+        .arg(&cc)
+        .arg(&eps);
+    // SAFETY: as layer_norm; y holds rows * c bf16 (unsigned short*).
+    unsafe { l.launch(layer_norm_config(rows, c)) }
+        .map_err(driver_err("layer_norm_bf16 launch"))?;
+    Ok(y)
+}
+
 /// SAM's LayerNorm2d then act: x [N, C, H, W], w / b [C] -> same shape.
 pub fn layer_norm2d(
     dev: &CudaDevice,
