@@ -275,6 +275,7 @@ fn cuda(c: &mut Criterion) {
                     &x,
                     &w,
                     None,
+                    None,
                     wd[0],
                     wd[2],
                     wd[3],

@@ -1,18 +1,21 @@
 // Convolution helpers, the CUDA twins of src/ops/conv/cpu.rs. The GEMMs run in
 // cuBLAS; these kernels build and scatter around them.
 //
-//   im2col_f32:  col[(c * kh + ky) * kw + kx, oy * Wo + ox] = x[c, oy s + ky - p, ox s + kx - p]
-//                (0 outside), for one image x [C, H, W] -> col [C kh kw, Ho Wo].
+//   im2col_f32:  col[n, (c * kh + ky) * kw + kx, oy * Wo + ox] = x[n, c, oy s + ky - p, ox s + kx - p]
+//                (0 outside): x [N, C, H, W] -> col [N, C kh kw, Ho Wo], one
+//                GEMM operand per image for a strided-batched GEMM (im2col_bf16: bf16).
 //   conv_epilogue_f32: y[n, o, q] = act(y[n, o, q] + bias[o] + residual[n, o, q])
 //   convt_scatter_f32: a transposed conv with kernel = stride = k: every input
 //                pixel owns its k x k output patch.
-//                tmp [O k k, H W] -> y[o, y k + ky, x k + kx] = tmp[(o k + ky) k + kx, y W + x] + bias[o]
+//                tmp [N, O k k, H W] -> y[n, o, y k + ky, x k + kx] = tmp[n, (o k + ky) k + kx, y W + x] + bias[o]
 //   max_pool2d_f32: max over the window, padding is -inf (PyTorch).
 #include "common.cuh"
+#include "mma.cuh"
 
-extern "C" __global__ void im2col_f32(float* __restrict__ col, const float* __restrict__ x, int C, int H, int W, int kh, int kw, int stride,
-                                      int pad, int Ho, int Wo) {
-    long long total = (long long)C * kh * kw * Ho * Wo;
+template <class OUT>
+__device__ __forceinline__ void im2col(OUT* __restrict__ col, const float* __restrict__ x, int N, int C, int H, int W, int kh, int kw, int stride, int pad, int Ho,
+                                       int Wo) {
+    long long total = (long long)N * C * kh * kw * Ho * Wo;
     GRID_STRIDE(i, total) {
         int ox = i % Wo;
         long long t = i / Wo;
@@ -21,10 +24,25 @@ extern "C" __global__ void im2col_f32(float* __restrict__ col, const float* __re
         int kx = t % kw;
         t /= kw;
         int ky = t % kh;
-        int c = t / kh;
+        t /= kh;
+        int c = t % C;
+        long long n = t / C;
         int iy = oy * stride + ky - pad, ix = ox * stride + kx - pad;
-        col[i] = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((long long)c * H + iy) * W + ix] : 0.0f;
+        float v = (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((n * C + c) * H + iy) * W + ix] : 0.0f;
+        if constexpr (sizeof(OUT) == 2) col[i] = f32_to_bf16_bits(v);
+        else col[i] = v;
     }
+}
+
+extern "C" __global__ void im2col_f32(float* __restrict__ col, const float* __restrict__ x, int N, int C, int H, int W, int kh, int kw, int stride, int pad,
+                                      int Ho, int Wo) {
+    im2col<float>(col, x, N, C, H, W, kh, kw, stride, pad, Ho, Wo);
+}
+
+// The same, col in bf16: the input of a bf16 convolution GEMM.
+extern "C" __global__ void im2col_bf16(unsigned short* __restrict__ col, const float* __restrict__ x, int N, int C, int H, int W, int kh, int kw, int stride,
+                                       int pad, int Ho, int Wo) {
+    im2col<unsigned short>(col, x, N, C, H, W, kh, kw, stride, pad, Ho, Wo);
 }
 
 extern "C" __global__ void conv_epilogue_f32(float* __restrict__ y, const float* __restrict__ bias, const float* __restrict__ residual,
@@ -38,16 +56,18 @@ extern "C" __global__ void conv_epilogue_f32(float* __restrict__ y, const float*
     }
 }
 
-extern "C" __global__ void convt_scatter_f32(float* __restrict__ y, const float* __restrict__ tmp, const float* __restrict__ bias, int O, int H,
+extern "C" __global__ void convt_scatter_f32(float* __restrict__ y, const float* __restrict__ tmp, const float* __restrict__ bias, int N, int O, int H,
                                              int W, int k, int act) {
     long long OH = (long long)H * k, OW = (long long)W * k;
-    GRID_STRIDE(i, (long long)O * OH * OW) {
+    GRID_STRIDE(i, (long long)N * O * OH * OW) {
         int ox = i % OW;
         long long t = i / OW;
         int oy = t % OH;
-        int o = t / OH;
+        t /= OH;
+        int o = t % O;
+        long long n = t / O;
         int yy = oy / k, ky = oy % k, xx = ox / k, kx = ox % k;
-        float v = tmp[((long long)(o * k + ky) * k + kx) * H * W + (long long)yy * W + xx] + (bias ? bias[o] : 0.0f);
+        float v = tmp[(n * O * k * k + (long long)(o * k + ky) * k + kx) * H * W + (long long)yy * W + xx] + (bias ? bias[o] : 0.0f);
         if (act == 1) v = fmaxf(v, 0.0f);
         else if (act == 2) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
         y[i] = v;

@@ -415,21 +415,6 @@ fn cuda_conv2d_matches_cpu() {
         let ho = (xd[2] + 2 * p - wd[2]) / s + 1;
         let od = [xd[0], wd[0], ho, ho];
         let r = rand(od.iter().product(), 95, 1.0);
-        let g = conv::cuda::conv2d(
-            &dev,
-            &blas,
-            &gpu_t(&dev, &x, xd),
-            &dev.upload(&w).unwrap(),
-            Some(&dev.upload(&b).unwrap()),
-            wd[0],
-            wd[2],
-            wd[3],
-            *s,
-            *p,
-            res.then(|| gpu_t(&dev, &r, &od)).as_ref(),
-            Act::Relu,
-        )
-        .unwrap();
         let c = conv::conv2d(
             &cpu_t(&x, xd),
             &cpu_t(&w, wd),
@@ -442,13 +427,36 @@ fn cuda_conv2d_matches_cpu() {
             Act::Relu,
         )
         .unwrap();
-        assert_close(
-            &format!("conv2d {xd:?} * {wd:?} s{s} p{p} residual {res}"),
-            &dev.download(&g.data).unwrap(),
-            c.as_f32().unwrap(),
-            1e-4,
-            1e-4,
-        );
+        let wg = dev.upload(&w).unwrap();
+        let w16 = sam_unet::ops::activation::cuda::to_bf16(&dev, &wg).unwrap();
+        // f32 (true f32 GEMMs), then bf16 GEMM inputs with f32 accumulation.
+        for bf16 in [false, true] {
+            let g = conv::cuda::conv2d(
+                &dev,
+                &blas,
+                &gpu_t(&dev, &x, xd),
+                &wg,
+                bf16.then_some(&w16),
+                Some(&dev.upload(&b).unwrap()),
+                wd[0],
+                wd[2],
+                wd[3],
+                *s,
+                *p,
+                res.then(|| gpu_t(&dev, &r, &od)).as_ref(),
+                Act::Relu,
+            )
+            .unwrap();
+            let got = dev.download(&g.data).unwrap();
+            let what = format!("conv2d {xd:?} * {wd:?} s{s} p{p} residual {res} bf16 {bf16}");
+            if bf16 {
+                let rel = rel_l2(&got, c.as_f32().unwrap());
+                println!("{what}: relative L2 {rel:.2e}");
+                assert!(rel < 1e-2, "{what}: relative L2 {rel}");
+            } else {
+                assert_close(&what, &got, c.as_f32().unwrap(), 1e-4, 1e-4);
+            }
+        }
     }
 }
 
@@ -468,17 +476,6 @@ fn cuda_conv_transpose2d_and_pool_match_cpu() {
             rand(wd.iter().product(), 110 + i as u64, 0.05),
             rand(wd[1], 120, 0.5),
         );
-        let g = conv::cuda::conv_transpose2d(
-            &dev,
-            &blas,
-            &gpu_t(&dev, &x, xd),
-            &dev.upload(&w).unwrap(),
-            Some(&dev.upload(&b).unwrap()),
-            wd[1],
-            2,
-            Act::Gelu,
-        )
-        .unwrap();
         let c = conv::conv_transpose2d(
             &cpu_t(&x, xd),
             &cpu_t(&w, wd),
@@ -486,13 +483,31 @@ fn cuda_conv_transpose2d_and_pool_match_cpu() {
             Act::Gelu,
         )
         .unwrap();
-        assert_close(
-            &format!("conv_transpose2d {xd:?} * {wd:?}"),
-            &dev.download(&g.data).unwrap(),
-            c.as_f32().unwrap(),
-            1e-4,
-            1e-4,
-        );
+        let wg = dev.upload(&w).unwrap();
+        let w16 = sam_unet::ops::activation::cuda::to_bf16(&dev, &wg).unwrap();
+        for bf16 in [false, true] {
+            let g = conv::cuda::conv_transpose2d(
+                &dev,
+                &blas,
+                &gpu_t(&dev, &x, xd),
+                &wg,
+                bf16.then_some(&w16),
+                Some(&dev.upload(&b).unwrap()),
+                wd[1],
+                2,
+                Act::Gelu,
+            )
+            .unwrap();
+            let got = dev.download(&g.data).unwrap();
+            let what = format!("conv_transpose2d {xd:?} * {wd:?} bf16 {bf16}");
+            if bf16 {
+                let rel = rel_l2(&got, c.as_f32().unwrap());
+                println!("{what}: relative L2 {rel:.2e}");
+                assert!(rel < 1e-2, "{what}: relative L2 {rel}");
+            } else {
+                assert_close(&what, &got, c.as_f32().unwrap(), 1e-4, 1e-4);
+            }
+        }
     }
     let dims = [1usize, 64, 128, 128];
     let x = rand(dims.iter().product(), 130, 2.0);

@@ -378,45 +378,61 @@ fn conv2d_pipeline_matches_cpu() {
         let (ho, wo) = ((h + 2 * pd - kh) / st + 1, (w + 2 * pd - kw) / st + 1);
         let (k, p) = (c * kh * kw, ho * wo);
         let r = rand(n * o * p, 95, 1.0);
+        // All images in one launch, col [n, k, p]; the bf16 variant must hold
+        // the same values rounded to bf16.
+        let xb = Buf::from(s, &x);
+        let col = Buf::<f32>::out(s, n * k * p);
+        let col16 = Buf::<u16>::out(s, n * k * p);
+        type Im2col<T> =
+            unsafe extern "C" fn(*mut T, F32p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32);
+        let dims = [n, c, h, w, kh, kw, *st, *pd, ho, wo].map(|v| v as i32);
+        s.launch("im2col_f32", cfg1d(n * k * p), |f: Im2col<f32>| unsafe {
+            f(
+                col.m(),
+                xb.p(),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+                dims[4],
+                dims[5],
+                dims[6],
+                dims[7],
+                dims[8],
+                dims[9],
+            )
+        })
+        .unwrap();
+        s.launch("im2col_bf16", cfg1d(n * k * p), |f: Im2col<u16>| unsafe {
+            f(
+                col16.m(),
+                xb.p(),
+                dims[0],
+                dims[1],
+                dims[2],
+                dims[3],
+                dims[4],
+                dims[5],
+                dims[6],
+                dims[7],
+                dims[8],
+                dims[9],
+            )
+        })
+        .unwrap();
+        let colv = col.to_vec();
+        for (i, (&v16, &v)) in col16.to_vec().iter().zip(&colv).enumerate() {
+            assert_eq!(
+                v16,
+                half::bf16::from_f32(v).to_bits(),
+                "im2col_bf16 index {i}"
+            );
+        }
         let mut y = vec![0f32; n * o * p];
         for i in 0..n {
-            let xi = Buf::from(s, &x[i * c * h * w..(i + 1) * c * h * w]);
-            let col = Buf::<f32>::out(s, k * p);
-            s.launch(
-                "im2col_f32",
-                cfg1d(k * p),
-                |f: unsafe extern "C" fn(
-                    F32m,
-                    F32p,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                    i32,
-                )| unsafe {
-                    f(
-                        col.m(),
-                        xi.p(),
-                        c as i32,
-                        h as i32,
-                        w as i32,
-                        kh as i32,
-                        kw as i32,
-                        *st as i32,
-                        *pd as i32,
-                        ho as i32,
-                        wo as i32,
-                    )
-                },
-            )
-            .unwrap();
             y[i * o * p..(i + 1) * o * p].copy_from_slice(&matmul(
                 &wt,
-                &col.to_vec(),
+                &colv[i * k * p..(i + 1) * k * p],
                 o,
                 k,
                 p,
@@ -477,32 +493,31 @@ fn conv_transpose2d_pipeline_matches_cpu() {
         );
         let (hw, rows) = (h * w, o * k * k);
         let bb = Buf::from(s, &bias);
-        let mut y = vec![];
-        for im in 0..n {
-            let tmp = Buf::from(
-                s,
-                &matmul(&wt, &x[im * c * hw..(im + 1) * c * hw], rows, c, hw, true),
-            );
-            let yi = Buf::<f32>::out(s, o * hw * k * k);
-            s.launch(
-                "convt_scatter_f32",
-                cfg1d(o * hw * k * k),
-                |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
-                    f(
-                        yi.m(),
-                        tmp.p(),
-                        bb.p(),
-                        o as i32,
-                        h as i32,
-                        w as i32,
-                        k as i32,
-                        *code,
-                    )
-                },
-            )
-            .unwrap();
-            y.extend(yi.to_vec());
-        }
+        // tmp [n, O k k, HW] for every image, then one scatter launch.
+        let tmp: Vec<f32> = (0..n)
+            .flat_map(|im| matmul(&wt, &x[im * c * hw..(im + 1) * c * hw], rows, c, hw, true))
+            .collect();
+        let tmp = Buf::from(s, &tmp);
+        let yb = Buf::<f32>::out(s, n * o * hw * k * k);
+        s.launch(
+            "convt_scatter_f32",
+            cfg1d(n * o * hw * k * k),
+            |f: unsafe extern "C" fn(F32m, F32p, F32p, i32, i32, i32, i32, i32, i32)| unsafe {
+                f(
+                    yb.m(),
+                    tmp.p(),
+                    bb.p(),
+                    n as i32,
+                    o as i32,
+                    h as i32,
+                    w as i32,
+                    k as i32,
+                    *code,
+                )
+            },
+        )
+        .unwrap();
+        let y = yb.to_vec();
         let want =
             conv::conv_transpose2d(&t(&x, xd), &t(&wt, wd), Some(&t(&bias, &[o])), *a).unwrap();
         assert_close(

@@ -348,4 +348,16 @@ int cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, 
     return gemm(ta, tb, m, n, k, *(const float*)alpha, A, atype, lda, B, btype, ldb, *(const float*)beta, (float*)C, ldc);
 }
 
+int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, long long sa, const void* B,
+                               int btype, int ldb, long long sb, const void* beta, void* C, int ctype, int ldc, long long sc, int batch, int compute, int) {
+    if (ctype != 0 || compute != 68 || batch < 0) return 7;
+    size_t ea = atype == 0 ? 4 : 2, eb = btype == 0 ? 4 : 2;
+    for (int i = 0; i < batch; ++i) {
+        int r = gemm(ta, tb, m, n, k, *(const float*)alpha, (const char*)A + (size_t)(sa * i) * ea, atype, lda, (const char*)B + (size_t)(sb * i) * eb, btype, ldb,
+                     *(const float*)beta, (float*)C + sc * i, ldc);
+        if (r) return r;
+    }
+    return 0;
+}
+
 }  // extern "C"

@@ -57,6 +57,45 @@ type GemmExFn = unsafe extern "C" fn(
     c_int,
 ) -> c_int;
 
+#[allow(clippy::type_complexity)]
+type GemmBatchedFn = unsafe extern "C" fn(
+    Handle,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    *const c_void,
+    *const c_void,
+    c_int,
+    c_int,
+    i64,
+    *const c_void,
+    c_int,
+    c_int,
+    i64,
+    *const c_void,
+    *mut c_void,
+    c_int,
+    c_int,
+    i64,
+    c_int,
+    c_int,
+    c_int,
+) -> c_int;
+
+/// Element types a GEMM operand may have (f32, or bf16 with f32 accumulation).
+pub trait BlasElem: cudarc::driver::DeviceRepr {
+    /// cudaDataType_t
+    const CUDA_TYPE: c_int;
+}
+impl BlasElem for f32 {
+    const CUDA_TYPE: c_int = CUDA_R_32F;
+}
+impl BlasElem for half::bf16 {
+    const CUDA_TYPE: c_int = CUDA_R_16BF;
+}
+
 const OP_N: c_int = 0;
 const OP_T: c_int = 1;
 const CUDA_R_32F: c_int = 0;
@@ -74,6 +113,7 @@ pub struct Blas {
     destroy: DestroyFn,
     sgemm: SgemmFn,
     gemm_ex: GemmExFn,
+    gemm_batched: GemmBatchedFn,
 }
 
 fn check(op: &'static str, status: c_int) -> Result<()> {
@@ -124,6 +164,9 @@ impl Blas {
                 .map_err(sym)?;
             let sgemm: SgemmFn = *lib.get::<SgemmFn>(b"cublasSgemm_v2").map_err(sym)?;
             let gemm_ex: GemmExFn = *lib.get::<GemmExFn>(b"cublasGemmEx").map_err(sym)?;
+            let gemm_batched: GemmBatchedFn = *lib
+                .get::<GemmBatchedFn>(b"cublasGemmStridedBatchedEx")
+                .map_err(sym)?;
             let mut handle: Handle = std::ptr::null_mut();
             check("cublasCreate", create(&mut handle))?;
             let b = Blas {
@@ -132,6 +175,7 @@ impl Blas {
                 destroy,
                 sgemm,
                 gemm_ex,
+                gemm_batched,
             };
             check(
                 "cublasSetStream",
@@ -218,6 +262,104 @@ impl Blas {
 }
 
 impl Blas {
+    /// `batch` row-major GEMMs in one call: c_i [m, n] (+)= op(a_i) op(b_i),
+    /// operand i starting `stride_*` elements after operand i - 1 (stride 0:
+    /// the same matrix for every i, e.g. conv weights). a and b are f32 or
+    /// bf16 (not mixed), c f32, accumulation in f32 (no TF32). Layout
+    /// arguments as gemm_f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched<T: BlasElem, A: DevicePtr<T>, B: DevicePtr<T>, C: DevicePtrMut<f32>>(
+        &self,
+        stream: &CudaStream,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &A,
+        lda: usize,
+        stride_a: usize,
+        b: &B,
+        ldb: usize,
+        stride_b: usize,
+        c: &mut C,
+        ldc: usize,
+        stride_c: usize,
+        batch: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (ar, ac) = if ta { (k, m) } else { (m, k) };
+        let (br, bc) = if tb { (n, k) } else { (k, n) };
+        let need = |rows: usize, cols: usize, ld: usize, stride: usize| {
+            if rows == 0 || cols == 0 || batch == 0 {
+                0
+            } else {
+                (batch - 1) * stride + (rows - 1) * ld + cols
+            }
+        };
+        let limit = c_int::MAX as usize;
+        if a.len() < need(ar, ac, lda, stride_a)
+            || b.len() < need(br, bc, ldb, stride_b)
+            || c.len() < need(m, n, ldc, stride_c)
+            || lda < ac
+            || ldb < bc
+            || ldc < n
+            || [m, n, k, lda, ldb, ldc, batch].iter().any(|&v| v > limit)
+        {
+            return Err(Error::shape(
+                "gemm batched (cuda)",
+                format!(
+                    "{batch} x (m {m} n {n} k {k}): buffers {} / {} / {} with ld {lda} / {ldb} / {ldc}, strides {stride_a} / {stride_b} / {stride_c}",
+                    a.len(),
+                    b.len(),
+                    c.len()
+                ),
+            ));
+        }
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        let (ap, _ga) = a.device_ptr(stream);
+        let (bp, _gb) = b.device_ptr(stream);
+        let (cp, _gc) = c.device_ptr_mut(stream);
+        let op = |t: bool| if t { OP_T } else { OP_N };
+        // Column-major view as in gemm_f32: C^T = op(B)^T op(A)^T, per batch item.
+        // SAFETY: every element of every batch item lies inside the buffers
+        // (checked above); the element types are the ones named to cuBLAS; the
+        // guards keep the buffers alive and stream-ordered for the call.
+        unsafe {
+            check(
+                "cublasGemmStridedBatchedEx",
+                (self.gemm_batched)(
+                    self.handle,
+                    op(tb),
+                    op(ta),
+                    n as c_int,
+                    m as c_int,
+                    k as c_int,
+                    &alpha as *const f32 as *const c_void,
+                    bp as *const c_void,
+                    T::CUDA_TYPE,
+                    ldb as c_int,
+                    stride_b as i64,
+                    ap as *const c_void,
+                    T::CUDA_TYPE,
+                    lda as c_int,
+                    stride_a as i64,
+                    &beta as *const f32 as *const c_void,
+                    cp as *mut c_void,
+                    CUDA_R_32F,
+                    ldc as c_int,
+                    stride_c as i64,
+                    batch as c_int,
+                    COMPUTE_32F,
+                    GEMM_DEFAULT,
+                ),
+            )
+        }
+    }
+
     /// Row-major c [m, n] (+)= op(a) op(b), op(a) m x k, op(b) k x n; `ta` / `tb`
     /// say that a is stored k x m / b is stored n x k; lda, ldb, ldc are the
     /// row-major leading dimensions. Works on slices and views.

@@ -131,8 +131,10 @@ pub struct GpuSamUnet {
 }
 
 impl GpuSamUnet {
-    /// Uploads a validated model; `dtype` bf16 runs the ViT GEMMs on bf16 inputs
-    /// with f32 accumulation (the bulk of the FLOPs), everything else in f32.
+    /// Uploads a validated model; `dtype` bf16 runs the image side's GEMMs (ViT,
+    /// ResNet, adapters, bridges) on bf16 inputs with f32 accumulation and the
+    /// ViT attention on tensor cores; the decoder and every norm, softmax and
+    /// epilogue stay f32.
     pub fn from_weights(dev: &CudaDevice, w: &Weights, dtype: DType) -> Result<Self> {
         let config = SamUnetConfig::from_weights(w)?;
         config.validate(w)?;
@@ -142,8 +144,15 @@ impl GpuSamUnet {
                 config.head_dim()
             )));
         }
-        let c = |p: &str, s: usize, pad: usize| GpuConv::load(dev, w, p, s, pad);
-        let cb = |p: &str, bn: &str, s: usize, pad: usize| GpuConv::load_bn(dev, w, p, bn, s, pad);
+        // bf16: the image side's convolutions run their GEMMs in bf16 too; the
+        // decoder (a few small GEMMs per box, next to the mask) stays f32.
+        let bf16 = dtype == DType::BF16;
+        let c =
+            |p: &str, s: usize, pad: usize| GpuConv::load(dev, w, p, s, pad)?.with_bf16(dev, bf16);
+        let cb = |p: &str, bn: &str, s: usize, pad: usize| {
+            GpuConv::load_bn(dev, w, p, bn, s, pad)?.with_bf16(dev, bf16)
+        };
+        let c32 = |p: &str, s: usize, pad: usize| GpuConv::load(dev, w, p, s, pad);
         let n2 = |p: &str| GpuNorm::load(dev, w, p, 1e-6);
         let mut stages = vec![];
         for s in 0..4 {
@@ -194,7 +203,11 @@ impl GpuSamUnet {
                     ),
                     1 => Reshaper::Down2(c(&p(0), 2, 1)?, n2(&p(1))?, c(&p(3), 1, 0)?),
                     2 => Reshaper::Same(c(&p(0), 1, 0)?),
-                    _ => Reshaper::Up2(GpuConvT::load(dev, w, &p(0))?, n2(&p(1))?, c(&p(3), 1, 0)?),
+                    _ => Reshaper::Up2(
+                        GpuConvT::load(dev, w, &p(0))?.with_bf16(dev, bf16)?,
+                        n2(&p(1))?,
+                        c(&p(3), 1, 0)?,
+                    ),
                 })
             })
             .collect::<Result<_>>()?;
@@ -254,9 +267,9 @@ impl GpuSamUnet {
             ),
             adapters_in,
             bridges: (0..3)
-                .map(|j| GpuUp4::load(dev, w, &format!("adapters_bridge.{j}")))
+                .map(|j| GpuUp4::load(dev, w, &format!("adapters_bridge.{j}"), bf16))
                 .collect::<Result<_>>()?,
-            embedding_encoder: GpuUp4::load(dev, w, "embedding_encoder")?,
+            embedding_encoder: GpuUp4::load(dev, w, "embedding_encoder", bf16)?,
             pos_cl: dev.upload(&pos_cl)?,
             no_mask: dev.upload(prompt.no_mask_embed())?,
             box_gauss: dev.upload(prompt.box_tables().0)?,
@@ -266,11 +279,16 @@ impl GpuSamUnet {
             layers,
             final_attn: Attn::load(dev, w, &format!("{tr}.final_attn_token_to_image"))?,
             norm_final: ln5(&format!("{tr}.norm_final_attn"))?,
-            upscaling: GpuUp4::load(dev, w, "mask_decoder.sam_mask_decoder.output_upscaling")?,
+            upscaling: GpuUp4::load(
+                dev,
+                w,
+                "mask_decoder.sam_mask_decoder.output_upscaling",
+                false,
+            )?,
             emf: (
-                c("mask_decoder.embedding_maskfeature.0", 1, 1)?,
+                c32("mask_decoder.embedding_maskfeature.0", 1, 1)?,
                 n2("mask_decoder.embedding_maskfeature.1")?,
-                c("mask_decoder.embedding_maskfeature.3", 1, 1)?,
+                c32("mask_decoder.embedding_maskfeature.3", 1, 1)?,
             ),
             hf: [
                 GpuLinear::load(dev, w, "mask_decoder.hf_mlp.layers.0")?,

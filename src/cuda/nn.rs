@@ -136,6 +136,8 @@ impl GpuLinear {
 /// Conv2d (optionally with BatchNorm folded in).
 pub struct GpuConv {
     w: CudaSlice<f32>,
+    /// The weights in bf16 when this conv runs its GEMM in bf16.
+    w16: Option<CudaSlice<half::bf16>>,
     b: Option<CudaSlice<f32>>,
     o: usize,
     kh: usize,
@@ -155,6 +157,7 @@ impl GpuConv {
         let [o, _, kh, kw] = wt.dims_n::<4>("GpuConv", "weight")?;
         Ok(GpuConv {
             w: up(dev, wt)?,
+            w16: None,
             b: b.map(|b| up(dev, b)).transpose()?,
             o,
             kh,
@@ -197,6 +200,15 @@ impl GpuConv {
         )?;
         Self::from_tensors(dev, &fw, Some(&fb), stride, pad)
     }
+    /// Runs the GEMM in bf16 (f32 accumulation) when `bf16`.
+    pub fn with_bf16(mut self, dev: &CudaDevice, bf16: bool) -> Result<Self> {
+        self.w16 = if bf16 {
+            Some(act::to_bf16(dev, &self.w)?)
+        } else {
+            None
+        };
+        Ok(self)
+    }
     pub fn forward(
         &self,
         dev: &CudaDevice,
@@ -210,6 +222,7 @@ impl GpuConv {
             blas,
             x,
             &self.w,
+            self.w16.as_ref(),
             self.b.as_ref(),
             self.o,
             self.kh,
@@ -225,6 +238,7 @@ impl GpuConv {
 /// ConvTranspose2d with kernel = stride.
 pub struct GpuConvT {
     w: CudaSlice<f32>,
+    w16: Option<CudaSlice<half::bf16>>,
     b: Option<CudaSlice<f32>>,
     o: usize,
     k: usize,
@@ -236,6 +250,7 @@ impl GpuConvT {
         let [_, o, k, _] = wt.dims_n::<4>("GpuConvT", prefix)?;
         Ok(GpuConvT {
             w: up(dev, wt)?,
+            w16: None,
             b: w.get(&format!("{prefix}.bias"))
                 .map(|b| up(dev, b))
                 .transpose()?,
@@ -250,7 +265,26 @@ impl GpuConvT {
         x: &GpuTensor,
         a: Act,
     ) -> Result<GpuTensor> {
-        conv::conv_transpose2d(dev, blas, x, &self.w, self.b.as_ref(), self.o, self.k, a)
+        conv::conv_transpose2d(
+            dev,
+            blas,
+            x,
+            &self.w,
+            self.w16.as_ref(),
+            self.b.as_ref(),
+            self.o,
+            self.k,
+            a,
+        )
+    }
+    /// Runs the GEMM in bf16 (f32 accumulation) when `bf16`.
+    pub fn with_bf16(mut self, dev: &CudaDevice, bf16: bool) -> Result<Self> {
+        self.w16 = if bf16 {
+            Some(act::to_bf16(dev, &self.w)?)
+        } else {
+            None
+        };
+        Ok(self)
     }
 }
 
@@ -292,11 +326,12 @@ pub struct GpuUp4 {
 }
 
 impl GpuUp4 {
-    pub fn load(dev: &CudaDevice, w: &Weights, pre: &str) -> Result<Self> {
+    /// `bf16`: both transposed convolutions run their GEMMs in bf16.
+    pub fn load(dev: &CudaDevice, w: &Weights, pre: &str, bf16: bool) -> Result<Self> {
         Ok(GpuUp4 {
-            t0: GpuConvT::load(dev, w, &format!("{pre}.0"))?,
+            t0: GpuConvT::load(dev, w, &format!("{pre}.0"))?.with_bf16(dev, bf16)?,
             n1: GpuNorm::load(dev, w, &format!("{pre}.1"), 1e-6)?,
-            t3: GpuConvT::load(dev, w, &format!("{pre}.3"))?,
+            t3: GpuConvT::load(dev, w, &format!("{pre}.3"))?.with_bf16(dev, bf16)?,
         })
     }
     pub fn forward(

@@ -1,4 +1,8 @@
-//! CUDA twins of the convolutions (cuda/conv.cu + cuBLAS GEMMs).
+//! CUDA twins of the convolutions (cuda/conv.cu + cuBLAS GEMMs). A batch of
+//! images costs one im2col launch, one strided-batched GEMM (the weights are
+//! shared: stride 0) and one epilogue per chunk of images, not one per image;
+//! chunks keep the column buffer under COL_BYTES. With bf16 weights the GEMM
+//! runs on bf16 inputs (im2col writes bf16 directly) with f32 accumulation.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
@@ -6,14 +10,25 @@ use crate::cuda::blas::Blas;
 use crate::cuda::{CudaDevice, GpuTensor, act_code, cfg1d, driver_err};
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
+use crate::ops::activation::cuda::to_bf16;
 
-/// act(conv(x) + bias + residual). x [N, C, H, W], w [O, C * kh * kw] -> [N, O, Ho, Wo].
+/// The most bytes an im2col / transposed-conv scratch buffer may take; a
+/// larger batch is processed in chunks of images.
+const COL_BYTES: usize = 256 << 20;
+
+fn images_per_chunk(per_image_bytes: usize, n: usize) -> usize {
+    (COL_BYTES / per_image_bytes.max(1)).clamp(1, n.max(1))
+}
+
+/// act(conv(x) + bias + residual). x [N, C, H, W], w [O, C * kh * kw] (f32;
+/// `w16` the same in bf16 to run the GEMM in bf16) -> [N, O, Ho, Wo].
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     dev: &CudaDevice,
     blas: &Blas,
     x: &GpuTensor,
     w: &CudaSlice<f32>,
+    w16: Option<&CudaSlice<half::bf16>>,
     bias: Option<&CudaSlice<f32>>,
     o: usize,
     kh: usize,
@@ -30,7 +45,13 @@ pub fn conv2d(
         .try_into()
         .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims)))?;
     let k = c * kh * kw;
-    if w.len() != o * k || stride == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+    if w.len() != o * k
+        || w16.is_some_and(|w16| w16.len() != o * k)
+        || stride == 0
+        || h + 2 * pad < kh
+        || wd + 2 * pad < kw
+        || bias.is_some_and(|b| b.len() != o)
+    {
         return Err(Error::shape(
             OP,
             format!(
@@ -54,60 +75,74 @@ pub fn conv2d(
         ));
     }
     let mut y = dev.alloc(n * o * p)?;
+    let st = dev.stream();
     let direct = kh == 1 && kw == 1 && stride == 1 && pad == 0;
-    let mut col = if direct {
-        None
-    } else {
-        Some(dev.alloc(k * p)?)
-    };
-    let im2col = dev.function("conv", "im2col_f32")?;
-    for i in 0..n {
-        let xi = x.data.slice(i * c * h * wd..(i + 1) * c * h * wd);
-        let mut yi = y.slice_mut(i * o * p..(i + 1) * o * p);
-        match col.as_mut() {
-            None => blas.gemm_f32(
-                dev.stream(),
+    let chw = c * h * wd;
+    match (w16, direct) {
+        // 1 x 1: the GEMM reads the images themselves.
+        (None, true) => blas.gemm_batched::<f32, _, _, _>(
+            st,
+            false,
+            false,
+            o,
+            p,
+            c,
+            w,
+            k,
+            0,
+            &x.data,
+            p,
+            c * p,
+            &mut y,
+            p,
+            o * p,
+            n,
+            false,
+        )?,
+        (Some(w16), true) => {
+            let x16 = to_bf16(dev, &x.data)?;
+            blas.gemm_batched::<half::bf16, _, _, _>(
+                st,
                 false,
                 false,
                 o,
                 p,
+                c,
+                w16,
                 k,
-                w,
-                k,
-                &xi,
+                0,
+                &x16,
                 p,
-                &mut yi,
+                c * p,
+                &mut y,
                 p,
+                o * p,
+                n,
                 false,
-            )?,
-            Some(col) => {
-                let (ci, hi, wi, khi, kwi, si, pi, hoi, woi) = (
-                    c as i32,
-                    h as i32,
-                    wd as i32,
-                    kh as i32,
-                    kw as i32,
-                    stride as i32,
-                    pad as i32,
-                    ho as i32,
-                    wo as i32,
-                );
-                let mut l = dev.stream().launch_builder(&im2col);
-                l.arg(&mut *col)
-                    .arg(&xi)
-                    .arg(&ci)
-                    .arg(&hi)
-                    .arg(&wi)
-                    .arg(&khi)
-                    .arg(&kwi)
-                    .arg(&si)
-                    .arg(&pi)
-                    .arg(&hoi)
-                    .arg(&woi);
-                // SAFETY: col holds k * p floats and the image c * h * w; types match.
-                unsafe { l.launch(cfg1d(k * p)) }.map_err(driver_err("im2col launch"))?;
-                blas.gemm_f32(
-                    dev.stream(),
+            )?
+        }
+        (None, false) => {
+            let per = images_per_chunk(k * p * 4, n);
+            let mut col = dev.alloc(per * k * p)?;
+            let f = dev.function("conv", "im2col_f32")?;
+            for i0 in (0..n).step_by(per) {
+                let nb = per.min(n - i0);
+                im2col(
+                    dev,
+                    &f,
+                    &mut col,
+                    &x.data.slice(i0 * chw..(i0 + nb) * chw),
+                    [nb, c, h, wd],
+                    kh,
+                    kw,
+                    stride,
+                    pad,
+                    ho,
+                    wo,
+                )?;
+                let mut yi = y.slice_mut(i0 * o * p..(i0 + nb) * o * p);
+                blas.gemm_batched::<f32, _, _, _>(
+                    st,
                     false,
                     false,
                     o,
@@ -115,10 +150,55 @@ pub fn conv2d(
                     k,
                     w,
                     k,
-                    &*col,
+                    0,
+                    &col,
                     p,
+                    k * p,
                     &mut yi,
                     p,
+                    o * p,
+                    nb,
+                    false,
+                )?;
+            }
+        }
+        (Some(w16), false) => {
+            let per = images_per_chunk(k * p * 2, n);
+            let mut col = dev.alloc_bf16(per * k * p)?;
+            let f = dev.function("conv", "im2col_bf16")?;
+            for i0 in (0..n).step_by(per) {
+                let nb = per.min(n - i0);
+                im2col(
+                    dev,
+                    &f,
+                    &mut col,
+                    &x.data.slice(i0 * chw..(i0 + nb) * chw),
+                    [nb, c, h, wd],
+                    kh,
+                    kw,
+                    stride,
+                    pad,
+                    ho,
+                    wo,
+                )?;
+                let mut yi = y.slice_mut(i0 * o * p..(i0 + nb) * o * p);
+                blas.gemm_batched::<half::bf16, _, _, _>(
+                    st,
+                    false,
+                    false,
+                    o,
+                    p,
+                    k,
+                    w16,
+                    k,
+                    0,
+                    &col,
+                    p,
+                    k * p,
+                    &mut yi,
+                    p,
+                    o * p,
+                    nb,
                     false,
                 )?;
             }
@@ -148,13 +228,51 @@ pub fn conv2d(
     })
 }
 
-/// ConvTranspose2d with kernel = stride = k: x [N, C, H, W], w [C, O k k] -> [N, O, kH, kW].
+/// One im2col launch over `dims` = [nb, c, h, w] images into col [nb, c kh kw, ho wo].
+#[allow(clippy::too_many_arguments)]
+fn im2col<T: cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    f: &cudarc::driver::CudaFunction,
+    col: &mut CudaSlice<T>,
+    x: &cudarc::driver::CudaView<'_, f32>,
+    dims: [usize; 4],
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+) -> Result<()> {
+    let [nb, c, h, w] = dims;
+    let total = nb * c * kh * kw * ho * wo;
+    if col.len() < total || x.len() != nb * c * h * w {
+        return Err(Error::shape(
+            "im2col (cuda)",
+            format!("col {} x {} for {dims:?} k {kh}x{kw}", col.len(), x.len()),
+        ));
+    }
+    let a: [i32; 11] = [nb, c, h, w, kh, kw, stride, pad, ho, wo, 0].map(|v| v as i32);
+    let mut l = dev.stream().launch_builder(f);
+    l.arg(col).arg(x);
+    for v in &a[..10] {
+        l.arg(v);
+    }
+    // SAFETY: col holds at least nb * c kh kw * ho wo elements of the kernel's
+    // output type (float or bf16 bits) and x the nb images (checked above);
+    // ten int arguments follow, as the kernel declares.
+    unsafe { l.launch(cfg1d(total)) }.map_err(driver_err("im2col launch"))?;
+    Ok(())
+}
+
+/// ConvTranspose2d with kernel = stride = k: x [N, C, H, W], w [C, O k k]
+/// (`w16` its bf16 copy to run the GEMM in bf16) -> [N, O, kH, kW].
 #[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d(
     dev: &CudaDevice,
     blas: &Blas,
     x: &GpuTensor,
     w: &CudaSlice<f32>,
+    w16: Option<&CudaSlice<half::bf16>>,
     bias: Option<&CudaSlice<f32>>,
     o: usize,
     k: usize,
@@ -167,7 +285,10 @@ pub fn conv_transpose2d(
         .try_into()
         .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims)))?;
     let rows = o * k * k;
-    if w.len() != c * rows {
+    if w.len() != c * rows
+        || w16.is_some_and(|w16| w16.len() != c * rows)
+        || bias.is_some_and(|b| b.len() != o)
+    {
         return Err(Error::shape(
             OP,
             format!(
@@ -178,39 +299,84 @@ pub fn conv_transpose2d(
         ));
     }
     let hw = h * wd;
+    let st = dev.stream();
     let mut y = dev.alloc(n * o * hw * k * k)?;
-    let mut tmp = dev.alloc(rows * hw)?;
+    let per = images_per_chunk(rows * hw * 4, n);
+    let mut tmp = dev.alloc(per * rows * hw)?;
     let f = dev.function("conv", "convt_scatter_f32")?;
     let null: u64 = 0;
-    for i in 0..n {
-        let xi = x.data.slice(i * c * hw..(i + 1) * c * hw);
-        // tmp [O k k, HW] = W^T [O k k, C] X [C, HW]
-        blas.gemm_f32(
-            dev.stream(),
-            true,
-            false,
-            rows,
-            hw,
-            c,
-            w,
-            rows,
-            &xi,
-            hw,
-            &mut tmp,
-            hw,
-            false,
-        )?;
-        let mut yi = y.slice_mut(i * o * hw * k * k..(i + 1) * o * hw * k * k);
-        let (oo, hh, ww, kk, a) = (o as i32, h as i32, wd as i32, k as i32, act_code(act));
+    let x16 = match w16 {
+        Some(_) => Some(to_bf16(dev, &x.data)?),
+        None => None,
+    };
+    for i0 in (0..n).step_by(per) {
+        let nb = per.min(n - i0);
+        // tmp_i [O k k, HW] = W^T [O k k, C] X_i [C, HW], every image of the chunk in one call
+        match (w16, &x16) {
+            (Some(w16), Some(x16)) => {
+                let xi = x16.slice(i0 * c * hw..(i0 + nb) * c * hw);
+                blas.gemm_batched::<half::bf16, _, _, _>(
+                    st,
+                    true,
+                    false,
+                    rows,
+                    hw,
+                    c,
+                    w16,
+                    rows,
+                    0,
+                    &xi,
+                    hw,
+                    c * hw,
+                    &mut tmp,
+                    hw,
+                    rows * hw,
+                    nb,
+                    false,
+                )?
+            }
+            _ => {
+                let xi = x.data.slice(i0 * c * hw..(i0 + nb) * c * hw);
+                blas.gemm_batched::<f32, _, _, _>(
+                    st,
+                    true,
+                    false,
+                    rows,
+                    hw,
+                    c,
+                    w,
+                    rows,
+                    0,
+                    &xi,
+                    hw,
+                    c * hw,
+                    &mut tmp,
+                    hw,
+                    rows * hw,
+                    nb,
+                    false,
+                )?
+            }
+        }
+        let mut yi = y.slice_mut(i0 * o * hw * k * k..(i0 + nb) * o * hw * k * k);
+        let (nn, oo, hh, ww, kk, a) = (
+            nb as i32,
+            o as i32,
+            h as i32,
+            wd as i32,
+            k as i32,
+            act_code(act),
+        );
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&mut yi).arg(&tmp);
         match bias {
             Some(b) => l.arg(b),
             None => l.arg(&null),
         };
-        l.arg(&oo).arg(&hh).arg(&ww).arg(&kk).arg(&a);
-        // SAFETY: tmp holds rows * hw floats, the output image o * hw * k * k, bias o.
-        unsafe { l.launch(cfg1d(o * hw * k * k)) }.map_err(driver_err("convT scatter launch"))?;
+        l.arg(&nn).arg(&oo).arg(&hh).arg(&ww).arg(&kk).arg(&a);
+        // SAFETY: tmp holds nb * rows * hw floats, the output chunk nb * o * hw * k * k, bias o.
+        unsafe { l.launch(cfg1d(nb * o * hw * k * k)) }
+            .map_err(driver_err("convT scatter launch"))?;
     }
     Ok(GpuTensor {
         data: y,
