@@ -292,28 +292,41 @@ fn cuda(c: &mut Criterion) {
     }
     g.finish();
     let mut g = c.benchmark_group("cuda_attention");
-    let qkv = dev
-        .upload(rand(&[1, 16, 16, 2304], 10).as_f32().unwrap())
-        .unwrap();
+    // ViT-B attention, batch 1 and 64: f32 on CUDA cores, bf16 on tensor cores.
     let bias = dev.upload(rand(&[2304], 11).as_f32().unwrap()).unwrap();
-    for (name, window, rows) in [
-        ("window14_vitb", 14usize, 27usize),
-        ("global16_vitb", 0, 31),
-    ] {
-        let (rh, rw) = (
-            dev.upload(rand(&[rows, 64], 12).as_f32().unwrap()).unwrap(),
-            dev.upload(rand(&[rows, 64], 13).as_f32().unwrap()).unwrap(),
-        );
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let y = sam_unet::ops::attention::cuda::rel_pos_attention(
-                    &dev, &qkv, &bias, &rh, &rw, 1, 16, 768, 12, window,
-                )
-                .unwrap();
-                dev.synchronize().unwrap();
-                y
-            })
-        });
+    for batch in [1usize, 64] {
+        let qkv = dev
+            .upload(rand(&[batch, 16, 16, 2304], 10).as_f32().unwrap())
+            .unwrap();
+        for (name, window, rows) in [
+            ("window14_vitb", 14usize, 27usize),
+            ("global16_vitb", 0, 31),
+        ] {
+            let (rh, rw) = (
+                dev.upload(rand(&[rows, 64], 12).as_f32().unwrap()).unwrap(),
+                dev.upload(rand(&[rows, 64], 13).as_f32().unwrap()).unwrap(),
+            );
+            g.bench_function(format!("{name}_f32_b{batch}"), |b| {
+                b.iter(|| {
+                    let y = sam_unet::ops::attention::cuda::rel_pos_attention(
+                        &dev, &qkv, &bias, &rh, &rw, batch, 16, 768, 12, window,
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                    y
+                })
+            });
+            g.bench_function(format!("{name}_tc_bf16_b{batch}"), |b| {
+                b.iter(|| {
+                    let y = sam_unet::ops::attention::cuda::rel_pos_attention_tc_bf16(
+                        &dev, &qkv, &bias, &rh, &rw, batch, 16, 768, 12, window, false,
+                    )
+                    .unwrap();
+                    dev.synchronize().unwrap();
+                    y
+                })
+            });
+        }
     }
     let qd = sam_unet::cuda::GpuTensor {
         data: dev

@@ -167,7 +167,8 @@ fn run(args: Args) -> Result<()> {
                 "arch": args.arch, "device": args.device.to_string(), "dtype": args.dtype.name(),
                 "what": "image_side", "batch": b, "runs": args.runs,
                 "ms": (ms * 100.0).round() / 100.0,
-                "images_per_s": (b as f64 / ms * 1e3 * 10.0).round() / 10.0,
+                // three decimals: a slow device (or the emulator) still shows a figure
+                "images_per_s": format!("{:.3}", b as f64 / ms * 1e3).parse::<f64>().unwrap_or(0.0),
             })
         );
     }
