@@ -166,9 +166,11 @@ template <bool BF16_OUT>
 __device__ __forceinline__ void rel_pos_attention_tc(void* __restrict__ out, const float* __restrict__ qkv, const float* __restrict__ bias,
                                                      const float* __restrict__ rel_h, const float* __restrict__ rel_w, int B, int G, int D, int S,
                                                      int biased) {
-    __shared__ unsigned short qs[TC_BQ][TC_STR];  // 0.125 q, bf16
-    __shared__ unsigned short ks[TC_BK][TC_STR];  // k, bf16
-    __shared__ unsigned short vt[HD][TC_STR];     // v transposed: vt[c][key]
+    // 16-byte aligned: the fragments are read as 32-bit words (a u16 array
+    // alone is only 2-byte aligned).
+    __shared__ __align__(16) unsigned short qs[TC_BQ][TC_STR];  // 0.125 q, bf16
+    __shared__ __align__(16) unsigned short ks[TC_BK][TC_STR];  // k, bf16
+    __shared__ __align__(16) unsigned short vt[HD][TC_STR];     // v transposed: vt[c][key]
     __shared__ float relh[TC_BQ][TC_MAXS];
     __shared__ float relw[TC_BQ][TC_MAXS];
 

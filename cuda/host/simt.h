@@ -48,6 +48,7 @@ unsigned int* simt_warp_scratch();
 // One block runs at a time, so a block's shared memory can be a static.
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
 
 static inline void __syncthreads() { simt_wait(2, 0xffffffffu); }
 static inline void __syncwarp(unsigned mask = 0xffffffffu) { simt_wait(1, mask); }

@@ -75,6 +75,11 @@ fn build() -> Result<Simt, String> {
         "-Wno-unused-function",
         "-ffp-contract=off",
         "-fno-strict-aliasing",
+        // Undefined behaviour in a kernel (signed overflow in index arithmetic,
+        // misaligned word access, out-of-range shifts) stops the run, naming
+        // the source line.
+        "-fsanitize=undefined",
+        "-fno-sanitize-recover=all",
     ])
     .arg(format!("-I{}", cuda.display()))
     .arg("-include")
