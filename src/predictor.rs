@@ -52,6 +52,40 @@ struct Cuda {
     dev: CudaDevice,
     blas: Blas,
     model: GpuSamUnet,
+    /// The image side recorded per batch size (None: capture failed, run
+    /// eagerly); see crate::cuda::graph.
+    graphs: std::cell::RefCell<
+        std::collections::HashMap<usize, Option<crate::cuda::graph::ImageGraph>>,
+    >,
+}
+
+impl Cuda {
+    /// The image side: eagerly the first time for a batch size (which also
+    /// warms cuBLAS up), then from a recording made right after.
+    fn encode(&self, x: &Tensor) -> Result<GpuFeatures> {
+        if !crate::cuda::graph::enabled() {
+            return self.model.encode_image(&self.dev, &self.blas, x);
+        }
+        let b = x.dims().first().copied().unwrap_or(0);
+        let mut graphs = self.graphs.borrow_mut();
+        match graphs.get_mut(&b) {
+            Some(Some(g)) => g.run(&self.dev, x),
+            Some(None) => self.model.encode_image(&self.dev, &self.blas, x),
+            None => {
+                let f = self.model.encode_image(&self.dev, &self.blas, x)?;
+                let g = crate::cuda::graph::ImageGraph::capture(
+                    &self.dev,
+                    &self.blas,
+                    &self.model,
+                    x.dims(),
+                    &f,
+                )
+                .ok();
+                graphs.insert(b, g);
+                Ok(f)
+            }
+        }
+    }
 }
 
 enum Backend {
@@ -102,7 +136,12 @@ impl Predictor {
                 let blas = Blas::new(dev.stream())?;
                 let model = GpuSamUnet::from_weights(&dev, w, options.dtype)?;
                 Ok(Predictor {
-                    backend: Backend::Cuda(Box::new(Cuda { dev, blas, model })),
+                    backend: Backend::Cuda(Box::new(Cuda {
+                        dev,
+                        blas,
+                        model,
+                        graphs: Default::default(),
+                    })),
                     options,
                     image: None,
                 })
@@ -179,6 +218,25 @@ impl Predictor {
             .collect()
     }
 
+    /// For a CUDA predictor: the batch sizes whose image side has been seen,
+    /// each with whether it was recorded as a CUDA graph (false: capturing
+    /// failed and it runs eagerly). Empty on the CPU.
+    pub fn cuda_graphs(&self) -> Vec<(usize, bool)> {
+        match &self.backend {
+            Backend::Cuda(c) => {
+                let mut v: Vec<(usize, bool)> = c
+                    .graphs
+                    .borrow()
+                    .iter()
+                    .map(|(b, g)| (*b, g.is_some()))
+                    .collect();
+                v.sort();
+                v
+            }
+            Backend::Cpu(_) => vec![],
+        }
+    }
+
     /// Only the image side, for a batch of preprocessed inputs [B, 3, S, S]
     /// (benchmarks); the features are dropped.
     pub fn encode_only(&self, x: &Tensor) -> Result<()> {
@@ -192,7 +250,7 @@ impl Predictor {
     fn encode(&self, x: &Tensor) -> Result<Features> {
         Ok(match &self.backend {
             Backend::Cpu(m) => Features::Cpu(m.encode_image(x, &mut Trace::default())?),
-            Backend::Cuda(c) => Features::Cuda(c.model.encode_image(&c.dev, &c.blas, x)?),
+            Backend::Cuda(c) => Features::Cuda(c.encode(x)?),
         })
     }
 

@@ -37,28 +37,39 @@ fn compare(name: &str, w: &Weights, img: &RgbImage, boxes: &[[f32; 4]]) {
             },
         )
         .unwrap();
-        gpu.set_image(img).unwrap();
-        let got = gpu.predict(boxes).unwrap();
-        let rel = rel_l2(got.logits.as_f32().unwrap(), want.logits.as_f32().unwrap());
-        let same = got
-            .masks
-            .iter()
-            .flatten()
-            .zip(want.masks.iter().flatten())
-            .filter(|(a, b)| a == b)
-            .count() as f64
-            / (want.masks.len() * want.width * want.height) as f64;
-        println!(
-            "{name} {}: logits relative L2 {rel:.2e}, {:.3} % of mask pixels equal",
-            dt.name(),
-            same * 100.0
-        );
-        match dt {
-            DType::F32 => assert!(rel <= 1e-4, "{name} f32: relative L2 {rel}"),
-            _ => assert!(
-                rel <= 2e-2 && same >= 0.995,
-                "{name} bf16: relative L2 {rel}, masks {same}"
-            ),
+        // The first image runs eagerly (and records the image side as a CUDA
+        // graph), the second replays the recording: both must match.
+        for pass in ["eager", "graph replay"] {
+            if pass == "graph replay" && sam_unet::cuda::graph::enabled() {
+                assert_eq!(
+                    gpu.cuda_graphs(),
+                    vec![(1, true)],
+                    "{name}: the image side was not recorded as a CUDA graph"
+                );
+            }
+            gpu.set_image(img).unwrap();
+            let got = gpu.predict(boxes).unwrap();
+            let rel = rel_l2(got.logits.as_f32().unwrap(), want.logits.as_f32().unwrap());
+            let same = got
+                .masks
+                .iter()
+                .flatten()
+                .zip(want.masks.iter().flatten())
+                .filter(|(a, b)| a == b)
+                .count() as f64
+                / (want.masks.len() * want.width * want.height) as f64;
+            println!(
+                "{name} {} ({pass}): logits relative L2 {rel:.2e}, {:.3} % of mask pixels equal",
+                dt.name(),
+                same * 100.0
+            );
+            match dt {
+                DType::F32 => assert!(rel <= 1e-4, "{name} f32: relative L2 {rel}"),
+                _ => assert!(
+                    rel <= 2e-2 && same >= 0.995,
+                    "{name} bf16: relative L2 {rel}, masks {same}"
+                ),
+            }
         }
     }
 }

@@ -5,7 +5,11 @@
 // through SAM_UNET_CUBLAS. Tests only (tests/simt/mod.rs builds it).
 //
 // What it models: one device, streams that run each call to completion before
-// returning (so stream order holds trivially), device memory in guard-paged
+// returning (so stream order holds trivially), stream capture into graphs
+// (kernels, cuBLAS calls, device copies and memsets are recorded and replayed
+// by cuGraphLaunch; allocations made during capture belong to the graph; a
+// host copy, a synchronisation or freeing older memory during capture breaks
+// the capture, as on a GPU), device memory in guard-paged
 // host buffers filled with NaN bytes (a read of memory nothing wrote shows up
 // as NaN in the results), modules whose entry points are read off the PTX and
 // must exist in the host kernel table, cuLaunchKernel through the SIMT
@@ -16,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <set>
 #include <string>
 #include <thread>
@@ -34,7 +39,42 @@ extern const int simt_kernel_count;
 namespace {
 
 typedef int CUresult;
-constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101, NOT_FOUND = 500, LAUNCH_FAILED = 719, NOT_SUPPORTED = 801;
+constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE = 101, NOT_FOUND = 500, LAUNCH_FAILED = 719, NOT_SUPPORTED = 801,
+                   CAPTURE_UNSUPPORTED = 900, CAPTURE_INVALIDATED = 901;
+
+// A captured graph: the recorded operations, in stream order, and the memory
+// allocated while capturing (the graph's own, freed with it).
+struct Graph {
+    std::vector<std::function<CUresult()>> ops;
+    std::set<void*> owned;
+};
+
+struct Stream {
+    Graph* capture = nullptr;
+    bool invalid = false;
+};
+
+// Runs `op` now, or records it when the stream is being captured.
+CUresult submit(void* stream, std::function<CUresult()> op) {
+    Stream* s = (Stream*)stream;
+    if (s && s->capture) {
+        if (s->invalid) return CAPTURE_INVALIDATED;
+        s->capture->ops.push_back(std::move(op));
+        return OK;
+    }
+    return op();
+}
+
+// A call that a capturing stream does not allow: it breaks the capture.
+CUresult refuse_in_capture(void* stream, const char* what) {
+    Stream* s = (Stream*)stream;
+    if (s && s->capture) {
+        std::fprintf(stderr, "fake CUDA driver: %s during stream capture\n", what);
+        s->invalid = true;
+        return CAPTURE_UNSUPPORTED;
+    }
+    return OK;
+}
 
 struct Module {
     std::set<std::string> entries;
@@ -50,7 +90,7 @@ void run_thread(void* ctx) {
     l->k->call(l->k->fn, l->params);
 }
 
-int g_ctx_token, g_stream_token, g_event_token;
+int g_ctx_token, g_event_token;
 
 void* dev_alloc(size_t bytes) {
     void* p = simt_alloc(bytes ? bytes : 1, 256 < bytes ? 256 : 4);
@@ -94,7 +134,8 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
         case 16: *v = 1; break;     // multiprocessors
         case 75: *v = 8; break;     // compute capability 8.0
         case 76: *v = 0; break;
-        default: *v = 0; break;     // memory pools, unified addressing, ...: no
+        case 115: *v = 1; break;    // memory pools: cudarc allocates stream-ordered, as on a GPU
+        default: *v = 0; break;     // unified addressing, ...: no
     }
     return OK;
 }
@@ -127,15 +168,66 @@ CUresult cuDeviceGetDefaultMemPool(void**, int) { return NOT_SUPPORTED; }
 CUresult cuMemPoolSetAttribute(void*, int, void*) { return NOT_SUPPORTED; }
 
 CUresult cuStreamCreate(void** s, unsigned) {
-    *s = &g_stream_token;
+    *s = new Stream;
     return OK;
 }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) {
-    *s = &g_stream_token;
+    *s = new Stream;
     return OK;
 }
-CUresult cuStreamDestroy_v2(void*) { return OK; }
-CUresult cuStreamSynchronize(void*) { return OK; }
+CUresult cuStreamDestroy_v2(void* s) {
+    delete (Stream*)s;
+    return OK;
+}
+CUresult cuStreamSynchronize(void* s) { return refuse_in_capture(s, "cuStreamSynchronize"); }
+CUresult cuStreamBeginCapture_v2(void* stream, int) {
+    Stream* s = (Stream*)stream;
+    if (!s || s->capture) return INVALID_VALUE;
+    s->capture = new Graph;
+    s->invalid = false;
+    return OK;
+}
+CUresult cuStreamEndCapture(void* stream, void** graph) {
+    Stream* s = (Stream*)stream;
+    if (!s || !s->capture) return INVALID_VALUE;
+    Graph* g = s->capture;
+    s->capture = nullptr;
+    if (s->invalid) {
+        for (void* p : g->owned) simt_free(p);
+        delete g;
+        *graph = nullptr;
+        return CAPTURE_INVALIDATED;
+    }
+    *graph = g;
+    return OK;
+}
+CUresult cuStreamIsCapturing(void* stream, int* status) {
+    Stream* s = (Stream*)stream;
+    *status = s && s->capture ? (s->invalid ? 2 : 1) : 0;
+    return OK;
+}
+CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+    *exec = graph;  // the executable graph is the recording itself
+    return OK;
+}
+CUresult cuGraphLaunch(void* exec, void* stream) {
+    Graph* g = (Graph*)exec;
+    return submit(stream, [g]() {
+        for (auto& op : g->ops) {
+            CUresult r = op();
+            if (r != OK) return r;
+        }
+        return OK;
+    });
+}
+CUresult cuGraphUpload(void*, void*) { return OK; }
+CUresult cuGraphExecDestroy(void*) { return OK; }
+CUresult cuGraphDestroy(void* graph) {
+    Graph* g = (Graph*)graph;
+    for (void* p : g->owned) simt_free(p);
+    delete g;
+    return OK;
+}
 CUresult cuStreamQuery(void*) { return OK; }
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
 CUresult cuEventCreate(void** e, unsigned) {
@@ -157,12 +249,26 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     *p = (CUdeviceptr)m;
     return OK;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
+    CUresult r = cuMemAlloc_v2(p, bytes);
+    Stream* s = (Stream*)stream;
+    if (r == OK && s && s->capture) s->capture->owned.insert((void*)*p);
+    return r;
+}
 CUresult cuMemFree_v2(CUdeviceptr p) {
     simt_free((void*)p);
     return OK;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
+    Stream* s = (Stream*)stream;
+    if (s && s->capture) {
+        // The graph's own memory lives as long as the graph; older memory may
+        // not be freed by a recording we replay (our code never does).
+        if (s->capture->owned.count((void*)p)) return OK;
+        return refuse_in_capture(stream, "cuMemFreeAsync of memory allocated before the capture");
+    }
+    return cuMemFree_v2(p);
+}
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     *free_b = (size_t)8 << 30;
     *total = (size_t)8 << 30;
@@ -180,19 +286,32 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
     std::memmove((void*)d, (const void*)s, n);
     return OK;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return cuMemcpyHtoD_v2(d, h, n); }
-CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return cuMemcpyDtoH_v2(h, d, n); }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
+// Host copies from pageable memory cannot be captured.
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void* st) {
+    if (CUresult r = refuse_in_capture(st, "cuMemcpyHtoDAsync")) return r;
+    return cuMemcpyHtoD_v2(d, h, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void* st) {
+    if (CUresult r = refuse_in_capture(st, "cuMemcpyDtoHAsync")) return r;
+    return cuMemcpyDtoH_v2(h, d, n);
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    return submit(st, [=]() { return cuMemcpyDtoD_v2(d, s, n); });
+}
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     std::memset((void*)d, v, n);
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
+    return submit(st, [=]() { return cuMemsetD8_v2(d, v, n); });
+}
 CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
     for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
     return OK;
 }
-CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) { return cuMemsetD32_v2(d, v, n); }
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void* st) {
+    return submit(st, [=]() { return cuMemsetD32_v2(d, v, n); });
+}
 
 // Modules: the entry points named in the PTX; each must be in the host table.
 CUresult cuModuleLoadData(void** m, const void* image) {
@@ -229,19 +348,28 @@ CUresult cuFuncGetAttribute(int* v, int, void*) {
 CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
 CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
 
-CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void*, void** params, void** extra) {
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void* stream, void** params,
+                        void** extra) {
     const SimtKernel* k = (const SimtKernel*)f;
     if (smem != 0 || extra != nullptr || params == nullptr) {
         std::fprintf(stderr, "fake CUDA driver: %s: dynamic shared memory / extra launch parameters are not emulated\n", k->name);
         return INVALID_VALUE;
     }
-    Launch l{k, params};
-    char err[1024];
-    if (simt_launch(k->name, gx, gy, gz, bx, by, bz, run_thread, &l, err, sizeof err) != 0) {
-        std::fprintf(stderr, "fake CUDA driver: %s\n", err);
-        return LAUNCH_FAILED;
-    }
-    return OK;
+    // The argument values, copied now (as the driver does): a recorded launch
+    // replays with these values whatever happened to the caller's variables.
+    std::vector<std::vector<char>> args((size_t)k->nparams);
+    for (int i = 0; i < k->nparams; ++i) args[(size_t)i].assign((const char*)params[i], (const char*)params[i] + k->sizes[i]);
+    return submit(stream, [=]() mutable {
+        std::vector<void*> ptrs;
+        for (auto& a : args) ptrs.push_back(a.data());
+        Launch l{k, ptrs.data()};
+        char err[1024];
+        if (simt_launch(k->name, gx, gy, gz, bx, by, bz, run_thread, &l, err, sizeof err) != 0) {
+            std::fprintf(stderr, "fake CUDA driver: %s\n", err);
+            return LAUNCH_FAILED;
+        }
+        return OK;
+    });
 }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
@@ -253,6 +381,8 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
         case NOT_FOUND: *s = "named symbol not found"; break;
         case LAUNCH_FAILED: *s = "unspecified launch failure (emulated kernel broke a rule; see stderr)"; break;
         case NOT_SUPPORTED: *s = "operation not supported"; break;
+        case CAPTURE_UNSUPPORTED: *s = "operation not permitted when stream is capturing"; break;
+        case CAPTURE_INVALIDATED: *s = "operation failed due to a previous error during capture"; break;
         default: *s = "unknown error"; break;
     }
     return OK;
@@ -266,6 +396,8 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
         case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
         case NOT_SUPPORTED: *s = "CUDA_ERROR_NOT_SUPPORTED"; break;
+        case CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
         default: *s = "CUDA_ERROR_UNKNOWN"; break;
     }
     return OK;
@@ -273,14 +405,23 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
 
 // ---- cuBLAS ----------------------------------------------------------------
 
-int g_blas_token;
+struct BlasHandle {
+    void* stream = nullptr;
+};
 int cublasCreate_v2(void** h) {
-    *h = &g_blas_token;
+    *h = new BlasHandle;
     return 0;
 }
-int cublasDestroy_v2(void*) { return 0; }
-int cublasSetStream_v2(void*, void*) { return 0; }
+int cublasDestroy_v2(void* h) {
+    delete (BlasHandle*)h;
+    return 0;
+}
+int cublasSetStream_v2(void* h, void* s) {
+    ((BlasHandle*)h)->stream = s;
+    return 0;
+}
 int cublasSetMathMode(void*, int) { return 0; }
+int cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
 
 }  // extern "C"
 
@@ -338,26 +479,38 @@ int gemm(int ta, int tb, int m, int n, int k, float alpha, const void* A, int at
 
 extern "C" {
 
-int cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta, float* C, int ldc) {
-    return gemm(ta, tb, m, n, k, *alpha, A, 0, lda, B, 0, ldb, *beta, C, ldc);
+// A GEMM runs on the handle's stream: recorded there while it is captured.
+int on_stream(void* h, std::function<int()> g) {
+    CUresult r = submit(((BlasHandle*)h)->stream, [g]() { return g() ? LAUNCH_FAILED : OK; });
+    return r == OK ? 0 : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
 }
 
-int cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, const void* B, int btype, int ldb, const void* beta, void* C,
-                 int ctype, int ldc, int compute, int) {
+int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta, float* C,
+                   int ldc) {
+    float al = *alpha, be = *beta;
+    return on_stream(h, [=]() { return gemm(ta, tb, m, n, k, al, A, 0, lda, B, 0, ldb, be, C, ldc); });
+}
+
+int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, const void* B, int btype, int ldb,
+                 const void* beta, void* C, int ctype, int ldc, int compute, int) {
     if (ctype != 0 || compute != 68) return 7;  // f32 output, CUBLAS_COMPUTE_32F only
-    return gemm(ta, tb, m, n, k, *(const float*)alpha, A, atype, lda, B, btype, ldb, *(const float*)beta, (float*)C, ldc);
+    float al = *(const float*)alpha, be = *(const float*)beta;
+    return on_stream(h, [=]() { return gemm(ta, tb, m, n, k, al, A, atype, lda, B, btype, ldb, be, (float*)C, ldc); });
 }
 
-int cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, long long sa, const void* B,
+int cublasGemmStridedBatchedEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, long long sa, const void* B,
                                int btype, int ldb, long long sb, const void* beta, void* C, int ctype, int ldc, long long sc, int batch, int compute, int) {
     if (ctype != 0 || compute != 68 || batch < 0) return 7;
-    size_t ea = atype == 0 ? 4 : 2, eb = btype == 0 ? 4 : 2;
-    for (int i = 0; i < batch; ++i) {
-        int r = gemm(ta, tb, m, n, k, *(const float*)alpha, (const char*)A + (size_t)(sa * i) * ea, atype, lda, (const char*)B + (size_t)(sb * i) * eb, btype, ldb,
-                     *(const float*)beta, (float*)C + sc * i, ldc);
-        if (r) return r;
-    }
-    return 0;
+    float al = *(const float*)alpha, be = *(const float*)beta;
+    return on_stream(h, [=]() {
+        size_t ea = atype == 0 ? 4 : 2, eb = btype == 0 ? 4 : 2;
+        for (int i = 0; i < batch; ++i) {
+            int r = gemm(ta, tb, m, n, k, al, (const char*)A + (size_t)(sa * i) * ea, atype, lda, (const char*)B + (size_t)(sb * i) * eb, btype, ldb, be,
+                         (float*)C + sc * i, ldc);
+            if (r) return r;
+        }
+        return 0;
+    });
 }
 
 }  // extern "C"

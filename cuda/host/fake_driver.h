@@ -13,6 +13,8 @@ struct SimtKernel {
     const char* name;
     void* fn;
     void (*call)(void* fn, void** params);
+    int nparams;
+    const std::size_t* sizes;  // bytes of each parameter (to record launches in a graph)
 };
 
 template <class F>
@@ -25,6 +27,9 @@ struct SimtThunk<void (*)(A...)> {
         ((void (*)(A...))fn)(*static_cast<std::remove_reference_t<A>*>(p[I])...);
     }
     static void call(void* fn, void** params) { call_with(fn, params, std::index_sequence_for<A...>{}); }
+    static constexpr int count = (int)sizeof...(A);
+    static constexpr std::size_t sizes[sizeof...(A) > 0 ? sizeof...(A) : 1] = {sizeof(std::remove_reference_t<A>)...};
 };
 
-#define SIMT_KERNEL(name) {#name, (void*)&name, &SimtThunk<decltype(&name)>::call}
+#define SIMT_KERNEL(name) \
+    {#name, (void*)&name, &SimtThunk<decltype(&name)>::call, SimtThunk<decltype(&name)>::count, SimtThunk<decltype(&name)>::sizes}

@@ -17,6 +17,7 @@ type CreateFn = unsafe extern "C" fn(*mut Handle) -> c_int;
 type DestroyFn = unsafe extern "C" fn(Handle) -> c_int;
 type SetStreamFn = unsafe extern "C" fn(Handle, *mut c_void) -> c_int;
 type SetMathModeFn = unsafe extern "C" fn(Handle, c_int) -> c_int;
+type SetWorkspaceFn = unsafe extern "C" fn(Handle, *mut c_void, usize) -> c_int;
 #[allow(clippy::type_complexity)]
 type SgemmFn = unsafe extern "C" fn(
     Handle,
@@ -109,6 +110,9 @@ const DEFAULT_MATH: c_int = 0;
 
 pub struct Blas {
     _lib: libloading::Library,
+    /// cuBLAS's workspace, ours: a GEMM inside a CUDA graph capture must not
+    /// make cuBLAS allocate.
+    _workspace: Option<CudaSlice<u8>>,
     handle: Handle,
     destroy: DestroyFn,
     sgemm: SgemmFn,
@@ -131,7 +135,7 @@ impl Blas {
     /// the unversioned name through the loader path; the first whose handle can be
     /// created wins) and binds a handle to `stream`. Every GEMM of this handle runs
     /// on that stream: pass the same stream to its methods.
-    pub fn new(stream: &CudaStream) -> Result<Self> {
+    pub fn new(stream: &std::sync::Arc<CudaStream>) -> Result<Self> {
         let mut names: Vec<String> = std::env::var("SAM_UNET_CUBLAS").into_iter().collect();
         names.extend(["libcublas.so.13", "libcublas.so.12", "libcublas.so"].map(String::from));
         let mut errors = vec![];
@@ -150,7 +154,7 @@ impl Blas {
         )))
     }
 
-    fn with_library(lib: libloading::Library, stream: &CudaStream) -> Result<Self> {
+    fn with_library(lib: libloading::Library, stream: &std::sync::Arc<CudaStream>) -> Result<Self> {
         let sym = |e: libloading::Error| Error::CudaUnavailable(format!("cuBLAS symbol: {e}"));
         // SAFETY: these are cuBLAS's documented C entry points with the declared
         // signatures (cublas_api.h), stable across cuBLAS 11-13.
@@ -169,8 +173,9 @@ impl Blas {
                 .map_err(sym)?;
             let mut handle: Handle = std::ptr::null_mut();
             check("cublasCreate", create(&mut handle))?;
-            let b = Blas {
+            let mut b = Blas {
                 _lib: lib,
+                _workspace: None,
                 handle,
                 destroy,
                 sgemm,
@@ -182,6 +187,20 @@ impl Blas {
                 set_stream(handle, stream.cu_stream() as *mut c_void),
             )?;
             check("cublasSetMathMode", set_math(handle, DEFAULT_MATH))?;
+            // cuBLAS 11+; an older one keeps its own workspace (graphs may then
+            // fail to capture, and the predictor runs eagerly).
+            if let Ok(set_ws) = b._lib.get::<SetWorkspaceFn>(b"cublasSetWorkspace_v2") {
+                const WORKSPACE: usize = 32 << 20;
+                if let Ok(ws) = stream.alloc_zeros::<u8>(WORKSPACE) {
+                    let (wp, _g) = ws.device_ptr(stream);
+                    check(
+                        "cublasSetWorkspace",
+                        set_ws(handle, wp as *mut c_void, WORKSPACE),
+                    )?;
+                    drop(_g);
+                    b._workspace = Some(ws);
+                }
+            }
             Ok(b)
         }
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
 
 pub mod blas;
+pub mod graph;
 pub mod model;
 pub mod nn;
 pub mod tensor;
@@ -44,6 +45,9 @@ pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// Kernels already looked up: every op launch asks for its kernel, and
+    /// cuModuleGetFunction is a driver call.
+    functions: std::sync::Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
 }
 
 impl CudaDevice {
@@ -87,6 +91,7 @@ impl CudaDevice {
             ctx,
             stream,
             modules,
+            functions: Default::default(),
         })
     }
 
@@ -101,11 +106,17 @@ impl CudaDevice {
 
     /// A kernel from one of the modules.
     pub fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(&(module, name)) {
+            return Ok(f.clone());
+        }
         let m = self
             .modules
             .get(module)
             .ok_or_else(|| Error::CudaUnavailable(format!("kernel module `{module}` not built")))?;
-        m.load_function(name).map_err(driver_err("load kernel"))
+        let f = m.load_function(name).map_err(driver_err("load kernel"))?;
+        cache.insert((module, name), f.clone());
+        Ok(f)
     }
 
     pub fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {

@@ -302,48 +302,92 @@ impl GpuSamUnet {
     /// x [B, 3, S, S] (normalised, padded, on the host) -> image features on the device.
     pub fn encode_image(&self, dev: &CudaDevice, blas: &Blas, x: &Tensor) -> Result<GpuFeatures> {
         let s = self.config.img_size;
-        let [b, ch, h, wd] = x.dims_n::<4>("encode_image (cuda)", "input")?;
+        let [_, ch, h, wd] = x.dims_n::<4>("encode_image (cuda)", "input")?;
         if ch != 3 || h != s || wd != s {
             return Err(Error::shape(
                 "encode_image (cuda)",
                 format!("input {:?}, expected [B, 3, {s}, {s}]", x.dims()),
             ));
         }
-        let x = GpuTensor::upload(dev, x)?;
+        self.encode_device(dev, blas, &GpuTensor::upload(dev, x)?)
+    }
+
+    /// The image side on an input already on the device, x [B, 3, S, S]. Makes
+    /// no host transfer and no synchronisation, so it can be captured into a
+    /// CUDA graph (crate::cuda::graph).
+    pub fn encode_device(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        x: &GpuTensor,
+    ) -> Result<GpuFeatures> {
+        let s = self.config.img_size;
+        let [b, ch, h, wd]: [usize; 4] = x
+            .dims
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::shape("encode_image (cuda)", format!("input {:?}", x.dims)))?;
+        if ch != 3 || h != s || wd != s {
+            return Err(Error::shape(
+                "encode_image (cuda)",
+                format!("input {:?}, expected [B, 3, {s}, {s}]", x.dims),
+            ));
+        }
         // ResNet
-        let mut f = self.stem.forward(dev, blas, &x, None, Act::Relu)?;
-        f = crate::ops::conv::cuda::max_pool2d(dev, &f, 3, 2, 1)?;
-        let mut feats = vec![];
+        let stem = self.stem.forward(dev, blas, x, None, Act::Relu)?;
+        let pooled = crate::ops::conv::cuda::max_pool2d(dev, &stem, 3, 2, 1)?;
+        drop(stem);
+        // The stage outputs are kept (the adapters read them); an identity
+        // shortcut reads its block's input in place, no copy.
+        let mut feats: Vec<GpuTensor> = Vec::with_capacity(4);
         for stage in &self.stages {
+            let mut cur: Option<GpuTensor> = None;
             for blk in stage {
-                f = match blk {
+                let input = match &cur {
+                    Some(c) => c,
+                    None => feats.last().unwrap_or(&pooled),
+                };
+                let next = match blk {
                     Block::Basic { c1, c2, ds } => {
-                        let id = match ds {
-                            Some(d) => d.forward(dev, blas, &f, None, Act::None)?,
-                            None => clone(dev, &f)?,
-                        };
-                        let hh = c1.forward(dev, blas, &f, None, Act::Relu)?;
-                        c2.forward(dev, blas, &hh, Some(&id), Act::Relu)?
+                        let id = ds
+                            .as_ref()
+                            .map(|d| d.forward(dev, blas, input, None, Act::None))
+                            .transpose()?;
+                        let hh = c1.forward(dev, blas, input, None, Act::Relu)?;
+                        c2.forward(
+                            dev,
+                            blas,
+                            &hh,
+                            Some(id.as_ref().unwrap_or(input)),
+                            Act::Relu,
+                        )?
                     }
                     Block::Bottleneck { c1, c2, c3, ds } => {
-                        let id = match ds {
-                            Some(d) => d.forward(dev, blas, &f, None, Act::None)?,
-                            None => clone(dev, &f)?,
-                        };
-                        let hh = c1.forward(dev, blas, &f, None, Act::Relu)?;
+                        let id = ds
+                            .as_ref()
+                            .map(|d| d.forward(dev, blas, input, None, Act::None))
+                            .transpose()?;
+                        let hh = c1.forward(dev, blas, input, None, Act::Relu)?;
                         let hh = c2.forward(dev, blas, &hh, None, Act::Relu)?;
-                        c3.forward(dev, blas, &hh, Some(&id), Act::Relu)?
+                        c3.forward(
+                            dev,
+                            blas,
+                            &hh,
+                            Some(id.as_ref().unwrap_or(input)),
+                            Act::Relu,
+                        )?
                     }
                 };
+                cur = Some(next);
             }
-            feats.push(clone(dev, &f)?);
+            feats.push(cur.ok_or_else(|| Error::Config("a ResNet stage without blocks".into()))?);
         }
         // ViT with the adapters
         let g = self.config.grid();
         let d = self.config.vit_dim;
         let mut t = nchw_to_nhwc(
             dev,
-            &self.patch_embed.forward(dev, blas, &x, None, Act::None)?,
+            &self.patch_embed.forward(dev, blas, x, None, Act::None)?,
         )?;
         act::bias_act(
             dev,

@@ -1,0 +1,115 @@
+//! CUDA graphs for the image side: a single image costs a few hundred kernel
+//! launches and cuBLAS calls, whose CPU cost (a few microseconds each) would
+//! bound its latency. The predictor records the image side once per batch
+//! size (stream capture) and replays it: one launch per image.
+//!
+//! The recording reads its input from a buffer of its own and leaves the
+//! features in buffers of its own (both allocated before the capture, so they
+//! outlive it); everything in between is allocated and freed inside the
+//! capture and so belongs to the graph. A replay copies the host input into
+//! the input buffer, launches the graph, and copies the features out, so that
+//! the caller's features stay valid when the graph runs again.
+//!
+//! Capturing may fail on a driver or cuBLAS that does not support it; the
+//! caller then runs eagerly. `SAM_UNET_CUDA_GRAPHS=0` turns graphs off.
+
+use cudarc::driver::CudaGraph;
+
+use crate::cuda::blas::Blas;
+use crate::cuda::model::{GpuFeatures, GpuSamUnet};
+use crate::cuda::{CudaDevice, GpuTensor, driver_err};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Whether the predictor may use CUDA graphs (`SAM_UNET_CUDA_GRAPHS=0`: no).
+pub fn enabled() -> bool {
+    std::env::var("SAM_UNET_CUDA_GRAPHS").map_or(true, |v| v != "0")
+}
+
+/// The image side recorded for one input shape.
+pub struct ImageGraph {
+    /// [B, 3, S, S]
+    input: GpuTensor,
+    out: GpuFeatures,
+    graph: CudaGraph,
+}
+
+impl ImageGraph {
+    /// Records `model`'s image side for inputs of `dims` = [B, 3, S, S]; `like`
+    /// gives the shapes of its outputs (from an eager run).
+    pub fn capture(
+        dev: &CudaDevice,
+        blas: &Blas,
+        model: &GpuSamUnet,
+        dims: &[usize],
+        like: &GpuFeatures,
+    ) -> Result<Self> {
+        let input = GpuTensor::zeros(dev, dims)?;
+        let mut out = GpuFeatures {
+            image_embeddings: GpuTensor::zeros(dev, &like.image_embeddings.dims)?,
+            multi_scale_feature: GpuTensor::zeros(dev, &like.multi_scale_feature.dims)?,
+        };
+        let st = dev.stream();
+        // Thread-local: other threads' CUDA calls do not break this capture.
+        st.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .map_err(driver_err("begin graph capture"))?;
+        let recorded = (|| -> Result<()> {
+            let f = model.encode_device(dev, blas, &input)?;
+            if f.image_embeddings.dims != out.image_embeddings.dims
+                || f.multi_scale_feature.dims != out.multi_scale_feature.dims
+            {
+                return Err(Error::shape(
+                    "image graph",
+                    "features of another shape than the eager run's",
+                ));
+            }
+            st.memcpy_dtod(&f.image_embeddings.data, &mut out.image_embeddings.data)
+                .map_err(driver_err("copy"))?;
+            st.memcpy_dtod(
+                &f.multi_scale_feature.data,
+                &mut out.multi_scale_feature.data,
+            )
+            .map_err(driver_err("copy"))?;
+            Ok(())
+            // f is dropped here, inside the capture: its memory is the graph's.
+        })();
+        // End the capture whatever happened, so that the stream is usable again.
+        let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph
+            .map_err(driver_err("end graph capture"))?
+            .ok_or_else(|| Error::CudaUnavailable("graph capture recorded nothing".into()))?;
+        graph.upload().map_err(driver_err("upload graph"))?;
+        Ok(ImageGraph { input, out, graph })
+    }
+
+    /// Runs the recording on `x` (host, [B, 3, S, S] as captured): features in
+    /// new buffers.
+    pub fn run(&mut self, dev: &CudaDevice, x: &Tensor) -> Result<GpuFeatures> {
+        if x.dims() != self.input.dims.as_slice() {
+            return Err(Error::shape(
+                "image graph",
+                format!("input {:?}, recorded for {:?}", x.dims(), self.input.dims),
+            ));
+        }
+        let st = dev.stream();
+        st.memcpy_htod(x.as_f32()?, &mut self.input.data)
+            .map_err(driver_err("copy to device"))?;
+        self.graph.launch().map_err(driver_err("graph launch"))?;
+        let copy = |t: &GpuTensor| -> Result<GpuTensor> {
+            let mut y = dev.alloc(t.numel())?;
+            st.memcpy_dtod(&t.data, &mut y)
+                .map_err(driver_err("copy"))?;
+            Ok(GpuTensor {
+                data: y,
+                dims: t.dims.clone(),
+            })
+        };
+        Ok(GpuFeatures {
+            image_embeddings: copy(&self.out.image_embeddings)?,
+            multi_scale_feature: copy(&self.out.multi_scale_feature)?,
+        })
+    }
+}
