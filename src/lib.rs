@@ -24,5 +24,5 @@ pub mod profile;
 pub mod tensor;
 
 pub use error::{Error, Result};
-pub use predictor::{Prediction, Predictor, PredictorOptions};
+pub use predictor::{CudaGraphs, Prediction, Predictor, PredictorOptions};
 pub use tensor::{DType, Device, Shape, Tensor};

@@ -48,6 +48,18 @@ pub struct Prediction {
     pub model_boxes: Vec<[f32; 4]>,
 }
 
+/// What `Predictor::cuda_graphs` reports: (batch size or box count, recorded).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CudaGraphs {
+    pub image_batches: Vec<(usize, bool)>,
+    pub decoder_boxes: Vec<(usize, bool)>,
+}
+
+/// How many batch sizes / box counts get a CUDA graph of their own (each
+/// keeps the memory of its intermediates); the rest run eagerly.
+const MAX_IMAGE_GRAPHS: usize = 4;
+const MAX_DECODER_GRAPHS: usize = 8;
+
 struct Cuda {
     dev: CudaDevice,
     blas: Blas,
@@ -56,6 +68,10 @@ struct Cuda {
     /// eagerly); see crate::cuda::graph.
     graphs: std::cell::RefCell<
         std::collections::HashMap<usize, Option<crate::cuda::graph::ImageGraph>>,
+    >,
+    /// The decoder recorded per number of boxes.
+    decoders: std::cell::RefCell<
+        std::collections::HashMap<usize, Option<crate::cuda::graph::DecoderGraph>>,
     >,
 }
 
@@ -73,16 +89,54 @@ impl Cuda {
             Some(None) => self.model.encode_image(&self.dev, &self.blas, x),
             None => {
                 let f = self.model.encode_image(&self.dev, &self.blas, x)?;
-                let g = crate::cuda::graph::ImageGraph::capture(
-                    &self.dev,
-                    &self.blas,
-                    &self.model,
-                    x.dims(),
-                    &f,
-                )
-                .ok();
-                graphs.insert(b, g);
+                if graphs.len() < MAX_IMAGE_GRAPHS {
+                    let g = crate::cuda::graph::ImageGraph::capture(
+                        &self.dev,
+                        &self.blas,
+                        &self.model,
+                        x.dims(),
+                        &f,
+                    )
+                    .ok();
+                    graphs.insert(b, g);
+                }
                 Ok(f)
+            }
+        }
+    }
+
+    /// The decoder for one image's boxes: eagerly the first time for a box
+    /// count, then from a recording made right after.
+    fn decode(
+        &self,
+        f: &GpuFeatures,
+        index: usize,
+        boxes: &[[f32; 4]],
+    ) -> Result<crate::cuda::GpuTensor> {
+        if !crate::cuda::graph::enabled() {
+            return self.model.decode(&self.dev, &self.blas, f, index, boxes);
+        }
+        let mut decoders = self.decoders.borrow_mut();
+        match decoders.get_mut(&boxes.len()) {
+            Some(Some(g)) => g.run(&self.dev, f, index, boxes),
+            Some(None) => self.model.decode(&self.dev, &self.blas, f, index, boxes),
+            None => {
+                let low = self.model.decode(&self.dev, &self.blas, f, index, boxes)?;
+                // Each recording keeps its own intermediates' memory: only the
+                // first few box counts get one.
+                if decoders.len() < MAX_DECODER_GRAPHS {
+                    let g = crate::cuda::graph::DecoderGraph::capture(
+                        &self.dev,
+                        &self.blas,
+                        &self.model,
+                        boxes.len(),
+                        f,
+                        &low,
+                    )
+                    .ok();
+                    decoders.insert(boxes.len(), g);
+                }
+                Ok(low)
             }
         }
     }
@@ -141,6 +195,7 @@ impl Predictor {
                         blas,
                         model,
                         graphs: Default::default(),
+                        decoders: Default::default(),
                     })),
                     options,
                     image: None,
@@ -218,22 +273,33 @@ impl Predictor {
             .collect()
     }
 
-    /// For a CUDA predictor: the batch sizes whose image side has been seen,
-    /// each with whether it was recorded as a CUDA graph (false: capturing
-    /// failed and it runs eagerly). Empty on the CPU.
-    pub fn cuda_graphs(&self) -> Vec<(usize, bool)> {
+    /// For a CUDA predictor, the CUDA graphs made so far: the batch sizes
+    /// whose image side has been seen and the box counts the decoder has
+    /// seen, each with whether it was recorded (false: capturing failed and it
+    /// runs eagerly). Empty on the CPU.
+    pub fn cuda_graphs(&self) -> CudaGraphs {
+        fn sorted(mut v: Vec<(usize, bool)>) -> Vec<(usize, bool)> {
+            v.sort();
+            v
+        }
         match &self.backend {
-            Backend::Cuda(c) => {
-                let mut v: Vec<(usize, bool)> = c
-                    .graphs
-                    .borrow()
-                    .iter()
-                    .map(|(b, g)| (*b, g.is_some()))
-                    .collect();
-                v.sort();
-                v
-            }
-            Backend::Cpu(_) => vec![],
+            Backend::Cuda(c) => CudaGraphs {
+                image_batches: sorted(
+                    c.graphs
+                        .borrow()
+                        .iter()
+                        .map(|(b, g)| (*b, g.is_some()))
+                        .collect(),
+                ),
+                decoder_boxes: sorted(
+                    c.decoders
+                        .borrow()
+                        .iter()
+                        .map(|(n, g)| (*n, g.is_some()))
+                        .collect(),
+                ),
+            },
+            Backend::Cpu(_) => CudaGraphs::default(),
         }
     }
 
@@ -292,7 +358,7 @@ impl Predictor {
             }
             (Backend::Cuda(c), Features::Cuda(f)) => {
                 // Post-processing on the device too: only the logits come back.
-                let low = c.model.decode(&c.dev, &c.blas, f, index, &model_boxes)?;
+                let low = c.decode(f, index, &model_boxes)?;
                 let logits = crate::ops::resize::cuda::postprocess(
                     &c.dev,
                     &low,

@@ -41,10 +41,16 @@ fn compare(name: &str, w: &Weights, img: &RgbImage, boxes: &[[f32; 4]]) {
         // graph), the second replays the recording: both must match.
         for pass in ["eager", "graph replay"] {
             if pass == "graph replay" && sam_unet::cuda::graph::enabled() {
+                let g = gpu.cuda_graphs();
                 assert_eq!(
-                    gpu.cuda_graphs(),
+                    g.image_batches,
                     vec![(1, true)],
                     "{name}: the image side was not recorded as a CUDA graph"
+                );
+                assert_eq!(
+                    g.decoder_boxes,
+                    vec![(boxes.len(), true)],
+                    "{name}: the decoder was not recorded as a CUDA graph"
                 );
             }
             gpu.set_image(img).unwrap();

@@ -34,6 +34,9 @@ echo "== end to end (bench, random SAM-UNet-50)" | tee -a "$log"
 for dt in f32 bf16; do
   timeout 150 "$BIN/bench" --device cuda --dtype "$dt" --boxes 1,32 --batch 1,8,64 --runs 10 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
 done
+# The same without CUDA graphs (eager launches), to see what the graphs buy.
+echo '{"note":"next lines: bf16 with SAM_UNET_CUDA_GRAPHS=0 (eager)"}' >> "$OUTDIR/bench-cuda.jsonl"
+SAM_UNET_CUDA_GRAPHS=0 timeout 100 "$BIN/bench" --device cuda --dtype bf16 --boxes 1,32 --batch 1 --runs 10 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
 
 echo "== benchmarks (cuda_*)" | tee -a "$log"
 timeout 240 "$BIN/cpu_ops" --bench cuda_ --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | tee -a "$log" >/dev/null

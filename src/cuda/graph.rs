@@ -1,10 +1,11 @@
-//! CUDA graphs for the image side: a single image costs a few hundred kernel
-//! launches and cuBLAS calls, whose CPU cost (a few microseconds each) would
-//! bound its latency. The predictor records the image side once per batch
-//! size (stream capture) and replays it: one launch per image.
+//! CUDA graphs: a single image costs a few hundred kernel launches and cuBLAS
+//! calls and a prompt about a hundred, whose CPU cost (a few microseconds
+//! each) would bound latency. The predictor records the image side once per
+//! batch size and the decoder once per box count (stream capture) and replays
+//! them: one launch each.
 //!
-//! The recording reads its input from a buffer of its own and leaves the
-//! features in buffers of its own (both allocated before the capture, so they
+//! A recording reads its inputs from buffers of its own and leaves its
+//! outputs in buffers of its own (both allocated before the capture, so they
 //! outlive it); everything in between is allocated and freed inside the
 //! capture and so belongs to the graph. A replay copies the host input into
 //! the input buffer, launches the graph, and copies the features out, so that
@@ -110,6 +111,124 @@ impl ImageGraph {
         Ok(GpuFeatures {
             image_embeddings: copy(&self.out.image_embeddings)?,
             multi_scale_feature: copy(&self.out.multi_scale_feature)?,
+        })
+    }
+}
+
+/// The decoder recorded for one number of boxes, on one image's features.
+pub struct DecoderGraph {
+    /// [N * 4], model frame
+    boxes: cudarc::driver::CudaSlice<f32>,
+    /// one image: [1, C, G, G] and [1, 32, 4G, 4G]
+    feats: GpuFeatures,
+    /// [N, 1, 4G, 4G]
+    low: GpuTensor,
+    graph: CudaGraph,
+}
+
+impl DecoderGraph {
+    /// Records `model`'s decoder for `n` boxes; `feats` gives the feature
+    /// shapes (any batch), `low` the output's (from an eager run).
+    pub fn capture(
+        dev: &CudaDevice,
+        blas: &Blas,
+        model: &GpuSamUnet,
+        n: usize,
+        feats: &GpuFeatures,
+        low: &GpuTensor,
+    ) -> Result<Self> {
+        let one = |t: &GpuTensor| -> Result<GpuTensor> {
+            let mut d = t.dims.clone();
+            d[0] = 1;
+            GpuTensor::zeros(dev, &d)
+        };
+        let boxes = dev.alloc_zeros(n * 4)?;
+        let input = GpuFeatures {
+            image_embeddings: one(&feats.image_embeddings)?,
+            multi_scale_feature: one(&feats.multi_scale_feature)?,
+        };
+        let mut out = GpuTensor::zeros(dev, &low.dims)?;
+        let st = dev.stream();
+        st.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .map_err(driver_err("begin graph capture"))?;
+        let recorded = (|| -> Result<()> {
+            let l = model.decode_device(dev, blas, &input, 0, &boxes)?;
+            if l.dims != out.dims {
+                return Err(Error::shape(
+                    "decoder graph",
+                    "logits of another shape than the eager run's",
+                ));
+            }
+            st.memcpy_dtod(&l.data, &mut out.data)
+                .map_err(driver_err("copy"))?;
+            Ok(())
+        })();
+        let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph
+            .map_err(driver_err("end graph capture"))?
+            .ok_or_else(|| Error::CudaUnavailable("graph capture recorded nothing".into()))?;
+        graph.upload().map_err(driver_err("upload graph"))?;
+        Ok(DecoderGraph {
+            boxes,
+            feats: input,
+            low: out,
+            graph,
+        })
+    }
+
+    /// Runs the recording for image `index` of `f` and `boxes` (as many as
+    /// recorded): low-res logits [N, 1, 4G, 4G] in a new buffer.
+    pub fn run(
+        &mut self,
+        dev: &CudaDevice,
+        f: &GpuFeatures,
+        index: usize,
+        boxes: &[[f32; 4]],
+    ) -> Result<GpuTensor> {
+        let st = dev.stream();
+        if boxes.len() * 4 != self.boxes.len() {
+            return Err(Error::shape(
+                "decoder graph",
+                format!(
+                    "{} boxes, recorded for {}",
+                    boxes.len(),
+                    self.boxes.len() / 4
+                ),
+            ));
+        }
+        for (src, dst) in [
+            (&f.image_embeddings, &mut self.feats.image_embeddings),
+            (&f.multi_scale_feature, &mut self.feats.multi_scale_feature),
+        ] {
+            let per = dst.numel();
+            if src.dims[1..] != dst.dims[1..] || index >= src.dims[0] {
+                return Err(Error::shape(
+                    "decoder graph",
+                    format!(
+                        "features {:?} (image {index}), recorded for {:?}",
+                        src.dims, dst.dims
+                    ),
+                ));
+            }
+            st.memcpy_dtod(
+                &src.data.slice(index * per..(index + 1) * per),
+                &mut dst.data,
+            )
+            .map_err(driver_err("copy"))?;
+        }
+        let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+        st.memcpy_htod(&flat, &mut self.boxes)
+            .map_err(driver_err("copy to device"))?;
+        self.graph.launch().map_err(driver_err("graph launch"))?;
+        let mut y = dev.alloc(self.low.numel())?;
+        st.memcpy_dtod(&self.low.data, &mut y)
+            .map_err(driver_err("copy"))?;
+        Ok(GpuTensor {
+            data: y,
+            dims: self.low.dims.clone(),
         })
     }
 }

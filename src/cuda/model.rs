@@ -479,6 +479,24 @@ impl GpuSamUnet {
         index: usize,
         boxes: &[[f32; 4]],
     ) -> Result<GpuTensor> {
+        if boxes.is_empty() {
+            return Err(Error::input("decode (cuda)", "no boxes"));
+        }
+        let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+        self.decode_device(dev, blas, f, index, &dev.upload(&flat)?)
+    }
+
+    /// decode with the boxes already on the device, [N, 4] in the model frame:
+    /// no host transfer and no synchronisation, so it can be captured into a
+    /// CUDA graph (crate::cuda::graph).
+    pub fn decode_device(
+        &self,
+        dev: &CudaDevice,
+        blas: &Blas,
+        f: &GpuFeatures,
+        index: usize,
+        boxes: &CudaSlice<f32>,
+    ) -> Result<GpuTensor> {
         let emb_dims = &f.image_embeddings.dims;
         let (b, c, g) = (emb_dims[0], emb_dims[1], emb_dims[2]);
         if index >= b {
@@ -487,9 +505,12 @@ impl GpuSamUnet {
                 format!("image index {index} of a batch of {b}"),
             ));
         }
-        let n = boxes.len();
-        if n == 0 {
-            return Err(Error::input("decode (cuda)", "no boxes"));
+        let n = boxes.len() / 4;
+        if n == 0 || boxes.len() != 4 * n {
+            return Err(Error::input(
+                "decode (cuda)",
+                format!("{} box values: expected [N, 4] with N >= 1", boxes.len()),
+            ));
         }
         let hw = g * g;
         // src [N, HW, C] = channels-last (embeddings + no-mask embedding); pos likewise.
@@ -502,10 +523,9 @@ impl GpuSamUnet {
         let src = repeat(dev, &src1.data, n, vec![n, hw, c])?;
         let pos = repeat(dev, &self.pos_cl, n, vec![n, hw, c])?;
         // tokens [N, 3, C]: med token, the two encoded corners
-        let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
         let tokens = box_tokens(
             dev,
-            &dev.upload(&flat)?,
+            boxes,
             &self.box_gauss,
             &self.med_token,
             &self.box_e0,
