@@ -171,8 +171,9 @@ __device__ __forceinline__ void rel_pos_attention_tc(void* __restrict__ out, con
     __shared__ __align__(16) unsigned short qs[TC_BQ][TC_STR];  // 0.125 q, bf16
     __shared__ __align__(16) unsigned short ks[TC_BK][TC_STR];  // k, bf16
     __shared__ __align__(16) unsigned short vt[HD][TC_STR];     // v transposed: vt[c][key]
-    __shared__ float relh[TC_BQ][TC_MAXS];
-    __shared__ float relw[TC_BQ][TC_MAXS];
+    // +1: the 8 rows a warp reads at once fall in 8 banks, not one.
+    __shared__ float relh[TC_BQ][TC_MAXS + 1];
+    __shared__ float relw[TC_BQ][TC_MAXS + 1];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;

@@ -61,9 +61,8 @@ const MAX_IMAGE_GRAPHS: usize = 4;
 const MAX_DECODER_GRAPHS: usize = 8;
 
 struct Cuda {
-    dev: CudaDevice,
-    blas: Blas,
-    model: GpuSamUnet,
+    // Fields drop in this order: the graphs (which reference cuBLAS kernels)
+    // before the model's buffers, cuBLAS and the device.
     /// The image side recorded per batch size (None: capture failed, run
     /// eagerly); see crate::cuda::graph.
     graphs: std::cell::RefCell<
@@ -73,6 +72,9 @@ struct Cuda {
     decoders: std::cell::RefCell<
         std::collections::HashMap<usize, Option<crate::cuda::graph::DecoderGraph>>,
     >,
+    model: GpuSamUnet,
+    blas: Blas,
+    dev: CudaDevice,
 }
 
 impl Cuda {

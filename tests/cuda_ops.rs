@@ -73,6 +73,11 @@ fn main() {
             cuda_rel_pos_attention_tensor_cores_match_cpu,
         ),
         (
+            "cuda_graph_capture_failure_leaves_stream_usable",
+            true,
+            cuda_graph_capture_failure_leaves_stream_usable,
+        ),
+        (
             "cuda_postprocess_box_tokens_repeat_match_cpu",
             true,
             cuda_postprocess_box_tokens_repeat_match_cpu,
@@ -719,4 +724,49 @@ fn cuda_rel_pos_attention_tensor_cores_match_cpu() {
             3e-2,
         );
     }
+}
+
+fn cuda_graph_capture_failure_leaves_stream_usable() {
+    // A host copy cannot be captured: the recording fails with an error, and
+    // the stream must come out of capture mode, so that the predictor's eager
+    // fallback works. Then a capture that succeeds replays correctly.
+    let dev = device().expect("a GPU was found at start");
+    let x = rand(4096, 300, 3.0);
+    let xd = dev.upload(&x).unwrap();
+    let r = sam_unet::cuda::graph::record(&dev, || {
+        let _ = dev.upload(&[1.0f32; 16])?;
+        Ok(())
+    });
+    println!("capture with a host copy: {:?}", r.as_ref().err());
+    assert!(
+        r.is_err(),
+        "a capture with a pageable host copy was accepted"
+    );
+    let y = activation::cuda::act(&dev, &xd, Act::Relu).unwrap();
+    let want: Vec<f32> = x.iter().map(|v| v.max(0.0)).collect();
+    assert_close(
+        "relu after a failed capture",
+        &dev.download(&y).unwrap(),
+        &want,
+        0.0,
+        0.0,
+    );
+    let mut out = dev.alloc_zeros(4096).unwrap();
+    let g = sam_unet::cuda::graph::record(&dev, || {
+        let t = activation::cuda::act(&dev, &xd, Act::Gelu)?;
+        dev.stream()
+            .memcpy_dtod(&t, &mut out)
+            .map_err(|e| sam_unet::Error::CudaUnavailable(e.to_string()))?;
+        Ok(())
+    })
+    .unwrap();
+    g.launch().unwrap();
+    let want = activation::act(&Tensor::from_vec(x.clone(), [4096]).unwrap(), Act::Gelu).unwrap();
+    assert_close(
+        "gelu replayed from a graph",
+        &dev.download(&out).unwrap(),
+        want.as_f32().unwrap(),
+        1e-6,
+        1e-5,
+    );
 }

@@ -250,8 +250,9 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return OK;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
-    CUresult r = cuMemAlloc_v2(p, bytes);
     Stream* s = (Stream*)stream;
+    if (s && s->capture && s->invalid) return CAPTURE_INVALIDATED;
+    CUresult r = cuMemAlloc_v2(p, bytes);
     if (r == OK && s && s->capture) s->capture->owned.insert((void*)*p);
     return r;
 }
@@ -262,6 +263,9 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
 CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
     Stream* s = (Stream*)stream;
     if (s && s->capture) {
+        // After a refused call the capture is broken: every later call on the
+        // stream fails until the capture ends, as on a GPU.
+        if (s->invalid) return CAPTURE_INVALIDATED;
         // The graph's own memory lives as long as the graph; older memory may
         // not be freed by a recording we replay (our code never does).
         if (s->capture->owned.count((void*)p)) return OK;

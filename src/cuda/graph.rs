@@ -27,6 +27,45 @@ pub fn enabled() -> bool {
     std::env::var("SAM_UNET_CUDA_GRAPHS").map_or(true, |v| v != "0")
 }
 
+/// Records what `body` submits to the device's stream (thread-local capture,
+/// so other threads' CUDA calls do not break it) into an instantiated graph.
+/// Whatever fails, the stream is left out of capture mode and usable for
+/// eager work.
+pub fn record(dev: &CudaDevice, body: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+    use cudarc::driver::sys;
+    let st = dev.stream();
+    st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(driver_err("begin graph capture"))?;
+    let recorded = body();
+    // cudarc keeps the errors of its drops (a free refused by a broken
+    // capture) and would return them from end_capture before ending the
+    // capture: take them first.
+    let pending = st.context().check_err();
+    let graph = st.end_capture(sys::CUgraphInstantiate_flags(0));
+    let capturing = st.capture_status().map_or(true, |c| {
+        c != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+    });
+    if capturing {
+        // SAFETY: ends the capture begun above on this stream; the graph it
+        // hands back (if any) is ours and destroyed at once.
+        unsafe {
+            if let Ok(g) = cudarc::driver::result::stream::end_capture(st.cu_stream())
+                && !g.is_null()
+            {
+                let _ = cudarc::driver::result::graph::destroy(g);
+            }
+        }
+        let _ = st.context().check_err();
+    }
+    recorded?;
+    pending.map_err(driver_err("graph capture"))?;
+    let graph = graph
+        .map_err(driver_err("end graph capture"))?
+        .ok_or_else(|| Error::CudaUnavailable("graph capture recorded nothing".into()))?;
+    graph.upload().map_err(driver_err("upload graph"))?;
+    Ok(graph)
+}
+
 /// The image side recorded for one input shape.
 pub struct ImageGraph {
     /// [B, 3, S, S]
@@ -51,12 +90,7 @@ impl ImageGraph {
             multi_scale_feature: GpuTensor::zeros(dev, &like.multi_scale_feature.dims)?,
         };
         let st = dev.stream();
-        // Thread-local: other threads' CUDA calls do not break this capture.
-        st.begin_capture(
-            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-        )
-        .map_err(driver_err("begin graph capture"))?;
-        let recorded = (|| -> Result<()> {
+        let graph = record(dev, || {
             let f = model.encode_device(dev, blas, &input)?;
             if f.image_embeddings.dims != out.image_embeddings.dims
                 || f.multi_scale_feature.dims != out.multi_scale_feature.dims
@@ -75,14 +109,7 @@ impl ImageGraph {
             .map_err(driver_err("copy"))?;
             Ok(())
             // f is dropped here, inside the capture: its memory is the graph's.
-        })();
-        // End the capture whatever happened, so that the stream is usable again.
-        let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        recorded?;
-        let graph = graph
-            .map_err(driver_err("end graph capture"))?
-            .ok_or_else(|| Error::CudaUnavailable("graph capture recorded nothing".into()))?;
-        graph.upload().map_err(driver_err("upload graph"))?;
+        })?;
         Ok(ImageGraph { input, out, graph })
     }
 
@@ -149,11 +176,7 @@ impl DecoderGraph {
         };
         let mut out = GpuTensor::zeros(dev, &low.dims)?;
         let st = dev.stream();
-        st.begin_capture(
-            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-        )
-        .map_err(driver_err("begin graph capture"))?;
-        let recorded = (|| -> Result<()> {
+        let graph = record(dev, || {
             let l = model.decode_device(dev, blas, &input, 0, &boxes)?;
             if l.dims != out.dims {
                 return Err(Error::shape(
@@ -164,13 +187,7 @@ impl DecoderGraph {
             st.memcpy_dtod(&l.data, &mut out.data)
                 .map_err(driver_err("copy"))?;
             Ok(())
-        })();
-        let graph = st.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
-        recorded?;
-        let graph = graph
-            .map_err(driver_err("end graph capture"))?
-            .ok_or_else(|| Error::CudaUnavailable("graph capture recorded nothing".into()))?;
-        graph.upload().map_err(driver_err("upload graph"))?;
+        })?;
         Ok(DecoderGraph {
             boxes,
             feats: input,
