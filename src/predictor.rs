@@ -77,6 +77,14 @@ struct Cuda {
     dev: CudaDevice,
 }
 
+// SAFETY: a Cuda backend is only ever used through &Predictor / &mut
+// Predictor, and Predictor is not Sync (the RefCells), so its CUDA objects are
+// used by one thread at a time; moving them to another thread is what CUDA
+// allows: cudarc makes the context current before each of its calls, and the
+// cuBLAS calls do the same (src/cuda/blas.rs); the graphs are only launched
+// on their own stream.
+unsafe impl Send for Cuda {}
+
 impl Cuda {
     /// The image side: eagerly the first time for a batch size (which also
     /// warms cuBLAS up), then from a recording made right after.

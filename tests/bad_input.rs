@@ -251,3 +251,10 @@ fn batch_equals_single_image_calls() {
         assert!(rel < 1e-5, "batched vs single: {rel}");
     }
 }
+
+#[test]
+fn predictor_can_move_to_another_thread() {
+    // A server moves a predictor into its worker thread (on any backend).
+    fn assert_send<T: Send>() {}
+    assert_send::<sam_unet::Predictor>();
+}

@@ -77,6 +77,25 @@ fn compare(name: &str, w: &Weights, img: &RgbImage, boxes: &[[f32; 4]]) {
                 ),
             }
         }
+        // A predictor moves to a worker thread and keeps working there (its
+        // image, its recordings): the same logits as before the move.
+        let before = gpu.predict(boxes).unwrap();
+        let boxes_owned = boxes.to_vec();
+        let after = std::thread::spawn(move || gpu.predict(&boxes_owned).unwrap())
+            .join()
+            .unwrap();
+        let moved = rel_l2(
+            after.logits.as_f32().unwrap(),
+            before.logits.as_f32().unwrap(),
+        );
+        println!(
+            "{name} {} (on another thread): logits relative L2 to before the move {moved:.2e}",
+            dt.name()
+        );
+        assert!(
+            moved <= 1e-6,
+            "{name}: predictions changed after moving the predictor to another thread ({moved})"
+        );
     }
 }
 

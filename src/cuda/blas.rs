@@ -247,6 +247,12 @@ impl Blas {
             ));
         }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // cuBLAS works in the calling thread's current context: make it this
+        // stream's (a predictor may have moved to another thread).
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS: {e}")))?;
         let (xp, _gx) = x.device_ptr(stream);
         let (wp, _gw) = w.device_ptr(stream);
         let (yp, _gy) = y.device_ptr_mut(stream);
@@ -339,6 +345,12 @@ impl Blas {
             return Ok(());
         }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // cuBLAS works in the calling thread's current context: make it this
+        // stream's (a predictor may have moved to another thread).
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS: {e}")))?;
         let (ap, _ga) = a.device_ptr(stream);
         let (bp, _gb) = b.device_ptr(stream);
         let (cp, _gc) = c.device_ptr_mut(stream);
@@ -429,6 +441,12 @@ impl Blas {
             return Ok(());
         }
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // cuBLAS works in the calling thread's current context: make it this
+        // stream's (a predictor may have moved to another thread).
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS: {e}")))?;
         let (ap, _ga) = a.device_ptr(stream);
         let (bp, _gb) = b.device_ptr(stream);
         let (cp, _gc) = c.device_ptr_mut(stream);
