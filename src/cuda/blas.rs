@@ -1,5 +1,5 @@
-//! cuBLAS, loaded at run time through its stable C API (cublasCreate_v2,
-//! cublasSgemm_v2, cublasGemmEx), so one build works against cuBLAS 12 or 13.
+//! cuBLAS, loaded at run time through its stable C API (cublasCreate_v2 and
+//! cublasGemmStridedBatchedEx for every GEMM), so one build works against cuBLAS 12 or 13.
 //! Every status is checked and turned into an error naming the op.
 //!
 //! f32 GEMMs run in true f32 (TF32 off), bf16 ones with f32 accumulation.
@@ -18,46 +18,6 @@ type DestroyFn = unsafe extern "C" fn(Handle) -> c_int;
 type SetStreamFn = unsafe extern "C" fn(Handle, *mut c_void) -> c_int;
 type SetMathModeFn = unsafe extern "C" fn(Handle, c_int) -> c_int;
 type SetWorkspaceFn = unsafe extern "C" fn(Handle, *mut c_void, usize) -> c_int;
-#[allow(clippy::type_complexity)]
-type SgemmFn = unsafe extern "C" fn(
-    Handle,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    *const f32,
-    *const f32,
-    c_int,
-    *const f32,
-    c_int,
-    *const f32,
-    *mut f32,
-    c_int,
-) -> c_int;
-#[allow(clippy::type_complexity)]
-type GemmExFn = unsafe extern "C" fn(
-    Handle,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-    *const c_void,
-    *const c_void,
-    c_int,
-    c_int,
-    *const c_void,
-    c_int,
-    c_int,
-    *const c_void,
-    *mut c_void,
-    c_int,
-    c_int,
-    c_int,
-    c_int,
-) -> c_int;
-
 #[allow(clippy::type_complexity)]
 type GemmBatchedFn = unsafe extern "C" fn(
     Handle,
@@ -115,8 +75,6 @@ pub struct Blas {
     _workspace: Option<CudaSlice<u8>>,
     handle: Handle,
     destroy: DestroyFn,
-    sgemm: SgemmFn,
-    gemm_ex: GemmExFn,
     gemm_batched: GemmBatchedFn,
 }
 
@@ -166,8 +124,6 @@ impl Blas {
             let set_math: SetMathModeFn = *lib
                 .get::<SetMathModeFn>(b"cublasSetMathMode")
                 .map_err(sym)?;
-            let sgemm: SgemmFn = *lib.get::<SgemmFn>(b"cublasSgemm_v2").map_err(sym)?;
-            let gemm_ex: GemmExFn = *lib.get::<GemmExFn>(b"cublasGemmEx").map_err(sym)?;
             let gemm_batched: GemmBatchedFn = *lib
                 .get::<GemmBatchedFn>(b"cublasGemmStridedBatchedEx")
                 .map_err(sym)?;
@@ -178,8 +134,6 @@ impl Blas {
                 _workspace: None,
                 handle,
                 destroy,
-                sgemm,
-                gemm_ex,
                 gemm_batched,
             };
             check(
@@ -235,54 +189,9 @@ impl Blas {
         k: usize,
         accumulate: bool,
     ) -> Result<()> {
-        if x.len() < m * k || w.len() < n * k || y.len() < m * n {
-            return Err(Error::shape(
-                "linear bf16 (cuda)",
-                format!(
-                    "x {} w {} y {} for m {m} n {n} k {k}",
-                    x.len(),
-                    w.len(),
-                    y.len()
-                ),
-            ));
-        }
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        // cuBLAS works in the calling thread's current context: make it this
-        // stream's (a predictor may have moved to another thread).
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS: {e}")))?;
-        let (xp, _gx) = x.device_ptr(stream);
-        let (wp, _gw) = w.device_ptr(stream);
-        let (yp, _gy) = y.device_ptr_mut(stream);
-        // SAFETY: as in linear_f32; the types passed match the buffers (bf16 in, f32 out).
-        unsafe {
-            check(
-                "cublasGemmEx (linear bf16)",
-                (self.gemm_ex)(
-                    self.handle,
-                    OP_T,
-                    OP_N,
-                    n as c_int,
-                    m as c_int,
-                    k as c_int,
-                    &alpha as *const f32 as *const c_void,
-                    wp as *const c_void,
-                    CUDA_R_16BF,
-                    k as c_int,
-                    xp as *const c_void,
-                    CUDA_R_16BF,
-                    k as c_int,
-                    &beta as *const f32 as *const c_void,
-                    yp as *mut c_void,
-                    CUDA_R_32F,
-                    n as c_int,
-                    COMPUTE_32F,
-                    GEMM_DEFAULT,
-                ),
-            )
-        }
+        self.gemm_batched::<half::bf16, _, _, _>(
+            stream, false, true, m, n, k, x, k, 0, w, k, 0, y, n, 0, 1, accumulate,
+        )
     }
 }
 
@@ -411,71 +320,9 @@ impl Blas {
         ldc: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let (ar, ac) = if ta { (k, m) } else { (m, k) };
-        let (br, bc) = if tb { (n, k) } else { (k, n) };
-        let need = |rows: usize, cols: usize, ld: usize| {
-            if rows == 0 || cols == 0 {
-                0
-            } else {
-                (rows - 1) * ld + cols
-            }
-        };
-        if a.len() < need(ar, ac, lda)
-            || b.len() < need(br, bc, ldb)
-            || c.len() < need(m, n, ldc)
-            || lda < ac
-            || ldb < bc
-            || ldc < n
-        {
-            return Err(Error::shape(
-                "gemm (cuda)",
-                format!(
-                    "m {m} n {n} k {k}: buffers {} / {} / {} with ld {lda} / {ldb} / {ldc}",
-                    a.len(),
-                    b.len(),
-                    c.len()
-                ),
-            ));
-        }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        // cuBLAS works in the calling thread's current context: make it this
-        // stream's (a predictor may have moved to another thread).
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS: {e}")))?;
-        let (ap, _ga) = a.device_ptr(stream);
-        let (bp, _gb) = b.device_ptr(stream);
-        let (cp, _gc) = c.device_ptr_mut(stream);
-        let op = |t: bool| if t { OP_T } else { OP_N };
-        // Column-major: C^T [n, m] = op(B)^T op(A)^T; a row-major matrix is its
-        // own transpose in column-major with the same leading dimension.
-        // SAFETY: every element the GEMM touches lies inside the buffers (checked
-        // above); the guards keep them alive and stream-ordered for the call.
-        unsafe {
-            check(
-                "cublasSgemm",
-                (self.sgemm)(
-                    self.handle,
-                    op(tb),
-                    op(ta),
-                    n as c_int,
-                    m as c_int,
-                    k as c_int,
-                    &alpha,
-                    bp as *const f32,
-                    ldb as c_int,
-                    ap as *const f32,
-                    lda as c_int,
-                    &beta,
-                    cp as *mut f32,
-                    ldc as c_int,
-                ),
-            )
-        }
+        self.gemm_batched::<f32, _, _, _>(
+            stream, ta, tb, m, n, k, a, lda, 0, b, ldb, 0, c, ldc, 0, 1, accumulate,
+        )
     }
 }
 

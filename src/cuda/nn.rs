@@ -133,6 +133,15 @@ impl GpuLinear {
     }
 }
 
+/// The bf16 copy of a layer's weights when it runs its GEMM in bf16.
+fn bf16_copy(
+    dev: &CudaDevice,
+    w: &CudaSlice<f32>,
+    bf16: bool,
+) -> Result<Option<CudaSlice<half::bf16>>> {
+    bf16.then(|| act::to_bf16(dev, w)).transpose()
+}
+
 /// Conv2d (optionally with BatchNorm folded in).
 pub struct GpuConv {
     w: CudaSlice<f32>,
@@ -202,11 +211,7 @@ impl GpuConv {
     }
     /// Runs the GEMM in bf16 (f32 accumulation) when `bf16`.
     pub fn with_bf16(mut self, dev: &CudaDevice, bf16: bool) -> Result<Self> {
-        self.w16 = if bf16 {
-            Some(act::to_bf16(dev, &self.w)?)
-        } else {
-            None
-        };
+        self.w16 = bf16_copy(dev, &self.w, bf16)?;
         Ok(self)
     }
     pub fn forward(
@@ -279,11 +284,7 @@ impl GpuConvT {
     }
     /// Runs the GEMM in bf16 (f32 accumulation) when `bf16`.
     pub fn with_bf16(mut self, dev: &CudaDevice, bf16: bool) -> Result<Self> {
-        self.w16 = if bf16 {
-            Some(act::to_bf16(dev, &self.w)?)
-        } else {
-            None
-        };
+        self.w16 = bf16_copy(dev, &self.w, bf16)?;
         Ok(self)
     }
 }

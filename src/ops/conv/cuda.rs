@@ -77,7 +77,6 @@ pub fn conv2d(
     let mut y = dev.alloc(n * o * p)?;
     let st = dev.stream();
     let direct = kh == 1 && kw == 1 && stride == 1 && pad == 0;
-    let chw = c * h * wd;
     match (w16, direct) {
         // 1 x 1: the GEMM reads the images themselves.
         (None, true) => blas.gemm_batched::<f32, _, _, _>(
@@ -122,86 +121,32 @@ pub fn conv2d(
             )?
         }
         (None, false) => {
-            let per = images_per_chunk(k * p * 4, n);
-            let mut col = dev.alloc(per * k * p)?;
-            let f = dev.function("conv", "im2col_f32")?;
-            for i0 in (0..n).step_by(per) {
-                let nb = per.min(n - i0);
-                im2col(
-                    dev,
-                    &f,
-                    &mut col,
-                    &x.data.slice(i0 * chw..(i0 + nb) * chw),
-                    [nb, c, h, wd],
-                    kh,
-                    kw,
-                    stride,
-                    pad,
-                    ho,
-                    wo,
-                )?;
-                let mut yi = y.slice_mut(i0 * o * p..(i0 + nb) * o * p);
-                blas.gemm_batched::<f32, _, _, _>(
-                    st,
-                    false,
-                    false,
-                    o,
-                    p,
-                    k,
-                    w,
-                    k,
-                    0,
-                    &col,
-                    p,
-                    k * p,
-                    &mut yi,
-                    p,
-                    o * p,
-                    nb,
-                    false,
-                )?;
-            }
+            let col = dev.alloc(images_per_chunk(k * p * 4, n) * k * p)?;
+            im2col_gemm(
+                dev,
+                blas,
+                "im2col_f32",
+                col,
+                w,
+                x,
+                &mut y,
+                o,
+                [kh, kw, stride, pad, ho, wo],
+            )?
         }
         (Some(w16), false) => {
-            let per = images_per_chunk(k * p * 2, n);
-            let mut col = dev.alloc_bf16(per * k * p)?;
-            let f = dev.function("conv", "im2col_bf16")?;
-            for i0 in (0..n).step_by(per) {
-                let nb = per.min(n - i0);
-                im2col(
-                    dev,
-                    &f,
-                    &mut col,
-                    &x.data.slice(i0 * chw..(i0 + nb) * chw),
-                    [nb, c, h, wd],
-                    kh,
-                    kw,
-                    stride,
-                    pad,
-                    ho,
-                    wo,
-                )?;
-                let mut yi = y.slice_mut(i0 * o * p..(i0 + nb) * o * p);
-                blas.gemm_batched::<half::bf16, _, _, _>(
-                    st,
-                    false,
-                    false,
-                    o,
-                    p,
-                    k,
-                    w16,
-                    k,
-                    0,
-                    &col,
-                    p,
-                    k * p,
-                    &mut yi,
-                    p,
-                    o * p,
-                    nb,
-                    false,
-                )?;
-            }
+            let col = dev.alloc_bf16(images_per_chunk(k * p * 2, n) * k * p)?;
+            im2col_gemm(
+                dev,
+                blas,
+                "im2col_bf16",
+                col,
+                w16,
+                x,
+                &mut y,
+                o,
+                [kh, kw, stride, pad, ho, wo],
+            )?
         }
     }
     if bias.is_some() || residual.is_some() || act != Act::None {
@@ -261,6 +206,65 @@ fn im2col<T: cudarc::driver::DeviceRepr>(
     // output type (float or bf16 bits) and x the nb images (checked above);
     // ten int arguments follow, as the kernel declares.
     unsafe { l.launch(cfg1d(total)) }.map_err(driver_err("im2col launch"))?;
+    Ok(())
+}
+
+/// The im2col path of conv2d for either GEMM element type: images in chunks
+/// that fit `col` (its length / (k p)), one im2col launch and one batched GEMM
+/// per chunk into y [N, O, Ho Wo]. geo = [kh, kw, stride, pad, ho, wo].
+#[allow(clippy::too_many_arguments)]
+fn im2col_gemm<T: crate::cuda::blas::BlasElem>(
+    dev: &CudaDevice,
+    blas: &Blas,
+    kernel: &'static str,
+    mut col: CudaSlice<T>,
+    w: &CudaSlice<T>,
+    x: &GpuTensor,
+    y: &mut CudaSlice<f32>,
+    o: usize,
+    geo: [usize; 6],
+) -> Result<()> {
+    let [kh, kw, stride, pad, ho, wo] = geo;
+    let (n, c, h, wd) = (x.dims[0], x.dims[1], x.dims[2], x.dims[3]);
+    let (k, p, chw) = (c * kh * kw, ho * wo, c * h * wd);
+    let per = (col.len() / (k * p)).max(1);
+    let f = dev.function("conv", kernel)?;
+    for i0 in (0..n).step_by(per) {
+        let nb = per.min(n - i0);
+        im2col(
+            dev,
+            &f,
+            &mut col,
+            &x.data.slice(i0 * chw..(i0 + nb) * chw),
+            [nb, c, h, wd],
+            kh,
+            kw,
+            stride,
+            pad,
+            ho,
+            wo,
+        )?;
+        let mut yi = y.slice_mut(i0 * o * p..(i0 + nb) * o * p);
+        blas.gemm_batched::<T, _, _, _>(
+            dev.stream(),
+            false,
+            false,
+            o,
+            p,
+            k,
+            w,
+            k,
+            0,
+            &col,
+            p,
+            k * p,
+            &mut yi,
+            p,
+            o * p,
+            nb,
+            false,
+        )?;
+    }
     Ok(())
 }
 
