@@ -162,18 +162,30 @@ extern "C" __global__ void rel_pos_attention_f32(float* __restrict__ out, const 
 #define TC_STR 72
 #define TC_MAXS 32
 
-template <bool BF16_OUT>
-__device__ __forceinline__ void rel_pos_attention_tc(void* __restrict__ out, const float* __restrict__ qkv, const float* __restrict__ bias,
-                                                     const float* __restrict__ rel_h, const float* __restrict__ rel_w, int B, int G, int D, int S,
-                                                     int biased) {
+// The kernel's shared memory, declared by each extern "C" kernel and passed
+// in: a __shared__ array inside a function template would be fine for nvcc,
+// but the host emulator can only check shared arrays declared in non-template
+// functions (tests/simt refuses to build otherwise).
+struct TcShared {
     // 16-byte aligned: the fragments are read as 32-bit words (a u16 array
     // alone is only 2-byte aligned).
-    __shared__ __align__(16) unsigned short qs[TC_BQ][TC_STR];  // 0.125 q, bf16
-    __shared__ __align__(16) unsigned short ks[TC_BK][TC_STR];  // k, bf16
-    __shared__ __align__(16) unsigned short vt[HD][TC_STR];     // v transposed: vt[c][key]
+    __align__(16) unsigned short qs[TC_BQ][TC_STR];  // 0.125 q, bf16
+    __align__(16) unsigned short ks[TC_BK][TC_STR];  // k, bf16
+    __align__(16) unsigned short vt[HD][TC_STR];     // v transposed: vt[c][key]
     // +1: the 8 rows a warp reads at once fall in 8 banks, not one.
-    __shared__ float relh[TC_BQ][TC_MAXS + 1];
-    __shared__ float relw[TC_BQ][TC_MAXS + 1];
+    float relh[TC_BQ][TC_MAXS + 1];
+    float relw[TC_BQ][TC_MAXS + 1];
+};
+
+template <bool BF16_OUT>
+__device__ __forceinline__ void rel_pos_attention_tc(TcShared& sm, void* __restrict__ out, const float* __restrict__ qkv, const float* __restrict__ bias,
+                                                     const float* __restrict__ rel_h, const float* __restrict__ rel_w, int B, int G, int D, int S,
+                                                     int biased) {
+    auto& qs = sm.qs;
+    auto& ks = sm.ks;
+    auto& vt = sm.vt;
+    auto& relh = sm.relh;
+    auto& relw = sm.relw;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -334,12 +346,14 @@ __device__ __forceinline__ void rel_pos_attention_tc(void* __restrict__ out, con
 extern "C" __global__ void __launch_bounds__(128) rel_pos_attention_tc_f32(float* __restrict__ out, const float* __restrict__ qkv, const float* __restrict__ bias,
                                                                         const float* __restrict__ rel_h, const float* __restrict__ rel_w, int B, int G, int D,
                                                                         int S, int biased) {
-    rel_pos_attention_tc<false>(out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
+    __shared__ TcShared sm;
+    rel_pos_attention_tc<false>(sm, out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
 }
 
 // out [B, G, G, D] bf16 (the proj GEMM's input).
 extern "C" __global__ void __launch_bounds__(128) rel_pos_attention_tc_bf16(unsigned short* __restrict__ out, const float* __restrict__ qkv,
                                                                          const float* __restrict__ bias, const float* __restrict__ rel_h,
                                                                          const float* __restrict__ rel_w, int B, int G, int D, int S, int biased) {
-    rel_pos_attention_tc<true>(out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
+    __shared__ TcShared sm;
+    rel_pos_attention_tc<true>(sm, out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
 }

@@ -38,12 +38,15 @@ __device__ __forceinline__ void mma_16816_bf16(float* d, const unsigned int* a, 
 #else
 static inline float simt_bf16_half(unsigned int w, int hi) { return bf16_bits_to_f32((unsigned short)(hi ? w >> 16 : w & 0xffffu)); }
 
-static inline void mma_16816_bf16(float* d, const unsigned int* a, const unsigned int* b) {
+// The fragments go through the warp's scratch (the emulator's registers, not
+// kernel memory: unchecked); the exchange waits for the warp like mma.sync but
+// is no memory-ordering point for the racecheck (kind 3).
+SIMT_UNCHECKED static void mma_16816_bf16(float* d, const unsigned int* a, const unsigned int* b) {
     unsigned int* x = simt_warp_scratch();  // [32 lanes][16 words]
     unsigned lane = simt_lane();
     for (int i = 0; i < 4; ++i) x[lane * 16 + i] = a[i];
     for (int i = 0; i < 2; ++i) x[lane * 16 + 4 + i] = b[i];
-    simt_wait(1, 0xffffffffu);
+    simt_wait(3, 0xffffffffu);
     const int g = (int)lane >> 2, t = (int)lane & 3;
     float out[4];
     for (int e = 0; e < 4; ++e) {
@@ -58,7 +61,7 @@ static inline void mma_16816_bf16(float* d, const unsigned int* a, const unsigne
         }
         out[e] = s;
     }
-    simt_wait(1, 0xffffffffu);
+    simt_wait(3, 0xffffffffu);
     for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 #endif

@@ -12,10 +12,11 @@
 
 // OUT: float, or unsigned short for bf16 (the input of a bf16 GEMM, written
 // directly instead of through a conversion pass).
+// scratch: 32 floats of shared memory, declared by the kernel (a __shared__
+// array inside a function template escapes the host emulator's checks).
 template <class OUT>
 __device__ __forceinline__ void layer_norm_rows(OUT* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                                                int rows, int C, float eps) {
-    __shared__ float scratch[32];
+                                                int rows, int C, float eps, float* scratch) {
     int r = blockIdx.x;
     if (r >= rows) return;
     const float* xr = x + (long long)r * C;
@@ -38,13 +39,15 @@ __device__ __forceinline__ void layer_norm_rows(OUT* __restrict__ y, const float
 
 extern "C" __global__ void layer_norm_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b, int rows,
                                           int C, float eps) {
-    layer_norm_rows<float>(y, x, w, b, rows, C, eps);
+    __shared__ float scratch[32];
+    layer_norm_rows<float>(y, x, w, b, rows, C, eps, scratch);
 }
 
 // The same, y in bf16.
 extern "C" __global__ void layer_norm_bf16out(unsigned short* __restrict__ y, const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                                               int rows, int C, float eps) {
-    layer_norm_rows<unsigned short>(y, x, w, b, rows, C, eps);
+    __shared__ float scratch[32];
+    layer_norm_rows<unsigned short>(y, x, w, b, rows, C, eps, scratch);
 }
 
 // LayerNorm2d (SAM) over the channels of an NCHW map, then an activation:

@@ -147,7 +147,7 @@ fn main() {
         ("cuda_model_small34", small34),
         ("cuda_model_sam_unet_50_random", sam_unet_50_random),
     ];
-    match simt::gpu_or_emulator() {
+    match simt::gpu_or_emulator(simt::Build::FAST) {
         Ok(what) => println!("running {} CUDA model tests on {what}", tests.len()),
         Err(e) => {
             if std::env::var("SAM_UNET_REQUIRE_GPU").is_ok_and(|v| v == "1") {

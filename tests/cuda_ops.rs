@@ -96,8 +96,19 @@ fn main() {
         .iter()
         .filter(|(n, _, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str())))
         .collect();
-    let gpu = match simt::gpu_or_emulator() {
+    // On the emulator the op tests run twice: with each operation rounded on
+    // its own, then (a second process, as the emulated driver is the one
+    // libcuda.so of a process) with FMA contraction as nvcc does by default.
+    let fma = std::env::var("SAM_UNET_SIMT_FMA").is_ok_and(|v| v == "1");
+    let build = if fma {
+        simt::Build::CHECKED_FMA
+    } else {
+        simt::Build::CHECKED
+    };
+    let mut emulated = false;
+    let gpu = match simt::gpu_or_emulator(build) {
         Ok(what) => {
+            emulated = what.starts_with("no GPU");
             println!("running {} CUDA tests on {what}", selected.len());
             true
         }
@@ -122,6 +133,15 @@ fn main() {
             if r.is_ok() { "ok" } else { "FAILED" }
         );
         failed += r.is_err() as usize;
+    }
+    if emulated && !fma {
+        println!("again on the emulator built with FMA contraction:");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(std::env::args().skip(1))
+            .env("SAM_UNET_SIMT_FMA", "1")
+            .status()
+            .expect("the test binary runs itself again");
+        failed += !status.success() as usize;
     }
     if failed > 0 {
         std::process::exit(1);

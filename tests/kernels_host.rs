@@ -16,7 +16,7 @@ use sam_unet::Tensor;
 use sam_unet::cuda::cfg1d;
 use sam_unet::ops::activation::{self, Act};
 use sam_unet::ops::{attention, conv, layout, norm};
-use simt::{Buf, simt};
+use simt::{Buf, Simt};
 
 type F32p = *const f32;
 type F32m = *mut f32;
@@ -37,7 +37,10 @@ fn few_blocks(blocks: u32) -> LaunchConfig {
 
 #[test]
 fn elementwise_kernels_match_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(elementwise_kernels_match_cpu_on);
+}
+
+fn elementwise_kernels_match_cpu_on(s: &'static Simt) {
     let n = 256 * 3072; // ViT MLP hidden activations
     let x = rand(n, 1, 6.0);
     let xb = Buf::from(s, &x);
@@ -71,7 +74,10 @@ fn elementwise_kernels_match_cpu() {
 
 #[test]
 fn bias_act_epilogue_matches_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(bias_act_epilogue_matches_cpu_on);
+}
+
+fn bias_act_epilogue_matches_cpu_on(s: &'static Simt) {
     let (rows, cols) = (256usize, 3072usize);
     let x = rand(rows * cols, 3, 4.0);
     let bias = rand(cols, 4, 1.0);
@@ -104,7 +110,10 @@ fn bias_act_epilogue_matches_cpu() {
 
 #[test]
 fn f32_to_bf16_rounds_to_nearest_even() {
-    let Some(s) = simt() else { return };
+    simt::each_build(f32_to_bf16_rounds_to_nearest_even_on);
+}
+
+fn f32_to_bf16_rounds_to_nearest_even_on(s: &'static Simt) {
     let mut x = rand(4096, 5, 100.0);
     x.extend([
         0.0,
@@ -150,7 +159,10 @@ fn f32_to_bf16_rounds_to_nearest_even() {
 
 #[test]
 fn layer_norm_matches_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(layer_norm_matches_cpu_on);
+}
+
+fn layer_norm_matches_cpu_on(s: &'static Simt) {
     // ViT-B tokens (256 x 768: three values per thread), decoder keys (512 x
     // 256), and C = 96 on a block of 128 (threads without a value).
     for (rows, c) in [(256usize, 768usize), (512, 256), (64, 96)] {
@@ -178,7 +190,10 @@ fn layer_norm_matches_cpu() {
 
 #[test]
 fn layer_norm2d_matches_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(layer_norm2d_matches_cpu_on);
+}
+
+fn layer_norm2d_matches_cpu_on(s: &'static Simt) {
     for (dims, a, code) in [
         ([1usize, 512, 32, 32], Act::Gelu, 2),
         ([4, 64, 64, 64], Act::Gelu, 2),
@@ -232,7 +247,10 @@ fn layer_norm2d_matches_cpu() {
 
 #[test]
 fn rel_pos_attention_matches_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(rel_pos_attention_matches_cpu_on);
+}
+
+fn rel_pos_attention_matches_cpu_on(s: &'static Simt) {
     // The ViT's 16 x 16 grid with head dim 64; two heads (ViT-B has 12: the
     // heads are independent blocks of the grid, two show the channel offsets).
     let (b, g, heads) = (2usize, 16usize, 2usize);
@@ -287,7 +305,10 @@ fn rel_pos_attention_matches_cpu() {
 
 #[test]
 fn decoder_attention_matches_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(decoder_attention_matches_cpu_on);
+}
+
+fn decoder_attention_matches_cpu_on(s: &'static Simt) {
     // self (3 tokens, width 256), token-to-image (3 vs 256, width 128),
     // image-to-token (256 vs 3), 8 heads; 2 and 3 boxes; then head dims 5
     // and 64 (the kernel's limit: lanes own channels lane and lane + 32).
@@ -357,9 +378,12 @@ fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, a_t: bool) -> Vec<
 
 #[test]
 fn conv2d_pipeline_matches_cpu() {
+    simt::each_build(conv2d_pipeline_matches_cpu_on);
+}
+
+fn conv2d_pipeline_matches_cpu_on(s: &'static Simt) {
     // im2col kernel -> GEMM (here on the host, cuBLAS on the GPU) -> epilogue
     // kernel (bias, residual, ReLU), exactly as ops::conv::cuda::conv2d.
-    let Some(s) = simt() else { return };
     let cases: &[([usize; 4], [usize; 4], usize, usize, bool)] = &[
         ([1, 3, 64, 64], [16, 3, 7, 7], 2, 3, false),
         ([2, 64, 16, 16], [32, 64, 3, 3], 1, 1, true),
@@ -474,8 +498,11 @@ fn conv2d_pipeline_matches_cpu() {
 
 #[test]
 fn conv_transpose2d_pipeline_matches_cpu() {
+    simt::each_build(conv_transpose2d_pipeline_matches_cpu_on);
+}
+
+fn conv_transpose2d_pipeline_matches_cpu_on(s: &'static Simt) {
     // GEMM tmp = W^T X (host here, cuBLAS on the GPU) -> scatter kernel.
-    let Some(s) = simt() else { return };
     for (i, (xd, wd, a, code)) in [
         ([1usize, 96, 8, 8], [96usize, 32, 2, 2], Act::Gelu, 2),
         ([2, 64, 8, 8], [64, 32, 2, 2], Act::None, 0),
@@ -532,7 +559,10 @@ fn conv_transpose2d_pipeline_matches_cpu() {
 
 #[test]
 fn max_pool_matches_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(max_pool_matches_cpu_on);
+}
+
+fn max_pool_matches_cpu_on(s: &'static Simt) {
     for (dims, kk, st, pd) in [
         ([1usize, 64, 64, 64], 3usize, 2usize, 1usize),
         ([2, 3, 7, 9], 2, 2, 0),
@@ -584,7 +614,10 @@ fn max_pool_matches_cpu() {
 
 #[test]
 fn layout_kernels_match_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(layout_kernels_match_cpu_on);
+}
+
+fn layout_kernels_match_cpu_on(s: &'static Simt) {
     let dims = [2usize, 768, 16, 16];
     let n: usize = dims.iter().product();
     let x = rand(n, 140, 1.0);
@@ -617,7 +650,10 @@ fn layout_kernels_match_cpu() {
 
 #[test]
 fn mask_dot_matches_definition() {
-    let Some(s) = simt() else { return };
+    simt::each_build(mask_dot_matches_definition_on);
+}
+
+fn mask_dot_matches_definition_on(s: &'static Simt) {
     let (n, c, p) = (3usize, 32usize, 256 * 256);
     let (h, f, msf) = (
         rand(n * c, 160, 1.0),
@@ -649,15 +685,18 @@ fn mask_dot_matches_definition() {
 
 #[test]
 fn emulator_reports_broken_rules() {
+    simt::each_build(emulator_reports_broken_rules_on);
+}
+
+fn emulator_reports_broken_rules_on(s: &'static Simt) {
     // The emulator itself (cuda/host/selftest.cu): broken synchronisation and
     // invalid geometry are errors naming the place, never a hang or a pass.
-    let Some(s) = simt() else { return };
     let cfg = |threads| LaunchConfig {
         grid_dim: (2, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
-    let y = Buf::<f32>::out(s, 64);
+    let y = Buf::<f32>::out(s, 128);
     let run = |name: &str, threads| {
         s.launch(name, cfg(threads), |k: unsafe extern "C" fn(F32m)| unsafe {
             k(y.m())
@@ -682,11 +721,212 @@ fn emulator_reports_broken_rules() {
 }
 
 #[test]
+fn emulator_sanitizer_and_schedules() {
+    simt::each_build(emulator_sanitizer_and_schedules_on);
+}
+
+fn emulator_sanitizer_and_schedules_on(s: &'static Simt) {
+    // What the sanitizer must let pass (warp-synchronous shared memory,
+    // atomics) and what it and the schedule variation must catch.
+    let cfg = |blocks, threads| LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let run = |name: &str, y: &Buf<f32>, blocks, threads| {
+        s.launch(
+            name,
+            cfg(blocks, threads),
+            |k: unsafe extern "C" fn(F32m)| unsafe { k(y.m()) },
+        )
+    };
+    let y = Buf::<f32>::out(s, 8);
+    run("selftest_warp_reduce_shared", &y, 2, 128).unwrap();
+    assert_eq!(y.to_vec(), vec![32.0; 8]);
+    let y = Buf::from(s, &[0.0f32]);
+    run("selftest_atomic_count", &y, 3, 64).unwrap();
+    assert_eq!(y.to_vec(), vec![192.0]);
+    // The schedules put back what a launch wrote before running it again:
+    // a read-modify-write of y[0] by atomics counts once, not three times.
+    let e = run("selftest_last_writer_wins", &Buf::<f32>::out(s, 1), 1, 64).unwrap_err();
+    assert!(
+        e.contains("schedule: selftest_last_writer_wins wrote different results")
+            && e.contains("reversed"),
+        "{e}"
+    );
+    let e = run("selftest_uninitialised_shared", &Buf::<f32>::out(s, 128), 2, 64).unwrap_err();
+    assert!(
+        e.contains("initcheck: selftest_uninitialised_shared: block (0, 0, 0): thread (32, 0, 0) read shared")
+            && e.contains("selftest_uninitialised_shared::s + 128 bytes")
+            && e.contains("selftest.cu:"),
+        "{e}"
+    );
+}
+
+/// Runs `kernel` of a mutant and returns its error: the mutation must be caught.
+fn mutant_error(s: &'static Simt, kernel: &str, run: impl Fn(&'static Simt) -> Result<(), String>) -> String {
+    match run(s) {
+        Ok(()) => panic!("mutant {}: {kernel} ran without an error", s.name),
+        Err(e) => {
+            println!("mutant {}: {e}", s.name);
+            assert!(e.contains(kernel), "the error names {kernel}: {e}");
+            e
+        }
+    }
+}
+
+#[test]
+fn emulator_catches_mutants() {
+    // Each mutation is a bug a GPU would show only now and then: the
+    // emulator must report it every time, naming the kernel (and the source
+    // lines where it can).
+    if simt::simt().is_none() {
+        return;
+    }
+    // 1. The barrier between loading a K / V tile into shared memory and
+    //    reading it, removed from the f32 attention kernel.
+    let s = simt::mutant(
+        "attention-no-syncthreads",
+        "attention.cu",
+        "        __syncthreads();\n        if (!valid) continue;",
+        "        if (!valid) continue;",
+        &["attention.cu"],
+    );
+    // (thread 0 reaches the first tile's reads before the other threads
+    // stored it: caught as a read of unwritten shared memory, with the line.)
+    let e = mutant_error(s, "rel_pos_attention_f32", |s| run_rel_pos_attention(s, 14));
+    assert!(
+        (e.contains("racecheck") || e.contains("initcheck"))
+            && e.contains("rel_pos_attention_f32::ks")
+            && e.contains("attention.cu:"),
+        "{e}"
+    );
+    // 2. The __syncwarp of a warp's reduction through shared memory, removed
+    //    (lane l reads w[l + o] while lane l + o may still be storing it).
+    let s = simt::mutant(
+        "warp-reduce-no-syncwarp",
+        "selftest.cu",
+        "        __syncwarp();  // this step's stores before the next step's loads\n",
+        "",
+        &["selftest.cu"],
+    );
+    let e = mutant_error(s, "selftest_warp_reduce_shared", |s| {
+        let y = Buf::<f32>::out(s, 4);
+        s.launch(
+            "selftest_warp_reduce_shared",
+            LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            |k: unsafe extern "C" fn(F32m)| unsafe { k(y.m()) },
+        )
+    });
+    assert!(
+        e.contains("racecheck") && e.contains("same warp: no __syncwarp") && e.contains("selftest.cu:"),
+        "{e}"
+    );
+    //    and the one in the attention kernel between a warp's query store and
+    //    the other lanes' reads of it.
+    let s = simt::mutant(
+        "attention-no-syncwarp",
+        "attention.cu",
+        "    __syncwarp();\n    // Decomposed bias rows",
+        "    // Decomposed bias rows",
+        &["attention.cu"],
+    );
+    let e = mutant_error(s, "rel_pos_attention_f32", |s| run_rel_pos_attention(s, 14));
+    assert!(e.contains("rel_pos_attention_f32::qs"), "{e}");
+    // 3. A read of shared memory before it is written: block_sum reading all
+    //    32 slots of its scratch when fewer warps wrote theirs (LayerNorm).
+    let s = simt::mutant(
+        "block-sum-reads-unwritten",
+        "common.cuh",
+        "v = lane < nwarps ? scratch[lane] : 0.0f;",
+        "v = scratch[lane];",
+        &["norm.cu"],
+    );
+    let e = mutant_error(s, "layer_norm_f32", |s| {
+        let (rows, c) = (4usize, 768usize);
+        let (x, w, b) = (rand(rows * c, 3, 4.0), rand(c, 4, 1.0), rand(c, 5, 1.0));
+        let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));
+        let y = Buf::<f32>::out(s, rows * c);
+        s.launch(
+            "layer_norm_f32",
+            norm::cuda::layer_norm_config(rows, c),
+            |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, f32)| unsafe {
+                k(y.m(), xb.p(), wb.p(), bb.p(), rows as i32, c as i32, 1e-6)
+            },
+        )
+    });
+    assert!(e.contains("initcheck") && e.contains("scratch"), "{e}");
+    // 4. Two blocks writing the same elements without atomics: the
+    //    grid-stride loop without the block offset (every block redoes
+    //    elements 0..blockDim).
+    let s = simt::mutant(
+        "grid-stride-without-block",
+        "common.cuh",
+        "for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+        "for (long long i = (long long)threadIdx.x;",
+        &["activation.cu"],
+    );
+    let e = mutant_error(s, "relu_f32", |s| {
+        let n = 4096;
+        let x = Buf::from(s, &rand(n, 1, 1.0));
+        let y = Buf::<f32>::out(s, n);
+        s.launch(
+            "relu_f32",
+            cfg1d(n),
+            |k: unsafe extern "C" fn(F32m, F32p, i64)| unsafe { k(y.m(), x.p(), n as i64) },
+        )
+    });
+    assert!(
+        e.contains("racecheck: relu_f32: block (0, 0, 0) wrote global byte 0 of the buffer")
+            && e.contains("block (1, 0, 0)")
+            && e.contains("without atomics"),
+        "{e}"
+    );
+}
+
+/// The f32 attention kernel on a small input (one image, one head, the
+/// 16 x 16 grid): Ok, or the emulator's error.
+fn run_rel_pos_attention(s: &'static Simt, window: usize) -> Result<(), String> {
+    let (b, g, heads) = (1usize, 16usize, 1usize);
+    let d = heads * 64;
+    let ws = if window == 0 { g } else { window };
+    let qkv = Buf::from(s, &rand(b * g * g * 3 * d, 6, 2.0));
+    let bias = Buf::from(s, &rand(3 * d, 7, 1.0));
+    let rh = Buf::from(s, &rand((2 * ws - 1) * 64, 8, 0.5));
+    let rw = Buf::from(s, &rand((2 * ws - 1) * 64, 9, 0.5));
+    let y = Buf::<f32>::out(s, b * g * g * d);
+    s.launch(
+        "rel_pos_attention_f32",
+        attention::cuda::rel_pos_attention_config(b, g, heads, ws),
+        |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, i32, i32, i32, i32)| unsafe {
+            k(
+                y.m(),
+                qkv.p(),
+                bias.p(),
+                rh.p(),
+                rw.p(),
+                b as i32,
+                g as i32,
+                d as i32,
+                ws as i32,
+            )
+        },
+    )
+}
+
+#[test]
 fn bilinear_matches_cpu_bit_for_bit() {
+    simt::each_build(bilinear_matches_cpu_bit_for_bit_on);
+}
+
+fn bilinear_matches_cpu_bit_for_bit_on(s: &'static Simt) {
     // The mask post-processing: 64 -> 256, then the crop of a 256 x 171
     // resized image up to 512 x 342, and a downscale; exact, as the kernel
     // rounds every step in the CPU's order.
-    let Some(s) = simt() else { return };
     let (n, g) = (3usize, 64usize);
     let low = rand(n * g * g, 170, 20.0);
     let lb = Buf::from(s, &low);
@@ -766,7 +1006,10 @@ fn bilinear_matches_cpu_bit_for_bit() {
 
 #[test]
 fn box_tokens_match_cpu() {
-    let Some(s) = simt() else { return };
+    simt::each_build(box_tokens_match_cpu_on);
+}
+
+fn box_tokens_match_cpu_on(s: &'static Simt) {
     let c = 256usize;
     // SAM's Gaussian matrix is N(0, 1); boxes anywhere in the 256 frame,
     // including the corners and a degenerate one.
@@ -820,7 +1063,10 @@ fn box_tokens_match_cpu() {
 
 #[test]
 fn repeat_matches_definition() {
-    let Some(s) = simt() else { return };
+    simt::each_build(repeat_matches_definition_on);
+}
+
+fn repeat_matches_definition_on(s: &'static Simt) {
     let (len, n) = (256 * 256 + 3, 5usize);
     let x = rand(len, 190, 1.0);
     let xb = Buf::from(s, &x);
@@ -839,12 +1085,15 @@ fn repeat_matches_definition() {
 
 #[test]
 fn rel_pos_attention_tensor_cores_match_cpu() {
+    simt::each_build(rel_pos_attention_tensor_cores_match_cpu_on);
+}
+
+fn rel_pos_attention_tensor_cores_match_cpu_on(s: &'static Simt) {
     // The bf16 tensor-core kernel (mma.sync fragments emulated lane by lane)
     // against the f32 CPU twin: bf16 rounding of q, k, v and the
     // probabilities bounds the error (relative L2 well under 1e-2). Window 14
     // on the 16 x 16 grid (partial windows of 28 and 4 queries, key tiles past
     // 196 masked), global (256 keys), window 8; qkv with and without its bias.
-    let Some(s) = simt() else { return };
     let (b, g, heads) = (2usize, 16usize, 2usize);
     let d = heads * 64;
     let qkv = rand(b * g * g * 3 * d, 6, 2.0);
@@ -908,11 +1157,14 @@ fn rel_pos_attention_tensor_cores_match_cpu() {
 
 #[test]
 fn bf16_output_epilogues_match_cpu() {
+    simt::each_build(bf16_output_epilogues_match_cpu_on);
+}
+
+fn bf16_output_epilogues_match_cpu_on(s: &'static Simt) {
     // LayerNorm -> bf16, bias + GELU -> bf16, residual + bias: the fused
     // passes of the bf16 ViT block; bf16 results equal the CPU value rounded
     // to bf16 up to one ulp (GELU's erff and the norm's rsqrt may differ by
     // an f32 ulp before rounding).
-    let Some(s) = simt() else { return };
     let (rows, c) = (256usize, 768usize);
     let (x, w, b) = (rand(rows * c, 3, 4.0), rand(c, 4, 1.0), rand(c, 5, 1.0));
     let (xb, wb, bb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &b));

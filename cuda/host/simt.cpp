@@ -1,25 +1,59 @@
 // The scheduler of the host SIMT emulator (see simt.h): blocks run one after
 // the other; a block's threads are fibers switched at barriers and warp
 // collectives; CUDA's synchronisation rules are checked at every switch.
-// Entry points (C ABI, called from tests/common/simt.rs):
+// Entry points (C ABI, called from tests/simt/mod.rs and fake_driver.cpp):
 //   simt_launch   runs one kernel launch (grid, block, a callback that calls the
 //                 kernel with its arguments); returns 0, or 1 with a message.
 //   simt_alloc / simt_free   buffers that end at a guard page.
+//   simt_configure   the sanitizer on or off, how many thread schedules each
+//                 launch runs (1: natural order; 2: + reversed; 3: + a seeded
+//                 shuffle), the shuffle's seed.
+//   __tsan_read*/__tsan_write*   the sanitizer's hooks, called by the kernels
+//                 when they are compiled with -fsanitize=thread (see simt.h).
+//
+// Racecheck. Time inside a block is cut into intervals by __syncthreads (a
+// global counter, g_iv, never reset, so a block's first interval is larger than
+// every interval of earlier blocks); inside a warp, __syncwarp and the
+// shuffle / vote collectives advance the warp's own epoch. Two accesses to one
+// shared byte are ordered when they come from the same thread, from different
+// intervals, or from one warp with a warp epoch between them; otherwise, when
+// one of them writes and they are not both atomics, it is a race. Each shared
+// byte keeps its last write and its last two distinct readers of the current
+// interval (a third unordered reader can hide behind them only when both
+// others are ordered with the writer: a known blind spot). Initcheck: a read
+// of a shared byte whose last write is older than the block's first interval.
+// Global memory: per launch, each byte written remembers the first block that
+// wrote it (and its value before the launch); another block writing it, or
+// reading it, without both being atomics, is a race across blocks.
+//
+// Schedules. The scheduler runs the live threads of a block one after the
+// other until each reaches a barrier; the order decides which of two racing
+// accesses comes first. With schedules > 1 every launch runs again in reverse
+// order (and a shuffled order, drawn anew at every interval) after the bytes
+// it wrote are put back, and a launch without atomics must write the same
+// bytes with the same values each time.
 #include "simt.h"
 
 #include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <dlfcn.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 extern "C" {
 simt_dim3 simt_threadIdx, simt_blockIdx, simt_blockDim, simt_gridDim;
 void simt_switch(void** save_sp, void* load_sp);
+// The section of every __shared__ array (simt.h); the linker defines these.
+extern char __start_simt_shared[] __attribute__((weak));
+extern char __stop_simt_shared[] __attribute__((weak));
 }
 
 // Saves the callee-saved registers of the System V x86-64 ABI on the current
@@ -61,15 +95,18 @@ enum State { RUN, AT_WARP, AT_BLOCK, DONE };
 struct Fiber {
     void* sp = nullptr;
     State st = DONE;
+    int wait_kind = 0;  // at AT_WARP: 1 orders memory (syncwarp, shuffles), 3 does not (mma)
     simt_dim3 tid;
 };
 
 constexpr size_t kStack = 256 * 1024;
+constexpr unsigned kMaxThreads = 1024;
 const size_t kPage = (size_t)sysconf(_SC_PAGESIZE);
 
 std::mutex g_launch;  // one launch at a time: shared memory is static
 std::vector<Fiber> g_fibers;
-std::vector<char*> g_stacks;   // usable top of each fiber's stack
+char* g_stacks_lo = nullptr;  // every fiber stack, one reservation
+char* g_stacks_hi = nullptr;
 std::vector<uint64_t> g_slots;  // 32 per warp
 std::vector<unsigned> g_scratch;  // 32 x 16 per warp
 void* g_sched_sp = nullptr;
@@ -79,12 +116,275 @@ void* g_ctx = nullptr;
 const char* g_kernel = "";
 bool g_abort = false;
 std::string g_error;
+volatile sig_atomic_t g_in_kernel = 0;  // a block's threads are running
+
+// Configuration (simt_configure).
+bool g_checks = true;
+int g_schedules = 1;
+uint64_t g_seed = 0x5eed;
+
+// Schedule of the current run: 0 natural, 1 reversed, 2 shuffled.
+int g_sched = 0;
+uint64_t g_rng = 0;
+uint64_t g_launch_no = 0;
+std::vector<unsigned> g_order;
+
+uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+const char* sched_name(int s) { return s == 0 ? "natural" : s == 1 ? "reversed" : "shuffled"; }
+
+std::string tid_str(unsigned t) {
+    unsigned x = t % simt_blockDim.x, y = (t / simt_blockDim.x) % simt_blockDim.y, z = t / (simt_blockDim.x * simt_blockDim.y);
+    return "(" + std::to_string(x) + ", " + std::to_string(y) + ", " + std::to_string(z) + ")";
+}
+
+std::string block_str() {
+    return "block (" + std::to_string(simt_blockIdx.x) + ", " + std::to_string(simt_blockIdx.y) + ", " + std::to_string(simt_blockIdx.z) + ")";
+}
 
 std::string where(int t) {
     char b[160];
     const simt_dim3& i = g_fibers[t].tid;
     std::snprintf(b, sizeof b, "%s: block (%u, %u, %u) thread (%u, %u, %u)", g_kernel, simt_blockIdx.x, simt_blockIdx.y, simt_blockIdx.z, i.x, i.y, i.z);
     return b;
+}
+
+// ---- source lines and shared-array names, for the reports (slow; errors only)
+
+std::string run_tool(const std::string& cmd) {
+    std::string out;
+    if (FILE* f = popen(cmd.c_str(), "r")) {
+        char buf[512];
+        while (std::fgets(buf, sizeof buf, f)) out += buf;
+        pclose(f);
+    }
+    return out;
+}
+
+// "file.cu:line" of a code address inside the library (the instruction after
+// the sanitizer's call), through addr2line; the raw offset if that fails.
+std::string source_of(const void* pc) {
+    Dl_info info{};
+    if (!pc || !dladdr(pc, &info) || !info.dli_fname) return "?";
+    uintptr_t off = (uintptr_t)pc - (uintptr_t)info.dli_fbase - 1;
+    char hex[32];
+    std::snprintf(hex, sizeof hex, "0x%lx", (unsigned long)off);
+    std::string out = run_tool(std::string("addr2line -e '") + info.dli_fname + "' " + hex + " 2>/dev/null");
+    size_t nl = out.find('\n');
+    if (nl != std::string::npos) out.resize(nl);
+    size_t slash = out.rfind('/');
+    if (slash != std::string::npos) out = out.substr(slash + 1);
+    if (out.empty() || out[0] == '?') return std::string("library offset ") + hex;
+    return out;
+}
+
+// "kernel::array + offset" for a shared address: the static's symbol, from nm.
+std::string shared_name(const char* a) {
+    Dl_info info{};
+    char off_s[64];
+    std::snprintf(off_s, sizeof off_s, "simt_shared + %ld", (long)(a - __start_simt_shared));
+    if (!dladdr(a, &info) || !info.dli_fname) return off_s;
+    uintptr_t off = (uintptr_t)a - (uintptr_t)info.dli_fbase;
+    std::string table = run_tool(std::string("nm -C -S --defined-only '") + info.dli_fname + "' 2>/dev/null");
+    size_t pos = 0;
+    while (pos < table.size()) {
+        size_t nl = table.find('\n', pos);
+        if (nl == std::string::npos) nl = table.size();
+        std::string line = table.substr(pos, nl - pos);
+        pos = nl + 1;
+        unsigned long addr = 0, size = 0;
+        char type = 0;
+        int used = 0;
+        if (std::sscanf(line.c_str(), "%lx %lx %c %n", &addr, &size, &type, &used) >= 3 && off >= addr && off < addr + size) {
+            return line.substr((size_t)used) + " + " + std::to_string(off - addr) + " bytes";
+        }
+    }
+    return off_s;
+}
+
+// ---- racecheck and initcheck state
+
+uint64_t g_iv = 1;        // current barrier interval (global, never reset)
+uint64_t g_block_iv = 1;  // the first interval of the running block
+std::vector<uint64_t> g_wep;  // epoch of each warp: advanced by __syncwarp / collectives
+
+struct Acc {
+    uint64_t iv = 0, wep = 0;
+    uint32_t tid = 0;
+    uint32_t atomic = 0;
+    const void* pc = nullptr;
+};
+struct ShByte {
+    Acc w, r1, r2;
+};
+std::vector<ShByte> g_shadow;  // one per byte of the simt_shared section
+
+// Global memory written in the running launch, per page.
+struct GPage {
+    uint32_t who[4096];     // 0: not written in this launch; else the writer block + 1
+    uint8_t atomic[4096];   // every write to it so far was an atomic
+    uint8_t orig[4096];     // the value before the launch
+};
+std::unordered_map<uintptr_t, GPage*> g_pages;
+std::vector<GPage*> g_free_pages;
+uintptr_t g_last_key = ~(uintptr_t)0;
+GPage* g_last_page = nullptr;
+bool g_launch_atomics = false;
+
+// Stops the running thread with an error: the block is abandoned, the launch fails.
+void fail(const std::string& msg) {
+    if (!g_abort) {
+        g_error = msg;
+        g_abort = true;
+    }
+    simt_switch(&g_fibers[g_cur].sp, g_sched_sp);
+    __builtin_unreachable();
+}
+
+bool ordered(const Acc& p, const Acc& c) {
+    if (p.iv != c.iv || p.tid == c.tid) return true;
+    return p.tid / 32 == c.tid / 32 && p.wep != c.wep;
+}
+
+const char* verb(bool write, bool atomic) { return atomic ? "atomically updated" : write ? "wrote" : "read"; }
+
+[[noreturn]] void shared_race(const char* a, const Acc& p, bool p_write, const Acc& c, bool c_write) {
+    std::string msg = std::string("racecheck: ") + g_kernel + ": " + block_str() + ": thread " + tid_str(p.tid) + " " + verb(p_write, p.atomic) + " shared " +
+                      shared_name(a) + " (" + source_of(p.pc) + ") and thread " + tid_str(c.tid) + " " + verb(c_write, c.atomic) + " it (" + source_of(c.pc) +
+                      ") with no __syncthreads between" + (p.tid / 32 == c.tid / 32 ? " (same warp: no __syncwarp either)" : "") + "; schedule " +
+                      sched_name(g_sched);
+    fail(msg);
+    __builtin_unreachable();
+}
+
+void shared_access(char* a, size_t n, bool write, bool atomic, const void* pc) {
+    const unsigned tid = (unsigned)g_cur;
+    const Acc c{g_iv, g_wep[tid / 32], tid, atomic ? 1u : 0u, pc};
+    for (size_t i = 0; i < n; ++i) {
+        char* b = a + i;
+        if (b >= __stop_simt_shared) break;
+        ShByte& s = g_shadow[(size_t)(b - __start_simt_shared)];
+        if ((!write || atomic) && s.w.iv < g_block_iv) {
+            fail(std::string("initcheck: ") + g_kernel + ": " + block_str() + ": thread " + tid_str(tid) + " " + verb(write, atomic) + " shared " + shared_name(b) +
+                 " (" + source_of(pc) + ") that no thread of the block wrote (shared memory starts undefined in every block)");
+        }
+        if (s.w.iv == c.iv && !ordered(s.w, c) && !(s.w.atomic && atomic)) shared_race(b, s.w, true, c, write);
+        if (write) {
+            if (s.r1.iv == c.iv && !ordered(s.r1, c) && !(s.r1.atomic && atomic)) shared_race(b, s.r1, false, c, true);
+            if (s.r2.iv == c.iv && !ordered(s.r2, c) && !(s.r2.atomic && atomic)) shared_race(b, s.r2, false, c, true);
+            s.w = c;
+        } else if (s.r1.iv != c.iv) {
+            s.r1 = c;
+            s.r2 = Acc{};
+        } else if (s.r1.tid != tid) {
+            s.r2 = s.r1;
+            s.r1 = c;
+        } else {
+            s.r1 = c;
+        }
+    }
+}
+
+std::string global_name(uintptr_t a);
+
+GPage* page_of(uintptr_t key, bool create) {
+    if (key == g_last_key) return g_last_page;
+    auto it = g_pages.find(key);
+    GPage* p = nullptr;
+    if (it != g_pages.end()) {
+        p = it->second;
+    } else if (create) {
+        if (g_free_pages.empty()) {
+            p = new GPage;
+        } else {
+            p = g_free_pages.back();
+            g_free_pages.pop_back();
+        }
+        std::memset(p->who, 0, sizeof p->who);
+        g_pages.emplace(key, p);
+    } else {
+        return nullptr;
+    }
+    g_last_key = key;
+    g_last_page = p;
+    return p;
+}
+
+void global_access(uintptr_t a, size_t n, bool write, bool atomic, const void* pc) {
+    const uint32_t me = 1 + simt_blockIdx.x + simt_gridDim.x * (simt_blockIdx.y + simt_gridDim.y * simt_blockIdx.z);
+    if (atomic) g_launch_atomics = true;
+    for (size_t i = 0; i < n; ++i) {
+        uintptr_t b = a + i;
+        GPage* p = page_of(b >> 12, write);
+        if (!p) {
+            // Nothing on this page was written in this launch: skip the page.
+            i += 4095 - (b & 4095);
+            continue;
+        }
+        size_t k = b & 4095;
+        uint32_t who = p->who[k];
+        if (who == 0) {
+            if (!write) continue;
+            p->orig[k] = *(const uint8_t*)b;
+            p->who[k] = me;
+            p->atomic[k] = atomic;
+        } else if (who != me) {
+            if (atomic && p->atomic[k]) continue;
+            uint32_t o = who - 1;
+            unsigned ox = o % simt_gridDim.x, oy = (o / simt_gridDim.x) % simt_gridDim.y, oz = o / (simt_gridDim.x * simt_gridDim.y);
+            fail(std::string("racecheck: ") + g_kernel + ": block (" + std::to_string(ox) + ", " + std::to_string(oy) + ", " + std::to_string(oz) + ") " +
+                 (p->atomic[k] ? "atomically updated" : "wrote") + " global " + global_name(b) + " and " + block_str() + " thread " + tid_str((unsigned)g_cur) +
+                 " " + verb(write, atomic) + " it (" + source_of(pc) + ") in the same launch" + (write ? " without atomics" : "") + "; schedule " +
+                 sched_name(g_sched));
+        } else if (write && !atomic) {
+            p->atomic[k] = 0;
+        }
+    }
+}
+
+inline void check(void* addr, size_t n, bool write, bool atomic, const void* pc) {
+    if (!g_in_kernel || !g_checks || g_abort) return;
+    char* a = (char*)addr;
+    if (a >= __start_simt_shared && a < __stop_simt_shared) {
+        shared_access(a, n, write, atomic, pc);
+    } else if (a >= g_stacks_lo && a < g_stacks_hi) {
+        return;  // a thread's own locals
+    } else {
+        global_access((uintptr_t)a, n, write, atomic, pc);
+    }
+}
+
+// The bytes a launch wrote, in address order: (address, value).
+std::vector<std::pair<uintptr_t, uint8_t>> written() {
+    std::vector<uintptr_t> keys;
+    for (auto& kv : g_pages) keys.push_back(kv.first);
+    std::sort(keys.begin(), keys.end());
+    std::vector<std::pair<uintptr_t, uint8_t>> out;
+    for (uintptr_t key : keys) {
+        GPage* p = g_pages[key];
+        for (size_t k = 0; k < 4096; ++k)
+            if (p->who[k]) out.emplace_back((key << 12) | k, *(const uint8_t*)((key << 12) | k));
+    }
+    return out;
+}
+
+// Puts back what the launch overwrote (before running it again).
+void restore() {
+    for (auto& kv : g_pages)
+        for (size_t k = 0; k < 4096; ++k)
+            if (kv.second->who[k]) *(uint8_t*)((kv.first << 12) | k) = kv.second->orig[k];
+}
+
+void clear_pages() {
+    for (auto& kv : g_pages) g_free_pages.push_back(kv.second);
+    g_pages.clear();
+    g_last_key = ~(uintptr_t)0;
+    g_last_page = nullptr;
 }
 
 [[noreturn]] void fiber_main() {
@@ -105,23 +405,29 @@ void* fresh_stack(char* top) {
     return sp;
 }
 
+char* stack_top(unsigned t) { return g_stacks_lo + (size_t)(t + 1) * (kStack + kPage); }
+
 void ensure_fibers(size_t n) {
-    while (g_stacks.size() < n) {
-        // Stack with a guard page below it: an overflow faults instead of
-        // corrupting the neighbour.
-        size_t len = kStack + kPage;
+    if (!g_stacks_lo) {
+        // Every stack in one reservation (so the sanitizer tells a thread's
+        // locals from global memory with one range test), each with a guard
+        // page below it: an overflow faults instead of corrupting the neighbour.
+        size_t len = kMaxThreads * (kStack + kPage);
         void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) {
-            std::fprintf(stderr, "simt: cannot map a fiber stack\n");
+            std::fprintf(stderr, "simt: cannot map the fiber stacks\n");
             std::abort();
         }
-        mprotect(m, kPage, PROT_NONE);
-        g_stacks.push_back((char*)m + len);
+        g_stacks_lo = (char*)m;
+        g_stacks_hi = g_stacks_lo + len;
+        for (unsigned t = 0; t < kMaxThreads; ++t) mprotect(g_stacks_lo + (size_t)t * (kStack + kPage), kPage, PROT_NONE);
+        g_shadow.resize((size_t)(__stop_simt_shared - __start_simt_shared));
     }
     if (g_fibers.size() < n) g_fibers.resize(n);
     size_t warps = (n + 31) / 32;
     if (g_slots.size() < warps * 32) g_slots.resize(warps * 32);
     if (g_scratch.size() < warps * 32 * 16) g_scratch.resize(warps * 32 * 16);
+    if (g_wep.size() < warps) g_wep.resize(warps, 1);
 }
 
 // Guard-page buffers and the fault handler that names the kernel.
@@ -132,9 +438,21 @@ struct Region {
 };
 std::mutex g_regions_lock;
 std::vector<Region> g_regions;
+std::vector<std::pair<char*, size_t>> g_buffers;  // (user pointer, bytes) of live buffers
 struct sigaction g_prev_segv;
 bool g_handler = false;
-volatile sig_atomic_t g_in_kernel = 0;
+
+std::string global_name(uintptr_t a) {
+    char b[96];
+    for (auto& [p, len] : g_buffers) {
+        if (a >= (uintptr_t)p && a < (uintptr_t)p + len) {
+            std::snprintf(b, sizeof b, "byte %lu of the buffer at %p (%zu bytes)", (unsigned long)(a - (uintptr_t)p), (void*)p, len);
+            return b;
+        }
+    }
+    std::snprintf(b, sizeof b, "address %p", (void*)a);
+    return b;
+}
 
 void on_fault(int sig, siginfo_t* info, void* uctx) {
     char* a = (char*)info->si_addr;
@@ -169,6 +487,14 @@ void install_handler() {
     g_handler = true;
 }
 
+// The order in which the scheduler runs the threads of the next interval.
+void next_order(unsigned n) {
+    g_order.resize(n);
+    for (unsigned t = 0; t < n; ++t) g_order[t] = g_sched == 1 ? n - 1 - t : t;
+    if (g_sched == 2)
+        for (unsigned t = n; t > 1; --t) std::swap(g_order[t - 1], g_order[splitmix(g_rng) % t]);
+}
+
 // Runs one block to completion; false (with g_error) on a broken rule.
 bool run_block(unsigned n) {
     for (unsigned t = 0; t < n; ++t) {
@@ -177,10 +503,15 @@ bool run_block(unsigned n) {
         f.tid.y = (t / simt_blockDim.x) % simt_blockDim.y;
         f.tid.z = t / (simt_blockDim.x * simt_blockDim.y);
         f.st = RUN;
-        f.sp = fresh_stack(g_stacks[t]);
+        f.sp = fresh_stack(stack_top(t));
     }
+    // A new block: an interval later than any before, so nothing in shared
+    // memory counts as written by it yet.
+    g_block_iv = ++g_iv;
     for (;;) {
-        for (unsigned t = 0; t < n; ++t) {
+        next_order(n);
+        for (unsigned i = 0; i < n; ++i) {
+            unsigned t = g_order[i];
             if (g_fibers[t].st != RUN) continue;
             g_cur = (int)t;
             simt_threadIdx = g_fibers[t].tid;
@@ -204,7 +535,12 @@ bool run_block(unsigned n) {
                     g_error = where((int)t) + ": a full-mask warp collective / __syncwarp while " + std::to_string(done) + " lane(s) of its warp have exited";
                     return false;
                 }
-                for (unsigned t = lo; t < hi; ++t) g_fibers[t].st = RUN;
+                bool orders = false;
+                for (unsigned t = lo; t < hi; ++t) {
+                    orders |= g_fibers[t].wait_kind == 1;
+                    g_fibers[t].st = RUN;
+                }
+                if (orders) ++g_wep[w];
                 released = true;
             }
         }
@@ -215,6 +551,7 @@ bool run_block(unsigned n) {
         if (all_block) {
             for (unsigned t = 0; t < n; ++t)
                 if (g_fibers[t].st == AT_BLOCK) g_fibers[t].st = RUN;
+            ++g_iv;  // __syncthreads: a new interval for the whole block
             continue;
         }
         // Deadlock: some threads wait at __syncthreads, others of their warp at
@@ -229,6 +566,17 @@ bool run_block(unsigned n) {
     }
 }
 
+bool run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned n) {
+    bool ok = true;
+    for (unsigned z = 0; ok && z < gz; ++z)
+        for (unsigned y = 0; ok && y < gy; ++y)
+            for (unsigned x = 0; ok && x < gx; ++x) {
+                simt_blockIdx = {x, y, z};
+                ok = run_block(n);
+            }
+    return ok;
+}
+
 }  // namespace
 
 extern "C" {
@@ -238,9 +586,37 @@ void simt_wait(int kind, unsigned mask) {
         g_error = where(g_cur) + ": warp collectives with a partial mask are not emulated";
         g_abort = true;
     } else {
-        g_fibers[g_cur].st = kind == 1 ? AT_WARP : AT_BLOCK;
+        g_fibers[g_cur].st = kind == 2 ? AT_BLOCK : AT_WARP;
+        g_fibers[g_cur].wait_kind = kind;
     }
     simt_switch(&g_fibers[g_cur].sp, g_sched_sp);
+}
+
+void simt_atomic(void* p, unsigned bytes) { check(p, bytes, true, true, __builtin_return_address(0)); }
+
+// The sanitizer's hooks (the kernels are compiled with -fsanitize=thread).
+void __tsan_init() {}
+void __tsan_func_entry(void*) {}
+void __tsan_func_exit() {}
+#define SIMT_HOOKS(N)                                                                                    \
+    void __tsan_read##N(void* p) { check(p, N, false, false, __builtin_return_address(0)); }            \
+    void __tsan_write##N(void* p) { check(p, N, true, false, __builtin_return_address(0)); }            \
+    void __tsan_unaligned_read##N(void* p) { check(p, N, false, false, __builtin_return_address(0)); }  \
+    void __tsan_unaligned_write##N(void* p) { check(p, N, true, false, __builtin_return_address(0)); }
+SIMT_HOOKS(1)
+SIMT_HOOKS(2)
+SIMT_HOOKS(4)
+SIMT_HOOKS(8)
+SIMT_HOOKS(16)
+#undef SIMT_HOOKS
+void __tsan_read_range(void* p, size_t n) { check(p, n, false, false, __builtin_return_address(0)); }
+void __tsan_write_range(void* p, size_t n) { check(p, n, true, false, __builtin_return_address(0)); }
+
+void simt_configure(int checks, int schedules, unsigned long long seed) {
+    std::lock_guard<std::mutex> lock(g_launch);
+    g_checks = checks != 0;
+    g_schedules = schedules < 1 ? 1 : schedules > 3 ? 3 : schedules;
+    g_seed = seed;
 }
 
 uint64_t* simt_warp_slots() {
@@ -262,7 +638,7 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
     g_abort = false;
     unsigned n = bx * by * bz;
     bool ok = true;
-    if (n == 0 || n > 1024 || gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) {
+    if (n == 0 || n > kMaxThreads || gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) {
         g_error = std::string(kernel) + ": invalid launch configuration (grid " + std::to_string(gx) + "x" + std::to_string(gy) + "x" + std::to_string(gz) + ", block " +
                   std::to_string(bx) + "x" + std::to_string(by) + "x" + std::to_string(bz) + ")";
         ok = false;
@@ -273,14 +649,40 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
         g_ctx = ctx;
         simt_gridDim = {gx, gy, gz};
         simt_blockDim = {bx, by, bz};
-        g_in_kernel = 1;
-        for (unsigned z = 0; ok && z < gz; ++z)
-            for (unsigned y = 0; ok && y < gy; ++y)
-                for (unsigned x = 0; ok && x < gx; ++x) {
-                    simt_blockIdx = {x, y, z};
-                    ok = run_block(n);
+        ++g_launch_no;
+        g_launch_atomics = false;
+        // Without the sanitizer nothing records what a launch wrote, so it
+        // cannot be put back and run again.
+        int schedules = g_checks ? g_schedules : 1;
+        std::vector<std::pair<uintptr_t, uint8_t>> first;
+        for (int s = 0; ok && s < schedules; ++s) {
+            g_sched = s;
+            g_rng = g_seed ^ (g_launch_no * 0x9e3779b97f4a7c15ull);
+            g_in_kernel = 1;
+            ok = run_grid(gx, gy, gz, n);
+            g_in_kernel = 0;
+            if (ok && schedules > 1) {
+                auto now = written();
+                if (s == 0) {
+                    first = std::move(now);
+                } else if (!g_launch_atomics && now != first) {
+                    // A kernel without atomics must not depend on the order of its threads.
+                    size_t i = 0;
+                    while (i < first.size() && i < now.size() && first[i] == now[i]) ++i;
+                    char b[160];
+                    if (i < first.size() && i < now.size() && first[i].first == now[i].first)
+                        std::snprintf(b, sizeof b, "%s: 0x%02x in natural order, 0x%02x", global_name(first[i].first).c_str(), first[i].second, now[i].second);
+                    else
+                        std::snprintf(b, sizeof b, "the set of bytes written (%zu natural, %zu", first.size(), now.size());
+                    g_error = std::string("schedule: ") + kernel + " wrote different results when its threads ran in " + sched_name(s) +
+                              " order: " + b + " " + sched_name(s) + (i < first.size() && i < now.size() && first[i].first == now[i].first ? "" : ")") +
+                              " (a race the racecheck did not see, e.g. on registers exchanged outside the checked memory)";
+                    ok = false;
                 }
-        g_in_kernel = 0;
+                if (ok && s + 1 < schedules) restore();
+            }
+            clear_pages();
+        }
     }
     if (!ok && err && errlen) std::snprintf(err, errlen, "%s", g_error.c_str());
     return ok ? 0 : 1;
@@ -301,11 +703,18 @@ void* simt_alloc(size_t bytes, size_t align) {
     std::lock_guard<std::mutex> lock(g_regions_lock);
     g_regions.push_back({base, kPage, user});
     g_regions.push_back({end, kPage, user});
+    g_buffers.emplace_back(user, bytes);
     return user;
 }
 
 void simt_free(void* p) {
     std::lock_guard<std::mutex> lock(g_regions_lock);
+    for (size_t i = 0; i < g_buffers.size(); ++i) {
+        if (g_buffers[i].first == p) {
+            g_buffers.erase(g_buffers.begin() + (long)i);
+            break;
+        }
+    }
     for (size_t i = 0; i < g_regions.size(); ++i) {
         if (g_regions[i].user == p) {
             char* base = g_regions[i].base;

@@ -28,81 +28,202 @@ type LaunchFn = unsafe extern "C" fn(
 ) -> i32;
 type AllocFn = unsafe extern "C" fn(usize, usize) -> *mut c_void;
 type FreeFn = unsafe extern "C" fn(*mut c_void);
+type ConfigureFn = unsafe extern "C" fn(i32, i32, u64);
 
 pub struct Simt {
     lib: libloading::Library,
     path: PathBuf,
+    /// Which build this is (`checked`, `checked+fma`, `fast`, or a mutant's name).
+    pub name: String,
     launch: LaunchFn,
     alloc: AllocFn,
     free: FreeFn,
 }
 
-fn build() -> Result<Simt, String> {
+/// How the kernels are compiled for the emulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Build {
+    /// The sanitizer (cuda/host/simt.cpp): racecheck, initcheck, cross-block
+    /// global writes, and the thread schedules of SAM_UNET_SIMT_SCHEDULES
+    /// (default 3: natural, reversed, shuffled). Costs a call per memory
+    /// access and a run per schedule: for op tests at small shapes.
+    pub checks: bool,
+    /// `a * b + c` contracted into FMAs (-mfma -ffp-contract=fast), as nvcc
+    /// does by default; otherwise every operation is rounded on its own.
+    pub fma: bool,
+}
+
+impl Build {
+    /// The op tests' default: checks on, no contraction.
+    pub const CHECKED: Build = Build {
+        checks: true,
+        fma: false,
+    };
+    /// Checks on, FMA contraction on.
+    pub const CHECKED_FMA: Build = Build {
+        checks: true,
+        fma: true,
+    };
+    /// No sanitizer, one schedule: the whole-model tests (full-size
+    /// SAM-UNet-50), which would take hours checked; every kernel they run is
+    /// checked at small shapes by tests/kernels_host.rs and tests/cuda_ops.rs.
+    pub const FAST: Build = Build {
+        checks: false,
+        fma: false,
+    };
+
+    fn name(self) -> String {
+        match (self.checks, self.fma) {
+            (true, false) => "checked".into(),
+            (true, true) => "checked+fma".into(),
+            (false, false) => "fast".into(),
+            (false, true) => "fast+fma".into(),
+        }
+    }
+}
+
+/// The .cu sources of the emulator's library: cuda/*.cu and the rule-breaking
+/// kernels of the emulator's own tests (cuda/host/*.cu).
+fn sources() -> Result<Vec<PathBuf>, String> {
+    let cuda = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let mut sources = vec![];
+    for dir in [cuda.clone(), cuda.join("host")] {
+        sources.extend(
+            std::fs::read_dir(&dir)
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "cu")),
+        );
+    }
+    sources.sort();
+    Ok(sources)
+}
+
+fn build(b: Build) -> Result<Simt, String> {
+    build_from(&b.name(), b, &sources()?)
+}
+
+/// A library of the kernels in `sources`, built with `b`, named `name` (one
+/// per test binary and name: cargo runs test binaries one at a time).
+fn build_from(name: &str, b: Build, sources: &[PathBuf]) -> Result<Simt, String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let cuda = root.join("cuda");
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&cuda)
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .collect();
-    // The rule-breaking kernels of the emulator's own tests come along.
-    sources.extend(
-        std::fs::read_dir(cuda.join("host"))
-            .map_err(|e| e.to_string())?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "cu")),
-    );
-    sources.sort();
-    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("simt");
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    // One library per test binary (cargo runs test binaries one at a time).
     let exe = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
         .unwrap_or_default();
-    let lib_path = out_dir.join(format!("libsimt_{exe}.so"));
-    let registry = out_dir.join(format!("registry_{exe}.cpp"));
-    std::fs::write(&registry, kernel_table(&sources)?).map_err(|e| e.to_string())?;
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("simt")
+        .join(format!("{exe}-{}", name.replace(['+', '/'], "_")));
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let lib_path = out_dir.join("libsimt.so");
+    let registry = out_dir.join("registry.cpp");
+    std::fs::write(&registry, kernel_table(sources)?).map_err(|e| e.to_string())?;
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let mut cmd = Command::new(&cxx);
-    cmd.args([
+    let common = [
         "-std=c++20",
         "-O2",
         "-g",
         "-fPIC",
-        "-shared",
         "-Wall",
         "-Wno-unused-function",
-        "-ffp-contract=off",
         "-fno-strict-aliasing",
         // Undefined behaviour in a kernel (signed overflow in index arithmetic,
         // misaligned word access, out-of-range shifts) stops the run, naming
         // the source line.
         "-fsanitize=undefined",
         "-fno-sanitize-recover=all",
-    ])
-    .arg(format!("-I{}", cuda.display()))
-    .arg("-include")
-    .arg(cuda.join("host/simt.h"))
-    .args(["-x", "c++"])
-    .args(&sources)
-    .args(["-x", "none"])
-    .arg(cuda.join("host/simt.cpp"))
-    .arg(cuda.join("host/fake_driver.cpp"))
-    .arg(&registry)
-    .arg(format!("-I{}", cuda.join("host").display()))
-    // The emulated driver answers to cudarc's dlopen("libcuda.so") once loaded.
-    .arg("-Wl,-soname,libcuda.so")
-    .arg("-pthread")
-    .arg("-o")
-    .arg(&lib_path);
+    ];
+    // 1. The kernels, one object each (the sanitizer's instrumentation and the
+    //    contraction mode apply to them only, not to the emulator itself).
+    let mut cmd = Command::new(&cxx);
+    cmd.current_dir(&out_dir).args(common).arg("-c");
+    if b.checks {
+        // Calls to __tsan_read/__tsan_write before every memory access, which
+        // simt.cpp implements (no TSan runtime is linked).
+        cmd.args([
+            "-fsanitize=thread",
+            "--param=tsan-instrument-func-entry-exit=0",
+        ]);
+    }
+    if b.fma {
+        cmd.args(["-mfma", "-ffp-contract=fast"]);
+    } else {
+        cmd.arg("-ffp-contract=off");
+    }
+    cmd.arg(format!("-I{}", cuda.display()))
+        .arg("-include")
+        .arg(cuda.join("host/simt.h"))
+        .args(["-x", "c++"]);
+    // Object names: the file stems are unique (cuda/*.cu, cuda/host/*.cu).
+    let mut objects = vec![];
+    for (i, src) in sources.iter().enumerate() {
+        let obj = out_dir.join(format!(
+            "{i}_{}.o",
+            src.file_stem().unwrap_or_default().to_string_lossy()
+        ));
+        let mut c = Command::new(&cxx);
+        c.current_dir(&out_dir);
+        c.args(cmd.get_args());
+        c.arg(src).arg("-o").arg(&obj);
+        objects.push((c, obj));
+    }
+    // Two compilers at a time (the CI machine has two cores).
+    let mut pending: Vec<(std::process::Child, PathBuf)> = vec![];
+    let mut objs = vec![];
+    let wait = |(child, obj): (std::process::Child, PathBuf)| -> Result<PathBuf, String> {
+        let o = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            // A compiler that exists but fails on our kernels is a real failure.
+            panic!(
+                "the kernels do not compile for the host emulator ({name}):\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(obj)
+    };
+    for (mut c, obj) in objects {
+        if pending.len() == 2 {
+            objs.push(wait(pending.remove(0))?);
+        }
+        let child = c
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("no C++ compiler `{cxx}` ({e})"))?;
+        pending.push((child, obj));
+    }
+    for p in pending {
+        objs.push(wait(p)?);
+    }
+    if b.checks {
+        shared_in_section(&objs)?;
+    }
+    // 2. The emulator, the emulated driver and the kernel table, linked with them.
+    let mut cmd = Command::new(&cxx);
+    cmd.current_dir(&out_dir)
+        .args(common)
+        .args(["-shared", "-ffp-contract=off"])
+        .arg(format!("-I{}", cuda.join("host").display()))
+        .arg(cuda.join("host/simt.cpp"))
+        .arg(cuda.join("host/fake_driver.cpp"))
+        .arg(&registry)
+        .args(&objs)
+        // Every symbol resolved at link time (a sanitizer hook we do not
+        // define is a link error, not a crash at the first call); references
+        // inside the library bind to its own definitions, so two builds can be
+        // loaded in one process.
+        .args(["-Wl,-z,defs", "-Wl,-Bsymbolic"])
+        // The emulated driver answers to cudarc's dlopen("libcuda.so") once loaded.
+        .arg("-Wl,-soname,libcuda.so")
+        .arg("-pthread")
+        .arg("-o")
+        .arg(&lib_path);
     let o = cmd
         .output()
         .map_err(|e| format!("no C++ compiler `{cxx}` ({e})"))?;
     if !o.status.success() {
-        // A compiler that exists but fails on our kernels is a real failure.
         panic!(
-            "the kernels do not compile for the host emulator:\n{}",
+            "the host emulator does not link ({name}):\n{}",
             String::from_utf8_lossy(&o.stderr)
         );
     }
@@ -110,22 +231,117 @@ fn build() -> Result<Simt, String> {
     // set up static data.
     let lib = unsafe { libloading::Library::new(&lib_path) }.map_err(|e| e.to_string())?;
     // SAFETY: these symbols are defined in simt.cpp with exactly these C signatures.
-    let (launch, alloc, free) = unsafe {
+    let (launch, alloc, free, configure) = unsafe {
         (
             *lib.get::<LaunchFn>(b"simt_launch")
                 .map_err(|e| e.to_string())?,
             *lib.get::<AllocFn>(b"simt_alloc")
                 .map_err(|e| e.to_string())?,
             *lib.get::<FreeFn>(b"simt_free").map_err(|e| e.to_string())?,
+            *lib.get::<ConfigureFn>(b"simt_configure")
+                .map_err(|e| e.to_string())?,
         )
     };
+    let schedules: i32 = std::env::var("SAM_UNET_SIMT_SCHEDULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let seed: u64 = std::env::var("SAM_UNET_SIMT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_0001);
+    // SAFETY: plain values; no launch runs yet.
+    unsafe { configure(b.checks as i32, schedules, seed) };
     Ok(Simt {
         lib,
         path: lib_path,
+        name: name.to_string(),
         launch,
         alloc,
         free,
     })
+}
+
+/// Every writable function-local static of the kernels is a `__shared__`
+/// array, and the sanitizer knows shared memory by its section (simt.h). GCC
+/// ignores the section of a static inside a function template (it goes to a
+/// COMDAT `.bss._ZZ...` of its own), which would leave that array unchecked
+/// and its cross-block reuse reported as a global race: refuse it by name.
+fn shared_in_section(objs: &[PathBuf]) -> Result<(), String> {
+    for obj in objs {
+        let o = Command::new("objdump")
+            .arg("-t")
+            .arg(obj)
+            .output()
+            .map_err(|e| format!("objdump (binutils) is needed by the host emulator: {e}"))?;
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // value flags... section size name: the section precedes size and name.
+            let (Some(name), Some(section)) = (f.last(), f.len().checked_sub(3).map(|i| f[i]))
+            else {
+                continue;
+            };
+            if name.starts_with("_ZZ")
+                && (section.starts_with(".bss") || section.starts_with(".data"))
+            {
+                panic!(
+                    "{}: the static {name} lies in {section}, not in simt_shared: a __shared__ \
+                     array declared inside a function template? Declare it in the extern \"C\" \
+                     kernel and pass it in (cuda/attention.cu's TcShared), so that the \
+                     emulator's racecheck sees it",
+                    obj.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A library built from the sources with one text replaced in one file (a
+/// mutation test: the change must make the emulator report an error). Every
+/// .cu and .cuh is copied into one folder, the mutated file among them, so
+/// that `#include "common.cuh"` finds the mutated header too.
+/// Only the .cu files named in `build` are compiled (a mutant is built for
+/// one test: the fewer sources, the sooner it runs).
+pub fn mutant(name: &str, file: &str, from: &str, to: &str, build: &[&str]) -> &'static Simt {
+    let cuda = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("simt")
+        .join(format!("mutant-src-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut found = false;
+    let mut srcs = vec![];
+    for d in [cuda.clone(), cuda.join("host")] {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            let ext = path.extension().map(|e| e.to_string_lossy().into_owned());
+            if !matches!(ext.as_deref(), Some("cu") | Some("cuh")) {
+                continue;
+            }
+            let fname = path.file_name().unwrap().to_owned();
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            if fname == file {
+                assert_eq!(
+                    text.matches(from).count(),
+                    1,
+                    "mutant {name}: `{from}` must occur exactly once in {file}"
+                );
+                text = text.replacen(from, to, 1);
+                found = true;
+            }
+            let copy = dir.join(&fname);
+            std::fs::write(&copy, text).unwrap();
+            if build.iter().any(|b| fname == *b) {
+                srcs.push(copy);
+            }
+        }
+    }
+    assert!(found, "mutant {name}: no source {file}");
+    assert_eq!(srcs.len(), build.len(), "mutant {name}: sources {build:?}");
+    srcs.sort();
+    Box::leak(Box::new(
+        build_from(&format!("mutant-{name}"), Build::CHECKED, &srcs).unwrap(),
+    ))
 }
 
 /// The C++ table of every `extern "C" __global__` kernel of the sources
@@ -169,19 +385,50 @@ fn kernel_table(sources: &[PathBuf]) -> Result<String, String> {
 /// libcuda.so) is already loaded, so cudarc's dlopen("libcuda.so") gets its
 /// driver API, and SAM_UNET_CUBLAS points src/cuda/blas.rs at its cuBLAS.
 /// Call before the first CudaDevice::new, while the process has one thread.
-pub fn emulate_gpu() -> Option<&'static Simt> {
-    let s = simt()?;
+pub fn emulate_gpu(b: Build) -> Option<&'static Simt> {
+    let s = simt_build(b)?;
     // SAFETY: called from the single-threaded start of a harness=false test
     // binary, before any thread reads the environment.
     unsafe { std::env::set_var("SAM_UNET_CUBLAS", &s.path) };
     Some(s)
 }
 
-/// The emulator, or None with the reason printed (no C++ compiler). With
-/// SAM_UNET_REQUIRE_SIMT=1 (CI) a missing compiler is a failure.
+/// The emulator's checked build (see Build::CHECKED), or None with the reason
+/// printed (no C++ compiler). With SAM_UNET_REQUIRE_SIMT=1 (CI) a missing
+/// compiler is a failure.
 pub fn simt() -> Option<&'static Simt> {
-    static S: OnceLock<Result<Simt, String>> = OnceLock::new();
-    match S.get_or_init(build) {
+    simt_build(Build::CHECKED)
+}
+
+/// Both checked builds, without and with FMA contraction: the kernel tests run
+/// on each (empty when there is no C++ compiler, the reason printed).
+pub fn builds() -> Vec<&'static Simt> {
+    [Build::CHECKED, Build::CHECKED_FMA]
+        .into_iter()
+        .filter_map(simt_build)
+        .collect()
+}
+
+/// Runs `test` on each checked build, saying which one runs (a failure's
+/// output shows the build it failed under).
+pub fn each_build(test: impl Fn(&'static Simt)) {
+    for s in builds() {
+        println!("--- host emulator build: {}", s.name);
+        test(s);
+    }
+}
+
+pub fn simt_build(b: Build) -> Option<&'static Simt> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Cache = Mutex<HashMap<String, &'static Result<Simt, String>>>;
+    static S: OnceLock<Cache> = OnceLock::new();
+    let r: &'static Result<Simt, String> = {
+        let mut m = S.get_or_init(Default::default).lock().unwrap();
+        m.entry(b.name())
+            .or_insert_with(|| Box::leak(Box::new(build(b))))
+    };
+    match r {
         Ok(s) => Some(s),
         Err(e) => {
             if std::env::var("SAM_UNET_REQUIRE_SIMT").is_ok_and(|v| v == "1") {
@@ -305,7 +552,7 @@ impl Simt {
 /// How the GPU tests run: on cuda:0 when there is one, else on the emulated
 /// driver. Ok(description) or Err(why not). SAM_UNET_REQUIRE_GPU=1 (the GPU
 /// check script) refuses the emulator; SAM_UNET_EMULATE_GPU=0 turns it off.
-pub fn gpu_or_emulator() -> Result<String, String> {
+pub fn gpu_or_emulator(b: Build) -> Result<String, String> {
     let e = match sam_unet::cuda::CudaDevice::new(0) {
         Ok(d) => return Ok(format!("cuda:0 ({})", d.name())),
         Err(e) => e,
@@ -316,11 +563,15 @@ pub fn gpu_or_emulator() -> Result<String, String> {
     if std::env::var("SAM_UNET_EMULATE_GPU").is_ok_and(|v| v == "0") {
         return Err(format!("no GPU ({e}) and SAM_UNET_EMULATE_GPU=0"));
     }
-    if emulate_gpu().is_none() {
+    if emulate_gpu(b).is_none() {
         return Err(format!("no GPU ({e}) and no host emulator"));
     }
     match sam_unet::cuda::CudaDevice::new(0) {
-        Ok(d) => Ok(format!("no GPU ({e}): the emulated driver, {}", d.name())),
+        Ok(d) => Ok(format!(
+            "no GPU ({e}): the emulated driver, {} ({} build)",
+            d.name(),
+            b.name()
+        )),
         Err(e2) => Err(format!(
             "no GPU ({e}); the emulated driver failed too: {e2}"
         )),
