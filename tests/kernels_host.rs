@@ -888,6 +888,179 @@ fn emulator_catches_mutants() {
     );
 }
 
+#[test]
+fn emulated_driver_and_cublas_check_arguments() {
+    // A caller's mistake fails on the emulator as the CUDA driver and cuBLAS
+    // document it would on a GPU (invalid value / not supported), instead of
+    // computing something anyway.
+    use std::ffi::c_void;
+    let Some(s) = simt::simt() else { return };
+    type Alloc = unsafe extern "C" fn(*mut u64, usize) -> i32;
+    type Free = unsafe extern "C" fn(u64) -> i32;
+    type HtoD = unsafe extern "C" fn(u64, *const c_void, usize) -> i32;
+    type Create = unsafe extern "C" fn(*mut *mut c_void) -> i32;
+    type Gemm = unsafe extern "C" fn(
+        *mut c_void,
+        i32,
+        i32,
+        i32,
+        i32,
+        i32,
+        *const f32,
+        u64,
+        i32,
+        i32,
+        i64,
+        u64,
+        i32,
+        i32,
+        i64,
+        *const f32,
+        u64,
+        i32,
+        i32,
+        i64,
+        i32,
+        i32,
+        i32,
+    ) -> i32;
+    type LoadData = unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> i32;
+    type GetFunction = unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> i32;
+    type Launch = unsafe extern "C" fn(
+        *mut c_void,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        u32,
+        *mut c_void,
+        *mut *mut c_void,
+        *mut *mut c_void,
+    ) -> i32;
+    use std::ffi::c_char;
+    // SAFETY: the signatures are those of cuda/host/fake_driver.cpp (the
+    // driver API's and cuBLAS's); every pointer passed below is either valid
+    // for the sizes given or the point of the check, which refuses it before
+    // any access.
+    unsafe {
+        let alloc: Alloc = s.sym("cuMemAlloc_v2");
+        let free: Free = s.sym("cuMemFree_v2");
+        let htod: HtoD = s.sym("cuMemcpyHtoD_v2");
+        let create: Create = s.sym("cublasCreate_v2");
+        let gemm: Gemm = s.sym("cublasGemmStridedBatchedEx");
+        let dev = |bytes: usize| {
+            let mut p = 0u64;
+            assert_eq!(alloc(&mut p, bytes), 0);
+            p
+        };
+        let (a, b, c) = (dev(64), dev(64), dev(128));
+        let small = dev(32);
+        let host = [0f32; 64];
+        let mut h = std::ptr::null_mut();
+        assert_eq!(create(&mut h), 0);
+        let (one, zero) = (1.0f32, 0.0f32);
+        // (lda, sc, batch, atype, btype, compute, C): a 4 x 4 x 4 f32 GEMM
+        // with one argument changed at a time.
+        let call = |lda, ldc, sc, batch, atype, btype, compute, a_ptr, c_ptr| {
+            gemm(
+                h, 0, 0, 4, 4, 4, &one, a_ptr, atype, lda, 0, b, btype, 4, 0, &zero, c_ptr, 0, ldc,
+                sc, batch, compute, 0,
+            )
+        };
+        let host_ptr = host.as_ptr() as u64;
+        let r = |v: i32, what: &str, want: i32| assert_eq!(v, want, "{what}");
+        r(call(4, 4, 16, 2, 0, 0, 68, a, c), "a valid batch of two", 0);
+        r(call(3, 4, 16, 1, 0, 0, 68, a, c), "lda below m", 7);
+        r(call(4, 2, 16, 1, 0, 0, 68, a, c), "ldc below m", 7);
+        r(call(4, 4, 8, 2, 0, 0, 68, a, c), "overlapping outputs", 7);
+        r(call(4, 4, -16, 2, 0, 0, 68, a, c), "negative output stride", 7);
+        r(call(4, 4, 16, -1, 0, 0, 68, a, c), "negative batch", 7);
+        r(call(4, 4, 16, 1, 0, 14, 68, a, c), "f32 x bf16", 15);
+        r(call(4, 4, 16, 1, 0, 0, 77, a, c), "TF32 compute", 15);
+        r(call(4, 4, 16, 1, 0, 0, 68, small, c), "A past its allocation", 7);
+        r(call(4, 4, 16, 1, 0, 0, 68, a, host_ptr), "C in host memory", 7);
+        r(call(4, 4, 16, 3, 0, 0, 68, a, c), "C of batch 3 past its allocation", 7);
+        r(htod(small, host.as_ptr() as *const c_void, 64), "copy past the end", 1);
+        r(htod(small + 4, host.as_ptr() as *const c_void, 32), "copy from inside past the end", 1);
+        r(htod(small, host.as_ptr() as *const c_void, 32), "copy that fits", 0);
+        r(free(host_ptr), "free of host memory", 1);
+        // Launch limits (sm_80 / sm_90): threads per block, block and grid
+        // dimensions, shared memory (the tensor-core attention kernel has
+        // 44 KB of static shared memory: 8 KB of dynamic memory on top is
+        // over the 48 KB a block may have without the opt-in).
+        let load: LoadData = s.sym("cuModuleLoadData");
+        let get: GetFunction = s.sym("cuModuleGetFunction");
+        let launch: Launch = s.sym("cuLaunchKernel");
+        let ptx = c".entry rel_pos_attention_tc_f32(\n.entry relu_f32(\n";
+        let mut module = std::ptr::null_mut();
+        r(load(&mut module, ptx.as_ptr() as *const c_void), "module", 0);
+        let mut f = std::ptr::null_mut();
+        r(get(&mut f, module, c"relu_f32".as_ptr()), "relu_f32", 0);
+        let mut tc = std::ptr::null_mut();
+        r(get(&mut tc, module, c"rel_pos_attention_tc_f32".as_ptr()), "tc", 0);
+        let (mut y, mut x, mut n) = (c, a, 16i64);
+        let mut params = [
+            &mut y as *mut u64 as *mut c_void,
+            &mut x as *mut u64 as *mut c_void,
+            &mut n as *mut i64 as *mut c_void,
+        ];
+        let go = |f, g: (u32, u32, u32), blk: (u32, u32, u32), smem: u32, p: *mut *mut c_void| {
+            launch(
+                f,
+                g.0,
+                g.1,
+                g.2,
+                blk.0,
+                blk.1,
+                blk.2,
+                smem,
+                std::ptr::null_mut(),
+                p,
+                std::ptr::null_mut(),
+            )
+        };
+        let p = params.as_mut_ptr();
+        r(go(f, (1, 1, 1), (32, 1, 1), 0, p), "relu 16 elements", 0);
+        r(go(f, (1, 1, 1), (2048, 1, 1), 0, p), "2048 threads per block", 1);
+        r(go(f, (1, 1, 1), (1, 1, 128), 0, p), "block z 128", 1);
+        r(go(f, (1, 70000, 1), (32, 1, 1), 0, p), "grid y 70000", 1);
+        r(go(tc, (1, 1, 1), (128, 1, 1), 8192, p), "44 + 8 KB shared", 1);
+        for p in [a, b, c, small] {
+            r(free(p), "free", 0);
+        }
+    }
+}
+
+#[test]
+fn bilinear_needs_its_rounding_intrinsics_under_fma() {
+    // The resize kernel is bit-exact with the CPU because every product and
+    // sum goes through __fmul_rn / __fadd_rn; written as plain `a * b + c`,
+    // the contraction nvcc does by default (and the FMA build here) fuses
+    // them and the results move by an ulp: the bit-exact test must see it.
+    if simt::simt().is_none() {
+        return;
+    }
+    let s = simt::mutant_with(
+        simt::Build::CHECKED_FMA,
+        "bilinear-plain-arithmetic",
+        "resize.cu",
+        "        float a = __fadd_rn(__fmul_rn(lx0, r0[x0]), __fmul_rn(lx1, r0[x1]));
+        float b = __fadd_rn(__fmul_rn(lx0, r1[x0]), __fmul_rn(lx1, r1[x1]));
+        y[i] = __fadd_rn(__fmul_rn(ly0, a), __fmul_rn(ly1, b));",
+        "        float a = lx0 * r0[x0] + lx1 * r0[x1];
+        float b = lx0 * r1[x0] + lx1 * r1[x1];
+        y[i] = ly0 * a + ly1 * b;",
+        &["resize.cu"],
+    );
+    let r = std::panic::catch_unwind(|| bilinear_matches_cpu_bit_for_bit_on(s));
+    assert!(
+        r.is_err(),
+        "plain arithmetic under FMA contraction stayed bit-exact: the test cannot see contraction"
+    );
+}
+
 /// The f32 attention kernel on a small input (one image, one head, the
 /// 16 x 16 grid): Ok, or the emulator's error.
 fn run_rel_pos_attention(s: &'static Simt, window: usize) -> Result<(), String> {

@@ -15,8 +15,15 @@
 // must exist in the host kernel table, cuLaunchKernel through the SIMT
 // scheduler (barrier and bounds checks included), and cuBLAS's column-major
 // Sgemm / GemmEx (f32, bf16 inputs) with beta = 0 never reading C.
+// Arguments are checked as the CUDA driver and cuBLAS documentation states
+// (see check_* below): launches above the limits of sm_80 / sm_90, device
+// pointers outside every live allocation or running past one, copies and
+// memsets past a buffer, leading dimensions below the stored rows, negative
+// or overlapping output strides, type / compute combinations cuBLAS refuses.
+// Each refusal prints what was wrong and returns the status the real library
+// documents for it.
 // What it does not model: concurrency between streams, timing, the GPU's own
-// rounding (FMA contraction, expf / erff ulps).
+// rounding (expf / erff ulps, tensor-core accumulation order).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +39,8 @@ extern "C" {
 int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx, char* err, size_t errlen);
 void* simt_alloc(size_t bytes, size_t align);
 void simt_free(void* p);
+int simt_is_buffer(const void* p);
+int simt_in_buffer(const void* p, size_t bytes);
 extern const SimtKernel simt_kernels[];
 extern const int simt_kernel_count;
 }
@@ -91,6 +100,28 @@ void run_thread(void* ctx) {
 }
 
 int g_ctx_token, g_event_token;
+
+// A device range [p, p + bytes) that is not inside one live allocation: the
+// driver's CUDA_ERROR_INVALID_VALUE (an illegal address on a GPU, found later).
+bool bad_range(const char* call, const char* what, unsigned long long p, size_t bytes) {
+    if (bytes == 0 || simt_in_buffer((const void*)p, bytes)) return false;
+    std::fprintf(stderr, "fake CUDA driver: %s: %s [%p, +%zu bytes) is not inside one live device allocation\n", call, what, (void*)p, bytes);
+    return true;
+}
+
+// Launch limits of compute capability 8.0 and 9.0 (CUDA C++ Programming Guide,
+// "Technical Specifications per Compute Capability"): 1024 threads per block,
+// block (1024, 1024, 64), grid (2^31 - 1, 65535, 65535), 48 KB of static
+// shared memory per block (more only as dynamic memory after an opt-in:
+// 163 KB on sm_80, 227 KB on sm_90; we never opt in).
+const char* launch_limit(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, size_t smem) {
+    if (bx == 0 || by == 0 || bz == 0 || gx == 0 || gy == 0 || gz == 0) return "a zero grid or block dimension";
+    if (bx > 1024 || by > 1024 || bz > 64) return "a block dimension above (1024, 1024, 64)";
+    if ((unsigned long long)bx * by * bz > 1024) return "more than 1024 threads per block";
+    if (gx > 2147483647u || gy > 65535 || gz > 65535) return "a grid dimension above (2^31 - 1, 65535, 65535)";
+    if (smem > 48 * 1024) return "more than 48 KB of shared memory per block (static + dynamic, without the opt-in)";
+    return nullptr;
+}
 
 void* dev_alloc(size_t bytes) {
     void* p = simt_alloc(bytes ? bytes : 1, 256 < bytes ? 256 : 4);
@@ -257,6 +288,10 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
     return r;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
+    if (p && !simt_is_buffer((const void*)p)) {
+        std::fprintf(stderr, "fake CUDA driver: cuMemFree of %p, which is not a live allocation\n", (void*)p);
+        return INVALID_VALUE;
+    }
     simt_free((void*)p);
     return OK;
 }
@@ -279,14 +314,17 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
+    if (bad_range("cuMemcpyHtoD", "destination", d, n)) return INVALID_VALUE;
     std::memcpy((void*)d, h, n);
     return OK;
 }
 CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
+    if (bad_range("cuMemcpyDtoH", "source", d, n)) return INVALID_VALUE;
     std::memcpy(h, (const void*)d, n);
     return OK;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    if (bad_range("cuMemcpyDtoD", "destination", d, n) || bad_range("cuMemcpyDtoD", "source", s, n)) return INVALID_VALUE;
     std::memmove((void*)d, (const void*)s, n);
     return OK;
 }
@@ -300,20 +338,25 @@ CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void* st) {
     return cuMemcpyDtoH_v2(h, d, n);
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
+    if (bad_range("cuMemcpyDtoDAsync", "destination", d, n) || bad_range("cuMemcpyDtoDAsync", "source", s, n)) return INVALID_VALUE;
     return submit(st, [=]() { return cuMemcpyDtoD_v2(d, s, n); });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    if (bad_range("cuMemsetD8", "destination", d, n)) return INVALID_VALUE;
     std::memset((void*)d, v, n);
     return OK;
 }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
+    if (bad_range("cuMemsetD8Async", "destination", d, n)) return INVALID_VALUE;
     return submit(st, [=]() { return cuMemsetD8_v2(d, v, n); });
 }
 CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
+    if (d % 4 != 0 || bad_range("cuMemsetD32", "destination", d, n * 4)) return INVALID_VALUE;
     for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
     return OK;
 }
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void* st) {
+    if (d % 4 != 0 || bad_range("cuMemsetD32Async", "destination", d, n * 4)) return INVALID_VALUE;
     return submit(st, [=]() { return cuMemsetD32_v2(d, v, n); });
 }
 
@@ -355,6 +398,11 @@ CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void* stream, void** params,
                         void** extra) {
     const SimtKernel* k = (const SimtKernel*)f;
+    if (const char* why = launch_limit(gx, gy, gz, bx, by, bz, k->shared_bytes + smem)) {
+        std::fprintf(stderr, "fake CUDA driver: %s: grid (%u, %u, %u), block (%u, %u, %u), %zu + %u bytes of shared memory: %s\n", k->name, gx, gy, gz, bx, by,
+                     bz, k->shared_bytes, smem, why);
+        return INVALID_VALUE;
+    }
     if (smem != 0 || extra != nullptr || params == nullptr) {
         std::fprintf(stderr, "fake CUDA driver: %s: dynamic shared memory / extra launch parameters are not emulated\n", k->name);
         return INVALID_VALUE;
@@ -425,7 +473,13 @@ int cublasSetStream_v2(void* h, void* s) {
     return 0;
 }
 int cublasSetMathMode(void*, int) { return 0; }
-int cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
+int cublasSetWorkspace_v2(void*, void* p, size_t bytes) {
+    if (bytes > 0 && !simt_in_buffer(p, bytes)) {
+        std::fprintf(stderr, "fake cuBLAS: cublasSetWorkspace: [%p, +%zu bytes) is not inside one live device allocation\n", p, bytes);
+        return 7;
+    }
+    return 0;
+}
 
 }  // extern "C"
 
@@ -441,8 +495,8 @@ float bf16_to_f32(unsigned short b) {
 // Column-major C[m, n] = alpha op(A) op(B) + beta C, accumulated in f32 over
 // k in order; beta = 0 never reads C (cuBLAS's contract: C may be garbage).
 // load(i) reads element i of a matrix of the given storage type.
+// Arguments already checked (check_gemm).
 int gemm(int ta, int tb, int m, int n, int k, float alpha, const void* A, int atype, int lda, const void* B, int btype, int ldb, float beta, float* C, int ldc) {
-    if (m < 0 || n < 0 || k < 0 || (atype != 0 && atype != 14) || (btype != 0 && btype != 14)) return 7;  // CUBLAS_STATUS_INVALID_VALUE
     auto ld = [](const void* p, int t, long long i) { return t == 0 ? ((const float*)p)[i] : bf16_to_f32(((const unsigned short*)p)[i]); };
     // Row-major copies: a[i][p] = op(A)(i, p), b[p][j] = op(B)(p, j), so that the
     // inner loop runs over contiguous j.
@@ -489,22 +543,63 @@ int on_stream(void* h, std::function<int()> g) {
     return r == OK ? 0 : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
 }
 
+// The argument checks of cublas<t>gemm / cublasGemmEx /
+// cublasGemmStridedBatchedEx (cuBLAS documentation): CUBLAS_STATUS_INVALID_VALUE
+// (7) for m, n, k or batchCount < 0, lda < max(1, rows of A as stored), ldb
+// likewise, ldc < max(1, m); CUBLAS_STATUS_NOT_SUPPORTED (15) for a type /
+// compute combination outside its table (of which we emulate the two we use:
+// f32 x f32 -> f32 and bf16 x bf16 -> f32, both CUBLAS_COMPUTE_32F). Also
+// refused, as errors rather than the undefined behaviour cuBLAS documents:
+// output matrices of a batch that overlap (or a negative output stride), and
+// matrices that are not inside one live device allocation.
+static int check_gemm(const char* call, int ta, int tb, int m, int n, int k, const void* A, int atype, int lda, long long sa, const void* B, int btype, int ldb,
+               long long sb, const void* C, int ctype, int ldc, long long sc, int batch, int compute) {
+    auto fail = [&](int status, const char* why) {
+        std::fprintf(stderr, "fake cuBLAS: %s (m %d n %d k %d, lda %d ldb %d ldc %d, strides %lld / %lld / %lld, batch %d): %s\n", call, m, n, k, lda, ldb, ldc, sa,
+                     sb, sc, batch, why);
+        return status;
+    };
+    if (m < 0 || n < 0 || k < 0 || batch < 0) return fail(7, "a negative dimension or batch count");
+    const int arows = ta ? k : m, brows = tb ? n : k;
+    const int acols = ta ? m : k, bcols = tb ? k : n;
+    if (lda < (arows > 1 ? arows : 1)) return fail(7, "lda below the rows of A as stored");
+    if (ldb < (brows > 1 ? brows : 1)) return fail(7, "ldb below the rows of B as stored");
+    if (ldc < (m > 1 ? m : 1)) return fail(7, "ldc below m");
+    bool f32 = atype == 0 && btype == 0 && ctype == 0, bf16 = atype == 14 && btype == 14 && ctype == 0;
+    if (compute != 68 || !(f32 || bf16)) return fail(15, "type / compute combination not supported (emulated: 32F x 32F -> 32F and 16BF x 16BF -> 32F, COMPUTE_32F)");
+    if (m == 0 || n == 0 || batch == 0) return 0;
+    // Extent of one column-major matrix: (cols - 1) ld + rows elements.
+    auto extent = [](long long rows, long long cols, long long ld) { return rows == 0 || cols == 0 ? 0 : (cols - 1) * ld + rows; };
+    long long ec = extent(m, n, ldc);
+    if (batch > 1 && sc < ec) return fail(7, sc < 0 ? "negative output stride" : "the output matrices of the batch overlap (strideC below (n - 1) ldc + m)");
+    auto inside = [&](const void* p, long long stride, long long elems, size_t esize) {
+        if (elems == 0) return true;
+        long long lo = stride < 0 ? stride * (batch - 1) : 0, hi = (stride > 0 ? stride * (batch - 1) : 0) + elems;
+        return simt_in_buffer((const char*)p + lo * (long long)esize, (size_t)(hi - lo) * esize) != 0;
+    };
+    if (k > 0 && !inside(A, sa, extent(arows, acols, lda), atype == 0 ? 4 : 2)) return fail(7, "A is not inside one live device allocation");
+    if (k > 0 && !inside(B, sb, extent(brows, bcols, ldb), btype == 0 ? 4 : 2)) return fail(7, "B is not inside one live device allocation");
+    if (!inside(C, sc, ec, 4)) return fail(7, "C is not inside one live device allocation");
+    return 0;
+}
+
 int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha, const float* A, int lda, const float* B, int ldb, const float* beta, float* C,
                    int ldc) {
+    if (int r = check_gemm("cublasSgemm", ta, tb, m, n, k, A, 0, lda, 0, B, 0, ldb, 0, C, 0, ldc, 0, 1, 68)) return r;
     float al = *alpha, be = *beta;
     return on_stream(h, [=]() { return gemm(ta, tb, m, n, k, al, A, 0, lda, B, 0, ldb, be, C, ldc); });
 }
 
 int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, const void* B, int btype, int ldb,
                  const void* beta, void* C, int ctype, int ldc, int compute, int) {
-    if (ctype != 0 || compute != 68) return 7;  // f32 output, CUBLAS_COMPUTE_32F only
+    if (int r = check_gemm("cublasGemmEx", ta, tb, m, n, k, A, atype, lda, 0, B, btype, ldb, 0, C, ctype, ldc, 0, 1, compute)) return r;
     float al = *(const float*)alpha, be = *(const float*)beta;
     return on_stream(h, [=]() { return gemm(ta, tb, m, n, k, al, A, atype, lda, B, btype, ldb, be, (float*)C, ldc); });
 }
 
 int cublasGemmStridedBatchedEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, long long sa, const void* B,
                                int btype, int ldb, long long sb, const void* beta, void* C, int ctype, int ldc, long long sc, int batch, int compute, int) {
-    if (ctype != 0 || compute != 68 || batch < 0) return 7;
+    if (int r = check_gemm("cublasGemmStridedBatchedEx", ta, tb, m, n, k, A, atype, lda, sa, B, btype, ldb, sb, C, ctype, ldc, sc, batch, compute)) return r;
     float al = *(const float*)alpha, be = *(const float*)beta;
     return on_stream(h, [=]() {
         size_t ea = atype == 0 ? 4 : 2, eb = btype == 0 ? 4 : 2;

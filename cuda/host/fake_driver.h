@@ -15,6 +15,7 @@ struct SimtKernel {
     void (*call)(void* fn, void** params);
     int nparams;
     const std::size_t* sizes;  // bytes of each parameter (to record launches in a graph)
+    std::size_t shared_bytes;  // static __shared__ memory of the kernel (read off its objects)
 };
 
 template <class F>
@@ -31,5 +32,5 @@ struct SimtThunk<void (*)(A...)> {
     static constexpr std::size_t sizes[sizeof...(A) > 0 ? sizeof...(A) : 1] = {sizeof(std::remove_reference_t<A>)...};
 };
 
-#define SIMT_KERNEL(name) \
-    {#name, (void*)&name, &SimtThunk<decltype(&name)>::call, SimtThunk<decltype(&name)>::count, SimtThunk<decltype(&name)>::sizes}
+#define SIMT_KERNEL(name, shared) \
+    {#name, (void*)&name, &SimtThunk<decltype(&name)>::call, SimtThunk<decltype(&name)>::count, SimtThunk<decltype(&name)>::sizes, shared}

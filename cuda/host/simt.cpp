@@ -209,15 +209,19 @@ std::string shared_name(const char* a) {
 
 // ---- racecheck and initcheck state
 
-uint64_t g_iv = 1;        // current barrier interval (global, never reset)
-uint64_t g_block_iv = 1;  // the first interval of the running block
-std::vector<uint64_t> g_wep;  // epoch of each warp: advanced by __syncwarp / collectives
+// Interval and warp epochs are 32-bit (the shadow of a shared byte stays
+// small: it is read and written on every access); at 2^31 the shadow and the
+// counters start over (begin_block).
+uint32_t g_iv = 1;        // current barrier interval (global across blocks and launches)
+uint32_t g_block_iv = 1;  // the first interval of the running block
+std::vector<uint32_t> g_wep;  // epoch of each warp: advanced by __syncwarp / collectives
+uintptr_t g_code_base = 0;    // access sites are kept as 32-bit offsets from here
 
 struct Acc {
-    uint64_t iv = 0, wep = 0;
-    uint32_t tid = 0;
-    uint32_t atomic = 0;
-    const void* pc = nullptr;
+    uint32_t iv = 0, wep = 0;
+    uint16_t tid = 0;
+    uint16_t atomic = 0;
+    uint32_t pc = 0;  // the access site, relative to g_code_base
 };
 struct ShByte {
     Acc w, r1, r2;
@@ -232,8 +236,13 @@ struct GPage {
 };
 std::unordered_map<uintptr_t, GPage*> g_pages;
 std::vector<GPage*> g_free_pages;
-uintptr_t g_last_key = ~(uintptr_t)0;
-GPage* g_last_page = nullptr;
+// Direct-mapped cache of page lookups, misses included (most reads are of
+// pages the launch never writes): a hash lookup per access would dominate.
+struct PageSlot {
+    uintptr_t key = ~(uintptr_t)0;
+    GPage* page = nullptr;
+};
+PageSlot g_page_cache[256];
 bool g_launch_atomics = false;
 
 // Stops the running thread with an error: the block is abandoned, the launch fails.
@@ -246,6 +255,9 @@ void fail(const std::string& msg) {
     __builtin_unreachable();
 }
 
+uint32_t pc_off(const void* pc) { return (uint32_t)((uintptr_t)pc - g_code_base); }
+const void* pc_of(uint32_t off) { return off ? (const void*)(g_code_base + off) : nullptr; }
+
 bool ordered(const Acc& p, const Acc& c) {
     if (p.iv != c.iv || p.tid == c.tid) return true;
     return p.tid / 32 == c.tid / 32 && p.wep != c.wep;
@@ -255,7 +267,7 @@ const char* verb(bool write, bool atomic) { return atomic ? "atomically updated"
 
 [[noreturn]] void shared_race(const char* a, const Acc& p, bool p_write, const Acc& c, bool c_write) {
     std::string msg = std::string("racecheck: ") + g_kernel + ": " + block_str() + ": thread " + tid_str(p.tid) + " " + verb(p_write, p.atomic) + " shared " +
-                      shared_name(a) + " (" + source_of(p.pc) + ") and thread " + tid_str(c.tid) + " " + verb(c_write, c.atomic) + " it (" + source_of(c.pc) +
+                      shared_name(a) + " (" + source_of(pc_of(p.pc)) + ") and thread " + tid_str(c.tid) + " " + verb(c_write, c.atomic) + " it (" + source_of(pc_of(c.pc)) +
                       ") with no __syncthreads between" + (p.tid / 32 == c.tid / 32 ? " (same warp: no __syncwarp either)" : "") + "; schedule " +
                       sched_name(g_sched);
     fail(msg);
@@ -264,27 +276,28 @@ const char* verb(bool write, bool atomic) { return atomic ? "atomically updated"
 
 void shared_access(char* a, size_t n, bool write, bool atomic, const void* pc) {
     const unsigned tid = (unsigned)g_cur;
-    const Acc c{g_iv, g_wep[tid / 32], tid, atomic ? 1u : 0u, pc};
+    const Acc c{g_iv, g_wep[tid / 32], (uint16_t)tid, (uint16_t)(atomic ? 1 : 0), pc_off(pc)};
+    if (a + n > __stop_simt_shared) n = (size_t)(__stop_simt_shared - a);
+    ShByte* sh = &g_shadow[(size_t)(a - __start_simt_shared)];
     for (size_t i = 0; i < n; ++i) {
-        char* b = a + i;
-        if (b >= __stop_simt_shared) break;
-        ShByte& s = g_shadow[(size_t)(b - __start_simt_shared)];
+        ShByte& s = sh[i];
         if ((!write || atomic) && s.w.iv < g_block_iv) {
-            fail(std::string("initcheck: ") + g_kernel + ": " + block_str() + ": thread " + tid_str(tid) + " " + verb(write, atomic) + " shared " + shared_name(b) +
+            fail(std::string("initcheck: ") + g_kernel + ": " + block_str() + ": thread " + tid_str(tid) + " " + verb(write, atomic) + " shared " + shared_name(a + i) +
                  " (" + source_of(pc) + ") that no thread of the block wrote (shared memory starts undefined in every block)");
         }
-        if (s.w.iv == c.iv && !ordered(s.w, c) && !(s.w.atomic && atomic)) shared_race(b, s.w, true, c, write);
+        if (s.w.iv == c.iv && !ordered(s.w, c) && !(s.w.atomic && atomic)) shared_race(a + i, s.w, true, c, write);
         if (write) {
-            if (s.r1.iv == c.iv && !ordered(s.r1, c) && !(s.r1.atomic && atomic)) shared_race(b, s.r1, false, c, true);
-            if (s.r2.iv == c.iv && !ordered(s.r2, c) && !(s.r2.atomic && atomic)) shared_race(b, s.r2, false, c, true);
+            if (s.r1.iv == c.iv && !ordered(s.r1, c) && !(s.r1.atomic && atomic)) shared_race(a + i, s.r1, false, c, true);
+            if (s.r2.iv == c.iv && !ordered(s.r2, c) && !(s.r2.atomic && atomic)) shared_race(a + i, s.r2, false, c, true);
             s.w = c;
+        } else if (s.r1.iv == c.iv && s.r1.tid == tid) {
+            s.r1.wep = c.wep;  // the latest epoch decides ordering with a later write
+            s.r1.pc = c.pc;
         } else if (s.r1.iv != c.iv) {
             s.r1 = c;
             s.r2 = Acc{};
-        } else if (s.r1.tid != tid) {
-            s.r2 = s.r1;
-            s.r1 = c;
         } else {
+            s.r2 = s.r1;
             s.r1 = c;
         }
     }
@@ -293,7 +306,8 @@ void shared_access(char* a, size_t n, bool write, bool atomic, const void* pc) {
 std::string global_name(uintptr_t a);
 
 GPage* page_of(uintptr_t key, bool create) {
-    if (key == g_last_key) return g_last_page;
+    PageSlot& slot = g_page_cache[key & 255];
+    if (slot.key == key && (slot.page || !create)) return slot.page;
     auto it = g_pages.find(key);
     GPage* p = nullptr;
     if (it != g_pages.end()) {
@@ -307,42 +321,41 @@ GPage* page_of(uintptr_t key, bool create) {
         }
         std::memset(p->who, 0, sizeof p->who);
         g_pages.emplace(key, p);
-    } else {
-        return nullptr;
     }
-    g_last_key = key;
-    g_last_page = p;
+    slot.key = key;
+    slot.page = p;
     return p;
 }
 
 void global_access(uintptr_t a, size_t n, bool write, bool atomic, const void* pc) {
-    const uint32_t me = 1 + simt_blockIdx.x + simt_gridDim.x * (simt_blockIdx.y + simt_gridDim.y * simt_blockIdx.z);
+    if (!write && g_pages.empty()) return;
     if (atomic) g_launch_atomics = true;
+    const uint32_t me = 1 + simt_blockIdx.x + simt_gridDim.x * (simt_blockIdx.y + simt_gridDim.y * simt_blockIdx.z);
+    GPage* p = nullptr;
+    uintptr_t key = ~(uintptr_t)0;
     for (size_t i = 0; i < n; ++i) {
         uintptr_t b = a + i;
-        GPage* p = page_of(b >> 12, write);
-        if (!p) {
-            // Nothing on this page was written in this launch: skip the page.
-            i += 4095 - (b & 4095);
-            continue;
+        if (b >> 12 != key) {
+            key = b >> 12;
+            p = page_of(key, write);
         }
+        if (!p) continue;  // nothing on this page was written in this launch
         size_t k = b & 4095;
         uint32_t who = p->who[k];
-        if (who == 0) {
+        if (who == me) {
+            if (write && !atomic) p->atomic[k] = 0;
+        } else if (who == 0) {
             if (!write) continue;
             p->orig[k] = *(const uint8_t*)b;
             p->who[k] = me;
             p->atomic[k] = atomic;
-        } else if (who != me) {
-            if (atomic && p->atomic[k]) continue;
+        } else if (!(atomic && p->atomic[k])) {
             uint32_t o = who - 1;
             unsigned ox = o % simt_gridDim.x, oy = (o / simt_gridDim.x) % simt_gridDim.y, oz = o / (simt_gridDim.x * simt_gridDim.y);
             fail(std::string("racecheck: ") + g_kernel + ": block (" + std::to_string(ox) + ", " + std::to_string(oy) + ", " + std::to_string(oz) + ") " +
                  (p->atomic[k] ? "atomically updated" : "wrote") + " global " + global_name(b) + " and " + block_str() + " thread " + tid_str((unsigned)g_cur) +
                  " " + verb(write, atomic) + " it (" + source_of(pc) + ") in the same launch" + (write ? " without atomics" : "") + "; schedule " +
                  sched_name(g_sched));
-        } else if (write && !atomic) {
-            p->atomic[k] = 0;
         }
     }
 }
@@ -359,18 +372,53 @@ inline void check(void* addr, size_t n, bool write, bool atomic, const void* pc)
     }
 }
 
-// The bytes a launch wrote, in address order: (address, value).
-std::vector<std::pair<uintptr_t, uint8_t>> written() {
-    std::vector<uintptr_t> keys;
-    for (auto& kv : g_pages) keys.push_back(kv.first);
-    std::sort(keys.begin(), keys.end());
-    std::vector<std::pair<uintptr_t, uint8_t>> out;
-    for (uintptr_t key : keys) {
-        GPage* p = g_pages[key];
-        for (size_t k = 0; k < 4096; ++k)
-            if (p->who[k]) out.emplace_back((key << 12) | k, *(const uint8_t*)((key << 12) | k));
+// What the first schedule wrote: per page, which bytes and their values.
+struct Snap {
+    uint8_t mask[4096];
+    uint8_t val[4096];
+};
+std::unordered_map<uintptr_t, Snap> g_snap;
+
+void take_snapshot() {
+    g_snap.clear();
+    for (auto& [key, p] : g_pages) {
+        Snap& s = g_snap[key];
+        const uint8_t* mem = (const uint8_t*)(key << 12);
+        for (size_t k = 0; k < 4096; ++k) {
+            s.mask[k] = p->who[k] != 0;
+            s.val[k] = s.mask[k] ? mem[k] : 0;
+        }
     }
-    return out;
+}
+
+// "" when this schedule wrote the same bytes with the same values as the
+// first; else where they differ.
+std::string diff_snapshot() {
+    char b[200];
+    for (auto& [key, p] : g_pages) {
+        auto it = g_snap.find(key);
+        const uint8_t* mem = (const uint8_t*)(key << 12);
+        for (size_t k = 0; k < 4096; ++k) {
+            bool now = p->who[k] != 0, then = it != g_snap.end() && it->second.mask[k];
+            if (now != then || (now && mem[k] != it->second.val[k])) {
+                uintptr_t a = (key << 12) | k;
+                if (now && then)
+                    std::snprintf(b, sizeof b, "%s is 0x%02x after the natural order, 0x%02x", global_name(a).c_str(), it->second.val[k], mem[k]);
+                else
+                    std::snprintf(b, sizeof b, "%s was written %s the natural order but %s", global_name(a).c_str(), then ? "in" : "not in", now ? "now" : "not now");
+                return b;
+            }
+        }
+    }
+    for (auto& [key, snap] : g_snap) {
+        if (g_pages.count(key)) continue;
+        for (size_t k = 0; k < 4096; ++k)
+            if (snap.mask[k]) {
+                std::snprintf(b, sizeof b, "%s was written in the natural order but not now", global_name((key << 12) | k).c_str());
+                return b;
+            }
+    }
+    return "";
 }
 
 // Puts back what the launch overwrote (before running it again).
@@ -383,8 +431,7 @@ void restore() {
 void clear_pages() {
     for (auto& kv : g_pages) g_free_pages.push_back(kv.second);
     g_pages.clear();
-    g_last_key = ~(uintptr_t)0;
-    g_last_page = nullptr;
+    for (PageSlot& s : g_page_cache) s = PageSlot{};
 }
 
 [[noreturn]] void fiber_main() {
@@ -422,6 +469,8 @@ void ensure_fibers(size_t n) {
         g_stacks_hi = g_stacks_lo + len;
         for (unsigned t = 0; t < kMaxThreads; ++t) mprotect(g_stacks_lo + (size_t)t * (kStack + kPage), kPage, PROT_NONE);
         g_shadow.resize((size_t)(__stop_simt_shared - __start_simt_shared));
+        Dl_info info{};
+        if (dladdr((void*)&fresh_stack, &info)) g_code_base = (uintptr_t)info.dli_fbase;
     }
     if (g_fibers.size() < n) g_fibers.resize(n);
     size_t warps = (n + 31) / 32;
@@ -507,6 +556,11 @@ bool run_block(unsigned n) {
     }
     // A new block: an interval later than any before, so nothing in shared
     // memory counts as written by it yet.
+    if (g_iv > 0x7fffffffu) {
+        std::fill(g_shadow.begin(), g_shadow.end(), ShByte{});
+        std::fill(g_wep.begin(), g_wep.end(), 1u);
+        g_iv = 1;
+    }
     g_block_iv = ++g_iv;
     for (;;) {
         next_order(n);
@@ -654,7 +708,6 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
         // Without the sanitizer nothing records what a launch wrote, so it
         // cannot be put back and run again.
         int schedules = g_checks ? g_schedules : 1;
-        std::vector<std::pair<uintptr_t, uint8_t>> first;
         for (int s = 0; ok && s < schedules; ++s) {
             g_sched = s;
             g_rng = g_seed ^ (g_launch_no * 0x9e3779b97f4a7c15ull);
@@ -662,27 +715,23 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
             ok = run_grid(gx, gy, gz, n);
             g_in_kernel = 0;
             if (ok && schedules > 1) {
-                auto now = written();
                 if (s == 0) {
-                    first = std::move(now);
-                } else if (!g_launch_atomics && now != first) {
+                    take_snapshot();
+                } else if (!g_launch_atomics) {
                     // A kernel without atomics must not depend on the order of its threads.
-                    size_t i = 0;
-                    while (i < first.size() && i < now.size() && first[i] == now[i]) ++i;
-                    char b[160];
-                    if (i < first.size() && i < now.size() && first[i].first == now[i].first)
-                        std::snprintf(b, sizeof b, "%s: 0x%02x in natural order, 0x%02x", global_name(first[i].first).c_str(), first[i].second, now[i].second);
-                    else
-                        std::snprintf(b, sizeof b, "the set of bytes written (%zu natural, %zu", first.size(), now.size());
-                    g_error = std::string("schedule: ") + kernel + " wrote different results when its threads ran in " + sched_name(s) +
-                              " order: " + b + " " + sched_name(s) + (i < first.size() && i < now.size() && first[i].first == now[i].first ? "" : ")") +
-                              " (a race the racecheck did not see, e.g. on registers exchanged outside the checked memory)";
-                    ok = false;
+                    std::string d = diff_snapshot();
+                    if (!d.empty()) {
+                        g_error = std::string("schedule: ") + kernel + " wrote different results when its threads ran in " + sched_name(s) + " order: " + d +
+                                  " (a race the racecheck does not see: threads of one block writing one global element, or values exchanged outside the "
+                                  "checked memory)";
+                        ok = false;
+                    }
                 }
                 if (ok && s + 1 < schedules) restore();
             }
             clear_pages();
         }
+        g_snap.clear();
     }
     if (!ok && err && errlen) std::snprintf(err, errlen, "%s", g_error.c_str());
     return ok ? 0 : 1;
@@ -705,6 +754,23 @@ void* simt_alloc(size_t bytes, size_t align) {
     g_regions.push_back({end, kPage, user});
     g_buffers.emplace_back(user, bytes);
     return user;
+}
+
+// 1 when p is the start of a live buffer.
+int simt_is_buffer(const void* p) {
+    std::lock_guard<std::mutex> lock(g_regions_lock);
+    for (auto& [u, len] : g_buffers)
+        if (u == p) return 1;
+    return 0;
+}
+
+// 1 when [p, p + bytes) lies inside one live buffer.
+int simt_in_buffer(const void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(g_regions_lock);
+    uintptr_t a = (uintptr_t)p;
+    for (auto& [u, len] : g_buffers)
+        if (a >= (uintptr_t)u && a - (uintptr_t)u <= len && bytes <= len - (a - (uintptr_t)u)) return 1;
+    return 0;
 }
 
 void simt_free(void* p) {

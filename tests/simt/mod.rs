@@ -117,8 +117,6 @@ fn build_from(name: &str, b: Build, sources: &[PathBuf]) -> Result<Simt, String>
         .join(format!("{exe}-{}", name.replace(['+', '/'], "_")));
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let lib_path = out_dir.join("libsimt.so");
-    let registry = out_dir.join("registry.cpp");
-    std::fs::write(&registry, kernel_table(sources)?).map_err(|e| e.to_string())?;
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let common = [
         "-std=c++20",
@@ -195,9 +193,9 @@ fn build_from(name: &str, b: Build, sources: &[PathBuf]) -> Result<Simt, String>
     for p in pending {
         objs.push(wait(p)?);
     }
-    if b.checks {
-        shared_in_section(&objs)?;
-    }
+    let shared = shared_memory(&objs)?;
+    let registry = out_dir.join("registry.cpp");
+    std::fs::write(&registry, kernel_table(sources, &shared)?).map_err(|e| e.to_string())?;
     // 2. The emulator, the emulated driver and the kernel table, linked with them.
     let mut cmd = Command::new(&cxx);
     cmd.current_dir(&out_dir)
@@ -262,12 +260,18 @@ fn build_from(name: &str, b: Build, sources: &[PathBuf]) -> Result<Simt, String>
     })
 }
 
-/// Every writable function-local static of the kernels is a `__shared__`
-/// array, and the sanitizer knows shared memory by its section (simt.h). GCC
-/// ignores the section of a static inside a function template (it goes to a
-/// COMDAT `.bss._ZZ...` of its own), which would leave that array unchecked
-/// and its cross-block reuse reported as a global race: refuse it by name.
-fn shared_in_section(objs: &[PathBuf]) -> Result<(), String> {
+/// The static shared memory of each kernel (bytes, by kernel name), read off
+/// the objects' symbol tables: every writable function-local static of a
+/// kernel is a `__shared__` array in the section simt_shared (simt.h), its
+/// symbol `_ZZ<len><kernel>E...` names the kernel. The emulated driver checks
+/// launches against the 48 KB limit with it.
+///
+/// GCC ignores the section of a static inside a function template (it goes
+/// to a COMDAT `.bss._ZZ...` of its own), which would leave that array
+/// unchecked by the sanitizer and its reuse by the next block reported as a
+/// global race: refused here by name.
+fn shared_memory(objs: &[PathBuf]) -> Result<std::collections::HashMap<String, u64>, String> {
+    let mut shared = std::collections::HashMap::new();
     for obj in objs {
         let o = Command::new("objdump")
             .arg("-t")
@@ -275,15 +279,21 @@ fn shared_in_section(objs: &[PathBuf]) -> Result<(), String> {
             .output()
             .map_err(|e| format!("objdump (binutils) is needed by the host emulator: {e}"))?;
         for line in String::from_utf8_lossy(&o.stdout).lines() {
+            // value flags... section size name
             let f: Vec<&str> = line.split_whitespace().collect();
-            // value flags... section size name: the section precedes size and name.
-            let (Some(name), Some(section)) = (f.last(), f.len().checked_sub(3).map(|i| f[i]))
-            else {
+            if f.len() < 4 || !f[f.len() - 1].starts_with("_ZZ") {
                 continue;
-            };
-            if name.starts_with("_ZZ")
-                && (section.starts_with(".bss") || section.starts_with(".data"))
-            {
+            }
+            let (name, size, section) = (f[f.len() - 1], f[f.len() - 2], f[f.len() - 3]);
+            if section == "simt_shared" {
+                let rest = &name[3..];
+                let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+                let len: usize = rest[..digits].parse().unwrap_or(0);
+                if let Some(kernel) = rest.get(digits..digits + len) {
+                    *shared.entry(kernel.to_string()).or_insert(0) +=
+                        u64::from_str_radix(size, 16).unwrap_or(0);
+                }
+            } else if section.starts_with(".bss") || section.starts_with(".data") {
                 panic!(
                     "{}: the static {name} lies in {section}, not in simt_shared: a __shared__ \
                      array declared inside a function template? Declare it in the extern \"C\" \
@@ -294,7 +304,7 @@ fn shared_in_section(objs: &[PathBuf]) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    Ok(shared)
 }
 
 /// A library built from the sources with one text replaced in one file (a
@@ -304,6 +314,18 @@ fn shared_in_section(objs: &[PathBuf]) -> Result<(), String> {
 /// Only the .cu files named in `build` are compiled (a mutant is built for
 /// one test: the fewer sources, the sooner it runs).
 pub fn mutant(name: &str, file: &str, from: &str, to: &str, build: &[&str]) -> &'static Simt {
+    mutant_with(Build::CHECKED, name, file, from, to, build)
+}
+
+/// `mutant`, compiled with `b`.
+pub fn mutant_with(
+    b: Build,
+    name: &str,
+    file: &str,
+    from: &str,
+    to: &str,
+    build: &[&str],
+) -> &'static Simt {
     let cuda = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cuda");
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join("simt")
@@ -340,13 +362,16 @@ pub fn mutant(name: &str, file: &str, from: &str, to: &str, build: &[&str]) -> &
     assert_eq!(srcs.len(), build.len(), "mutant {name}: sources {build:?}");
     srcs.sort();
     Box::leak(Box::new(
-        build_from(&format!("mutant-{name}"), Build::CHECKED, &srcs).unwrap(),
+        build_from(&format!("mutant-{name}"), b, &srcs).unwrap(),
     ))
 }
 
 /// The C++ table of every `extern "C" __global__` kernel of the sources
 /// (fake_driver.h): declarations copied from the .cu files, then the entries.
-fn kernel_table(sources: &[PathBuf]) -> Result<String, String> {
+fn kernel_table(
+    sources: &[PathBuf],
+    shared: &std::collections::HashMap<String, u64>,
+) -> Result<String, String> {
     const KEY: &str = "extern \"C\" __global__ void ";
     let mut decls = String::new();
     let mut names = vec![];
@@ -372,7 +397,7 @@ fn kernel_table(sources: &[PathBuf]) -> Result<String, String> {
     }
     let entries: Vec<String> = names
         .iter()
-        .map(|n| format!("    SIMT_KERNEL({n}),"))
+        .map(|n| format!("    SIMT_KERNEL({n}, {}),", shared.get(n).copied().unwrap_or(0)))
         .collect();
     Ok(format!(
         "// Generated by tests/simt/mod.rs from cuda/*.cu.\n#include \"fake_driver.h\"\n{decls}extern \"C\" const SimtKernel simt_kernels[] = {{\n{}\n}};\nextern \"C\" const int simt_kernel_count = {};\n",
@@ -498,6 +523,16 @@ fn trampoline_of<C: Fn()>(_: &C) -> extern "C" fn(*mut c_void) {
 }
 
 impl Simt {
+    /// A C function of the library (the emulated driver and cuBLAS, for
+    /// tests of their argument checks).
+    ///
+    /// # Safety
+    /// F must be the symbol's C signature.
+    pub unsafe fn sym<F: Copy>(&self, name: &str) -> F {
+        // SAFETY: the caller names F correctly.
+        unsafe { *self.lib.get::<F>(name.as_bytes()).unwrap() }
+    }
+
     /// Runs `kernel` (type F, its extern "C" signature) with the geometry of
     /// `cfg`: `call` receives the kernel and calls it with its arguments, once
     /// per emulated thread. Err: a broken synchronisation rule, with the block
