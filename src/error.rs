@@ -71,9 +71,36 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// No usable CUDA driver or GPU, or the kernels were not built.
+    /// No CUDA device to run on: no driver, no GPU (or not the ordinal asked
+    /// for), or the kernels were not built. Run on the CPU instead.
     #[error("CUDA unavailable: {0}")]
     CudaUnavailable(String),
+
+    /// The GPU has not enough free memory for an allocation (`bytes`: what was
+    /// asked for, when known). Smaller batches, or bf16, need less.
+    #[error("{op}: CUDA out of memory{}", match .bytes { Some(b) => format!(" (asked for {b} bytes)"), None => String::new() })]
+    CudaOutOfMemory {
+        op: &'static str,
+        bytes: Option<usize>,
+    },
+
+    /// A kernel could not be launched or failed while running (an illegal
+    /// address, too many resources, a timeout): a bug of this crate, or a
+    /// broken device; the device's state is lost.
+    #[error("{op}: CUDA kernel launch failed: {msg}")]
+    CudaLaunch { op: &'static str, msg: String },
+
+    /// cuBLAS refused or failed a call (its `cublasStatus_t`).
+    #[error("{op}: cuBLAS status {status} ({name})")]
+    Cublas {
+        op: &'static str,
+        status: i32,
+        name: &'static str,
+    },
+
+    /// Any other failure of a CUDA driver call.
+    #[error("{op}: CUDA driver error: {msg}")]
+    CudaDriver { op: &'static str, msg: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -87,6 +87,11 @@ fn main() {
             false,
             cuda_reports_clear_errors,
         ),
+        (
+            "cuda_out_of_memory_is_typed",
+            true,
+            cuda_out_of_memory_is_typed,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -135,10 +140,16 @@ fn main() {
         failed += r.is_err() as usize;
     }
     if emulated && !fma {
+        // The rerun checks the numerics under contraction; the sanitizer stays
+        // on, but one thread schedule does (the three schedules of both builds
+        // run in tests/kernels_host.rs at small shapes, and above at these):
+        // it keeps CI within its budget.
         println!("again on the emulator built with FMA contraction:");
+        let schedules = std::env::var("SAM_UNET_SIMT_FMA_SCHEDULES").unwrap_or_else(|_| "1".into());
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .args(std::env::args().skip(1))
             .env("SAM_UNET_SIMT_FMA", "1")
+            .env("SAM_UNET_SIMT_SCHEDULES", schedules)
             .status()
             .expect("the test binary runs itself again");
         failed += !status.success() as usize;
@@ -211,6 +222,23 @@ fn cuda_reports_clear_errors() {
         Err(e) => panic!("unexpected error type: {e}"),
         Ok(_) => panic!("cuda:1000 opened"),
     }
+}
+
+fn cuda_out_of_memory_is_typed() {
+    // 4 TiB is more than any GPU has: out of memory, with the bytes asked
+    // for, a variant of its own (not "CUDA unavailable"); the device stays usable.
+    let dev = device().expect("a GPU was found at start");
+    match dev.alloc(1 << 40) {
+        Err(sam_unet::Error::CudaOutOfMemory { op, bytes }) => {
+            assert_eq!(bytes, Some(4 << 40));
+            println!("{op}: out of memory, {bytes:?} bytes asked for")
+        }
+        Err(e) => panic!("unexpected error type: {e}"),
+        Ok(_) => panic!("4 TiB allocated"),
+    }
+    let x = dev.upload(&[1.0, -2.0]).unwrap();
+    let y = activation::cuda::act(&dev, &x, Act::Relu).unwrap();
+    assert_eq!(dev.download(&y).unwrap(), vec![1.0, 0.0]);
 }
 
 fn cuda_rel_pos_attention_matches_cpu() {

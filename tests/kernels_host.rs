@@ -754,7 +754,13 @@ fn emulator_sanitizer_and_schedules_on(s: &'static Simt) {
             && e.contains("reversed"),
         "{e}"
     );
-    let e = run("selftest_uninitialised_shared", &Buf::<f32>::out(s, 128), 2, 64).unwrap_err();
+    let e = run(
+        "selftest_uninitialised_shared",
+        &Buf::<f32>::out(s, 128),
+        2,
+        64,
+    )
+    .unwrap_err();
     assert!(
         e.contains("initcheck: selftest_uninitialised_shared: block (0, 0, 0): thread (32, 0, 0) read shared")
             && e.contains("selftest_uninitialised_shared::s + 128 bytes")
@@ -764,7 +770,11 @@ fn emulator_sanitizer_and_schedules_on(s: &'static Simt) {
 }
 
 /// Runs `kernel` of a mutant and returns its error: the mutation must be caught.
-fn mutant_error(s: &'static Simt, kernel: &str, run: impl Fn(&'static Simt) -> Result<(), String>) -> String {
+fn mutant_error(
+    s: &'static Simt,
+    kernel: &str,
+    run: impl Fn(&'static Simt) -> Result<(), String>,
+) -> String {
     match run(s) {
         Ok(()) => panic!("mutant {}: {kernel} ran without an error", s.name),
         Err(e) => {
@@ -823,7 +833,9 @@ fn emulator_catches_mutants() {
         )
     });
     assert!(
-        e.contains("racecheck") && e.contains("same warp: no __syncwarp") && e.contains("selftest.cu:"),
+        e.contains("racecheck")
+            && e.contains("same warp: no __syncwarp")
+            && e.contains("selftest.cu:"),
         "{e}"
     );
     //    and the one in the attention kernel between a warp's query store and
@@ -975,16 +987,44 @@ fn emulated_driver_and_cublas_check_arguments() {
         r(call(3, 4, 16, 1, 0, 0, 68, a, c), "lda below m", 7);
         r(call(4, 2, 16, 1, 0, 0, 68, a, c), "ldc below m", 7);
         r(call(4, 4, 8, 2, 0, 0, 68, a, c), "overlapping outputs", 7);
-        r(call(4, 4, -16, 2, 0, 0, 68, a, c), "negative output stride", 7);
+        r(
+            call(4, 4, -16, 2, 0, 0, 68, a, c),
+            "negative output stride",
+            7,
+        );
         r(call(4, 4, 16, -1, 0, 0, 68, a, c), "negative batch", 7);
         r(call(4, 4, 16, 1, 0, 14, 68, a, c), "f32 x bf16", 15);
         r(call(4, 4, 16, 1, 0, 0, 77, a, c), "TF32 compute", 15);
-        r(call(4, 4, 16, 1, 0, 0, 68, small, c), "A past its allocation", 7);
-        r(call(4, 4, 16, 1, 0, 0, 68, a, host_ptr), "C in host memory", 7);
-        r(call(4, 4, 16, 3, 0, 0, 68, a, c), "C of batch 3 past its allocation", 7);
-        r(htod(small, host.as_ptr() as *const c_void, 64), "copy past the end", 1);
-        r(htod(small + 4, host.as_ptr() as *const c_void, 32), "copy from inside past the end", 1);
-        r(htod(small, host.as_ptr() as *const c_void, 32), "copy that fits", 0);
+        r(
+            call(4, 4, 16, 1, 0, 0, 68, small, c),
+            "A past its allocation",
+            7,
+        );
+        r(
+            call(4, 4, 16, 1, 0, 0, 68, a, host_ptr),
+            "C in host memory",
+            7,
+        );
+        r(
+            call(4, 4, 16, 3, 0, 0, 68, a, c),
+            "C of batch 3 past its allocation",
+            7,
+        );
+        r(
+            htod(small, host.as_ptr() as *const c_void, 64),
+            "copy past the end",
+            1,
+        );
+        r(
+            htod(small + 4, host.as_ptr() as *const c_void, 32),
+            "copy from inside past the end",
+            1,
+        );
+        r(
+            htod(small, host.as_ptr() as *const c_void, 32),
+            "copy that fits",
+            0,
+        );
         r(free(host_ptr), "free of host memory", 1);
         // Launch limits (sm_80 / sm_90): threads per block, block and grid
         // dimensions, shared memory (the tensor-core attention kernel has
@@ -995,11 +1035,19 @@ fn emulated_driver_and_cublas_check_arguments() {
         let launch: Launch = s.sym("cuLaunchKernel");
         let ptx = c".entry rel_pos_attention_tc_f32(\n.entry relu_f32(\n";
         let mut module = std::ptr::null_mut();
-        r(load(&mut module, ptx.as_ptr() as *const c_void), "module", 0);
+        r(
+            load(&mut module, ptx.as_ptr() as *const c_void),
+            "module",
+            0,
+        );
         let mut f = std::ptr::null_mut();
         r(get(&mut f, module, c"relu_f32".as_ptr()), "relu_f32", 0);
         let mut tc = std::ptr::null_mut();
-        r(get(&mut tc, module, c"rel_pos_attention_tc_f32".as_ptr()), "tc", 0);
+        r(
+            get(&mut tc, module, c"rel_pos_attention_tc_f32".as_ptr()),
+            "tc",
+            0,
+        );
         let (mut y, mut x, mut n) = (c, a, 16i64);
         let mut params = [
             &mut y as *mut u64 as *mut c_void,
@@ -1023,10 +1071,18 @@ fn emulated_driver_and_cublas_check_arguments() {
         };
         let p = params.as_mut_ptr();
         r(go(f, (1, 1, 1), (32, 1, 1), 0, p), "relu 16 elements", 0);
-        r(go(f, (1, 1, 1), (2048, 1, 1), 0, p), "2048 threads per block", 1);
+        r(
+            go(f, (1, 1, 1), (2048, 1, 1), 0, p),
+            "2048 threads per block",
+            1,
+        );
         r(go(f, (1, 1, 1), (1, 1, 128), 0, p), "block z 128", 1);
         r(go(f, (1, 70000, 1), (32, 1, 1), 0, p), "grid y 70000", 1);
-        r(go(tc, (1, 1, 1), (128, 1, 1), 8192, p), "44 + 8 KB shared", 1);
+        r(
+            go(tc, (1, 1, 1), (128, 1, 1), 8192, p),
+            "44 + 8 KB shared",
+            1,
+        );
         for p in [a, b, c, small] {
             r(free(p), "free", 0);
         }

@@ -123,7 +123,13 @@ const char* launch_limit(unsigned gx, unsigned gy, unsigned gz, unsigned bx, uns
     return nullptr;
 }
 
+// The emulated device's memory (what cuMemGetInfo reports).
+constexpr size_t kDeviceBytes = (size_t)8 << 30;
+
 void* dev_alloc(size_t bytes) {
+    // More than the device has fails as on a GPU (CUDA_ERROR_OUT_OF_MEMORY),
+    // not as a host mmap that overcommit might grant.
+    if (bytes > kDeviceBytes) return nullptr;
     void* p = simt_alloc(bytes ? bytes : 1, 256 < bytes ? 256 : 4);
     if (p) std::memset(p, 0xff, bytes);  // NaN as f32: unwritten memory is visible
     return p;
@@ -171,7 +177,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
     return OK;
 }
 CUresult cuDeviceTotalMem_v2(size_t* b, int) {
-    *b = (size_t)8 << 30;
+    *b = kDeviceBytes;
     return OK;
 }
 CUresult cuDevicePrimaryCtxRetain(void** ctx, int) {
@@ -309,8 +315,8 @@ CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
     return cuMemFree_v2(p);
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
-    *free_b = (size_t)8 << 30;
-    *total = (size_t)8 << 30;
+    *free_b = kDeviceBytes;
+    *total = kDeviceBytes;
     return OK;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {

@@ -79,13 +79,21 @@ pub struct Blas {
 }
 
 fn check(op: &'static str, status: c_int) -> Result<()> {
-    if status == 0 {
-        Ok(())
-    } else {
-        Err(Error::CudaUnavailable(format!(
-            "{op}: cuBLAS status {status}"
-        )))
-    }
+    // cublasStatus_t (cublas_api.h).
+    let name = match status {
+        0 => return Ok(()),
+        1 => "CUBLAS_STATUS_NOT_INITIALIZED",
+        3 => "CUBLAS_STATUS_ALLOC_FAILED",
+        7 => "CUBLAS_STATUS_INVALID_VALUE",
+        8 => "CUBLAS_STATUS_ARCH_MISMATCH",
+        11 => "CUBLAS_STATUS_MAPPING_ERROR",
+        13 => "CUBLAS_STATUS_EXECUTION_FAILED",
+        14 => "CUBLAS_STATUS_INTERNAL_ERROR",
+        15 => "CUBLAS_STATUS_NOT_SUPPORTED",
+        16 => "CUBLAS_STATUS_LICENSE_ERROR",
+        _ => "unknown",
+    };
+    Err(Error::Cublas { op, status, name })
 }
 
 impl Blas {
@@ -259,7 +267,7 @@ impl Blas {
         stream
             .context()
             .bind_to_thread()
-            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS: {e}")))?;
+            .map_err(crate::cuda::driver_err("cuBLAS: bind context"))?;
         let (ap, _ga) = a.device_ptr(stream);
         let (bp, _gb) = b.device_ptr(stream);
         let (cp, _gc) = c.device_ptr_mut(stream);

@@ -18,7 +18,7 @@ use cudarc::driver::CudaGraph;
 
 use crate::cuda::blas::Blas;
 use crate::cuda::model::{GpuFeatures, GpuSamUnet};
-use crate::cuda::{CudaDevice, GpuTensor, driver_err};
+use crate::cuda::{CudaDevice, GpuTensor, driver_err, launch_err};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -61,7 +61,10 @@ pub fn record(dev: &CudaDevice, body: impl FnOnce() -> Result<()>) -> Result<Cud
     pending.map_err(driver_err("graph capture"))?;
     let graph = graph
         .map_err(driver_err("end graph capture"))?
-        .ok_or_else(|| Error::CudaUnavailable("graph capture recorded nothing".into()))?;
+        .ok_or_else(|| Error::CudaDriver {
+            op: "end graph capture",
+            msg: "the capture recorded nothing".into(),
+        })?;
     graph.upload().map_err(driver_err("upload graph"))?;
     Ok(graph)
 }
@@ -125,7 +128,7 @@ impl ImageGraph {
         let st = dev.stream();
         st.memcpy_htod(x.as_f32()?, &mut self.input.data)
             .map_err(driver_err("copy to device"))?;
-        self.graph.launch().map_err(driver_err("graph launch"))?;
+        self.graph.launch().map_err(launch_err("graph launch"))?;
         let copy = |t: &GpuTensor| -> Result<GpuTensor> {
             let mut y = dev.alloc(t.numel())?;
             st.memcpy_dtod(&t.data, &mut y)
@@ -239,7 +242,7 @@ impl DecoderGraph {
         let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
         st.memcpy_htod(&flat, &mut self.boxes)
             .map_err(driver_err("copy to device"))?;
-        self.graph.launch().map_err(driver_err("graph launch"))?;
+        self.graph.launch().map_err(launch_err("graph launch"))?;
         let mut y = dev.alloc(self.low.numel())?;
         st.memcpy_dtod(&self.low.data, &mut y)
             .map_err(driver_err("copy"))?;

@@ -35,8 +35,51 @@ pub fn kernel_files() -> Vec<&'static str> {
     kernels::PTX.iter().map(|(n, _)| *n).collect()
 }
 
+/// A driver error as the variant a caller can act on: out of memory, a lost
+/// or missing device, or another driver failure.
 pub(crate) fn driver_err(op: &'static str) -> impl Fn(DriverError) -> Error {
-    move |e| Error::CudaUnavailable(format!("{op}: {e}"))
+    move |e| classify(op, e, None)
+}
+
+/// A failed allocation of `bytes`: out of memory says how much was asked for.
+pub(crate) fn alloc_err(op: &'static str, bytes: usize) -> impl Fn(DriverError) -> Error {
+    move |e| classify(op, e, Some(bytes))
+}
+
+/// A failed kernel launch (or a failure of an earlier kernel reported by it).
+pub(crate) fn launch_err(op: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e| match classify(op, e, None) {
+        Error::CudaDriver { op, msg } => Error::CudaLaunch { op, msg },
+        other => other,
+    }
+}
+
+fn classify(op: &'static str, e: DriverError, bytes: Option<usize>) -> Error {
+    use cudarc::driver::sys::CUresult as R;
+    match e.0 {
+        R::CUDA_ERROR_OUT_OF_MEMORY => Error::CudaOutOfMemory { op, bytes },
+        R::CUDA_ERROR_NO_DEVICE
+        | R::CUDA_ERROR_INVALID_DEVICE
+        | R::CUDA_ERROR_NOT_INITIALIZED
+        | R::CUDA_ERROR_DEINITIALIZED
+        | R::CUDA_ERROR_NO_BINARY_FOR_GPU
+        | R::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => Error::CudaUnavailable(format!("{op}: {e}")),
+        R::CUDA_ERROR_LAUNCH_FAILED
+        | R::CUDA_ERROR_ILLEGAL_ADDRESS
+        | R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES
+        | R::CUDA_ERROR_LAUNCH_TIMEOUT
+        | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | R::CUDA_ERROR_MISALIGNED_ADDRESS
+        | R::CUDA_ERROR_INVALID_PC
+        | R::CUDA_ERROR_HARDWARE_STACK_ERROR => Error::CudaLaunch {
+            op,
+            msg: e.to_string(),
+        },
+        _ => Error::CudaDriver {
+            op,
+            msg: e.to_string(),
+        },
+    }
 }
 
 /// One device: its context, one stream, and the loaded kernel modules.
@@ -122,7 +165,7 @@ impl CudaDevice {
     pub fn upload(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
         self.stream
             .clone_htod(v)
-            .map_err(driver_err("copy to device"))
+            .map_err(alloc_err("copy to device", std::mem::size_of_val(v)))
     }
 
     pub fn download(&self, d: &CudaSlice<f32>) -> Result<Vec<f32>> {
@@ -137,21 +180,22 @@ impl CudaDevice {
         // SAFETY: f32 has no invalid bit patterns, and the callers (the op
         // launchers of this crate) write every element before reading any; the
         // buffer is stream-ordered on this device's only stream.
-        unsafe { self.stream.alloc::<f32>(n) }.map_err(driver_err("allocate"))
+        unsafe { self.stream.alloc::<f32>(n) }.map_err(alloc_err("allocate", n.saturating_mul(4)))
     }
 
     /// A buffer of n bf16 values for an op to write completely (as `alloc`).
     pub fn alloc_bf16(&self, n: usize) -> Result<CudaSlice<half::bf16>> {
         // SAFETY: as in `alloc`: bf16 has no invalid bit patterns and every
         // caller writes all n values before any is read, on this one stream.
-        unsafe { self.stream.alloc::<half::bf16>(n) }.map_err(driver_err("allocate"))
+        unsafe { self.stream.alloc::<half::bf16>(n) }
+            .map_err(alloc_err("allocate", n.saturating_mul(2)))
     }
 
     /// A zeroed buffer of n floats.
     pub fn alloc_zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream
             .alloc_zeros::<f32>(n)
-            .map_err(driver_err("allocate"))
+            .map_err(alloc_err("allocate", n.saturating_mul(4)))
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use crate::cuda::blas::Blas;
 use crate::cuda::nn::{GpuConv, GpuConvT, GpuLinear, GpuNorm, GpuUp4};
 use crate::cuda::vit::GpuVitBlock;
-use crate::cuda::{CudaDevice, GpuTensor, driver_err};
+use crate::cuda::{CudaDevice, GpuTensor, driver_err, launch_err};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::model::config::SamUnetConfig;
@@ -615,7 +615,7 @@ impl GpuSamUnet {
                 .arg(&pp);
             // SAFETY: h [n, fc], f [n, fc, p], msf [fc, p], low [n, p]; types match.
             unsafe { l.launch(crate::cuda::cfg1d(n * fh * fw)) }
-                .map_err(driver_err("mask_dot launch"))?;
+                .map_err(launch_err("mask_dot launch"))?;
         }
         Ok(GpuTensor {
             data: low,

@@ -3,7 +3,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::Act;
-use crate::cuda::{CudaDevice, cfg1d, driver_err};
+use crate::cuda::{CudaDevice, cfg1d, driver_err, launch_err};
 use crate::error::{Error, Result};
 
 /// y = act(x) on the device. x: n floats.
@@ -28,7 +28,7 @@ pub fn act(dev: &CudaDevice, x: &CudaSlice<f32>, a: Act) -> Result<CudaSlice<f32
     // SAFETY: the kernel reads n floats of x and writes n floats of y, both
     // allocations of exactly n elements; the argument types match the kernel's
     // (float*, const float*, long long).
-    unsafe { b.launch(cfg) }.map_err(driver_err("activation launch"))?;
+    unsafe { b.launch(cfg) }.map_err(launch_err("activation launch"))?;
     Ok(y)
 }
 
@@ -48,7 +48,7 @@ pub fn add(dev: &CudaDevice, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<C
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(a).arg(b).arg(&nn);
     // SAFETY: three allocations of n floats; argument types match the kernel's.
-    unsafe { l.launch(cfg) }.map_err(driver_err("add launch"))?;
+    unsafe { l.launch(cfg) }.map_err(launch_err("add launch"))?;
     Ok(y)
 }
 
@@ -92,7 +92,7 @@ pub fn bias_act(
     l.arg(&rows).arg(&c).arg(&act);
     // SAFETY: y holds rows * cols floats, bias cols floats or is null; argument
     // types match (float*, const float*, long long, int, int).
-    unsafe { l.launch(cfg) }.map_err(driver_err("bias_act launch"))?;
+    unsafe { l.launch(cfg) }.map_err(launch_err("bias_act launch"))?;
     Ok(())
 }
 
@@ -106,7 +106,7 @@ pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::b
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(x).arg(&nn);
     // SAFETY: n bf16 out, n f32 in; types match (unsigned short*, const float*, long long).
-    unsafe { l.launch(cfg) }.map_err(driver_err("f32_to_bf16 launch"))?;
+    unsafe { l.launch(cfg) }.map_err(launch_err("f32_to_bf16 launch"))?;
     Ok(y)
 }
 
@@ -141,7 +141,7 @@ pub fn bias_act_bf16(
         .arg(&act);
     // SAFETY: y and out hold rows * cols values, bias cols; types match
     // (unsigned short*, const float*, const float*, long long, int, int).
-    unsafe { l.launch(cfg1d(y.len())) }.map_err(driver_err("bias_act_bf16 launch"))?;
+    unsafe { l.launch(cfg1d(y.len())) }.map_err(launch_err("bias_act_bf16 launch"))?;
     Ok(out)
 }
 
@@ -166,6 +166,6 @@ pub fn add_bias_rows(
     l.arg(&mut y).arg(x).arg(bias).arg(&rows).arg(&c);
     // SAFETY: x and y hold rows * cols floats, bias cols; types match
     // (float*, const float*, const float*, long long, int).
-    unsafe { l.launch(cfg1d(x.len())) }.map_err(driver_err("add_bias_rows launch"))?;
+    unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("add_bias_rows launch"))?;
     Ok(y)
 }

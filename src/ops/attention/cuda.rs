@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::{CudaDevice, driver_err};
+use crate::cuda::{CudaDevice, launch_err};
 use crate::error::{Error, Result};
 
 /// qkv [b, g, g, 3d], bias [3d], rel_h / rel_w [2s - 1, 64] -> [b, g, g, d].
@@ -40,7 +40,7 @@ pub fn rel_pos_attention(
     // SAFETY: buffer sizes checked above against the indices the kernel forms
     // (tokens of b g g positions, 3d channels, tables of 2s - 1 rows of 64);
     // S <= 32 fits the kernel's per-warp bias arrays; argument types match.
-    unsafe { l.launch(cfg) }.map_err(driver_err("rel_pos_attention launch"))?;
+    unsafe { l.launch(cfg) }.map_err(launch_err("rel_pos_attention launch"))?;
     Ok(out)
 }
 
@@ -106,7 +106,7 @@ pub fn rel_pos_attention_tc_bf16(
     // for its per-row bias arrays); out holds b g g d bf16; types match
     // (unsigned short*, const float* x4, int x5).
     unsafe { l.launch(rel_pos_attention_tc_config(b, g, heads, s)) }
-        .map_err(driver_err("rel_pos_attention_tc launch"))?;
+        .map_err(launch_err("rel_pos_attention_tc launch"))?;
     Ok(out)
 }
 
@@ -199,7 +199,7 @@ pub fn mha(
         .arg(&hh);
     // SAFETY: one warp per (n, head, query) reads its q row, the Lk rows of k and
     // v of its head, writes its output row; all within the sizes checked above.
-    unsafe { l.launch(cfg) }.map_err(driver_err("mha launch"))?;
+    unsafe { l.launch(cfg) }.map_err(launch_err("mha launch"))?;
     Ok(crate::cuda::GpuTensor {
         data: out,
         dims: vec![n, lq, i],

@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use crate::cuda::blas::Blas;
-use crate::cuda::{CudaDevice, GpuTensor, act_code, cfg1d, driver_err};
+use crate::cuda::{CudaDevice, GpuTensor, act_code, cfg1d, launch_err};
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
 use crate::ops::activation::cuda::to_bf16;
@@ -165,7 +165,7 @@ pub fn conv2d(
         };
         l.arg(&nn).arg(&oo).arg(&qq).arg(&a);
         // SAFETY: y and the residual hold n * o * p floats, bias o floats (or null).
-        unsafe { l.launch(cfg1d(n * o * p)) }.map_err(driver_err("conv epilogue launch"))?;
+        unsafe { l.launch(cfg1d(n * o * p)) }.map_err(launch_err("conv epilogue launch"))?;
     }
     Ok(GpuTensor {
         data: y,
@@ -205,7 +205,7 @@ fn im2col<T: cudarc::driver::DeviceRepr>(
     // SAFETY: col holds at least nb * c kh kw * ho wo elements of the kernel's
     // output type (float or bf16 bits) and x the nb images (checked above);
     // ten int arguments follow, as the kernel declares.
-    unsafe { l.launch(cfg1d(total)) }.map_err(driver_err("im2col launch"))?;
+    unsafe { l.launch(cfg1d(total)) }.map_err(launch_err("im2col launch"))?;
     Ok(())
 }
 
@@ -380,7 +380,7 @@ pub fn conv_transpose2d(
         l.arg(&nn).arg(&oo).arg(&hh).arg(&ww).arg(&kk).arg(&a);
         // SAFETY: tmp holds nb * rows * hw floats, the output chunk nb * o * hw * k * k, bias o.
         unsafe { l.launch(cfg1d(nb * o * hw * k * k)) }
-            .map_err(driver_err("convT scatter launch"))?;
+            .map_err(launch_err("convT scatter launch"))?;
     }
     Ok(GpuTensor {
         data: y,
@@ -435,7 +435,7 @@ pub fn max_pool2d(
         .arg(&ss)
         .arg(&pp);
     // SAFETY: x holds planes * h * w floats, y planes * ho * wo; types match.
-    unsafe { l.launch(cfg1d(n * c * ho * wo)) }.map_err(driver_err("max_pool2d launch"))?;
+    unsafe { l.launch(cfg1d(n * c * ho * wo)) }.map_err(launch_err("max_pool2d launch"))?;
     Ok(GpuTensor {
         data: y,
         dims: vec![n, c, ho, wo],

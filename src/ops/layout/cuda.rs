@@ -2,7 +2,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use crate::cuda::{CudaDevice, GpuTensor, cfg1d, driver_err};
+use crate::cuda::{CudaDevice, GpuTensor, cfg1d, launch_err};
 use crate::error::{Error, Result};
 
 fn run(
@@ -20,7 +20,7 @@ fn run(
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(&x.data).arg(&bb).arg(&cc).arg(&pp);
     // SAFETY: x and y hold b * c * p floats; types match the kernel.
-    unsafe { l.launch(cfg1d(b * c * p)) }.map_err(driver_err("layout launch"))?;
+    unsafe { l.launch(cfg1d(b * c * p)) }.map_err(launch_err("layout launch"))?;
     Ok(GpuTensor { data: y, dims })
 }
 
@@ -64,6 +64,6 @@ pub fn repeat(
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y).arg(x).arg(&l64).arg(&n64);
     // SAFETY: x holds len floats, y n * len; types match the kernel.
-    unsafe { l.launch(cfg1d(n * len)) }.map_err(driver_err("repeat launch"))?;
+    unsafe { l.launch(cfg1d(n * len)) }.map_err(launch_err("repeat launch"))?;
     Ok(GpuTensor { data: y, dims })
 }

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::{CudaDevice, driver_err};
+use crate::cuda::{CudaDevice, launch_err};
 use crate::error::{Error, Result};
 
 /// Launch geometry of layer_norm_f32 (shared with the host-emulation tests):
@@ -51,7 +51,7 @@ pub fn layer_norm(
         .arg(&eps);
     // SAFETY: x and y hold rows * c floats, w and b c floats; one block per row
     // touches only its row; argument types match (float*, const float* x3, int, int, float).
-    unsafe { l.launch(cfg) }.map_err(driver_err("layer_norm launch"))?;
+    unsafe { l.launch(cfg) }.map_err(launch_err("layer_norm launch"))?;
     Ok(y)
 }
 
@@ -89,7 +89,7 @@ pub fn layer_norm_bf16(
         .arg(&eps);
     // SAFETY: as layer_norm; y holds rows * c bf16 (unsigned short*).
     unsafe { l.launch(layer_norm_config(rows, c)) }
-        .map_err(driver_err("layer_norm_bf16 launch"))?;
+        .map_err(launch_err("layer_norm_bf16 launch"))?;
     Ok(y)
 }
 
@@ -130,7 +130,7 @@ pub fn layer_norm2d(
         .arg(&act);
     // SAFETY: x and y hold n * c * p floats, w and b c floats; types match the kernel.
     unsafe { l.launch(crate::cuda::cfg1d(n * h * wd)) }
-        .map_err(driver_err("layer_norm2d launch"))?;
+        .map_err(launch_err("layer_norm2d launch"))?;
     Ok(crate::cuda::GpuTensor {
         data: y,
         dims: x.dims.clone(),

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use crate::cuda::{CudaDevice, GpuTensor, cfg1d, driver_err};
+use crate::cuda::{CudaDevice, GpuTensor, cfg1d, launch_err};
 use crate::error::{Error, Result};
 
 /// The decoder's tokens [N, 3, C]: med token, then the two encoded corners
@@ -54,7 +54,7 @@ pub fn box_tokens(
         .arg(&s);
     // SAFETY: boxes hold n * 4 floats, gaussian 2 * c / 2, the embeddings c
     // each, tok n * 3 * c; types match the kernel.
-    unsafe { l.launch(cfg1d(n * 3 * c)) }.map_err(driver_err("box_tokens launch"))?;
+    unsafe { l.launch(cfg1d(n * 3 * c)) }.map_err(launch_err("box_tokens launch"))?;
     Ok(GpuTensor {
         data: tok,
         dims: vec![n, 3, c],

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use crate::cuda::{CudaDevice, GpuTensor, cfg1d, driver_err};
+use crate::cuda::{CudaDevice, GpuTensor, cfg1d, launch_err};
 use crate::error::{Error, Result};
 
 /// The top-left h x w of every plane of x ([planes, ph, pw]) resized to
@@ -53,7 +53,7 @@ pub fn bilinear_crop(
         .arg(&oww);
     // SAFETY: x holds planes * ph * pw floats and the kernel reads rows < h <= ph,
     // columns < w <= pw of each plane; y holds planes * oh * ow; types match.
-    unsafe { l.launch(cfg1d(planes * oh * ow)) }.map_err(driver_err("bilinear launch"))?;
+    unsafe { l.launch(cfg1d(planes * oh * ow)) }.map_err(launch_err("bilinear launch"))?;
     Ok(y)
 }
 
