@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -123,6 +124,26 @@ const char* launch_limit(unsigned gx, unsigned gy, unsigned gz, unsigned bx, uns
     return nullptr;
 }
 
+// What the crate asks of the driver, counted (fake_driver_counters): the
+// guard of tests/cuda_counts.rs that a refactoring costs no extra kernel
+// launches, GEMMs or memory. In dry-run mode kernels and GEMMs are checked
+// and counted but not run (the counts do not depend on the data), so the
+// full-size model costs milliseconds.
+struct Counts {
+    unsigned long long launch_calls = 0;  // cuLaunchKernel calls (eager or recorded)
+    unsigned long long kernels = 0;       // kernels executed (eager or replayed)
+    unsigned long long gemm_calls = 0;    // cuBLAS GEMM calls (eager or recorded)
+    unsigned long long gemms = 0;         // GEMMs executed (batched: one each)
+    unsigned long long graph_launches = 0;
+    unsigned long long allocs = 0;        // cuMemAlloc / cuMemAllocAsync calls
+    unsigned long long alloc_bytes = 0;   // bytes they asked for
+    unsigned long long live_bytes = 0;    // device memory allocated now
+    unsigned long long peak_bytes = 0;    // its maximum since the last reset
+};
+Counts g_counts;
+std::map<void*, size_t> g_sizes;  // live allocations
+bool g_dry_run = false;
+
 // The emulated device's memory (what cuMemGetInfo reports).
 constexpr size_t kDeviceBytes = (size_t)8 << 30;
 
@@ -140,6 +161,7 @@ void* dev_alloc(size_t bytes) {
 extern "C" {
 
 typedef unsigned long long CUdeviceptr;
+CUresult cuMemFree_v2(CUdeviceptr p);
 
 CUresult cuInit(unsigned) { return OK; }
 CUresult cuDriverGetVersion(int* v) {
@@ -230,7 +252,7 @@ CUresult cuStreamEndCapture(void* stream, void** graph) {
     Graph* g = s->capture;
     s->capture = nullptr;
     if (s->invalid) {
-        for (void* p : g->owned) simt_free(p);
+        for (void* p : g->owned) cuMemFree_v2((CUdeviceptr)p);
         delete g;
         *graph = nullptr;
         return CAPTURE_INVALIDATED;
@@ -249,6 +271,7 @@ CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long lon
 }
 CUresult cuGraphLaunch(void* exec, void* stream) {
     Graph* g = (Graph*)exec;
+    g_counts.graph_launches += 1;
     return submit(stream, [g]() {
         for (auto& op : g->ops) {
             CUresult r = op();
@@ -261,7 +284,7 @@ CUresult cuGraphUpload(void*, void*) { return OK; }
 CUresult cuGraphExecDestroy(void*) { return OK; }
 CUresult cuGraphDestroy(void* graph) {
     Graph* g = (Graph*)graph;
-    for (void* p : g->owned) simt_free(p);
+    for (void* p : g->owned) cuMemFree_v2((CUdeviceptr)p);
     delete g;
     return OK;
 }
@@ -283,6 +306,11 @@ CUresult cuEventElapsedTime(float* ms, void*, void*) {
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     void* m = dev_alloc(bytes);
     if (!m) return OUT_OF_MEMORY;
+    g_counts.allocs += 1;
+    g_counts.alloc_bytes += bytes;
+    g_counts.live_bytes += bytes;
+    if (g_counts.live_bytes > g_counts.peak_bytes) g_counts.peak_bytes = g_counts.live_bytes;
+    g_sizes[m] = bytes;
     *p = (CUdeviceptr)m;
     return OK;
 }
@@ -297,6 +325,11 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     if (p && !simt_is_buffer((const void*)p)) {
         std::fprintf(stderr, "fake CUDA driver: cuMemFree of %p, which is not a live allocation\n", (void*)p);
         return INVALID_VALUE;
+    }
+    auto it = g_sizes.find((void*)p);
+    if (it != g_sizes.end()) {
+        g_counts.live_bytes -= it->second;
+        g_sizes.erase(it);
     }
     simt_free((void*)p);
     return OK;
@@ -415,12 +448,15 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     }
     // The argument values, copied now (as the driver does): a recorded launch
     // replays with these values whatever happened to the caller's variables.
+    g_counts.launch_calls += 1;
     std::vector<std::vector<char>> args((size_t)k->nparams);
     for (int i = 0; i < k->nparams; ++i) args[(size_t)i].assign((const char*)params[i], (const char*)params[i] + k->sizes[i]);
     return submit(stream, [=]() mutable {
         std::vector<void*> ptrs;
         for (auto& a : args) ptrs.push_back(a.data());
         Launch l{k, ptrs.data()};
+        g_counts.kernels += 1;
+        if (g_dry_run) return OK;
         char err[1024];
         if (simt_launch(k->name, gx, gy, gz, bx, by, bz, run_thread, &l, err, sizeof err) != 0) {
             std::fprintf(stderr, "fake CUDA driver: %s\n", err);
@@ -429,6 +465,21 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         return OK;
     });
 }
+
+// The counters since the last reset, in Counts' order (9 values).
+void fake_driver_counters(unsigned long long* out) {
+    const unsigned long long v[] = {g_counts.launch_calls, g_counts.kernels, g_counts.gemm_calls, g_counts.gemms, g_counts.graph_launches,
+                                    g_counts.allocs, g_counts.alloc_bytes, g_counts.live_bytes, g_counts.peak_bytes};
+    for (int i = 0; i < 9; ++i) out[i] = v[i];
+}
+// Zeroes the counters; the peak starts again from what is live now.
+void fake_driver_reset_counters() {
+    unsigned long long live = g_counts.live_bytes;
+    g_counts = Counts{};
+    g_counts.live_bytes = live;
+    g_counts.peak_bytes = live;
+}
+void fake_driver_dry_run(int on) { g_dry_run = on != 0; }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
     switch (e) {
@@ -545,7 +596,12 @@ extern "C" {
 
 // A GEMM runs on the handle's stream: recorded there while it is captured.
 int on_stream(void* h, std::function<int()> g) {
-    CUresult r = submit(((BlasHandle*)h)->stream, [g]() { return g() ? LAUNCH_FAILED : OK; });
+    g_counts.gemm_calls += 1;
+    CUresult r = submit(((BlasHandle*)h)->stream, [g]() {
+        g_counts.gemms += 1;
+        if (g_dry_run) return OK;
+        return g() ? LAUNCH_FAILED : OK;
+    });
     return r == OK ? 0 : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
 }
 
