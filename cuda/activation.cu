@@ -41,6 +41,11 @@ extern "C" __global__ void f32_to_bf16(unsigned short* __restrict__ y, const flo
     GRID_STRIDE(i, n) { y[i] = f32_to_bf16_bits(x[i]); }
 }
 
+// bf16 -> f32 (exact: bf16 is the top half of an f32), for Tensor::to_dtype.
+extern "C" __global__ void bf16_to_f32(float* __restrict__ y, const unsigned short* __restrict__ x, long long n) {
+    GRID_STRIDE(i, n) { y[i] = bf16_bits_to_f32(x[i]); }
+}
+
 // y16[r, c] = bf16(act(y[r, c] + bias[c])): a GEMM's f32 output turned into
 // the bf16 input of the next GEMM in one pass (the ViT MLP's lin1 -> lin2).
 extern "C" __global__ void bias_act_bf16out(unsigned short* __restrict__ y16, const float* __restrict__ y, const float* __restrict__ bias, long long rows,

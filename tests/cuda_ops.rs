@@ -92,6 +92,7 @@ fn main() {
             true,
             cuda_out_of_memory_is_typed,
         ),
+        ("cuda_tensor_storage", true, cuda_tensor_storage),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -222,6 +223,68 @@ fn cuda_reports_clear_errors() {
         Err(e) => panic!("unexpected error type: {e}"),
         Ok(_) => panic!("cuda:1000 opened"),
     }
+}
+
+fn cuda_tensor_storage() {
+    // Tensor on a CUDA device: to_device / to_host / to_dtype, views with an
+    // offset, and copy-on-write that copies only a shared or partial range.
+    use sam_unet::{DType, Device};
+    let mut x = rand(1000, 160, 3.0);
+    x[7] = 1.0 + 1.0 / 256.0; // a bf16 tie: rounds to even
+    let cpu = Tensor::from_vec(x.clone(), [10, 100]).unwrap();
+    let g = cpu.to_device(Device::Cuda(0)).unwrap();
+    assert_eq!(g.device(), Device::Cuda(0));
+    assert!(g.as_f32().is_err(), "CUDA values are not host slices");
+    assert_eq!(g.to_host().unwrap().as_f32().unwrap(), &x[..]);
+    // bf16 on the device rounds as the CPU does; back to f32 exactly.
+    let gb = g.to_dtype(DType::BF16).unwrap();
+    assert_eq!(gb.dtype(), DType::BF16);
+    let want = cpu.to_dtype(DType::BF16).unwrap().into_f32_vec().unwrap();
+    assert_eq!(gb.to_host().unwrap().into_f32_vec().unwrap(), want);
+    assert_eq!(
+        gb.to_dtype(DType::F32).unwrap().into_f32_vec().unwrap(),
+        want
+    );
+    // Views: rows 3..5 of the device tensor, down and converted.
+    let v = g.view(300, [2, 100]).unwrap();
+    assert_eq!(v.to_host().unwrap().as_f32().unwrap(), &x[300..500]);
+    assert_eq!(
+        v.to_dtype(DType::BF16).unwrap().into_f32_vec().unwrap(),
+        want[300..500].to_vec()
+    );
+    // Copy on write: the view gets a buffer of its own; g keeps its values.
+    let mut w = v.clone();
+    {
+        let mut m = w.cuda_f32_mut("test").unwrap();
+        let dev = g.cuda_device().unwrap();
+        dev.stream()
+            .memcpy_htod(&[42.0f32], &mut m.slice_mut(0..1))
+            .unwrap();
+    }
+    assert_eq!(w.offset(), 0);
+    assert_eq!(w.to_host().unwrap().as_f32().unwrap()[..2], [42.0, x[301]]);
+    assert_eq!(g.to_host().unwrap().as_f32().unwrap(), &x[..]);
+    // A whole buffer shared by a clone is copied too.
+    let mut c = g.clone();
+    {
+        let mut m = c.cuda_f32_mut("test").unwrap();
+        let dev = g.cuda_device().unwrap();
+        dev.stream()
+            .memcpy_htod(&[-1.0f32], &mut m.slice_mut(0..1))
+            .unwrap();
+    }
+    assert_eq!(c.to_host().unwrap().as_f32().unwrap()[0], -1.0);
+    assert_eq!(g.to_host().unwrap().as_f32().unwrap()[0], x[0]);
+    // Errors: f16 is not a CUDA dtype, a missing device is CudaUnavailable.
+    let h = cpu.to_dtype(DType::F16).unwrap();
+    assert!(matches!(
+        h.to_device(Device::Cuda(0)),
+        Err(sam_unet::Error::DType { .. })
+    ));
+    assert!(matches!(
+        cpu.to_device(Device::Cuda(1000)),
+        Err(sam_unet::Error::CudaUnavailable(_))
+    ));
 }
 
 fn cuda_out_of_memory_is_typed() {

@@ -155,6 +155,21 @@ fn f32_to_bf16_rounds_to_nearest_even_on(s: &'static Simt) {
             );
         }
     }
+    // And back: bf16 -> f32 is exact (the bits shifted up), NaN stays NaN.
+    let z = Buf::<f32>::out(s, n);
+    s.launch(
+        "bf16_to_f32",
+        cfg1d(n),
+        |k: unsafe extern "C" fn(F32m, *const u16, i64)| unsafe { k(z.m(), y.p(), n as i64) },
+    )
+    .unwrap();
+    for (i, (&back, &b)) in z.to_vec().iter().zip(&y.to_vec()).enumerate() {
+        let want = half::bf16::from_bits(b).to_f32();
+        assert!(
+            back.to_bits() == want.to_bits() || (back.is_nan() && want.is_nan()),
+            "index {i}: {b:#06x} -> {back}, want {want}"
+        );
+    }
 }
 
 #[test]

@@ -82,6 +82,23 @@ fn classify(op: &'static str, e: DriverError, bytes: Option<usize>) -> Error {
     }
 }
 
+/// `cuda:ordinal`, opened once per process and shared by every tensor moved
+/// there with `Tensor::to_device` (like a framework's current-device handle).
+pub fn shared_device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    use std::sync::{Mutex, OnceLock};
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    let mut m = DEVICES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = m.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(CudaDevice::new(ordinal)?);
+    m.insert(ordinal, d.clone());
+    Ok(d)
+}
+
 /// One device: its context, one stream, and the loaded kernel modules.
 pub struct CudaDevice {
     pub ordinal: usize,

@@ -110,6 +110,19 @@ pub fn to_bf16(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<half::b
     Ok(y)
 }
 
+/// f32 copy of bf16 values (exact).
+pub fn to_f32(dev: &CudaDevice, x: &CudaSlice<half::bf16>) -> Result<CudaSlice<f32>> {
+    let n = x.len();
+    let mut y = dev.alloc(n)?;
+    let f = dev.function("activation", "bf16_to_f32")?;
+    let nn = n as i64;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y).arg(x).arg(&nn);
+    // SAFETY: n f32 out, n bf16 in; types match (float*, const unsigned short*, long long).
+    unsafe { l.launch(cfg1d(n)) }.map_err(launch_err("bf16_to_f32 launch"))?;
+    Ok(y)
+}
+
 /// bf16(act(y + bias)) with y [rows, cols] f32 and bias [cols]: a GEMM's
 /// epilogue that also makes the next bf16 GEMM's input.
 pub fn bias_act_bf16(
