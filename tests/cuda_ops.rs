@@ -93,6 +93,11 @@ fn main() {
             cuda_out_of_memory_is_typed,
         ),
         ("cuda_tensor_storage", true, cuda_tensor_storage),
+        (
+            "cuda_activation_ops_dispatch_on_tensors",
+            true,
+            cuda_activation_ops_dispatch_on_tensors,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -223,6 +228,73 @@ fn cuda_reports_clear_errors() {
         Err(e) => panic!("unexpected error type: {e}"),
         Ok(_) => panic!("cuda:1000 opened"),
     }
+}
+
+fn cuda_activation_ops_dispatch_on_tensors() {
+    // The public ops of the activation family run where their inputs are: the
+    // same call on CUDA tensors gives the CPU's values (views included), and
+    // tensors on two devices are an error naming the op.
+    use sam_unet::Device;
+    let cuda = Device::Cuda(0);
+    let (n, c) = (64usize, 768usize);
+    let x = Tensor::from_vec(rand(n * c, 170, 4.0), [n, c]).unwrap();
+    let z = Tensor::from_vec(rand(n * c, 171, 4.0), [n, c]).unwrap();
+    let row = Tensor::from_vec(rand(c, 172, 1.0), [1, c]).unwrap();
+    let (xg, zg, rowg) = (
+        x.to_device(cuda).unwrap(),
+        z.to_device(cuda).unwrap(),
+        row.to_device(cuda).unwrap(),
+    );
+    let host = |t: Tensor| {
+        assert_eq!(t.device(), cuda);
+        t.to_host().unwrap().into_f32_vec().unwrap()
+    };
+    for a in [Act::Gelu, Act::Relu, Act::None] {
+        let want = activation::act(&x, a).unwrap();
+        let got = host(activation::act(&xg, a).unwrap());
+        assert_close(
+            &format!("act {a:?} on tensors"),
+            &got,
+            want.as_f32().unwrap(),
+            1e-6,
+            1e-5,
+        );
+    }
+    let want = activation::add(&x, &z).unwrap();
+    assert_close(
+        "add on tensors",
+        &host(activation::add(&xg, &zg).unwrap()),
+        want.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+    let want = activation::add_broadcast(&x, &row).unwrap();
+    let got = host(activation::add_broadcast(&xg, &rowg).unwrap());
+    assert_close(
+        "add_broadcast on tensors",
+        &got,
+        want.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+    // In place, with a view as the addend (rows 8..16 of x).
+    let (v, vg) = (
+        x.view(8 * c, [8, c]).unwrap(),
+        xg.view(8 * c, [8, c]).unwrap(),
+    );
+    let (mut s, mut sg) = (z.view(0, [8, c]).unwrap(), zg.view(0, [8, c]).unwrap());
+    activation::add_(&mut s, &v).unwrap();
+    activation::add_(&mut sg, &vg).unwrap();
+    assert_close("add_ of views", &host(sg), s.as_f32().unwrap(), 0.0, 0.0);
+    assert_eq!(
+        zg.to_host().unwrap().as_f32().unwrap(),
+        z.as_f32().unwrap(),
+        "add_ wrote into a shared buffer"
+    );
+    assert!(matches!(
+        activation::add(&x, &zg),
+        Err(sam_unet::Error::Device { op: "add", .. })
+    ));
 }
 
 fn cuda_tensor_storage() {

@@ -477,7 +477,7 @@ impl Tensor {
 
     /// This tensor over a storage of its own, exactly its size (a copy only
     /// when it is a view of a larger or shared storage).
-    fn compact(&self) -> Result<Tensor> {
+    pub(crate) fn compact(&self) -> Result<Tensor> {
         if self.offset == 0 && self.storage.len() == self.numel() {
             return Ok(self.clone());
         }
@@ -612,6 +612,25 @@ impl Tensor {
                 expected: "f32",
                 got: self.dtype().name(),
             }),
+        }
+    }
+
+    /// The device and the whole f32 buffer of a compact CUDA tensor (the
+    /// launchers take whole buffers: `compact` a view first).
+    pub(crate) fn cuda_whole_f32(
+        &self,
+        op: &'static str,
+    ) -> Result<(&Arc<CudaDevice>, &CudaSlice<f32>)> {
+        self.cuda_f32(op)?;
+        match &*self.storage {
+            Storage::Cuda(CudaStorage {
+                dev,
+                buf: CudaBuf::F32(s),
+            }) if self.offset == 0 && s.len() == self.numel() => Ok((dev, s)),
+            _ => Err(Error::input(
+                op,
+                "a view of a CUDA buffer: compact it first",
+            )),
         }
     }
 

@@ -4,8 +4,8 @@ mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input, same_device};
+use crate::tensor::{Device, Tensor};
 
 /// An activation applied in an op's epilogue (fused after a GEMM or a norm).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,9 +18,14 @@ pub enum Act {
 pub(crate) use cpu::apply_act_seq;
 pub use cpu::apply_act_slice;
 
-/// act(x), elementwise.
+/// act(x), elementwise, on x's device.
 pub fn act(x: &Tensor, a: Act) -> Result<Tensor> {
     let _p = crate::profile::scope("act");
+    if let Device::Cuda(_) = x.device() {
+        let x = cuda_input("act", x)?;
+        let (dev, xs) = x.cuda_whole_f32("act")?;
+        return Tensor::from_cuda_f32(dev, cuda::act(dev, xs, a)?, x.dims());
+    }
     let xs = cpu_f32("act", x)?;
     let mut out = xs.to_vec();
     apply_act_slice(&mut out, a);
@@ -35,8 +40,20 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     act(x, Act::Relu)
 }
 
-/// a + b for equal shapes.
+/// a + b for equal shapes, on their device.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        return Err(Error::shape(
+            "add",
+            format!("{:?} + {:?}", a.dims(), b.dims()),
+        ));
+    }
+    if let Device::Cuda(_) = same_device("add", &[a, b])? {
+        let _p = crate::profile::scope("add");
+        let (a, b) = (cuda_input("add", a)?, cuda_input("add", b)?);
+        let ((dev, av), (_, bv)) = (a.cuda_whole_f32("add")?, b.cuda_whole_f32("add")?);
+        return Tensor::from_cuda_f32(dev, cuda::add(dev, av, bv)?, a.dims());
+    }
     let mut out = a.clone();
     add_(&mut out, b)?;
     Ok(out)
@@ -52,6 +69,11 @@ pub fn add_broadcast(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         return Err(Error::shape("add", format!("{:?} + {:?}", ad, bd)));
     }
     let _p = crate::profile::scope("add");
+    if let Device::Cuda(_) = same_device("add", &[a, b])? {
+        let (a, b) = (cuda_input("add", a)?, cuda_input("add", b)?);
+        let ((dev, av), (_, bv)) = (a.cuda_whole_f32("add")?, b.cuda_whole_f32("add")?);
+        return Tensor::from_cuda_f32(dev, cuda::add_bias_rows(dev, av, bv)?, ad);
+    }
     let bs = cpu_f32("add", b)?;
     let mut out = cpu_f32("add", a)?.to_vec();
     for chunk in out.chunks_mut(bs.len().max(1)) {
@@ -60,7 +82,8 @@ pub fn add_broadcast(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_f32(out, ad))
 }
 
-/// a += b in place (copies a's storage first only if it is shared).
+/// a += b in place (copies a's storage first only if it is shared; on CUDA
+/// the sum goes to a new buffer that replaces a's).
 pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
     let _p = crate::profile::scope("add");
     if a.dims() != b.dims() {
@@ -68,6 +91,10 @@ pub fn add_(a: &mut Tensor, b: &Tensor) -> Result<()> {
             "add",
             format!("{:?} + {:?}", a.dims(), b.dims()),
         ));
+    }
+    if let Device::Cuda(_) = same_device("add", &[a, b])? {
+        *a = add(a, b)?;
+        return Ok(());
     }
     let bs = cpu_f32("add", b)?;
     cpu_f32("add", a)?;
