@@ -98,6 +98,11 @@ fn main() {
             true,
             cuda_activation_ops_dispatch_on_tensors,
         ),
+        (
+            "cuda_norm_layout_ops_dispatch_on_tensors",
+            true,
+            cuda_norm_layout_ops_dispatch_on_tensors,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -294,6 +299,93 @@ fn cuda_activation_ops_dispatch_on_tensors() {
     assert!(matches!(
         activation::add(&x, &zg),
         Err(sam_unet::Error::Device { op: "add", .. })
+    ));
+}
+
+/// op(inputs on the CPU) vs op(the same inputs on cuda:0), brought back.
+fn same_on_both(
+    name: &str,
+    inputs: &[&Tensor],
+    op: impl Fn(&[Tensor]) -> Tensor,
+    atol: f32,
+    rtol: f32,
+) {
+    let cpu: Vec<Tensor> = inputs.iter().map(|t| (*t).clone()).collect();
+    let gpu: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_device(sam_unet::Device::Cuda(0)).unwrap())
+        .collect();
+    let want = op(&cpu);
+    let got = op(&gpu);
+    assert_eq!(
+        got.device(),
+        sam_unet::Device::Cuda(0),
+        "{name}: output device"
+    );
+    assert_eq!(got.dims(), want.dims(), "{name}: output shape");
+    let got = got.to_host().unwrap().into_f32_vec().unwrap();
+    assert_close(name, &got, want.as_f32().unwrap(), atol, rtol);
+}
+
+fn cuda_norm_layout_ops_dispatch_on_tensors() {
+    use sam_unet::ops::layout;
+    let t = |n: usize, seed: u64, dims: &[usize]| {
+        Tensor::from_vec(rand(n, seed, 2.0), dims.to_vec()).unwrap()
+    };
+    let (rows, c) = (96usize, 768usize);
+    let (x, w, b) = (
+        t(rows * c, 180, &[2, 48, c]),
+        t(c, 181, &[c]),
+        t(c, 182, &[c]),
+    );
+    same_on_both(
+        "layer_norm on tensors",
+        &[&x, &w, &b],
+        |v| norm::layer_norm(&v[0], &v[1], &v[2], 1e-6).unwrap(),
+        1e-5,
+        1e-5,
+    );
+    let (m, w2, b2) = (
+        t(2 * 32 * 16 * 16, 183, &[2, 32, 16, 16]),
+        t(32, 184, &[32]),
+        t(32, 185, &[32]),
+    );
+    for a in [Act::None, Act::Gelu] {
+        same_on_both(
+            &format!("layer_norm2d {a:?} on tensors"),
+            &[&m, &w2, &b2],
+            |v| norm::layer_norm2d(&v[0], &v[1], &v[2], 1e-6, a).unwrap(),
+            1e-5,
+            1e-4,
+        );
+    }
+    same_on_both(
+        "nchw_to_nhwc on tensors",
+        &[&m],
+        |v| layout::nchw_to_nhwc(&v[0]).unwrap(),
+        0.0,
+        0.0,
+    );
+    same_on_both(
+        "nhwc_to_nchw on tensors",
+        &[&m],
+        |v| layout::nhwc_to_nchw(&v[0]).unwrap(),
+        0.0,
+        0.0,
+    );
+    // A view of one image, repeated.
+    let one = m.view(32 * 256, [1, 32, 16, 16]).unwrap();
+    same_on_both(
+        "repeat_first of a view on tensors",
+        &[&one],
+        |v| layout::repeat_first(&v[0], 5).unwrap(),
+        0.0,
+        0.0,
+    );
+    let wrong = w.to_device(sam_unet::Device::Cuda(0)).unwrap();
+    assert!(matches!(
+        norm::layer_norm(&x, &wrong, &b, 1e-6),
+        Err(sam_unet::Error::Device { .. })
     ));
 }
 

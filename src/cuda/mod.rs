@@ -260,7 +260,7 @@ pub fn cfg1d(n: usize) -> cudarc::driver::LaunchConfig {
     }
 }
 
-pub use tensor::GpuTensor;
+pub use tensor::{GpuIn, GpuRef, GpuTensor};
 
 /// The activation code the kernels take: 0 none, 1 ReLU, 2 GELU.
 pub(crate) fn act_code(a: crate::ops::activation::Act) -> i32 {

@@ -1,4 +1,6 @@
-//! A device-resident f32 tensor: a cudarc buffer and its dims (row-major).
+//! A device-resident f32 tensor: a cudarc buffer and its dims (row-major), as
+//! the CUDA model tree passes them; and `GpuIn`, what a launcher reads of an
+//! input: either that, or a `Tensor` on the device seen through `GpuRef`.
 
 use cudarc::driver::CudaSlice;
 
@@ -37,5 +39,39 @@ impl GpuTensor {
             data: self.data,
             dims: dims.to_vec(),
         }
+    }
+}
+
+/// An f32 input of a launcher: a whole device buffer and its dims.
+pub trait GpuIn {
+    fn data(&self) -> &CudaSlice<f32>;
+    fn dims(&self) -> &[usize];
+    fn numel(&self) -> usize {
+        self.dims().iter().product()
+    }
+}
+
+impl GpuIn for GpuTensor {
+    fn data(&self) -> &CudaSlice<f32> {
+        &self.data
+    }
+    fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+}
+
+/// A compact f32 CUDA `Tensor` borrowed as a launcher input
+/// (`Tensor::gpu_ref`).
+pub struct GpuRef<'a> {
+    pub(crate) data: &'a CudaSlice<f32>,
+    pub(crate) dims: &'a [usize],
+}
+
+impl GpuIn for GpuRef<'_> {
+    fn data(&self) -> &CudaSlice<f32> {
+        self.data
+    }
+    fn dims(&self) -> &[usize] {
+        self.dims
     }
 }

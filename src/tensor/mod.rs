@@ -634,6 +634,20 @@ impl Tensor {
         }
     }
 
+    /// A compact f32 CUDA tensor as a launcher input.
+    pub(crate) fn gpu_ref(&self, op: &'static str) -> Result<crate::cuda::GpuRef<'_>> {
+        let (_, data) = self.cuda_whole_f32(op)?;
+        Ok(crate::cuda::GpuRef {
+            data,
+            dims: self.dims(),
+        })
+    }
+
+    /// A launcher's output as a tensor on `dev`.
+    pub(crate) fn from_gpu(dev: &Arc<CudaDevice>, g: crate::cuda::GpuTensor) -> Result<Tensor> {
+        Tensor::from_cuda_f32(dev, g.data, g.dims)
+    }
+
     /// Mutable f32 values of a CUDA tensor; its range is first copied into a
     /// buffer of its own (fallibly: out of memory is an error) when the
     /// storage is shared or larger than the tensor.

@@ -2,12 +2,12 @@
 
 use cudarc::driver::PushKernelArg;
 
-use crate::cuda::{CudaDevice, GpuTensor, cfg1d, launch_err};
+use crate::cuda::{CudaDevice, GpuIn, GpuTensor, cfg1d, launch_err};
 use crate::error::{Error, Result};
 
 fn run(
     dev: &CudaDevice,
-    x: &GpuTensor,
+    x: &impl GpuIn,
     name: &'static str,
     b: usize,
     c: usize,
@@ -18,29 +18,27 @@ fn run(
     let f = dev.function("layout", name)?;
     let (bb, cc, pp) = (b as i32, c as i32, p as i64);
     let mut l = dev.stream().launch_builder(&f);
-    l.arg(&mut y).arg(&x.data).arg(&bb).arg(&cc).arg(&pp);
+    l.arg(&mut y).arg(x.data()).arg(&bb).arg(&cc).arg(&pp);
     // SAFETY: x and y hold b * c * p floats; types match the kernel.
     unsafe { l.launch(cfg1d(b * c * p)) }.map_err(launch_err("layout launch"))?;
     Ok(GpuTensor { data: y, dims })
 }
 
 /// [B, C, H, W] -> [B, H, W, C]
-pub fn nchw_to_nhwc(dev: &CudaDevice, x: &GpuTensor) -> Result<GpuTensor> {
+pub fn nchw_to_nhwc(dev: &CudaDevice, x: &impl GpuIn) -> Result<GpuTensor> {
     let [b, c, h, w]: [usize; 4] = x
-        .dims
-        .as_slice()
+        .dims()
         .try_into()
-        .map_err(|_| Error::shape("nchw_to_nhwc (cuda)", format!("{:?}", x.dims)))?;
+        .map_err(|_| Error::shape("nchw_to_nhwc (cuda)", format!("{:?}", x.dims())))?;
     run(dev, x, "nchw_to_nhwc_f32", b, c, h * w, vec![b, h, w, c])
 }
 
 /// [B, H, W, C] -> [B, C, H, W]
-pub fn nhwc_to_nchw(dev: &CudaDevice, x: &GpuTensor) -> Result<GpuTensor> {
+pub fn nhwc_to_nchw(dev: &CudaDevice, x: &impl GpuIn) -> Result<GpuTensor> {
     let [b, h, w, c]: [usize; 4] = x
-        .dims
-        .as_slice()
+        .dims()
         .try_into()
-        .map_err(|_| Error::shape("nhwc_to_nchw (cuda)", format!("{:?}", x.dims)))?;
+        .map_err(|_| Error::shape("nhwc_to_nchw (cuda)", format!("{:?}", x.dims())))?;
     run(dev, x, "nhwc_to_nchw_f32", b, c, h * w, vec![b, c, h, w])
 }
 

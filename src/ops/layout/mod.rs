@@ -6,14 +6,29 @@ pub mod cuda;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input};
+use crate::tensor::{Device, Tensor};
+
+/// The CUDA path of a layout op: `f` on x's buffer, the result on x's device.
+fn on_cuda(
+    op: &'static str,
+    x: &Tensor,
+    f: impl FnOnce(&crate::cuda::CudaDevice, &crate::cuda::GpuRef) -> Result<crate::cuda::GpuTensor>,
+) -> Result<Tensor> {
+    let x = cuda_input(op, x)?;
+    let (dev, _) = x.cuda_whole_f32(op)?;
+    let y = f(dev, &x.gpu_ref(op)?)?;
+    Tensor::from_gpu(dev, y)
+}
 
 /// [B, C, H, W] -> [B, H, W, C]
 pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "nchw_to_nhwc";
     let _p = crate::profile::scope("layout");
     let [b, c, h, w] = x.dims_n::<4>(OP, "input")?;
+    if let Device::Cuda(_) = x.device() {
+        return on_cuda(OP, x, |dev, g| cuda::nchw_to_nhwc(dev, g));
+    }
     let xs = cpu_f32(OP, x)?;
     let mut out = vec![0.0f32; xs.len()];
     let p = h * w;
@@ -33,6 +48,9 @@ pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "nhwc_to_nchw";
     let _p = crate::profile::scope("layout");
     let [b, h, w, c] = x.dims_n::<4>(OP, "input")?;
+    if let Device::Cuda(_) = x.device() {
+        return on_cuda(OP, x, |dev, g| cuda::nhwc_to_nchw(dev, g));
+    }
     let xs = cpu_f32(OP, x)?;
     let mut out = vec![0.0f32; xs.len()];
     let p = h * w;
@@ -50,7 +68,6 @@ pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
 /// Repeats x [1, ...] n times along the first dim: [n, ...].
 pub fn repeat_first(x: &Tensor, n: usize) -> Result<Tensor> {
     const OP: &str = "repeat_first";
-    let xs = cpu_f32(OP, x)?;
     let mut dims = x.dims().to_vec();
     if dims.first() != Some(&1) {
         return Err(crate::Error::shape(
@@ -59,6 +76,10 @@ pub fn repeat_first(x: &Tensor, n: usize) -> Result<Tensor> {
         ));
     }
     dims[0] = n;
+    if let Device::Cuda(_) = x.device() {
+        return on_cuda(OP, x, |dev, g| cuda::repeat(dev, g.data, n, dims));
+    }
+    let xs = cpu_f32(OP, x)?;
     let mut out = Vec::with_capacity(xs.len() * n);
     for _ in 0..n {
         out.extend_from_slice(xs);

@@ -96,21 +96,20 @@ pub fn layer_norm_bf16(
 /// SAM's LayerNorm2d then act: x [N, C, H, W], w / b [C] -> same shape.
 pub fn layer_norm2d(
     dev: &CudaDevice,
-    x: &crate::cuda::GpuTensor,
+    x: &impl crate::cuda::GpuIn,
     w: &CudaSlice<f32>,
     b: &CudaSlice<f32>,
     eps: f32,
     a: crate::ops::activation::Act,
 ) -> Result<crate::cuda::GpuTensor> {
     let [n, c, h, wd]: [usize; 4] = x
-        .dims
-        .as_slice()
+        .dims()
         .try_into()
-        .map_err(|_| Error::shape("layer_norm2d (cuda)", format!("input {:?}", x.dims)))?;
+        .map_err(|_| Error::shape("layer_norm2d (cuda)", format!("input {:?}", x.dims())))?;
     if w.len() != c || b.len() != c {
         return Err(Error::shape(
             "layer_norm2d (cuda)",
-            format!("input {:?}, weight {}, bias {}", x.dims, w.len(), b.len()),
+            format!("input {:?}, weight {}, bias {}", x.dims(), w.len(), b.len()),
         ));
     }
     let p = (h * wd) as i64;
@@ -120,7 +119,7 @@ pub fn layer_norm2d(
     let (nn, cc) = (n as i32, c as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y)
-        .arg(&x.data)
+        .arg(x.data())
         .arg(w)
         .arg(b)
         .arg(&nn)
@@ -133,6 +132,6 @@ pub fn layer_norm2d(
         .map_err(launch_err("layer_norm2d launch"))?;
     Ok(crate::cuda::GpuTensor {
         data: y,
-        dims: x.dims.clone(),
+        dims: x.dims().to_vec(),
     })
 }

@@ -10,8 +10,8 @@ pub mod cuda;
 
 use crate::error::Result;
 use crate::ops::activation::Act;
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input, same_device};
+use crate::tensor::{Device, Tensor};
 
 /// x: [..., C], weight/bias: [C].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
@@ -20,6 +20,19 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor
     let c = *x.dims().last().unwrap_or(&0);
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;
+    if let Device::Cuda(_) = same_device(OP, &[x, w, b])? {
+        let (x, w, b) = (cuda_input(OP, x)?, cuda_input(OP, w)?, cuda_input(OP, b)?);
+        let (dev, xs) = x.cuda_whole_f32(OP)?;
+        let y = cuda::layer_norm(
+            dev,
+            xs,
+            w.cuda_whole_f32(OP)?.1,
+            b.cuda_whole_f32(OP)?.1,
+            c,
+            eps,
+        )?;
+        return Tensor::from_cuda_f32(dev, y, x.dims());
+    }
     let out = cpu::layer_norm(cpu_f32(OP, x)?, cpu_f32(OP, w)?, cpu_f32(OP, b)?, c, eps);
     Ok(Tensor::from_f32(out, x.dims()))
 }
@@ -31,6 +44,13 @@ pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> R
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;
+    if let Device::Cuda(_) = same_device(OP, &[x, w, b])? {
+        let (x, w, b) = (cuda_input(OP, x)?, cuda_input(OP, w)?, cuda_input(OP, b)?);
+        let (dev, _) = x.cuda_whole_f32(OP)?;
+        let (ws, bs) = (w.cuda_whole_f32(OP)?.1, b.cuda_whole_f32(OP)?.1);
+        let y = cuda::layer_norm2d(dev, &x.gpu_ref(OP)?, ws, bs, eps, act)?;
+        return Tensor::from_gpu(dev, y);
+    }
     let out = cpu::layer_norm2d(
         cpu_f32(OP, x)?,
         cpu_f32(OP, w)?,
