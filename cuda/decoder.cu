@@ -3,6 +3,8 @@
 //
 //   mha_f32: multi-head attention on projected q [N, Lq, I], k, v [N, Lk, I]
 //            (I = heads * hd, hd <= 64): out = softmax(q_h k_h^T / sqrt(hd)) v_h.
+//            Each of q, k, v may instead be [1, L, I], shared by all N (its
+//            flag bq / bk / bv 0): the image keys of one image serve all boxes.
 //            One warp per (n, head, query); keys in tiles of 32, lane j computes
 //            key j's logit, online softmax, lanes own channels lane and lane + 32.
 //   mask_dot_f32: low[n, p] = sum_c h[n, c] (f[n, c, p] + msf[c, p]), the
@@ -10,7 +12,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void mha_f32(float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                                   int N, int Lq, int Lk, int I, int heads) {
+                                   int N, int Lq, int Lk, int I, int heads, int bq, int bk, int bv) {
     int lane = threadIdx.x & 31;
     long long wid = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long total = (long long)N * heads * Lq;
@@ -20,9 +22,9 @@ extern "C" __global__ void mha_f32(float* __restrict__ out, const float* __restr
     int n = wid / ((long long)Lq * heads);
     int hd = I / heads;
     float sd = sqrtf((float)hd);
-    const float* qp = q + ((long long)n * Lq + qi) * I + h * hd;
-    const float* kb = k + (long long)n * Lk * I + h * hd;
-    const float* vb = v + (long long)n * Lk * I + h * hd;
+    const float* qp = q + ((long long)(bq ? n : 0) * Lq + qi) * I + h * hd;
+    const float* kb = k + (long long)(bk ? n : 0) * Lk * I + h * hd;
+    const float* vb = v + (long long)(bv ? n : 0) * Lk * I + h * hd;
     float m = -SAM_INF, l = 0.f, a0 = 0.f, a1 = 0.f;
     for (int t0 = 0; t0 < Lk; t0 += 32) {
         int j = t0 + lane;

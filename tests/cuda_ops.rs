@@ -103,6 +103,11 @@ fn main() {
             true,
             cuda_norm_layout_ops_dispatch_on_tensors,
         ),
+        (
+            "cuda_attention_resize_ops_dispatch_on_tensors",
+            true,
+            cuda_attention_resize_ops_dispatch_on_tensors,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -387,6 +392,58 @@ fn cuda_norm_layout_ops_dispatch_on_tensors() {
         norm::layer_norm(&x, &wrong, &b, 1e-6),
         Err(sam_unet::Error::Device { .. })
     ));
+}
+
+fn cuda_attention_resize_ops_dispatch_on_tensors() {
+    use sam_unet::ops::{attention, resize};
+    let t = |n: usize, seed: u64, dims: &[usize], scale: f32| {
+        Tensor::from_vec(rand(n, seed, scale), dims.to_vec()).unwrap()
+    };
+    // Window attention of one image, two heads of 64 on the 16 x 16 grid.
+    let (b, g, d) = (1usize, 16usize, 128usize);
+    let qkv = t(b * g * g * 3 * d, 190, &[b, g, g, 3 * d], 2.0);
+    let bias = t(3 * d, 191, &[3 * d], 1.0);
+    let (rh, rw) = (
+        t(27 * 64, 192, &[27, 64], 0.5),
+        t(27 * 64, 193, &[27, 64], 0.5),
+    );
+    same_on_both(
+        "rel_pos_attention window 14 on tensors",
+        &[&qkv, &bias, &rh, &rw],
+        |v| attention::rel_pos_attention(&v[0], &v[1], &v[2], &v[3], 2, 14).unwrap(),
+        1e-5,
+        1e-4,
+    );
+    // Decoder attention, token-to-image with the image keys of one image
+    // shared by 4 boxes (no copies of k / v).
+    let (q, k, v) = (
+        t(4 * 7 * 128, 194, &[4, 7, 128], 2.0),
+        t(256 * 128, 195, &[1, 256, 128], 2.0),
+        t(256 * 128, 196, &[1, 256, 128], 1.0),
+    );
+    same_on_both(
+        "attention with shared keys on tensors",
+        &[&q, &k, &v],
+        |x| attention::attention(&x[0], &x[1], &x[2], 8).unwrap(),
+        1e-5,
+        1e-4,
+    );
+    // Bilinear resize is bit-exact on both devices.
+    let m = t(2 * 64 * 64, 197, &[2, 1, 64, 64], 20.0);
+    same_on_both(
+        "bilinear 64 -> 256 on tensors",
+        &[&m],
+        |x| resize::bilinear(&x[0], 256, 256).unwrap(),
+        0.0,
+        0.0,
+    );
+    same_on_both(
+        "bilinear 64 -> 37 x 50 on tensors",
+        &[&m],
+        |x| resize::bilinear(&x[0], 37, 50).unwrap(),
+        0.0,
+        0.0,
+    );
 }
 
 fn cuda_tensor_storage() {

@@ -327,25 +327,42 @@ fn decoder_attention_matches_cpu_on(s: &'static Simt) {
     // self (3 tokens, width 256), token-to-image (3 vs 256, width 128),
     // image-to-token (256 vs 3), 8 heads; 2 and 3 boxes; then head dims 5
     // and 64 (the kernel's limit: lanes own channels lane and lane + 32).
-    for (n, lq, lk, i) in [
-        (3usize, 3usize, 3usize, 256usize),
-        (3, 3, 256, 128),
-        (2, 256, 3, 128),
-        (2, 5, 70, 40),
-        (2, 3, 40, 512),
+    for (n, lq, lk, i, shared) in [
+        (3usize, 3usize, 3usize, 256usize, false),
+        (3, 3, 256, 128, false),
+        (2, 256, 3, 128, false),
+        (2, 5, 70, 40, false),
+        (2, 3, 40, 512, false),
+        // k and v of one image shared by 3 boxes (the decoder's image keys).
+        (3, 3, 256, 128, true),
     ] {
         let heads = 8;
+        let nkv = if shared { 1 } else { n };
         let (q, k, v) = (
             rand(n * lq * i, 150, 2.0),
-            rand(n * lk * i, 151, 2.0),
-            rand(n * lk * i, 152, 1.0),
+            rand(nkv * lk * i, 151, 2.0),
+            rand(nkv * lk * i, 152, 1.0),
         );
         let (qb, kb, vb) = (Buf::from(s, &q), Buf::from(s, &k), Buf::from(s, &v));
         let y = Buf::<f32>::out(s, n * lq * i);
+        let per_item = (!shared) as i32;
         s.launch(
             "mha_f32",
             attention::cuda::mha_config(n, heads, lq),
-            |f: unsafe extern "C" fn(F32m, F32p, F32p, F32p, i32, i32, i32, i32, i32)| unsafe {
+            |f: unsafe extern "C" fn(
+                F32m,
+                F32p,
+                F32p,
+                F32p,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+            )| unsafe {
                 f(
                     y.m(),
                     qb.p(),
@@ -356,19 +373,22 @@ fn decoder_attention_matches_cpu_on(s: &'static Simt) {
                     lk as i32,
                     i as i32,
                     heads as i32,
+                    1,
+                    per_item,
+                    per_item,
                 )
             },
         )
         .unwrap();
         let want = attention::attention(
             &t(&q, &[n, lq, i]),
-            &t(&k, &[n, lk, i]),
-            &t(&v, &[n, lk, i]),
+            &t(&k, &[nkv, lk, i]),
+            &t(&v, &[nkv, lk, i]),
             heads,
         )
         .unwrap();
         assert_close(
-            &format!("mha q {lq} k {lk} width {i}"),
+            &format!("mha q {lq} k {lk} width {i} shared k/v {shared}"),
             &y.to_vec(),
             want.as_f32().unwrap(),
             1e-5,

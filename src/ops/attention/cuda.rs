@@ -160,45 +160,66 @@ pub fn mha_config(n: usize, heads: usize, lq: usize) -> LaunchConfig {
 }
 
 /// Multi-head attention on projected q [N, Lq, I], k / v [N, Lk, I]: [N, Lq, I].
+/// Any of q, k, v may have a batch of 1, shared by all N (no copies).
 pub fn mha(
     dev: &CudaDevice,
-    q: &crate::cuda::GpuTensor,
-    k: &crate::cuda::GpuTensor,
-    v: &crate::cuda::GpuTensor,
+    q: &impl crate::cuda::GpuIn,
+    k: &impl crate::cuda::GpuIn,
+    v: &impl crate::cuda::GpuIn,
     heads: usize,
 ) -> Result<crate::cuda::GpuTensor> {
     const OP: &str = "attention (cuda)";
-    let [n, lq, i]: [usize; 3] = q
-        .dims
-        .as_slice()
-        .try_into()
-        .map_err(|_| Error::shape(OP, format!("q {:?}", q.dims)))?;
-    let lk = k.dims.get(1).copied().unwrap_or(0);
-    if k.dims != [n, lk, i] || v.dims != k.dims || heads == 0 || i % heads != 0 || i / heads > 64 {
-        return Err(Error::shape(
+    let bad = || {
+        Error::shape(
             OP,
             format!(
                 "q {:?}, k {:?}, v {:?}, {heads} heads (head dim at most 64)",
-                q.dims, k.dims, v.dims
+                q.dims(),
+                k.dims(),
+                v.dims()
             ),
-        ));
+        )
+    };
+    let ([nq, lq, i], [nk, lk, ik], [nv, lv, iv]): ([usize; 3], [usize; 3], [usize; 3]) = (
+        q.dims().try_into().map_err(|_| bad())?,
+        k.dims().try_into().map_err(|_| bad())?,
+        v.dims().try_into().map_err(|_| bad())?,
+    );
+    let n = nq.max(nk).max(nv);
+    let fits = |b: usize| b == n || b == 1;
+    if ik != i
+        || iv != i
+        || lv != lk
+        || !fits(nq)
+        || !fits(nk)
+        || !fits(nv)
+        || heads == 0
+        || i % heads != 0
+        || i / heads > 64
+    {
+        return Err(bad());
     }
     let mut out = dev.alloc(n * lq * i)?;
     let f = dev.function("decoder", "mha_f32")?;
     let cfg = mha_config(n, heads, lq);
     let (nn, lqq, lkk, ii, hh) = (n as i32, lq as i32, lk as i32, i as i32, heads as i32);
+    let (bq, bk, bv) = ((nq > 1) as i32, (nk > 1) as i32, (nv > 1) as i32);
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut out)
-        .arg(&q.data)
-        .arg(&k.data)
-        .arg(&v.data)
+        .arg(q.data())
+        .arg(k.data())
+        .arg(v.data())
         .arg(&nn)
         .arg(&lqq)
         .arg(&lkk)
         .arg(&ii)
-        .arg(&hh);
+        .arg(&hh)
+        .arg(&bq)
+        .arg(&bk)
+        .arg(&bv);
     // SAFETY: one warp per (n, head, query) reads its q row, the Lk rows of k and
-    // v of its head, writes its output row; all within the sizes checked above.
+    // v of its head (item n, or item 0 of a shared batch), writes its output
+    // row; all within the sizes checked above; 12 arguments as the kernel's.
     unsafe { l.launch(cfg) }.map_err(launch_err("mha launch"))?;
     Ok(crate::cuda::GpuTensor {
         data: out,

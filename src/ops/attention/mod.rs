@@ -16,8 +16,8 @@ mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input, same_device};
+use crate::tensor::{Device, Tensor};
 
 /// qkv [B, G, G, 3 * D] (channel = which * D + head * hd + c, as SAM's reshape),
 /// qkv_bias [3 * D], rel_h / rel_w [2 S - 1, hd] with S the window (or G when
@@ -52,6 +52,27 @@ pub fn rel_pos_attention(
     let s = if window == 0 { gh } else { window };
     rel_h.expect_dims(OP, "rel_pos_h", &[2 * s - 1, hd])?;
     rel_w.expect_dims(OP, "rel_pos_w", &[2 * s - 1, hd])?;
+    if let Device::Cuda(_) = same_device(OP, &[qkv, qkv_bias, rel_h, rel_w])? {
+        // The kernels hold a head of 64 channels in a warp (2 per lane), and
+        // windows up to 32: SAM's ViTs (B, L, H) all have head dim 64.
+        let ins = [qkv, qkv_bias, rel_h, rel_w].map(|t| cuda_input(OP, t));
+        let [q, bias, rh, rw] = ins;
+        let (q, bias, rh, rw) = (q?, bias?, rh?, rw?);
+        let (dev, qs) = q.cuda_whole_f32(OP)?;
+        let y = cuda::rel_pos_attention(
+            dev,
+            qs,
+            bias.cuda_whole_f32(OP)?.1,
+            rh.cuda_whole_f32(OP)?.1,
+            rw.cuda_whole_f32(OP)?.1,
+            b,
+            gh,
+            d,
+            heads,
+            window,
+        )?;
+        return Tensor::from_cuda_f32(dev, y, [b, gh, gw, d]);
+    }
     let out = cpu::rel_pos_attention(
         cpu_f32(OP, qkv)?,
         cpu_f32(OP, qkv_bias)?,
@@ -91,6 +112,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             OP,
             format!("width {i} cannot split into {heads} heads"),
         ));
+    }
+    if let Device::Cuda(_) = same_device(OP, &[q, k, v])? {
+        let (q, k, v) = (cuda_input(OP, q)?, cuda_input(OP, k)?, cuda_input(OP, v)?);
+        let (dev, _) = q.cuda_whole_f32(OP)?;
+        let y = cuda::mha(
+            dev,
+            &q.gpu_ref(OP)?,
+            &k.gpu_ref(OP)?,
+            &v.gpu_ref(OP)?,
+            heads,
+        )?;
+        return Tensor::from_gpu(dev, y);
     }
     let out = cpu::attention(
         cpu_f32(OP, q)?,

@@ -11,8 +11,8 @@ mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input};
+use crate::tensor::{Device, Tensor};
 
 /// x [B, C, H, W] -> [B, C, oh, ow].
 pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
@@ -24,6 +24,13 @@ pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
             OP,
             format!("cannot resize {:?} to {oh} x {ow}", x.dims()),
         ));
+    }
+    if let Device::Cuda(_) = x.device() {
+        // Bit-exact with the CPU (cuda/resize.cu rounds every step in its order).
+        let x = cuda_input(OP, x)?;
+        let (dev, xs) = x.cuda_whole_f32(OP)?;
+        let y = cuda::bilinear_crop(dev, xs, n * c, h, w, h, w, oh, ow)?;
+        return Tensor::from_cuda_f32(dev, y, [n, c, oh, ow]);
     }
     let out = cpu::bilinear(cpu_f32(OP, x)?, n * c, h, w, oh, ow);
     Ok(Tensor::from_f32(out, &[n, c, oh, ow]))
