@@ -185,7 +185,7 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
         case 1: *v = 1024; break;   // max threads per block
         case 2: case 3: *v = 1024; break;
-        case 4: *v = 1024; break;
+        case 4: *v = 64; break;     // max block z
         case 5: *v = 2147483647; break;
         case 6: case 7: *v = 65535; break;
         case 8: *v = 49152; break;  // shared memory per block
@@ -622,6 +622,7 @@ static int check_gemm(const char* call, int ta, int tb, int m, int n, int k, con
         return status;
     };
     if (m < 0 || n < 0 || k < 0 || batch < 0) return fail(7, "a negative dimension or batch count");
+    if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1)) return fail(7, "transa / transb other than N or T");
     const int arows = ta ? k : m, brows = tb ? n : k;
     const int acols = ta ? m : k, bcols = tb ? k : n;
     if (lda < (arows > 1 ? arows : 1)) return fail(7, "lda below the rows of A as stored");
@@ -633,7 +634,10 @@ static int check_gemm(const char* call, int ta, int tb, int m, int n, int k, con
     // Extent of one column-major matrix: (cols - 1) ld + rows elements.
     auto extent = [](long long rows, long long cols, long long ld) { return rows == 0 || cols == 0 ? 0 : (cols - 1) * ld + rows; };
     long long ec = extent(m, n, ldc);
-    if (batch > 1 && sc < ec) return fail(7, sc < 0 ? "negative output stride" : "the output matrices of the batch overlap (strideC below (n - 1) ldc + m)");
+    // Outputs one after another (strideC >= (n - 1) ldc + m), or interleaved
+    // within each column (strideC >= m and all of them inside ldc).
+    bool apart = sc >= ec || (sc >= m && (long long)(batch - 1) * sc + m <= ldc);
+    if (batch > 1 && !apart) return fail(7, sc < 0 ? "negative output stride" : "the output matrices of the batch overlap");
     auto inside = [&](const void* p, long long stride, long long elems, size_t esize) {
         if (elems == 0) return true;
         long long lo = stride < 0 ? stride * (batch - 1) : 0, hi = (stride > 0 ? stride * (batch - 1) : 0) + elems;

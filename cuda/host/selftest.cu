@@ -62,3 +62,23 @@ extern "C" __global__ void selftest_uninitialised_shared(float* y) {
     __syncthreads();
     y[blockIdx.x * blockDim.x + threadIdx.x] = s[threadIdx.x];
 }
+
+// Block b reads y[b + 1], which block b + 1 writes: a race between blocks
+// (seen when block b + 1 runs first: the reversed schedule).
+extern "C" __global__ void selftest_neighbour_read(float* y) {
+    if (threadIdx.x == 0) {
+        float next = blockIdx.x + 1 < gridDim.x ? y[blockIdx.x + 1] : 0.0f;
+        y[blockIdx.x] = next + 1.0f;
+    }
+}
+
+// Each thread takes a slot with an atomic on shared memory and writes its
+// index there: which thread gets which slot depends on the schedule, which
+// atomics make legitimate (each block's y is a permutation of 0..blockDim).
+extern "C" __global__ void selftest_shared_atomic_slots(float* y) {
+    __shared__ unsigned count;
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    unsigned slot = atomicAdd(&count, 1u);
+    y[blockIdx.x * blockDim.x + slot] = (float)threadIdx.x;
+}

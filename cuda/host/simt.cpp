@@ -26,9 +26,16 @@
 // wrote it (and its value before the launch); another block writing it, or
 // reading it, without both being atomics, is a race across blocks.
 //
+// Not seen: threads of one block racing on global memory (only the order of
+// their last stores shows, through the schedules below; a read-modify-write
+// `y[i] += v` without atomics by two threads of one block is not caught, as
+// fibers never switch between its load and store).
+//
 // Schedules. The scheduler runs the live threads of a block one after the
 // other until each reaches a barrier; the order decides which of two racing
-// accesses comes first. With schedules > 1 every launch runs again in reverse
+// accesses comes first. The blocks of a launch run in linear order, then
+// reversed, then shuffled, so a block reading what a later block writes is
+// caught by the read check of the global shadow. With schedules > 1 every launch runs again in reverse
 // order (and a shuffled order, drawn anew at every interval) after the bytes
 // it wrote are put back, and a launch without atomics must write the same
 // bytes with the same values each time.
@@ -620,15 +627,24 @@ bool run_block(unsigned n) {
     }
 }
 
+// Runs every block of the grid, one after the other: in linear order in the
+// natural schedule, reversed in the reversed one, shuffled in the shuffled
+// one, so that a block reading what another block of the launch writes is
+// seen (the read check needs the writer to run first).
 bool run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned n) {
-    bool ok = true;
-    for (unsigned z = 0; ok && z < gz; ++z)
-        for (unsigned y = 0; ok && y < gy; ++y)
-            for (unsigned x = 0; ok && x < gx; ++x) {
-                simt_blockIdx = {x, y, z};
-                ok = run_block(n);
-            }
-    return ok;
+    uint64_t blocks = (uint64_t)gx * gy * gz;
+    std::vector<uint64_t> order;
+    if (g_sched == 2) {
+        order.resize(blocks);
+        for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+        for (uint64_t i = blocks; i > 1; --i) std::swap(order[i - 1], order[splitmix(g_rng) % i]);
+    }
+    for (uint64_t i = 0; i < blocks; ++i) {
+        uint64_t b = g_sched == 0 ? i : g_sched == 1 ? blocks - 1 - i : order[i];
+        simt_blockIdx = {(unsigned)(b % gx), (unsigned)(b / gx % gy), (unsigned)(b / ((uint64_t)gx * gy))};
+        if (!run_block(n)) return false;
+    }
+    return true;
 }
 
 }  // namespace
@@ -636,8 +652,15 @@ bool run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned n) {
 extern "C" {
 
 void simt_wait(int kind, unsigned mask) {
+    unsigned n = simt_blockDim.x * simt_blockDim.y * simt_blockDim.z;
+    unsigned lanes = n - (unsigned)g_cur / 32 * 32;
     if (mask != 0xffffffffu) {
         g_error = where(g_cur) + ": warp collectives with a partial mask are not emulated";
+        g_abort = true;
+    } else if (kind != 2 && lanes < 32) {
+        // The mask names lanes that do not exist (a block that is not a
+        // multiple of 32 threads): undefined on a GPU.
+        g_error = where(g_cur) + ": a full-mask warp collective / __syncwarp in a warp of " + std::to_string(lanes) + " threads";
         g_abort = true;
     } else {
         g_fibers[g_cur].st = kind == 2 ? AT_BLOCK : AT_WARP;
@@ -646,7 +669,12 @@ void simt_wait(int kind, unsigned mask) {
     simt_switch(&g_fibers[g_cur].sp, g_sched_sp);
 }
 
-void simt_atomic(void* p, unsigned bytes) { check(p, bytes, true, true, __builtin_return_address(0)); }
+void simt_atomic(void* p, unsigned bytes) {
+    // Float atomics (shared or global) make a launch's result depend on the
+    // order of its threads: such launches are exempt from the byte comparison.
+    if (g_in_kernel) g_launch_atomics = true;
+    check(p, bytes, true, true, __builtin_return_address(0));
+}
 
 // The sanitizer's hooks (the kernels are compiled with -fsanitize=thread).
 void __tsan_init() {}
@@ -692,7 +720,8 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
     g_abort = false;
     unsigned n = bx * by * bz;
     bool ok = true;
-    if (n == 0 || n > kMaxThreads || gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) {
+    if (n == 0 || n > kMaxThreads || bx > 1024 || by > 1024 || bz > 64 || gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u || gy > 65535 ||
+        gz > 65535) {
         g_error = std::string(kernel) + ": invalid launch configuration (grid " + std::to_string(gx) + "x" + std::to_string(gy) + "x" + std::to_string(gz) + ", block " +
                   std::to_string(bx) + "x" + std::to_string(by) + "x" + std::to_string(bz) + ")";
         ok = false;
@@ -722,8 +751,7 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
                     std::string d = diff_snapshot();
                     if (!d.empty()) {
                         g_error = std::string("schedule: ") + kernel + " wrote different results when its threads ran in " + sched_name(s) + " order: " + d +
-                                  " (a race the racecheck does not see: threads of one block writing one global element, or values exchanged outside the "
-                                  "checked memory)";
+                                  " (a race the racecheck does not see: e.g. threads of one block storing different values to one global element)";
                         ok = false;
                     }
                 }
@@ -749,6 +777,9 @@ void* simt_alloc(size_t bytes, size_t align) {
     mprotect(base + kPage + body, kPage, PROT_NONE);
     char* end = base + kPage + body;
     char* user = (char*)((uintptr_t)(end - bytes) & ~(uintptr_t)(align ? align - 1 : 0));
+    // Alignment may leave a few bytes between the buffer and the guard page:
+    // NaN bytes, so a read past the end that misses the guard is visible.
+    std::memset(user + bytes, 0xff, (size_t)(end - (user + bytes)));
     std::lock_guard<std::mutex> lock(g_regions_lock);
     g_regions.push_back({base, kPage, user});
     g_regions.push_back({end, kPage, user});

@@ -286,7 +286,8 @@ fn shared_memory(objs: &[PathBuf]) -> Result<std::collections::HashMap<String, u
             }
             let (name, size, section) = (f[f.len() - 1], f[f.len() - 2], f[f.len() - 3]);
             if section == "simt_shared" {
-                let rest = &name[3..];
+                // _ZZ<len><kernel>E..., or _ZZL<len>... for a static helper.
+                let rest = name[3..].strip_prefix('L').unwrap_or(&name[3..]);
                 let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
                 let len: usize = rest[..digits].parse().unwrap_or(0);
                 if let Some(kernel) = rest.get(digits..digits + len) {
