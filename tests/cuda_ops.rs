@@ -108,6 +108,11 @@ fn main() {
             true,
             cuda_attention_resize_ops_dispatch_on_tensors,
         ),
+        (
+            "cuda_linear_dispatches_on_tensors",
+            true,
+            cuda_linear_dispatches_on_tensors,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -444,6 +449,60 @@ fn cuda_attention_resize_ops_dispatch_on_tensors() {
         0.0,
         0.0,
     );
+}
+
+fn cuda_linear_dispatches_on_tensors() {
+    // linear_fused on CUDA tensors: cuBLAS owned by the device, residual as
+    // the GEMM's seed, bias + activation epilogue; a bf16 weight makes a bf16
+    // GEMM with f32 accumulation.
+    use sam_unet::ops::linear;
+    use sam_unet::{DType, Device};
+    let t = |n: usize, seed: u64, dims: &[usize], scale: f32| {
+        Tensor::from_vec(rand(n, seed, scale), dims.to_vec()).unwrap()
+    };
+    let (m, n, k) = (2 * 64usize, 384usize, 256usize);
+    let (x, w, b, r) = (
+        t(m * k, 200, &[2, 64, k], 1.0),
+        t(n * k, 201, &[n, k], 0.1),
+        t(n, 202, &[n], 1.0),
+        t(m * n, 203, &[2, 64, n], 1.0),
+    );
+    same_on_both(
+        "linear on tensors",
+        &[&x, &w, &b],
+        |v| linear::linear(&v[0], &v[1], Some(&v[2])).unwrap(),
+        1e-5,
+        1e-4,
+    );
+    same_on_both(
+        "linear_fused residual + GELU on tensors",
+        &[&x, &w, &b, &r],
+        |v| linear::linear_fused(&v[0], &v[1], Some(&v[2]), Some(&v[3]), Act::Gelu).unwrap(),
+        1e-5,
+        1e-4,
+    );
+    // bf16 weight: against the CPU on the bf16-rounded x and w.
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let want = linear::linear(&round(&x), &round(&w), Some(&b)).unwrap();
+    let cuda = Device::Cuda(0);
+    let wg = w.to_device(cuda).unwrap().to_dtype(DType::BF16).unwrap();
+    let got = linear::linear(
+        &x.to_device(cuda).unwrap(),
+        &wg,
+        Some(&b.to_device(cuda).unwrap()),
+    )
+    .unwrap();
+    let got = got.to_host().unwrap().into_f32_vec().unwrap();
+    let rel = rel_l2(&got, want.as_f32().unwrap());
+    println!(
+        "linear bf16 weight on tensors: relative L2 {rel:.2e} to the bf16-rounded CPU product"
+    );
+    assert!(rel <= 1e-5, "bf16 linear: relative L2 {rel}");
 }
 
 fn cuda_tensor_storage() {

@@ -78,6 +78,12 @@ pub struct Blas {
     gemm_batched: GemmBatchedFn,
 }
 
+// SAFETY: a cuBLAS handle may be used from any thread, one call at a time;
+// the device keeps its Blas behind a Mutex (CudaDevice::with_blas), the
+// Predictor's is used by one thread at a time (Predictor is not Sync), and
+// every call makes the stream's context current first (gemm_batched).
+unsafe impl Send for Blas {}
+
 fn check(op: &'static str, status: c_int) -> Result<()> {
     // cublasStatus_t (cublas_api.h).
     let name = match status {

@@ -99,8 +99,11 @@ pub fn shared_device(ordinal: usize) -> Result<Arc<CudaDevice>> {
     Ok(d)
 }
 
-/// One device: its context, one stream, and the loaded kernel modules.
+/// One device: its context, one stream, the loaded kernel modules and a
+/// cuBLAS handle on that stream (created at its first use).
 pub struct CudaDevice {
+    // First, so it is dropped before the stream and context it uses.
+    blas: std::sync::Mutex<Option<blas::Blas>>,
     pub ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -147,12 +150,23 @@ impl CudaDevice {
             modules.insert(*name, m);
         }
         Ok(CudaDevice {
+            blas: std::sync::Mutex::new(None),
             ordinal,
             ctx,
             stream,
             modules,
             functions: Default::default(),
         })
+    }
+
+    /// Runs `f` with this device's cuBLAS handle (loaded and bound to the
+    /// device's stream at the first call; one GEMM call at a time).
+    pub fn with_blas<R>(&self, f: impl FnOnce(&blas::Blas) -> Result<R>) -> Result<R> {
+        let mut b = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        if b.is_none() {
+            *b = Some(blas::Blas::new(&self.stream)?);
+        }
+        f(b.as_ref().expect("set above"))
     }
 
     /// The device's name as the driver reports it.

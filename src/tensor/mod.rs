@@ -634,6 +634,20 @@ impl Tensor {
         }
     }
 
+    /// The whole bf16 buffer of a compact bf16 CUDA tensor.
+    pub(crate) fn cuda_whole_bf16(&self, op: &'static str) -> Result<&CudaSlice<bf16>> {
+        match &*self.storage {
+            Storage::Cuda(CudaStorage {
+                buf: CudaBuf::BF16(s),
+                ..
+            }) if self.offset == 0 && s.len() == self.numel() => Ok(s),
+            _ => Err(Error::input(
+                op,
+                format!("expected a compact bf16 CUDA tensor, got {self:?}"),
+            )),
+        }
+    }
+
     /// A compact f32 CUDA tensor as a launcher input.
     pub(crate) fn gpu_ref(&self, op: &'static str) -> Result<crate::cuda::GpuRef<'_>> {
         let (_, data) = self.cuda_whole_f32(op)?;

@@ -1,11 +1,12 @@
 //! Linear layers: y = act(x W^T + b (+ residual)), W stored [out, in] as in PyTorch.
 
 mod cpu;
+mod cuda;
 
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input, same_device};
+use crate::tensor::{DType, Device, Tensor};
 
 /// x: [..., K], w: [N, K], b: [N] -> [..., N].
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -44,6 +45,31 @@ pub fn linear_fused(
     *out_dims.last_mut().expect("rank >= 1 checked above") = n;
     if let Some(r) = residual {
         r.expect_dims(OP, "residual", &out_dims)?;
+    }
+    let mut all = vec![x, w];
+    all.extend(b);
+    all.extend(residual);
+    if let Device::Cuda(_) = same_device(OP, &all)? {
+        // A bf16 weight makes a bf16 GEMM (f32 accumulation); the rest is f32.
+        let w = if w.dtype() == DType::BF16 {
+            w.compact()?
+        } else {
+            cuda_input(OP, w)?
+        };
+        let x = cuda_input(OP, x)?;
+        let b = b.map(|b| cuda_input(OP, b)).transpose()?;
+        let r = residual.map(|r| cuda_input(OP, r)).transpose()?;
+        let dev = x.cuda_device().expect("a CUDA tensor").clone();
+        return cuda::linear(
+            &dev,
+            &x,
+            &w,
+            b.as_ref(),
+            r.as_ref(),
+            act,
+            (m, n, k),
+            &out_dims,
+        );
     }
     let out = cpu::linear(
         cpu_f32(OP, x)?,

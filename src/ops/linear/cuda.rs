@@ -1,0 +1,55 @@
+//! The CUDA twin of `linear_fused`: one cuBLAS GEMM (the residual, when there
+//! is one, seeds the accumulator) and one epilogue kernel (bias, activation).
+
+use std::sync::Arc;
+
+use crate::cuda::{CudaDevice, driver_err};
+use crate::error::Result;
+use crate::ops::activation::{self, Act};
+use crate::tensor::{DType, Tensor};
+
+/// y [m, n] = act(x [m, k] W^T + b + residual), W [n, k]; all compact CUDA
+/// tensors on `dev`. W in f32 runs a true-f32 GEMM; W in bf16 takes x in
+/// bf16 too (converted here) with f32 accumulation and an f32 output.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear(
+    dev: &Arc<CudaDevice>,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Act,
+    (m, n, k): (usize, usize, usize),
+    out_dims: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "linear (cuda)";
+    let stream = dev.stream();
+    // y [m, n]: the residual's values (the GEMM adds onto them), or garbage
+    // that the GEMM overwrites (beta = 0 never reads it).
+    let mut y = dev.alloc(m * n)?;
+    if let Some(r) = residual {
+        let (_, rs) = r.cuda_whole_f32(OP)?;
+        stream
+            .memcpy_dtod(rs, &mut y)
+            .map_err(driver_err("linear residual seed"))?;
+    }
+    let accumulate = residual.is_some();
+    match w.dtype() {
+        DType::BF16 => {
+            let xb = x.to_dtype(DType::BF16)?;
+            let (xs, ws) = (xb.cuda_whole_bf16(OP)?, w.cuda_whole_bf16(OP)?);
+            dev.with_blas(|blas| blas.linear_bf16(stream, xs, ws, &mut y, m, n, k, accumulate))?;
+        }
+        _ => {
+            let (xs, ws) = (x.cuda_whole_f32(OP)?.1, w.cuda_whole_f32(OP)?.1);
+            dev.with_blas(|blas| blas.linear_f32(stream, xs, ws, &mut y, m, n, k, accumulate))?;
+        }
+    }
+    if b.is_some() || act != Act::None {
+        let bias = b
+            .map(|b| b.cuda_whole_f32(OP).map(|(_, s)| s))
+            .transpose()?;
+        activation::cuda::bias_act(dev, &mut y, bias, n, act)?;
+    }
+    Tensor::from_cuda_f32(dev, y, out_dims)
+}
