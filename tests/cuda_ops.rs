@@ -113,6 +113,11 @@ fn main() {
             true,
             cuda_linear_dispatches_on_tensors,
         ),
+        (
+            "cuda_conv_ops_dispatch_on_tensors",
+            true,
+            cuda_conv_ops_dispatch_on_tensors,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -505,6 +510,97 @@ fn cuda_linear_dispatches_on_tensors() {
     assert!(rel <= 1e-5, "bf16 linear: relative L2 {rel}");
 }
 
+fn cuda_conv_ops_dispatch_on_tensors() {
+    use sam_unet::ops::conv::{self, Conv2dArgs};
+    use sam_unet::{DType, Device};
+    let t = |n: usize, seed: u64, dims: &[usize], scale: f32| {
+        Tensor::from_vec(rand(n, seed, scale), dims.to_vec()).unwrap()
+    };
+    // A ResNet 3 x 3 stride-2 conv with bias, residual and ReLU; a 1 x 1 conv.
+    let x = t(2 * 16 * 20 * 20, 210, &[2, 16, 20, 20], 1.0);
+    let w = t(32 * 16 * 9, 211, &[32, 16, 3, 3], 0.2);
+    let b = t(32, 212, &[32], 1.0);
+    let r = t(2 * 32 * 10 * 10, 213, &[2, 32, 10, 10], 1.0);
+    let args = Conv2dArgs {
+        stride: 2,
+        padding: 1,
+    };
+    same_on_both(
+        "conv2d 3x3 s2 + residual + ReLU on tensors",
+        &[&x, &w, &b, &r],
+        |v| conv::conv2d(&v[0], &v[1], Some(&v[2]), args, Some(&v[3]), Act::Relu).unwrap(),
+        1e-5,
+        1e-4,
+    );
+    let w1 = t(8 * 16, 214, &[8, 16, 1, 1], 0.2);
+    same_on_both(
+        "conv2d 1x1 on tensors",
+        &[&x, &w1],
+        |v| {
+            conv::conv2d(
+                &v[0],
+                &v[1],
+                None,
+                Conv2dArgs {
+                    stride: 1,
+                    padding: 0,
+                },
+                None,
+                Act::None,
+            )
+            .unwrap()
+        },
+        1e-5,
+        1e-4,
+    );
+    // The adapters' 2 x 2 / stride 2 transposed conv with GELU.
+    let wt = t(16 * 8 * 4, 215, &[16, 8, 2, 2], 0.2);
+    let bt = t(8, 216, &[8], 1.0);
+    same_on_both(
+        "conv_transpose2d on tensors",
+        &[&x, &wt, &bt],
+        |v| conv::conv_transpose2d(&v[0], &v[1], Some(&v[2]), Act::Gelu).unwrap(),
+        1e-5,
+        1e-4,
+    );
+    same_on_both(
+        "max_pool2d on tensors",
+        &[&x],
+        |v| conv::max_pool2d(&v[0], 3, 2, 1).unwrap(),
+        0.0,
+        0.0,
+    );
+    // A bf16 weight runs the GEMM in bf16: against the CPU on bf16-rounded inputs.
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let want = conv::conv2d(&round(&x), &round(&w), Some(&b), args, None, Act::None).unwrap();
+    let cuda = Device::Cuda(0);
+    let wg = w.to_device(cuda).unwrap().to_dtype(DType::BF16).unwrap();
+    let got = conv::conv2d(
+        &x.to_device(cuda).unwrap(),
+        &wg,
+        Some(&b.to_device(cuda).unwrap()),
+        args,
+        None,
+        Act::None,
+    )
+    .unwrap()
+    .to_host()
+    .unwrap()
+    .into_f32_vec()
+    .unwrap();
+    let rel = rel_l2(&got, want.as_f32().unwrap());
+    println!("conv2d bf16 weight on tensors: relative L2 {rel:.2e}");
+    assert!(rel <= 1e-5, "bf16 conv2d: relative L2 {rel}");
+    // The padding rule is one for both devices (CUDA max-pool had none).
+    let xg = x.to_device(cuda).unwrap();
+    assert!(conv::max_pool2d(&xg, 3, 2, 2).is_err());
+}
+
 fn cuda_tensor_storage() {
     // Tensor on a CUDA device: to_device / to_host / to_dtype, views with an
     // offset, and copy-on-write that copies only a shared or partial range.
@@ -839,7 +935,9 @@ fn cuda_conv2d_matches_cpu() {
                 wd[3],
                 *s,
                 *p,
-                res.then(|| gpu_t(&dev, &r, &od)).as_ref(),
+                res.then(|| gpu_t(&dev, &r, &od))
+                    .as_ref()
+                    .map(|r| r as &dyn sam_unet::cuda::GpuIn),
                 Act::Relu,
             )
             .unwrap();

@@ -234,7 +234,7 @@ impl GpuConv {
             self.kw,
             self.stride,
             self.pad,
-            residual,
+            residual.map(|r| r as &dyn crate::cuda::GpuIn),
             a,
         )
     }

@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use crate::cuda::blas::Blas;
-use crate::cuda::{CudaDevice, GpuTensor, act_code, cfg1d, launch_err};
+use crate::cuda::{CudaDevice, GpuIn, GpuTensor, act_code, cfg1d, launch_err};
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
 use crate::ops::activation::cuda::to_bf16;
@@ -26,7 +26,7 @@ fn images_per_chunk(per_image_bytes: usize, n: usize) -> usize {
 pub fn conv2d(
     dev: &CudaDevice,
     blas: &Blas,
-    x: &GpuTensor,
+    x: &(impl GpuIn + ?Sized),
     w: &CudaSlice<f32>,
     w16: Option<&CudaSlice<half::bf16>>,
     bias: Option<&CudaSlice<f32>>,
@@ -35,15 +35,14 @@ pub fn conv2d(
     kw: usize,
     stride: usize,
     pad: usize,
-    residual: Option<&GpuTensor>,
+    residual: Option<&dyn GpuIn>,
     act: Act,
 ) -> Result<GpuTensor> {
     const OP: &str = "conv2d (cuda)";
     let [n, c, h, wd]: [usize; 4] = x
-        .dims
-        .as_slice()
+        .dims()
         .try_into()
-        .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims)))?;
+        .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims())))?;
     let k = c * kh * kw;
     if w.len() != o * k
         || w16.is_some_and(|w16| w16.len() != o * k)
@@ -56,7 +55,7 @@ pub fn conv2d(
             OP,
             format!(
                 "input {:?}, weight of {} values for {o} x {c} x {kh} x {kw}",
-                x.dims,
+                x.dims(),
                 w.len()
             ),
         ));
@@ -67,11 +66,11 @@ pub fn conv2d(
     );
     let p = ho * wo;
     if let Some(r) = residual
-        && r.dims != [n, o, ho, wo]
+        && r.dims() != [n, o, ho, wo]
     {
         return Err(Error::shape(
             OP,
-            format!("residual {:?} for output {:?}", r.dims, [n, o, ho, wo]),
+            format!("residual {:?} for output {:?}", r.dims(), [n, o, ho, wo]),
         ));
     }
     let mut y = dev.alloc(n * o * p)?;
@@ -89,7 +88,7 @@ pub fn conv2d(
             w,
             k,
             0,
-            &x.data,
+            x.data(),
             p,
             c * p,
             &mut y,
@@ -99,7 +98,7 @@ pub fn conv2d(
             false,
         )?,
         (Some(w16), true) => {
-            let x16 = to_bf16(dev, &x.data)?;
+            let x16 = to_bf16(dev, x.data())?;
             blas.gemm_batched::<half::bf16, _, _, _>(
                 st,
                 false,
@@ -160,7 +159,7 @@ pub fn conv2d(
             None => l.arg(&null),
         };
         match residual {
-            Some(r) => l.arg(&r.data),
+            Some(r) => l.arg(r.data()),
             None => l.arg(&null),
         };
         l.arg(&nn).arg(&oo).arg(&qq).arg(&a);
@@ -219,13 +218,13 @@ fn im2col_gemm<T: crate::cuda::blas::BlasElem>(
     kernel: &'static str,
     mut col: CudaSlice<T>,
     w: &CudaSlice<T>,
-    x: &GpuTensor,
+    x: &(impl GpuIn + ?Sized),
     y: &mut CudaSlice<f32>,
     o: usize,
     geo: [usize; 6],
 ) -> Result<()> {
     let [kh, kw, stride, pad, ho, wo] = geo;
-    let (n, c, h, wd) = (x.dims[0], x.dims[1], x.dims[2], x.dims[3]);
+    let (n, c, h, wd) = (x.dims()[0], x.dims()[1], x.dims()[2], x.dims()[3]);
     let (k, p, chw) = (c * kh * kw, ho * wo, c * h * wd);
     let per = (col.len() / (k * p)).max(1);
     let f = dev.function("conv", kernel)?;
@@ -235,7 +234,7 @@ fn im2col_gemm<T: crate::cuda::blas::BlasElem>(
             dev,
             &f,
             &mut col,
-            &x.data.slice(i0 * chw..(i0 + nb) * chw),
+            &x.data().slice(i0 * chw..(i0 + nb) * chw),
             [nb, c, h, wd],
             kh,
             kw,
@@ -274,7 +273,7 @@ fn im2col_gemm<T: crate::cuda::blas::BlasElem>(
 pub fn conv_transpose2d(
     dev: &CudaDevice,
     blas: &Blas,
-    x: &GpuTensor,
+    x: &(impl GpuIn + ?Sized),
     w: &CudaSlice<f32>,
     w16: Option<&CudaSlice<half::bf16>>,
     bias: Option<&CudaSlice<f32>>,
@@ -284,10 +283,9 @@ pub fn conv_transpose2d(
 ) -> Result<GpuTensor> {
     const OP: &str = "conv_transpose2d (cuda)";
     let [n, c, h, wd]: [usize; 4] = x
-        .dims
-        .as_slice()
+        .dims()
         .try_into()
-        .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims)))?;
+        .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims())))?;
     let rows = o * k * k;
     if w.len() != c * rows
         || w16.is_some_and(|w16| w16.len() != c * rows)
@@ -297,7 +295,7 @@ pub fn conv_transpose2d(
             OP,
             format!(
                 "input {:?}, weight of {} values for {c} x {o} x {k} x {k}",
-                x.dims,
+                x.dims(),
                 w.len()
             ),
         ));
@@ -310,7 +308,7 @@ pub fn conv_transpose2d(
     let f = dev.function("conv", "convt_scatter_f32")?;
     let null: u64 = 0;
     let x16 = match w16 {
-        Some(_) => Some(to_bf16(dev, &x.data)?),
+        Some(_) => Some(to_bf16(dev, x.data())?),
         None => None,
     };
     for i0 in (0..n).step_by(per) {
@@ -340,7 +338,7 @@ pub fn conv_transpose2d(
                 )?
             }
             _ => {
-                let xi = x.data.slice(i0 * c * hw..(i0 + nb) * c * hw);
+                let xi = x.data().slice(i0 * c * hw..(i0 + nb) * c * hw);
                 blas.gemm_batched::<f32, _, _, _>(
                     st,
                     true,
@@ -391,20 +389,19 @@ pub fn conv_transpose2d(
 /// Max pooling with -inf padding: x [N, C, H, W] -> [N, C, Ho, Wo].
 pub fn max_pool2d(
     dev: &CudaDevice,
-    x: &GpuTensor,
+    x: &(impl GpuIn + ?Sized),
     kernel: usize,
     stride: usize,
     pad: usize,
 ) -> Result<GpuTensor> {
     let [n, c, h, w]: [usize; 4] = x
-        .dims
-        .as_slice()
+        .dims()
         .try_into()
-        .map_err(|_| Error::shape("max_pool2d (cuda)", format!("input {:?}", x.dims)))?;
+        .map_err(|_| Error::shape("max_pool2d (cuda)", format!("input {:?}", x.dims())))?;
     if stride == 0 || h + 2 * pad < kernel || w + 2 * pad < kernel {
         return Err(Error::shape(
             "max_pool2d (cuda)",
-            format!("input {:?}, kernel {kernel}", x.dims),
+            format!("input {:?}, kernel {kernel}", x.dims()),
         ));
     }
     let (ho, wo) = (
@@ -425,7 +422,7 @@ pub fn max_pool2d(
     );
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&mut y)
-        .arg(&x.data)
+        .arg(x.data())
         .arg(&pl)
         .arg(&hh)
         .arg(&ww)

@@ -6,10 +6,31 @@
 mod cpu;
 pub mod cuda;
 
+use std::sync::Arc;
+
+use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
-use crate::ops::cpu_f32;
-use crate::tensor::Tensor;
+use crate::ops::{cpu_f32, cuda_input, same_device};
+use crate::tensor::{DType, Device, Tensor};
+
+/// A weight for the CUDA launchers: (f32 values, bf16 values when the weight
+/// is bf16, which makes the GEMM run in bf16). The launchers still take the
+/// f32 values for their checks and f32 path, so a bf16 weight is widened
+/// here; the model tree keeps its own f32 + bf16 pair until it is folded into
+/// these ops.
+fn cuda_weight(op: &'static str, w: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    if w.dtype() == DType::BF16 {
+        let w16 = w.compact()?;
+        Ok((w16.to_dtype(DType::F32)?, Some(w16)))
+    } else {
+        Ok((cuda_input(op, w)?, None))
+    }
+}
+
+fn device_of(t: &Tensor) -> Arc<CudaDevice> {
+    t.cuda_device().expect("a CUDA tensor").clone()
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dArgs {
@@ -67,6 +88,40 @@ pub fn conv2d(
     if let Some(r) = residual {
         r.expect_dims(OP, "residual", &out_dims)?;
     }
+    let mut all = vec![x, w];
+    all.extend(b);
+    all.extend(residual);
+    if let Device::Cuda(_) = same_device(OP, &all)? {
+        let x = cuda_input(OP, x)?;
+        let (w32, w16) = cuda_weight(OP, w)?;
+        let b = b.map(|b| cuda_input(OP, b)).transpose()?;
+        let r = residual.map(|r| cuda_input(OP, r)).transpose()?;
+        let dev = device_of(&x);
+        let w16s = w16.as_ref().map(|w| w.cuda_whole_bf16(OP)).transpose()?;
+        let bs = b
+            .as_ref()
+            .map(|b| b.cuda_whole_f32(OP).map(|(_, s)| s))
+            .transpose()?;
+        let rr = r.as_ref().map(|r| r.gpu_ref(OP)).transpose()?;
+        let y = dev.with_blas(|blas| {
+            cuda::conv2d(
+                &dev,
+                blas,
+                &x.gpu_ref(OP)?,
+                w32.cuda_whole_f32(OP)?.1,
+                w16s,
+                bs,
+                o,
+                kh,
+                kw,
+                args.stride,
+                args.padding,
+                rr.as_ref().map(|r| r as &dyn crate::cuda::GpuIn),
+                act,
+            )
+        })?;
+        return Tensor::from_gpu(&dev, y);
+    }
     let geo = cpu::ConvGeometry {
         n,
         c,
@@ -120,6 +175,33 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
     if let Some(b) = b {
         b.expect_dims(OP, "bias", &[o])?;
     }
+    let mut all = vec![x, w];
+    all.extend(b);
+    if let Device::Cuda(_) = same_device(OP, &all)? {
+        let x = cuda_input(OP, x)?;
+        let (w32, w16) = cuda_weight(OP, w)?;
+        let b = b.map(|b| cuda_input(OP, b)).transpose()?;
+        let dev = device_of(&x);
+        let w16s = w16.as_ref().map(|w| w.cuda_whole_bf16(OP)).transpose()?;
+        let bs = b
+            .as_ref()
+            .map(|b| b.cuda_whole_f32(OP).map(|(_, s)| s))
+            .transpose()?;
+        let y = dev.with_blas(|blas| {
+            cuda::conv_transpose2d(
+                &dev,
+                blas,
+                &x.gpu_ref(OP)?,
+                w32.cuda_whole_f32(OP)?.1,
+                w16s,
+                bs,
+                o,
+                kh,
+                act,
+            )
+        })?;
+        return Tensor::from_gpu(&dev, y);
+    }
     let out = cpu::conv_transpose2d(
         cpu_f32(OP, x)?,
         cpu_f32(OP, w)?,
@@ -156,6 +238,14 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     }
     let ho = (h + 2 * padding - kernel) / stride + 1;
     let wo = (w + 2 * padding - kernel) / stride + 1;
+    if let Device::Cuda(_) = x.device() {
+        // The checks above (padding at most half the kernel included) hold
+        // for both devices.
+        let x = cuda_input(OP, x)?;
+        let dev = device_of(&x);
+        let y = cuda::max_pool2d(&dev, &x.gpu_ref(OP)?, kernel, stride, padding)?;
+        return Tensor::from_gpu(&dev, y);
+    }
     let out = cpu::max_pool2d(
         cpu_f32(OP, x)?,
         n * c,
