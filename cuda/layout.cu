@@ -28,3 +28,19 @@ extern "C" __global__ void nhwc_to_nchw_f32(float* __restrict__ y, const float* 
 extern "C" __global__ void repeat_f32(float* __restrict__ y, const float* __restrict__ x, long long len, long long n) {
     GRID_STRIDE(i, len * n) { y[i] = x[i % len]; }
 }
+
+// Row copies between token sequences, the CUDA twin of src/ops/layout's
+// narrow and cat: for each item i < n and row r < rows,
+//   y[i * ys + (y0 + r) * C + c] = x[i * xs + (x0 + r) * C + c]
+// with xs = 0 when every item reads the same x (a shared prefix, e.g. the
+// decoder's med token ahead of each box's corner tokens).
+extern "C" __global__ void copy_rows_f32(float* __restrict__ y, const float* __restrict__ x, long long n, int rows, int C, long long xs, int x0, long long ys,
+                                         int y0) {
+    GRID_STRIDE(i, n * rows * C) {
+        int c = i % C;
+        long long t = i / C;
+        int r = t % rows;
+        long long item = t / rows;
+        y[item * ys + (long long)(y0 + r) * C + c] = x[item * xs + (long long)(x0 + r) * C + c];
+    }
+}

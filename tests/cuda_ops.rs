@@ -118,6 +118,11 @@ fn main() {
             true,
             cuda_conv_ops_dispatch_on_tensors,
         ),
+        (
+            "cuda_decoder_ops_dispatch_on_tensors",
+            true,
+            cuda_decoder_ops_dispatch_on_tensors,
+        ),
     ];
     let filter: Vec<String> = std::env::args()
         .skip(1)
@@ -599,6 +604,51 @@ fn cuda_conv_ops_dispatch_on_tensors() {
     // The padding rule is one for both devices (CUDA max-pool had none).
     let xg = x.to_device(cuda).unwrap();
     assert!(conv::max_pool2d(&xg, 3, 2, 2).is_err());
+}
+
+fn cuda_decoder_ops_dispatch_on_tensors() {
+    // The decoder's former host loops, now ops on both devices: token concat
+    // with a shared med token, the med-token gather, the hypernetwork product.
+    use sam_unet::ops::{layout, linear};
+    let t = |n: usize, seed: u64, dims: &[usize]| {
+        Tensor::from_vec(rand(n, seed, 1.0), dims.to_vec()).unwrap()
+    };
+    let (n, c) = (5usize, 256usize);
+    let (med, sparse) = (t(c, 220, &[1, 1, c]), t(n * 2 * c, 221, &[n, 2, c]));
+    same_on_both(
+        "cat1 on tensors",
+        &[&med, &sparse],
+        |v| layout::cat1(&[&v[0], &v[1]]).unwrap(),
+        0.0,
+        0.0,
+    );
+    let q = t(n * 3 * c, 222, &[n, 3, c]);
+    same_on_both(
+        "narrow on tensors",
+        &[&q],
+        |v| layout::narrow(&v[0], 0, 1).unwrap(),
+        0.0,
+        0.0,
+    );
+    same_on_both(
+        "narrow of a view on tensors",
+        &[&q],
+        |v| layout::narrow(&v[0].view(3 * c, [n - 1, 3, c]).unwrap(), 1, 2).unwrap(),
+        0.0,
+        0.0,
+    );
+    let (h, f, msf) = (
+        t(n * 32, 223, &[n, 32]),
+        t(n * 32 * 64 * 64, 224, &[n, 32, 64, 64]),
+        t(32 * 64 * 64, 225, &[1, 32, 64, 64]),
+    );
+    same_on_both(
+        "mask_dot on tensors",
+        &[&h, &f, &msf],
+        |v| linear::mask_dot(&v[0], &v[1], &v[2]).unwrap(),
+        1e-5,
+        1e-5,
+    );
 }
 
 fn cuda_tensor_storage() {

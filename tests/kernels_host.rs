@@ -684,6 +684,54 @@ fn layout_kernels_match_cpu_on(s: &'static Simt) {
 }
 
 #[test]
+fn copy_rows_matches_definition() {
+    simt::each_build(copy_rows_matches_definition_on);
+}
+
+fn copy_rows_matches_definition_on(s: &'static Simt) {
+    // The decoder's token rows: 3 items of 5 rows of 256 channels; rows 1..4
+    // of each item into rows 2..5 of a [3, 6, 256] output, then one shared
+    // row (x stride 0) into row 0 of every item. Rows not copied stay NaN.
+    let (n, c) = (3usize, 256usize);
+    let x = rand(n * 5 * c, 40, 1.0);
+    let head = rand(c, 41, 1.0);
+    let (xb, hb) = (Buf::from(s, &x), Buf::from(s, &head));
+    let y = Buf::<f32>::out(s, n * 6 * c);
+    type K = unsafe extern "C" fn(F32m, F32p, i64, i32, i32, i64, i32, i64, i32);
+    s.launch("copy_rows_f32", cfg1d(n * 3 * c), |k: K| unsafe {
+        k(
+            y.m(),
+            xb.p(),
+            n as i64,
+            3,
+            c as i32,
+            5 * c as i64,
+            1,
+            6 * c as i64,
+            2,
+        )
+    })
+    .unwrap();
+    s.launch("copy_rows_f32", cfg1d(n * c), |k: K| unsafe {
+        k(y.m(), hb.p(), n as i64, 1, c as i32, 0, 0, 6 * c as i64, 0)
+    })
+    .unwrap();
+    let got = y.to_vec();
+    for i in 0..n {
+        for r in 0..6 {
+            for ch in 0..c {
+                let v = got[(i * 6 + r) * c + ch];
+                match r {
+                    0 => assert_eq!(v, head[ch]),
+                    2..=4 => assert_eq!(v, x[(i * 5 + r - 1) * c + ch]),
+                    _ => assert!(v.is_nan(), "row {r} was written"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn mask_dot_matches_definition() {
     simt::each_build(mask_dot_matches_definition_on);
 }

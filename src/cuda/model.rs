@@ -9,7 +9,7 @@ use cudarc::driver::CudaSlice;
 use crate::cuda::blas::Blas;
 use crate::cuda::nn::{GpuConv, GpuConvT, GpuLinear, GpuNorm, GpuUp4};
 use crate::cuda::vit::GpuVitBlock;
-use crate::cuda::{CudaDevice, GpuTensor, driver_err, launch_err};
+use crate::cuda::{CudaDevice, GpuTensor, driver_err};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::model::config::SamUnetConfig;
@@ -599,24 +599,8 @@ impl GpuSamUnet {
             index * fc * fh * fw,
             fc * fh * fw,
         )?;
-        let hd = h.data;
-        let mut low = dev.alloc(n * fh * fw)?;
-        let func = dev.function("decoder", "mask_dot_f32")?;
-        let (nn, cc, pp) = (n as i32, fc as i32, (fh * fw) as i64);
-        {
-            use cudarc::driver::PushKernelArg;
-            let mut l = dev.stream().launch_builder(&func);
-            l.arg(&mut low)
-                .arg(&hd)
-                .arg(&fm.data)
-                .arg(&msf_i)
-                .arg(&nn)
-                .arg(&cc)
-                .arg(&pp);
-            // SAFETY: h [n, fc], f [n, fc, p], msf [fc, p], low [n, p]; types match.
-            unsafe { l.launch(crate::cuda::cfg1d(n * fh * fw)) }
-                .map_err(launch_err("mask_dot launch"))?;
-        }
+        let low =
+            crate::ops::linear::cuda::mask_dot(dev, &h.data, &fm.data, &msf_i, (n, fc, fh * fw))?;
         Ok(GpuTensor {
             data: low,
             dims: vec![n, 1, fh, fw],

@@ -65,3 +65,50 @@ pub fn repeat(
     unsafe { l.launch(cfg1d(n * len)) }.map_err(launch_err("repeat launch"))?;
     Ok(GpuTensor { data: y, dims })
 }
+
+/// Rows [x0, x0 + rows) of each of n items of x (item stride xs, 0: one x
+/// shared by all) into rows [y0, y0 + rows) of each item of y (stride ys),
+/// rows of c floats.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_rows(
+    dev: &CudaDevice,
+    y: &mut cudarc::driver::CudaSlice<f32>,
+    x: &cudarc::driver::CudaSlice<f32>,
+    n: usize,
+    rows: usize,
+    c: usize,
+    (xs, x0): (usize, usize),
+    (ys, y0): (usize, usize),
+) -> Result<()> {
+    let last = |stride: usize, start: usize| (n.max(1) - 1) * stride + (start + rows) * c;
+    if n * rows * c == 0 {
+        return Ok(());
+    }
+    if last(xs, x0) > x.len() || last(ys, y0) > y.len() {
+        return Err(Error::shape(
+            "copy_rows (cuda)",
+            format!(
+                "{n} x {rows} rows of {c} from {} values (stride {xs}, row {x0}) into {} (stride {ys}, row {y0})",
+                x.len(),
+                y.len()
+            ),
+        ));
+    }
+    let f = dev.function("layout", "copy_rows_f32")?;
+    let (n64, r32, c32) = (n as i64, rows as i32, c as i32);
+    let (xs64, x032, ys64, y032) = (xs as i64, x0 as i32, ys as i64, y0 as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y)
+        .arg(x)
+        .arg(&n64)
+        .arg(&r32)
+        .arg(&c32)
+        .arg(&xs64)
+        .arg(&x032)
+        .arg(&ys64)
+        .arg(&y032);
+    // SAFETY: every index the kernel forms is below last(xs, x0) <= x.len() and
+    // last(ys, y0) <= y.len() (checked above); argument types match the kernel.
+    unsafe { l.launch(cfg1d(n * rows * c)) }.map_err(launch_err("copy_rows launch"))?;
+    Ok(())
+}

@@ -87,9 +87,118 @@ pub fn repeat_first(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(Tensor::from_f32(out, &dims))
 }
 
+/// Rows [start, start + len) of every item of x [N, L, C]: [N, len, C]
+/// (the decoder's med-token output is `narrow(q, 0, 1)`).
+pub fn narrow(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+    const OP: &str = "narrow";
+    let [n, l, c] = x.dims_n::<3>(OP, "input")?;
+    if start.checked_add(len).is_none_or(|end| end > l) {
+        return Err(crate::Error::shape(
+            OP,
+            format!(
+                "rows {start}..{} of {:?}",
+                start.saturating_add(len),
+                x.dims()
+            ),
+        ));
+    }
+    if let Device::Cuda(_) = x.device() {
+        let x = cuda_input(OP, x)?;
+        let (dev, xs) = x.cuda_whole_f32(OP)?;
+        let mut y = dev.alloc(n * len * c)?;
+        cuda::copy_rows(dev, &mut y, xs, n, len, c, (l * c, start), (len * c, 0))?;
+        return Tensor::from_cuda_f32(dev, y, [n, len, c]);
+    }
+    let xs = cpu_f32(OP, x)?;
+    let mut out = Vec::with_capacity(n * len * c);
+    for i in 0..n {
+        out.extend_from_slice(&xs[(i * l + start) * c..(i * l + start + len) * c]);
+    }
+    Ok(Tensor::from_f32(out, &[n, len, c]))
+}
+
+/// Token sequences joined along dim 1: parts [N or 1, L_i, C] -> [N, sum L_i, C];
+/// a part with one item is shared by every item (the med token ahead of each
+/// box's two corner tokens).
+pub fn cat1(parts: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "cat1";
+    let mut dims = vec![];
+    for p in parts {
+        dims.push(p.dims_n::<3>(OP, "part")?);
+    }
+    let n = dims.iter().map(|d| d[0]).max().unwrap_or(0);
+    let c = dims.first().map_or(0, |d| d[2]);
+    if dims.is_empty() || dims.iter().any(|d| d[2] != c || (d[0] != n && d[0] != 1)) {
+        return Err(crate::Error::shape(
+            OP,
+            format!(
+                "parts {:?}",
+                parts.iter().map(|p| p.dims()).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    let l: usize = dims.iter().map(|d| d[1]).sum();
+    if let Device::Cuda(_) = crate::ops::same_device(OP, parts)? {
+        let parts: Vec<Tensor> = parts
+            .iter()
+            .map(|p| cuda_input(OP, p))
+            .collect::<Result<_>>()?;
+        let dev = parts[0].cuda_device().expect("a CUDA tensor").clone();
+        let mut y = dev.alloc(n * l * c)?;
+        let mut row = 0;
+        for (p, d) in parts.iter().zip(&dims) {
+            let (_, xs) = p.cuda_whole_f32(OP)?;
+            let stride = if d[0] == 1 { 0 } else { d[1] * c };
+            cuda::copy_rows(&dev, &mut y, xs, n, d[1], c, (stride, 0), (l * c, row))?;
+            row += d[1];
+        }
+        return Tensor::from_cuda_f32(&dev, y, [n, l, c]);
+    }
+    let xs: Vec<&[f32]> = parts
+        .iter()
+        .map(|p| cpu_f32(OP, p))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::with_capacity(n * l * c);
+    for i in 0..n {
+        for (x, d) in xs.iter().zip(&dims) {
+            let item = if d[0] == 1 { 0 } else { i };
+            out.extend_from_slice(&x[item * d[1] * c..(item + 1) * d[1] * c]);
+        }
+    }
+    Ok(Tensor::from_f32(out, &[n, l, c]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn narrow_and_cat_of_token_rows() {
+        // x [2, 3, 2]: item i, row r, channel c = 100 i + 10 r + c.
+        let v: Vec<f32> = (0..2)
+            .flat_map(|i| {
+                (0..3).flat_map(move |r| (0..2).map(move |c| (100 * i + 10 * r + c) as f32))
+            })
+            .collect();
+        let x = Tensor::from_vec(v, [2, 3, 2]).unwrap();
+        let q = narrow(&x, 1, 2).unwrap();
+        assert_eq!(q.dims(), &[2, 2, 2]);
+        assert_eq!(
+            q.as_f32().unwrap(),
+            &[10., 11., 20., 21., 110., 111., 120., 121.]
+        );
+        assert!(narrow(&x, 2, 2).is_err());
+        let head = Tensor::from_vec(vec![-1., -2.], [1, 1, 2]).unwrap();
+        let t = cat1(&[&head, &q]).unwrap();
+        assert_eq!(t.dims(), &[2, 3, 2]);
+        assert_eq!(
+            t.as_f32().unwrap(),
+            &[
+                -1., -2., 10., 11., 20., 21., -1., -2., 110., 111., 120., 121.
+            ]
+        );
+        assert!(cat1(&[&head, &Tensor::zeros([2, 1, 3])]).is_err());
+    }
 
     #[test]
     fn round_trip() {

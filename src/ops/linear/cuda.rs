@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::cuda::{CudaDevice, driver_err};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use crate::cuda::{CudaDevice, cfg1d, driver_err, launch_err};
 use crate::error::Result;
 use crate::ops::activation::{self, Act};
 use crate::tensor::{DType, Tensor};
@@ -52,4 +54,40 @@ pub(crate) fn linear(
         activation::cuda::bias_act(dev, &mut y, bias, n, act)?;
     }
     Tensor::from_cuda_f32(dev, y, out_dims)
+}
+
+/// low [n, p] = sum_c h [n, c] (f [n, c, p] + msf [c, p]): the mask decoder's
+/// hypernetwork product (cuda/decoder.cu's mask_dot_f32, one thread per (n, p)).
+pub fn mask_dot(
+    dev: &CudaDevice,
+    h: &CudaSlice<f32>,
+    f: &CudaSlice<f32>,
+    msf: &CudaSlice<f32>,
+    (n, c, p): (usize, usize, usize),
+) -> Result<CudaSlice<f32>> {
+    if h.len() != n * c || f.len() != n * c * p || msf.len() != c * p {
+        return Err(crate::Error::shape(
+            "mask_dot (cuda)",
+            format!(
+                "h {}, f {}, msf {} for n {n} c {c} p {p}",
+                h.len(),
+                f.len(),
+                msf.len()
+            ),
+        ));
+    }
+    let mut low = dev.alloc(n * p)?;
+    let func = dev.function("decoder", "mask_dot_f32")?;
+    let (nn, cc, pp) = (n as i32, c as i32, p as i64);
+    let mut l = dev.stream().launch_builder(&func);
+    l.arg(&mut low)
+        .arg(h)
+        .arg(f)
+        .arg(msf)
+        .arg(&nn)
+        .arg(&cc)
+        .arg(&pp);
+    // SAFETY: h [n, c], f [n, c, p], msf [c, p], low [n, p] (checked above); types match.
+    unsafe { l.launch(cfg1d(n * p)) }.map_err(launch_err("mask_dot launch"))?;
+    Ok(low)
 }

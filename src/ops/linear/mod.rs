@@ -1,7 +1,7 @@
 //! Linear layers: y = act(x W^T + b (+ residual)), W stored [out, in] as in PyTorch.
 
 mod cpu;
-mod cuda;
+pub mod cuda;
 
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
@@ -82,6 +82,44 @@ pub fn linear_fused(
         k,
     );
     Ok(Tensor::from_f32(out, &out_dims))
+}
+
+/// The mask decoder's hypernetwork product: logits [N, 1, H, W] with
+/// logits[i, p] = sum_c h[i, c] (f[i, c, p] + msf[0, c, p]), h [N, C],
+/// f [N, C, H, W], msf [1, C, H, W]; the sum runs over c in order on both devices.
+pub fn mask_dot(h: &Tensor, f: &Tensor, msf: &Tensor) -> Result<Tensor> {
+    const OP: &str = "mask_dot";
+    let _p = crate::profile::scope(OP);
+    let [n, c, fh, fw] = f.dims_n::<4>(OP, "mask feature")?;
+    h.expect_dims(OP, "hypernetwork output", &[n, c])?;
+    msf.expect_dims(OP, "multi_scale_feature", &[1, c, fh, fw])?;
+    let p = fh * fw;
+    if let Device::Cuda(_) = same_device(OP, &[h, f, msf])? {
+        let (h, f, msf) = (cuda_input(OP, h)?, cuda_input(OP, f)?, cuda_input(OP, msf)?);
+        let (dev, hs) = h.cuda_whole_f32(OP)?;
+        let y = cuda::mask_dot(
+            dev,
+            hs,
+            f.cuda_whole_f32(OP)?.1,
+            msf.cuda_whole_f32(OP)?.1,
+            (n, c, p),
+        )?;
+        return Tensor::from_cuda_f32(dev, y, [n, 1, fh, fw]);
+    }
+    let (fs, ms, hs) = (cpu_f32(OP, f)?, cpu_f32(OP, msf)?, cpu_f32(OP, h)?);
+    use rayon::prelude::*;
+    let mut out = vec![0.0f32; n * p];
+    out.par_chunks_mut(p).enumerate().for_each(|(i, o)| {
+        for ch in 0..c {
+            let hv = hs[i * c + ch];
+            let fr = &fs[(i * c + ch) * p..(i * c + ch + 1) * p];
+            let mr = &ms[ch * p..(ch + 1) * p];
+            for ((o, &a), &b) in o.iter_mut().zip(fr).zip(mr) {
+                *o += hv * (a + b);
+            }
+        }
+    });
+    Ok(Tensor::from_f32(out, &[n, 1, fh, fw]))
 }
 
 #[cfg(test)]
