@@ -12,9 +12,8 @@ use crate::model::mask_decoder::MaskDecoder;
 use crate::model::prompt_encoder::PromptEncoder;
 use crate::model::resnet::ResNet;
 use crate::ops::activation::{Act, add_};
-use crate::ops::cpu_f32;
 use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
-use crate::ops::resize::bilinear;
+use crate::ops::resize::{bilinear, bilinear_crop};
 use crate::preprocess::ResizeInfo;
 use crate::tensor::Tensor;
 
@@ -165,28 +164,13 @@ impl SamUnet {
 /// bilinear to the input side, crop to the resized image, bilinear to H x W.
 pub fn postprocess(low: &Tensor, info: &ResizeInfo, s: usize) -> Result<Tensor> {
     let up = bilinear(low, s, s)?;
-    let [n, c, _, _] = up.dims_n::<4>("postprocess", "logits")?;
-    let src = cpu_f32("postprocess", &up)?;
-    let (nh, nw) = (info.new_h, info.new_w);
-    let mut crop = Vec::with_capacity(n * c * nh * nw);
-    for pl in 0..n * c {
-        for y in 0..nh {
-            crop.extend_from_slice(&src[pl * s * s + y * s..pl * s * s + y * s + nw]);
-        }
-    }
-    let crop = Tensor::from_f32(crop, &[n, c, nh, nw]);
-    bilinear(&crop, info.orig_h, info.orig_w)
+    bilinear_crop(&up, info.new_h, info.new_w, info.orig_h, info.orig_w)
 }
 
-/// x [B, ...] -> [1, ...] the index-th item (no copy when B is 1).
+/// x [B, ...] -> [1, ...] the index-th item: a view, no copy.
 fn slice_first(x: &Tensor, index: usize) -> Result<Tensor> {
-    let dims = x.dims();
-    if dims[0] == 1 && index == 0 {
-        return Ok(x.clone());
-    }
-    let per: usize = dims[1..].iter().product();
-    let v = cpu_f32("slice", x)?[index * per..(index + 1) * per].to_vec();
-    let mut d = dims.to_vec();
+    let mut d = x.dims().to_vec();
+    let per: usize = d[1..].iter().product();
     d[0] = 1;
-    Ok(Tensor::from_f32(v, &d))
+    x.view(index * per, d)
 }

@@ -36,6 +36,37 @@ pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     Ok(Tensor::from_f32(out, &[n, c, oh, ow]))
 }
 
+/// The top-left h x w of each plane of x [B, C, H, W], resized to oh x ow:
+/// [B, C, oh, ow] (the mask post-processing's crop to the resized image and
+/// its resize to the original size, fused on CUDA; the same values on both).
+pub fn bilinear_crop(x: &Tensor, h: usize, w: usize, oh: usize, ow: usize) -> Result<Tensor> {
+    const OP: &str = "bilinear_crop";
+    let _p = crate::profile::scope("bilinear");
+    let [n, c, ph, pw] = x.dims_n::<4>(OP, "input")?;
+    if h == 0 || w == 0 || h > ph || w > pw || oh == 0 || ow == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("crop {h} x {w} of {:?} to {oh} x {ow}", x.dims()),
+        ));
+    }
+    if let Device::Cuda(_) = x.device() {
+        let x = cuda_input(OP, x)?;
+        let (dev, xs) = x.cuda_whole_f32(OP)?;
+        let y = cuda::bilinear_crop(dev, xs, n * c, ph, pw, h, w, oh, ow)?;
+        return Tensor::from_cuda_f32(dev, y, [n, c, oh, ow]);
+    }
+    let src = cpu_f32(OP, x)?;
+    let mut crop = Vec::with_capacity(n * c * h * w);
+    for pl in 0..n * c {
+        for y in 0..h {
+            let row = pl * ph * pw + y * pw;
+            crop.extend_from_slice(&src[row..row + w]);
+        }
+    }
+    let out = cpu::bilinear(&crop, n * c, h, w, oh, ow);
+    Ok(Tensor::from_f32(out, &[n, c, oh, ow]))
+}
+
 /// img: h x w x ch interleaved u8 -> oh x ow x ch.
 pub fn resize_u8_pil_bilinear(
     img: &[u8],
