@@ -11,6 +11,7 @@ use sam_unet::io::image::RgbImage;
 use sam_unet::model::SamUnetConfig;
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
+mod common;
 mod kernel_check;
 mod simt;
 use kernel_check::rel_l2;
@@ -142,8 +143,54 @@ fn sam_unet_50_random() {
     );
 }
 
+/// The one model tree (src/model) moved to CUDA with `SamUnet::to_device`:
+/// every traced intermediate of both small34_infer fixtures, from the
+/// fixture's own input and boxes, at the fixtures README tolerances (f32).
+fn one_tree_small34_fixtures() {
+    use sam_unet::model::{SamUnet, Trace};
+    let Some(dir) = common::fixtures() else {
+        return;
+    };
+    let w = Weights::from_file(common::fixture(&dir, "small34_weights.safetensors")).unwrap();
+    let mut model = SamUnet::from_weights(&w).unwrap();
+    model.to_device(Device::Cuda(0)).unwrap();
+    assert_eq!(model.device(), Device::Cuda(0));
+    for name in ["small34_infer_amos_0004_75", "small34_infer_s0619_32"] {
+        let fx = common::Fixture::load(&common::fixture(&dir, &format!("{name}.safetensors")));
+        let mut trace = Trace::on();
+        let feats = model.encode_image(&fx.tensor("input"), &mut trace).unwrap();
+        let boxes: Vec<[f32; 4]> = fx
+            .f("boxes")
+            .1
+            .chunks(4)
+            .map(|b| [b[0], b[1], b[2], b[3]])
+            .collect();
+        model.decode(&feats, 0, &boxes, &mut trace).unwrap();
+        let mut checked = 0;
+        for (n, t) in &trace.items {
+            assert_eq!(
+                t.device(),
+                Device::Cuda(0),
+                "{n} was computed off the device"
+            );
+            if fx.f32s.contains_key(n.as_str()) {
+                let host = t.to_host().unwrap();
+                print!("{name} cuda: ");
+                common::check_intermediate(n, &host, fx.f(n));
+                checked += 1;
+            }
+        }
+        println!("{name}: {checked} intermediates checked on cuda:0");
+        assert!(checked >= 30, "{name}: only {checked} intermediates traced");
+    }
+}
+
 fn main() {
     let tests: &[(&str, fn())] = &[
+        (
+            "cuda_model_one_tree_small34_fixtures",
+            one_tree_small34_fixtures,
+        ),
         ("cuda_model_small34", small34),
         ("cuda_model_sam_unet_50_random", sam_unet_50_random),
     ];

@@ -271,7 +271,7 @@ impl GpuSamUnet {
                 .collect::<Result<_>>()?,
             embedding_encoder: GpuUp4::load(dev, w, "embedding_encoder", bf16)?,
             pos_cl: dev.upload(&pos_cl)?,
-            no_mask: dev.upload(prompt.no_mask_embed())?,
+            no_mask: dev.upload(prompt.no_mask_embed().as_f32()?)?,
             box_gauss: dev.upload(prompt.box_tables().0)?,
             box_e0: dev.upload(prompt.box_tables().1)?,
             box_e1: dev.upload(prompt.box_tables().2)?,

@@ -109,3 +109,30 @@ impl Up4 {
         self.t3.forward(&x, act)
     }
 }
+
+impl crate::nn::Params for Reshaper {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        match self {
+            Reshaper::Down4 { c0, n1, c3, n4, c6 } => {
+                c0.visit(f)?;
+                n1.visit(f)?;
+                c3.visit(f)?;
+                n4.visit(f)?;
+                c6.visit(f)
+            }
+            Reshaper::Down2 { c0, n1, c3 } => {
+                c0.visit(f)?;
+                n1.visit(f)?;
+                c3.visit(f)
+            }
+            Reshaper::Same { c0 } => c0.visit(f),
+            Reshaper::Up2 { t0, n1, c3 } => {
+                t0.visit(f)?;
+                n1.visit(f)?;
+                c3.visit(f)
+            }
+        }
+    }
+}
+
+crate::params!(Up4 { t0, n1, t3 });

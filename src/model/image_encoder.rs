@@ -123,3 +123,23 @@ impl ImageEncoderViT {
             .forward2d(&self.neck2.forward(&x, Act::None)?, Act::None)
     }
 }
+
+crate::params!(Block {
+    norm1,
+    qkv,
+    proj,
+    rel_pos_h,
+    rel_pos_w,
+    norm2,
+    lin1,
+    lin2
+});
+crate::params!(ImageEncoderViT {
+    patch_embed,
+    pos_embed,
+    blocks,
+    neck0,
+    neck1,
+    neck2,
+    neck3
+});

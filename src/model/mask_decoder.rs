@@ -52,13 +52,13 @@ impl MaskDecoder {
     }
 
     /// image_embeddings [1, C, G, G], dense_pe [1, C, G, G], sparse [N, 2, C],
-    /// no_mask [C], msf [1, 32, 4G, 4G] -> low-res logits [N, 1, 4G, 4G].
+    /// no_mask [1, C], msf [1, 32, 4G, 4G] -> low-res logits [N, 1, 4G, 4G].
     pub fn forward(
         &self,
         image_embeddings: &Tensor,
         dense_pe: &Tensor,
         sparse: &Tensor,
-        no_mask: &[f32],
+        no_mask: &Tensor,
         msf: &Tensor,
     ) -> Result<Tensor> {
         const OP: &str = "mask_decoder";
@@ -74,7 +74,7 @@ impl MaskDecoder {
             ));
         }
         let [n, two, sc] = sparse.dims_n::<3>(OP, "sparse")?;
-        if two != 2 || sc != c || no_mask.len() != c || self.med_token.numel() != c {
+        if two != 2 || sc != c || no_mask.dims() != [1, c] || self.med_token.numel() != c {
             return Err(Error::shape(
                 OP,
                 format!(
@@ -89,9 +89,8 @@ impl MaskDecoder {
         let tokens = layout::cat1(&[&self.med_token, sparse])?;
         // src [1, HW, C] = image_embeddings channels-last + no_mask; pos [1, HW, C].
         // One copy, shared by every box in the first layer.
-        let nm = Tensor::from_f32(no_mask.to_vec(), &[1, c]);
         let src = layout::nchw_to_nhwc(image_embeddings)?.reshape([hw, c])?;
-        let src = add_broadcast(&src, &nm)?.reshape([1, hw, c])?;
+        let src = add_broadcast(&src, no_mask)?.reshape([1, hw, c])?;
         let pos = layout::nchw_to_nhwc(dense_pe)?.reshape([1, hw, c])?;
         let tr = crate::profile::scope("dec.transformer");
         let (q, k) = self.transformer.forward(&src, &pos, &tokens)?;
@@ -120,3 +119,13 @@ impl MaskDecoder {
         mask_dot(&h, &f, msf)
     }
 }
+
+crate::params!(MaskDecoder {
+    transformer,
+    output_upscaling,
+    med_token,
+    emf0,
+    emf1,
+    emf3,
+    hf
+});

@@ -15,7 +15,8 @@ pub struct PromptEncoder {
     /// [C] each
     corner0: Vec<f32>,
     corner1: Vec<f32>,
-    no_mask: Vec<f32>,
+    /// `no_mask_embed.weight` [1, C] (a tensor: it moves with the model).
+    no_mask: Tensor,
     dim: usize,
     img_size: usize,
     grid: usize,
@@ -26,9 +27,9 @@ impl PromptEncoder {
         let g =
             |n: &str| -> Result<Vec<f32>> { Ok(w.req(&format!("{PRE}.{n}"))?.as_f32()?.to_vec()) };
         let gaussian = g("pe_layer.positional_encoding_gaussian_matrix")?;
-        let no_mask = g("no_mask_embed.weight")?;
+        let no_mask = w.req(&format!("{PRE}.no_mask_embed.weight"))?.clone();
         Ok(PromptEncoder {
-            dim: no_mask.len(),
+            dim: no_mask.numel(),
             gaussian,
             corner0: g("point_embeddings.2.weight")?,
             corner1: g("point_embeddings.3.weight")?,
@@ -87,8 +88,12 @@ impl PromptEncoder {
         self.img_size
     }
 
-    /// The no-mask embedding [C].
-    pub fn no_mask_embed(&self) -> &[f32] {
+    /// The no-mask embedding [1, C].
+    pub fn no_mask_embed(&self) -> &Tensor {
         &self.no_mask
     }
 }
+
+// The box tables stay on the host (the encoding of a few boxes runs there;
+// its result is moved to the model's device); the no-mask embedding moves.
+crate::params!(PromptEncoder { no_mask });

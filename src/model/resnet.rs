@@ -112,3 +112,32 @@ impl ResNet {
         Ok(feats)
     }
 }
+
+impl crate::nn::Params for Block {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        match self {
+            Block::Basic {
+                conv1,
+                conv2,
+                downsample,
+            } => {
+                conv1.visit(f)?;
+                conv2.visit(f)?;
+                downsample.visit(f)
+            }
+            Block::Bottleneck {
+                conv1,
+                conv2,
+                conv3,
+                downsample,
+            } => {
+                conv1.visit(f)?;
+                conv2.visit(f)?;
+                conv3.visit(f)?;
+                downsample.visit(f)
+            }
+        }
+    }
+}
+
+crate::params!(ResNet { stem, stages });

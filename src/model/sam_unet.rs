@@ -80,6 +80,7 @@ impl SamUnet {
                 format!("input {:?}, expected [B, 3, {s}, {s}]", x.dims()),
             ));
         }
+        let x = &x.to_device(self.device())?;
         let feats = self.resnet.forward(x)?;
         for (i, f) in feats.iter().enumerate() {
             trace.push(format!("resnet.f{}", i + 1), f);
@@ -140,7 +141,7 @@ impl SamUnet {
         }
         let emb = slice_first(&features.image_embeddings, index)?;
         let msf = slice_first(&features.multi_scale_feature, index)?;
-        let sparse = self.prompt.embed_boxes(boxes);
+        let sparse = self.prompt.embed_boxes(boxes).to_device(self.device())?;
         trace.push("prompt.sparse", &sparse);
         trace.push("prompt.dense_pe", &self.dense_pe);
         let low = self.decoder.forward(
@@ -173,4 +174,32 @@ fn slice_first(x: &Tensor, index: usize) -> Result<Tensor> {
     let per: usize = d[1..].iter().product();
     d[0] = 1;
     x.view(index * per, d)
+}
+
+crate::params!(SamUnet {
+    resnet,
+    vit,
+    adapters_in,
+    bridges,
+    embedding_encoder,
+    prompt,
+    decoder,
+    dense_pe
+});
+
+impl SamUnet {
+    /// The device the model's tensors are on.
+    pub fn device(&self) -> crate::tensor::Device {
+        self.dense_pe.device()
+    }
+
+    /// Moves every tensor of the model to `device` (f32). The same module tree
+    /// then runs there: each op dispatches on its inputs' device; images and
+    /// boxes given on the host are moved to the model's device on the way in.
+    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
+        crate::nn::Params::visit(self, &mut |t: &mut Tensor| {
+            *t = t.to_device(device)?;
+            Ok(())
+        })
+    }
 }

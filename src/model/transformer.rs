@@ -153,3 +153,26 @@ impl TwoWayTransformer {
         Ok((q, k))
     }
 }
+
+crate::params!(Attention {
+    q_proj,
+    k_proj,
+    v_proj,
+    out_proj
+});
+crate::params!(TwoWayBlock {
+    self_attn,
+    norm1,
+    cross_t2i,
+    norm2,
+    lin1,
+    lin2,
+    norm3,
+    norm4,
+    cross_i2t
+});
+crate::params!(TwoWayTransformer {
+    layers,
+    final_attn,
+    norm_final
+});

@@ -9,6 +9,61 @@ use crate::ops::linear::linear_fused;
 use crate::ops::norm::{fold_batch_norm, layer_norm, layer_norm2d};
 use crate::tensor::Tensor;
 
+/// A module's tensors, visited in a fixed order (the module tree's): moving
+/// a model to a device, and later the parameter store, go through it.
+pub trait Params {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()>;
+}
+
+impl<T: Params> Params for Option<T> {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        match self {
+            Some(m) => m.visit(f),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<T: Params> Params for Vec<T> {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.visit(f))
+    }
+}
+
+impl<T: Params, const N: usize> Params for [T; N] {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.visit(f))
+    }
+}
+
+impl Params for Tensor {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        f(self)
+    }
+}
+
+/// `impl Params` for a struct: its listed fields, in order.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! params {
+    ($t:ty { $($field:ident),* $(,)? }) => {
+        impl $crate::nn::Params for $t {
+            fn visit(
+                &mut self,
+                f: &mut dyn FnMut(&mut $crate::Tensor) -> $crate::Result<()>,
+            ) -> $crate::Result<()> {
+                $( $crate::nn::Params::visit(&mut self.$field, f)?; )*
+                Ok(())
+            }
+        }
+    };
+}
+
+params!(Linear { weight, bias });
+params!(Conv2d { weight, bias });
+params!(ConvTranspose2d { weight, bias });
+params!(LayerNorm { weight, bias });
+
 fn get(w: &Weights, prefix: &str, name: &str) -> Result<Tensor> {
     w.req(&format!("{prefix}.{name}")).cloned()
 }
