@@ -273,8 +273,7 @@ fn cuda(c: &mut Criterion) {
                     &dev,
                     &blas0,
                     &x,
-                    &w,
-                    None,
+                    sam_unet::ops::conv::cuda::ConvWeight::F32(&w),
                     None,
                     wd[0],
                     wd[2],
@@ -356,13 +355,6 @@ fn cuda(c: &mut Criterion) {
     g.finish();
     // A whole ViT-B block (window 14), f32 and bf16, batch 1 and 64: the encoder's
     // twelve blocks cost about twelve of these.
-    let blas = match sam_unet::cuda::blas::Blas::new(dev.stream()) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("cuda block benchmarks skipped: {e}");
-            return;
-        }
-    };
     let mut w = sam_unet::io::Weights::new();
     for (n, dims) in [
         ("norm1.weight", vec![768]),
@@ -385,15 +377,18 @@ fn cuda(c: &mut Criterion) {
     let mut g = c.benchmark_group("cuda_vit_block");
     g.sample_size(20);
     for dt in [sam_unet::DType::F32, sam_unet::DType::BF16] {
-        let blk = sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, 14, dt).unwrap();
+        // The model's block on the device: unfused ops in f32, the fused
+        // block with bf16 GEMM weights.
+        let mut blk = sam_unet::model::image_encoder::Block::load(&w, "blk", 12, 14).unwrap();
+        let cuda = sam_unet::Device::Cuda(0);
+        sam_unet::nn::to_device(&mut blk, cuda).unwrap();
+        sam_unet::nn::gemm_weights_to(&mut blk, dt).unwrap();
         for b in [1usize, 64] {
-            let x = dev
-                .upload(rand(&[b, 16, 16, 768], 51).as_f32().unwrap())
-                .unwrap();
+            let x = rand(&[b, 16, 16, 768], 51).to_device(cuda).unwrap();
             g.throughput(Throughput::Elements(b as u64));
             g.bench_function(format!("window14_{}_b{b}", dt.name()), |bch| {
                 bch.iter(|| {
-                    let y = blk.forward(&dev, &blas, &x, b, 16).unwrap();
+                    let y = blk.forward(&x).unwrap();
                     dev.synchronize().unwrap();
                     y
                 })

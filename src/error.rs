@@ -98,6 +98,11 @@ pub enum Error {
         name: &'static str,
     },
 
+    /// An op without a backward got an input that needs a gradient (under an
+    /// autograd recording): training through it is not supported (yet).
+    #[error("{op}: no backward for an input that needs a gradient")]
+    NoBackward { op: &'static str },
+
     /// Any other failure of a CUDA driver call.
     #[error("{op}: CUDA driver error: {msg}")]
     CudaDriver { op: &'static str, msg: String },

@@ -11,6 +11,7 @@
 //! # Ok::<(), sam_unet::Error>(())
 //! ```
 
+pub mod autograd;
 pub mod cpu;
 pub mod cuda;
 pub mod error;

@@ -2,11 +2,13 @@
 //! prompt with any number of boxes (the cheap decoder, all boxes in one batch).
 //! CPU, or CUDA (`Device::Cuda`) with f32 or bf16 ViT GEMMs.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::cuda::CudaDevice;
-use crate::cuda::blas::Blas;
-use crate::cuda::model::{GpuFeatures, GpuSamUnet};
+use crate::cuda::graph::{self, DecoderGraph, ImageGraph};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::io::image::RgbImage;
@@ -60,54 +62,41 @@ pub struct CudaGraphs {
 const MAX_IMAGE_GRAPHS: usize = 4;
 const MAX_DECODER_GRAPHS: usize = 8;
 
+/// What a CUDA predictor keeps beside the model: the CUDA graphs.
 struct Cuda {
-    // Fields drop in this order: the graphs (which reference cuBLAS kernels)
-    // before the model's buffers, cuBLAS and the device.
     /// The image side recorded per batch size (None: capture failed, run
     /// eagerly); see crate::cuda::graph.
-    graphs: std::cell::RefCell<
-        std::collections::HashMap<usize, Option<crate::cuda::graph::ImageGraph>>,
-    >,
+    graphs: RefCell<HashMap<usize, Option<ImageGraph>>>,
     /// The decoder recorded per number of boxes.
-    decoders: std::cell::RefCell<
-        std::collections::HashMap<usize, Option<crate::cuda::graph::DecoderGraph>>,
-    >,
-    model: GpuSamUnet,
-    blas: Blas,
-    dev: CudaDevice,
+    decoders: RefCell<HashMap<usize, Option<DecoderGraph>>>,
+    dev: Arc<CudaDevice>,
 }
 
-// SAFETY: a Cuda backend is only ever used through &Predictor / &mut
-// Predictor, and Predictor is not Sync (the RefCells), so its CUDA objects are
-// used by one thread at a time; moving them to another thread is what CUDA
-// allows: cudarc makes the context current before each of its calls, and the
-// cuBLAS calls do the same (src/cuda/blas.rs); the graphs are only launched
-// on their own stream.
+// SAFETY: a Cuda is only ever used through &Predictor / &mut Predictor, and
+// Predictor is not Sync (the RefCells), so its graphs are used by one thread
+// at a time; moving them to another thread is what CUDA allows: cudarc makes
+// the context current before each of its calls, the cuBLAS calls do the same
+// (src/cuda/blas.rs), and the graphs are only launched on their own stream.
 unsafe impl Send for Cuda {}
 
 impl Cuda {
     /// The image side: eagerly the first time for a batch size (which also
-    /// warms cuBLAS up), then from a recording made right after.
-    fn encode(&self, x: &Tensor) -> Result<GpuFeatures> {
-        if !crate::cuda::graph::enabled() {
-            return self.model.encode_image(&self.dev, &self.blas, x);
+    /// warms cuBLAS up and loads the kernels), then from a recording made
+    /// right after.
+    fn encode(&self, model: &SamUnet, x: &Tensor) -> Result<ImageFeatures> {
+        let eager = || model.encode_image(x, &mut Trace::default());
+        if !graph::enabled() {
+            return eager();
         }
         let b = x.dims().first().copied().unwrap_or(0);
         let mut graphs = self.graphs.borrow_mut();
         match graphs.get_mut(&b) {
             Some(Some(g)) => g.run(&self.dev, x),
-            Some(None) => self.model.encode_image(&self.dev, &self.blas, x),
+            Some(None) => eager(),
             None => {
-                let f = self.model.encode_image(&self.dev, &self.blas, x)?;
+                let f = eager()?;
                 if graphs.len() < MAX_IMAGE_GRAPHS {
-                    let g = crate::cuda::graph::ImageGraph::capture(
-                        &self.dev,
-                        &self.blas,
-                        &self.model,
-                        x.dims(),
-                        &f,
-                    )
-                    .ok();
+                    let g = ImageGraph::capture(&self.dev, model, x.dims(), &f).ok();
                     graphs.insert(b, g);
                 }
                 Ok(f)
@@ -119,31 +108,25 @@ impl Cuda {
     /// count, then from a recording made right after.
     fn decode(
         &self,
-        f: &GpuFeatures,
+        model: &SamUnet,
+        f: &ImageFeatures,
         index: usize,
         boxes: &[[f32; 4]],
-    ) -> Result<crate::cuda::GpuTensor> {
-        if !crate::cuda::graph::enabled() {
-            return self.model.decode(&self.dev, &self.blas, f, index, boxes);
+    ) -> Result<Tensor> {
+        let eager = || model.decode(f, index, boxes, &mut Trace::default());
+        if !graph::enabled() {
+            return eager();
         }
         let mut decoders = self.decoders.borrow_mut();
         match decoders.get_mut(&boxes.len()) {
             Some(Some(g)) => g.run(&self.dev, f, index, boxes),
-            Some(None) => self.model.decode(&self.dev, &self.blas, f, index, boxes),
+            Some(None) => eager(),
             None => {
-                let low = self.model.decode(&self.dev, &self.blas, f, index, boxes)?;
+                let low = eager()?;
                 // Each recording keeps its own intermediates' memory: only the
                 // first few box counts get one.
                 if decoders.len() < MAX_DECODER_GRAPHS {
-                    let g = crate::cuda::graph::DecoderGraph::capture(
-                        &self.dev,
-                        &self.blas,
-                        &self.model,
-                        boxes.len(),
-                        f,
-                        &low,
-                    )
-                    .ok();
+                    let g = DecoderGraph::capture(&self.dev, model, boxes.len(), f, &low).ok();
                     decoders.insert(boxes.len(), g);
                 }
                 Ok(low)
@@ -152,66 +135,63 @@ impl Cuda {
     }
 }
 
-enum Backend {
-    Cpu(SamUnet),
-    Cuda(Box<Cuda>),
-}
-
-enum Features {
-    Cpu(ImageFeatures),
-    Cuda(GpuFeatures),
-}
-
+/// Set an image, then prompt it with boxes: one model tree on the CPU or a
+/// CUDA device (`PredictorOptions`).
 pub struct Predictor {
-    backend: Backend,
+    // Fields drop in this order: the features and the graphs (which reference
+    // cuBLAS kernels and the device's memory) before the model.
+    image: Option<(ImageFeatures, ResizeInfo)>,
+    cuda: Option<Box<Cuda>>,
+    model: SamUnet,
     options: PredictorOptions,
-    image: Option<(Features, ResizeInfo)>,
 }
 
 impl Predictor {
-    /// A CPU predictor around a built model (f32).
-    pub fn new(model: SamUnet, options: PredictorOptions) -> Result<Self> {
-        match (options.device, options.dtype) {
-            (Device::Cpu, DType::F32) => Ok(Predictor {
-                backend: Backend::Cpu(model),
-                options,
-                image: None,
-            }),
-            (Device::Cpu, dt) => Err(Error::input(
-                "Predictor",
-                format!("the CPU backend computes in f32, not {}", dt.name()),
-            )),
-            (Device::Cuda(_), _) => Err(Error::input(
-                "Predictor",
-                "a CUDA predictor is built from weights: use Predictor::from_weights",
-            )),
-        }
+    /// A predictor around a built model: the model moves to the options'
+    /// device and dtype (CPU: f32; CUDA: f32, or bf16 for the image side's
+    /// GEMMs, see SamUnet::to_device).
+    pub fn new(mut model: SamUnet, options: PredictorOptions) -> Result<Self> {
+        let cuda = match (options.device, options.dtype) {
+            (Device::Cpu, DType::F32) => None,
+            (Device::Cpu, dt) => {
+                return Err(Error::input(
+                    "Predictor",
+                    format!("the CPU backend computes in f32, not {}", dt.name()),
+                ));
+            }
+            (Device::Cuda(_), DType::F16) => {
+                return Err(Error::input("Predictor", "CUDA runs f32 or bf16, not f16"));
+            }
+            (Device::Cuda(i), _) => {
+                if model.config.head_dim() != 64 {
+                    return Err(Error::Config(format!(
+                        "the CUDA attention kernels need head dim 64, this model has {}",
+                        model.config.head_dim()
+                    )));
+                }
+                let dev = crate::cuda::shared_device(i)?;
+                // cuBLAS loads now (its workspace too): a missing library is
+                // an error here, not at the first image.
+                dev.with_blas(|_| Ok(()))?;
+                Some(Box::new(Cuda {
+                    dev,
+                    graphs: Default::default(),
+                    decoders: Default::default(),
+                }))
+            }
+        };
+        model.to_device(options.device, options.dtype)?;
+        Ok(Predictor {
+            image: None,
+            cuda,
+            model,
+            options,
+        })
     }
 
     /// Builds the model the weights describe on the chosen device.
     pub fn from_weights(w: &Weights, options: PredictorOptions) -> Result<Self> {
-        match options.device {
-            Device::Cpu => Self::new(SamUnet::from_weights(w)?, options),
-            Device::Cuda(i) => {
-                if options.dtype == DType::F16 {
-                    return Err(Error::input("Predictor", "CUDA runs f32 or bf16, not f16"));
-                }
-                let dev = CudaDevice::new(i)?;
-                let blas = Blas::new(dev.stream())?;
-                let model = GpuSamUnet::from_weights(&dev, w, options.dtype)?;
-                Ok(Predictor {
-                    backend: Backend::Cuda(Box::new(Cuda {
-                        dev,
-                        blas,
-                        model,
-                        graphs: Default::default(),
-                        decoders: Default::default(),
-                    })),
-                    options,
-                    image: None,
-                })
-            }
-        }
+        Self::new(SamUnet::from_weights(w)?, options)
     }
 
     /// Loads weights (safetensors or a PyTorch checkpoint) and builds the model.
@@ -220,10 +200,12 @@ impl Predictor {
     }
 
     pub fn config(&self) -> &SamUnetConfig {
-        match &self.backend {
-            Backend::Cpu(m) => &m.config,
-            Backend::Cuda(c) => &c.model.config,
-        }
+        &self.model.config
+    }
+
+    /// The model, on the predictor's device.
+    pub fn model(&self) -> &SamUnet {
+        &self.model
     }
 
     pub fn options(&self) -> PredictorOptions {
@@ -292,8 +274,8 @@ impl Predictor {
             v.sort();
             v
         }
-        match &self.backend {
-            Backend::Cuda(c) => CudaGraphs {
+        match &self.cuda {
+            Some(c) => CudaGraphs {
                 image_batches: sorted(
                     c.graphs
                         .borrow()
@@ -309,25 +291,25 @@ impl Predictor {
                         .collect(),
                 ),
             },
-            Backend::Cpu(_) => CudaGraphs::default(),
+            None => CudaGraphs::default(),
         }
     }
 
     /// Only the image side, for a batch of preprocessed inputs [B, 3, S, S]
     /// (benchmarks); the features are dropped.
     pub fn encode_only(&self, x: &Tensor) -> Result<()> {
-        let f = self.encode(x)?;
-        if let (Backend::Cuda(c), Features::Cuda(_)) = (&self.backend, &f) {
+        let _f = self.encode(x)?;
+        if let Some(c) = &self.cuda {
             c.dev.synchronize()?;
         }
         Ok(())
     }
 
-    fn encode(&self, x: &Tensor) -> Result<Features> {
-        Ok(match &self.backend {
-            Backend::Cpu(m) => Features::Cpu(m.encode_image(x, &mut Trace::default())?),
-            Backend::Cuda(c) => Features::Cuda(c.encode(x)?),
-        })
+    fn encode(&self, x: &Tensor) -> Result<ImageFeatures> {
+        match &self.cuda {
+            None => self.model.encode_image(x, &mut Trace::default()),
+            Some(c) => c.encode(&self.model, x),
+        }
     }
 
     fn prepare(&self, images: &[RgbImage]) -> Result<(Tensor, Vec<ResizeInfo>)> {
@@ -352,7 +334,7 @@ impl Predictor {
 
     fn decode(
         &self,
-        f: &Features,
+        f: &ImageFeatures,
         index: usize,
         info: &ResizeInfo,
         boxes: &[[f32; 4]],
@@ -360,25 +342,16 @@ impl Predictor {
         check_boxes(boxes, info)?;
         let model_boxes: Vec<[f32; 4]> =
             boxes.iter().map(|b| box_to_model_frame(*b, info)).collect();
-        let (low, logits) = match (&self.backend, f) {
-            (Backend::Cpu(m), Features::Cpu(f)) => {
-                let low = m.decode(f, index, &model_boxes, &mut Trace::default())?;
-                let logits = postprocess(&low, info, self.config().img_size)?;
-                (low, logits)
-            }
-            (Backend::Cuda(c), Features::Cuda(f)) => {
-                // Post-processing on the device too: only the logits come back.
-                let low = c.decode(f, index, &model_boxes)?;
-                let logits = crate::ops::resize::cuda::postprocess(
-                    &c.dev,
-                    &low,
-                    info,
-                    self.config().img_size,
-                )?;
-                (low.download(&c.dev)?, logits.download(&c.dev)?)
-            }
-            _ => return Err(Error::input("predict", "features from another backend")),
+        let low = match &self.cuda {
+            None => self
+                .model
+                .decode(f, index, &model_boxes, &mut Trace::default())?,
+            Some(c) => c.decode(&self.model, f, index, &model_boxes)?,
         };
+        // Post-processing on the model's device too: on CUDA only the logits
+        // come back.
+        let logits = postprocess(&low, info, self.config().img_size)?.to_host()?;
+        let low = low.to_host()?;
         let hw = info.orig_h * info.orig_w;
         let masks = logits
             .as_f32()?

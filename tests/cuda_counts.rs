@@ -7,8 +7,10 @@
 //! Scenarios, f32 and bf16: the image side at batch 1 and 8 (`encode_only`),
 //! each run twice (the first run is eager and records a CUDA graph, the second
 //! replays it), and the decoder for 16 boxes on a set image, twice likewise.
-//! The ceilings below were measured at commit 3d06df2 (the model code of
-//! 33eb153, before the one-model-tree refactoring of issue 8). A count above
+//! The ceilings were first measured at commit 3d06df2 (the model code of
+//! 33eb153, before the one-model-tree refactoring of issue 8, when the
+//! Predictor ran a CUDA-only model tree); since then the Predictor runs the
+//! one model tree of src/model on the device, under the same ceilings. A count above
 //! its ceiling fails; one below it is printed, so the ceilings can be lowered
 //! with the commit that earned it.
 //!
@@ -87,7 +89,7 @@ impl Driver {
     }
 }
 
-/// (scenario, ceiling): measured at 3d06df2.
+/// (scenario, ceiling): see the header of the included table.
 fn ceilings() -> Vec<(&'static str, Counts)> {
     include!("cuda_counts_ceilings.in")
 }
@@ -158,34 +160,6 @@ fn main() {
             measured.push((format!("{} decoder 16 boxes {pass} run", dt.name()), c));
         }
     }
-    // The one model tree (src/model moved with SamUnet::to_device, f32, no
-    // graphs yet): printed, not checked, as the figure the folding of the
-    // CUDA-only tree into it has to bring down to the ceilings above.
-    let mut one = sam_unet::model::SamUnet::from_weights(&w).unwrap();
-    one.to_device(Device::Cuda(0)).unwrap();
-    let size = one.config.img_size;
-    let x = Tensor::from_vec(vec![0.5f32; 3 * size * size], [1, 3, size, size]).unwrap();
-    let mut feats = None;
-    let c = driver.measure(|| {
-        feats = Some(
-            one.encode_image(&x, &mut sam_unet::model::Trace::default())
-                .unwrap(),
-        );
-    });
-    println!("one tree (f32, eager) image side batch 1: {c:?}");
-    let boxes: Vec<[f32; 4]> = (0..16)
-        .map(|i| [i as f32, i as f32, 100.0 + i as f32, 90.0])
-        .collect();
-    let c = driver.measure(|| {
-        one.decode(
-            feats.as_ref().unwrap(),
-            0,
-            &boxes,
-            &mut sam_unet::model::Trace::default(),
-        )
-        .unwrap();
-    });
-    println!("one tree (f32, eager) decoder 16 boxes: {c:?}");
     // SAFETY: as above.
     unsafe { dry_run(0) };
 

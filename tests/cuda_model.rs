@@ -2,8 +2,8 @@
 //! on its input, and full-size SAM-UNet-50 with random weights. f32 (TF32 off):
 //! relative L2 <= 1e-4 on the logits; bf16: relative L2 <= 2e-2 and at least
 //! 99.5 % of mask pixels equal. Own harness: on cuda:0 when there is a GPU,
-//! otherwise on the emulated CUDA driver of tests/simt (the whole GpuSamUnet
-//! data flow, every launcher and cuBLAS call, with host arithmetic), and it
+//! otherwise on the emulated CUDA driver of tests/simt (the whole model's data
+//! flow on the device, every launcher and cuBLAS call, with host arithmetic), and it
 //! prints which; SAM_UNET_REQUIRE_GPU=1 makes a missing GPU a failure.
 
 use sam_unet::io::Weights;
@@ -153,7 +153,9 @@ fn one_tree_small34_fixtures() {
     };
     let w = Weights::from_file(common::fixture(&dir, "small34_weights.safetensors")).unwrap();
     let mut model = SamUnet::from_weights(&w).unwrap();
-    model.to_device(Device::Cuda(0)).unwrap();
+    model
+        .to_device(Device::Cuda(0), sam_unet::DType::F32)
+        .unwrap();
     assert_eq!(model.device(), Device::Cuda(0));
     for name in ["small34_infer_amos_0004_75", "small34_infer_s0619_32"] {
         let fx = common::Fixture::load(&common::fixture(&dir, &format!("{name}.safetensors")));

@@ -847,9 +847,10 @@ fn vitb_block_weights(window: usize) -> sam_unet::io::Weights {
     w
 }
 
+/// The model's ViT block on the CUDA device: the unfused ops in f32, the
+/// fused block (ops::attention::vit_block_bf16) with bf16 GEMM weights.
 fn cuda_vit_block_matches_cpu_f32_and_bf16() {
-    let dev = device().expect("a GPU was found at start");
-    let blas = sam_unet::cuda::blas::Blas::new(dev.stream()).unwrap();
+    let _dev = device().expect("a GPU was found at start");
     let (b, g, d) = (2usize, 16usize, 768usize);
     let x = rand(b * g * g * d, 40, 2.0);
     for window in [14usize, 0] {
@@ -859,15 +860,17 @@ fn cuda_vit_block_matches_cpu_f32_and_bf16() {
             .forward(&Tensor::from_vec(x.clone(), [b, g, g, d]).unwrap())
             .unwrap();
         for dt in [sam_unet::DType::F32, sam_unet::DType::BF16] {
-            let blk =
-                sam_unet::cuda::vit::GpuVitBlock::upload(&dev, &w, "blk", 12, window, dt).unwrap();
-            let y = dev
-                .download(
-                    &blk.forward(&dev, &blas, &dev.upload(&x).unwrap(), b, g)
-                        .unwrap(),
-                )
+            let mut blk =
+                sam_unet::model::image_encoder::Block::load(&w, "blk", 12, window).unwrap();
+            sam_unet::nn::to_device(&mut blk, sam_unet::Device::Cuda(0)).unwrap();
+            sam_unet::nn::gemm_weights_to(&mut blk, dt).unwrap();
+            let xg = Tensor::from_vec(x.clone(), [b, g, g, d])
+                .unwrap()
+                .to_device(sam_unet::Device::Cuda(0))
                 .unwrap();
-            let rel = rel_l2(&y, cpu.as_f32().unwrap());
+            let y = blk.forward(&xg).unwrap().to_host().unwrap();
+            let y = y.as_f32().unwrap();
+            let rel = rel_l2(y, cpu.as_f32().unwrap());
             println!(
                 "vit block window {window} {}: relative L2 vs CPU {rel:.2e}",
                 dt.name()
@@ -977,8 +980,11 @@ fn cuda_conv2d_matches_cpu() {
                 &dev,
                 &blas,
                 &gpu_t(&dev, &x, xd),
-                &wg,
-                bf16.then_some(&w16),
+                if bf16 {
+                    conv::cuda::ConvWeight::BF16(&w16)
+                } else {
+                    conv::cuda::ConvWeight::F32(&wg)
+                },
                 Some(&dev.upload(&b).unwrap()),
                 wd[0],
                 wd[2],
@@ -1034,8 +1040,11 @@ fn cuda_conv_transpose2d_and_pool_match_cpu() {
                 &dev,
                 &blas,
                 &gpu_t(&dev, &x, xd),
-                &wg,
-                bf16.then_some(&w16),
+                if bf16 {
+                    conv::cuda::ConvWeight::BF16(&w16)
+                } else {
+                    conv::cuda::ConvWeight::F32(&wg)
+                },
                 Some(&dev.upload(&b).unwrap()),
                 wd[1],
                 2,
@@ -1174,9 +1183,8 @@ fn cuda_postprocess_box_tokens_repeat_match_cpu() {
         &dev,
         &up(&flat),
         &up(&gauss),
-        &up(&med),
-        &up(&e0),
-        &up(&e1),
+        (&up(&e0), &up(&e1)),
+        Some(&up(&med)),
         256,
     )
     .unwrap();
@@ -1191,7 +1199,7 @@ fn cuda_postprocess_box_tokens_repeat_match_cpu() {
         .collect();
     assert_close(
         "box_tokens",
-        &dev.download(&tok.data).unwrap(),
+        &dev.download(&tok).unwrap(),
         &want,
         1e-6,
         1e-5,

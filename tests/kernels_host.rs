@@ -1342,35 +1342,48 @@ fn box_tokens_match_cpu_on(s: &'static Simt) {
         Buf::from(s, &e1),
     );
     let n = boxes.len();
-    let y = Buf::<f32>::out(s, n * 3 * c);
-    s.launch(
-        "box_tokens_f32",
-        cfg1d(n * 3 * c),
-        |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, F32p, i32, i32, f32)| unsafe {
-            k(
-                y.m(),
-                bb.p(),
-                gb.p(),
-                mb.p(),
-                e0b.p(),
-                e1b.p(),
-                n as i32,
-                c as i32,
-                256.0,
-            )
-        },
-    )
-    .unwrap();
     let sparse = sam_unet::ops::prompt::embed_boxes(&boxes, &gauss, &e0, &e1, 256);
-    let want: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            med.iter()
-                .chain(&sparse[i * 2 * c..(i + 1) * 2 * c])
-                .copied()
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    assert_close("box_tokens", &y.to_vec(), &want, 1e-6, 1e-6);
+    // lead 1: the med token ahead of the corners (the mask decoder's
+    // tokens); lead 0: the corners alone, med not read (null).
+    for lead in [1usize, 0] {
+        let t = 2 + lead;
+        let y = Buf::<f32>::out(s, n * t * c);
+        s.launch(
+            "box_tokens_f32",
+            cfg1d(n * t * c),
+            |k: unsafe extern "C" fn(F32m, F32p, F32p, F32p, F32p, F32p, i32, i32, f32, i32)| unsafe {
+                k(
+                    y.m(),
+                    bb.p(),
+                    gb.p(),
+                    if lead == 1 { mb.p() } else { std::ptr::null() },
+                    e0b.p(),
+                    e1b.p(),
+                    n as i32,
+                    c as i32,
+                    256.0,
+                    lead as i32,
+                )
+            },
+        )
+        .unwrap();
+        let want: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                med.iter()
+                    .take(lead * c)
+                    .chain(&sparse[i * 2 * c..(i + 1) * 2 * c])
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_close(
+            &format!("box_tokens lead {lead}"),
+            &y.to_vec(),
+            &want,
+            1e-6,
+            1e-6,
+        );
+    }
 }
 
 #[test]

@@ -14,12 +14,13 @@
 //! Capturing may fail on a driver or cuBLAS that does not support it; the
 //! caller then runs eagerly. `SAM_UNET_CUDA_GRAPHS=0` turns graphs off.
 
+use std::sync::Arc;
+
 use cudarc::driver::CudaGraph;
 
-use crate::cuda::blas::Blas;
-use crate::cuda::model::{GpuFeatures, GpuSamUnet};
-use crate::cuda::{CudaDevice, GpuTensor, driver_err, launch_err};
+use crate::cuda::{CudaDevice, driver_err, launch_err};
 use crate::error::{Error, Result};
+use crate::model::{ImageFeatures, SamUnet, Trace};
 use crate::tensor::Tensor;
 
 /// Whether the predictor may use CUDA graphs (`SAM_UNET_CUDA_GRAPHS=0`: no).
@@ -69,47 +70,70 @@ pub fn record(dev: &CudaDevice, body: impl FnOnce() -> Result<()>) -> Result<Cud
     Ok(graph)
 }
 
+/// A zero f32 tensor of `dims` on `dev`.
+fn zeros(dev: &Arc<CudaDevice>, dims: &[usize]) -> Result<Tensor> {
+    Tensor::from_cuda_f32(dev, dev.alloc_zeros(dims.iter().product())?, dims.to_vec())
+}
+
+/// dst = src, both f32 on `dev`, of one shape (dst's own buffer, written in place).
+fn copy_into(dev: &CudaDevice, dst: &mut Tensor, src: &Tensor, op: &'static str) -> Result<()> {
+    if dst.dims() != src.dims() {
+        return Err(Error::shape(
+            op,
+            format!("{:?} into {:?}", src.dims(), dst.dims()),
+        ));
+    }
+    let s = src.cuda_f32(op)?;
+    let mut d = dst.cuda_f32_mut(op)?;
+    dev.stream()
+        .memcpy_dtod(&s, &mut d)
+        .map_err(driver_err("copy"))
+}
+
+/// A copy of t in a buffer of its own: what a replay hands out, so that the
+/// caller's tensors stay valid when the graph runs again.
+fn dup(dev: &Arc<CudaDevice>, t: &Tensor, op: &'static str) -> Result<Tensor> {
+    let mut y = zeros_uninit(dev, t.dims())?;
+    copy_into(dev, &mut y, t, op)?;
+    Ok(y)
+}
+
+fn zeros_uninit(dev: &Arc<CudaDevice>, dims: &[usize]) -> Result<Tensor> {
+    Tensor::from_cuda_f32(dev, dev.alloc(dims.iter().product())?, dims.to_vec())
+}
+
 /// The image side recorded for one input shape.
 pub struct ImageGraph {
     /// [B, 3, S, S]
-    input: GpuTensor,
-    out: GpuFeatures,
+    input: Tensor,
+    out: ImageFeatures,
     graph: CudaGraph,
 }
 
 impl ImageGraph {
-    /// Records `model`'s image side for inputs of `dims` = [B, 3, S, S]; `like`
-    /// gives the shapes of its outputs (from an eager run).
+    /// Records `model`'s image side (on `dev`) for inputs of `dims` =
+    /// [B, 3, S, S]; `like` gives the shapes of its outputs (from an eager run).
     pub fn capture(
-        dev: &CudaDevice,
-        blas: &Blas,
-        model: &GpuSamUnet,
+        dev: &Arc<CudaDevice>,
+        model: &SamUnet,
         dims: &[usize],
-        like: &GpuFeatures,
+        like: &ImageFeatures,
     ) -> Result<Self> {
-        let input = GpuTensor::zeros(dev, dims)?;
-        let mut out = GpuFeatures {
-            image_embeddings: GpuTensor::zeros(dev, &like.image_embeddings.dims)?,
-            multi_scale_feature: GpuTensor::zeros(dev, &like.multi_scale_feature.dims)?,
+        const OP: &str = "image graph";
+        let input = zeros(dev, dims)?;
+        let mut out = ImageFeatures {
+            image_embeddings: zeros(dev, like.image_embeddings.dims())?,
+            multi_scale_feature: zeros(dev, like.multi_scale_feature.dims())?,
         };
-        let st = dev.stream();
         let graph = record(dev, || {
-            let f = model.encode_device(dev, blas, &input)?;
-            if f.image_embeddings.dims != out.image_embeddings.dims
-                || f.multi_scale_feature.dims != out.multi_scale_feature.dims
-            {
-                return Err(Error::shape(
-                    "image graph",
-                    "features of another shape than the eager run's",
-                ));
-            }
-            st.memcpy_dtod(&f.image_embeddings.data, &mut out.image_embeddings.data)
-                .map_err(driver_err("copy"))?;
-            st.memcpy_dtod(
-                &f.multi_scale_feature.data,
-                &mut out.multi_scale_feature.data,
-            )
-            .map_err(driver_err("copy"))?;
+            let f = model.encode_image(&input, &mut Trace::default())?;
+            copy_into(dev, &mut out.image_embeddings, &f.image_embeddings, OP)?;
+            copy_into(
+                dev,
+                &mut out.multi_scale_feature,
+                &f.multi_scale_feature,
+                OP,
+            )?;
             Ok(())
             // f is dropped here, inside the capture: its memory is the graph's.
         })?;
@@ -118,41 +142,37 @@ impl ImageGraph {
 
     /// Runs the recording on `x` (host, [B, 3, S, S] as captured): features in
     /// new buffers.
-    pub fn run(&mut self, dev: &CudaDevice, x: &Tensor) -> Result<GpuFeatures> {
-        if x.dims() != self.input.dims.as_slice() {
+    pub fn run(&mut self, dev: &Arc<CudaDevice>, x: &Tensor) -> Result<ImageFeatures> {
+        const OP: &str = "image graph";
+        if x.dims() != self.input.dims() {
             return Err(Error::shape(
-                "image graph",
-                format!("input {:?}, recorded for {:?}", x.dims(), self.input.dims),
+                OP,
+                format!("input {:?}, recorded for {:?}", x.dims(), self.input.dims()),
             ));
         }
-        let st = dev.stream();
-        st.memcpy_htod(x.as_f32()?, &mut self.input.data)
-            .map_err(driver_err("copy to device"))?;
+        let host = x.to_host()?;
+        {
+            let mut dst = self.input.cuda_f32_mut(OP)?;
+            dev.stream()
+                .memcpy_htod(host.as_f32()?, &mut dst)
+                .map_err(driver_err("copy to device"))?;
+        }
         self.graph.launch().map_err(launch_err("graph launch"))?;
-        let copy = |t: &GpuTensor| -> Result<GpuTensor> {
-            let mut y = dev.alloc(t.numel())?;
-            st.memcpy_dtod(&t.data, &mut y)
-                .map_err(driver_err("copy"))?;
-            Ok(GpuTensor {
-                data: y,
-                dims: t.dims.clone(),
-            })
-        };
-        Ok(GpuFeatures {
-            image_embeddings: copy(&self.out.image_embeddings)?,
-            multi_scale_feature: copy(&self.out.multi_scale_feature)?,
+        Ok(ImageFeatures {
+            image_embeddings: dup(dev, &self.out.image_embeddings, OP)?,
+            multi_scale_feature: dup(dev, &self.out.multi_scale_feature, OP)?,
         })
     }
 }
 
 /// The decoder recorded for one number of boxes, on one image's features.
 pub struct DecoderGraph {
-    /// [N * 4], model frame
-    boxes: cudarc::driver::CudaSlice<f32>,
+    /// [N, 4], model frame
+    boxes: Tensor,
     /// one image: [1, C, G, G] and [1, 32, 4G, 4G]
-    feats: GpuFeatures,
+    feats: ImageFeatures,
     /// [N, 1, 4G, 4G]
-    low: GpuTensor,
+    low: Tensor,
     graph: CudaGraph,
 }
 
@@ -160,36 +180,27 @@ impl DecoderGraph {
     /// Records `model`'s decoder for `n` boxes; `feats` gives the feature
     /// shapes (any batch), `low` the output's (from an eager run).
     pub fn capture(
-        dev: &CudaDevice,
-        blas: &Blas,
-        model: &GpuSamUnet,
+        dev: &Arc<CudaDevice>,
+        model: &SamUnet,
         n: usize,
-        feats: &GpuFeatures,
-        low: &GpuTensor,
+        feats: &ImageFeatures,
+        low: &Tensor,
     ) -> Result<Self> {
-        let one = |t: &GpuTensor| -> Result<GpuTensor> {
-            let mut d = t.dims.clone();
+        const OP: &str = "decoder graph";
+        let one = |t: &Tensor| -> Result<Tensor> {
+            let mut d = t.dims().to_vec();
             d[0] = 1;
-            GpuTensor::zeros(dev, &d)
+            zeros(dev, &d)
         };
-        let boxes = dev.alloc_zeros(n * 4)?;
-        let input = GpuFeatures {
+        let boxes = zeros(dev, &[n, 4])?;
+        let input = ImageFeatures {
             image_embeddings: one(&feats.image_embeddings)?,
             multi_scale_feature: one(&feats.multi_scale_feature)?,
         };
-        let mut out = GpuTensor::zeros(dev, &low.dims)?;
-        let st = dev.stream();
+        let mut out = zeros(dev, low.dims())?;
         let graph = record(dev, || {
-            let l = model.decode_device(dev, blas, &input, 0, &boxes)?;
-            if l.dims != out.dims {
-                return Err(Error::shape(
-                    "decoder graph",
-                    "logits of another shape than the eager run's",
-                ));
-            }
-            st.memcpy_dtod(&l.data, &mut out.data)
-                .map_err(driver_err("copy"))?;
-            Ok(())
+            let l = model.decode_boxes(&input, 0, &boxes, &mut Trace::default())?;
+            copy_into(dev, &mut out, &l, OP)
         })?;
         Ok(DecoderGraph {
             boxes,
@@ -203,19 +214,19 @@ impl DecoderGraph {
     /// recorded): low-res logits [N, 1, 4G, 4G] in a new buffer.
     pub fn run(
         &mut self,
-        dev: &CudaDevice,
-        f: &GpuFeatures,
+        dev: &Arc<CudaDevice>,
+        f: &ImageFeatures,
         index: usize,
         boxes: &[[f32; 4]],
-    ) -> Result<GpuTensor> {
-        let st = dev.stream();
-        if boxes.len() * 4 != self.boxes.len() {
+    ) -> Result<Tensor> {
+        const OP: &str = "decoder graph";
+        if boxes.len() != self.boxes.dims()[0] {
             return Err(Error::shape(
-                "decoder graph",
+                OP,
                 format!(
                     "{} boxes, recorded for {}",
                     boxes.len(),
-                    self.boxes.len() / 4
+                    self.boxes.dims()[0]
                 ),
             ));
         }
@@ -224,31 +235,26 @@ impl DecoderGraph {
             (&f.multi_scale_feature, &mut self.feats.multi_scale_feature),
         ] {
             let per = dst.numel();
-            if src.dims[1..] != dst.dims[1..] || index >= src.dims[0] {
+            if src.dims().get(1..) != dst.dims().get(1..) || index >= src.dims()[0] {
                 return Err(Error::shape(
-                    "decoder graph",
+                    OP,
                     format!(
                         "features {:?} (image {index}), recorded for {:?}",
-                        src.dims, dst.dims
+                        src.dims(),
+                        dst.dims()
                     ),
                 ));
             }
-            st.memcpy_dtod(
-                &src.data.slice(index * per..(index + 1) * per),
-                &mut dst.data,
-            )
-            .map_err(driver_err("copy"))?;
+            copy_into(dev, dst, &src.view(index * per, dst.dims().to_vec())?, OP)?;
         }
         let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
-        st.memcpy_htod(&flat, &mut self.boxes)
-            .map_err(driver_err("copy to device"))?;
+        {
+            let mut dst = self.boxes.cuda_f32_mut(OP)?;
+            dev.stream()
+                .memcpy_htod(&flat, &mut dst)
+                .map_err(driver_err("copy to device"))?;
+        }
         self.graph.launch().map_err(launch_err("graph launch"))?;
-        let mut y = dev.alloc(self.low.numel())?;
-        st.memcpy_dtod(&self.low.data, &mut y)
-            .map_err(driver_err("copy"))?;
-        Ok(GpuTensor {
-            data: y,
-            dims: self.low.dims.clone(),
-        })
+        dup(dev, &self.low, OP)
     }
 }

@@ -11,10 +11,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 
 pub mod blas;
 pub mod graph;
-pub mod model;
-pub mod nn;
 pub mod tensor;
-pub mod vit;
 
 use crate::error::{Error, Result};
 

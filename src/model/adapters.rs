@@ -110,28 +110,26 @@ impl Up4 {
     }
 }
 
+impl Reshaper {
+    /// Its layers in the module tree's order.
+    fn layers(&mut self) -> Vec<&mut dyn crate::nn::Params> {
+        match self {
+            Reshaper::Down4 { c0, n1, c3, n4, c6 } => vec![c0, n1, c3, n4, c6],
+            Reshaper::Down2 { c0, n1, c3 } => vec![c0, n1, c3],
+            Reshaper::Same { c0 } => vec![c0],
+            Reshaper::Up2 { t0, n1, c3 } => vec![t0, n1, c3],
+        }
+    }
+}
+
 impl crate::nn::Params for Reshaper {
     fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
-        match self {
-            Reshaper::Down4 { c0, n1, c3, n4, c6 } => {
-                c0.visit(f)?;
-                n1.visit(f)?;
-                c3.visit(f)?;
-                n4.visit(f)?;
-                c6.visit(f)
-            }
-            Reshaper::Down2 { c0, n1, c3 } => {
-                c0.visit(f)?;
-                n1.visit(f)?;
-                c3.visit(f)
-            }
-            Reshaper::Same { c0 } => c0.visit(f),
-            Reshaper::Up2 { t0, n1, c3 } => {
-                t0.visit(f)?;
-                n1.visit(f)?;
-                c3.visit(f)
-            }
-        }
+        self.layers().into_iter().try_for_each(|l| l.visit(f))
+    }
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.layers()
+            .into_iter()
+            .try_for_each(|l| l.visit_gemm_weights(f))
     }
 }
 

@@ -6,8 +6,8 @@ use crate::error::Result;
 use crate::io::Weights;
 use crate::model::config::SamUnetConfig;
 use crate::nn::{Conv2d, LayerNorm, Linear};
-use crate::ops::activation::{Act, add_};
-use crate::ops::attention::rel_pos_attention;
+use crate::ops::activation::{Act, add_broadcast_};
+use crate::ops::attention::{VitBlock, rel_pos_attention, vit_block_bf16};
 use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::tensor::Tensor;
 
@@ -48,6 +48,10 @@ impl Block {
     /// x [B, G, G, D] -> [B, G, G, D].
     /// x = x + proj(attn(norm1(x))); x = x + lin2(GELU(lin1(norm2(x)))).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.qkv.weight.dtype() == crate::tensor::DType::BF16 {
+            // CUDA bf16 (SamUnet::to_device): the fused block.
+            return self.forward_fused_bf16(x);
+        }
         let h = self.norm1.forward(x)?;
         // [B, G, G, 3D] for the real tokens only; padded ones are the bias.
         let qkv = self.qkv.forward(&h)?;
@@ -70,6 +74,40 @@ impl Block {
         let x = self.proj.forward_residual(&a, x)?;
         let h = self.lin1.forward_act(&self.norm2.forward(&x)?, Act::Gelu)?;
         self.lin2.forward_residual(&h, &x)
+    }
+
+    /// The dtype of its GEMM weights.
+    pub fn dtype(&self) -> crate::tensor::DType {
+        self.qkv.weight.dtype()
+    }
+
+    fn forward_fused_bf16(&self, x: &Tensor) -> Result<Tensor> {
+        let bias = |l: &'_ Linear, name: &str| -> Result<Tensor> {
+            l.bias.clone().ok_or_else(|| crate::Error::MissingTensor {
+                name: format!("{name}.bias"),
+                expected: vec![],
+            })
+        };
+        let (bq, bp, b1, b2) = (
+            bias(&self.qkv, "attn.qkv")?,
+            bias(&self.proj, "attn.proj")?,
+            bias(&self.lin1, "mlp.lin1")?,
+            bias(&self.lin2, "mlp.lin2")?,
+        );
+        vit_block_bf16(
+            x,
+            &VitBlock {
+                norm1: (&self.norm1.weight, &self.norm1.bias),
+                qkv: (&self.qkv.weight, &bq),
+                proj: (&self.proj.weight, &bp),
+                rel: (&self.rel_pos_h, &self.rel_pos_w),
+                norm2: (&self.norm2.weight, &self.norm2.bias),
+                lin1: (&self.lin1.weight, &b1),
+                lin2: (&self.lin2.weight, &b2),
+                heads: self.heads,
+                window: self.window,
+            },
+        )
     }
 }
 
@@ -106,10 +144,9 @@ impl ImageEncoderViT {
     /// x [B, 3, 256, 256] -> tokens [B, G, G, D] (patch embedding + pos_embed).
     pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.patch_embed.forward(x, Act::None)?;
+        // pos_embed [1, G, G, D] is shared by every image of the batch.
         let mut t = nchw_to_nhwc(&p)?;
-        let b = t.dims()[0];
-        let pos = crate::ops::layout::repeat_first(&self.pos_embed, b)?;
-        add_(&mut t, &pos)?;
+        add_broadcast_(&mut t, &self.pos_embed)?;
         Ok(t)
     }
 

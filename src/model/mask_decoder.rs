@@ -51,13 +51,21 @@ impl MaskDecoder {
         })
     }
 
-    /// image_embeddings [1, C, G, G], dense_pe [1, C, G, G], sparse [N, 2, C],
+    /// The med token [1, 1, C]: the prompt encoder writes it ahead of each
+    /// box's corner tokens (ops::prompt::box_tokens).
+    pub fn med_token(&self) -> &Tensor {
+        &self.med_token
+    }
+
+    /// image_embeddings [1, C, G, G], pos [1, G G, C] (the dense positional
+    /// encoding channels-last), tokens [N, 3, C]
+    /// (med token, corner 0, corner 1: torch.cat((med_token, sparse), dim=1)),
     /// no_mask [1, C], msf [1, 32, 4G, 4G] -> low-res logits [N, 1, 4G, 4G].
     pub fn forward(
         &self,
         image_embeddings: &Tensor,
-        dense_pe: &Tensor,
-        sparse: &Tensor,
+        pos: &Tensor,
+        tokens: &Tensor,
         no_mask: &Tensor,
         msf: &Tensor,
     ) -> Result<Tensor> {
@@ -73,27 +81,25 @@ impl MaskDecoder {
                 ),
             ));
         }
-        let [n, two, sc] = sparse.dims_n::<3>(OP, "sparse")?;
-        if two != 2 || sc != c || no_mask.dims() != [1, c] || self.med_token.numel() != c {
+        let [n, three, sc] = tokens.dims_n::<3>(OP, "tokens")?;
+        if three != 3 || sc != c || no_mask.dims() != [1, c] || self.med_token.numel() != c {
             return Err(Error::shape(
                 OP,
                 format!(
-                    "sparse {:?} vs embeddings {:?}",
-                    sparse.dims(),
+                    "tokens {:?} vs embeddings {:?}",
+                    tokens.dims(),
                     image_embeddings.dims()
                 ),
             ));
         }
         let hw = g * g;
-        // tokens [N, 3, C] = [med_token, corner 0, corner 1]
-        let tokens = layout::cat1(&[&self.med_token, sparse])?;
         // src [1, HW, C] = image_embeddings channels-last + no_mask; pos [1, HW, C].
         // One copy, shared by every box in the first layer.
         let src = layout::nchw_to_nhwc(image_embeddings)?.reshape([hw, c])?;
         let src = add_broadcast(&src, no_mask)?.reshape([1, hw, c])?;
-        let pos = layout::nchw_to_nhwc(dense_pe)?.reshape([1, hw, c])?;
+        pos.expect_dims(OP, "pos", &[1, hw, c])?;
         let tr = crate::profile::scope("dec.transformer");
-        let (q, k) = self.transformer.forward(&src, &pos, &tokens)?;
+        let (q, k) = self.transformer.forward(&src, pos, tokens)?;
         drop(tr);
         let _up = crate::profile::scope("dec.upscale+feature");
         // keys back to [N, C, G, G]

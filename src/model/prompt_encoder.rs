@@ -10,11 +10,12 @@ use crate::tensor::Tensor;
 const PRE: &str = "prompt_encoder.sam_prompt_encoder";
 
 pub struct PromptEncoder {
-    /// [2, C/2]
-    gaussian: Vec<f32>,
-    /// [C] each
-    corner0: Vec<f32>,
-    corner1: Vec<f32>,
+    /// `pe_layer.positional_encoding_gaussian_matrix` [2, C/2] (a buffer)
+    gaussian: Tensor,
+    /// `point_embeddings.2.weight`, `point_embeddings.3.weight` [1, C] each:
+    /// the box corners' embeddings (trainable)
+    corner0: Tensor,
+    corner1: Tensor,
     /// `no_mask_embed.weight` [1, C] (a tensor: it moves with the model).
     no_mask: Tensor,
     dim: usize,
@@ -24,8 +25,7 @@ pub struct PromptEncoder {
 
 impl PromptEncoder {
     pub fn load(w: &Weights, img_size: usize, grid: usize) -> Result<Self> {
-        let g =
-            |n: &str| -> Result<Vec<f32>> { Ok(w.req(&format!("{PRE}.{n}"))?.as_f32()?.to_vec()) };
+        let g = |n: &str| -> Result<Tensor> { w.req(&format!("{PRE}.{n}")).cloned() };
         let gaussian = g("pe_layer.positional_encoding_gaussian_matrix")?;
         let no_mask = w.req(&format!("{PRE}.no_mask_embed.weight"))?.clone();
         Ok(PromptEncoder {
@@ -43,18 +43,18 @@ impl PromptEncoder {
         self.dim
     }
 
-    fn pe(&self, cx: f32, cy: f32, out: &mut [f32]) {
-        crate::ops::prompt::fourier_pe(&self.gaussian, cx, cy, out)
-    }
-
-    /// The dense positional encoding [1, C, G, G] of the cell centres.
-    pub fn dense_pe(&self) -> Tensor {
+    /// The dense positional encoding [1, C, G, G] of the cell centres,
+    /// computed on the host (once, when the model is built).
+    pub fn dense_pe(&self) -> Result<Tensor> {
+        let gaussian = self.gaussian.to_host()?;
+        let gaussian = gaussian.as_f32()?;
         let (c, g) = (self.dim, self.grid);
         let mut out = vec![0.0f32; c * g * g];
         let mut v = vec![0.0f32; c];
         for y in 0..g {
             for x in 0..g {
-                self.pe(
+                crate::ops::prompt::fourier_pe(
+                    gaussian,
                     (x as f32 + 0.5) / g as f32,
                     (y as f32 + 0.5) / g as f32,
                     &mut v,
@@ -64,24 +64,19 @@ impl PromptEncoder {
                 }
             }
         }
-        Tensor::from_f32(out, &[1, c, g, g])
+        Ok(Tensor::from_f32(out, &[1, c, g, g]))
     }
 
-    /// Boxes [N, 4] in the model frame -> sparse embeddings [N, 2, C].
-    pub fn embed_boxes(&self, boxes: &[[f32; 4]]) -> Tensor {
-        let out = crate::ops::prompt::embed_boxes(
+    /// Boxes [N, 4] in the model frame -> tokens [N, L + 2, C]: `lead`
+    /// (L = 1) if given, then the sparse embeddings of the two corners.
+    pub fn box_tokens(&self, boxes: &Tensor, lead: Option<&Tensor>) -> Result<Tensor> {
+        crate::ops::prompt::box_tokens(
             boxes,
             &self.gaussian,
-            &self.corner0,
-            &self.corner1,
+            (&self.corner0, &self.corner1),
+            lead,
             self.img_size,
-        );
-        Tensor::from_f32(out, &[boxes.len(), 2, self.dim])
-    }
-
-    /// The tensors of the box encoding: Gaussian [2, C/2], corner embeddings [C] x 2.
-    pub fn box_tables(&self) -> (&[f32], &[f32], &[f32]) {
-        (&self.gaussian, &self.corner0, &self.corner1)
+        )
     }
 
     pub fn img_size(&self) -> usize {
@@ -94,6 +89,9 @@ impl PromptEncoder {
     }
 }
 
-// The box tables stay on the host (the encoding of a few boxes runs there;
-// its result is moved to the model's device); the no-mask embedding moves.
-crate::params!(PromptEncoder { no_mask });
+crate::params!(PromptEncoder {
+    gaussian,
+    corner0,
+    corner1,
+    no_mask
+});

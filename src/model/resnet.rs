@@ -113,30 +113,33 @@ impl ResNet {
     }
 }
 
-impl crate::nn::Params for Block {
-    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+impl Block {
+    /// Its layers in the module tree's order.
+    fn layers(&mut self) -> Vec<&mut dyn crate::nn::Params> {
         match self {
             Block::Basic {
                 conv1,
                 conv2,
                 downsample,
-            } => {
-                conv1.visit(f)?;
-                conv2.visit(f)?;
-                downsample.visit(f)
-            }
+            } => vec![conv1, conv2, downsample],
             Block::Bottleneck {
                 conv1,
                 conv2,
                 conv3,
                 downsample,
-            } => {
-                conv1.visit(f)?;
-                conv2.visit(f)?;
-                conv3.visit(f)?;
-                downsample.visit(f)
-            }
+            } => vec![conv1, conv2, conv3, downsample],
         }
+    }
+}
+
+impl crate::nn::Params for Block {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.layers().into_iter().try_for_each(|l| l.visit(f))
+    }
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.layers()
+            .into_iter()
+            .try_for_each(|l| l.visit_gemm_weights(f))
     }
 }
 

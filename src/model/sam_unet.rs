@@ -38,6 +38,8 @@ pub struct SamUnet {
     decoder: MaskDecoder,
     /// [1, 256, 16, 16], fixed for a model.
     dense_pe: Tensor,
+    /// The same channels-last, [1, 16 * 16, 256]: the decoder's key positions.
+    pos: Tensor,
 }
 
 impl SamUnet {
@@ -51,8 +53,11 @@ impl SamUnet {
 
     fn build(config: SamUnetConfig, w: &Weights) -> Result<Self> {
         let prompt = PromptEncoder::load(w, config.img_size, config.grid())?;
-        let dense_pe = prompt.dense_pe();
+        let dense_pe = prompt.dense_pe()?;
+        let [_, c, g, _] = dense_pe.dims_n::<4>("SamUnet", "dense_pe")?;
+        let pos = nchw_to_nhwc(&dense_pe)?.reshape([1, g * g, c])?;
         Ok(SamUnet {
+            pos,
             resnet: ResNet::load(w, &config.resnet)?,
             vit: ImageEncoderViT::load(w, &config)?,
             adapters_in: (0..4)
@@ -132,25 +137,50 @@ impl SamUnet {
         boxes: &[[f32; 4]],
         trace: &mut Trace,
     ) -> Result<Tensor> {
-        let b = features.image_embeddings.dims()[0];
-        if index >= b {
+        let flat: Vec<f32> = boxes.iter().flatten().copied().collect();
+        let boxes = Tensor::from_f32(flat, &[boxes.len(), 4]).to_device(self.device())?;
+        self.decode_boxes(features, index, &boxes, trace)
+    }
+
+    /// `decode` with the boxes as a tensor [N, 4] (model frame) on the model's
+    /// device: on CUDA it makes no host transfer and no synchronisation, so
+    /// it can be recorded into a CUDA graph (crate::cuda::graph).
+    pub fn decode_boxes(
+        &self,
+        features: &ImageFeatures,
+        index: usize,
+        boxes: &Tensor,
+        trace: &mut Trace,
+    ) -> Result<Tensor> {
+        let b = features
+            .image_embeddings
+            .dims()
+            .first()
+            .copied()
+            .unwrap_or(0);
+        if index >= b || features.multi_scale_feature.dims().first() != Some(&b) {
             return Err(Error::input(
                 "decode",
-                format!("image index {index} of a batch of {b}"),
+                format!(
+                    "image index {index} of features {:?} / {:?}",
+                    features.image_embeddings.dims(),
+                    features.multi_scale_feature.dims()
+                ),
             ));
         }
         let emb = slice_first(&features.image_embeddings, index)?;
         let msf = slice_first(&features.multi_scale_feature, index)?;
-        let sparse = self.prompt.embed_boxes(boxes).to_device(self.device())?;
-        trace.push("prompt.sparse", &sparse);
+        // [N, 3, C]: the med token, then the two corners (one kernel on CUDA).
+        let tokens = self
+            .prompt
+            .box_tokens(boxes, Some(self.decoder.med_token()))?;
+        if trace.enabled {
+            trace.push("prompt.sparse", &crate::ops::layout::narrow(&tokens, 1, 2)?);
+        }
         trace.push("prompt.dense_pe", &self.dense_pe);
-        let low = self.decoder.forward(
-            &emb,
-            &self.dense_pe,
-            &sparse,
-            self.prompt.no_mask_embed(),
-            &msf,
-        )?;
+        let low =
+            self.decoder
+                .forward(&emb, &self.pos, &tokens, self.prompt.no_mask_embed(), &msf)?;
         trace.push("low_res_logits", &low);
         Ok(low)
     }
@@ -184,7 +214,8 @@ crate::params!(SamUnet {
     embedding_encoder,
     prompt,
     decoder,
-    dense_pe
+    dense_pe,
+    pos
 });
 
 impl SamUnet {
@@ -193,13 +224,57 @@ impl SamUnet {
         self.dense_pe.device()
     }
 
-    /// Moves every tensor of the model to `device` (f32). The same module tree
-    /// then runs there: each op dispatches on its inputs' device; images and
-    /// boxes given on the host are moved to the model's device on the way in.
-    pub fn to_device(&mut self, device: crate::tensor::Device) -> Result<()> {
-        crate::nn::Params::visit(self, &mut |t: &mut Tensor| {
-            *t = t.to_device(device)?;
-            Ok(())
-        })
+    /// Moves every tensor of the model to `device`. The same module tree then
+    /// runs there: each op dispatches on its inputs' device; images and boxes
+    /// given on the host are moved to the model's device on the way in.
+    ///
+    /// `dtype` bf16 (CUDA only) keeps the image side's GEMM weights (ResNet,
+    /// ViT, adapters, bridges, embedding encoder) in bf16, so their GEMMs run
+    /// on bf16 inputs with f32 accumulation and the ViT blocks run fused
+    /// (ops::attention::vit_block_bf16); every norm, softmax, epilogue and the
+    /// whole decoder stay f32. Moving back to f32 widens them again (the
+    /// rounding stays).
+    pub fn to_device(
+        &mut self,
+        device: crate::tensor::Device,
+        dtype: crate::tensor::DType,
+    ) -> Result<()> {
+        use crate::nn::Params;
+        use crate::tensor::{DType, Device};
+        match (device, dtype) {
+            (_, DType::F32) | (Device::Cuda(_), DType::BF16) => {}
+            (d, t) => {
+                return Err(Error::input(
+                    "SamUnet::to_device",
+                    format!(
+                        "the model runs in f32 or (on CUDA) bf16, not {} on {d}",
+                        t.name()
+                    ),
+                ));
+            }
+        }
+        crate::nn::to_device(self, device)?;
+        if dtype == DType::BF16 {
+            let image_side: [&mut dyn Params; 5] = [
+                &mut self.resnet,
+                &mut self.vit,
+                &mut self.adapters_in,
+                &mut self.bridges,
+                &mut self.embedding_encoder,
+            ];
+            for m in image_side {
+                crate::nn::gemm_weights_to(m, DType::BF16)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The dtype of the image side's GEMM weights (bf16 after
+    /// `to_device(_, DType::BF16)`).
+    pub fn dtype(&self) -> crate::tensor::DType {
+        self.vit
+            .blocks
+            .first()
+            .map_or(crate::tensor::DType::F32, |b| b.dtype())
     }
 }

@@ -13,14 +13,34 @@ use crate::tensor::Tensor;
 /// a model to a device, and later the parameter store, go through it.
 pub trait Params {
     fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()>;
+    /// Only the weights that a GEMM reads (Linear, Conv2d, ConvTranspose2d):
+    /// what a bf16 model keeps in bf16.
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()>;
+}
+
+/// Every tensor of `m` moved to `device`, in f32.
+pub fn to_device(m: &mut (impl Params + ?Sized), device: crate::tensor::Device) -> Result<()> {
+    m.visit(&mut |t: &mut Tensor| {
+        *t = t.to_device(device)?.to_dtype(crate::tensor::DType::F32)?;
+        Ok(())
+    })
+}
+
+/// The GEMM weights of `m` (Params::visit_gemm_weights) converted to `dtype`
+/// where they are: bf16 on CUDA makes their GEMMs run on bf16 inputs.
+pub fn gemm_weights_to(m: &mut (impl Params + ?Sized), dtype: crate::tensor::DType) -> Result<()> {
+    m.visit_gemm_weights(&mut |t: &mut Tensor| {
+        *t = t.to_dtype(dtype)?;
+        Ok(())
+    })
 }
 
 impl<T: Params> Params for Option<T> {
     fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
-        match self {
-            Some(m) => m.visit(f),
-            None => Ok(()),
-        }
+        self.iter_mut().try_for_each(|m| m.visit(f))
+    }
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.visit_gemm_weights(f))
     }
 }
 
@@ -28,25 +48,46 @@ impl<T: Params> Params for Vec<T> {
     fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         self.iter_mut().try_for_each(|m| m.visit(f))
     }
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.visit_gemm_weights(f))
+    }
 }
 
 impl<T: Params, const N: usize> Params for [T; N] {
     fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         self.iter_mut().try_for_each(|m| m.visit(f))
     }
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.visit_gemm_weights(f))
+    }
 }
 
+/// A bare tensor field (an embedding, a table, rel_pos) is not a GEMM weight.
 impl Params for Tensor {
     fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         f(self)
     }
+    fn visit_gemm_weights(&mut self, _f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// `impl Params` for a struct: its listed fields, in order.
+/// `impl Params` for a struct: its listed fields, in order. With `gemm
+/// weight` (the layers) that field is the GEMM weight; otherwise the GEMM
+/// weights are those of the fields' own modules.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! params {
     ($t:ty { $($field:ident),* $(,)? }) => {
+        $crate::params!(@impl $t { $($field),* } |s, f| {
+            $( $crate::nn::Params::visit_gemm_weights(&mut s.$field, f)?; )*
+            Ok(())
+        });
+    };
+    ($t:ty { $($field:ident),* $(,)? } gemm $w:ident) => {
+        $crate::params!(@impl $t { $($field),* } |s, f| f(&mut s.$w));
+    };
+    (@impl $t:ty { $($field:ident),* } |$s:ident, $f:ident| $gemm:expr) => {
         impl $crate::nn::Params for $t {
             fn visit(
                 &mut self,
@@ -55,13 +96,20 @@ macro_rules! params {
                 $( $crate::nn::Params::visit(&mut self.$field, f)?; )*
                 Ok(())
             }
+            fn visit_gemm_weights(
+                &mut self,
+                $f: &mut dyn FnMut(&mut $crate::Tensor) -> $crate::Result<()>,
+            ) -> $crate::Result<()> {
+                let $s = self;
+                $gemm
+            }
         }
     };
 }
 
-params!(Linear { weight, bias });
-params!(Conv2d { weight, bias });
-params!(ConvTranspose2d { weight, bias });
+params!(Linear { weight, bias } gemm weight);
+params!(Conv2d { weight, bias } gemm weight);
+params!(ConvTranspose2d { weight, bias } gemm weight);
 params!(LayerNorm { weight, bias });
 
 fn get(w: &Weights, prefix: &str, name: &str) -> Result<Tensor> {

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod conv;
 pub mod layout;
 pub mod linear;
+pub mod loss;
 pub mod norm;
 pub mod prompt;
 pub mod resize;
@@ -62,4 +63,13 @@ pub(crate) fn cpu_f32<'a>(op: &'static str, t: &'a Tensor) -> Result<&'a [f32]> 
         expected: "f32",
         got: t.dtype().name(),
     })
+}
+
+/// Backward passes run on the CPU so far: a CUDA tensor reaching one is a
+/// typed error naming the op (the CUDA backward kernels come later).
+pub(crate) fn backward_on_cpu(op: &'static str, ts: &[&Tensor]) -> Result<()> {
+    if ts.iter().any(|t| t.device() != Device::Cpu) {
+        return Err(Error::NoBackward { op });
+    }
+    Ok(())
 }

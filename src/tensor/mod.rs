@@ -217,6 +217,8 @@ pub struct Tensor {
     // Invariant: offset + shape.numel() <= storage.len().
     offset: usize,
     shape: Shape,
+    /// Set while an autograd recording tracks this value (crate::autograd).
+    var: Option<crate::autograd::Var>,
 }
 
 impl fmt::Debug for Tensor {
@@ -237,6 +239,7 @@ fn whole(storage: Storage, shape: Shape) -> Tensor {
         storage: Arc::new(storage),
         offset: 0,
         shape,
+        var: None,
     }
 }
 
@@ -433,6 +436,7 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
+        crate::autograd::no_backward("to_dtype", &[self])?;
         let (o, n) = (self.offset, self.numel());
         match &*self.storage {
             Storage::Cpu(s) => {
@@ -521,6 +525,7 @@ impl Tensor {
         if device == self.device() {
             return Ok(self.clone());
         }
+        crate::autograd::no_backward("to_device", &[self])?;
         match device {
             Device::Cpu => self.to_host(),
             Device::Cuda(i) => {
@@ -696,7 +701,18 @@ impl Tensor {
         }
     }
 
+    /// The autograd value this tensor is, while a recording tracks it.
+    pub(crate) fn var(&self) -> Option<crate::autograd::Var> {
+        self.var
+    }
+
+    pub(crate) fn set_var(&mut self, var: Option<crate::autograd::Var>) {
+        self.var = var;
+    }
+
     /// A view of `shape` starting `offset` elements into this tensor (no copy).
+    /// Under an autograd recording, the gradient of a view lands in its range
+    /// of the whole (zeros elsewhere).
     pub fn view(&self, offset: usize, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
         if offset
@@ -711,11 +727,27 @@ impl Tensor {
                 ),
             ));
         }
-        Ok(Tensor {
+        let mut out = Tensor {
             storage: self.storage.clone(),
             offset: self.offset + offset,
             shape,
-        })
+            var: None,
+        };
+        if crate::autograd::requires_grad(self) {
+            let whole = self.shape.clone();
+            crate::autograd::record(
+                "view",
+                &[self],
+                &mut out,
+                0,
+                Box::new(move |g| {
+                    Ok(vec![Some(crate::ops::layout::scatter_range(
+                        g, offset, whole,
+                    )?)])
+                }),
+            );
+        }
+        Ok(out)
     }
 
     /// The same storage seen with another shape of equal element count.
@@ -727,11 +759,23 @@ impl Tensor {
                 format!("{:?} -> {:?}", self.shape, shape),
             ));
         }
-        Ok(Tensor {
+        let mut out = Tensor {
             storage: self.storage.clone(),
             offset: self.offset,
             shape,
-        })
+            var: None,
+        };
+        if crate::autograd::requires_grad(self) {
+            let back = self.shape.clone();
+            crate::autograd::record(
+                "reshape",
+                &[self],
+                &mut out,
+                0,
+                Box::new(move |g| Ok(vec![Some(g.reshape(back)?)])),
+            );
+        }
+        Ok(out)
     }
 
     /// Checks the dims, naming the op and both shapes on mismatch.

@@ -60,6 +60,17 @@ pub fn bias_act(
     cols: usize,
     a: Act,
 ) -> Result<()> {
+    bias_act_view(dev, &mut y.slice_mut(..), bias, cols, a)
+}
+
+/// bias_act on a view of a buffer (a tensor's range, written in place).
+pub fn bias_act_view(
+    dev: &CudaDevice,
+    y: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    bias: Option<&CudaSlice<f32>>,
+    cols: usize,
+    a: Act,
+) -> Result<()> {
     if cols == 0 || !y.len().is_multiple_of(cols) || bias.is_some_and(|b| b.len() != cols) {
         return Err(Error::shape(
             "bias_act (cuda)",

@@ -226,3 +226,95 @@ pub fn mha(
         dims: vec![n, lq, i],
     })
 }
+
+/// The weights of one ViT block as `vit_block_bf16` takes them: the four GEMM
+/// weights in bf16 ([out, in]), everything else f32.
+pub struct VitBlockBf16<'a> {
+    /// [D] each
+    pub norm1: (&'a CudaSlice<f32>, &'a CudaSlice<f32>),
+    /// [3D, D] bf16, [3D]
+    pub qkv: (&'a CudaSlice<half::bf16>, &'a CudaSlice<f32>),
+    /// [D, D] bf16, [D]
+    pub proj: (&'a CudaSlice<half::bf16>, &'a CudaSlice<f32>),
+    /// [2S - 1, 64] each
+    pub rel: (&'a CudaSlice<f32>, &'a CudaSlice<f32>),
+    /// [D] each
+    pub norm2: (&'a CudaSlice<f32>, &'a CudaSlice<f32>),
+    /// [M, D] bf16, [M]
+    pub lin1: (&'a CudaSlice<half::bf16>, &'a CudaSlice<f32>),
+    /// [D, M] bf16, [D]
+    pub lin2: (&'a CudaSlice<half::bf16>, &'a CudaSlice<f32>),
+    pub heads: usize,
+    /// 0: global attention.
+    pub window: usize,
+}
+
+/// One ViT block with bf16 GEMM inputs, fused: the LayerNorms write the bf16
+/// GEMM inputs directly, the tensor-core attention adds the qkv bias while it
+/// loads and writes the bf16 proj input, lin1's epilogue (bias + GELU) writes
+/// lin2's bf16 input, and both residual adds ride on the GEMMs (beta = 1 onto
+/// x + bias). 6 kernels and 4 GEMMs; every GEMM bf16 x bf16 -> f32.
+/// x [b, g, g, d] f32 -> [b, g, g, d] f32.
+pub fn vit_block_bf16(
+    dev: &CudaDevice,
+    blas: &crate::cuda::blas::Blas,
+    x: &CudaSlice<f32>,
+    w: &VitBlockBf16<'_>,
+    (b, g, d): (usize, usize, usize),
+) -> Result<CudaSlice<f32>> {
+    use crate::ops::activation::{Act, cuda as act};
+    use crate::ops::norm::cuda::layer_norm_bf16;
+    const OP: &str = "vit_block_bf16 (cuda)";
+    let t = b * g * g;
+    let m = w.lin1.1.len();
+    if x.len() != t * d
+        || w.norm1.0.len() != d
+        || w.norm1.1.len() != d
+        || w.norm2.0.len() != d
+        || w.norm2.1.len() != d
+        || w.qkv.0.len() != 3 * d * d
+        || w.qkv.1.len() != 3 * d
+        || w.proj.0.len() != d * d
+        || w.proj.1.len() != d
+        || w.lin1.0.len() != m * d
+        || w.lin2.0.len() != d * m
+        || w.lin2.1.len() != d
+    {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "x of {} values for [{b}, {g}, {g}, {d}], qkv {} / {}, proj {} / {}, \
+                 lin1 {} / {m}, lin2 {} / {}",
+                x.len(),
+                w.qkv.0.len(),
+                w.qkv.1.len(),
+                w.proj.0.len(),
+                w.proj.1.len(),
+                w.lin1.0.len(),
+                w.lin2.0.len(),
+                w.lin2.1.len()
+            ),
+        ));
+    }
+    let st = dev.stream();
+    let h = layer_norm_bf16(dev, x, w.norm1.0, w.norm1.1, d, 1e-6)?;
+    let mut qkv = dev.alloc(t * 3 * d)?;
+    blas.linear_bf16(st, &h, w.qkv.0, &mut qkv, t, 3 * d, d, false)?;
+    drop(h);
+    let a = rel_pos_attention_tc_bf16(
+        dev, &qkv, w.qkv.1, w.rel.0, w.rel.1, b, g, d, w.heads, w.window, false,
+    )?;
+    drop(qkv);
+    let mut x1 = act::add_bias_rows(dev, x, w.proj.1)?;
+    blas.linear_bf16(st, &a, w.proj.0, &mut x1, t, d, d, true)?;
+    drop(a);
+    let h2 = layer_norm_bf16(dev, &x1, w.norm2.0, w.norm2.1, d, 1e-6)?;
+    let mut hid = dev.alloc(t * m)?;
+    blas.linear_bf16(st, &h2, w.lin1.0, &mut hid, t, m, d, false)?;
+    drop(h2);
+    let h16 = act::bias_act_bf16(dev, &hid, w.lin1.1, m, Act::Gelu)?;
+    drop(hid);
+    let mut y = act::add_bias_rows(dev, &x1, w.lin2.1)?;
+    blas.linear_bf16(st, &h16, w.lin2.0, &mut y, t, d, m, true)?;
+    Ok(y)
+}

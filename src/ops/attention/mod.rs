@@ -89,6 +89,116 @@ pub fn rel_pos_attention(
     Ok(Tensor::from_f32(out, &[b, gh, gw, d]))
 }
 
+/// The tensors of one ViT block, for `vit_block_bf16`.
+pub struct VitBlock<'a> {
+    /// LayerNorm weight and bias [D] each
+    pub norm1: (&'a Tensor, &'a Tensor),
+    /// Linear weight [3D, D] (bf16) and bias [3D]
+    pub qkv: (&'a Tensor, &'a Tensor),
+    /// [D, D] (bf16), [D]
+    pub proj: (&'a Tensor, &'a Tensor),
+    /// rel_pos_h, rel_pos_w [2S - 1, hd]
+    pub rel: (&'a Tensor, &'a Tensor),
+    /// [D] each
+    pub norm2: (&'a Tensor, &'a Tensor),
+    /// [M, D] (bf16), [M]
+    pub lin1: (&'a Tensor, &'a Tensor),
+    /// [D, M] (bf16), [D]
+    pub lin2: (&'a Tensor, &'a Tensor),
+    pub heads: usize,
+    /// 0: global attention.
+    pub window: usize,
+}
+
+/// A whole ViT block, x + proj(attn(norm1 x)) then + lin2(GELU(lin1(norm2 x))),
+/// fused for CUDA with bf16 GEMM weights (f32 accumulation; the model chooses
+/// it when its block's linears are bf16 on a CUDA device): 6 kernels and 4
+/// GEMMs instead of the unfused ops' 7 + 4 and their f32 round trips between
+/// the norms and the GEMMs. x [B, G, G, D] f32 -> [B, G, G, D] f32.
+pub fn vit_block_bf16(x: &Tensor, w: &VitBlock<'_>) -> Result<Tensor> {
+    use crate::tensor::DType;
+    const OP: &str = "vit_block_bf16";
+    let _p = crate::profile::scope(OP);
+    let [b, g, gw, d] = x.dims_n::<4>(OP, "x")?;
+    if g != gw {
+        return Err(Error::shape(
+            OP,
+            format!("grid must be square, x {:?}", x.dims()),
+        ));
+    }
+    let [m, _] = w.lin1.0.dims_n::<2>(OP, "lin1 weight")?;
+    let s = if w.window == 0 { g } else { w.window };
+    let hd = d.checked_div(w.heads).unwrap_or(0);
+    let checks: [(&Tensor, &str, Vec<usize>); 14] = [
+        (w.norm1.0, "norm1 weight", vec![d]),
+        (w.norm1.1, "norm1 bias", vec![d]),
+        (w.qkv.0, "qkv weight", vec![3 * d, d]),
+        (w.qkv.1, "qkv bias", vec![3 * d]),
+        (w.proj.0, "proj weight", vec![d, d]),
+        (w.proj.1, "proj bias", vec![d]),
+        (w.rel.0, "rel_pos_h", vec![2 * s - 1, hd]),
+        (w.rel.1, "rel_pos_w", vec![2 * s - 1, hd]),
+        (w.norm2.0, "norm2 weight", vec![d]),
+        (w.norm2.1, "norm2 bias", vec![d]),
+        (w.lin1.0, "lin1 weight", vec![m, d]),
+        (w.lin1.1, "lin1 bias", vec![m]),
+        (w.lin2.0, "lin2 weight", vec![d, m]),
+        (w.lin2.1, "lin2 bias", vec![d]),
+    ];
+    for (t, name, dims) in &checks {
+        t.expect_dims(OP, name, dims)?;
+    }
+    let mut all = vec![x];
+    all.extend(checks.iter().map(|c| c.0));
+    let Device::Cuda(_) = same_device(OP, &all)? else {
+        return Err(Error::Device {
+            op: OP,
+            expected: "cuda".into(),
+            got: "cpu".into(),
+        });
+    };
+    for t in [w.qkv.0, w.proj.0, w.lin1.0, w.lin2.0] {
+        if t.dtype() != DType::BF16 {
+            return Err(Error::DType {
+                op: OP,
+                expected: "bf16",
+                got: t.dtype().name(),
+            });
+        }
+    }
+    let f32s = [
+        x, w.norm1.0, w.norm1.1, w.qkv.1, w.proj.1, w.rel.0, w.rel.1, w.norm2.0, w.norm2.1,
+        w.lin1.1, w.lin2.1,
+    ]
+    .map(|t| cuda_input(OP, t));
+    let [x, n1w, n1b, qb, pb, rh, rw, n2w, n2b, l1b, l2b] = f32s;
+    let (x, n1w, n1b, qb, pb, rh, rw, n2w, n2b, l1b, l2b) =
+        (x?, n1w?, n1b?, qb?, pb?, rh?, rw?, n2w?, n2b?, l1b?, l2b?);
+    let bf = [w.qkv.0, w.proj.0, w.lin1.0, w.lin2.0].map(|t| t.compact());
+    let [wq, wp, w1, w2] = bf;
+    let (wq, wp, w1, w2) = (wq?, wp?, w1?, w2?);
+    fn f(t: &Tensor) -> Result<&cudarc::driver::CudaSlice<f32>> {
+        t.cuda_whole_f32("vit_block_bf16").map(|(_, s)| s)
+    }
+    fn h(t: &Tensor) -> Result<&cudarc::driver::CudaSlice<half::bf16>> {
+        t.cuda_whole_bf16("vit_block_bf16")
+    }
+    let (dev, xs) = x.cuda_whole_f32(OP)?;
+    let wts = cuda::VitBlockBf16 {
+        norm1: (f(&n1w)?, f(&n1b)?),
+        qkv: (h(&wq)?, f(&qb)?),
+        proj: (h(&wp)?, f(&pb)?),
+        rel: (f(&rh)?, f(&rw)?),
+        norm2: (f(&n2w)?, f(&n2b)?),
+        lin1: (h(&w1)?, f(&l1b)?),
+        lin2: (h(&w2)?, f(&l2b)?),
+        heads: w.heads,
+        window: w.window,
+    };
+    let y = dev.with_blas(|blas| cuda::vit_block_bf16(dev, blas, xs, &wts, (b, g, d)))?;
+    Tensor::from_cuda_f32(dev, y, [b, g, g, d])
+}
+
 /// q [N, Lq, I], k [N, Lk, I], v [N, Lk, I] with I = heads * hd ->
 /// softmax(q_h k_h^T / sqrt(hd)) v_h per head, concatenated: [N, Lq, I].
 /// Any of q, k, v may have a leading 1 instead of N: it is shared by the whole

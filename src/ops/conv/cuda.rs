@@ -12,6 +12,27 @@ use crate::error::{Error, Result};
 use crate::ops::activation::Act;
 use crate::ops::activation::cuda::to_bf16;
 
+/// A convolution's weight on the device: f32 runs the GEMM in f32, bf16 runs
+/// it on bf16 inputs (the activations are rounded on the way) with f32
+/// accumulation. One buffer either way: no f32 copy beside a bf16 weight.
+#[derive(Clone, Copy)]
+pub enum ConvWeight<'a> {
+    F32(&'a CudaSlice<f32>),
+    BF16(&'a CudaSlice<half::bf16>),
+}
+
+impl ConvWeight<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            ConvWeight::F32(w) => w.len(),
+            ConvWeight::BF16(w) => w.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// The most bytes an im2col / transposed-conv scratch buffer may take; a
 /// larger batch is processed in chunks of images.
 const COL_BYTES: usize = 256 << 20;
@@ -20,15 +41,14 @@ fn images_per_chunk(per_image_bytes: usize, n: usize) -> usize {
     (COL_BYTES / per_image_bytes.max(1)).clamp(1, n.max(1))
 }
 
-/// act(conv(x) + bias + residual). x [N, C, H, W], w [O, C * kh * kw] (f32;
-/// `w16` the same in bf16 to run the GEMM in bf16) -> [N, O, Ho, Wo].
+/// act(conv(x) + bias + residual). x [N, C, H, W], w [O, C * kh * kw] (f32,
+/// or bf16 to run the GEMM in bf16) -> [N, O, Ho, Wo].
 #[allow(clippy::too_many_arguments)]
 pub fn conv2d(
     dev: &CudaDevice,
     blas: &Blas,
     x: &(impl GpuIn + ?Sized),
-    w: &CudaSlice<f32>,
-    w16: Option<&CudaSlice<half::bf16>>,
+    w: ConvWeight<'_>,
     bias: Option<&CudaSlice<f32>>,
     o: usize,
     kh: usize,
@@ -45,7 +65,6 @@ pub fn conv2d(
         .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims())))?;
     let k = c * kh * kw;
     if w.len() != o * k
-        || w16.is_some_and(|w16| w16.len() != o * k)
         || stride == 0
         || h + 2 * pad < kh
         || wd + 2 * pad < kw
@@ -76,9 +95,9 @@ pub fn conv2d(
     let mut y = dev.alloc(n * o * p)?;
     let st = dev.stream();
     let direct = kh == 1 && kw == 1 && stride == 1 && pad == 0;
-    match (w16, direct) {
+    match (w, direct) {
         // 1 x 1: the GEMM reads the images themselves.
-        (None, true) => blas.gemm_batched::<f32, _, _, _>(
+        (ConvWeight::F32(w), true) => blas.gemm_batched::<f32, _, _, _>(
             st,
             false,
             false,
@@ -97,7 +116,7 @@ pub fn conv2d(
             n,
             false,
         )?,
-        (Some(w16), true) => {
+        (ConvWeight::BF16(w16), true) => {
             let x16 = to_bf16(dev, x.data())?;
             blas.gemm_batched::<half::bf16, _, _, _>(
                 st,
@@ -119,7 +138,7 @@ pub fn conv2d(
                 false,
             )?
         }
-        (None, false) => {
+        (ConvWeight::F32(w), false) => {
             let col = dev.alloc(images_per_chunk(k * p * 4, n) * k * p)?;
             im2col_gemm(
                 dev,
@@ -133,7 +152,7 @@ pub fn conv2d(
                 [kh, kw, stride, pad, ho, wo],
             )?
         }
-        (Some(w16), false) => {
+        (ConvWeight::BF16(w16), false) => {
             let col = dev.alloc_bf16(images_per_chunk(k * p * 2, n) * k * p)?;
             im2col_gemm(
                 dev,
@@ -268,14 +287,13 @@ fn im2col_gemm<T: crate::cuda::blas::BlasElem>(
 }
 
 /// ConvTranspose2d with kernel = stride = k: x [N, C, H, W], w [C, O k k]
-/// (`w16` its bf16 copy to run the GEMM in bf16) -> [N, O, kH, kW].
+/// (f32, or bf16 to run the GEMM in bf16) -> [N, O, kH, kW].
 #[allow(clippy::too_many_arguments)]
 pub fn conv_transpose2d(
     dev: &CudaDevice,
     blas: &Blas,
     x: &(impl GpuIn + ?Sized),
-    w: &CudaSlice<f32>,
-    w16: Option<&CudaSlice<half::bf16>>,
+    w: ConvWeight<'_>,
     bias: Option<&CudaSlice<f32>>,
     o: usize,
     k: usize,
@@ -287,10 +305,7 @@ pub fn conv_transpose2d(
         .try_into()
         .map_err(|_| Error::shape(OP, format!("input {:?}", x.dims())))?;
     let rows = o * k * k;
-    if w.len() != c * rows
-        || w16.is_some_and(|w16| w16.len() != c * rows)
-        || bias.is_some_and(|b| b.len() != o)
-    {
+    if w.len() != c * rows || bias.is_some_and(|b| b.len() != o) {
         return Err(Error::shape(
             OP,
             format!(
@@ -307,15 +322,16 @@ pub fn conv_transpose2d(
     let mut tmp = dev.alloc(per * rows * hw)?;
     let f = dev.function("conv", "convt_scatter_f32")?;
     let null: u64 = 0;
-    let x16 = match w16 {
-        Some(_) => Some(to_bf16(dev, x.data())?),
-        None => None,
+    let x16 = match w {
+        ConvWeight::BF16(_) => Some(to_bf16(dev, x.data())?),
+        ConvWeight::F32(_) => None,
     };
     for i0 in (0..n).step_by(per) {
         let nb = per.min(n - i0);
         // tmp_i [O k k, HW] = W^T [O k k, C] X_i [C, HW], every image of the chunk in one call
-        match (w16, &x16) {
-            (Some(w16), Some(x16)) => {
+        match (w, &x16) {
+            (ConvWeight::BF16(_), None) => unreachable!("x16 is made for a bf16 weight"),
+            (ConvWeight::BF16(w16), Some(x16)) => {
                 let xi = x16.slice(i0 * c * hw..(i0 + nb) * c * hw);
                 blas.gemm_batched::<half::bf16, _, _, _>(
                     st,
@@ -337,7 +353,7 @@ pub fn conv_transpose2d(
                     false,
                 )?
             }
-            _ => {
+            (ConvWeight::F32(w), _) => {
                 let xi = x.data().slice(i0 * c * hw..(i0 + nb) * c * hw);
                 blas.gemm_batched::<f32, _, _, _>(
                     st,

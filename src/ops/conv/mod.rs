@@ -14,18 +14,22 @@ use crate::ops::activation::Act;
 use crate::ops::{cpu_f32, cuda_input, same_device};
 use crate::tensor::{DType, Device, Tensor};
 
-/// A weight for the CUDA launchers: (f32 values, bf16 values when the weight
-/// is bf16, which makes the GEMM run in bf16). The launchers still take the
-/// f32 values for their checks and f32 path, so a bf16 weight is widened
-/// here; the model tree keeps its own f32 + bf16 pair until it is folded into
-/// these ops.
-fn cuda_weight(op: &'static str, w: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+/// A weight as the CUDA launchers take it: its dtype chooses the GEMM's
+/// (bf16 weights run the GEMM on bf16 inputs with f32 accumulation).
+fn cuda_weight(op: &'static str, w: &Tensor) -> Result<Tensor> {
     if w.dtype() == DType::BF16 {
-        let w16 = w.compact()?;
-        Ok((w16.to_dtype(DType::F32)?, Some(w16)))
+        w.compact()
     } else {
-        Ok((cuda_input(op, w)?, None))
+        cuda_input(op, w)
     }
+}
+
+fn weight_ref<'a>(op: &'static str, w: &'a Tensor) -> Result<cuda::ConvWeight<'a>> {
+    Ok(if w.dtype() == DType::BF16 {
+        cuda::ConvWeight::BF16(w.cuda_whole_bf16(op)?)
+    } else {
+        cuda::ConvWeight::F32(w.cuda_whole_f32(op)?.1)
+    })
 }
 
 fn device_of(t: &Tensor) -> Arc<CudaDevice> {
@@ -93,11 +97,10 @@ pub fn conv2d(
     all.extend(residual);
     if let Device::Cuda(_) = same_device(OP, &all)? {
         let x = cuda_input(OP, x)?;
-        let (w32, w16) = cuda_weight(OP, w)?;
+        let w = cuda_weight(OP, w)?;
         let b = b.map(|b| cuda_input(OP, b)).transpose()?;
         let r = residual.map(|r| cuda_input(OP, r)).transpose()?;
         let dev = device_of(&x);
-        let w16s = w16.as_ref().map(|w| w.cuda_whole_bf16(OP)).transpose()?;
         let bs = b
             .as_ref()
             .map(|b| b.cuda_whole_f32(OP).map(|(_, s)| s))
@@ -108,8 +111,7 @@ pub fn conv2d(
                 &dev,
                 blas,
                 &x.gpu_ref(OP)?,
-                w32.cuda_whole_f32(OP)?.1,
-                w16s,
+                weight_ref(OP, &w)?,
                 bs,
                 o,
                 kh,
@@ -179,10 +181,9 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
     all.extend(b);
     if let Device::Cuda(_) = same_device(OP, &all)? {
         let x = cuda_input(OP, x)?;
-        let (w32, w16) = cuda_weight(OP, w)?;
+        let w = cuda_weight(OP, w)?;
         let b = b.map(|b| cuda_input(OP, b)).transpose()?;
         let dev = device_of(&x);
-        let w16s = w16.as_ref().map(|w| w.cuda_whole_bf16(OP)).transpose()?;
         let bs = b
             .as_ref()
             .map(|b| b.cuda_whole_f32(OP).map(|(_, s)| s))
@@ -192,8 +193,7 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
                 &dev,
                 blas,
                 &x.gpu_ref(OP)?,
-                w32.cuda_whole_f32(OP)?.1,
-                w16s,
+                weight_ref(OP, &w)?,
                 bs,
                 o,
                 kh,

@@ -168,6 +168,35 @@ pub fn cat1(parts: &[&Tensor]) -> Result<Tensor> {
     Ok(Tensor::from_f32(out, &[n, l, c]))
 }
 
+/// g placed at [offset, offset + g.numel()) of a zero tensor of `whole`'s
+/// shape: the gradient of a view (Tensor::view). On g's device.
+pub fn scatter_range(g: &Tensor, offset: usize, whole: crate::tensor::Shape) -> Result<Tensor> {
+    const OP: &str = "scatter_range";
+    let n = g.numel();
+    if offset.checked_add(n).is_none_or(|end| end > whole.numel()) {
+        return Err(crate::Error::shape(
+            OP,
+            format!("{:?} at offset {offset} in {whole:?}", g.dims()),
+        ));
+    }
+    if let Device::Cuda(_) = g.device() {
+        let dev = g.cuda_device().expect("a CUDA tensor").clone();
+        let src = g.cuda_f32(OP)?;
+        let mut out = Tensor::from_cuda_f32(&dev, dev.alloc_zeros(whole.numel())?, whole)?;
+        {
+            let mut dst = out.cuda_f32_mut(OP)?;
+            let mut part = dst.slice_mut(offset..offset + n);
+            dev.stream()
+                .memcpy_dtod(&src, &mut part)
+                .map_err(crate::cuda::driver_err("copy"))?;
+        }
+        return Ok(out);
+    }
+    let mut out = vec![0.0f32; whole.numel()];
+    out[offset..offset + n].copy_from_slice(cpu_f32(OP, g)?);
+    Ok(Tensor::from_f32(out, whole.dims()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,3 +58,45 @@ pub fn linear(
     }
     out
 }
+
+/// dX [m, k] = G [m, n] W [n, k].
+pub fn grad_input(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * k];
+    sgemm(
+        MatRef::rm(g, m, n),
+        MatRef::rm(w, n, k),
+        &mut out,
+        k,
+        1,
+        false,
+        Par::Pool,
+    );
+    out
+}
+
+/// dW [n, k] = G^T [n, m] X [m, k].
+pub fn grad_weight(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * k];
+    sgemm(
+        MatRef::tr(g, n, m),
+        MatRef::rm(x, m, k),
+        &mut out,
+        k,
+        1,
+        false,
+        Par::Pool,
+    );
+    out
+}
+
+/// The column sums of G [m, n] (the bias gradient), accumulated in f64 over
+/// the rows in order.
+pub fn col_sums(g: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut acc = vec![0.0f64; n];
+    for row in g.chunks_exact(n.max(1)).take(m) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v as f64;
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}

@@ -3,6 +3,7 @@
 mod cpu;
 pub mod cuda;
 
+use crate::autograd;
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
 use crate::ops::{cpu_f32, cuda_input, same_device};
@@ -49,6 +50,106 @@ pub fn linear_fused(
     let mut all = vec![x, w];
     all.extend(b);
     all.extend(residual);
+    let tracked = autograd::is_tracked(&all);
+    if tracked && act != Act::None {
+        // Under a recording the activation is its own node: its backward
+        // needs the pre-activation values.
+        let z = linear_fused(x, w, b, residual, Act::None)?;
+        return crate::ops::activation::act(&z, act);
+    }
+    let mut y = linear_forward(x, w, b, residual, act, (m, n, k), &out_dims)?;
+    if tracked {
+        let (gx, gw) = (autograd::requires_grad(x), autograd::requires_grad(w));
+        let gb = b.is_some_and(autograd::requires_grad);
+        let gr = residual.is_some_and(autograd::requires_grad);
+        // dX needs W, dW needs X: a frozen weight keeps no input alive.
+        let xs = gw.then(|| x.clone());
+        let ws = gx.then(|| w.clone());
+        let saved = xs.as_ref().map_or(0, autograd::bytes);
+        let (xd, wd) = (x.dims().to_vec(), w.dims().to_vec());
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        inputs.extend(residual);
+        let (has_b, has_r) = (b.is_some(), residual.is_some());
+        autograd::record(
+            OP,
+            &inputs,
+            &mut y,
+            saved,
+            Box::new(move |g| {
+                let (dx, dw, db) =
+                    linear_backward(g, xs.as_ref(), ws.as_ref(), gb, (m, n, k), (&xd, &wd))?;
+                let mut v = vec![dx, dw];
+                if has_b {
+                    v.push(db);
+                }
+                if has_r {
+                    v.push(gr.then(|| g.clone()));
+                }
+                Ok(v)
+            }),
+        );
+    }
+    Ok(y)
+}
+
+/// The gradients of y = x W^T + b (+ residual): dX = G W (when `w` is given:
+/// x needs one), dW = G^T X (when `x` is given), db = column sums of G (when
+/// `want_b`). G [m, n], x [m, k], w [n, k].
+#[allow(clippy::type_complexity)]
+pub fn linear_backward(
+    g: &Tensor,
+    x: Option<&Tensor>,
+    w: Option<&Tensor>,
+    want_b: bool,
+    (m, n, k): (usize, usize, usize),
+    (x_dims, w_dims): (&[usize], &[usize]),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "linear backward";
+    let mut all = vec![g];
+    all.extend(x);
+    all.extend(w);
+    crate::ops::backward_on_cpu(OP, &all)?;
+    if g.numel() != m * n {
+        return Err(Error::shape(
+            OP,
+            format!("gradient {:?} for {m} x {n}", g.dims()),
+        ));
+    }
+    let gs = cpu_f32(OP, g)?;
+    let dx = w
+        .map(|w| -> Result<Tensor> {
+            Ok(Tensor::from_f32(
+                cpu::grad_input(gs, cpu_f32(OP, w)?, m, n, k),
+                x_dims,
+            ))
+        })
+        .transpose()?;
+    let dw = x
+        .map(|x| -> Result<Tensor> {
+            Ok(Tensor::from_f32(
+                cpu::grad_weight(gs, cpu_f32(OP, x)?, m, n, k),
+                w_dims,
+            ))
+        })
+        .transpose()?;
+    let db = want_b.then(|| Tensor::from_f32(cpu::col_sums(gs, m, n), &[n]));
+    Ok((dx, dw, db))
+}
+
+fn linear_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Act,
+    (m, n, k): (usize, usize, usize),
+    out_dims: &[usize],
+) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let mut all = vec![x, w];
+    all.extend(b);
+    all.extend(residual);
     if let Device::Cuda(_) = same_device(OP, &all)? {
         // A bf16 weight makes a bf16 GEMM (f32 accumulation); the rest is f32.
         let w = if w.dtype() == DType::BF16 {
@@ -68,7 +169,7 @@ pub fn linear_fused(
             r.as_ref(),
             act,
             (m, n, k),
-            &out_dims,
+            out_dims,
         );
     }
     let out = cpu::linear(
@@ -81,7 +182,7 @@ pub fn linear_fused(
         n,
         k,
     );
-    Ok(Tensor::from_f32(out, &out_dims))
+    Ok(Tensor::from_f32(out, out_dims))
 }
 
 /// The mask decoder's hypernetwork product: logits [N, 1, H, W] with

@@ -142,3 +142,92 @@ pub fn layer_norm2d(
     });
     out
 }
+
+/// Where the groups of a layer norm lie: `groups` groups of `c` values,
+/// value ch of group j at base(j) + ch * stride.
+#[derive(Clone, Copy)]
+pub struct NormGroups {
+    pub groups: usize,
+    pub c: usize,
+    /// Channel stride (1: the last dim; p: LayerNorm2d over NCHW).
+    pub stride: usize,
+    /// Pixels per image for LayerNorm2d (groups j = image * p + pixel); 0 for
+    /// the last-dim form (groups j = row).
+    pub p: usize,
+}
+
+impl NormGroups {
+    fn base(&self, j: usize) -> usize {
+        match j.checked_div(self.p) {
+            None => j * self.c,
+            Some(img) => img * self.c * self.p + j % self.p,
+        }
+    }
+}
+
+/// LayerNorm backward: (dx, dw, db) for y = (x - mean) rstd w + b over each
+/// group, in f64: dx = rstd (gw - mean(gw) - xhat mean(gw xhat)) with
+/// gw = g w; dw = sum g xhat, db = sum g over the groups. The groups are cut
+/// into fixed chunks whose partial sums add up in chunk order, so the result
+/// does not depend on the number of threads.
+pub fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    geo: NormGroups,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    const CH: usize = 256;
+    let c = geo.c;
+    let chunks: Vec<(Vec<f32>, Vec<f64>, Vec<f64>)> = (0..geo.groups.div_ceil(CH))
+        .into_par_iter()
+        .map(|t| {
+            let (j0, j1) = (t * CH, ((t + 1) * CH).min(geo.groups));
+            let mut dx = vec![0.0f32; (j1 - j0) * c];
+            let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
+            let mut xhat = vec![0.0f64; c];
+            for j in j0..j1 {
+                let base = geo.base(j);
+                let at = |ch: usize| base + ch * geo.stride;
+                let mean = (0..c).map(|ch| x[at(ch)] as f64).sum::<f64>() / c as f64;
+                let var = (0..c)
+                    .map(|ch| (x[at(ch)] as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / c as f64;
+                let rstd = 1.0 / (var + eps as f64).sqrt();
+                let (mut m_gw, mut m_gwx) = (0.0f64, 0.0f64);
+                for ch in 0..c {
+                    xhat[ch] = (x[at(ch)] as f64 - mean) * rstd;
+                    let gv = g[at(ch)] as f64;
+                    let gw = gv * w[ch] as f64;
+                    m_gw += gw;
+                    m_gwx += gw * xhat[ch];
+                    dw[ch] += gv * xhat[ch];
+                    db[ch] += gv;
+                }
+                m_gw /= c as f64;
+                m_gwx /= c as f64;
+                let row = &mut dx[(j - j0) * c..(j - j0 + 1) * c];
+                for ch in 0..c {
+                    let gw = g[at(ch)] as f64 * w[ch] as f64;
+                    row[ch] = (rstd * (gw - m_gw - xhat[ch] * m_gwx)) as f32;
+                }
+            }
+            (dx, dw, db)
+        })
+        .collect();
+    let mut dx = vec![0.0f32; x.len()];
+    let (mut dw, mut db) = (vec![0.0f64; c], vec![0.0f64; c]);
+    for (t, (cdx, cdw, cdb)) in chunks.into_iter().enumerate() {
+        for (i, row) in cdx.chunks_exact(c.max(1)).enumerate() {
+            let base = geo.base(t * CH + i);
+            for (ch, &v) in row.iter().enumerate() {
+                dx[base + ch * geo.stride] = v;
+            }
+        }
+        dw.iter_mut().zip(cdw).for_each(|(a, v)| *a += v);
+        db.iter_mut().zip(cdb).for_each(|(a, v)| *a += v);
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (dx, f(dw), f(db))
+}

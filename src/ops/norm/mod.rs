@@ -8,6 +8,7 @@
 mod cpu;
 pub mod cuda;
 
+use crate::autograd;
 use crate::error::Result;
 use crate::ops::activation::Act;
 use crate::ops::{cpu_f32, cuda_input, same_device};
@@ -16,10 +17,69 @@ use crate::tensor::{Device, Tensor};
 /// x: [..., C], weight/bias: [C].
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
     const OP: &str = "layer_norm";
-    let _p = crate::profile::scope(OP);
     let c = *x.dims().last().unwrap_or(&0);
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;
+    let mut y = layer_norm_forward(x, w, b, eps)?;
+    let groups = cpu::NormGroups {
+        groups: x.numel() / c.max(1),
+        c,
+        stride: 1,
+        p: 0,
+    };
+    record_norm(OP, x, w, b, eps, groups, &mut y);
+    Ok(y)
+}
+
+/// Records a layer norm's node when an input is tracked: it keeps x (and the
+/// weight, alive anyway) and recomputes the statistics in backward.
+fn record_norm(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    geo: cpu::NormGroups,
+    y: &mut Tensor,
+) {
+    if !autograd::is_tracked(&[x, w, b]) {
+        return;
+    }
+    let (gx, gw, gb) = (
+        autograd::requires_grad(x),
+        autograd::requires_grad(w),
+        autograd::requires_grad(b),
+    );
+    let (xs, ws) = (x.clone(), w.clone());
+    autograd::record(
+        op,
+        &[x, w, b],
+        y,
+        autograd::bytes(x),
+        Box::new(move |g| {
+            const OP: &str = "layer_norm backward";
+            crate::ops::backward_on_cpu(OP, &[&xs, &ws, g])?;
+            let (dx, dw, db) = cpu::layer_norm_backward(
+                cpu_f32(OP, &xs)?,
+                cpu_f32(OP, &ws)?,
+                cpu_f32(OP, g)?,
+                geo,
+                eps,
+            );
+            let c = geo.c;
+            Ok(vec![
+                gx.then(|| Tensor::from_f32(dx, xs.dims())),
+                gw.then(|| Tensor::from_f32(dw, &[c])),
+                gb.then(|| Tensor::from_f32(db, &[c])),
+            ])
+        }),
+    );
+}
+
+fn layer_norm_forward(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "layer_norm";
+    let _p = crate::profile::scope(OP);
+    let c = *x.dims().last().unwrap_or(&0);
     if let Device::Cuda(_) = same_device(OP, &[x, w, b])? {
         let (x, w, b) = (cuda_input(OP, x)?, cuda_input(OP, w)?, cuda_input(OP, b)?);
         let (dev, xs) = x.cuda_whole_f32(OP)?;
@@ -40,10 +100,31 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor
 /// x: [B, C, H, W], weight/bias: [C]; normalised over C at every pixel, then act.
 pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> Result<Tensor> {
     const OP: &str = "layer_norm2d";
-    let _p = crate::profile::scope(OP);
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     w.expect_dims(OP, "weight", &[c])?;
     b.expect_dims(OP, "bias", &[c])?;
+    if !autograd::is_tracked(&[x, w, b]) {
+        return layer_norm2d_forward(x, w, b, eps, act);
+    }
+    // Recorded: the norm, then the activation as its own node.
+    let mut y = layer_norm2d_forward(x, w, b, eps, Act::None)?;
+    let groups = cpu::NormGroups {
+        groups: n * h * wd,
+        c,
+        stride: h * wd,
+        p: h * wd,
+    };
+    record_norm(OP, x, w, b, eps, groups, &mut y);
+    if act == Act::None {
+        return Ok(y);
+    }
+    crate::ops::activation::act(&y, act)
+}
+
+fn layer_norm2d_forward(x: &Tensor, w: &Tensor, b: &Tensor, eps: f32, act: Act) -> Result<Tensor> {
+    const OP: &str = "layer_norm2d";
+    let _p = crate::profile::scope(OP);
+    let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
     if let Device::Cuda(_) = same_device(OP, &[x, w, b])? {
         let (x, w, b) = (cuda_input(OP, x)?, cuda_input(OP, w)?, cuda_input(OP, b)?);
         let (dev, _) = x.cuda_whole_f32(OP)?;

@@ -11,6 +11,10 @@ pub mod cuda;
 
 use std::f32::consts::PI;
 
+use crate::error::{Error, Result};
+use crate::ops::{cpu_f32, cuda_input, same_device};
+use crate::tensor::{Device, Tensor};
+
 /// pe(c) for c in [0, 1]^2 (x, y): [sin u, cos u] with u = 2 pi ((2c - 1) G).
 /// gaussian [2, C/2]; out [C].
 pub fn fourier_pe(gaussian: &[f32], cx: f32, cy: f32, out: &mut [f32]) {
@@ -44,4 +48,86 @@ pub fn embed_boxes(
         c1.iter_mut().zip(corner1).for_each(|(o, e)| *o += e);
     }
     out
+}
+
+/// Boxes [N, 4] (x0, y0, x1, y1 in the model frame) -> the decoder's tokens
+/// [N, L + 2, C]: `lead` ([1, 1, C] or [1, C]: the mask decoder's med token,
+/// L = 1) if given, then the two encoded corners plus their embeddings.
+/// gaussian [2, C/2], corner0 / corner1 [1, C]. On the boxes' device: the
+/// tokens of a CUDA graph come from boxes already on the device.
+pub fn box_tokens(
+    boxes: &Tensor,
+    gaussian: &Tensor,
+    corners: (&Tensor, &Tensor),
+    lead: Option<&Tensor>,
+    img_size: usize,
+) -> Result<Tensor> {
+    const OP: &str = "box_tokens";
+    let [n, four] = boxes.dims_n::<2>(OP, "boxes")?;
+    let c = corners.0.numel();
+    if four != 4 || n == 0 {
+        return Err(Error::shape(
+            OP,
+            format!("boxes {:?}: expected [N, 4] with N >= 1", boxes.dims()),
+        ));
+    }
+    if c == 0 || !c.is_multiple_of(2) {
+        return Err(Error::shape(
+            OP,
+            format!("corner embedding {:?}", corners.0.dims()),
+        ));
+    }
+    gaussian.expect_dims(OP, "gaussian", &[2, c / 2])?;
+    corners.0.expect_dims(OP, "corner0", &[1, c])?;
+    corners.1.expect_dims(OP, "corner1", &[1, c])?;
+    if let Some(m) = lead
+        && m.numel() != c
+    {
+        return Err(Error::shape(
+            OP,
+            format!("lead token {:?} for {c} channels", m.dims()),
+        ));
+    }
+    let t = 2 + lead.is_some() as usize;
+    let mut all = vec![boxes, gaussian, corners.0, corners.1];
+    all.extend(lead);
+    if let Device::Cuda(_) = same_device(OP, &all)? {
+        let b = cuda_input(OP, boxes)?;
+        let g = cuda_input(OP, gaussian)?;
+        let (c0, c1) = (cuda_input(OP, corners.0)?, cuda_input(OP, corners.1)?);
+        let m = lead.map(|m| cuda_input(OP, m)).transpose()?;
+        let (dev, bs) = b.cuda_whole_f32(OP)?;
+        let y = cuda::box_tokens(
+            dev,
+            bs,
+            g.cuda_whole_f32(OP)?.1,
+            (c0.cuda_whole_f32(OP)?.1, c1.cuda_whole_f32(OP)?.1),
+            m.as_ref()
+                .map(|m| m.cuda_whole_f32(OP).map(|(_, s)| s))
+                .transpose()?,
+            img_size,
+        )?;
+        return Tensor::from_cuda_f32(dev, y, [n, t, c]);
+    }
+    let bs: Vec<[f32; 4]> = cpu_f32(OP, boxes)?
+        .chunks_exact(4)
+        .map(|b| [b[0], b[1], b[2], b[3]])
+        .collect();
+    let sparse = embed_boxes(
+        &bs,
+        cpu_f32(OP, gaussian)?,
+        cpu_f32(OP, corners.0)?,
+        cpu_f32(OP, corners.1)?,
+        img_size,
+    );
+    let Some(m) = lead else {
+        return Ok(Tensor::from_f32(sparse, &[n, 2, c]));
+    };
+    let m = cpu_f32(OP, m)?;
+    let mut out = Vec::with_capacity(n * t * c);
+    for s in sparse.chunks_exact(2 * c) {
+        out.extend_from_slice(m);
+        out.extend_from_slice(s);
+    }
+    Ok(Tensor::from_f32(out, &[n, t, c]))
 }

@@ -1,0 +1,213 @@
+//! The tape's rules, and every recorded op's backward against central finite
+//! differences (sums in f64): L = sum(R * f(inputs)) for a fixed random R,
+//! dL/d input from the tape vs (L(x + h) - L(x - h)) / 2h at sampled indices.
+
+use super::*;
+use crate::ops::activation::{self, Act};
+use crate::ops::{linear, norm};
+
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn t(dims: &[usize], seed: u64, scale: f32) -> Tensor {
+    Tensor::from_vec(rand(dims.iter().product(), seed, scale), dims.to_vec()).unwrap()
+}
+
+type OpFn = dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+/// Checks f's gradients with respect to every input at up to 24 indices each.
+fn check_grads(name: &str, f: &OpFn, inputs: &[Tensor], h: f32, tol: f64) {
+    let out = f(inputs).unwrap();
+    let r = t(out.dims(), 99, 1.0);
+    let loss = |ins: &[Tensor]| -> f64 {
+        let y = f(ins).unwrap();
+        y.as_f32()
+            .unwrap()
+            .iter()
+            .zip(r.as_f32().unwrap())
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum()
+    };
+    // The tape's gradients.
+    let rec = Recording::start().unwrap();
+    let mut tracked = inputs.to_vec();
+    for (i, x) in tracked.iter_mut().enumerate() {
+        rec.param(x, format!("in{i}")).unwrap();
+    }
+    let y = f(&tracked).unwrap();
+    let grads = rec.backward(&y, &r).unwrap();
+    for (i, x) in inputs.iter().enumerate() {
+        let g = grads
+            .iter()
+            .find(|(n, _)| *n == format!("in{i}"))
+            .map(|(_, g)| g.as_f32().unwrap().to_vec())
+            .unwrap_or_else(|| vec![0.0; x.numel()]);
+        let gmax = g.iter().fold(0.0f64, |m, &v| m.max(v.abs() as f64));
+        let n = x.numel();
+        for s in 0..24.min(n) {
+            let idx = (s * 7919 + 13) % n;
+            let mut plus = inputs.to_vec();
+            let mut minus = inputs.to_vec();
+            plus[i].as_f32_mut().unwrap()[idx] += h;
+            minus[i].as_f32_mut().unwrap()[idx] -= h;
+            let fd = (loss(&plus) - loss(&minus)) / (2.0 * h as f64);
+            let got = g[idx] as f64;
+            assert!(
+                (fd - got).abs() <= tol * (gmax + fd.abs()) + 1e-4,
+                "{name}: d/d input {i}[{idx}]: tape {got}, finite difference {fd} (max |grad| {gmax})"
+            );
+        }
+    }
+}
+
+#[test]
+fn activations_and_adds_match_finite_differences() {
+    for a in [Act::Gelu, Act::Relu] {
+        check_grads(
+            &format!("{a:?}"),
+            &move |x| activation::act(&x[0], a),
+            &[t(&[4, 37], 1, 2.0)],
+            1e-2,
+            1e-2,
+        );
+    }
+    check_grads(
+        "add",
+        &|x| activation::add(&x[0], &x[1]),
+        &[t(&[3, 5], 2, 1.0), t(&[3, 5], 3, 1.0)],
+        1e-2,
+        1e-3,
+    );
+    check_grads(
+        "add_broadcast",
+        &|x| activation::add_broadcast(&x[0], &x[1]),
+        &[t(&[3, 4, 5], 4, 1.0), t(&[1, 4, 5], 5, 1.0)],
+        1e-2,
+        1e-3,
+    );
+    check_grads(
+        "add_ (in place, broadcast)",
+        &|x| {
+            let mut a = activation::act(&x[0], Act::Gelu)?;
+            activation::add_broadcast_(&mut a, &x[1])?;
+            activation::add_(&mut a, &x[0])?;
+            Ok(a)
+        },
+        &[t(&[3, 4, 5], 6, 1.0), t(&[1, 4, 5], 7, 1.0)],
+        1e-2,
+        1e-2,
+    );
+}
+
+#[test]
+fn linear_and_norms_match_finite_differences() {
+    for a in [Act::None, Act::Relu, Act::Gelu] {
+        check_grads(
+            &format!("linear {a:?}"),
+            &move |x| linear::linear_fused(&x[0], &x[1], Some(&x[2]), Some(&x[3]), a),
+            &[
+                t(&[2, 3, 16], 10, 1.0),
+                t(&[8, 16], 11, 0.3),
+                t(&[8], 12, 0.5),
+                t(&[2, 3, 8], 13, 1.0),
+            ],
+            1e-2,
+            1e-2,
+        );
+    }
+    check_grads(
+        "layer_norm",
+        &|x| norm::layer_norm(&x[0], &x[1], &x[2], 1e-5),
+        &[t(&[5, 24], 20, 2.0), t(&[24], 21, 1.0), t(&[24], 22, 1.0)],
+        1e-2,
+        1e-2,
+    );
+    for a in [Act::None, Act::Gelu] {
+        check_grads(
+            &format!("layer_norm2d {a:?}"),
+            &move |x| norm::layer_norm2d(&x[0], &x[1], &x[2], 1e-6, a),
+            &[
+                t(&[2, 6, 3, 5], 23, 2.0),
+                t(&[6], 24, 1.0),
+                t(&[6], 25, 1.0),
+            ],
+            1e-2,
+            1e-2,
+        );
+    }
+    check_grads(
+        "reshape and view",
+        &|x| {
+            let v = x[0].reshape([6, 4])?.view(4, [2, 4])?;
+            activation::act(&v, Act::Gelu)
+        },
+        &[t(&[2, 3, 4], 26, 1.0)],
+        1e-2,
+        1e-2,
+    );
+}
+
+#[test]
+fn a_value_used_twice_gets_the_sum() {
+    let rec = Recording::start().unwrap();
+    let mut x = Tensor::from_vec(vec![1.0, 2.0], [2]).unwrap();
+    rec.param(&mut x, "x").unwrap();
+    let y = activation::add(&x, &x).unwrap();
+    let y = activation::add(&y, &x).unwrap();
+    let g = rec
+        .backward(&y, &Tensor::from_vec(vec![1.0, 10.0], [2]).unwrap())
+        .unwrap();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].1.as_f32().unwrap(), &[3.0, 30.0]);
+}
+
+#[test]
+fn constants_record_nothing_and_frozen_weights_save_no_input() {
+    let rec = Recording::start().unwrap();
+    let x = t(&[4, 8], 30, 1.0);
+    let w_frozen = t(&[8, 8], 31, 0.3);
+    // Only constants: nothing recorded.
+    let h = linear::linear(&x, &w_frozen, None).unwrap();
+    assert!(rec.nodes().is_empty());
+    // A trainable bias makes the output tracked; the frozen next layer then
+    // records a node that keeps no input (no weight gradient to compute).
+    let mut b = t(&[8], 32, 0.1);
+    rec.param(&mut b, "b").unwrap();
+    drop(h);
+    let h = linear::linear(&x, &w_frozen, Some(&b)).unwrap();
+    let y = linear::linear(&h, &w_frozen, None).unwrap();
+    let nodes = rec.nodes();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n.saved_bytes == 0), "{nodes:?}");
+    let g = rec.backward(&y, &Tensor::zeros([4, 8])).unwrap();
+    assert_eq!(g.len(), 1);
+    assert_eq!(g[0].0, "b");
+}
+
+#[test]
+fn a_tracked_input_to_an_op_without_backward_is_an_error() {
+    let rec = Recording::start().unwrap();
+    let mut x = t(&[2, 3], 40, 1.0);
+    rec.param(&mut x, "x").unwrap();
+    assert!(matches!(
+        x.to_dtype(crate::tensor::DType::BF16),
+        Err(Error::NoBackward { op: "to_dtype" })
+    ));
+    assert!(no_backward("some_op", &[&x]).is_err());
+    assert!(no_backward("some_op", &[&t(&[2], 41, 1.0)]).is_ok());
+    // A second recording on the same thread is refused.
+    assert!(Recording::start().is_err());
+    drop(rec);
+    // After the recording, x is a constant again.
+    assert!(!requires_grad(&x));
+    assert!(no_backward("some_op", &[&x]).is_ok());
+}
