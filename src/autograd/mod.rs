@@ -102,6 +102,28 @@ pub fn record(
     record_vars(op, &vars, out, saved_bytes, backward)
 }
 
+/// `record` for an op of one input whose backward maps the output's gradient
+/// to the input's; `saved_bytes` as `record`. Records nothing when x is a
+/// constant (the closure is dropped unbuilt in effect: it is only called).
+pub fn record_unary(
+    op: &'static str,
+    x: &Tensor,
+    out: &mut Tensor,
+    saved_bytes: usize,
+    backward: impl FnOnce(&Tensor) -> Result<Tensor> + 'static,
+) {
+    if !requires_grad(x) {
+        return;
+    }
+    record(
+        op,
+        &[x],
+        out,
+        saved_bytes,
+        Box::new(move |g| Ok(vec![Some(backward(g)?)])),
+    );
+}
+
 /// `record` for inputs given by what they were (`Tensor::var` taken before
 /// an in-place op overwrote the tensor).
 pub fn record_vars(

@@ -211,3 +211,209 @@ fn a_tracked_input_to_an_op_without_backward_is_an_error() {
     assert!(!requires_grad(&x));
     assert!(no_backward("some_op", &[&x]).is_ok());
 }
+
+#[test]
+fn convolutions_and_pooling_match_finite_differences() {
+    use crate::ops::conv::{self, Conv2dArgs};
+    for (stride, padding, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 3, 7)] {
+        check_grads(
+            &format!("conv2d k{k} s{stride} p{padding}"),
+            &move |x| {
+                conv::conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    Conv2dArgs { stride, padding },
+                    None,
+                    // Smooth: a ReLU kink within h of an output would break
+                    // the finite difference, not the gradient.
+                    Act::Gelu,
+                )
+            },
+            &[
+                t(&[2, 3, 9, 8], 50, 1.0),
+                t(&[4, 3, k, k], 51, 0.3),
+                t(&[4], 52, 0.5),
+            ],
+            1e-2,
+            1e-2,
+        );
+    }
+    check_grads(
+        "conv2d with a residual",
+        &|x| {
+            conv::conv2d(
+                &x[0],
+                &x[1],
+                None,
+                Conv2dArgs {
+                    stride: 1,
+                    padding: 1,
+                },
+                Some(&x[2]),
+                Act::None,
+            )
+        },
+        &[
+            t(&[1, 2, 5, 5], 53, 1.0),
+            t(&[3, 2, 3, 3], 54, 0.3),
+            t(&[1, 3, 5, 5], 55, 1.0),
+        ],
+        1e-2,
+        1e-2,
+    );
+    check_grads(
+        "conv_transpose2d",
+        &|x| conv::conv_transpose2d(&x[0], &x[1], Some(&x[2]), Act::Gelu),
+        &[
+            t(&[2, 3, 4, 5], 56, 1.0),
+            t(&[3, 4, 2, 2], 57, 0.3),
+            t(&[4], 58, 0.5),
+        ],
+        1e-2,
+        1e-2,
+    );
+    check_grads(
+        "max_pool2d",
+        &|x| conv::max_pool2d(&x[0], 3, 2, 1),
+        &[t(&[2, 2, 7, 6], 59, 1.0)],
+        1e-3,
+        1e-2,
+    );
+}
+
+#[test]
+fn attention_and_decoder_ops_match_finite_differences() {
+    use crate::ops::{attention, layout, prompt, resize};
+    // Decoder attention: q per box, k and v shared by the boxes (leading 1).
+    check_grads(
+        "attention (shared keys)",
+        &|x| attention::attention(&x[0], &x[1], &x[2], 2),
+        &[
+            t(&[3, 4, 8], 60, 1.0),
+            t(&[1, 6, 8], 61, 1.0),
+            t(&[1, 6, 8], 62, 1.0),
+        ],
+        1e-2,
+        1e-2,
+    );
+    check_grads(
+        "attention (batched)",
+        &|x| attention::attention(&x[0], &x[1], &x[2], 2),
+        &[
+            t(&[2, 5, 8], 63, 1.0),
+            t(&[2, 3, 8], 64, 1.0),
+            t(&[2, 3, 8], 65, 1.0),
+        ],
+        1e-2,
+        1e-2,
+    );
+    // Window attention on a 5 x 5 grid with windows of 3 (padded to 6 x 6),
+    // and global attention; head dim 4.
+    for window in [3usize, 0] {
+        let s = if window == 0 { 5 } else { window };
+        let (bias, rh, rw) = (
+            t(&[3 * 8], 66, 0.5),
+            t(&[2 * s - 1, 4], 67, 0.5),
+            t(&[2 * s - 1, 4], 68, 0.5),
+        );
+        check_grads(
+            &format!("rel_pos_attention window {window}"),
+            &move |x| attention::rel_pos_attention(&x[0], &bias, &rh, &rw, 2, window),
+            &[t(&[2, 5, 5, 24], 69, 1.0)],
+            1e-2,
+            1e-2,
+        );
+    }
+    check_grads(
+        "bilinear 4 -> 9 x 7",
+        &|x| resize::bilinear(&x[0], 9, 7),
+        &[t(&[2, 1, 4, 4], 70, 1.0)],
+        1e-2,
+        1e-3,
+    );
+    check_grads(
+        "mask_dot",
+        &|x| crate::ops::linear::mask_dot(&x[0], &x[1], &x[2]),
+        &[
+            t(&[3, 4], 71, 1.0),
+            t(&[3, 4, 2, 3], 72, 1.0),
+            t(&[1, 4, 2, 3], 73, 1.0),
+        ],
+        1e-2,
+        1e-3,
+    );
+    let boxes = Tensor::from_vec(
+        vec![10.0, 20.0, 100.0, 90.0, 3.0, 4.0, 200.0, 250.0],
+        [2, 4],
+    )
+    .unwrap();
+    let gauss = t(&[2, 4], 74, 1.0);
+    check_grads(
+        "box_tokens",
+        &move |x| prompt::box_tokens(&boxes, &gauss, (&x[0], &x[1]), Some(&x[2]), 256),
+        &[
+            t(&[1, 8], 75, 1.0),
+            t(&[1, 8], 76, 1.0),
+            t(&[1, 1, 8], 77, 1.0),
+        ],
+        1e-2,
+        1e-3,
+    );
+    check_grads(
+        "layout: transposes, repeat, narrow, cat1",
+        &|x| {
+            let a = layout::nchw_to_nhwc(&x[0])?; // [2, 3, 4, 5]
+            let a = layout::nhwc_to_nchw(&activation::act(&a, Act::Gelu)?)?;
+            let r = layout::repeat_first(&x[1], 2)?; // [2, 3, 5]
+            let tokens = layout::cat1(&[&x[1], &r, &a.reshape([2, 12, 5])?])?;
+            layout::narrow(&activation::act(&tokens, Act::Gelu)?, 2, 10)
+        },
+        &[t(&[2, 5, 3, 4], 78, 1.0), t(&[1, 3, 5], 79, 1.0)],
+        1e-2,
+        1e-2,
+    );
+}
+
+#[test]
+fn batch_norm_and_cat0_match_finite_differences() {
+    check_grads(
+        "batch_norm_train",
+        &|x| {
+            let (y, _) = norm::batch_norm_train(&x[0], &x[1], &x[2], 1e-5)?;
+            activation::act(&y, Act::Gelu)
+        },
+        &[
+            t(&[3, 4, 3, 2], 80, 2.0),
+            t(&[4], 81, 1.0),
+            t(&[4], 82, 1.0),
+        ],
+        1e-2,
+        1e-2,
+    );
+    check_grads(
+        "cat0",
+        &|x| {
+            let y = crate::ops::layout::cat0(&[&x[0], &x[1]])?;
+            activation::act(&y, Act::Gelu)
+        },
+        &[t(&[2, 3, 4], 83, 1.0), t(&[1, 3, 4], 84, 1.0)],
+        1e-2,
+        1e-2,
+    );
+}
+
+#[test]
+fn batch_norm_statistics_are_the_batch_s() {
+    // Two images of one channel: mean 2.5, biased variance 1.25, unbiased 5/3.
+    let x = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], [2, 1, 1, 2]).unwrap();
+    let one = Tensor::from_vec(vec![1.0], [1]).unwrap();
+    let zero = Tensor::from_vec(vec![0.0], [1]).unwrap();
+    let (y, st) = norm::batch_norm_train(&x, &one, &zero, 0.0).unwrap();
+    assert!((st.mean[0] - 2.5).abs() < 1e-12);
+    assert!((st.var_unbiased[0] - 5.0 / 3.0).abs() < 1e-12);
+    let want = [-1.5, -0.5, 0.5, 1.5].map(|v: f64| (v / 1.25f64.sqrt()) as f32);
+    for (a, b) in y.as_f32().unwrap().iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+}

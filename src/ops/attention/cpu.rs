@@ -245,3 +245,324 @@ pub fn attention(
     }
     out
 }
+
+/// Softmax backward of one row in place: dS = P (dP - sum(dP P)).
+fn softmax_row_backward(p: &[f32], dp: &mut [f32]) {
+    let dot: f64 = p
+        .iter()
+        .zip(dp.iter())
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum();
+    let dot = dot as f32;
+    for (d, &pv) in dp.iter_mut().zip(p) {
+        *d = pv * (*d - dot);
+    }
+}
+
+/// rel_pos_attention backward with respect to qkv (the bias and the rel-pos
+/// tables are frozen: the padded keys, which are the biases, are constants).
+/// Per (image, window, head): P recomputed from q and k (no attention matrix
+/// kept by the forward), dP = dO V^T, dS = softmax backward, dq = scale dS K
+/// plus the decomposed bias's terms (row sums of dS against Rh, column sums
+/// against Rw), dk = scale dS^T q, dv = P^T dO, written back at the real
+/// tokens only. g [b, g, g, d] -> dqkv [b, g, g, 3d].
+pub fn rel_pos_attention_backward(
+    qkv: &[f32],
+    bias: &[f32],
+    rh: &[f32],
+    rw: &[f32],
+    grad: &[f32],
+    geo: RelPosGeometry,
+) -> Vec<f32> {
+    let RelPosGeometry { b, g, heads, hd, s } = geo;
+    let d = heads * hd;
+    let nwin = g.div_ceil(s);
+    let ss = s * s;
+    let r = 2 * s - 1;
+    let scale = (hd as f32).powf(-0.5);
+    let tasks: Vec<(usize, usize, usize, usize)> = (0..b)
+        .flat_map(|bi| {
+            (0..nwin * nwin).flat_map(move |w| (0..heads).map(move |h| (bi, w / nwin, w % nwin, h)))
+        })
+        .collect();
+    // Per task: (real positions, dq [nq, hd], dk [nq, hd], dv [nq, hd]).
+    let results: Vec<(
+        usize,
+        usize,
+        usize,
+        usize,
+        Vec<usize>,
+        Vec<f32>,
+        Vec<f32>,
+        Vec<f32>,
+    )> = tasks
+        .into_par_iter()
+        .map(|(bi, wy, wx, h)| {
+            let tok = |y: usize, x: usize| &qkv[((bi * g + y) * g + x) * 3 * d..][..3 * d];
+            let mut k = vec![0.0f32; ss * hd];
+            let mut v = vec![0.0f32; ss * hd];
+            let mut qpos = Vec::with_capacity(ss);
+            for p in 0..ss {
+                let (y, x) = (wy * s + p / s, wx * s + p % s);
+                let (ks, vs) = if y < g && x < g {
+                    let t = tok(y, x);
+                    qpos.push(p);
+                    (&t[d + h * hd..][..hd], &t[2 * d + h * hd..][..hd])
+                } else {
+                    (&bias[d + h * hd..][..hd], &bias[2 * d + h * hd..][..hd])
+                };
+                k[p * hd..(p + 1) * hd].copy_from_slice(ks);
+                v[p * hd..(p + 1) * hd].copy_from_slice(vs);
+            }
+            let nq = qpos.len();
+            let mut q = vec![0.0f32; nq * hd];
+            let mut qs = vec![0.0f32; nq * hd];
+            let mut dout = vec![0.0f32; nq * hd];
+            for (i, &p) in qpos.iter().enumerate() {
+                let (y, x) = (wy * s + p / s, wx * s + p % s);
+                let src = &tok(y, x)[h * hd..][..hd];
+                q[i * hd..(i + 1) * hd].copy_from_slice(src);
+                for (dst, &xv) in qs[i * hd..(i + 1) * hd].iter_mut().zip(src) {
+                    *dst = xv * scale;
+                }
+                dout[i * hd..(i + 1) * hd]
+                    .copy_from_slice(&grad[((bi * g + y) * g + x) * d + h * hd..][..hd]);
+            }
+            // P, as the forward computes it.
+            let mut pm = vec![0.0f32; nq * ss];
+            sgemm(
+                MatRef::rm(&qs, nq, hd),
+                MatRef::tr(&k, hd, ss),
+                &mut pm,
+                ss,
+                1,
+                false,
+                Par::Seq,
+            );
+            let mut ph = vec![0.0f32; nq * r];
+            let mut pw = vec![0.0f32; nq * r];
+            sgemm(
+                MatRef::rm(&q, nq, hd),
+                MatRef::tr(rh, hd, r),
+                &mut ph,
+                r,
+                1,
+                false,
+                Par::Seq,
+            );
+            sgemm(
+                MatRef::rm(&q, nq, hd),
+                MatRef::tr(rw, hd, r),
+                &mut pw,
+                r,
+                1,
+                false,
+                Par::Seq,
+            );
+            for (i, &p) in qpos.iter().enumerate() {
+                let (qy, qx) = (p / s, p % s);
+                let row = &mut pm[i * ss..(i + 1) * ss];
+                for ky in 0..s {
+                    let bh = ph[i * r + qy + s - 1 - ky];
+                    for kx in 0..s {
+                        row[ky * s + kx] += bh + pw[i * r + qx + s - 1 - kx];
+                    }
+                }
+            }
+            softmax_rows(&mut pm, ss);
+            // dS [nq, ss]
+            let mut ds = vec![0.0f32; nq * ss];
+            sgemm(
+                MatRef::rm(&dout, nq, hd),
+                MatRef::tr(&v, hd, ss),
+                &mut ds,
+                ss,
+                1,
+                false,
+                Par::Seq,
+            );
+            for (prow, drow) in pm.chunks_exact(ss).zip(ds.chunks_exact_mut(ss)) {
+                softmax_row_backward(prow, drow);
+            }
+            // dq = scale dS K + (row / column sums of dS) against Rh / Rw
+            let mut dq = vec![0.0f32; nq * hd];
+            sgemm(
+                MatRef::rm(&ds, nq, ss),
+                MatRef::rm(&k, ss, hd),
+                &mut dq,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
+            dq.iter_mut().for_each(|v| *v *= scale);
+            for (i, &p) in qpos.iter().enumerate() {
+                let (qy, qx) = (p / s, p % s);
+                let row = &ds[i * ss..(i + 1) * ss];
+                let dqi = &mut dq[i * hd..(i + 1) * hd];
+                for ky in 0..s {
+                    let sh: f32 = row[ky * s..(ky + 1) * s].iter().sum();
+                    let rrow = &rh[(qy + s - 1 - ky) * hd..][..hd];
+                    dqi.iter_mut().zip(rrow).for_each(|(a, &rv)| *a += sh * rv);
+                }
+                for kx in 0..s {
+                    let sw: f32 = (0..s).map(|ky| row[ky * s + kx]).sum();
+                    let rrow = &rw[(qx + s - 1 - kx) * hd..][..hd];
+                    dqi.iter_mut().zip(rrow).for_each(|(a, &rv)| *a += sw * rv);
+                }
+            }
+            // dk = dS^T (q scale), dv = P^T dO, at the real keys only
+            let mut dk_all = vec![0.0f32; ss * hd];
+            let mut dv_all = vec![0.0f32; ss * hd];
+            sgemm(
+                MatRef::tr(&ds, ss, nq),
+                MatRef::rm(&qs, nq, hd),
+                &mut dk_all,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
+            sgemm(
+                MatRef::tr(&pm, ss, nq),
+                MatRef::rm(&dout, nq, hd),
+                &mut dv_all,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
+            let mut dk = Vec::with_capacity(nq * hd);
+            let mut dv = Vec::with_capacity(nq * hd);
+            for &p in &qpos {
+                dk.extend_from_slice(&dk_all[p * hd..(p + 1) * hd]);
+                dv.extend_from_slice(&dv_all[p * hd..(p + 1) * hd]);
+            }
+            (bi, wy, wx, h, qpos, dq, dk, dv)
+        })
+        .collect();
+    let mut out = vec![0.0f32; b * g * g * 3 * d];
+    for (bi, wy, wx, h, qpos, dq, dk, dv) in results {
+        for (i, &p) in qpos.iter().enumerate() {
+            let (y, x) = (wy * s + p / s, wx * s + p % s);
+            let t = &mut out[((bi * g + y) * g + x) * 3 * d..][..3 * d];
+            t[h * hd..][..hd].copy_from_slice(&dq[i * hd..(i + 1) * hd]);
+            t[d + h * hd..][..hd].copy_from_slice(&dk[i * hd..(i + 1) * hd]);
+            t[2 * d + h * hd..][..hd].copy_from_slice(&dv[i * hd..(i + 1) * hd]);
+        }
+    }
+    out
+}
+
+/// attention backward: (dq, dk, dv), each [its own batch, L, I]; an operand
+/// shared by the batch (leading 1) gets the sum over the items, in order.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    grad: &[f32],
+    batched: [bool; 3],
+    n: usize,
+    lq: usize,
+    lk: usize,
+    i: usize,
+    heads: usize,
+) -> [Vec<f32>; 3] {
+    let hd = i / heads;
+    let sd = (hd as f32).sqrt();
+    let view = |x: &[f32], item: usize, len: usize, h: usize| -> Vec<f32> {
+        let mut m = vec![0.0f32; len * hd];
+        for l in 0..len {
+            m[l * hd..(l + 1) * hd].copy_from_slice(&x[(item * len + l) * i + h * hd..][..hd]);
+        }
+        m
+    };
+    let results: Vec<[Vec<f32>; 3]> = (0..n * heads)
+        .into_par_iter()
+        .map(|t| {
+            let (ni, h) = (t / heads, t % heads);
+            let at = |j: usize| if batched[j] { ni } else { 0 };
+            let (qm, km, vm) = (
+                view(q, at(0), lq, h),
+                view(k, at(1), lk, h),
+                view(v, at(2), lk, h),
+            );
+            let dout = view(grad, ni, lq, h);
+            let mut p = vec![0.0f32; lq * lk];
+            sgemm(
+                MatRef::rm(&qm, lq, hd),
+                MatRef::tr(&km, hd, lk),
+                &mut p,
+                lk,
+                1,
+                false,
+                Par::Seq,
+            );
+            p.iter_mut().for_each(|l| *l /= sd);
+            softmax_rows(&mut p, lk);
+            let mut ds = vec![0.0f32; lq * lk];
+            sgemm(
+                MatRef::rm(&dout, lq, hd),
+                MatRef::tr(&vm, hd, lk),
+                &mut ds,
+                lk,
+                1,
+                false,
+                Par::Seq,
+            );
+            for (prow, drow) in p.chunks_exact(lk).zip(ds.chunks_exact_mut(lk)) {
+                softmax_row_backward(prow, drow);
+            }
+            ds.iter_mut().for_each(|v| *v /= sd);
+            let mut dq = vec![0.0f32; lq * hd];
+            let mut dk = vec![0.0f32; lk * hd];
+            let mut dv = vec![0.0f32; lk * hd];
+            sgemm(
+                MatRef::rm(&ds, lq, lk),
+                MatRef::rm(&km, lk, hd),
+                &mut dq,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
+            sgemm(
+                MatRef::tr(&ds, lk, lq),
+                MatRef::rm(&qm, lq, hd),
+                &mut dk,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
+            sgemm(
+                MatRef::tr(&p, lk, lq),
+                MatRef::rm(&dout, lq, hd),
+                &mut dv,
+                hd,
+                1,
+                false,
+                Par::Seq,
+            );
+            [dq, dk, dv]
+        })
+        .collect();
+    let lens = [lq, lk, lk];
+    let mut out: [Vec<f32>; 3] =
+        std::array::from_fn(|j| vec![0.0f32; if batched[j] { n } else { 1 } * lens[j] * i]);
+    // Tasks in order (item-major): a shared operand sums the items in order.
+    for (t, parts) in results.into_iter().enumerate() {
+        let (ni, h) = (t / heads, t % heads);
+        for (j, part) in parts.iter().enumerate() {
+            let item = if batched[j] { ni } else { 0 };
+            for l in 0..lens[j] {
+                let dst = &mut out[j][(item * lens[j] + l) * i + h * hd..][..hd];
+                dst.iter_mut()
+                    .zip(&part[l * hd..(l + 1) * hd])
+                    .for_each(|(a, &b)| *a += b);
+            }
+        }
+    }
+    out
+}

@@ -52,6 +52,56 @@ pub fn rel_pos_attention(
     let s = if window == 0 { gh } else { window };
     rel_h.expect_dims(OP, "rel_pos_h", &[2 * s - 1, hd])?;
     rel_w.expect_dims(OP, "rel_pos_w", &[2 * s - 1, hd])?;
+    // The image encoder is frozen: gradients flow to qkv only.
+    crate::autograd::no_backward(
+        "rel_pos_attention (qkv bias, rel-pos tables)",
+        &[qkv_bias, rel_h, rel_w],
+    )?;
+    let mut y = rel_pos_attention_forward(
+        qkv,
+        qkv_bias,
+        rel_h,
+        rel_w,
+        heads,
+        window,
+        (b, gh, d, hd, s),
+    )?;
+    if crate::autograd::requires_grad(qkv) {
+        let (q, bias, rh, rw) = (qkv.clone(), qkv_bias.clone(), rel_h.clone(), rel_w.clone());
+        crate::autograd::record_unary(OP, qkv, &mut y, crate::autograd::bytes(qkv), move |g| {
+            const OP: &str = "rel_pos_attention backward";
+            crate::ops::backward_on_cpu(OP, &[g, &q])?;
+            let dq = cpu::rel_pos_attention_backward(
+                cpu_f32(OP, &q)?,
+                cpu_f32(OP, &bias)?,
+                cpu_f32(OP, &rh)?,
+                cpu_f32(OP, &rw)?,
+                cpu_f32(OP, g)?,
+                cpu::RelPosGeometry {
+                    b,
+                    g: gh,
+                    heads,
+                    hd,
+                    s,
+                },
+            );
+            Ok(Tensor::from_f32(dq, q.dims()))
+        });
+    }
+    Ok(y)
+}
+
+fn rel_pos_attention_forward(
+    qkv: &Tensor,
+    qkv_bias: &Tensor,
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+    heads: usize,
+    window: usize,
+    (b, gh, d, hd, s): (usize, usize, usize, usize, usize),
+) -> Result<Tensor> {
+    const OP: &str = "rel_pos_attention";
+    let gw = gh;
     if let Device::Cuda(_) = same_device(OP, &[qkv, qkv_bias, rel_h, rel_w])? {
         // The kernels hold a head of 64 channels in a warp (2 per lane), and
         // windows up to 32: SAM's ViTs (B, L, H) all have head dim 64.
@@ -118,6 +168,8 @@ pub struct VitBlock<'a> {
 pub fn vit_block_bf16(x: &Tensor, w: &VitBlock<'_>) -> Result<Tensor> {
     use crate::tensor::DType;
     const OP: &str = "vit_block_bf16";
+    // Inference only: training runs the unfused f32 block.
+    crate::autograd::no_backward(OP, &[x])?;
     let _p = crate::profile::scope(OP);
     let [b, g, gw, d] = x.dims_n::<4>(OP, "x")?;
     if g != gw {
@@ -223,6 +275,52 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             format!("width {i} cannot split into {heads} heads"),
         ));
     }
+    let batched = [nq > 1, nk > 1, nv > 1];
+    let mut y = attention_forward(q, k, v, heads, batched, (n, lq, lk, i))?;
+    if crate::autograd::is_tracked(&[q, k, v]) {
+        let (qs, ks, vs) = (q.clone(), k.clone(), v.clone());
+        let saved =
+            crate::autograd::bytes(q) + crate::autograd::bytes(k) + crate::autograd::bytes(v);
+        crate::autograd::record(
+            OP,
+            &[q, k, v],
+            &mut y,
+            saved,
+            Box::new(move |g| {
+                const OP: &str = "attention backward";
+                crate::ops::backward_on_cpu(OP, &[g, &qs, &ks, &vs])?;
+                let [dq, dk, dv] = cpu::attention_backward(
+                    cpu_f32(OP, &qs)?,
+                    cpu_f32(OP, &ks)?,
+                    cpu_f32(OP, &vs)?,
+                    cpu_f32(OP, g)?,
+                    batched,
+                    n,
+                    lq,
+                    lk,
+                    i,
+                    heads,
+                );
+                Ok(vec![
+                    Some(Tensor::from_f32(dq, qs.dims())),
+                    Some(Tensor::from_f32(dk, ks.dims())),
+                    Some(Tensor::from_f32(dv, vs.dims())),
+                ])
+            }),
+        );
+    }
+    Ok(y)
+}
+
+fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    batched: [bool; 3],
+    (n, lq, lk, i): (usize, usize, usize, usize),
+) -> Result<Tensor> {
+    const OP: &str = "attention";
     if let Device::Cuda(_) = same_device(OP, &[q, k, v])? {
         let (q, k, v) = (cuda_input(OP, q)?, cuda_input(OP, k)?, cuda_input(OP, v)?);
         let (dev, _) = q.cuda_whole_f32(OP)?;
@@ -239,7 +337,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         cpu_f32(OP, q)?,
         cpu_f32(OP, k)?,
         cpu_f32(OP, v)?,
-        [nq > 1, nk > 1, nv > 1],
+        batched,
         n,
         lq,
         lk,

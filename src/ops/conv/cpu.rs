@@ -19,7 +19,7 @@ pub struct ConvGeometry {
 
 /// im2col of output pixels [q0, q0 + len) of one image x [c, h, w] into
 /// col [c * kh * kw, len] (row-major, zero outside the input).
-fn im2col_cols(g: &ConvGeometry, x: &[f32], q0: usize, len: usize, col: &mut [f32]) {
+pub(crate) fn im2col_cols(g: &ConvGeometry, x: &[f32], q0: usize, len: usize, col: &mut [f32]) {
     let hw = g.h * g.w;
     for (r, dst) in col.chunks_mut(len).enumerate() {
         let (ci, ky, kx) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
@@ -319,4 +319,211 @@ pub fn max_pool2d(
         }
     });
     out
+}
+
+/// conv2d backward for G [n, o, ho wo] (the output's gradient, after the
+/// activation): dX (when `w` is given: x needs one) by W^T G per image and a
+/// col2im written as a gather (each input pixel sums the taps that read it),
+/// dW (when `x` is given) = sum over images of G_i col_i^T, db = sums of G.
+/// Images in order, so the sums do not depend on the thread count.
+pub fn conv2d_backward(
+    geo: &ConvGeometry,
+    grad: &[f32],
+    x: Option<&[f32]>,
+    w: Option<&[f32]>,
+    want_b: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let p = geo.ho * geo.wo;
+    let k = geo.c * geo.kh * geo.kw;
+    let img = geo.c * geo.h * geo.w;
+    let dw = x.map(|x| {
+        let mut dw = vec![0.0f32; geo.o * k];
+        let mut col = vec![0.0f32; k * p];
+        for i in 0..geo.n {
+            im2col_cols(geo, &x[i * img..(i + 1) * img], 0, p, &mut col);
+            sgemm(
+                MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
+                MatRef::tr(&col, p, k),
+                &mut dw,
+                k,
+                1,
+                i > 0,
+                Par::Pool,
+            );
+        }
+        dw
+    });
+    let dx = w.map(|w| {
+        let mut dx = vec![0.0f32; geo.n * img];
+        let mut dcol = vec![0.0f32; k * p];
+        for i in 0..geo.n {
+            sgemm(
+                MatRef::tr(w, k, geo.o),
+                MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
+                &mut dcol,
+                p,
+                1,
+                false,
+                Par::Pool,
+            );
+            col2im_gather(geo, &dcol, &mut dx[i * img..(i + 1) * img]);
+        }
+        dx
+    });
+    let db = want_b.then(|| {
+        let mut acc = vec![0.0f64; geo.o];
+        for gi in grad.chunks_exact(geo.o * p) {
+            for (a, plane) in acc.iter_mut().zip(gi.chunks_exact(p)) {
+                *a += plane.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+        acc.into_iter().map(|v| v as f32).collect()
+    });
+    (dx, dw, db)
+}
+
+/// dx [c, h, w] of one image from dcol [c kh kw, ho wo]: every input pixel
+/// gathers the column entries of the taps that read it (no scattered adds).
+fn col2im_gather(geo: &ConvGeometry, dcol: &[f32], dx: &mut [f32]) {
+    let (h, w, s, pad) = (geo.h, geo.w, geo.stride, geo.pad);
+    let p = geo.ho * geo.wo;
+    dx.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(ci, plane)| {
+            for iy in 0..h {
+                for ix in 0..w {
+                    let mut acc = 0.0f32;
+                    for ky in 0..geo.kh {
+                        let ty = iy + pad;
+                        if ty < ky || (ty - ky) % s != 0 || (ty - ky) / s >= geo.ho {
+                            continue;
+                        }
+                        let oy = (ty - ky) / s;
+                        for kx in 0..geo.kw {
+                            let tx = ix + pad;
+                            if tx < kx || (tx - kx) % s != 0 || (tx - kx) / s >= geo.wo {
+                                continue;
+                            }
+                            let ox = (tx - kx) / s;
+                            let r = (ci * geo.kh + ky) * geo.kw + kx;
+                            acc += dcol[r * p + oy * geo.wo + ox];
+                        }
+                    }
+                    plane[iy * w + ix] = acc;
+                }
+            }
+        });
+}
+
+/// conv_transpose2d (kernel = stride = k) backward for G [n, o, hk, wk]:
+/// Gt_i [o k k, h w] gathers each image's gradient back into the GEMM's
+/// layout; dX_i = W [c, o k k] Gt_i, dW = sum_i X_i Gt_i^T, db = sums of G.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_transpose2d_backward(
+    grad: &[f32],
+    x: Option<&[f32]>,
+    w: Option<&[f32]>,
+    want_b: bool,
+    (n, c, h, wd): (usize, usize, usize, usize),
+    o: usize,
+    k: usize,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let hw = h * wd;
+    let rows = o * k * k;
+    let (oh, ow) = (h * k, wd * k);
+    let per_out = o * oh * ow;
+    let mut gt = vec![0.0f32; rows * hw];
+    let mut dx = w.map(|_| vec![0.0f32; n * c * hw]);
+    let mut dw = x.map(|_| vec![0.0f32; c * rows]);
+    for i in 0..n {
+        let gi = &grad[i * per_out..(i + 1) * per_out];
+        gt.par_chunks_mut(hw).enumerate().for_each(|(r, row)| {
+            let (oc, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+            for y in 0..h {
+                for xx in 0..wd {
+                    row[y * wd + xx] = gi[oc * oh * ow + (y * k + ky) * ow + xx * k + kx];
+                }
+            }
+        });
+        if let (Some(dx), Some(w)) = (dx.as_mut(), w) {
+            sgemm(
+                MatRef::rm(w, c, rows),
+                MatRef::rm(&gt, rows, hw),
+                &mut dx[i * c * hw..(i + 1) * c * hw],
+                hw,
+                1,
+                false,
+                Par::Pool,
+            );
+        }
+        if let (Some(dw), Some(x)) = (dw.as_mut(), x) {
+            sgemm(
+                MatRef::rm(&x[i * c * hw..(i + 1) * c * hw], c, hw),
+                MatRef::tr(&gt, hw, rows),
+                dw,
+                rows,
+                1,
+                i > 0,
+                Par::Pool,
+            );
+        }
+    }
+    let db = want_b.then(|| {
+        let mut acc = vec![0.0f64; o];
+        for gi in grad.chunks_exact(per_out) {
+            for (a, plane) in acc.iter_mut().zip(gi.chunks_exact(oh * ow)) {
+                *a += plane.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
+        acc.into_iter().map(|v| v as f32).collect()
+    });
+    (dx, dw, db)
+}
+
+/// max_pool2d backward: each output's gradient goes to the input its
+/// maximum came from (the first maximum in scan order, NaN winning, as the
+/// forward and PyTorch pick it), found again from x.
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool2d_backward(
+    x: &[f32],
+    grad: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    k: usize,
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
+    let mut dx = vec![0.0f32; planes * h * w];
+    dx.par_chunks_mut(h * w).enumerate().for_each(|(pl, d)| {
+        let src = &x[pl * h * w..(pl + 1) * h * w];
+        let g = &grad[pl * ho * wo..(pl + 1) * ho * wo];
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let (mut m, mut at) = (f32::NEG_INFINITY, None);
+                for ky in 0..k {
+                    let iy = (oy * s + ky) as isize - p as isize;
+                    if iy < 0 || iy as usize >= h {
+                        continue;
+                    }
+                    for kx in 0..k {
+                        let ix = (ox * s + kx) as isize - p as isize;
+                        if ix < 0 || ix as usize >= w {
+                            continue;
+                        }
+                        let idx = iy as usize * w + ix as usize;
+                        let v = src[idx];
+                        if at.is_none() || v > m || v.is_nan() {
+                            m = v;
+                            at = Some(idx);
+                        }
+                    }
+                }
+                if let Some(idx) = at {
+                    d[idx] += g[oy * wo + ox];
+                }
+            }
+        }
+    });
+    dx
 }

@@ -8,6 +8,7 @@ pub mod cuda;
 
 use std::sync::Arc;
 
+use crate::autograd;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
@@ -95,7 +96,87 @@ pub fn conv2d(
     let mut all = vec![x, w];
     all.extend(b);
     all.extend(residual);
-    if let Device::Cuda(_) = same_device(OP, &all)? {
+    let tracked = autograd::is_tracked(&all);
+    if tracked && act != Act::None {
+        // Recorded: the activation is its own node (it needs the pre-activation).
+        let z = conv2d(x, w, b, args, residual, Act::None)?;
+        return crate::ops::activation::act(&z, act);
+    }
+    let geo = cpu::ConvGeometry {
+        n,
+        c,
+        h,
+        w: wd,
+        o,
+        kh,
+        kw,
+        stride: args.stride,
+        pad: args.padding,
+        ho,
+        wo,
+    };
+    let mut y = conv2d_forward(x, w, b, &geo, residual, act, &all)?;
+    if tracked {
+        let (gx, gw) = (autograd::requires_grad(x), autograd::requires_grad(w));
+        let gb = b.is_some_and(autograd::requires_grad);
+        let gr = residual.is_some_and(autograd::requires_grad);
+        let xs = gw.then(|| x.clone());
+        let ws = gx.then(|| w.clone());
+        let saved = xs.as_ref().map_or(0, autograd::bytes);
+        let (has_b, has_r) = (b.is_some(), residual.is_some());
+        let (xd, wdims) = (x.dims().to_vec(), w.dims().to_vec());
+        autograd::record(
+            OP,
+            &all,
+            &mut y,
+            saved,
+            Box::new(move |g| {
+                const OP: &str = "conv2d backward";
+                let mut ins = vec![g];
+                ins.extend(xs.as_ref());
+                ins.extend(ws.as_ref());
+                crate::ops::backward_on_cpu(OP, &ins)?;
+                let (dx, dw, db) = cpu::conv2d_backward(
+                    &geo,
+                    cpu_f32(OP, g)?,
+                    xs.as_ref().map(|x| cpu_f32(OP, x)).transpose()?,
+                    ws.as_ref().map(|w| cpu_f32(OP, w)).transpose()?,
+                    gb,
+                );
+                let mut v = vec![
+                    dx.map(|d| Tensor::from_f32(d, &xd)),
+                    dw.map(|d| Tensor::from_f32(d, &wdims)),
+                ];
+                if has_b {
+                    v.push(db.map(|d| Tensor::from_f32(d, &[geo.o])));
+                }
+                if has_r {
+                    v.push(gr.then(|| g.clone()));
+                }
+                Ok(v)
+            }),
+        );
+    }
+    Ok(y)
+}
+
+fn conv2d_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    geo: &cpu::ConvGeometry,
+    residual: Option<&Tensor>,
+    act: Act,
+    all: &[&Tensor],
+) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    let (o, kh, kw) = (geo.o, geo.kh, geo.kw);
+    let args = Conv2dArgs {
+        stride: geo.stride,
+        padding: geo.pad,
+    };
+    let out_dims = [geo.n, o, geo.ho, geo.wo];
+    if let Device::Cuda(_) = same_device(OP, all)? {
         let x = cuda_input(OP, x)?;
         let w = cuda_weight(OP, w)?;
         let b = b.map(|b| cuda_input(OP, b)).transpose()?;
@@ -124,21 +205,8 @@ pub fn conv2d(
         })?;
         return Tensor::from_gpu(&dev, y);
     }
-    let geo = cpu::ConvGeometry {
-        n,
-        c,
-        h,
-        w: wd,
-        o,
-        kh,
-        kw,
-        stride: args.stride,
-        pad: args.padding,
-        ho,
-        wo,
-    };
     let out = cpu::conv2d(
-        &geo,
+        geo,
         cpu_f32(OP, x)?,
         cpu_f32(OP, w)?,
         b.map(|b| cpu_f32(OP, b)).transpose()?,
@@ -179,7 +247,67 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
     }
     let mut all = vec![x, w];
     all.extend(b);
-    if let Device::Cuda(_) = same_device(OP, &all)? {
+    let tracked = autograd::is_tracked(&all);
+    if tracked && act != Act::None {
+        let z = conv_transpose2d(x, w, b, Act::None)?;
+        return crate::ops::activation::act(&z, act);
+    }
+    let mut y = conv_transpose2d_forward(x, w, b, act, &all, (n, c, h, wd), o, kh)?;
+    if tracked {
+        let (gx, gw) = (autograd::requires_grad(x), autograd::requires_grad(w));
+        let gb = b.is_some_and(autograd::requires_grad);
+        let xs = gw.then(|| x.clone());
+        let ws = gx.then(|| w.clone());
+        let saved = xs.as_ref().map_or(0, autograd::bytes);
+        let has_b = b.is_some();
+        let (xd, wdims) = (x.dims().to_vec(), w.dims().to_vec());
+        autograd::record(
+            OP,
+            &all,
+            &mut y,
+            saved,
+            Box::new(move |g| {
+                const OP: &str = "conv_transpose2d backward";
+                let mut ins = vec![g];
+                ins.extend(xs.as_ref());
+                ins.extend(ws.as_ref());
+                crate::ops::backward_on_cpu(OP, &ins)?;
+                let (dx, dw, db) = cpu::conv_transpose2d_backward(
+                    cpu_f32(OP, g)?,
+                    xs.as_ref().map(|x| cpu_f32(OP, x)).transpose()?,
+                    ws.as_ref().map(|w| cpu_f32(OP, w)).transpose()?,
+                    gb,
+                    (n, c, h, wd),
+                    o,
+                    kh,
+                );
+                let mut v = vec![
+                    dx.map(|d| Tensor::from_f32(d, &xd)),
+                    dw.map(|d| Tensor::from_f32(d, &wdims)),
+                ];
+                if has_b {
+                    v.push(db.map(|d| Tensor::from_f32(d, &[o])));
+                }
+                Ok(v)
+            }),
+        );
+    }
+    Ok(y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_transpose2d_forward(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Act,
+    all: &[&Tensor],
+    (n, c, h, wd): (usize, usize, usize, usize),
+    o: usize,
+    kh: usize,
+) -> Result<Tensor> {
+    const OP: &str = "conv_transpose2d";
+    if let Device::Cuda(_) = same_device(OP, all)? {
         let x = cuda_input(OP, x)?;
         let w = cuda_weight(OP, w)?;
         let b = b.map(|b| cuda_input(OP, b)).transpose()?;
@@ -238,14 +366,47 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     }
     let ho = (h + 2 * padding - kernel) / stride + 1;
     let wo = (w + 2 * padding - kernel) / stride + 1;
-    if let Device::Cuda(_) = x.device() {
+    let mut y = if let Device::Cuda(_) = x.device() {
         // The checks above (padding at most half the kernel included) hold
         // for both devices.
-        let x = cuda_input(OP, x)?;
-        let dev = device_of(&x);
-        let y = cuda::max_pool2d(&dev, &x.gpu_ref(OP)?, kernel, stride, padding)?;
-        return Tensor::from_gpu(&dev, y);
-    }
+        let xc = cuda_input(OP, x)?;
+        let dev = device_of(&xc);
+        let y = cuda::max_pool2d(&dev, &xc.gpu_ref(OP)?, kernel, stride, padding)?;
+        Tensor::from_gpu(&dev, y)?
+    } else {
+        max_pool2d_cpu(x, n * c, (h, w), (ho, wo), kernel, stride, padding)?
+    };
+    let xs = x.clone();
+    autograd::record_unary(OP, x, &mut y, autograd::bytes(x), move |g| {
+        const OP: &str = "max_pool2d backward";
+        crate::ops::backward_on_cpu(OP, &[&xs, g])?;
+        let dx = cpu::max_pool2d_backward(
+            cpu_f32(OP, &xs)?,
+            cpu_f32(OP, g)?,
+            n * c,
+            (h, w),
+            (ho, wo),
+            kernel,
+            stride,
+            padding,
+        );
+        Ok(Tensor::from_f32(dx, xs.dims()))
+    });
+    Ok(y)
+}
+
+fn max_pool2d_cpu(
+    x: &Tensor,
+    planes: usize,
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    const OP: &str = "max_pool2d";
+    let n = x.dims()[0];
+    let c = planes / n.max(1);
     let out = cpu::max_pool2d(
         cpu_f32(OP, x)?,
         n * c,

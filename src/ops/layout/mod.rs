@@ -5,6 +5,7 @@ pub mod cuda;
 
 use rayon::prelude::*;
 
+use crate::autograd;
 use crate::error::Result;
 use crate::ops::{cpu_f32, cuda_input};
 use crate::tensor::{Device, Tensor};
@@ -26,6 +27,13 @@ pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "nchw_to_nhwc";
     let _p = crate::profile::scope("layout");
     let [b, c, h, w] = x.dims_n::<4>(OP, "input")?;
+    let mut y = nchw_to_nhwc_forward(x, [b, c, h, w])?;
+    autograd::record_unary(OP, x, &mut y, 0, |g| nhwc_to_nchw(g));
+    Ok(y)
+}
+
+fn nchw_to_nhwc_forward(x: &Tensor, [b, c, h, w]: [usize; 4]) -> Result<Tensor> {
+    const OP: &str = "nchw_to_nhwc";
     if let Device::Cuda(_) = x.device() {
         return on_cuda(OP, x, |dev, g| cuda::nchw_to_nhwc(dev, g));
     }
@@ -48,6 +56,13 @@ pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "nhwc_to_nchw";
     let _p = crate::profile::scope("layout");
     let [b, h, w, c] = x.dims_n::<4>(OP, "input")?;
+    let mut y = nhwc_to_nchw_forward(x, [b, h, w, c])?;
+    autograd::record_unary(OP, x, &mut y, 0, |g| nchw_to_nhwc(g));
+    Ok(y)
+}
+
+fn nhwc_to_nchw_forward(x: &Tensor, [b, h, w, c]: [usize; 4]) -> Result<Tensor> {
+    const OP: &str = "nhwc_to_nchw";
     if let Device::Cuda(_) = x.device() {
         return on_cuda(OP, x, |dev, g| cuda::nhwc_to_nchw(dev, g));
     }
@@ -76,15 +91,39 @@ pub fn repeat_first(x: &Tensor, n: usize) -> Result<Tensor> {
         ));
     }
     dims[0] = n;
-    if let Device::Cuda(_) = x.device() {
-        return on_cuda(OP, x, |dev, g| cuda::repeat(dev, g.data, n, dims));
+    let mut y = if let Device::Cuda(_) = x.device() {
+        on_cuda(OP, x, |dev, g| cuda::repeat(dev, g.data, n, dims))?
+    } else {
+        let xs = cpu_f32(OP, x)?;
+        let mut out = Vec::with_capacity(xs.len() * n);
+        for _ in 0..n {
+            out.extend_from_slice(xs);
+        }
+        Tensor::from_f32(out, &dims)
+    };
+    autograd::record_unary(OP, x, &mut y, 0, crate::ops::activation::sum_leading);
+    Ok(y)
+}
+
+/// g [N, len, C] placed at rows [start, start + len) of zeros [N, l, C]: the
+/// gradient of `narrow`.
+pub fn pad_rows(g: &Tensor, l: usize, start: usize) -> Result<Tensor> {
+    const OP: &str = "pad_rows";
+    crate::ops::backward_on_cpu(OP, &[g])?;
+    let [n, len, c] = g.dims_n::<3>(OP, "gradient")?;
+    if start + len > l {
+        return Err(crate::Error::shape(
+            OP,
+            format!("rows {start}..{} of {l}", start + len),
+        ));
     }
-    let xs = cpu_f32(OP, x)?;
-    let mut out = Vec::with_capacity(xs.len() * n);
-    for _ in 0..n {
-        out.extend_from_slice(xs);
+    let gs = cpu_f32(OP, g)?;
+    let mut out = vec![0.0f32; n * l * c];
+    for i in 0..n {
+        out[(i * l + start) * c..(i * l + start + len) * c]
+            .copy_from_slice(&gs[i * len * c..(i + 1) * len * c]);
     }
-    Ok(Tensor::from_f32(out, &dims))
+    Ok(Tensor::from_f32(out, &[n, l, c]))
 }
 
 /// Rows [start, start + len) of every item of x [N, L, C]: [N, len, C]
@@ -102,19 +141,22 @@ pub fn narrow(x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
             ),
         ));
     }
-    if let Device::Cuda(_) = x.device() {
+    let mut y = if let Device::Cuda(_) = x.device() {
         let x = cuda_input(OP, x)?;
         let (dev, xs) = x.cuda_whole_f32(OP)?;
         let mut y = dev.alloc(n * len * c)?;
         cuda::copy_rows(dev, &mut y, xs, n, len, c, (l * c, start), (len * c, 0))?;
-        return Tensor::from_cuda_f32(dev, y, [n, len, c]);
-    }
-    let xs = cpu_f32(OP, x)?;
-    let mut out = Vec::with_capacity(n * len * c);
-    for i in 0..n {
-        out.extend_from_slice(&xs[(i * l + start) * c..(i * l + start + len) * c]);
-    }
-    Ok(Tensor::from_f32(out, &[n, len, c]))
+        Tensor::from_cuda_f32(dev, y, [n, len, c])?
+    } else {
+        let xs = cpu_f32(OP, x)?;
+        let mut out = Vec::with_capacity(n * len * c);
+        for i in 0..n {
+            out.extend_from_slice(&xs[(i * l + start) * c..(i * l + start + len) * c]);
+        }
+        Tensor::from_f32(out, &[n, len, c])
+    };
+    autograd::record_unary(OP, x, &mut y, 0, move |g| pad_rows(g, l, start));
+    Ok(y)
 }
 
 /// Token sequences joined along dim 1: parts [N or 1, L_i, C] -> [N, sum L_i, C];
@@ -138,6 +180,41 @@ pub fn cat1(parts: &[&Tensor]) -> Result<Tensor> {
         ));
     }
     let l: usize = dims.iter().map(|d| d[1]).sum();
+    let mut y = cat1_forward(parts, &dims, n, l, c)?;
+    if autograd::is_tracked(parts) {
+        let dims2 = dims.clone();
+        autograd::record(
+            OP,
+            parts,
+            &mut y,
+            0,
+            Box::new(move |g| {
+                let mut row = 0;
+                let mut out = Vec::with_capacity(dims2.len());
+                for d in &dims2 {
+                    let gi = narrow(g, row, d[1])?;
+                    row += d[1];
+                    out.push(Some(if d[0] == 1 && n != 1 {
+                        crate::ops::activation::sum_leading(&gi)?
+                    } else {
+                        gi
+                    }));
+                }
+                Ok(out)
+            }),
+        );
+    }
+    Ok(y)
+}
+
+fn cat1_forward(
+    parts: &[&Tensor],
+    dims: &[[usize; 3]],
+    n: usize,
+    l: usize,
+    c: usize,
+) -> Result<Tensor> {
+    const OP: &str = "cat1";
     if let Device::Cuda(_) = crate::ops::same_device(OP, parts)? {
         let parts: Vec<Tensor> = parts
             .iter()
@@ -146,7 +223,7 @@ pub fn cat1(parts: &[&Tensor]) -> Result<Tensor> {
         let dev = parts[0].cuda_device().expect("a CUDA tensor").clone();
         let mut y = dev.alloc(n * l * c)?;
         let mut row = 0;
-        for (p, d) in parts.iter().zip(&dims) {
+        for (p, d) in parts.iter().zip(dims) {
             let (_, xs) = p.cuda_whole_f32(OP)?;
             let stride = if d[0] == 1 { 0 } else { d[1] * c };
             cuda::copy_rows(&dev, &mut y, xs, n, d[1], c, (stride, 0), (l * c, row))?;
@@ -160,12 +237,86 @@ pub fn cat1(parts: &[&Tensor]) -> Result<Tensor> {
         .collect::<Result<_>>()?;
     let mut out = Vec::with_capacity(n * l * c);
     for i in 0..n {
-        for (x, d) in xs.iter().zip(&dims) {
+        for (x, d) in xs.iter().zip(dims) {
             let item = if d[0] == 1 { 0 } else { i };
             out.extend_from_slice(&x[item * d[1] * c..(item + 1) * d[1] * c]);
         }
     }
     Ok(Tensor::from_f32(out, &[n, l, c]))
+}
+
+/// Tensors of equal trailing dims joined along dim 0 (the masks of several
+/// images into one loss). On their device; the gradient of each part is its
+/// range of the output's gradient (a view).
+pub fn cat0(parts: &[&Tensor]) -> Result<Tensor> {
+    const OP: &str = "cat0";
+    let first = parts
+        .first()
+        .ok_or_else(|| crate::Error::shape(OP, "no parts"))?;
+    let tail = first.dims().get(1..).unwrap_or(&[]).to_vec();
+    if first.dims().is_empty()
+        || parts
+            .iter()
+            .any(|p| p.dims().get(1..) != Some(tail.as_slice()))
+    {
+        return Err(crate::Error::shape(
+            OP,
+            format!(
+                "parts {:?}",
+                parts.iter().map(|p| p.dims()).collect::<Vec<_>>()
+            ),
+        ));
+    }
+    let n: usize = parts.iter().map(|p| p.dims()[0]).sum();
+    let mut dims = vec![n];
+    dims.extend(&tail);
+    let total: usize = dims.iter().product();
+    let mut y = if let Device::Cuda(_) = crate::ops::same_device(OP, parts)? {
+        let dev = first.cuda_device().expect("a CUDA tensor").clone();
+        let mut out = Tensor::from_cuda_f32(&dev, dev.alloc(total)?, dims.clone())?;
+        let mut at = 0;
+        {
+            let mut dst = out.cuda_f32_mut(OP)?;
+            for p in parts {
+                let src = p.cuda_f32(OP)?;
+                let mut part = dst.slice_mut(at..at + p.numel());
+                dev.stream()
+                    .memcpy_dtod(&src, &mut part)
+                    .map_err(crate::cuda::driver_err("copy"))?;
+                at += p.numel();
+            }
+        }
+        out
+    } else {
+        let mut out = Vec::with_capacity(total);
+        for p in parts {
+            out.extend_from_slice(cpu_f32(OP, p)?);
+        }
+        Tensor::from_f32(out, &dims)
+    };
+    if autograd::is_tracked(parts) {
+        let ranges: Vec<(usize, Vec<usize>)> = parts
+            .iter()
+            .scan(0, |at, p| {
+                let r = (*at, p.dims().to_vec());
+                *at += p.numel();
+                Some(r)
+            })
+            .collect();
+        autograd::record(
+            OP,
+            parts,
+            &mut y,
+            0,
+            Box::new(move |g| {
+                ranges
+                    .iter()
+                    .map(|(at, d)| g.view(*at, d.clone()).map(Some))
+                    .collect()
+            }),
+        );
+    }
+    Ok(y)
 }
 
 /// g placed at [offset, offset + g.numel()) of a zero tensor of `whole`'s

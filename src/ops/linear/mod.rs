@@ -195,6 +195,84 @@ pub fn mask_dot(h: &Tensor, f: &Tensor, msf: &Tensor) -> Result<Tensor> {
     h.expect_dims(OP, "hypernetwork output", &[n, c])?;
     msf.expect_dims(OP, "multi_scale_feature", &[1, c, fh, fw])?;
     let p = fh * fw;
+    let mut y = mask_dot_forward(h, f, msf, (n, c, p), [n, 1, fh, fw])?;
+    if autograd::is_tracked(&[h, f, msf]) {
+        let gh = autograd::requires_grad(h);
+        let (gf, gm) = (autograd::requires_grad(f), autograd::requires_grad(msf));
+        // dh needs f and msf; df and dmsf need h.
+        let fm = gh.then(|| (f.clone(), msf.clone()));
+        let hs = (gf || gm).then(|| h.clone());
+        let saved = fm.as_ref().map_or(0, |(f, _)| autograd::bytes(f));
+        autograd::record(
+            OP,
+            &[h, f, msf],
+            &mut y,
+            saved,
+            Box::new(move |g| {
+                const OP: &str = "mask_dot backward";
+                crate::ops::backward_on_cpu(OP, &[g])?;
+                let gs = cpu_f32(OP, g)?;
+                let dh = match &fm {
+                    Some((f, m)) => {
+                        let (fs, ms) = (cpu_f32(OP, f)?, cpu_f32(OP, m)?);
+                        let mut dh = vec![0.0f32; n * c];
+                        for (i, row) in dh.chunks_exact_mut(c).enumerate() {
+                            let gi = &gs[i * p..(i + 1) * p];
+                            for (ch, d) in row.iter_mut().enumerate() {
+                                let fr = &fs[(i * c + ch) * p..(i * c + ch + 1) * p];
+                                let mr = &ms[ch * p..(ch + 1) * p];
+                                *d = gi
+                                    .iter()
+                                    .zip(fr.iter().zip(mr))
+                                    .map(|(&g, (&a, &b))| (g * (a + b)) as f64)
+                                    .sum::<f64>() as f32;
+                            }
+                        }
+                        Some(Tensor::from_f32(dh, &[n, c]))
+                    }
+                    None => None,
+                };
+                let (mut df, mut dm) = (None, None);
+                if let Some(h) = &hs {
+                    let hv = cpu_f32(OP, h)?;
+                    if gf {
+                        let mut d = vec![0.0f32; n * c * p];
+                        for (r, plane) in d.chunks_exact_mut(p).enumerate() {
+                            let (i, hr) = (r / c, hv[r]);
+                            for (o, &g) in plane.iter_mut().zip(&gs[i * p..(i + 1) * p]) {
+                                *o = g * hr;
+                            }
+                        }
+                        df = Some(Tensor::from_f32(d, &[n, c, fh, fw]));
+                    }
+                    if gm {
+                        let mut d = vec![0.0f32; c * p];
+                        for i in 0..n {
+                            for (ch, plane) in d.chunks_exact_mut(p).enumerate() {
+                                let hr = hv[i * c + ch];
+                                for (o, &g) in plane.iter_mut().zip(&gs[i * p..(i + 1) * p]) {
+                                    *o += g * hr;
+                                }
+                            }
+                        }
+                        dm = Some(Tensor::from_f32(d, &[1, c, fh, fw]));
+                    }
+                }
+                Ok(vec![dh, df, dm])
+            }),
+        );
+    }
+    Ok(y)
+}
+
+fn mask_dot_forward(
+    h: &Tensor,
+    f: &Tensor,
+    msf: &Tensor,
+    (n, c, p): (usize, usize, usize),
+    out_dims: [usize; 4],
+) -> Result<Tensor> {
+    const OP: &str = "mask_dot";
     if let Device::Cuda(_) = same_device(OP, &[h, f, msf])? {
         let (h, f, msf) = (cuda_input(OP, h)?, cuda_input(OP, f)?, cuda_input(OP, msf)?);
         let (dev, hs) = h.cuda_whole_f32(OP)?;
@@ -205,7 +283,7 @@ pub fn mask_dot(h: &Tensor, f: &Tensor, msf: &Tensor) -> Result<Tensor> {
             msf.cuda_whole_f32(OP)?.1,
             (n, c, p),
         )?;
-        return Tensor::from_cuda_f32(dev, y, [n, 1, fh, fw]);
+        return Tensor::from_cuda_f32(dev, y, out_dims);
     }
     let (fs, ms, hs) = (cpu_f32(OP, f)?, cpu_f32(OP, msf)?, cpu_f32(OP, h)?);
     use rayon::prelude::*;
@@ -220,7 +298,7 @@ pub fn mask_dot(h: &Tensor, f: &Tensor, msf: &Tensor) -> Result<Tensor> {
             }
         }
     });
-    Ok(Tensor::from_f32(out, &[n, 1, fh, fw]))
+    Ok(Tensor::from_f32(out, &out_dims))
 }
 
 #[cfg(test)]

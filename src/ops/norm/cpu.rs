@@ -231,3 +231,109 @@ pub fn layer_norm_backward(
     let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
     (dx, f(dw), f(db))
 }
+
+/// Per-channel mean and biased variance of x [n, c, p] in f64 (images and
+/// pixels in order).
+pub fn channel_stats(x: &[f32], n: usize, c: usize, p: usize) -> (Vec<f64>, Vec<f64>) {
+    let per: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let plane = |i: usize| &x[(i * c + ch) * p..(i * c + ch + 1) * p];
+            let m = (0..n)
+                .map(|i| plane(i).iter().map(|&v| v as f64).sum::<f64>())
+                .sum::<f64>()
+                / (n * p) as f64;
+            let v = (0..n)
+                .map(|i| {
+                    plane(i)
+                        .iter()
+                        .map(|&v| (v as f64 - m).powi(2))
+                        .sum::<f64>()
+                })
+                .sum::<f64>()
+                / (n * p) as f64;
+            (m, v)
+        })
+        .collect();
+    per.into_iter().unzip()
+}
+
+/// y = (x - mean) / sqrt(var + eps) * gamma + beta per channel.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_apply(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    mean: &[f64],
+    var: &[f64],
+    n: usize,
+    c: usize,
+    p: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let mut y = vec![0.0f32; n * c * p];
+    y.par_chunks_mut(p).enumerate().for_each(|(r, out)| {
+        let ch = r % c;
+        let rstd = 1.0 / (var[ch] + eps as f64).sqrt();
+        let (scale, shift) = (
+            (rstd * gamma[ch] as f64) as f32,
+            (beta[ch] as f64 - mean[ch] * rstd * gamma[ch] as f64) as f32,
+        );
+        for (o, &v) in out.iter_mut().zip(&x[r * p..(r + 1) * p]) {
+            *o = v * scale + shift;
+        }
+    });
+    y
+}
+
+/// BatchNorm (batch statistics) backward, per channel in f64:
+/// dgamma = sum g xhat, dbeta = sum g,
+/// dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = n p.
+#[allow(clippy::type_complexity)]
+pub fn batch_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    g: &[f32],
+    (mean, var): (&[f64], &[f64]),
+    (n, c, p): (usize, usize, usize),
+    eps: f32,
+    want_dx: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let m = (n * p) as f64;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let rstd = 1.0 / (var[ch] + eps as f64).sqrt();
+            let (mut dg, mut db) = (0.0f64, 0.0f64);
+            for i in 0..n {
+                let r = (i * c + ch) * p;
+                for (&xv, &gv) in x[r..r + p].iter().zip(&g[r..r + p]) {
+                    dg += gv as f64 * (xv as f64 - mean[ch]) * rstd;
+                    db += gv as f64;
+                }
+            }
+            (dg, db)
+        })
+        .collect();
+    let dx = want_dx.then(|| {
+        let mut dx = vec![0.0f32; n * c * p];
+        dx.par_chunks_mut(p).enumerate().for_each(|(r, out)| {
+            let ch = r % c;
+            let rstd = 1.0 / (var[ch] + eps as f64).sqrt();
+            let (dg, db) = sums[ch];
+            let k = gamma[ch] as f64 * rstd;
+            for ((o, &xv), &gv) in out
+                .iter_mut()
+                .zip(&x[r * p..(r + 1) * p])
+                .zip(&g[r * p..(r + 1) * p])
+            {
+                let xhat = (xv as f64 - mean[ch]) * rstd;
+                *o = (k * (gv as f64 - db / m - xhat * dg / m)) as f32;
+            }
+        });
+        dx
+    });
+    let (dg, db): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
+    let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+    (dx, f(dg), f(db))
+}

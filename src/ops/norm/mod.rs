@@ -227,3 +227,93 @@ mod tests {
         }
     }
 }
+
+/// What a train-mode BatchNorm computed besides its output: the batch
+/// statistics per channel (mean, and the unbiased variance that the running
+/// statistics take), for the caller's running-statistics update.
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    pub mean: Vec<f64>,
+    pub var_unbiased: Vec<f64>,
+    /// Values per channel (N H W).
+    pub count: usize,
+}
+
+/// BatchNorm2d in train mode: x [N, C, H, W] normalised per channel with the
+/// statistics of this batch (mean and biased variance over N, H, W, in f64),
+/// then gamma, beta [C]. Records its backward (dx, dgamma, dbeta) under a
+/// recording. CPU for now. The statistics are the one reduction point that a
+/// multi-device run replaces with a cross-device one.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, BatchStats)> {
+    const OP: &str = "batch_norm_train";
+    let _p = crate::profile::scope(OP);
+    let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
+    gamma.expect_dims(OP, "weight", &[c])?;
+    beta.expect_dims(OP, "bias", &[c])?;
+    crate::ops::backward_on_cpu(OP, &[x, gamma, beta]).map_err(|_| crate::Error::Device {
+        op: OP,
+        expected: "cpu".into(),
+        got: x.device().to_string(),
+    })?;
+    let p = h * w;
+    let count = n * p;
+    if count < 2 {
+        return Err(crate::Error::shape(
+            OP,
+            format!(
+                "{:?}: train-mode BatchNorm needs more than one value per channel",
+                x.dims()
+            ),
+        ));
+    }
+    let (xs, gs, bs) = (cpu_f32(OP, x)?, cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?);
+    let (mean, var) = cpu::channel_stats(xs, n, c, p);
+    let y = cpu::batch_norm_apply(xs, gs, bs, &mean, &var, n, c, p, eps);
+    let mut y = Tensor::from_f32(y, x.dims());
+    let stats = BatchStats {
+        var_unbiased: var
+            .iter()
+            .map(|v| v * count as f64 / (count - 1) as f64)
+            .collect(),
+        mean: mean.clone(),
+        count,
+    };
+    if autograd::is_tracked(&[x, gamma, beta]) {
+        let (gx, gg, gb) = (
+            autograd::requires_grad(x),
+            autograd::requires_grad(gamma),
+            autograd::requires_grad(beta),
+        );
+        let (xk, gk) = (x.clone(), gamma.clone());
+        autograd::record(
+            OP,
+            &[x, gamma, beta],
+            &mut y,
+            autograd::bytes(x),
+            Box::new(move |g| {
+                const OP: &str = "batch_norm_train backward";
+                crate::ops::backward_on_cpu(OP, &[g])?;
+                let (dx, dg, db) = cpu::batch_norm_backward(
+                    cpu_f32(OP, &xk)?,
+                    cpu_f32(OP, &gk)?,
+                    cpu_f32(OP, g)?,
+                    (&mean, &var),
+                    (n, c, p),
+                    eps,
+                    gx,
+                );
+                Ok(vec![
+                    dx.map(|d| Tensor::from_f32(d, xk.dims())),
+                    gg.then(|| Tensor::from_f32(dg.clone(), &[c])),
+                    gb.then(|| Tensor::from_f32(db, &[c])),
+                ])
+            }),
+        );
+    }
+    Ok((y, stats))
+}

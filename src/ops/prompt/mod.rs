@@ -91,7 +91,56 @@ pub fn box_tokens(
     let t = 2 + lead.is_some() as usize;
     let mut all = vec![boxes, gaussian, corners.0, corners.1];
     all.extend(lead);
-    if let Device::Cuda(_) = same_device(OP, &all)? {
+    // The boxes and the Gaussian matrix (a buffer) get no gradient.
+    crate::autograd::no_backward("box_tokens (boxes, gaussian)", &[boxes, gaussian])?;
+    let mut y = box_tokens_forward(&all, n, t, c, img_size)?;
+    if crate::autograd::is_tracked(&all) {
+        let lead_dims = lead.map(|m| m.dims().to_vec());
+        crate::autograd::record(
+            OP,
+            &all,
+            &mut y,
+            0,
+            Box::new(move |g| {
+                const OP: &str = "box_tokens backward";
+                crate::ops::backward_on_cpu(OP, &[g])?;
+                let gs = cpu_f32(OP, g)?;
+                // Row r of every box, summed over the boxes in order.
+                let row_sum = |r: usize| -> Vec<f32> {
+                    let mut acc = vec![0.0f64; c];
+                    for i in 0..n {
+                        let src = &gs[(i * t + r) * c..(i * t + r + 1) * c];
+                        acc.iter_mut().zip(src).for_each(|(a, &v)| *a += v as f64);
+                    }
+                    acc.into_iter().map(|v| v as f32).collect()
+                };
+                let l = t - 2;
+                let mut v = vec![
+                    None,
+                    None,
+                    Some(Tensor::from_f32(row_sum(l), &[1, c])),
+                    Some(Tensor::from_f32(row_sum(l + 1), &[1, c])),
+                ];
+                if let Some(d) = &lead_dims {
+                    v.push(Some(Tensor::from_f32(row_sum(0), d)));
+                }
+                Ok(v)
+            }),
+        );
+    }
+    Ok(y)
+}
+
+fn box_tokens_forward(
+    all: &[&Tensor],
+    n: usize,
+    t: usize,
+    c: usize,
+    img_size: usize,
+) -> Result<Tensor> {
+    const OP: &str = "box_tokens";
+    let (boxes, gaussian, corners, lead) = (all[0], all[1], (all[2], all[3]), all.get(4).copied());
+    if let Device::Cuda(_) = same_device(OP, all)? {
         let b = cuda_input(OP, boxes)?;
         let g = cuda_input(OP, gaussian)?;
         let (c0, c1) = (cuda_input(OP, corners.0)?, cuda_input(OP, corners.1)?);

@@ -31,6 +31,47 @@ pub fn bilinear(x: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usi
     out
 }
 
+/// For each input index, the (output index, weight) pairs that read it.
+fn reverse_taps(inp: usize, out: usize) -> Vec<Vec<(usize, f32)>> {
+    let mut r = vec![vec![]; inp];
+    for (o, (i0, i1, w0, w1)) in torch_taps(inp, out).into_iter().enumerate() {
+        r[i0].push((o, w0));
+        r[i1].push((o, w1));
+    }
+    r
+}
+
+/// bilinear backward, as gathers (each input value sums the outputs that
+/// read it, in output order): g planes x oh x ow -> planes x h x w. Columns
+/// first (g -> planes x oh x w), then rows.
+pub fn bilinear_backward(
+    g: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+) -> Vec<f32> {
+    let (ry, rx) = (reverse_taps(h, oh), reverse_taps(w, ow));
+    let mut out = vec![0.0f32; planes * h * w];
+    out.par_chunks_mut(h * w).enumerate().for_each(|(pl, dst)| {
+        let gp = &g[pl * oh * ow..(pl + 1) * oh * ow];
+        let mut tmp = vec![0.0f32; oh * w];
+        for oy in 0..oh {
+            let grow = &gp[oy * ow..(oy + 1) * ow];
+            for (x, taps) in rx.iter().enumerate() {
+                tmp[oy * w + x] = taps.iter().map(|&(ox, wx)| wx * grow[ox]).sum();
+            }
+        }
+        for (y, taps) in ry.iter().enumerate() {
+            for x in 0..w {
+                dst[y * w + x] = taps.iter().map(|&(oy, wy)| wy * tmp[oy * w + x]).sum();
+            }
+        }
+    });
+    out
+}
+
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 /// PIL's coefficients for resampling `inp` samples to `out` with the bilinear

@@ -25,15 +25,23 @@ pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
             format!("cannot resize {:?} to {oh} x {ow}", x.dims()),
         ));
     }
-    if let Device::Cuda(_) = x.device() {
+    let mut y = if let Device::Cuda(_) = x.device() {
         // Bit-exact with the CPU (cuda/resize.cu rounds every step in its order).
         let x = cuda_input(OP, x)?;
         let (dev, xs) = x.cuda_whole_f32(OP)?;
         let y = cuda::bilinear_crop(dev, xs, n * c, h, w, h, w, oh, ow)?;
-        return Tensor::from_cuda_f32(dev, y, [n, c, oh, ow]);
-    }
-    let out = cpu::bilinear(cpu_f32(OP, x)?, n * c, h, w, oh, ow);
-    Ok(Tensor::from_f32(out, &[n, c, oh, ow]))
+        Tensor::from_cuda_f32(dev, y, [n, c, oh, ow])?
+    } else {
+        let out = cpu::bilinear(cpu_f32(OP, x)?, n * c, h, w, oh, ow);
+        Tensor::from_f32(out, &[n, c, oh, ow])
+    };
+    crate::autograd::record_unary(OP, x, &mut y, 0, move |g| {
+        const OP: &str = "bilinear backward";
+        crate::ops::backward_on_cpu(OP, &[g])?;
+        let dx = cpu::bilinear_backward(cpu_f32(OP, g)?, n * c, h, w, oh, ow);
+        Ok(Tensor::from_f32(dx, &[n, c, h, w]))
+    });
+    Ok(y)
 }
 
 /// The top-left h x w of each plane of x [B, C, H, W], resized to oh x ow:
@@ -49,6 +57,8 @@ pub fn bilinear_crop(x: &Tensor, h: usize, w: usize, oh: usize, ow: usize) -> Re
             format!("crop {h} x {w} of {:?} to {oh} x {ow}", x.dims()),
         ));
     }
+    // Post-processing only: training's loss sees the uncropped upsample.
+    crate::autograd::no_backward(OP, &[x])?;
     if let Device::Cuda(_) = x.device() {
         let x = cuda_input(OP, x)?;
         let (dev, xs) = x.cuda_whole_f32(OP)?;
