@@ -23,6 +23,7 @@ pub mod predictor;
 pub mod preprocess;
 pub mod profile;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use predictor::{CudaGraphs, Prediction, Predictor, PredictorOptions};

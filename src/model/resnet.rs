@@ -1,36 +1,38 @@
-//! The ResNet branch (`resnet.`): torchvision's ResNet without avgpool / fc, with
-//! BatchNorm folded into the convolutions for inference.
+//! The ResNet branch (`resnet.`): torchvision's ResNet without avgpool / fc,
+//! with BatchNorm folded into the convolutions for inference, or kept (train
+//! mode: batch statistics) for training.
 
 use crate::error::Result;
 use crate::io::Weights;
 use crate::model::config::ResNetConfig;
-use crate::nn::Conv2d;
+use crate::nn::ConvBn;
 use crate::ops::activation::Act;
 use crate::ops::conv::max_pool2d;
 use crate::tensor::Tensor;
 
 enum Block {
     Basic {
-        conv1: Conv2d,
-        conv2: Conv2d,
-        downsample: Option<Conv2d>,
+        conv1: ConvBn,
+        conv2: ConvBn,
+        downsample: Option<ConvBn>,
     },
     Bottleneck {
-        conv1: Conv2d,
-        conv2: Conv2d,
-        conv3: Conv2d,
-        downsample: Option<Conv2d>,
+        conv1: ConvBn,
+        conv2: ConvBn,
+        conv3: ConvBn,
+        downsample: Option<ConvBn>,
     },
 }
 
 pub struct ResNet {
-    stem: Conv2d,
+    stem: ConvBn,
     stages: Vec<Vec<Block>>,
 }
 
 impl ResNet {
-    pub fn load(w: &Weights, cfg: &ResNetConfig) -> Result<Self> {
-        let stem = Conv2d::load_bn(w, "resnet.stage0.0", "resnet.stage0.1", 2, 3)?;
+    /// `fold`: BatchNorm folded into the convolutions (inference).
+    pub fn load(w: &Weights, cfg: &ResNetConfig, fold: bool) -> Result<Self> {
+        let stem = ConvBn::load(w, "resnet.stage0.0", "resnet.stage0.1", 2, 3, fold)?;
         let mut stages = Vec::new();
         for s in 0..4 {
             let mut blocks = Vec::new();
@@ -38,18 +40,26 @@ impl ResNet {
                 let pre = format!("resnet.stage{}.{b}", s + 1);
                 let stride = if s > 0 && b == 0 { 2 } else { 1 };
                 let downsample = if w.contains(&format!("{pre}.downsample.0.weight")) {
-                    Some(Conv2d::load_bn(
+                    Some(ConvBn::load(
                         w,
                         &format!("{pre}.downsample.0"),
                         &format!("{pre}.downsample.1"),
                         stride,
                         0,
+                        fold,
                     )?)
                 } else {
                     None
                 };
                 let cb = |c: &str, bn: &str, st: usize, pad: usize| {
-                    Conv2d::load_bn(w, &format!("{pre}.{c}"), &format!("{pre}.{bn}"), st, pad)
+                    ConvBn::load(
+                        w,
+                        &format!("{pre}.{c}"),
+                        &format!("{pre}.{bn}"),
+                        st,
+                        pad,
+                        fold,
+                    )
                 };
                 blocks.push(if cfg.bottleneck {
                     Block::Bottleneck {
@@ -144,3 +154,34 @@ impl crate::nn::Params for Block {
 }
 
 crate::params!(ResNet { stem, stages });
+
+impl ResNet {
+    /// Every BatchNorm of the branch (none once folded), in module order.
+    pub fn batch_norms(&self) -> Vec<&crate::nn::BatchNorm2d> {
+        let mut v = vec![];
+        v.extend(self.stem.bn.as_ref());
+        for b in self.stages.iter().flatten() {
+            let convs: Vec<&ConvBn> = match b {
+                Block::Basic {
+                    conv1,
+                    conv2,
+                    downsample,
+                } => [Some(conv1), Some(conv2), downsample.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+                Block::Bottleneck {
+                    conv1,
+                    conv2,
+                    conv3,
+                    downsample,
+                } => [Some(conv1), Some(conv2), Some(conv3), downsample.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            };
+            v.extend(convs.into_iter().filter_map(|c| c.bn.as_ref()));
+        }
+        v
+    }
+}

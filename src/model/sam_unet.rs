@@ -48,17 +48,38 @@ impl SamUnet {
     pub fn from_weights(w: &Weights) -> Result<Self> {
         let config = SamUnetConfig::from_weights(w)?;
         config.validate(w)?;
-        Self::build(config, w)
+        Self::build(config, w, true)
     }
 
-    fn build(config: SamUnetConfig, w: &Weights) -> Result<Self> {
+    /// The model to train: BatchNorm kept apart from its convolutions (train
+    /// mode, batch statistics; `set_training(false)` for evaluation), every
+    /// tensor sharing its storage with `w`'s (so that parameters can be named).
+    pub fn for_training(w: &Weights) -> Result<Self> {
+        let config = SamUnetConfig::from_weights(w)?;
+        config.validate(w)?;
+        Self::build(config, w, false)
+    }
+
+    /// BatchNorm in train (batch statistics) or eval (running statistics) mode.
+    pub fn set_training(&self, on: bool) {
+        for bn in self.resnet.batch_norms() {
+            bn.training.store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The ResNet's BatchNorms with their state_dict prefixes, in module order.
+    pub fn batch_norms(&self) -> Vec<&crate::nn::BatchNorm2d> {
+        self.resnet.batch_norms()
+    }
+
+    fn build(config: SamUnetConfig, w: &Weights, fold: bool) -> Result<Self> {
         let prompt = PromptEncoder::load(w, config.img_size, config.grid())?;
         let dense_pe = prompt.dense_pe()?;
         let [_, c, g, _] = dense_pe.dims_n::<4>("SamUnet", "dense_pe")?;
         let pos = nchw_to_nhwc(&dense_pe)?.reshape([1, g * g, c])?;
         Ok(SamUnet {
             pos,
-            resnet: ResNet::load(w, &config.resnet)?,
+            resnet: ResNet::load(w, &config.resnet, fold)?,
             vit: ImageEncoderViT::load(w, &config)?,
             adapters_in: (0..4)
                 .map(|i| Reshaper::load(w, i))

@@ -266,3 +266,187 @@ impl LayerNorm {
         layer_norm2d(x, &self.weight, &self.bias, self.eps, act)
     }
 }
+
+/// The running statistics of a BatchNorm2d (buffers), updated by every
+/// train-mode forward.
+#[derive(Debug)]
+pub struct Running {
+    /// [C] each
+    pub mean: Tensor,
+    pub var: Tensor,
+    /// `num_batches_tracked`
+    pub batches: u64,
+}
+
+/// BatchNorm2d (eps 1e-5, momentum 0.1) with its buffers, for a model that
+/// trains; an inference model has it folded into the convolution before it.
+#[derive(Debug)]
+pub struct BatchNorm2d {
+    /// gamma, beta [C]
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running: std::sync::Mutex<Running>,
+    pub eps: f32,
+    pub momentum: f64,
+    /// Train mode: batch statistics (and running-statistics updates).
+    pub training: std::sync::atomic::AtomicBool,
+}
+
+impl BatchNorm2d {
+    pub fn load(w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(BatchNorm2d {
+            weight: get(w, prefix, "weight")?,
+            bias: get(w, prefix, "bias")?,
+            running: std::sync::Mutex::new(Running {
+                mean: get(w, prefix, "running_mean")?,
+                var: get(w, prefix, "running_var")?,
+                batches: w
+                    .get(&format!("{prefix}.num_batches_tracked"))
+                    .and_then(|t| t.as_f32().ok().and_then(|v| v.first().copied()))
+                    .map_or(0, |v| v as u64),
+            }),
+            eps: 1e-5,
+            momentum: 0.1,
+            training: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The running statistics now (mean, var, batches tracked).
+    pub fn running_stats(&self) -> (Tensor, Tensor, u64) {
+        let r = self.running();
+        (r.mean.clone(), r.var.clone(), r.batches)
+    }
+
+    /// Train mode: normalise with this batch's statistics and move the running
+    /// ones (momentum, unbiased variance), as PyTorch's BatchNorm2d.
+    pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, st) = crate::ops::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+        let mut r = self.running();
+        let m = self.momentum;
+        let upd = |old: &Tensor, new: &[f64]| -> Result<Tensor> {
+            let o = old.to_host()?;
+            let v: Vec<f32> = o
+                .as_f32()?
+                .iter()
+                .zip(new)
+                .map(|(&a, &b)| ((1.0 - m) * a as f64 + m * b) as f32)
+                .collect();
+            Tensor::from_vec(v, old.dims().to_vec())?.to_device(old.device())
+        };
+        r.mean = upd(&r.mean, &st.mean)?;
+        r.var = upd(&r.var, &st.var_unbiased)?;
+        r.batches += 1;
+        Ok(y)
+    }
+}
+
+impl Params for BatchNorm2d {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        f(&mut self.weight)?;
+        f(&mut self.bias)?;
+        let r = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
+        f(&mut r.mean)?;
+        f(&mut r.var)
+    }
+    fn visit_gemm_weights(&mut self, _f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A bias-free convolution followed by BatchNorm2d: folded into one
+/// convolution with bias for inference (`bn` None), or kept apart to train
+/// (the BatchNorm in train or eval mode).
+#[derive(Debug)]
+pub struct ConvBn {
+    pub conv: Conv2d,
+    pub bn: Option<BatchNorm2d>,
+}
+
+impl ConvBn {
+    /// `fold`: inference form (one conv with the running statistics folded in).
+    pub fn load(
+        w: &Weights,
+        conv: &str,
+        bn: &str,
+        stride: usize,
+        padding: usize,
+        fold: bool,
+    ) -> Result<Self> {
+        if fold {
+            return Ok(ConvBn {
+                conv: Conv2d::load_bn(w, conv, bn, stride, padding)?,
+                bn: None,
+            });
+        }
+        Ok(ConvBn {
+            conv: Conv2d::load(w, conv, stride, padding)?,
+            bn: Some(BatchNorm2d::load(w, bn)?),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        self.forward_impl(x, None, act)
+    }
+
+    /// act(bn(conv(x)) + residual)
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
+        self.forward_impl(x, Some(residual), act)
+    }
+
+    fn forward_impl(&self, x: &Tensor, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+        let Some(bn) = &self.bn else {
+            return match residual {
+                Some(r) => self.conv.forward_residual(x, r, act),
+                None => self.conv.forward(x, act),
+            };
+        };
+        if !bn.training.load(std::sync::atomic::Ordering::Relaxed) {
+            // Eval mode of a training model: fold the running statistics now.
+            let folded = self.folded()?;
+            return match residual {
+                Some(r) => folded.forward_residual(x, r, act),
+                None => folded.forward(x, act),
+            };
+        }
+        let z = self.conv.forward(x, Act::None)?;
+        let mut y = bn.forward_train(&z)?;
+        if let Some(r) = residual {
+            y = crate::ops::activation::add(&y, r)?;
+        }
+        if act == Act::None {
+            return Ok(y);
+        }
+        crate::ops::activation::act(&y, act)
+    }
+
+    /// The inference form: the BatchNorm's running statistics folded into the
+    /// convolution (the conversion an inference model is loaded with).
+    pub fn folded(&self) -> Result<Conv2d> {
+        let Some(bn) = &self.bn else {
+            return Ok(self.conv.clone());
+        };
+        let (mean, var, _) = bn.running_stats();
+        let (fw, fb) =
+            fold_batch_norm(&self.conv.weight, &bn.weight, &bn.bias, &mean, &var, bn.eps)?;
+        Ok(Conv2d {
+            weight: fw,
+            bias: Some(fb),
+            stride: self.conv.stride,
+            padding: self.conv.padding,
+        })
+    }
+}
+
+impl Params for ConvBn {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.conv.visit(f)?;
+        self.bn.visit(f)
+    }
+    fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        self.conv.visit_gemm_weights(f)
+    }
+}

@@ -701,6 +701,12 @@ impl Tensor {
         }
     }
 
+    /// Which values this tensor is (its storage and offset): two tensors with
+    /// the same key and shape are the same values (a clone or a reshape).
+    pub(crate) fn storage_key(&self) -> (usize, usize) {
+        (Arc::as_ptr(&self.storage) as usize, self.offset)
+    }
+
     /// The autograd value this tensor is, while a recording tracks it.
     pub(crate) fn var(&self) -> Option<crate::autograd::Var> {
         self.var

@@ -1,0 +1,275 @@
+//! One training step as the authors' trainer takes it (MODEL.md, "Training"):
+//! the model in train mode (BatchNorm on batch statistics), all masks of the
+//! batch through the decoder, their low-res logits upsampled 64 -> 256 and
+//! compared with the padded labels by focal + 20 dice over all masks at once,
+//! backward through the tape (src/autograd), Adam on the trainable
+//! parameters that got a gradient.
+//!
+//! The parameters are the model's own tensors, named by the state_dict name
+//! they were loaded from; frozen weights (the ViT and its neck) are never
+//! registered, so nothing is recorded for them and they get no gradient.
+//! CPU for now (the CUDA backward kernels come later).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use crate::autograd::Recording;
+use crate::error::{Error, Result};
+use crate::io::Weights;
+use crate::model::config::Kind;
+use crate::model::{ImageFeatures, SamUnet, Trace};
+use crate::nn::Params;
+use crate::ops::layout::cat0;
+use crate::ops::loss::{LossTerms, focal_dice};
+use crate::ops::resize::bilinear;
+use crate::tensor::{Device, Tensor};
+
+/// Adam and the loss as the authors set them.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// The weight of the Dice term (20).
+    pub dice_weight: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            dice_weight: 20.0,
+        }
+    }
+}
+
+/// One step's input: images [B, 3, S, S] (normalised, padded, as inference
+/// takes them), per image its boxes in the model frame and their labels
+/// [k, 1, S, S] (0 / 1, padded with 0 like the image).
+pub struct Batch {
+    pub images: Tensor,
+    pub boxes: Vec<Vec<[f32; 4]>>,
+    pub labels: Vec<Tensor>,
+}
+
+/// What a step reports.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub terms: LossTerms,
+    /// L2 norm of all gradients together.
+    pub grad_norm: f64,
+    /// The decoder output upsampled to S: [masks, 1, S, S].
+    pub logits: Tensor,
+    /// Gradients by parameter name (only when asked for: `step_with_grads`).
+    pub grads: Vec<(String, Tensor)>,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// Adam's state of one parameter.
+struct Moments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+pub struct Trainer {
+    model: SamUnet,
+    /// For every tensor of the model in visit order: its name when it is a
+    /// trainable parameter.
+    names: Vec<Option<String>>,
+    moments: HashMap<String, Moments>,
+    step: u64,
+    cfg: TrainConfig,
+}
+
+impl Trainer {
+    /// A trainer on weights (validated as for inference), on `device`.
+    pub fn new(w: &Weights, device: Device, cfg: TrainConfig) -> Result<Self> {
+        if device != Device::Cpu {
+            return Err(Error::NoBackward {
+                op: "training on CUDA (the CUDA backward kernels are not written yet)",
+            });
+        }
+        let mut model = SamUnet::for_training(w)?;
+        let trainable: HashMap<(usize, usize), &str> = model
+            .config
+            .param_specs()
+            .into_iter()
+            .filter(|s| s.kind == Kind::Param { trainable: true })
+            .filter_map(|s| {
+                let (name, t) = w.iter().find(|(n, _)| *n == s.name)?;
+                Some((t.storage_key(), name))
+            })
+            .collect();
+        let mut names = vec![];
+        model.visit(&mut |t: &mut Tensor| {
+            names.push(trainable.get(&t.storage_key()).map(|n| n.to_string()));
+            Ok(())
+        })?;
+        model.set_training(true);
+        Ok(Trainer {
+            model,
+            names,
+            moments: HashMap::new(),
+            step: 0,
+            cfg,
+        })
+    }
+
+    pub fn model(&self) -> &SamUnet {
+        &self.model
+    }
+
+    /// The trainable parameters' names, in module order.
+    pub fn param_names(&self) -> Vec<&str> {
+        self.names.iter().flatten().map(String::as_str).collect()
+    }
+
+    /// The current value of a parameter (or buffer) by its module-order index
+    /// name; None if there is no trainable parameter of that name.
+    pub fn param(&mut self, name: &str) -> Result<Option<Tensor>> {
+        let mut i = 0;
+        let mut found = None;
+        let names = &self.names;
+        self.model.visit(&mut |t: &mut Tensor| {
+            if names[i].as_deref() == Some(name) {
+                found = Some(t.clone());
+            }
+            i += 1;
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
+    /// Adam steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
+        self.step_inner(batch, false)
+    }
+
+    /// `step`, also returning every gradient by name.
+    pub fn step_with_grads(&mut self, batch: &Batch) -> Result<StepReport> {
+        self.step_inner(batch, true)
+    }
+
+    fn step_inner(&mut self, batch: &Batch, keep_grads: bool) -> Result<StepReport> {
+        let b = batch.images.dims().first().copied().unwrap_or(0);
+        if b == 0 || batch.boxes.len() != b || batch.labels.len() != b {
+            return Err(Error::input(
+                "train step",
+                format!(
+                    "{b} images, {} box lists, {} label sets",
+                    batch.boxes.len(),
+                    batch.labels.len()
+                ),
+            ));
+        }
+        let t0 = Instant::now();
+        let rec = Recording::start()?;
+        let mut i = 0;
+        let names = &self.names;
+        self.model.visit(&mut |t: &mut Tensor| {
+            if let Some(n) = &names[i] {
+                rec.param(t, n.clone())?;
+            }
+            i += 1;
+            Ok(())
+        })?;
+        let (logits, labels) = self.forward(batch)?;
+        let (loss, terms) = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
+        if !terms.loss.is_finite() {
+            return Err(Error::input(
+                "train step",
+                format!(
+                    "the loss is {} (focal {}, dice {})",
+                    terms.loss, terms.focal, terms.dice
+                ),
+            ));
+        }
+        let forward_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let grads = rec.backward(&loss, &Tensor::from_vec(vec![1.0], [1])?)?;
+        let backward_s = t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let mut sq = 0.0f64;
+        for (_, g) in &grads {
+            sq += g.as_f32()?.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+        }
+        self.adam(&grads)?;
+        let optimizer_s = t2.elapsed().as_secs_f64();
+        Ok(StepReport {
+            terms,
+            grad_norm: sq.sqrt(),
+            logits: logits.to_host()?,
+            grads: if keep_grads { grads } else { vec![] },
+            forward_s,
+            backward_s,
+            optimizer_s,
+        })
+    }
+
+    /// The recorded forward: logits upsampled to S [masks, 1, S, S] and the
+    /// labels in the same order.
+    fn forward(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
+        let s = self.model.config.img_size;
+        let feats: ImageFeatures = self
+            .model
+            .encode_image(&batch.images, &mut Trace::default())?;
+        let mut lows = Vec::with_capacity(batch.boxes.len());
+        for (i, bx) in batch.boxes.iter().enumerate() {
+            lows.push(self.model.decode(&feats, i, bx, &mut Trace::default())?);
+        }
+        let low = cat0(&lows.iter().collect::<Vec<_>>())?;
+        let up = bilinear(&low, s, s)?;
+        let labels = cat0(&batch.labels.iter().collect::<Vec<_>>())?;
+        Ok((up, labels))
+    }
+
+    /// torch.optim.Adam (no weight decay, no amsgrad), single-tensor form:
+    /// m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
+    /// p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
+    /// Parameters without a gradient are not touched (and get no state).
+    fn adam(&mut self, grads: &[(String, Tensor)]) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        let step_size = c.lr / bc1;
+        let bc2_sqrt = bc2.sqrt();
+        let by_name: HashMap<&str, &Tensor> = grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
+        let names = &self.names;
+        let moments = &mut self.moments;
+        let mut i = 0;
+        self.model.visit(&mut |p: &mut Tensor| {
+            let name = names[i].as_deref();
+            i += 1;
+            let Some(g) = name.and_then(|n| by_name.get(n)) else {
+                return Ok(());
+            };
+            let g = g.as_f32()?;
+            let st = moments
+                .entry(name.unwrap_or_default().to_string())
+                .or_insert_with(|| Moments {
+                    m: vec![0.0; g.len()],
+                    v: vec![0.0; g.len()],
+                });
+            let pv = p.as_f32_mut()?;
+            for (((p, &g), m), v) in pv.iter_mut().zip(g).zip(&mut st.m).zip(&mut st.v) {
+                *m += (g - *m) * (1.0 - c.beta1);
+                *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
+                let denom = v.sqrt() / bc2_sqrt + c.eps;
+                *p -= step_size * (*m / denom);
+            }
+            Ok(())
+        })
+    }
+}
