@@ -471,3 +471,87 @@ fn bn_names(fx: &Fixture, prefix: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// The tape's memory on full-size SAM-UNet-50 (random weights, 2 images x 5
+/// boxes): the patch embedding and ViT blocks 0-1 record nothing (10 of the
+/// 12 rel-pos attentions are recorded, for their input gradients), no frozen
+/// ViT linear keeps its input, and the saved bytes per image are printed.
+#[test]
+fn sam_unet_50_tape_memory() {
+    let cfg = sam_unet::model::SamUnetConfig::named("sam-unet-50").unwrap();
+    let w = cfg.random_weights(3);
+    let mut tr =
+        sam_unet::train::Trainer::new(&w, sam_unet::Device::Cpu, Default::default()).unwrap();
+    let s = cfg.img_size;
+    let images = sam_unet::Tensor::from_vec(
+        (0..2 * 3 * s * s)
+            .map(|i| ((i % 97) as f32 / 48.0) - 1.0)
+            .collect(),
+        [2, 3, s, s],
+    )
+    .unwrap();
+    let boxes: Vec<Vec<[f32; 4]>> = (0..2)
+        .map(|i| {
+            (0..5)
+                .map(|j| [10.0 + j as f32 * 9.0, 20.0 + i as f32, 150.0, 200.0])
+                .collect()
+        })
+        .collect();
+    let labels: Vec<sam_unet::Tensor> = (0..2)
+        .map(|_| {
+            sam_unet::Tensor::from_vec(
+                (0..5 * s * s).map(|i| ((i / 7) % 2) as f32).collect(),
+                [5, 1, s, s],
+            )
+            .unwrap()
+        })
+        .collect();
+    let batch = sam_unet::train::Batch {
+        images,
+        boxes,
+        labels,
+    };
+    let nodes = tr.record_forward(&batch).unwrap();
+    let attn = nodes.iter().filter(|n| n.op == "rel_pos_attention").count();
+    assert_eq!(attn, cfg.vit_depth - 2, "rel-pos attentions recorded");
+    let g = cfg.grid();
+    // The ViT's linears run on [B, G, G, *] tokens; all are frozen.
+    let vit_linears: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.op == "linear" && n.output_dims.len() == 4 && n.output_dims[1..3] == [g, g])
+        .collect();
+    assert_eq!(
+        vit_linears.len(),
+        4 * (cfg.vit_depth - 2),
+        "ViT linears recorded"
+    );
+    assert!(
+        vit_linears.iter().all(|n| n.saved_bytes == 0),
+        "a frozen linear kept its input"
+    );
+    // Nothing before the first adapter: of the convolutions writing ViT
+    // tokens, only the four adapters' are recorded, not the patch embedding.
+    let to_tokens = nodes
+        .iter()
+        .filter(|n| n.op == "conv2d" && n.output_dims == [2, cfg.vit_dim, g, g])
+        .count();
+    assert_eq!(to_tokens, 4, "the patch embedding was recorded");
+    assert_eq!(nodes[0].op, "conv2d", "the first node is the ResNet's stem");
+    assert_eq!(nodes[0].output_dims, [2, 64, s / 2, s / 2]);
+    let total: usize = nodes.iter().map(|n| n.saved_bytes).sum();
+    let mut by_op: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for n in &nodes {
+        let e = by_op.entry(n.op).or_default();
+        e.0 += 1;
+        e.1 += n.saved_bytes;
+    }
+    println!(
+        "SAM-UNet-50 tape, 2 images x 5 boxes: {} nodes, {:.1} MB saved ({:.1} MB per image)",
+        nodes.len(),
+        total as f64 / 1e6,
+        total as f64 / 2e6
+    );
+    for (op, (n, b)) in by_op {
+        println!("  {op:>22}: {n:>4} nodes, {:>8.1} MB", b as f64 / 1e6);
+    }
+}

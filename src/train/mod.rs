@@ -151,6 +151,30 @@ impl Trainer {
         self.step
     }
 
+    /// The tape of one step's forward, without the backward or the update:
+    /// what each node keeps alive until backward (the memory report).
+    pub fn record_forward(&mut self, batch: &Batch) -> Result<Vec<crate::autograd::NodeInfo>> {
+        let rec = self.register()?;
+        let (logits, labels) = self.forward(batch)?;
+        let _ = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
+        Ok(rec.nodes())
+    }
+
+    /// A recording on this thread with every trainable parameter registered.
+    fn register(&mut self) -> Result<Recording> {
+        let rec = Recording::start()?;
+        let mut i = 0;
+        let names = &self.names;
+        self.model.visit(&mut |t: &mut Tensor| {
+            if let Some(n) = &names[i] {
+                rec.param(t, n.clone())?;
+            }
+            i += 1;
+            Ok(())
+        })?;
+        Ok(rec)
+    }
+
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport> {
         self.step_inner(batch, false)
     }
@@ -173,16 +197,7 @@ impl Trainer {
             ));
         }
         let t0 = Instant::now();
-        let rec = Recording::start()?;
-        let mut i = 0;
-        let names = &self.names;
-        self.model.visit(&mut |t: &mut Tensor| {
-            if let Some(n) = &names[i] {
-                rec.param(t, n.clone())?;
-            }
-            i += 1;
-            Ok(())
-        })?;
+        let rec = self.register()?;
         let (logits, labels) = self.forward(batch)?;
         let (loss, terms) = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
         if !terms.loss.is_finite() {
