@@ -1,6 +1,7 @@
 //! End-to-end latency of SAM-UNet with random weights (no file needed).
 //!
 //!     bench --arch sam-unet-50 --boxes 1,16 --runs 10
+//!     bench --arch sam-unet-50 --train 2 --train-boxes 5 --runs 5
 //!
 //! Per box count, one JSON line: image side (preprocessing + encoder, ms),
 //! decoder per box (ms), total for one image with that many boxes (ms); medians
@@ -45,6 +46,96 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Time training steps instead (forward, backward, Adam; CPU) on this
+    /// many images per step, each with --train-boxes masks.
+    #[arg(long)]
+    train: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    train_boxes: usize,
+}
+
+/// Peak resident memory of this process (Linux), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One training step timed per phase, `runs` times after a warm-up.
+fn bench_train(args: &Args, cfg: &SamUnetConfig, images: usize) -> Result<()> {
+    if images == 0 || args.train_boxes == 0 {
+        bail!("--train and --train-boxes must be at least 1");
+    }
+    let w = cfg.random_weights(0);
+    let mut tr = sam_unet::train::Trainer::new(&w, args.device, Default::default())?;
+    let s = cfg.img_size;
+    let x = sam_unet::Tensor::from_vec(
+        (0..images * 3 * s * s)
+            .map(|i| ((i % 977) as f32 / 977.0 - 0.5) * 3.0)
+            .collect(),
+        [images, 3, s, s],
+    )?;
+    let boxes: Vec<Vec<[f32; 4]>> = (0..images)
+        .map(|i| {
+            (0..args.train_boxes)
+                .map(|j| {
+                    let o = ((i * 13 + j * 7) % 60) as f32;
+                    [10.0 + o, 20.0 + o, 150.0 + o, 170.0 + o]
+                })
+                .collect()
+        })
+        .collect();
+    let labels = (0..images)
+        .map(|_| {
+            sam_unet::Tensor::from_vec(
+                (0..args.train_boxes * s * s)
+                    .map(|p| (((p % s) / 32 + (p / s % s) / 32) % 2) as f32)
+                    .collect(),
+                [args.train_boxes, 1, s, s],
+            )
+        })
+        .collect::<sam_unet::Result<Vec<_>>>()?;
+    let batch = sam_unet::train::Batch {
+        images: x,
+        boxes,
+        labels,
+    };
+    let (mut f, mut b, mut o, mut t) = (vec![], vec![], vec![], vec![]);
+    for run in 0..=args.runs {
+        let t0 = Instant::now();
+        let r = tr.step(&batch)?;
+        if run > 0 {
+            f.push(r.forward_s * 1e3);
+            b.push(r.backward_s * 1e3);
+            o.push(r.optimizer_s * 1e3);
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let r2 = |v: f64| (v * 10.0).round() / 10.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "arch": args.arch, "device": args.device.to_string(), "what": "train_step",
+            "threads": rayon::current_num_threads(),
+            "images": images, "boxes_per_image": args.train_boxes, "runs": args.runs,
+            "forward_ms": r2(median(&mut f)), "backward_ms": r2(median(&mut b)),
+            "adam_ms": r2(median(&mut o)), "step_ms": r2(median(&mut t)),
+            "peak_rss_mb": peak_rss_mb().map(r2),
+        })
+    );
+    if sam_unet::profile::enabled() {
+        eprintln!("op profile over all runs (SAM_UNET_PROFILE):");
+        for (name, d, n) in sam_unet::profile::take_report() {
+            eprintln!("  {name:28} {:9.1} ms  {n:6} calls", d.as_secs_f64() * 1e3);
+        }
+    }
+    Ok(())
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -72,6 +163,9 @@ fn run(args: Args) -> Result<()> {
         bail!("--runs and every --boxes count must be at least 1");
     }
     let cfg = SamUnetConfig::named(&args.arch)?;
+    if let Some(images) = args.train {
+        return bench_train(&args, &cfg, images);
+    }
     let mut predictor = Predictor::from_weights(
         &cfg.random_weights(0),
         PredictorOptions {
