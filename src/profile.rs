@@ -51,6 +51,24 @@ impl Drop for Scope {
     }
 }
 
+/// Times the enclosing block under "`name` backward" (the autograd's nodes).
+pub fn backward_scope(name: &'static str) -> Scope {
+    if !enabled() {
+        return Scope { name, start: None };
+    }
+    static NAMES: Mutex<Option<HashMap<&'static str, &'static str>>> = Mutex::new(None);
+    let label = NAMES
+        .lock()
+        .map(|mut m| {
+            *m.get_or_insert_with(HashMap::new)
+                .entry(name)
+                // One small leak per op name, only when profiling.
+                .or_insert_with(|| Box::leak(format!("{name} backward").into_boxed_str()))
+        })
+        .unwrap_or(name);
+    scope(label)
+}
+
 /// (name, total time, calls), largest first; clears the totals.
 pub fn take_report() -> Vec<(&'static str, Duration, u64)> {
     let mut v: Vec<_> = TOTALS

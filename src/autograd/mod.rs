@@ -275,7 +275,10 @@ impl Recording {
                 continue; // the output does not reach `out`
             };
             let op = node.op;
-            let ins = (node.backward)(&g)?;
+            let ins = {
+                let _p = crate::profile::backward_scope(op);
+                (node.backward)(&g)?
+            };
             drop(g);
             if ins.len() != node.inputs.len() {
                 return Err(Error::input(

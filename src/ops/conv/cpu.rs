@@ -337,10 +337,13 @@ pub fn conv2d_backward(
     let k = geo.c * geo.kh * geo.kw;
     let img = geo.c * geo.h * geo.w;
     let dw = x.map(|x| {
+        let _p = crate::profile::scope("conv2d.bw.dw");
         let mut dw = vec![0.0f32; geo.o * k];
         let mut col = vec![0.0f32; k * p];
         for i in 0..geo.n {
+            let _c = crate::profile::scope("conv2d.bw.im2col");
             im2col_cols(geo, &x[i * img..(i + 1) * img], 0, p, &mut col);
+            drop(_c);
             sgemm(
                 MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
                 MatRef::tr(&col, p, k),
@@ -354,9 +357,11 @@ pub fn conv2d_backward(
         dw
     });
     let dx = w.map(|w| {
+        let _p = crate::profile::scope("conv2d.bw.dx");
         let mut dx = vec![0.0f32; geo.n * img];
         let mut dcol = vec![0.0f32; k * p];
         for i in 0..geo.n {
+            let _g = crate::profile::scope("conv2d.bw.dx.gemm");
             sgemm(
                 MatRef::tr(w, k, geo.o),
                 MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
@@ -366,6 +371,8 @@ pub fn conv2d_backward(
                 false,
                 Par::Pool,
             );
+            drop(_g);
+            let _c = crate::profile::scope("conv2d.bw.col2im");
             col2im_gather(geo, &dcol, &mut dx[i * img..(i + 1) * img]);
         }
         dx
@@ -382,34 +389,44 @@ pub fn conv2d_backward(
     (dx, dw, db)
 }
 
-/// dx [c, h, w] of one image from dcol [c kh kw, ho wo]: every input pixel
-/// gathers the column entries of the taps that read it (no scattered adds).
+/// dx [c, h, w] of one image from dcol [c kh kw, ho wo] (col2im): each
+/// channel's plane is summed by one task, taps in order (ky, kx), output rows
+/// in order, so the sums do not depend on the thread count.
 fn col2im_gather(geo: &ConvGeometry, dcol: &[f32], dx: &mut [f32]) {
     let (h, w, s, pad) = (geo.h, geo.w, geo.stride, geo.pad);
     let p = geo.ho * geo.wo;
     dx.par_chunks_mut(h * w)
         .enumerate()
         .for_each(|(ci, plane)| {
-            for iy in 0..h {
-                for ix in 0..w {
-                    let mut acc = 0.0f32;
-                    for ky in 0..geo.kh {
-                        let ty = iy + pad;
-                        if ty < ky || (ty - ky) % s != 0 || (ty - ky) / s >= geo.ho {
+            plane.fill(0.0);
+            for ky in 0..geo.kh {
+                for kx in 0..geo.kw {
+                    let r = (ci * geo.kh + ky) * geo.kw + kx;
+                    let src = &dcol[r * p..(r + 1) * p];
+                    // Output columns whose input column ox s + kx - pad lies in [0, w).
+                    let lo = pad.saturating_sub(kx).div_ceil(s);
+                    let hi = ((w + pad).saturating_sub(kx)).div_ceil(s).min(geo.wo);
+                    if lo >= hi {
+                        continue;
+                    }
+                    for oy in 0..geo.ho {
+                        let iy = (oy * s + ky) as isize - pad as isize;
+                        if iy < 0 || iy as usize >= h {
                             continue;
                         }
-                        let oy = (ty - ky) / s;
-                        for kx in 0..geo.kw {
-                            let tx = ix + pad;
-                            if tx < kx || (tx - kx) % s != 0 || (tx - kx) / s >= geo.wo {
-                                continue;
+                        let row = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                        let srow = &src[oy * geo.wo..(oy + 1) * geo.wo];
+                        let x0 = lo * s + kx - pad;
+                        if s == 1 {
+                            for (d, &v) in row[x0..x0 + (hi - lo)].iter_mut().zip(&srow[lo..hi]) {
+                                *d += v;
                             }
-                            let ox = (tx - kx) / s;
-                            let r = (ci * geo.kh + ky) * geo.kw + kx;
-                            acc += dcol[r * p + oy * geo.wo + ox];
+                        } else {
+                            for (j, &v) in srow[lo..hi].iter().enumerate() {
+                                row[x0 + j * s] += v;
+                            }
                         }
                     }
-                    plane[iy * w + ix] = acc;
                 }
             }
         });
