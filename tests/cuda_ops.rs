@@ -93,6 +93,7 @@ fn main() {
             cuda_out_of_memory_is_typed,
         ),
         ("cuda_tensor_storage", true, cuda_tensor_storage),
+        ("cuda_adam_matches_cpu", true, cuda_adam_matches_cpu),
         (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
@@ -1315,5 +1316,68 @@ fn cuda_graph_capture_failure_leaves_stream_usable() {
         want.as_f32().unwrap(),
         1e-6,
         1e-5,
+    );
+}
+
+/// The Adam launcher on device buffers (a view in the middle of a flat
+/// moment buffer, as a parameter store lays them out) against the CPU twin,
+/// bit for bit, two steps with the scalars read from device memory.
+fn cuda_adam_matches_cpu() {
+    use sam_unet::ops::optim::{AdamStep, adam_cpu, cuda::adam};
+    let dev = device().expect("a GPU was found at start");
+    let n = 1000;
+    let mut p = rand(n, 400, 0.5);
+    let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let mut pg = dev.upload(&p).unwrap();
+    // Moments of three parameters of n values; this one is the middle slot.
+    let mut mg = dev.upload(&vec![0.0f32; 3 * n]).unwrap();
+    let mut vg = dev.upload(&vec![0.0f32; 3 * n]).unwrap();
+    for t in 1..=2 {
+        let g = rand(n, 400 + t, 1e-2);
+        let st = AdamStep::new(1e-4, 0.9, 0.999, 1e-8, t);
+        adam_cpu(&mut p, &g, &mut m, &mut v, &st).unwrap();
+        let (gg, hg) = (dev.upload(&g).unwrap(), dev.upload(&st.to_array()).unwrap());
+        adam(
+            &dev,
+            &mut pg.slice_mut(..),
+            &gg,
+            &mut mg.slice_mut(n..2 * n),
+            &mut vg.slice_mut(n..2 * n),
+            &hg,
+        )
+        .unwrap();
+    }
+    let got = dev.download(&pg).unwrap();
+    assert!(
+        got.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "parameters"
+    );
+    let mh = dev.download(&mg).unwrap();
+    assert!(
+        mh[n..2 * n]
+            .iter()
+            .zip(&m)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "first moments"
+    );
+    assert!(
+        mh[..n].iter().chain(&mh[2 * n..]).all(|&x| x == 0.0),
+        "other slots untouched"
+    );
+    // A wrong length is a typed error.
+    let short = dev.upload(&vec![0.0f32; n - 1]).unwrap();
+    let h = dev
+        .upload(&AdamStep::new(1e-4, 0.9, 0.999, 1e-8, 1).to_array())
+        .unwrap();
+    assert!(
+        adam(
+            &dev,
+            &mut pg.slice_mut(..),
+            &short,
+            &mut mg.slice_mut(..n),
+            &mut vg.slice_mut(..n),
+            &h
+        )
+        .is_err()
     );
 }

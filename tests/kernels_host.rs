@@ -1553,3 +1553,47 @@ fn bf16_output_epilogues_match_cpu_on(s: &'static Simt) {
     let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + b[i % c]).collect();
     assert_close("add_bias_rows", &r.to_vec(), &want, 0.0, 0.0);
 }
+
+#[test]
+fn adam_matches_cpu_bit_for_bit() {
+    simt::each_build(adam_matches_cpu_bit_for_bit_on);
+}
+
+/// Three Adam steps of the kernel against ops::optim::adam_cpu: every value
+/// bit-exact (both round each product and sum on its own, in one order; the
+/// FMA build may not contract them). Gradients include zeros and both signs.
+fn adam_matches_cpu_bit_for_bit_on(s: &'static Simt) {
+    use sam_unet::ops::optim::{AdamStep, adam_cpu};
+    let n = 3000;
+    let mut p = rand(n, 300, 0.5);
+    let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (pb, mb, vb) = (Buf::from(s, &p), Buf::from(s, &m), Buf::from(s, &v));
+    for t in 1..=3u64 {
+        let mut g = rand(n, 300 + t, 1e-2);
+        g[..7].fill(0.0);
+        let st = AdamStep::new(1e-4, 0.9, 0.999, 1e-8, t);
+        adam_cpu(&mut p, &g, &mut m, &mut v, &st).unwrap();
+        let (gb, hb) = (Buf::from(s, &g), Buf::from(s, &st.to_array()));
+        s.launch(
+            "adam_f32",
+            cfg1d(n),
+            |k: unsafe extern "C" fn(F32m, F32p, F32m, F32m, F32p, i64)| unsafe {
+                k(pb.m(), gb.p(), mb.m(), vb.m(), hb.p(), n as i64)
+            },
+        )
+        .unwrap();
+        for (what, got, want) in [
+            ("p", pb.to_vec(), &p),
+            ("m", mb.to_vec(), &m),
+            ("v", vb.to_vec(), &v),
+        ] {
+            for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "adam step {t}: {what}[{i}] {a} vs {b}"
+                );
+            }
+        }
+    }
+}

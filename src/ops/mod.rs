@@ -15,6 +15,7 @@ pub mod layout;
 pub mod linear;
 pub mod loss;
 pub mod norm;
+pub mod optim;
 pub mod prompt;
 pub mod resize;
 

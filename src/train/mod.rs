@@ -21,6 +21,7 @@ use crate::model::{ImageFeatures, SamUnet, Trace};
 use crate::nn::Params;
 use crate::ops::layout::cat0;
 use crate::ops::loss::{LossTerms, focal_dice};
+use crate::ops::optim::{AdamStep, adam_cpu};
 use crate::ops::resize::bilinear;
 use crate::tensor::{Device, Tensor};
 
@@ -71,18 +72,16 @@ pub struct StepReport {
     pub optimizer_s: f64,
 }
 
-/// Adam's state of one parameter.
-struct Moments {
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
 pub struct Trainer {
     model: SamUnet,
     /// For every tensor of the model in visit order: its name when it is a
     /// trainable parameter.
     names: Vec<Option<String>>,
-    moments: HashMap<String, Moments>,
+    /// Adam's first and second moments, flat; a parameter's slot starts at
+    /// `slots[name]` (given at its first gradient).
+    m: Vec<f32>,
+    v: Vec<f32>,
+    slots: HashMap<String, usize>,
     step: u64,
     cfg: TrainConfig,
 }
@@ -115,7 +114,9 @@ impl Trainer {
         Ok(Trainer {
             model,
             names,
-            moments: HashMap::new(),
+            m: vec![],
+            v: vec![],
+            slots: HashMap::new(),
             step: 0,
             cfg,
         })
@@ -248,43 +249,40 @@ impl Trainer {
         Ok((up, labels))
     }
 
-    /// torch.optim.Adam (no weight decay, no amsgrad), single-tensor form:
-    /// m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
-    /// p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps).
-    /// Parameters without a gradient are not touched (and get no state).
+    /// torch.optim.Adam (no weight decay, no amsgrad), single-tensor form
+    /// (ops::optim). Parameters without a gradient are not touched and get no
+    /// state; the moments live in two flat buffers, one slot per parameter.
     fn adam(&mut self, grads: &[(String, Tensor)]) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let step_size = c.lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
+        // Python floats in the reference: hyper-parameters as f64.
+        let (lr, b1, b2, eps) = (c.lr as f64, c.beta1 as f64, c.beta2 as f64, c.eps as f64);
+        let s = AdamStep::new(lr, b1, b2, eps, self.step);
         let by_name: HashMap<&str, &Tensor> = grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
         let names = &self.names;
-        let moments = &mut self.moments;
+        let (slots, m, v) = (&mut self.slots, &mut self.m, &mut self.v);
         let mut i = 0;
         self.model.visit(&mut |p: &mut Tensor| {
             let name = names[i].as_deref();
             i += 1;
-            let Some(g) = name.and_then(|n| by_name.get(n)) else {
+            let (Some(name), Some(g)) = (name, name.and_then(|n| by_name.get(n))) else {
                 return Ok(());
             };
             let g = g.as_f32()?;
-            let st = moments
-                .entry(name.unwrap_or_default().to_string())
-                .or_insert_with(|| Moments {
-                    m: vec![0.0; g.len()],
-                    v: vec![0.0; g.len()],
-                });
-            let pv = p.as_f32_mut()?;
-            for (((p, &g), m), v) in pv.iter_mut().zip(g).zip(&mut st.m).zip(&mut st.v) {
-                *m += (g - *m) * (1.0 - c.beta1);
-                *v = *v * c.beta2 + (1.0 - c.beta2) * g * g;
-                let denom = v.sqrt() / bc2_sqrt + c.eps;
-                *p -= step_size * (*m / denom);
-            }
-            Ok(())
+            let at = *slots.entry(name.to_string()).or_insert_with(|| {
+                let at = m.len();
+                m.resize(at + g.len(), 0.0);
+                v.resize(at + g.len(), 0.0);
+                at
+            });
+            let n = g.len();
+            adam_cpu(
+                p.as_f32_mut()?,
+                g,
+                &mut m[at..at + n],
+                &mut v[at..at + n],
+                &s,
+            )
         })
     }
 }
