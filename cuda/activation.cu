@@ -63,3 +63,24 @@ extern "C" __global__ void bias_act_bf16out(unsigned short* __restrict__ y16, co
 extern "C" __global__ void add_bias_rows_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ bias, long long rows, int cols) {
     GRID_STRIDE(i, rows * cols) { y[i] = x[i] + bias[i % cols]; }
 }
+
+// Activation backward: dx[i] = g[i] act'(x[i]) from the saved input x.
+// act: 1 ReLU (g where x > 0), 2 exact GELU (Phi(x) + x phi(x), CUDA's erff /
+// expf). Layout: flat arrays of n floats, written (=), never accumulated.
+extern "C" __global__ void act_backward_f32(float* __restrict__ dx, const float* __restrict__ x, const float* __restrict__ g, long long n,
+                                            int act) {
+    GRID_STRIDE(i, n) {
+        float v = x[i], gi = g[i];
+        float d;
+        if (act == 1) {
+            d = v > 0.0f ? gi : 0.0f;
+        } else if (act == 2) {
+            float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+            float pdf = expf(-0.5f * v * v) * 0.39894228040143268f;
+            d = gi * (cdf + v * pdf);
+        } else {
+            d = gi;
+        }
+        dx[i] = d;
+    }
+}

@@ -94,6 +94,7 @@ fn main() {
         ),
         ("cuda_tensor_storage", true, cuda_tensor_storage),
         ("cuda_adam_matches_cpu", true, cuda_adam_matches_cpu),
+        ("cuda_backward_matches_cpu", true, cuda_backward_matches_cpu),
         (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
@@ -1380,4 +1381,48 @@ fn cuda_adam_matches_cpu() {
         )
         .is_err()
     );
+}
+
+/// The tape on the device: linear (GELU epilogue, bias, residual) and a
+/// broadcast add recorded on CUDA tensors, back-propagated there (cuBLAS dX /
+/// dW, the deterministic row sums, the activation backward kernel) against
+/// the same recording on the CPU.
+fn cuda_backward_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::linear::linear_fused;
+    let _dev = device().expect("a GPU was found at start");
+    let cuda = sam_unet::Device::Cuda(0);
+    let t = |d: &[usize], seed: u64, scale: f32| {
+        Tensor::from_vec(rand(d.iter().product(), seed, scale), d.to_vec()).unwrap()
+    };
+    let ins = [
+        t(&[2, 3, 40], 500, 1.0),
+        t(&[24, 40], 501, 0.2),
+        t(&[24], 502, 0.5),
+        t(&[2, 3, 24], 503, 1.0),
+        t(&[1, 3, 24], 504, 1.0),
+    ];
+    let run = |dev: sam_unet::Device| -> Vec<(String, Vec<f32>)> {
+        let rec = Recording::start().unwrap();
+        let mut xs: Vec<Tensor> = ins.iter().map(|x| x.to_device(dev).unwrap()).collect();
+        for (i, x) in xs.iter_mut().enumerate() {
+            rec.param(x, format!("in{i}")).unwrap();
+        }
+        let y = linear_fused(&xs[0], &xs[1], Some(&xs[2]), Some(&xs[3]), Act::Gelu).unwrap();
+        let y = activation::add_broadcast(&y, &xs[4]).unwrap();
+        let g = t(y.dims(), 505, 1.0).to_device(dev).unwrap();
+        rec.backward(&y, &g)
+            .unwrap()
+            .into_iter()
+            .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+            .collect()
+    };
+    let (want, got) = (run(sam_unet::Device::Cpu), run(cuda));
+    assert_eq!(want.len(), 5);
+    for ((n, w), (n2, g)) in want.iter().zip(&got) {
+        assert_eq!(n, n2);
+        let rel = rel_l2(g, w);
+        println!("backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
+        assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
 }

@@ -1597,3 +1597,85 @@ fn adam_matches_cpu_bit_for_bit_on(s: &'static Simt) {
         }
     }
 }
+
+#[test]
+fn act_backward_matches_cpu() {
+    simt::each_build(act_backward_matches_cpu_on);
+}
+
+/// ReLU's and GELU's backward against the CPU twin (ReLU exact; GELU within
+/// CUDA's erff / expf error), over values that straddle 0.
+fn act_backward_matches_cpu_on(s: &'static Simt) {
+    use sam_unet::Tensor;
+    use sam_unet::ops::activation::{Act, act_backward};
+    let n = 5000;
+    let x = rand(n, 310, 6.0);
+    let g = rand(n, 311, 2.0);
+    let (xb, gb) = (Buf::from(s, &x), Buf::from(s, &g));
+    for (a, code, tol) in [(Act::Relu, 1, 0.0), (Act::Gelu, 2, 2e-6)] {
+        let y = Buf::<f32>::out(s, n);
+        s.launch(
+            "act_backward_f32",
+            cfg1d(n),
+            |k: unsafe extern "C" fn(F32m, F32p, F32p, i64, i32)| unsafe {
+                k(y.m(), xb.p(), gb.p(), n as i64, code)
+            },
+        )
+        .unwrap();
+        let want = act_backward(
+            &Tensor::from_vec(x.clone(), [n]).unwrap(),
+            &Tensor::from_vec(g.clone(), [n]).unwrap(),
+            a,
+        )
+        .unwrap();
+        assert_close(
+            &format!("{a:?} backward"),
+            &y.to_vec(),
+            want.as_f32().unwrap(),
+            tol,
+            tol,
+        );
+    }
+}
+
+#[test]
+fn sum_rows_matches_cpu_bit_for_bit() {
+    simt::each_build(sum_rows_matches_cpu_bit_for_bit_on);
+}
+
+/// The two-stage row sum against ops::reduce::sum_rows_cpu, bit for bit:
+/// row counts below, at and across the chunk (256), one and many columns.
+fn sum_rows_matches_cpu_bit_for_bit_on(s: &'static Simt) {
+    use sam_unet::ops::reduce::{CHUNK, sum_rows_cpu};
+    for (rows, cols) in [(1usize, 7usize), (255, 3), (256, 1), (700, 33)] {
+        let x = rand(rows * cols, (rows + cols) as u64, 3.0);
+        let xb = Buf::from(s, &x);
+        let chunks = rows.div_ceil(CHUNK);
+        let part = Buf::<f64>::out(s, chunks * cols);
+        let out = Buf::<f32>::out(s, cols);
+        s.launch(
+            "sum_rows_partial",
+            cfg1d(chunks * cols),
+            |k: unsafe extern "C" fn(*mut f64, F32p, i64, i32, i32)| unsafe {
+                k(part.m(), xb.p(), rows as i64, cols as i32, CHUNK as i32)
+            },
+        )
+        .unwrap();
+        s.launch(
+            "sum_rows_finish",
+            cfg1d(cols),
+            |k: unsafe extern "C" fn(F32m, *const f64, i64, i32)| unsafe {
+                k(out.m(), part.p(), chunks as i64, cols as i32)
+            },
+        )
+        .unwrap();
+        let want = sum_rows_cpu(&x, rows, cols);
+        for (c, (a, b)) in out.to_vec().iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{rows} x {cols}: column {c}: {a} vs {b}"
+            );
+        }
+    }
+}

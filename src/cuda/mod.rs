@@ -219,6 +219,14 @@ impl CudaDevice {
             .map_err(alloc_err("allocate", n.saturating_mul(2)))
     }
 
+    /// A buffer of n f64 values (reduction partials) for an op to write
+    /// completely (as `alloc`).
+    pub fn alloc_f64(&self, n: usize) -> Result<CudaSlice<f64>> {
+        // SAFETY: as in `alloc`: f64 has no invalid bit patterns and every
+        // caller writes all n values before any is read, on this one stream.
+        unsafe { self.stream.alloc::<f64>(n) }.map_err(alloc_err("allocate", n.saturating_mul(8)))
+    }
+
     /// A zeroed buffer of n floats.
     pub fn alloc_zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream

@@ -17,6 +17,7 @@ pub mod loss;
 pub mod norm;
 pub mod optim;
 pub mod prompt;
+pub mod reduce;
 pub mod resize;
 
 use crate::error::{Error, Result};

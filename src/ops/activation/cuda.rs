@@ -193,3 +193,34 @@ pub fn add_bias_rows(
     unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("add_bias_rows launch"))?;
     Ok(y)
 }
+
+/// dx = g act'(x) (cuda/activation.cu act_backward_f32); x, g of n floats.
+pub fn act_backward(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    a: Act,
+) -> Result<CudaSlice<f32>> {
+    if x.len() != g.len() {
+        return Err(Error::shape(
+            "act_backward (cuda)",
+            format!("x of {} values, gradient of {}", x.len(), g.len()),
+        ));
+    }
+    let mut dx = dev.alloc(x.len())?;
+    let f = dev.function("activation", "act_backward_f32")?;
+    let (n, code) = (
+        x.len() as i64,
+        match a {
+            Act::None => 0i32,
+            Act::Relu => 1,
+            Act::Gelu => 2,
+        },
+    );
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dx).arg(x).arg(g).arg(&n).arg(&code);
+    // SAFETY: dx, x and g hold n floats; types match (float*, const float*,
+    // const float*, long long, int).
+    unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("act_backward launch"))?;
+    Ok(dx)
+}

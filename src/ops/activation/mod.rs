@@ -5,7 +5,7 @@ pub mod cuda;
 
 use crate::autograd;
 use crate::error::{Error, Result};
-use crate::ops::{backward_on_cpu, cpu_f32, cuda_input, same_device};
+use crate::ops::{cpu_f32, cuda_input, same_device};
 use crate::tensor::{Device, Tensor};
 
 /// An activation applied in an op's epilogue (fused after a GEMM or a norm).
@@ -49,12 +49,17 @@ pub fn act(x: &Tensor, a: Act) -> Result<Tensor> {
 /// Phi(x) + x phi(x), as PyTorch computes it).
 pub fn act_backward(x: &Tensor, g: &Tensor, a: Act) -> Result<Tensor> {
     const OP: &str = "act backward";
-    backward_on_cpu(OP, &[x, g])?;
     if x.dims() != g.dims() {
         return Err(Error::shape(
             OP,
             format!("x {:?}, gradient {:?}", x.dims(), g.dims()),
         ));
+    }
+    if let Device::Cuda(_) = same_device(OP, &[x, g])? {
+        let (xc, gc) = (cuda_input(OP, x)?, cuda_input(OP, g)?);
+        let (dev, xs) = xc.cuda_whole_f32(OP)?;
+        let dx = cuda::act_backward(dev, xs, gc.cuda_whole_f32(OP)?.1, a)?;
+        return Tensor::from_cuda_f32(dev, dx, x.dims());
     }
     let (xs, gs) = (cpu_f32(OP, x)?, cpu_f32(OP, g)?);
     let out = match a {
@@ -73,21 +78,15 @@ pub fn act_backward(x: &Tensor, g: &Tensor, a: Act) -> Result<Tensor> {
 /// batch-1 operand that was shared by every item).
 pub fn sum_leading(g: &Tensor) -> Result<Tensor> {
     const OP: &str = "sum_leading";
-    backward_on_cpu(OP, &[g])?;
     let d = g.dims();
     if d.is_empty() {
         return Err(Error::shape(OP, "a scalar has no leading dim"));
     }
     let per: usize = d[1..].iter().product();
-    let gs = cpu_f32(OP, g)?;
-    let mut out = vec![0.0f32; per];
-    // Items in order: the same sum on every run.
-    for item in gs.chunks_exact(per.max(1)) {
-        cpu::add_assign(&mut out, item);
-    }
     let mut dims = d.to_vec();
     dims[0] = 1;
-    Ok(Tensor::from_f32(out, &dims))
+    // The same bits on both devices (ops::reduce).
+    crate::ops::reduce::sum_rows(g, per.max(1))?.reshape(dims)
 }
 
 /// The gradients of a + b (b's leading dim a's or 1): g, and g summed over

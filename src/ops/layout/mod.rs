@@ -28,7 +28,7 @@ pub fn nchw_to_nhwc(x: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope("layout");
     let [b, c, h, w] = x.dims_n::<4>(OP, "input")?;
     let mut y = nchw_to_nhwc_forward(x, [b, c, h, w])?;
-    autograd::record_unary(OP, x, &mut y, 0, |g| nhwc_to_nchw(g));
+    autograd::record_unary(OP, x, &mut y, 0, nhwc_to_nchw);
     Ok(y)
 }
 
@@ -57,7 +57,7 @@ pub fn nhwc_to_nchw(x: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope("layout");
     let [b, h, w, c] = x.dims_n::<4>(OP, "input")?;
     let mut y = nhwc_to_nchw_forward(x, [b, h, w, c])?;
-    autograd::record_unary(OP, x, &mut y, 0, |g| nchw_to_nhwc(g));
+    autograd::record_unary(OP, x, &mut y, 0, nchw_to_nhwc);
     Ok(y)
 }
 

@@ -88,15 +88,3 @@ pub fn grad_weight(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f3
     );
     out
 }
-
-/// The column sums of G [m, n] (the bias gradient), accumulated in f64 over
-/// the rows in order.
-pub fn col_sums(g: &[f32], m: usize, n: usize) -> Vec<f32> {
-    let mut acc = vec![0.0f64; n];
-    for row in g.chunks_exact(n.max(1)).take(m) {
-        for (a, &v) in acc.iter_mut().zip(row) {
-            *a += v as f64;
-        }
-    }
-    acc.into_iter().map(|v| v as f32).collect()
-}

@@ -91,3 +91,60 @@ pub fn mask_dot(
     unsafe { l.launch(cfg1d(n * p)) }.map_err(launch_err("mask_dot launch"))?;
     Ok(low)
 }
+
+/// linear's backward on the device: dX = G W and dW = G^T X as cuBLAS GEMMs
+/// (f32), db = the row sums of G (ops::reduce, deterministic).
+#[allow(clippy::type_complexity)]
+pub(crate) fn linear_backward(
+    g: &Tensor,
+    x: Option<&Tensor>,
+    w: Option<&Tensor>,
+    want_b: bool,
+    (m, n, k): (usize, usize, usize),
+    (x_dims, w_dims): (&[usize], &[usize]),
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    const OP: &str = "linear backward (cuda)";
+    let gc = crate::ops::cuda_input(OP, g)?;
+    let (dev, gs) = gc.cuda_whole_f32(OP)?;
+    let stream = dev.stream();
+    let dx = match w {
+        Some(w) => {
+            let wc = crate::ops::cuda_input(OP, w)?;
+            let ws = wc.cuda_whole_f32(OP)?.1;
+            let mut dx = dev.alloc(m * k)?;
+            // dX [m, k] = G [m, n] W [n, k]
+            dev.with_blas(|b| {
+                b.gemm_f32(
+                    stream, false, false, m, k, n, gs, n, ws, k, &mut dx, k, false,
+                )
+            })?;
+            Some(Tensor::from_cuda_f32(dev, dx, x_dims)?)
+        }
+        None => None,
+    };
+    let dw = match x {
+        Some(x) => {
+            let xc = crate::ops::cuda_input(OP, x)?;
+            let xs = xc.cuda_whole_f32(OP)?.1;
+            let mut dw = dev.alloc(n * k)?;
+            // dW [n, k] = G^T (G stored [m, n]) X [m, k]
+            dev.with_blas(|b| {
+                b.gemm_f32(
+                    stream, true, false, n, k, m, gs, n, xs, k, &mut dw, k, false,
+                )
+            })?;
+            Some(Tensor::from_cuda_f32(dev, dw, w_dims)?)
+        }
+        None => None,
+    };
+    let db = if want_b {
+        Some(Tensor::from_cuda_f32(
+            dev,
+            crate::ops::reduce::cuda::sum_rows(dev, gs, m, n)?,
+            [n],
+        )?)
+    } else {
+        None
+    };
+    Ok((dx, dw, db))
+}

@@ -109,12 +109,14 @@ pub fn linear_backward(
     let mut all = vec![g];
     all.extend(x);
     all.extend(w);
-    crate::ops::backward_on_cpu(OP, &all)?;
     if g.numel() != m * n {
         return Err(Error::shape(
             OP,
             format!("gradient {:?} for {m} x {n}", g.dims()),
         ));
+    }
+    if let Device::Cuda(_) = same_device(OP, &all)? {
+        return cuda::linear_backward(g, x, w, want_b, (m, n, k), (x_dims, w_dims));
     }
     let gs = cpu_f32(OP, g)?;
     let dx = w
@@ -133,7 +135,7 @@ pub fn linear_backward(
             ))
         })
         .transpose()?;
-    let db = want_b.then(|| Tensor::from_f32(cpu::col_sums(gs, m, n), &[n]));
+    let db = want_b.then(|| Tensor::from_f32(crate::ops::reduce::sum_rows_cpu(gs, m, n), &[n]));
     Ok((dx, dw, db))
 }
 

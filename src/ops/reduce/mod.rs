@@ -1,0 +1,63 @@
+//! Deterministic sums over rows: x [rows, cols] -> [cols] (bias gradients, the
+//! gradient of an operand broadcast over a batch). Rows in fixed chunks of
+//! `CHUNK`, each summed in order in f64, the chunk sums added in order in f64:
+//! the same bits on the CPU and in cuda/reduce.cu, whatever the thread count
+//! or launch geometry (no atomics).
+
+pub mod cuda;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ops::{cpu_f32, cuda_input};
+use crate::tensor::{Device, Tensor};
+
+/// Rows per first-stage partial sum.
+pub const CHUNK: usize = 256;
+
+/// x viewed as [rows, cols] (cols = its last `cols` values per row) summed
+/// over the rows: [cols], on x's device.
+pub fn sum_rows(x: &Tensor, cols: usize) -> Result<Tensor> {
+    const OP: &str = "sum_rows";
+    if cols == 0 || x.numel() % cols != 0 {
+        return Err(Error::shape(
+            OP,
+            format!("{:?} cannot be seen as rows of {cols}", x.dims()),
+        ));
+    }
+    let rows = x.numel() / cols;
+    if let Device::Cuda(_) = x.device() {
+        let xc = cuda_input(OP, x)?;
+        let (dev, xs) = xc.cuda_whole_f32(OP)?;
+        let y = cuda::sum_rows(dev, xs, rows, cols)?;
+        return Tensor::from_cuda_f32(dev, y, [cols]);
+    }
+    Ok(Tensor::from_f32(
+        sum_rows_cpu(cpu_f32(OP, x)?, rows, cols),
+        &[cols],
+    ))
+}
+
+/// The CPU twin over a slice [rows, cols].
+pub fn sum_rows_cpu(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let chunks = rows.div_ceil(CHUNK);
+    let parts: Vec<Vec<f64>> = (0..chunks)
+        .into_par_iter()
+        .map(|k| {
+            let mut acc = vec![0.0f64; cols];
+            for r in k * CHUNK..((k + 1) * CHUNK).min(rows) {
+                for (a, &v) in acc.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                    *a += v as f64;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0.0f64; cols];
+    for p in &parts {
+        for (o, &v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
