@@ -79,3 +79,48 @@ extern "C" __global__ void layer_norm2d_f32(float* __restrict__ y, const float* 
         }
     }
 }
+
+// LayerNorm backward (both forms), the CUDA twin of layer_norm_backward in
+// src/ops/norm/cpu.rs: `groups` groups of C values, value ch of group j at
+// base(j) + ch * stride, base(j) = j C (P = 0, the last-dim form) or
+// (j / P) C P + j % P (LayerNorm2d over NCHW, P pixels). One thread per group,
+// the CPU's order, in f64:
+//   mean, biased var, rstd = 1 / sqrt(var + eps), xhat = (x - mean) rstd,
+//   dx = rstd (g w - mean(g w) - xhat mean(g w xhat))
+// and the per-group terms of the weight and bias gradients, pw[j, ch] =
+// g xhat, pb[j, ch] = g ([groups, C], summed over groups by ops::reduce).
+extern "C" __global__ void layer_norm_backward_f32(float* __restrict__ dx, float* __restrict__ pw, float* __restrict__ pb,
+                                                   const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ g,
+                                                   long long groups, int C, long long stride, long long P, float eps) {
+    GRID_STRIDE(j, groups) {
+        long long base = P == 0 ? j * C : (j / P) * C * P + j % P;
+        double s = 0.0;
+        for (int ch = 0; ch < C; ++ch) s += (double)x[base + ch * stride];
+        double mean = s / C;
+        double v = 0.0;
+        for (int ch = 0; ch < C; ++ch) {
+            double d = (double)x[base + ch * stride] - mean;
+            v += d * d;
+        }
+        double rstd = 1.0 / sqrt(v / C + (double)eps);
+        double mgw = 0.0, mgwx = 0.0;
+        for (int ch = 0; ch < C; ++ch) {
+            long long at = base + ch * stride;
+            double xhat = ((double)x[at] - mean) * rstd;
+            double gv = (double)g[at];
+            double gw = gv * (double)w[ch];
+            mgw += gw;
+            mgwx += gw * xhat;
+            if (pw) pw[j * C + ch] = (float)(gv * xhat);
+            if (pb) pb[j * C + ch] = (float)gv;
+        }
+        mgw /= C;
+        mgwx /= C;
+        for (int ch = 0; ch < C; ++ch) {
+            long long at = base + ch * stride;
+            double xhat = ((double)x[at] - mean) * rstd;
+            double gw = (double)g[at] * (double)w[ch];
+            dx[at] = (float)(rstd * (gw - mgw - xhat * mgwx));
+        }
+    }
+}

@@ -1383,10 +1383,11 @@ fn cuda_adam_matches_cpu() {
     );
 }
 
-/// The tape on the device: linear (GELU epilogue, bias, residual) and a
-/// broadcast add recorded on CUDA tensors, back-propagated there (cuBLAS dX /
-/// dW, the deterministic row sums, the activation backward kernel) against
-/// the same recording on the CPU.
+/// The tape on the device: linear (GELU epilogue, bias, residual), a
+/// broadcast add, LayerNorm and LayerNorm2d recorded on CUDA tensors,
+/// back-propagated there (cuBLAS dX / dW, the deterministic row sums, the
+/// activation and LayerNorm backward kernels) against the same recording on
+/// the CPU.
 fn cuda_backward_matches_cpu() {
     use sam_unet::autograd::Recording;
     use sam_unet::ops::linear::linear_fused;
@@ -1401,6 +1402,10 @@ fn cuda_backward_matches_cpu() {
         t(&[24], 502, 0.5),
         t(&[2, 3, 24], 503, 1.0),
         t(&[1, 3, 24], 504, 1.0),
+        t(&[24], 506, 1.0),
+        t(&[24], 507, 1.0),
+        t(&[24], 508, 1.0),
+        t(&[24], 509, 1.0),
     ];
     let run = |dev: sam_unet::Device| -> Vec<(String, Vec<f32>)> {
         let rec = Recording::start().unwrap();
@@ -1410,6 +1415,17 @@ fn cuda_backward_matches_cpu() {
         }
         let y = linear_fused(&xs[0], &xs[1], Some(&xs[2]), Some(&xs[3]), Act::Gelu).unwrap();
         let y = activation::add_broadcast(&y, &xs[4]).unwrap();
+        // LayerNorm over the last dim, then LayerNorm2d on the values seen as
+        // [2, 24, 3, 1] maps (so that it does not cancel the first's bias).
+        let y = norm::layer_norm(&y, &xs[5], &xs[6], 1e-6).unwrap();
+        let y = norm::layer_norm2d(
+            &y.reshape([2, 24, 3, 1]).unwrap(),
+            &xs[7],
+            &xs[8],
+            1e-6,
+            Act::Gelu,
+        )
+        .unwrap();
         let g = t(y.dims(), 505, 1.0).to_device(dev).unwrap();
         rec.backward(&y, &g)
             .unwrap()
@@ -1418,11 +1434,18 @@ fn cuda_backward_matches_cpu() {
             .collect()
     };
     let (want, got) = (run(sam_unet::Device::Cpu), run(cuda));
-    assert_eq!(want.len(), 5);
+    assert_eq!(want.len(), 9);
     for ((n, w), (n2, g)) in want.iter().zip(&got) {
         assert_eq!(n, n2);
         let rel = rel_l2(g, w);
         println!("backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
+        if rel > 1e-5 {
+            println!(
+                "  cpu {:?}\n  cuda {:?}",
+                &w[..w.len().min(6)],
+                &g[..g.len().min(6)]
+            );
+        }
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
 }

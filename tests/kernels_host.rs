@@ -1679,3 +1679,124 @@ fn sum_rows_matches_cpu_bit_for_bit_on(s: &'static Simt) {
         }
     }
 }
+
+#[test]
+fn layer_norm_backward_matches_cpu() {
+    simt::each_build(layer_norm_backward_matches_cpu_on);
+}
+
+/// Both LayerNorm forms' backward kernel against the CPU tape (dx, and the
+/// per-group weight / bias terms summed on the host).
+fn layer_norm_backward_matches_cpu_on(s: &'static Simt) {
+    use sam_unet::Tensor;
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::activation::Act;
+    use sam_unet::ops::norm::{layer_norm, layer_norm2d};
+    // (dims, 2d form): tokens [5, 4, 96] over the last dim; maps [2, 24, 3, 5].
+    for (dims, two_d) in [(vec![5usize, 4, 96], false), (vec![2, 24, 3, 5], true)] {
+        let c = if two_d { dims[1] } else { dims[2] };
+        let n: usize = dims.iter().product();
+        let (x, w, b, g) = (
+            rand(n, 320, 3.0),
+            rand(c, 321, 1.0),
+            rand(c, 322, 1.0),
+            rand(n, 323, 1.0),
+        );
+        let rec = Recording::start().unwrap();
+        let (mut xt, mut wt, mut bt) = (
+            Tensor::from_vec(x.clone(), dims.clone()).unwrap(),
+            Tensor::from_vec(w.clone(), [c]).unwrap(),
+            Tensor::from_vec(b.clone(), [c]).unwrap(),
+        );
+        for (t, name) in [(&mut xt, "x"), (&mut wt, "w"), (&mut bt, "b")] {
+            rec.param(t, name).unwrap();
+        }
+        let y = if two_d {
+            layer_norm2d(&xt, &wt, &bt, 1e-6, Act::None).unwrap()
+        } else {
+            layer_norm(&xt, &wt, &bt, 1e-6).unwrap()
+        };
+        let want = rec
+            .backward(&y, &Tensor::from_vec(g.clone(), dims.clone()).unwrap())
+            .unwrap();
+        let (groups, stride, p) = if two_d {
+            (
+                dims[0] * dims[2] * dims[3],
+                dims[2] * dims[3],
+                dims[2] * dims[3],
+            )
+        } else {
+            (dims[0] * dims[1], 1, 0)
+        };
+        let (xb, wb, gb) = (Buf::from(s, &x), Buf::from(s, &w), Buf::from(s, &g));
+        let (dx, pw, pb) = (
+            Buf::<f32>::out(s, n),
+            Buf::<f32>::out(s, n),
+            Buf::<f32>::out(s, n),
+        );
+        s.launch(
+            "layer_norm_backward_f32",
+            cfg1d(groups),
+            |k: unsafe extern "C" fn(
+                F32m,
+                F32m,
+                F32m,
+                F32p,
+                F32p,
+                F32p,
+                i64,
+                i32,
+                i64,
+                i64,
+                f32,
+            )| unsafe {
+                k(
+                    dx.m(),
+                    pw.m(),
+                    pb.m(),
+                    xb.p(),
+                    wb.p(),
+                    gb.p(),
+                    groups as i64,
+                    c as i32,
+                    stride as i64,
+                    p as i64,
+                    1e-6,
+                )
+            },
+        )
+        .unwrap();
+        let sum = |v: Vec<f32>| -> Vec<f32> {
+            let mut acc = vec![0.0f64; c];
+            for row in v.chunks_exact(c) {
+                acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+            }
+            acc.into_iter().map(|v| v as f32).collect()
+        };
+        let get = |n: &str| {
+            want.iter()
+                .find(|(k, _)| k == n)
+                .unwrap()
+                .1
+                .as_f32()
+                .unwrap()
+                .to_vec()
+        };
+        let what = if two_d { "layer_norm2d" } else { "layer_norm" };
+        assert_close(&format!("{what} dx"), &dx.to_vec(), &get("x"), 1e-5, 1e-5);
+        assert_close(
+            &format!("{what} dw"),
+            &sum(pw.to_vec()),
+            &get("w"),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("{what} db"),
+            &sum(pb.to_vec()),
+            &get("b"),
+            1e-5,
+            1e-5,
+        );
+    }
+}

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::{CudaDevice, launch_err};
+use crate::cuda::{CudaDevice, cfg1d, launch_err};
 use crate::error::{Error, Result};
 
 /// Launch geometry of layer_norm_f32 (shared with the host-emulation tests):
@@ -134,4 +134,71 @@ pub fn layer_norm2d(
         data: y,
         dims: x.dims().to_vec(),
     })
+}
+
+/// LayerNorm backward over `geo`'s groups (cuda/norm.cu): dx, and when asked
+/// the weight and bias gradients [C] (per-group terms summed by
+/// ops::reduce, deterministic).
+#[allow(clippy::type_complexity)]
+pub fn layer_norm_backward(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    geo: super::cpu::NormGroups,
+    eps: f32,
+    want_wb: bool,
+) -> Result<(CudaSlice<f32>, Option<(CudaSlice<f32>, CudaSlice<f32>)>)> {
+    let c = geo.c;
+    if c == 0 || x.len() != geo.groups * c || g.len() != x.len() || w.len() != c {
+        return Err(Error::shape(
+            "layer_norm backward (cuda)",
+            format!(
+                "x of {} values, gradient {}, weight {} for {} groups of {c}",
+                x.len(),
+                g.len(),
+                w.len(),
+                geo.groups
+            ),
+        ));
+    }
+    let mut dx = dev.alloc(x.len())?;
+    let mut parts = if want_wb {
+        Some((dev.alloc(x.len())?, dev.alloc(x.len())?))
+    } else {
+        None
+    };
+    let f = dev.function("norm", "layer_norm_backward_f32")?;
+    let (gr, cc, st, p) = (geo.groups as i64, c as i32, geo.stride as i64, geo.p as i64);
+    let null: u64 = 0;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dx);
+    match parts.as_mut() {
+        Some((pw, pb)) => {
+            l.arg(pw).arg(pb);
+        }
+        None => {
+            l.arg(&null).arg(&null);
+        }
+    }
+    l.arg(x)
+        .arg(w)
+        .arg(g)
+        .arg(&gr)
+        .arg(&cc)
+        .arg(&st)
+        .arg(&p)
+        .arg(&eps);
+    // SAFETY: x, g, dx (and pw, pb when given, else null) hold groups * C
+    // floats, the indices base(j) + ch * stride stay inside them for the
+    // geometry the caller's shape checks gave, w holds C; types match.
+    unsafe { l.launch(cfg1d(geo.groups)) }.map_err(launch_err("layer_norm_backward launch"))?;
+    let wb = match parts {
+        Some((pw, pb)) => Some((
+            crate::ops::reduce::cuda::sum_rows(dev, &pw, geo.groups, c)?,
+            crate::ops::reduce::cuda::sum_rows(dev, &pb, geo.groups, c)?,
+        )),
+        None => None,
+    };
+    Ok((dx, wb))
 }

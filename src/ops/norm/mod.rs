@@ -5,7 +5,7 @@
 //! Statistics: mean first, then the biased variance of (x - mean), both
 //! accumulated in f64 per row so the result does not depend on the summation order.
 
-mod cpu;
+pub(crate) mod cpu;
 pub mod cuda;
 
 use crate::autograd;
@@ -58,7 +58,37 @@ fn record_norm(
         autograd::bytes(x),
         Box::new(move |g| {
             const OP: &str = "layer_norm backward";
-            crate::ops::backward_on_cpu(OP, &[&xs, &ws, g])?;
+            let c = geo.c;
+            if let Device::Cuda(_) = same_device(OP, &[&xs, &ws, g])? {
+                let (xc, wc, gc) = (
+                    cuda_input(OP, &xs)?,
+                    cuda_input(OP, &ws)?,
+                    cuda_input(OP, g)?,
+                );
+                let (dev, xv) = xc.cuda_whole_f32(OP)?;
+                let (dx, wb) = cuda::layer_norm_backward(
+                    dev,
+                    xv,
+                    wc.cuda_whole_f32(OP)?.1,
+                    gc.cuda_whole_f32(OP)?.1,
+                    geo,
+                    eps,
+                    gw || gb,
+                )?;
+                let (dw, db) = match wb {
+                    Some((dw, db)) => (
+                        gw.then(|| Tensor::from_cuda_f32(dev, dw, [c]))
+                            .transpose()?,
+                        gb.then(|| Tensor::from_cuda_f32(dev, db, [c]))
+                            .transpose()?,
+                    ),
+                    None => (None, None),
+                };
+                let dx = gx
+                    .then(|| Tensor::from_cuda_f32(dev, dx, xs.dims()))
+                    .transpose()?;
+                return Ok(vec![dx, dw, db]);
+            }
             let (dx, dw, db) = cpu::layer_norm_backward(
                 cpu_f32(OP, &xs)?,
                 cpu_f32(OP, &ws)?,
@@ -66,7 +96,6 @@ fn record_norm(
                 geo,
                 eps,
             );
-            let c = geo.c;
             Ok(vec![
                 gx.then(|| Tensor::from_f32(dx, xs.dims())),
                 gw.then(|| Tensor::from_f32(dw, &[c])),
