@@ -95,6 +95,7 @@ fn main() {
         ("cuda_tensor_storage", true, cuda_tensor_storage),
         ("cuda_adam_matches_cpu", true, cuda_adam_matches_cpu),
         ("cuda_backward_matches_cpu", true, cuda_backward_matches_cpu),
+        ("cuda_loss_matches_cpu", true, cuda_loss_matches_cpu),
         (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
@@ -1448,4 +1449,52 @@ fn cuda_backward_matches_cpu() {
         }
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
+}
+
+/// The loss on CUDA tensors (sums on the device, gradient in backward)
+/// against the CPU op: terms to 1e-6, gradient to 1e-5 relative L2; labels
+/// other than 0 / 1 are refused on the device too.
+fn cuda_loss_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::loss::focal_dice;
+    let _dev = device().expect("a GPU was found at start");
+    let cuda = sam_unet::Device::Cuda(0);
+    let dims = [2usize, 1, 64, 64];
+    let n: usize = dims.iter().product();
+    let x = Tensor::from_vec(rand(n, 520, 6.0), dims).unwrap();
+    let y = Tensor::from_vec((0..n).map(|i| ((i / 50) % 2) as f32).collect(), dims).unwrap();
+    let run = |dev: sam_unet::Device| {
+        let rec = Recording::start().unwrap();
+        let mut xd = x.to_device(dev).unwrap();
+        rec.param(&mut xd, "x").unwrap();
+        let (loss, terms) = focal_dice(&xd, &y.to_device(dev).unwrap(), 20.0).unwrap();
+        let one = Tensor::from_vec(vec![1.0], [1])
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let g = rec.backward(&loss, &one).unwrap();
+        (terms, g[0].1.to_host().unwrap().as_f32().unwrap().to_vec())
+    };
+    let ((tc, gc), (tg, gg)) = (run(sam_unet::Device::Cpu), run(cuda));
+    for (what, a, b) in [
+        ("loss", tg.loss, tc.loss),
+        ("focal", tg.focal, tc.focal),
+        ("dice", tg.dice, tc.dice),
+    ] {
+        assert!(
+            (a - b).abs() <= 1e-6 * b.abs(),
+            "{what}: cuda {a} vs cpu {b}"
+        );
+    }
+    let rel = rel_l2(&gg, &gc);
+    println!(
+        "loss on CUDA: loss {:.6} (cpu {:.6}), gradient relative L2 {rel:.2e}",
+        tg.loss, tc.loss
+    );
+    assert!(rel <= 1e-5, "loss gradient: relative L2 {rel}");
+    let bad = Tensor::from_vec(vec![0.5; n], dims)
+        .unwrap()
+        .to_device(cuda)
+        .unwrap();
+    assert!(focal_dice(&x.to_device(cuda).unwrap(), &bad, 20.0).is_err());
 }

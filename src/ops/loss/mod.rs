@@ -7,6 +7,8 @@
 //! is computed with the sums (in f64) and kept for the backward, which only
 //! scales it. CPU for now; the CUDA kernel comes with the CUDA backward.
 
+pub mod cuda;
+
 use rayon::prelude::*;
 
 use crate::autograd;
@@ -40,16 +42,10 @@ pub fn focal_dice(
             format!("logits {:?}, labels {:?}", logits.dims(), labels.dims()),
         ));
     }
-    for t in [logits, labels] {
-        if t.device() != Device::Cpu {
-            return Err(Error::Device {
-                op: OP,
-                expected: "cpu".into(),
-                got: t.device().to_string(),
-            });
-        }
-    }
     autograd::no_backward("focal_dice (labels)", &[labels])?;
+    if let Device::Cuda(_) = crate::ops::same_device(OP, &[logits, labels])? {
+        return focal_dice_cuda(logits, labels, dice_weight);
+    }
     let (x, y) = (cpu_f32(OP, logits)?, cpu_f32(OP, labels)?);
     if let Some(v) = y.iter().find(|&&v| v != 0.0 && v != 1.0) {
         return Err(Error::input(
@@ -140,4 +136,71 @@ fn focal_dp(p: f64, y: f64) -> f64 {
     let l0 = (1.0 - p + EPS).ln();
     -0.25 * y * (-2.0 * (1.0 - p) * l1 + (1.0 - p).powi(2) / (p + EPS))
         - 0.75 * (1.0 - y) * (2.0 * p * l0 - p * p / (1.0 - p + EPS))
+}
+
+/// focal_dice on the device: the sums there (deterministic), the three terms
+/// read back (one synchronisation), the gradient computed in backward from
+/// the saved logits, labels and sums.
+fn focal_dice_cuda(
+    logits: &Tensor,
+    labels: &Tensor,
+    dice_weight: f64,
+) -> Result<(Tensor, LossTerms)> {
+    const OP: &str = "focal_dice (cuda)";
+    let (x, y) = (
+        crate::ops::cuda_input(OP, logits)?,
+        crate::ops::cuda_input(OP, labels)?,
+    );
+    let (dev, xs) = x.cuda_whole_f32(OP)?;
+    let dev = dev.clone();
+    let ys = y.cuda_whole_f32(OP)?.1;
+    let sums = cuda::loss_sums(&dev, xs, ys)?;
+    let s = dev
+        .stream()
+        .clone_dtoh(&sums)
+        .map_err(crate::cuda::driver_err("copy to host"))?;
+    let count = xs.len() as f64;
+    let host = labels.to_host()?;
+    if let Some(v) = cpu_f32(OP, &host)?.iter().find(|&&v| v != 0.0 && v != 1.0) {
+        return Err(Error::input(
+            OP,
+            format!("labels must be 0 or 1, found {v}"),
+        ));
+    }
+    let focal = s[0] / count;
+    let (inter, den) = (s[1], s[2] + s[3] + 1.0);
+    let dice = 1.0 - (2.0 * inter + 1.0) / den;
+    let terms = LossTerms {
+        loss: focal + dice_weight * dice,
+        focal,
+        dice,
+    };
+    let mut out = Tensor::from_f32(vec![terms.loss as f32], &[1]).to_device(logits.device())?;
+    if autograd::requires_grad(logits) {
+        let saved = autograd::bytes(&x) + autograd::bytes(&y);
+        let dims = logits.dims().to_vec();
+        autograd::record(
+            "focal_dice",
+            &[logits, labels],
+            &mut out,
+            saved,
+            Box::new(move |g| {
+                const OP: &str = "focal_dice backward (cuda)";
+                let gc = crate::ops::cuda_input(OP, g)?;
+                let grad = cuda::loss_grad(
+                    &dev,
+                    x.cuda_whole_f32(OP)?.1,
+                    y.cuda_whole_f32(OP)?.1,
+                    &sums,
+                    gc.cuda_whole_f32(OP)?.1,
+                    dice_weight,
+                )?;
+                Ok(vec![
+                    Some(Tensor::from_cuda_f32(&dev, grad, dims.clone())?),
+                    None,
+                ])
+            }),
+        );
+    }
+    Ok((out, terms))
 }
