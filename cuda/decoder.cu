@@ -66,3 +66,41 @@ extern "C" __global__ void mask_dot_f32(float* __restrict__ low, const float* __
         low[i] = s;
     }
 }
+
+// mask_dot backward, the CUDA twin of mask_dot's recorded backward
+// (src/ops/linear/mod.rs): low[i, p] = sum_c h[i, c] (f[i, c, p] + m[c, p]).
+//   mask_dot_backward_h: dh[i, c] = sum_p g[i, p] (f[i, c, p] + m[c, p]), p in order, f64
+//   mask_dot_backward_f: df[i, c, p] = g[i, p] h[i, c]
+//   mask_dot_backward_m: dm[c, p] = sum_i g[i, p] h[i, c], i in order, f32
+// Layout: g [n, p], h [n, c], f [n, c, p], m [c, p].
+extern "C" __global__ void mask_dot_backward_h(float* __restrict__ dh, const float* __restrict__ g, const float* __restrict__ f,
+                                               const float* __restrict__ m, int n, int c, long long p) {
+    GRID_STRIDE(t, (long long)n * c) {
+        long long i = t / c, ch = t % c;
+        const float* gi = g + i * p;
+        const float* fr = f + t * p;
+        const float* mr = m + ch * p;
+        double acc = 0.0;
+        for (long long q = 0; q < p; ++q) acc += (double)__fmul_rn(gi[q], __fadd_rn(fr[q], mr[q]));
+        dh[t] = (float)acc;
+    }
+}
+
+extern "C" __global__ void mask_dot_backward_f(float* __restrict__ df, const float* __restrict__ g, const float* __restrict__ h, int n, int c,
+                                               long long p) {
+    GRID_STRIDE(t, (long long)n * c * p) {
+        long long q = t % p, r = t / p;  // r = i c + ch
+        long long i = r / c;
+        df[t] = __fmul_rn(g[i * p + q], h[r]);
+    }
+}
+
+extern "C" __global__ void mask_dot_backward_m(float* __restrict__ dm, const float* __restrict__ g, const float* __restrict__ h, int n, int c,
+                                               long long p) {
+    GRID_STRIDE(t, (long long)c * p) {
+        long long q = t % p, ch = t / p;
+        float acc = 0.0f;
+        for (int i = 0; i < n; ++i) acc = __fadd_rn(acc, __fmul_rn(g[(long long)i * p + q], h[(long long)i * c + ch]));
+        dm[t] = acc;
+    }
+}

@@ -42,3 +42,37 @@ extern "C" __global__ void bilinear_f32(float* __restrict__ y, const float* __re
         y[i] = __fadd_rn(__fmul_rn(ly0, a), __fmul_rn(ly1, b));
     }
 }
+
+// bilinear backward as gathers, the CUDA twin of bilinear_backward in
+// src/ops/resize/cpu.rs. The reverse taps (which outputs read an input index,
+// with which weight) come as CSR tables built on the host: off[i] .. off[i+1]
+// index (o, w) pairs, outputs in order. Two passes, the CPU's:
+//   bilinear_backward_cols: tmp[pl, oy, x] = sum over (ox, w) of x's taps of w g[pl, oy, ox]
+//   bilinear_backward_rows: dx[pl, y, x]   = sum over (oy, w) of y's taps of w tmp[pl, oy, x]
+// Each sum in tap order, each product and sum rounded on its own.
+extern "C" __global__ void bilinear_backward_cols(float* __restrict__ tmp, const float* __restrict__ g, const int* __restrict__ off,
+                                                  const int* __restrict__ idx, const float* __restrict__ wt, long long planes, int oh, int ow,
+                                                  int w) {
+    GRID_STRIDE(i, planes * oh * w) {
+        int x = (int)(i % w);
+        long long row = i / w;  // pl * oh + oy
+        const float* gr = g + row * ow;
+        float acc = 0.0f;
+        for (int t = off[x]; t < off[x + 1]; ++t) acc = __fadd_rn(acc, __fmul_rn(wt[t], gr[idx[t]]));
+        tmp[i] = acc;
+    }
+}
+
+extern "C" __global__ void bilinear_backward_rows(float* __restrict__ dx, const float* __restrict__ tmp, const int* __restrict__ off,
+                                                  const int* __restrict__ idx, const float* __restrict__ wt, long long planes, int h, int oh,
+                                                  int w) {
+    GRID_STRIDE(i, planes * h * w) {
+        int x = (int)(i % w);
+        int y = (int)((i / w) % h);
+        long long pl = i / ((long long)h * w);
+        const float* tp = tmp + pl * oh * w;
+        float acc = 0.0f;
+        for (int t = off[y]; t < off[y + 1]; ++t) acc = __fadd_rn(acc, __fmul_rn(wt[t], tp[(long long)idx[t] * w + x]));
+        dx[i] = acc;
+    }
+}

@@ -97,6 +97,11 @@ fn main() {
         ("cuda_backward_matches_cpu", true, cuda_backward_matches_cpu),
         ("cuda_loss_matches_cpu", true, cuda_loss_matches_cpu),
         (
+            "cuda_decoder_backward_matches_cpu",
+            true,
+            cuda_decoder_backward_matches_cpu,
+        ),
+        (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
             cuda_activation_ops_dispatch_on_tensors,
@@ -1497,4 +1502,56 @@ fn cuda_loss_matches_cpu() {
         .to_device(cuda)
         .unwrap();
     assert!(focal_dice(&x.to_device(cuda).unwrap(), &bad, 20.0).is_err());
+}
+
+/// The decoder end of the tape on CUDA: the med-token row (narrow), the mask
+/// product, the 4 -> 16 upsample and the loss, back-propagated on the device
+/// against the CPU.
+fn cuda_decoder_backward_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::{layout, linear, loss, resize};
+    let _dev = device().expect("a GPU was found at start");
+    let t = |d: &[usize], seed: u64, scale: f32| {
+        Tensor::from_vec(rand(d.iter().product(), seed, scale), d.to_vec()).unwrap()
+    };
+    let ins = [
+        t(&[3, 3, 8], 530, 1.0),
+        t(&[3, 8, 4, 4], 531, 1.0),
+        t(&[1, 8, 4, 4], 532, 1.0),
+    ];
+    let labels = Tensor::from_vec(
+        (0..3 * 256).map(|i| ((i / 9) % 2) as f32).collect(),
+        [3, 1, 16, 16],
+    )
+    .unwrap();
+    let run = |dev: sam_unet::Device| -> Vec<(String, Vec<f32>)> {
+        let rec = Recording::start().unwrap();
+        let mut xs: Vec<Tensor> = ins.iter().map(|x| x.to_device(dev).unwrap()).collect();
+        for (i, x) in xs.iter_mut().enumerate() {
+            rec.param(x, format!("in{i}")).unwrap();
+        }
+        let h = layout::narrow(&xs[0], 0, 1)
+            .unwrap()
+            .reshape([3, 8])
+            .unwrap();
+        let low = linear::mask_dot(&h, &xs[1], &xs[2]).unwrap();
+        let up = resize::bilinear(&low, 16, 16).unwrap();
+        let (l, _) = loss::focal_dice(&up, &labels.to_device(dev).unwrap(), 20.0).unwrap();
+        let one = Tensor::from_vec(vec![1.0], [1])
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        rec.backward(&l, &one)
+            .unwrap()
+            .into_iter()
+            .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+            .collect()
+    };
+    let (want, got) = (run(sam_unet::Device::Cpu), run(sam_unet::Device::Cuda(0)));
+    assert_eq!(want.len(), 3);
+    for ((n, w), (_, g)) in want.iter().zip(&got) {
+        let rel = rel_l2(g, w);
+        println!("decoder backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
+        assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
 }

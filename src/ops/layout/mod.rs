@@ -109,13 +109,19 @@ pub fn repeat_first(x: &Tensor, n: usize) -> Result<Tensor> {
 /// gradient of `narrow`.
 pub fn pad_rows(g: &Tensor, l: usize, start: usize) -> Result<Tensor> {
     const OP: &str = "pad_rows";
-    crate::ops::backward_on_cpu(OP, &[g])?;
     let [n, len, c] = g.dims_n::<3>(OP, "gradient")?;
     if start + len > l {
         return Err(crate::Error::shape(
             OP,
             format!("rows {start}..{} of {l}", start + len),
         ));
+    }
+    if let Device::Cuda(_) = g.device() {
+        let gc = cuda_input(OP, g)?;
+        let (dev, gs) = gc.cuda_whole_f32(OP)?;
+        let mut y = dev.alloc_zeros(n * l * c)?;
+        cuda::copy_rows(dev, &mut y, gs, n, len, c, (len * c, 0), (l * c, start))?;
+        return Tensor::from_cuda_f32(dev, y, [n, l, c]);
     }
     let gs = cpu_f32(OP, g)?;
     let mut out = vec![0.0f32; n * l * c];

@@ -148,3 +148,71 @@ pub(crate) fn linear_backward(
     };
     Ok((dx, dw, db))
 }
+
+/// mask_dot's backward on the device (cuda/decoder.cu): (dh, df, dm), each
+/// only when asked for. g [n, p], h [n, c], f [n, c, p], msf [c, p].
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub(crate) fn mask_dot_backward(
+    dev: &CudaDevice,
+    g: &CudaSlice<f32>,
+    h: Option<&CudaSlice<f32>>,
+    fm: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
+    (want_f, want_m): (bool, bool),
+    (n, c, p): (usize, usize, usize),
+) -> Result<(
+    Option<CudaSlice<f32>>,
+    Option<CudaSlice<f32>>,
+    Option<CudaSlice<f32>>,
+)> {
+    let (nn, cc, pp) = (n as i32, c as i32, p as i64);
+    if g.len() != n * p
+        || h.is_some_and(|h| h.len() != n * c)
+        || fm.is_some_and(|(f, m)| f.len() != n * c * p || m.len() != c * p)
+    {
+        return Err(crate::Error::shape(
+            "mask_dot backward (cuda)",
+            format!("gradient of {} values for {n} x {p}", g.len()),
+        ));
+    }
+    let dh = match fm {
+        Some((f, m)) => {
+            let mut dh = dev.alloc(n * c)?;
+            let k = dev.function("decoder", "mask_dot_backward_h")?;
+            let mut l = dev.stream().launch_builder(&k);
+            l.arg(&mut dh)
+                .arg(g)
+                .arg(f)
+                .arg(m)
+                .arg(&nn)
+                .arg(&cc)
+                .arg(&pp);
+            // SAFETY: sizes checked above; types match (float*, const float* x3, int, int, long long).
+            unsafe { l.launch(cfg1d(n * c)) }.map_err(launch_err("mask_dot_backward_h launch"))?;
+            Some(dh)
+        }
+        None => None,
+    };
+    let (mut df, mut dm) = (None, None);
+    if let Some(h) = h {
+        if want_f {
+            let mut d = dev.alloc(n * c * p)?;
+            let k = dev.function("decoder", "mask_dot_backward_f")?;
+            let mut l = dev.stream().launch_builder(&k);
+            l.arg(&mut d).arg(g).arg(h).arg(&nn).arg(&cc).arg(&pp);
+            // SAFETY: d holds n c p floats, g n p, h n c; types match.
+            unsafe { l.launch(cfg1d(n * c * p)) }
+                .map_err(launch_err("mask_dot_backward_f launch"))?;
+            df = Some(d);
+        }
+        if want_m {
+            let mut d = dev.alloc(c * p)?;
+            let k = dev.function("decoder", "mask_dot_backward_m")?;
+            let mut l = dev.stream().launch_builder(&k);
+            l.arg(&mut d).arg(g).arg(h).arg(&nn).arg(&cc).arg(&pp);
+            // SAFETY: d holds c p floats, g n p, h n c; types match.
+            unsafe { l.launch(cfg1d(c * p)) }.map_err(launch_err("mask_dot_backward_m launch"))?;
+            dm = Some(d);
+        }
+    }
+    Ok((dh, df, dm))
+}

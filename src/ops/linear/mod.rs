@@ -3,6 +3,8 @@
 mod cpu;
 pub mod cuda;
 
+use cudarc::driver::CudaSlice;
+
 use crate::autograd;
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
@@ -212,7 +214,35 @@ pub fn mask_dot(h: &Tensor, f: &Tensor, msf: &Tensor) -> Result<Tensor> {
             saved,
             Box::new(move |g| {
                 const OP: &str = "mask_dot backward";
-                crate::ops::backward_on_cpu(OP, &[g])?;
+                if let Device::Cuda(_) = g.device() {
+                    let gc = cuda_input(OP, g)?;
+                    let (dev, gs) = gc.cuda_whole_f32(OP)?;
+                    let hc = hs.as_ref().map(|h| cuda_input(OP, h)).transpose()?;
+                    let fmc = fm
+                        .as_ref()
+                        .map(|(f, m)| -> Result<(Tensor, Tensor)> {
+                            Ok((cuda_input(OP, f)?, cuda_input(OP, m)?))
+                        })
+                        .transpose()?;
+                    let hv = hc
+                        .as_ref()
+                        .map(|h| h.cuda_whole_f32(OP).map(|(_, s)| s))
+                        .transpose()?;
+                    let fmv = match &fmc {
+                        Some((f, m)) => Some((f.cuda_whole_f32(OP)?.1, m.cuda_whole_f32(OP)?.1)),
+                        None => None,
+                    };
+                    let (dh, df, dm) =
+                        cuda::mask_dot_backward(dev, gs, hv, fmv, (gf, gm), (n, c, p))?;
+                    let t = |d: Option<CudaSlice<f32>>, dims: Vec<usize>| {
+                        d.map(|d| Tensor::from_cuda_f32(dev, d, dims)).transpose()
+                    };
+                    return Ok(vec![
+                        t(dh, vec![n, c])?,
+                        t(df, vec![n, c, fh, fw])?,
+                        t(dm, vec![1, c, fh, fw])?,
+                    ]);
+                }
                 let gs = cpu_f32(OP, g)?;
                 let dh = match &fm {
                     Some((f, m)) => {

@@ -32,7 +32,7 @@ pub fn bilinear(x: &[f32], planes: usize, h: usize, w: usize, oh: usize, ow: usi
 }
 
 /// For each input index, the (output index, weight) pairs that read it.
-fn reverse_taps(inp: usize, out: usize) -> Vec<Vec<(usize, f32)>> {
+pub(crate) fn reverse_taps(inp: usize, out: usize) -> Vec<Vec<(usize, f32)>> {
     let mut r = vec![vec![]; inp];
     for (o, (i0, i1, w0, w1)) in torch_taps(inp, out).into_iter().enumerate() {
         r[i0].push((o, w0));
@@ -60,12 +60,14 @@ pub fn bilinear_backward(
         for oy in 0..oh {
             let grow = &gp[oy * ow..(oy + 1) * ow];
             for (x, taps) in rx.iter().enumerate() {
-                tmp[oy * w + x] = taps.iter().map(|&(ox, wx)| wx * grow[ox]).sum();
+                tmp[oy * w + x] = taps.iter().fold(0.0f32, |a, &(ox, wx)| a + wx * grow[ox]);
             }
         }
         for (y, taps) in ry.iter().enumerate() {
             for x in 0..w {
-                dst[y * w + x] = taps.iter().map(|&(oy, wy)| wy * tmp[oy * w + x]).sum();
+                dst[y * w + x] = taps
+                    .iter()
+                    .fold(0.0f32, |a, &(oy, wy)| a + wy * tmp[oy * w + x]);
             }
         }
     });

@@ -7,7 +7,7 @@
 //!   (antialiasing), fixed-point coefficients with 22 fractional bits, a horizontal
 //!   pass then a vertical pass, each rounded and clamped to 0..255.
 
-mod cpu;
+pub(crate) mod cpu;
 pub mod cuda;
 
 use crate::error::{Error, Result};
@@ -37,7 +37,12 @@ pub fn bilinear(x: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
     };
     crate::autograd::record_unary(OP, x, &mut y, 0, move |g| {
         const OP: &str = "bilinear backward";
-        crate::ops::backward_on_cpu(OP, &[g])?;
+        if let Device::Cuda(_) = g.device() {
+            let gc = cuda_input(OP, g)?;
+            let (dev, gs) = gc.cuda_whole_f32(OP)?;
+            let dx = cuda::bilinear_backward(dev, gs, n * c, h, w, oh, ow)?;
+            return Tensor::from_cuda_f32(dev, dx, [n, c, h, w]);
+        }
         let dx = cpu::bilinear_backward(cpu_f32(OP, g)?, n * c, h, w, oh, ow);
         Ok(Tensor::from_f32(dx, &[n, c, h, w]))
     });
