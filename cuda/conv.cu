@@ -96,3 +96,35 @@ extern "C" __global__ void max_pool2d_f32(float* __restrict__ y, const float* __
         y[i] = m;
     }
 }
+
+// col2im as a gather (conv2d's input gradient, no atomics): one thread per
+// input value, dx[n, c, iy, ix] = sum over the taps (ky, kx) that read it,
+// ky then kx ascending (the CPU twin's order), of dcol[n, (c kh + ky) kw + kx,
+// oy Wo + ox] with oy s + ky - p = iy, ox s + kx - p = ix.
+// Layout: dcol [N, C kh kw, Ho Wo], dx [N, C, H, W].
+extern "C" __global__ void col2im_f32(float* __restrict__ dx, const float* __restrict__ dcol, int N, int C, int H, int W, int kh, int kw, int stride,
+                                      int pad, int Ho, int Wo) {
+    long long total = (long long)N * C * H * W;
+    GRID_STRIDE(i, total) {
+        int ix = i % W;
+        long long t = i / W;
+        int iy = t % H;
+        t /= H;
+        int c = t % C;
+        long long n = t / C;
+        const float* base = dcol + ((n * C + c) * kh * kw) * (long long)Ho * Wo;
+        float acc = 0.0f;
+        for (int ky = 0; ky < kh; ++ky) {
+            int ty = iy + pad - ky;
+            if (ty < 0 || ty % stride != 0 || ty / stride >= Ho) continue;
+            int oy = ty / stride;
+            for (int kx = 0; kx < kw; ++kx) {
+                int tx = ix + pad - kx;
+                if (tx < 0 || tx % stride != 0 || tx / stride >= Wo) continue;
+                int ox = tx / stride;
+                acc = __fadd_rn(acc, base[(long long)(ky * kw + kx) * Ho * Wo + oy * Wo + ox]);
+            }
+        }
+        dx[i] = acc;
+    }
+}

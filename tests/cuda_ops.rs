@@ -102,6 +102,11 @@ fn main() {
             cuda_decoder_backward_matches_cpu,
         ),
         (
+            "cuda_conv_backward_matches_cpu",
+            true,
+            cuda_conv_backward_matches_cpu,
+        ),
+        (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
             cuda_activation_ops_dispatch_on_tensors,
@@ -1553,5 +1558,62 @@ fn cuda_decoder_backward_matches_cpu() {
         let rel = rel_l2(g, w);
         println!("decoder backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
+}
+
+/// conv2d's backward on CUDA (im2col + cuBLAS for dW, cuBLAS + col2im for dX,
+/// row sums for the bias) against the CPU tape, in the ResNet's geometries,
+/// with a residual and ReLU / GELU epilogues.
+fn cuda_conv_backward_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::conv::{Conv2dArgs, conv2d};
+    let _dev = device().expect("a GPU was found at start");
+    let t = |d: &[usize], seed: u64, scale: f32| {
+        Tensor::from_vec(rand(d.iter().product(), seed, scale), d.to_vec()).unwrap()
+    };
+    for (k, stride, padding, act) in [
+        (3usize, 1usize, 1usize, Act::Gelu),
+        (3, 2, 1, Act::Relu),
+        (7, 2, 3, Act::None),
+        (1, 2, 0, Act::None),
+    ] {
+        let ho = (10 + 2 * padding - k) / stride + 1;
+        let ins = [
+            t(&[2, 3, 10, 10], 540, 1.0),
+            t(&[4, 3, k, k], 541, 0.3),
+            t(&[4], 542, 0.5),
+            t(&[2, 4, ho, ho], 543, 1.0),
+        ];
+        let run = |dev: sam_unet::Device| -> Vec<(String, Vec<f32>)> {
+            let rec = Recording::start().unwrap();
+            let mut xs: Vec<Tensor> = ins.iter().map(|x| x.to_device(dev).unwrap()).collect();
+            for (i, x) in xs.iter_mut().enumerate() {
+                rec.param(x, format!("in{i}")).unwrap();
+            }
+            let y = conv2d(
+                &xs[0],
+                &xs[1],
+                Some(&xs[2]),
+                Conv2dArgs { stride, padding },
+                Some(&xs[3]),
+                act,
+            )
+            .unwrap();
+            let g = t(y.dims(), 544, 1.0).to_device(dev).unwrap();
+            rec.backward(&y, &g)
+                .unwrap()
+                .into_iter()
+                .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+                .collect()
+        };
+        let (want, got) = (run(sam_unet::Device::Cpu), run(sam_unet::Device::Cuda(0)));
+        assert_eq!(want.len(), 4);
+        for ((n, w), (_, g)) in want.iter().zip(&got) {
+            let rel = rel_l2(g, w);
+            println!(
+                "conv2d k{k} s{stride} p{padding} {act:?} backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}"
+            );
+            assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+        }
     }
 }

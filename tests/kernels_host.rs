@@ -2055,3 +2055,92 @@ fn bilinear_and_mask_dot_backward_match_cpu_on(s: &'static Simt) {
     assert_close("mask_dot df", &df.to_vec(), &get("1"), 0.0, 0.0);
     assert_close("mask_dot dm", &dm.to_vec(), &get("2"), 1e-6, 1e-6);
 }
+
+#[test]
+fn col2im_gathers_the_taps() {
+    simt::each_build(col2im_gathers_the_taps_on);
+}
+
+/// col2im against its definition (every column entry added into the input
+/// pixel its tap read), for 3x3 stride 1 and 2, 7x7 stride 2 padding 3 and
+/// 1x1 stride 2 (the ResNet's geometries) on odd and even sizes.
+fn col2im_gathers_the_taps_on(s: &'static Simt) {
+    for (k, st, pad, h, w) in [
+        (3usize, 1usize, 1usize, 9usize, 8usize),
+        (3, 2, 1, 8, 8),
+        (7, 2, 3, 13, 10),
+        (1, 2, 0, 8, 7),
+    ] {
+        let (n, c) = (2usize, 3usize);
+        let (ho, wo) = ((h + 2 * pad - k) / st + 1, (w + 2 * pad - k) / st + 1);
+        let dcol = rand(n * c * k * k * ho * wo, (k * 100 + h) as u64, 1.0);
+        let mut want = vec![0.0f64; n * c * h * w];
+        for i in 0..n {
+            for ci in 0..c {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        for oy in 0..ho {
+                            for ox in 0..wo {
+                                let (iy, ix) = (
+                                    (oy * st + ky) as isize - pad as isize,
+                                    (ox * st + kx) as isize - pad as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
+                                    continue;
+                                }
+                                let r = ((i * c + ci) * k + ky) * k + kx;
+                                want[((i * c + ci) * h + iy as usize) * w + ix as usize] +=
+                                    dcol[r * ho * wo + oy * wo + ox] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
+        let db = Buf::from(s, &dcol);
+        let dx = Buf::<f32>::out(s, n * c * h * w);
+        let a = [n, c, h, w, k, k, st, pad, ho, wo].map(|v| v as i32);
+        s.launch(
+            "col2im_f32",
+            cfg1d(n * c * h * w),
+            |f: unsafe extern "C" fn(
+                F32m,
+                F32p,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+            )| unsafe {
+                f(
+                    dx.m(),
+                    db.p(),
+                    a[0],
+                    a[1],
+                    a[2],
+                    a[3],
+                    a[4],
+                    a[5],
+                    a[6],
+                    a[7],
+                    a[8],
+                    a[9],
+                )
+            },
+        )
+        .unwrap();
+        assert_close(
+            &format!("col2im k{k} s{st} p{pad} {h}x{w}"),
+            &dx.to_vec(),
+            &want,
+            1e-6,
+            1e-6,
+        );
+    }
+}

@@ -454,3 +454,111 @@ pub fn max_pool2d(
         dims: vec![n, c, ho, wo],
     })
 }
+
+/// conv2d's backward on the device: per image, dW += G_i col_i^T (im2col,
+/// then a cuBLAS GEMM accumulating over the images in order) when `x` is
+/// given, and dcol = W^T G_i then col2im as a gather (dX) when `w` is given.
+/// g [N, O, Ho, Wo]; x [N, C, H, W]; w [O, C kh kw]. Bias gradients come
+/// from ops::reduce.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn conv2d_backward(
+    dev: &CudaDevice,
+    blas: &Blas,
+    g: &CudaSlice<f32>,
+    x: Option<&CudaSlice<f32>>,
+    w: Option<&CudaSlice<f32>>,
+    [n, c, h, wd]: [usize; 4],
+    [o, kh, kw, stride, pad, ho, wo]: [usize; 7],
+) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<f32>>)> {
+    const OP: &str = "conv2d backward (cuda)";
+    let (k, p, img) = (c * kh * kw, ho * wo, c * h * wd);
+    if g.len() != n * o * p
+        || x.is_some_and(|x| x.len() != n * img)
+        || w.is_some_and(|w| w.len() != o * k)
+    {
+        return Err(Error::shape(
+            OP,
+            format!("gradient of {} values for {n} x {o} x {ho} x {wo}", g.len()),
+        ));
+    }
+    let st = dev.stream();
+    let geo = |v: usize| v as i32;
+    let dw = match x {
+        Some(x) => {
+            let mut dw = dev.alloc(o * k)?;
+            let mut col = dev.alloc(k * p)?;
+            let f = dev.function("conv", "im2col_f32")?;
+            for i in 0..n {
+                im2col(
+                    dev,
+                    &f,
+                    &mut col,
+                    &x.slice(i * img..(i + 1) * img),
+                    [1, c, h, wd],
+                    kh,
+                    kw,
+                    stride,
+                    pad,
+                    ho,
+                    wo,
+                )?;
+                // dW [o, k] (+)= G_i [o, p] col_i^T (col_i stored [k, p])
+                blas.gemm_f32(
+                    st,
+                    false,
+                    true,
+                    o,
+                    k,
+                    p,
+                    &g.slice(i * o * p..(i + 1) * o * p),
+                    p,
+                    &col,
+                    p,
+                    &mut dw,
+                    k,
+                    i > 0,
+                )?;
+            }
+            Some(dw)
+        }
+        None => None,
+    };
+    let dx = match w {
+        Some(w) => {
+            let mut dx = dev.alloc(n * img)?;
+            let mut dcol = dev.alloc(k * p)?;
+            let f = dev.function("conv", "col2im_f32")?;
+            for i in 0..n {
+                // dcol [k, p] = W^T (W stored [o, k]) G_i [o, p]
+                blas.gemm_f32(
+                    st,
+                    true,
+                    false,
+                    k,
+                    p,
+                    o,
+                    w,
+                    k,
+                    &g.slice(i * o * p..(i + 1) * o * p),
+                    p,
+                    &mut dcol,
+                    p,
+                    false,
+                )?;
+                let a = [1, c, h, wd, kh, kw, stride, pad, ho, wo].map(geo);
+                let mut dxi = dx.slice_mut(i * img..(i + 1) * img);
+                let mut l = st.launch_builder(&f);
+                l.arg(&mut dxi).arg(&dcol);
+                for v in &a {
+                    l.arg(v);
+                }
+                // SAFETY: dxi holds one image (c h w floats), dcol c kh kw x
+                // ho wo; ten int arguments as the kernel declares.
+                unsafe { l.launch(cfg1d(img)) }.map_err(launch_err("col2im launch"))?;
+            }
+            Some(dx)
+        }
+        None => None,
+    };
+    Ok((dx, dw))
+}

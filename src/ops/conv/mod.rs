@@ -135,7 +135,52 @@ pub fn conv2d(
                 let mut ins = vec![g];
                 ins.extend(xs.as_ref());
                 ins.extend(ws.as_ref());
-                crate::ops::backward_on_cpu(OP, &ins)?;
+                if let Device::Cuda(_) = same_device(OP, &ins)? {
+                    let gc = cuda_input(OP, g)?;
+                    let (dev, gsl) = gc.cuda_whole_f32(OP)?;
+                    let xc = xs.as_ref().map(|x| cuda_input(OP, x)).transpose()?;
+                    let wc = ws.as_ref().map(|w| cuda_input(OP, w)).transpose()?;
+                    let xv = xc
+                        .as_ref()
+                        .map(|x| x.cuda_whole_f32(OP).map(|(_, s)| s))
+                        .transpose()?;
+                    let wv = wc
+                        .as_ref()
+                        .map(|w| w.cuda_whole_f32(OP).map(|(_, s)| s))
+                        .transpose()?;
+                    let (dx, dw) = dev.with_blas(|blas| {
+                        cuda::conv2d_backward(
+                            dev,
+                            blas,
+                            gsl,
+                            xv,
+                            wv,
+                            [geo.n, geo.c, geo.h, geo.w],
+                            [geo.o, geo.kh, geo.kw, geo.stride, geo.pad, geo.ho, geo.wo],
+                        )
+                    })?;
+                    let db = if gb {
+                        Some(crate::ops::reduce::sum_rows(
+                            &crate::ops::layout::nchw_to_nhwc(g)?,
+                            geo.o,
+                        )?)
+                    } else {
+                        None
+                    };
+                    let mut v = vec![
+                        dx.map(|d| Tensor::from_cuda_f32(dev, d, xd.clone()))
+                            .transpose()?,
+                        dw.map(|d| Tensor::from_cuda_f32(dev, d, wdims.clone()))
+                            .transpose()?,
+                    ];
+                    if has_b {
+                        v.push(db);
+                    }
+                    if has_r {
+                        v.push(gr.then(|| g.clone()));
+                    }
+                    return Ok(v);
+                }
                 let (dx, dw, db) = cpu::conv2d_backward(
                     &geo,
                     cpu_f32(OP, g)?,
