@@ -128,3 +128,64 @@ extern "C" __global__ void col2im_f32(float* __restrict__ dx, const float* __res
         dx[i] = acc;
     }
 }
+
+// convt_gather_f32: the transposed conv's backward layout, the inverse of
+// convt_scatter: g [N, O, H k, W k] -> gt [N, O k k, H W],
+// gt[n, (o k + ky) k + kx, y W + x] = g[n, o, y k + ky, x k + kx].
+extern "C" __global__ void convt_gather_f32(float* __restrict__ gt, const float* __restrict__ g, int N, int O, int H, int W, int k) {
+    long long OH = (long long)H * k, OW = (long long)W * k;
+    GRID_STRIDE(i, (long long)N * O * OH * OW) {
+        int ox = i % OW;
+        long long t = i / OW;
+        int oy = t % OH;
+        t /= OH;
+        int o = t % O;
+        long long n = t / O;
+        int yy = oy / k, ky = oy % k, xx = ox / k, kx = ox % k;
+        gt[(n * O * k * k + (long long)(o * k + ky) * k + kx) * H * W + (long long)yy * W + xx] = g[i];
+    }
+}
+
+// max_pool2d backward as a gather (no atomics): every input pixel sums the
+// gradients of the outputs whose window picked it (the first maximum in scan
+// order, NaN winning, as the forward), outputs in (oy, ox) order.
+// Layout: x, dx [planes, H, W]; g [planes, Ho, Wo].
+__device__ __forceinline__ int pool_argmax(const float* __restrict__ xp, int H, int W, int oy, int ox, int k, int s, int p) {
+    float m = -SAM_INF;
+    int at = -1;
+    for (int ky = 0; ky < k; ++ky) {
+        int iy = oy * s + ky - p;
+        if (iy < 0 || iy >= H) continue;
+        for (int kx = 0; kx < k; ++kx) {
+            int ix = ox * s + kx - p;
+            if (ix < 0 || ix >= W) continue;
+            float v = xp[iy * W + ix];
+            if (at < 0 || v > m || v != v) {
+                m = v;
+                at = iy * W + ix;
+            }
+        }
+    }
+    return at;
+}
+
+extern "C" __global__ void max_pool2d_backward_f32(float* __restrict__ dx, const float* __restrict__ x, const float* __restrict__ g, long long planes,
+                                                   int H, int W, int Ho, int Wo, int k, int s, int p) {
+    GRID_STRIDE(i, planes * H * W) {
+        int ix = i % W;
+        long long t = i / W;
+        int iy = t % H;
+        long long pl = t / H;
+        const float* xp = x + pl * H * W;
+        const float* gp = g + pl * (long long)Ho * Wo;
+        // Outputs whose window holds (iy, ix): oy s - p <= iy <= oy s - p + k - 1.
+        int oy0 = max(0, (iy + p - k + s) / s), oy1 = min(Ho - 1, (iy + p) / s);
+        int ox0 = max(0, (ix + p - k + s) / s), ox1 = min(Wo - 1, (ix + p) / s);
+        float acc = 0.0f;
+        int self = iy * W + ix;
+        for (int oy = oy0; oy <= oy1; ++oy)
+            for (int ox = ox0; ox <= ox1; ++ox)
+                if (pool_argmax(xp, H, W, oy, ox, k, s, p) == self) acc = __fadd_rn(acc, gp[oy * Wo + ox]);
+        dx[i] = acc;
+    }
+}

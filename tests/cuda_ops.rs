@@ -107,6 +107,11 @@ fn main() {
             cuda_conv_backward_matches_cpu,
         ),
         (
+            "cuda_convt_pool_backward_matches_cpu",
+            true,
+            cuda_convt_pool_backward_matches_cpu,
+        ),
+        (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
             cuda_activation_ops_dispatch_on_tensors,
@@ -1615,5 +1620,43 @@ fn cuda_conv_backward_matches_cpu() {
             );
             assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
         }
+    }
+}
+
+/// conv_transpose2d (2 x 2, stride 2, GELU) and max_pool2d backward on CUDA
+/// against the CPU tape.
+fn cuda_convt_pool_backward_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::conv::{conv_transpose2d, max_pool2d};
+    let _dev = device().expect("a GPU was found at start");
+    let t = |d: &[usize], seed: u64, scale: f32| {
+        Tensor::from_vec(rand(d.iter().product(), seed, scale), d.to_vec()).unwrap()
+    };
+    let ins = [
+        t(&[2, 4, 5, 6], 550, 1.0),
+        t(&[4, 3, 2, 2], 551, 0.3),
+        t(&[3], 552, 0.5),
+    ];
+    let run = |dev: sam_unet::Device| -> Vec<(String, Vec<f32>)> {
+        let rec = Recording::start().unwrap();
+        let mut xs: Vec<Tensor> = ins.iter().map(|x| x.to_device(dev).unwrap()).collect();
+        for (i, x) in xs.iter_mut().enumerate() {
+            rec.param(x, format!("in{i}")).unwrap();
+        }
+        let y = conv_transpose2d(&xs[0], &xs[1], Some(&xs[2]), Act::Gelu).unwrap();
+        let y = max_pool2d(&y, 3, 2, 1).unwrap();
+        let g = t(y.dims(), 553, 1.0).to_device(dev).unwrap();
+        rec.backward(&y, &g)
+            .unwrap()
+            .into_iter()
+            .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+            .collect()
+    };
+    let (want, got) = (run(sam_unet::Device::Cpu), run(sam_unet::Device::Cuda(0)));
+    assert_eq!(want.len(), 3);
+    for ((n, w), (_, g)) in want.iter().zip(&got) {
+        let rel = rel_l2(g, w);
+        println!("convT + max pool backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
+        assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
 }

@@ -2144,3 +2144,103 @@ fn col2im_gathers_the_taps_on(s: &'static Simt) {
         );
     }
 }
+
+#[test]
+fn pool_and_convt_backward_layouts() {
+    simt::each_build(pool_and_convt_backward_layouts_on);
+}
+
+/// max_pool2d's backward gather against the CPU tape, on maps with flat
+/// regions (ties: the first maximum in scan order takes the gradient) and
+/// NaN; convt_gather against its definition.
+fn pool_and_convt_backward_layouts_on(s: &'static Simt) {
+    use sam_unet::Tensor;
+    use sam_unet::autograd::Recording;
+    let (planes, h, w) = (3usize, 9usize, 8usize);
+    let mut x = rand(planes * h * w, 350, 1.0);
+    for v in x.iter_mut().skip(20).take(30) {
+        *v = 0.5; // a flat patch: tied windows
+    }
+    x[100] = f32::NAN;
+    let (k, st, p) = (3usize, 2usize, 1usize);
+    let (ho, wo) = ((h + 2 * p - k) / st + 1, (w + 2 * p - k) / st + 1);
+    let g = rand(planes * ho * wo, 351, 1.0);
+    let rec = Recording::start().unwrap();
+    let mut xt = Tensor::from_vec(x.clone(), [1, planes, h, w]).unwrap();
+    rec.param(&mut xt, "x").unwrap();
+    let y = sam_unet::ops::conv::max_pool2d(&xt, k, st, p).unwrap();
+    let want = rec
+        .backward(
+            &y,
+            &Tensor::from_vec(g.clone(), [1, planes, ho, wo]).unwrap(),
+        )
+        .unwrap();
+    let (xb, gb) = (Buf::from(s, &x), Buf::from(s, &g));
+    let dx = Buf::<f32>::out(s, planes * h * w);
+    let a = [h, w, ho, wo, k, st, p].map(|v| v as i32);
+    s.launch(
+        "max_pool2d_backward_f32",
+        cfg1d(planes * h * w),
+        |f: unsafe extern "C" fn(F32m, F32p, F32p, i64, i32, i32, i32, i32, i32, i32, i32)| unsafe {
+            f(
+                dx.m(),
+                xb.p(),
+                gb.p(),
+                planes as i64,
+                a[0],
+                a[1],
+                a[2],
+                a[3],
+                a[4],
+                a[5],
+                a[6],
+            )
+        },
+    )
+    .unwrap();
+    assert_close(
+        "max_pool2d backward",
+        &dx.to_vec(),
+        want[0].1.as_f32().unwrap(),
+        0.0,
+        0.0,
+    );
+
+    let (n, o, hh, ww, kk) = (2usize, 3usize, 4usize, 5usize, 2usize);
+    let gv = rand(n * o * hh * kk * ww * kk, 352, 1.0);
+    let gb = Buf::from(s, &gv);
+    let gt = Buf::<f32>::out(s, gv.len());
+    s.launch(
+        "convt_gather_f32",
+        cfg1d(gv.len()),
+        |f: unsafe extern "C" fn(F32m, F32p, i32, i32, i32, i32, i32)| unsafe {
+            f(
+                gt.m(),
+                gb.p(),
+                n as i32,
+                o as i32,
+                hh as i32,
+                ww as i32,
+                kk as i32,
+            )
+        },
+    )
+    .unwrap();
+    let got = gt.to_vec();
+    for i in 0..n {
+        for oc in 0..o {
+            for y in 0..hh * kk {
+                for x in 0..ww * kk {
+                    let src = ((i * o + oc) * hh * kk + y) * ww * kk + x;
+                    let r = (oc * kk + y % kk) * kk + x % kk;
+                    let dst = (i * o * kk * kk + r) * hh * ww + (y / kk) * ww + x / kk;
+                    assert_eq!(
+                        got[dst].to_bits(),
+                        gv[src].to_bits(),
+                        "convt_gather at {src}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -562,3 +562,124 @@ pub fn conv2d_backward(
     };
     Ok((dx, dw))
 }
+
+/// max_pool2d's backward on the device (the argmax found again, gathered per
+/// input pixel): x [planes, h, w], g [planes, ho, wo] -> dx [planes, h, w].
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool2d_backward(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    planes: usize,
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    (k, s, p): (usize, usize, usize),
+) -> Result<CudaSlice<f32>> {
+    if x.len() != planes * h * w || g.len() != planes * ho * wo || s == 0 {
+        return Err(Error::shape(
+            "max_pool2d backward (cuda)",
+            format!(
+                "x {} / gradient {} values for {planes} planes",
+                x.len(),
+                g.len()
+            ),
+        ));
+    }
+    let mut dx = dev.alloc(planes * h * w)?;
+    let f = dev.function("conv", "max_pool2d_backward_f32")?;
+    let pl = planes as i64;
+    let a = [h, w, ho, wo, k, s, p].map(|v| v as i32);
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dx).arg(x).arg(g).arg(&pl);
+    for v in &a {
+        l.arg(v);
+    }
+    // SAFETY: dx and x hold planes h w floats, g planes ho wo; types match
+    // (float*, const float* x2, long long, int x7).
+    unsafe { l.launch(cfg1d(planes * h * w)) }.map_err(launch_err("max_pool2d_backward launch"))?;
+    Ok(dx)
+}
+
+/// conv_transpose2d's backward on the device: gt_i = the gradient gathered
+/// back into the GEMM's layout, dX_i = W [c, o k k] gt_i, dW += X_i gt_i^T
+/// (images in order). g [n, o, h k, w k], x [n, c, h, w], w [c, o k k].
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn conv_transpose2d_backward(
+    dev: &CudaDevice,
+    blas: &Blas,
+    g: &CudaSlice<f32>,
+    x: Option<&CudaSlice<f32>>,
+    w: Option<&CudaSlice<f32>>,
+    (n, c, h, wd): (usize, usize, usize, usize),
+    o: usize,
+    k: usize,
+) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<f32>>)> {
+    let (hw, rows) = (h * wd, o * k * k);
+    if g.len() != n * rows * hw
+        || x.is_some_and(|x| x.len() != n * c * hw)
+        || w.is_some_and(|w| w.len() != c * rows)
+    {
+        return Err(Error::shape(
+            "conv_transpose2d backward (cuda)",
+            format!(
+                "gradient of {} values for {n} x {o} x {} x {}",
+                g.len(),
+                h * k,
+                wd * k
+            ),
+        ));
+    }
+    let st = dev.stream();
+    let mut gt = dev.alloc(n * rows * hw)?;
+    let f = dev.function("conv", "convt_gather_f32")?;
+    let a = [n, o, h, wd, k].map(|v| v as i32);
+    let mut l = st.launch_builder(&f);
+    l.arg(&mut gt).arg(g);
+    for v in &a {
+        l.arg(v);
+    }
+    // SAFETY: gt and g hold n o k k h w floats; five int arguments.
+    unsafe { l.launch(cfg1d(n * rows * hw)) }.map_err(launch_err("convt_gather launch"))?;
+    let dx = match w {
+        Some(w) => {
+            let mut dx = dev.alloc(n * c * hw)?;
+            for i in 0..n {
+                let gi = gt.slice(i * rows * hw..(i + 1) * rows * hw);
+                let mut dxi = dx.slice_mut(i * c * hw..(i + 1) * c * hw);
+                blas.gemm_f32(
+                    st, false, false, c, hw, rows, w, rows, &gi, hw, &mut dxi, hw, false,
+                )?;
+            }
+            Some(dx)
+        }
+        None => None,
+    };
+    let dw = match x {
+        Some(x) => {
+            let mut dw = dev.alloc(c * rows)?;
+            for i in 0..n {
+                let gi = gt.slice(i * rows * hw..(i + 1) * rows * hw);
+                let xi = x.slice(i * c * hw..(i + 1) * c * hw);
+                // dW [c, rows] (+)= X_i [c, hw] gt_i^T (gt_i stored [rows, hw])
+                blas.gemm_f32(
+                    st,
+                    false,
+                    true,
+                    c,
+                    rows,
+                    hw,
+                    &xi,
+                    hw,
+                    &gi,
+                    hw,
+                    &mut dw,
+                    rows,
+                    i > 0,
+                )?;
+            }
+            Some(dw)
+        }
+        None => None,
+    };
+    Ok((dx, dw))
+}

@@ -316,7 +316,49 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
                 let mut ins = vec![g];
                 ins.extend(xs.as_ref());
                 ins.extend(ws.as_ref());
-                crate::ops::backward_on_cpu(OP, &ins)?;
+                if let Device::Cuda(_) = same_device(OP, &ins)? {
+                    let gc = cuda_input(OP, g)?;
+                    let (dev, gsl) = gc.cuda_whole_f32(OP)?;
+                    let xc = xs.as_ref().map(|x| cuda_input(OP, x)).transpose()?;
+                    let wc = ws.as_ref().map(|w| cuda_input(OP, w)).transpose()?;
+                    let xv = xc
+                        .as_ref()
+                        .map(|x| x.cuda_whole_f32(OP).map(|(_, s)| s))
+                        .transpose()?;
+                    let wv = wc
+                        .as_ref()
+                        .map(|w| w.cuda_whole_f32(OP).map(|(_, s)| s))
+                        .transpose()?;
+                    let (dx, dw) = dev.with_blas(|blas| {
+                        cuda::conv_transpose2d_backward(
+                            dev,
+                            blas,
+                            gsl,
+                            xv,
+                            wv,
+                            (n, c, h, wd),
+                            o,
+                            kh,
+                        )
+                    })?;
+                    let mut v = vec![
+                        dx.map(|d| Tensor::from_cuda_f32(dev, d, xd.clone()))
+                            .transpose()?,
+                        dw.map(|d| Tensor::from_cuda_f32(dev, d, wdims.clone()))
+                            .transpose()?,
+                    ];
+                    if has_b {
+                        v.push(if gb {
+                            Some(crate::ops::reduce::sum_rows(
+                                &crate::ops::layout::nchw_to_nhwc(g)?,
+                                o,
+                            )?)
+                        } else {
+                            None
+                        });
+                    }
+                    return Ok(v);
+                }
                 let (dx, dw, db) = cpu::conv_transpose2d_backward(
                     cpu_f32(OP, g)?,
                     xs.as_ref().map(|x| cpu_f32(OP, x)).transpose()?,
@@ -424,7 +466,20 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     let xs = x.clone();
     autograd::record_unary(OP, x, &mut y, autograd::bytes(x), move |g| {
         const OP: &str = "max_pool2d backward";
-        crate::ops::backward_on_cpu(OP, &[&xs, g])?;
+        if let Device::Cuda(_) = same_device(OP, &[&xs, g])? {
+            let (xc, gc) = (cuda_input(OP, &xs)?, cuda_input(OP, g)?);
+            let (dev, xv) = xc.cuda_whole_f32(OP)?;
+            let dx = cuda::max_pool2d_backward(
+                dev,
+                xv,
+                gc.cuda_whole_f32(OP)?.1,
+                n * c,
+                (h, w),
+                (ho, wo),
+                (kernel, stride, padding),
+            )?;
+            return Tensor::from_cuda_f32(dev, dx, xs.dims());
+        }
         let dx = cpu::max_pool2d_backward(
             cpu_f32(OP, &xs)?,
             cpu_f32(OP, g)?,
