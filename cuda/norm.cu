@@ -124,3 +124,82 @@ extern "C" __global__ void layer_norm_backward_f32(float* __restrict__ dx, float
         }
     }
 }
+
+// Train-mode BatchNorm2d, the CUDA twin of batch_norm_train (src/ops/norm):
+// x [N, C, P] (P = H W).
+//   bn_stats_f64:    per channel (one thread each), the mean and the biased
+//                    variance in f64, each a sum over images of per-plane sums
+//                    in order, the CPU's order.
+//   bn_apply_f32:    y = x scale + shift, scale = rstd gamma, shift = beta -
+//                    mean rstd gamma (computed in f64, rounded once).
+//   bn_backward_sums: per channel, dgamma = sum g xhat and dbeta = sum g (f64).
+//   bn_backward_dx:  dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = N P.
+extern "C" __global__ void bn_stats_f64(double* __restrict__ mean, double* __restrict__ var, const float* __restrict__ x, int N, int C,
+                                        long long P) {
+    GRID_STRIDE(ch, (long long)C) {
+        double s = 0.0;
+        for (int i = 0; i < N; ++i) {
+            const float* pl = x + ((long long)i * C + ch) * P;
+            double ps = 0.0;
+            for (long long q = 0; q < P; ++q) ps += (double)pl[q];
+            s += ps;
+        }
+        double m = s / ((double)N * P);
+        double v = 0.0;
+        for (int i = 0; i < N; ++i) {
+            const float* pl = x + ((long long)i * C + ch) * P;
+            double ps = 0.0;
+            for (long long q = 0; q < P; ++q) {
+                double d = (double)pl[q] - m;
+                ps += d * d;
+            }
+            v += ps;
+        }
+        mean[ch] = m;
+        var[ch] = v / ((double)N * P);
+    }
+}
+
+extern "C" __global__ void bn_apply_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ gamma,
+                                        const float* __restrict__ beta, const double* __restrict__ mean, const double* __restrict__ var,
+                                        int N, int C, long long P, float eps) {
+    GRID_STRIDE(i, (long long)N * C * P) {
+        int ch = (int)((i / P) % C);
+        double rstd = 1.0 / sqrt(var[ch] + (double)eps);
+        float scale = (float)(rstd * (double)gamma[ch]);
+        float shift = (float)((double)beta[ch] - mean[ch] * rstd * (double)gamma[ch]);
+        y[i] = __fadd_rn(__fmul_rn(x[i], scale), shift);
+    }
+}
+
+extern "C" __global__ void bn_backward_sums(double* __restrict__ dgamma, double* __restrict__ dbeta, const float* __restrict__ x,
+                                            const float* __restrict__ g, const double* __restrict__ mean, const double* __restrict__ var,
+                                            int N, int C, long long P, float eps) {
+    GRID_STRIDE(ch, (long long)C) {
+        double rstd = 1.0 / sqrt(var[ch] + (double)eps);
+        double dg = 0.0, db = 0.0;
+        for (int i = 0; i < N; ++i) {
+            long long r = ((long long)i * C + ch) * P;
+            for (long long q = 0; q < P; ++q) {
+                dg += (double)g[r + q] * ((double)x[r + q] - mean[ch]) * rstd;
+                db += (double)g[r + q];
+            }
+        }
+        dgamma[ch] = dg;
+        dbeta[ch] = db;
+    }
+}
+
+extern "C" __global__ void bn_backward_dx(float* __restrict__ dx, const float* __restrict__ x, const float* __restrict__ g,
+                                          const float* __restrict__ gamma, const double* __restrict__ mean, const double* __restrict__ var,
+                                          const double* __restrict__ dgamma, const double* __restrict__ dbeta, int N, int C, long long P,
+                                          float eps) {
+    double M = (double)N * P;
+    GRID_STRIDE(i, (long long)N * C * P) {
+        int ch = (int)((i / P) % C);
+        double rstd = 1.0 / sqrt(var[ch] + (double)eps);
+        double xhat = ((double)x[i] - mean[ch]) * rstd;
+        double k = (double)gamma[ch] * rstd;
+        dx[i] = (float)(k * ((double)g[i] - dbeta[ch] / M - xhat * dgamma[ch] / M));
+    }
+}

@@ -112,6 +112,11 @@ fn main() {
             cuda_convt_pool_backward_matches_cpu,
         ),
         (
+            "cuda_batch_norm_train_matches_cpu",
+            true,
+            cuda_batch_norm_train_matches_cpu,
+        ),
+        (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
             cuda_activation_ops_dispatch_on_tensors,
@@ -1657,6 +1662,69 @@ fn cuda_convt_pool_backward_matches_cpu() {
     for ((n, w), (_, g)) in want.iter().zip(&got) {
         let rel = rel_l2(g, w);
         println!("convT + max pool backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
+        assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
+}
+
+/// Train-mode BatchNorm on CUDA (statistics, output, running statistics of
+/// the module, backward) against the CPU: a ResNet ConvBn block with a
+/// residual and ReLU, recorded and back-propagated on each device.
+fn cuda_batch_norm_train_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::nn::ConvBn;
+    let _dev = device().expect("a GPU was found at start");
+    let mut w = sam_unet::io::Weights::new();
+    let t = |d: &[usize], seed: u64, scale: f32, off: f32| {
+        Tensor::from_vec(
+            rand(d.iter().product(), seed, scale)
+                .into_iter()
+                .map(|v| v + off)
+                .collect(),
+            d.to_vec(),
+        )
+        .unwrap()
+    };
+    w.insert("c.weight", t(&[6, 4, 3, 3], 560, 0.3, 0.0));
+    w.insert("bn.weight", t(&[6], 561, 0.3, 1.0));
+    w.insert("bn.bias", t(&[6], 562, 0.3, 0.0));
+    w.insert("bn.running_mean", t(&[6], 563, 0.1, 0.0));
+    w.insert("bn.running_var", t(&[6], 564, 0.1, 1.0));
+    let x = t(&[2, 4, 7, 7], 565, 1.0, 0.0);
+    let r = t(&[2, 6, 7, 7], 566, 1.0, 0.0);
+    let run = |dev: sam_unet::Device| {
+        let mut m = ConvBn::load(&w, "c", "bn", 1, 1, false).unwrap();
+        sam_unet::nn::to_device(&mut m, dev).unwrap();
+        let rec = Recording::start().unwrap();
+        let mut xd = x.to_device(dev).unwrap();
+        rec.param(&mut xd, "x").unwrap();
+        rec.param(&mut m.conv.weight, "w").unwrap();
+        let bn = m.bn.as_mut().unwrap();
+        rec.param(&mut bn.weight, "gamma").unwrap();
+        rec.param(&mut bn.bias, "beta").unwrap();
+        let y = m
+            .forward_residual(&xd, &r.to_device(dev).unwrap(), Act::Relu)
+            .unwrap();
+        let g = t(y.dims(), 567, 1.0, 0.0).to_device(dev).unwrap();
+        let grads: Vec<(String, Vec<f32>)> = rec
+            .backward(&y, &g)
+            .unwrap()
+            .into_iter()
+            .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+            .collect();
+        let (rm, rv, nb) = m.bn.as_ref().unwrap().running_stats();
+        let y = y.to_host().unwrap().as_f32().unwrap().to_vec();
+        let rm = rm.to_host().unwrap().as_f32().unwrap().to_vec();
+        let rv = rv.to_host().unwrap().as_f32().unwrap().to_vec();
+        (y, grads, rm, rv, nb)
+    };
+    let (want, got) = (run(sam_unet::Device::Cpu), run(sam_unet::Device::Cuda(0)));
+    assert_close("ConvBn output", &got.0, &want.0, 1e-5, 1e-5);
+    assert_close("running mean", &got.2, &want.2, 1e-6, 1e-6);
+    assert_close("running var", &got.3, &want.3, 1e-6, 1e-6);
+    assert_eq!(got.4, want.4);
+    for ((n, w), (_, g)) in want.1.iter().zip(&got.1) {
+        let rel = rel_l2(g, w);
+        println!("ConvBn backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
 }

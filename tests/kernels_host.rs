@@ -2244,3 +2244,173 @@ fn pool_and_convt_backward_layouts_on(s: &'static Simt) {
         }
     }
 }
+
+#[test]
+fn batch_norm_kernels_match_cpu() {
+    simt::each_build(batch_norm_kernels_match_cpu_on);
+}
+
+/// Train-mode BatchNorm's four kernels against the CPU op and its tape:
+/// statistics bit-exact (same f64 order), output and gradients to 1e-6.
+fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
+    use sam_unet::Tensor;
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::norm::batch_norm_train;
+    let (n, c, p) = (2usize, 5usize, 37usize);
+    let (x, gm, bt, g) = (
+        rand(n * c * p, 360, 3.0),
+        rand(c, 361, 1.0),
+        rand(c, 362, 1.0),
+        rand(n * c * p, 363, 1.0),
+    );
+    let rec = Recording::start().unwrap();
+    let mut ts = [
+        Tensor::from_vec(x.clone(), [n, c, p, 1]).unwrap(),
+        Tensor::from_vec(gm.clone(), [c]).unwrap(),
+        Tensor::from_vec(bt.clone(), [c]).unwrap(),
+    ];
+    for (i, t) in ts.iter_mut().enumerate() {
+        rec.param(t, format!("{i}")).unwrap();
+    }
+    let (y, st) = batch_norm_train(&ts[0], &ts[1], &ts[2], 1e-5).unwrap();
+    let want = rec
+        .backward(&y, &Tensor::from_vec(g.clone(), [n, c, p, 1]).unwrap())
+        .unwrap();
+    let (xb, gmb, btb, gb) = (
+        Buf::from(s, &x),
+        Buf::from(s, &gm),
+        Buf::from(s, &bt),
+        Buf::from(s, &g),
+    );
+    let (mean, var) = (Buf::<f64>::out(s, c), Buf::<f64>::out(s, c));
+    let (nn, cc, pp, eps) = (n as i32, c as i32, p as i64, 1e-5f32);
+    s.launch(
+        "bn_stats_f64",
+        cfg1d(c),
+        |k: unsafe extern "C" fn(*mut f64, *mut f64, F32p, i32, i32, i64)| unsafe {
+            k(mean.m(), var.m(), xb.p(), nn, cc, pp)
+        },
+    )
+    .unwrap();
+    let mv = mean.to_vec();
+    for (a, b) in mv.iter().zip(&st.mean) {
+        assert_eq!(a.to_bits(), b.to_bits(), "batch mean {a} vs {b}");
+    }
+    let yb = Buf::<f32>::out(s, n * c * p);
+    s.launch(
+        "bn_apply_f32",
+        cfg1d(n * c * p),
+        |k: unsafe extern "C" fn(
+            F32m,
+            F32p,
+            F32p,
+            F32p,
+            *const f64,
+            *const f64,
+            i32,
+            i32,
+            i64,
+            f32,
+        )| unsafe {
+            k(
+                yb.m(),
+                xb.p(),
+                gmb.p(),
+                btb.p(),
+                mean.p(),
+                var.p(),
+                nn,
+                cc,
+                pp,
+                eps,
+            )
+        },
+    )
+    .unwrap();
+    assert_close(
+        "batch norm output",
+        &yb.to_vec(),
+        y.as_f32().unwrap(),
+        1e-6,
+        1e-6,
+    );
+    let (dg, db) = (Buf::<f64>::out(s, c), Buf::<f64>::out(s, c));
+    s.launch(
+        "bn_backward_sums",
+        cfg1d(c),
+        |k: unsafe extern "C" fn(
+            *mut f64,
+            *mut f64,
+            F32p,
+            F32p,
+            *const f64,
+            *const f64,
+            i32,
+            i32,
+            i64,
+            f32,
+        )| unsafe {
+            k(
+                dg.m(),
+                db.m(),
+                xb.p(),
+                gb.p(),
+                mean.p(),
+                var.p(),
+                nn,
+                cc,
+                pp,
+                eps,
+            )
+        },
+    )
+    .unwrap();
+    let dx = Buf::<f32>::out(s, n * c * p);
+    s.launch(
+        "bn_backward_dx",
+        cfg1d(n * c * p),
+        |k: unsafe extern "C" fn(
+            F32m,
+            F32p,
+            F32p,
+            F32p,
+            *const f64,
+            *const f64,
+            *const f64,
+            *const f64,
+            i32,
+            i32,
+            i64,
+            f32,
+        )| unsafe {
+            k(
+                dx.m(),
+                xb.p(),
+                gb.p(),
+                gmb.p(),
+                mean.p(),
+                var.p(),
+                dg.p(),
+                db.p(),
+                nn,
+                cc,
+                pp,
+                eps,
+            )
+        },
+    )
+    .unwrap();
+    let get = |k: &str| {
+        want.iter()
+            .find(|(n, _)| n == k)
+            .unwrap()
+            .1
+            .as_f32()
+            .unwrap()
+            .to_vec()
+    };
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+    assert_close("batch norm dx", &dx.to_vec(), &get("0"), 1e-6, 1e-6);
+    assert_close("batch norm dgamma", &f(dg.to_vec()), &get("1"), 1e-6, 1e-6);
+    assert_close("batch norm dbeta", &f(db.to_vec()), &get("2"), 1e-6, 1e-6);
+}

@@ -202,3 +202,126 @@ pub fn layer_norm_backward(
     };
     Ok((dx, wb))
 }
+
+/// Train-mode BatchNorm on the device: (y, mean, biased var) with the
+/// statistics [C] in f64 on the device (cuda/norm.cu bn_stats_f64, bn_apply_f32).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_train(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    beta: &CudaSlice<f32>,
+    (n, c, p): (usize, usize, usize),
+    eps: f32,
+) -> Result<(CudaSlice<f32>, CudaSlice<f64>, CudaSlice<f64>)> {
+    if x.len() != n * c * p || gamma.len() != c || beta.len() != c {
+        return Err(Error::shape(
+            "batch_norm_train (cuda)",
+            format!("x of {} values for {n} x {c} x {p}", x.len()),
+        ));
+    }
+    let (mut mean, mut var) = (dev.alloc_f64(c)?, dev.alloc_f64(c)?);
+    let (nn, cc, pp) = (n as i32, c as i32, p as i64);
+    let f = dev.function("norm", "bn_stats_f64")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut mean)
+        .arg(&mut var)
+        .arg(x)
+        .arg(&nn)
+        .arg(&cc)
+        .arg(&pp);
+    // SAFETY: mean / var hold c doubles, x n c p floats; types match.
+    unsafe { l.launch(cfg1d(c)) }.map_err(launch_err("bn_stats launch"))?;
+    let mut y = dev.alloc(x.len())?;
+    let f = dev.function("norm", "bn_apply_f32")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut y)
+        .arg(x)
+        .arg(gamma)
+        .arg(beta)
+        .arg(&mean)
+        .arg(&var)
+        .arg(&nn)
+        .arg(&cc)
+        .arg(&pp)
+        .arg(&eps);
+    // SAFETY: y, x hold n c p floats, gamma / beta c, mean / var c doubles.
+    unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("bn_apply launch"))?;
+    Ok((y, mean, var))
+}
+
+/// Train-mode BatchNorm backward on the device: (dx when asked, dgamma,
+/// dbeta), the per-channel sums in f64 (rounded to f32 on the host).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn batch_norm_backward(
+    dev: &CudaDevice,
+    x: &CudaSlice<f32>,
+    gamma: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    (mean, var): (&CudaSlice<f64>, &CudaSlice<f64>),
+    (n, c, p): (usize, usize, usize),
+    eps: f32,
+    want_dx: bool,
+) -> Result<(Option<CudaSlice<f32>>, Vec<f32>, Vec<f32>)> {
+    if x.len() != n * c * p
+        || g.len() != x.len()
+        || gamma.len() != c
+        || mean.len() != c
+        || var.len() != c
+    {
+        return Err(Error::shape(
+            "batch_norm backward (cuda)",
+            format!(
+                "x of {} values, gradient {} for {n} x {c} x {p}",
+                x.len(),
+                g.len()
+            ),
+        ));
+    }
+    let (mut dgm, mut dbt) = (dev.alloc_f64(c)?, dev.alloc_f64(c)?);
+    let (nn, cc, pp) = (n as i32, c as i32, p as i64);
+    let f = dev.function("norm", "bn_backward_sums")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dgm)
+        .arg(&mut dbt)
+        .arg(x)
+        .arg(g)
+        .arg(mean)
+        .arg(var)
+        .arg(&nn)
+        .arg(&cc)
+        .arg(&pp)
+        .arg(&eps);
+    // SAFETY: sizes checked above; types match (double* x2, const float* x2,
+    // const double* x2, int, int, long long, float).
+    unsafe { l.launch(cfg1d(c)) }.map_err(launch_err("bn_backward_sums launch"))?;
+    let dx = if want_dx {
+        let mut dx = dev.alloc(x.len())?;
+        let f = dev.function("norm", "bn_backward_dx")?;
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&mut dx)
+            .arg(x)
+            .arg(g)
+            .arg(gamma)
+            .arg(mean)
+            .arg(var)
+            .arg(&dgm)
+            .arg(&dbt);
+        l.arg(&nn).arg(&cc).arg(&pp).arg(&eps);
+        // SAFETY: dx, x, g hold n c p floats, gamma c, the f64 vectors c.
+        unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("bn_backward_dx launch"))?;
+        Some(dx)
+    } else {
+        None
+    };
+    let down = |v: &CudaSlice<f64>| -> Result<Vec<f32>> {
+        Ok(dev
+            .stream()
+            .clone_dtoh(v)
+            .map_err(crate::cuda::driver_err("copy to host"))?
+            .into_iter()
+            .map(|v| v as f32)
+            .collect())
+    };
+    Ok((dx, down(&dgm)?, down(&dbt)?))
+}

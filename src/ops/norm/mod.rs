@@ -284,11 +284,6 @@ pub fn batch_norm_train(
     let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
     gamma.expect_dims(OP, "weight", &[c])?;
     beta.expect_dims(OP, "bias", &[c])?;
-    crate::ops::backward_on_cpu(OP, &[x, gamma, beta]).map_err(|_| crate::Error::Device {
-        op: OP,
-        expected: "cpu".into(),
-        got: x.device().to_string(),
-    })?;
     let p = h * w;
     let count = n * p;
     if count < 2 {
@@ -299,6 +294,9 @@ pub fn batch_norm_train(
                 x.dims()
             ),
         ));
+    }
+    if let Device::Cuda(_) = same_device(OP, &[x, gamma, beta])? {
+        return batch_norm_train_cuda(x, gamma, beta, eps, (n, c, p));
     }
     let (xs, gs, bs) = (cpu_f32(OP, x)?, cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?);
     let (mean, var) = cpu::channel_stats(xs, n, c, p);
@@ -340,6 +338,84 @@ pub fn batch_norm_train(
                     dx.map(|d| Tensor::from_f32(d, xk.dims())),
                     gg.then(|| Tensor::from_f32(dg.clone(), &[c])),
                     gb.then(|| Tensor::from_f32(db, &[c])),
+                ])
+            }),
+        );
+    }
+    Ok((y, stats))
+}
+
+fn batch_norm_train_cuda(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    (n, c, p): (usize, usize, usize),
+) -> Result<(Tensor, BatchStats)> {
+    const OP: &str = "batch_norm_train (cuda)";
+    let (xc, gc, bc) = (
+        cuda_input(OP, x)?,
+        cuda_input(OP, gamma)?,
+        cuda_input(OP, beta)?,
+    );
+    let (dev, xs) = xc.cuda_whole_f32(OP)?;
+    let dev = dev.clone();
+    let (y, mean, var) = cuda::batch_norm_train(
+        &dev,
+        xs,
+        gc.cuda_whole_f32(OP)?.1,
+        bc.cuda_whole_f32(OP)?.1,
+        (n, c, p),
+        eps,
+    )?;
+    let count = n * p;
+    let down = |v: &cudarc::driver::CudaSlice<f64>| {
+        dev.stream()
+            .clone_dtoh(v)
+            .map_err(crate::cuda::driver_err("copy to host"))
+    };
+    let (mh, vh) = (down(&mean)?, down(&var)?);
+    let stats = BatchStats {
+        var_unbiased: vh
+            .iter()
+            .map(|v| v * count as f64 / (count - 1) as f64)
+            .collect(),
+        mean: mh,
+        count,
+    };
+    let mut y = Tensor::from_cuda_f32(&dev, y, x.dims())?;
+    if autograd::is_tracked(&[x, gamma, beta]) {
+        let (gx, gg, gb) = (
+            autograd::requires_grad(x),
+            autograd::requires_grad(gamma),
+            autograd::requires_grad(beta),
+        );
+        let dims = x.dims().to_vec();
+        autograd::record(
+            "batch_norm_train",
+            &[x, gamma, beta],
+            &mut y,
+            autograd::bytes(x),
+            Box::new(move |g| {
+                const OP: &str = "batch_norm_train backward (cuda)";
+                let gcu = cuda_input(OP, g)?;
+                let (dx, dg, db) = cuda::batch_norm_backward(
+                    &dev,
+                    xc.cuda_whole_f32(OP)?.1,
+                    gc.cuda_whole_f32(OP)?.1,
+                    gcu.cuda_whole_f32(OP)?.1,
+                    (&mean, &var),
+                    (n, c, p),
+                    eps,
+                    gx,
+                )?;
+                Ok(vec![
+                    dx.map(|d| Tensor::from_cuda_f32(&dev, d, dims.clone()))
+                        .transpose()?,
+                    gg.then(|| Tensor::from_f32(dg, &[c]).to_device(g.device()))
+                        .transpose()?,
+                    gb.then(|| Tensor::from_f32(db, &[c]).to_device(g.device()))
+                        .transpose()?,
                 ])
             }),
         );
