@@ -104,3 +104,105 @@ extern "C" __global__ void mask_dot_backward_m(float* __restrict__ dm, const flo
         dm[t] = acc;
     }
 }
+
+// mha backward, the CUDA twin of attention_backward (src/ops/attention/cpu.rs),
+// flash-style: nothing of the forward's attention matrix is kept.
+//   mha_backward_q:  one thread per (n, head, query): the softmax row again
+//                    (max, sum), dP_j = dO . v_j, D = sum_j P_j dP_j,
+//                    dS_j = P_j (dP_j - D) / sqrt(hd), dq = sum_j dS_j k_j;
+//                    it also leaves lse = max + log(sum) and D for the keys' pass.
+//   mha_backward_kv: one thread per (n, head, key): over the queries in order,
+//                    P = exp(s - lse), dS as above, dk = sum_i dS_i q_i,
+//                    dv = sum_i P_i dO_i.
+// Gradients are written per item ([N, L, I]); an operand shared by the items
+// (flag 0) is summed over them afterwards by the deterministic row sums.
+// hd <= 64 (checked by the launcher).
+extern "C" __global__ void mha_backward_q(float* __restrict__ dq, float* __restrict__ lse, float* __restrict__ dd, const float* __restrict__ q,
+                                          const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, int N,
+                                          int Lq, int Lk, int I, int heads, int bq, int bk, int bv) {
+    GRID_STRIDE(t, (long long)N * heads * Lq) {
+        int qi = t % Lq;
+        int h = (t / Lq) % heads;
+        int n = t / ((long long)Lq * heads);
+        int hd = I / heads;
+        float sd = sqrtf((float)hd);
+        const float* qp = q + ((long long)(bq ? n : 0) * Lq + qi) * I + h * hd;
+        const float* kb = k + (long long)(bk ? n : 0) * Lk * I + h * hd;
+        const float* vb = v + (long long)(bv ? n : 0) * Lk * I + h * hd;
+        const float* go = dout + ((long long)n * Lq + qi) * I + h * hd;
+        float m = -SAM_INF;
+        for (int j = 0; j < Lk; ++j) {
+            float s = 0.f;
+            for (int d = 0; d < hd; ++d) s += qp[d] * kb[(long long)j * I + d];
+            m = fmaxf(m, s / sd);
+        }
+        float l = 0.f, D = 0.f;
+        for (int j = 0; j < Lk; ++j) {
+            float s = 0.f, dp = 0.f;
+            for (int d = 0; d < hd; ++d) {
+                s += qp[d] * kb[(long long)j * I + d];
+                dp += go[d] * vb[(long long)j * I + d];
+            }
+            float e = expf(s / sd - m);
+            l += e;
+            D += e * dp;
+        }
+        D /= l;
+        float acc[64];
+        for (int d = 0; d < hd; ++d) acc[d] = 0.f;
+        for (int j = 0; j < Lk; ++j) {
+            float s = 0.f, dp = 0.f;
+            for (int d = 0; d < hd; ++d) {
+                s += qp[d] * kb[(long long)j * I + d];
+                dp += go[d] * vb[(long long)j * I + d];
+            }
+            float p = expf(s / sd - m) / l;
+            float ds = p * (dp - D) / sd;
+            for (int d = 0; d < hd; ++d) acc[d] += ds * kb[(long long)j * I + d];
+        }
+        float* dqp = dq + ((long long)n * Lq + qi) * I + h * hd;
+        for (int d = 0; d < hd; ++d) dqp[d] = acc[d];
+        lse[t] = m + logf(l);
+        dd[t] = D;
+    }
+}
+
+extern "C" __global__ void mha_backward_kv(float* __restrict__ dk, float* __restrict__ dv, const float* __restrict__ lse, const float* __restrict__ dd,
+                                           const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                                           const float* __restrict__ dout, int N, int Lq, int Lk, int I, int heads, int bq, int bk, int bv) {
+    GRID_STRIDE(t, (long long)N * heads * Lk) {
+        int kj = t % Lk;
+        int h = (t / Lk) % heads;
+        int n = t / ((long long)Lk * heads);
+        int hd = I / heads;
+        float sd = sqrtf((float)hd);
+        const float* kp = k + ((long long)(bk ? n : 0) * Lk + kj) * I + h * hd;
+        const float* vp = v + ((long long)(bv ? n : 0) * Lk + kj) * I + h * hd;
+        const float* qb = q + (long long)(bq ? n : 0) * Lq * I + h * hd;
+        const float* gb = dout + (long long)n * Lq * I + h * hd;
+        float ak[64], av[64];
+        for (int d = 0; d < hd; ++d) ak[d] = av[d] = 0.f;
+        for (int qi = 0; qi < Lq; ++qi) {
+            const float* qp = qb + (long long)qi * I;
+            const float* go = gb + (long long)qi * I;
+            float s = 0.f, dp = 0.f;
+            for (int d = 0; d < hd; ++d) {
+                s += qp[d] * kp[d];
+                dp += go[d] * vp[d];
+            }
+            long long r = ((long long)n * heads + h) * Lq + qi;
+            float p = expf(s / sd - lse[r]);
+            float ds = p * (dp - dd[r]) / sd;
+            for (int d = 0; d < hd; ++d) {
+                ak[d] += ds * qp[d];
+                av[d] += p * go[d];
+            }
+        }
+        float* dkp = dk + ((long long)n * Lk + kj) * I + h * hd;
+        float* dvp = dv + ((long long)n * Lk + kj) * I + h * hd;
+        for (int d = 0; d < hd; ++d) {
+            dkp[d] = ak[d];
+            dvp[d] = av[d];
+        }
+    }
+}

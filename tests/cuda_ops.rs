@@ -117,6 +117,11 @@ fn main() {
             cuda_batch_norm_train_matches_cpu,
         ),
         (
+            "cuda_attention_prompt_backward_matches_cpu",
+            true,
+            cuda_attention_prompt_backward_matches_cpu,
+        ),
+        (
             "cuda_activation_ops_dispatch_on_tensors",
             true,
             cuda_activation_ops_dispatch_on_tensors,
@@ -1725,6 +1730,55 @@ fn cuda_batch_norm_train_matches_cpu() {
     for ((n, w), (_, g)) in want.1.iter().zip(&got.1) {
         let rel = rel_l2(g, w);
         println!("ConvBn backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
+        assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
+}
+
+/// The decoder attention (keys and values shared by the boxes) and the box
+/// prompt encoding, back-propagated on CUDA against the CPU tape.
+fn cuda_attention_prompt_backward_matches_cpu() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::ops::{attention, prompt};
+    let _dev = device().expect("a GPU was found at start");
+    let t = |d: &[usize], seed: u64, scale: f32| {
+        Tensor::from_vec(rand(d.iter().product(), seed, scale), d.to_vec()).unwrap()
+    };
+    let boxes = Tensor::from_vec(
+        vec![
+            10.0, 20.0, 100.0, 90.0, 3.0, 4.0, 200.0, 250.0, 50.0, 60.0, 70.0, 80.0,
+        ],
+        [3, 4],
+    )
+    .unwrap();
+    let gauss = t(&[2, 16], 570, 1.0);
+    let ins = [
+        t(&[1, 32], 571, 1.0),
+        t(&[1, 32], 572, 1.0),
+        t(&[1, 1, 32], 573, 1.0),
+        t(&[1, 20, 32], 574, 1.0),
+        t(&[1, 20, 32], 575, 1.0),
+    ];
+    let run = |dev: sam_unet::Device| -> Vec<(String, Vec<f32>)> {
+        let rec = Recording::start().unwrap();
+        let mut xs: Vec<Tensor> = ins.iter().map(|x| x.to_device(dev).unwrap()).collect();
+        for (i, x) in xs.iter_mut().enumerate() {
+            rec.param(x, format!("in{i}")).unwrap();
+        }
+        let (b, gs) = (boxes.to_device(dev).unwrap(), gauss.to_device(dev).unwrap());
+        let tok = prompt::box_tokens(&b, &gs, (&xs[0], &xs[1]), Some(&xs[2]), 256).unwrap();
+        let y = attention::attention(&tok, &xs[3], &xs[4], 2).unwrap();
+        let g = t(y.dims(), 576, 1.0).to_device(dev).unwrap();
+        rec.backward(&y, &g)
+            .unwrap()
+            .into_iter()
+            .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+            .collect()
+    };
+    let (want, got) = (run(sam_unet::Device::Cpu), run(sam_unet::Device::Cuda(0)));
+    assert_eq!(want.len(), 5);
+    for ((n, w), (_, g)) in want.iter().zip(&got) {
+        let rel = rel_l2(g, w);
+        println!("attention + box_tokens backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
 }

@@ -2414,3 +2414,180 @@ fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
     assert_close("batch norm dgamma", &f(dg.to_vec()), &get("1"), 1e-6, 1e-6);
     assert_close("batch norm dbeta", &f(db.to_vec()), &get("2"), 1e-6, 1e-6);
 }
+
+#[test]
+fn mha_backward_matches_cpu() {
+    simt::each_build(mha_backward_matches_cpu_on);
+}
+
+/// The decoder attention's backward kernels against the CPU tape: boxes'
+/// queries on keys / values of one image (shared, summed over the boxes
+/// afterwards as the op does) and the batched form; head dims 16 and 32.
+fn mha_backward_matches_cpu_on(s: &'static Simt) {
+    use sam_unet::Tensor;
+    use sam_unet::autograd::Recording;
+    for (n, lq, lk, i, heads, shared) in [
+        (3usize, 3usize, 20usize, 64usize, 4usize, true),
+        (2, 7, 3, 128, 4, false),
+    ] {
+        let nk = if shared { 1 } else { n };
+        let (q, k, v, g) = (
+            rand(n * lq * i, 370, 1.0),
+            rand(nk * lk * i, 371, 1.0),
+            rand(nk * lk * i, 372, 1.0),
+            rand(n * lq * i, 373, 1.0),
+        );
+        let rec = Recording::start().unwrap();
+        let mut ts = [
+            Tensor::from_vec(q.clone(), [n, lq, i]).unwrap(),
+            Tensor::from_vec(k.clone(), [nk, lk, i]).unwrap(),
+            Tensor::from_vec(v.clone(), [nk, lk, i]).unwrap(),
+        ];
+        for (j, t) in ts.iter_mut().enumerate() {
+            rec.param(t, format!("{j}")).unwrap();
+        }
+        let y = sam_unet::ops::attention::attention(&ts[0], &ts[1], &ts[2], heads).unwrap();
+        let want = rec
+            .backward(&y, &Tensor::from_vec(g.clone(), [n, lq, i]).unwrap())
+            .unwrap();
+        let (qb, kb, vb, gb) = (
+            Buf::from(s, &q),
+            Buf::from(s, &k),
+            Buf::from(s, &v),
+            Buf::from(s, &g),
+        );
+        let (dq, dk, dv) = (
+            Buf::<f32>::out(s, n * lq * i),
+            Buf::<f32>::out(s, n * lk * i),
+            Buf::<f32>::out(s, n * lk * i),
+        );
+        let (lse, dd) = (
+            Buf::<f32>::out(s, n * heads * lq),
+            Buf::<f32>::out(s, n * heads * lq),
+        );
+        let a = [n, lq, lk, i, heads].map(|x| x as i32);
+        let bk = (!shared) as i32;
+        s.launch(
+            "mha_backward_q",
+            cfg1d(n * heads * lq),
+            |f: unsafe extern "C" fn(
+                F32m,
+                F32m,
+                F32m,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+            )| unsafe {
+                f(
+                    dq.m(),
+                    lse.m(),
+                    dd.m(),
+                    qb.p(),
+                    kb.p(),
+                    vb.p(),
+                    gb.p(),
+                    a[0],
+                    a[1],
+                    a[2],
+                    a[3],
+                    a[4],
+                    1,
+                    bk,
+                    bk,
+                )
+            },
+        )
+        .unwrap();
+        s.launch(
+            "mha_backward_kv",
+            cfg1d(n * heads * lk),
+            |f: unsafe extern "C" fn(
+                F32m,
+                F32m,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+                i32,
+            )| unsafe {
+                f(
+                    dk.m(),
+                    dv.m(),
+                    lse.p(),
+                    dd.p(),
+                    qb.p(),
+                    kb.p(),
+                    vb.p(),
+                    gb.p(),
+                    a[0],
+                    a[1],
+                    a[2],
+                    a[3],
+                    a[4],
+                    1,
+                    bk,
+                    bk,
+                )
+            },
+        )
+        .unwrap();
+        let fold = |v: Vec<f32>| -> Vec<f32> {
+            if !shared {
+                return v;
+            }
+            let per = lk * i;
+            (0..per)
+                .map(|j| (0..n).map(|m| v[m * per + j]).sum())
+                .collect()
+        };
+        let get = |k: &str| {
+            want.iter()
+                .find(|(n, _)| n == k)
+                .unwrap()
+                .1
+                .as_f32()
+                .unwrap()
+                .to_vec()
+        };
+        let what = if shared { "shared keys" } else { "batched" };
+        assert_close(
+            &format!("mha dq ({what})"),
+            &dq.to_vec(),
+            &get("0"),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("mha dk ({what})"),
+            &fold(dk.to_vec()),
+            &get("1"),
+            1e-5,
+            1e-5,
+        );
+        assert_close(
+            &format!("mha dv ({what})"),
+            &fold(dv.to_vec()),
+            &get("2"),
+            1e-5,
+            1e-5,
+        );
+    }
+}

@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use crate::cuda::{CudaDevice, launch_err};
+use crate::cuda::{CudaDevice, cfg1d, launch_err};
 use crate::error::{Error, Result};
 
 /// qkv [b, g, g, 3d], bias [3d], rel_h / rel_w [2s - 1, 64] -> [b, g, g, d].
@@ -317,4 +317,72 @@ pub fn vit_block_bf16(
     let mut y = act::add_bias_rows(dev, &x1, w.lin2.1)?;
     blas.linear_bf16(st, &h16, w.lin2.0, &mut y, t, d, m, true)?;
     Ok(y)
+}
+
+/// attention's backward on the device (cuda/decoder.cu mha_backward_*):
+/// (dq, dk, dv) per item, [N, L, I] each; the caller sums a shared
+/// operand's over the items. q [nq, Lq, I], k / v [nk / nv, Lk, I], g [N, Lq, I].
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn mha_backward(
+    dev: &CudaDevice,
+    q: &CudaSlice<f32>,
+    k: &CudaSlice<f32>,
+    v: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    batched: [bool; 3],
+    (n, lq, lk, i, heads): (usize, usize, usize, usize, usize),
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+    let items = |b: bool| if b { n } else { 1 };
+    if heads == 0
+        || i % heads != 0
+        || i / heads > 64
+        || q.len() != items(batched[0]) * lq * i
+        || k.len() != items(batched[1]) * lk * i
+        || v.len() != items(batched[2]) * lk * i
+        || g.len() != n * lq * i
+    {
+        return Err(Error::shape(
+            "attention backward (cuda)",
+            format!("{n} items, {lq} queries, {lk} keys, width {i}, {heads} heads"),
+        ));
+    }
+    let (mut dq, mut dk, mut dv) = (
+        dev.alloc(n * lq * i)?,
+        dev.alloc(n * lk * i)?,
+        dev.alloc(n * lk * i)?,
+    );
+    let (mut lse, mut dd) = (dev.alloc(n * heads * lq)?, dev.alloc(n * heads * lq)?);
+    let a = [n, lq, lk, i, heads].map(|x| x as i32);
+    let fl = batched.map(|b| b as i32);
+    let f = dev.function("decoder", "mha_backward_q")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dq)
+        .arg(&mut lse)
+        .arg(&mut dd)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(g);
+    for x in a.iter().chain(&fl) {
+        l.arg(x);
+    }
+    // SAFETY: sizes checked above against the indices the kernel forms;
+    // hd <= 64 fits its per-thread arrays; types match.
+    unsafe { l.launch(cfg1d(n * heads * lq)) }.map_err(launch_err("mha_backward_q launch"))?;
+    let f = dev.function("decoder", "mha_backward_kv")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dk)
+        .arg(&mut dv)
+        .arg(&lse)
+        .arg(&dd)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(g);
+    for x in a.iter().chain(&fl) {
+        l.arg(x);
+    }
+    // SAFETY: as above; lse and dd hold n heads lq floats.
+    unsafe { l.launch(cfg1d(n * heads * lk)) }.map_err(launch_err("mha_backward_kv launch"))?;
+    Ok((dq, dk, dv))
 }

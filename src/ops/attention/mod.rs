@@ -288,7 +288,35 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
             saved,
             Box::new(move |g| {
                 const OP: &str = "attention backward";
-                crate::ops::backward_on_cpu(OP, &[g, &qs, &ks, &vs])?;
+                if let Device::Cuda(_) = same_device(OP, &[g, &qs, &ks, &vs])? {
+                    let cs = [g, &qs, &ks, &vs].map(|t| cuda_input(OP, t));
+                    let [gc, qc, kc, vc] = cs;
+                    let (gc, qc, kc, vc) = (gc?, qc?, kc?, vc?);
+                    let (dev, gsl) = gc.cuda_whole_f32(OP)?;
+                    let (dq, dk, dv) = cuda::mha_backward(
+                        dev,
+                        qc.cuda_whole_f32(OP)?.1,
+                        kc.cuda_whole_f32(OP)?.1,
+                        vc.cuda_whole_f32(OP)?.1,
+                        gsl,
+                        batched,
+                        (n, lq, lk, i, heads),
+                    )?;
+                    // Per item; a shared operand's gradient is the sum over them.
+                    let fold = |d, l: usize, b: bool| -> Result<Tensor> {
+                        let t = Tensor::from_cuda_f32(dev, d, [n, l, i])?;
+                        if b {
+                            Ok(t)
+                        } else {
+                            crate::ops::activation::sum_leading(&t)
+                        }
+                    };
+                    return Ok(vec![
+                        Some(fold(dq, lq, batched[0])?),
+                        Some(fold(dk, lk, batched[1])?),
+                        Some(fold(dv, lk, batched[2])?),
+                    ]);
+                }
                 let [dq, dk, dv] = cpu::attention_backward(
                     cpu_f32(OP, &qs)?,
                     cpu_f32(OP, &ks)?,

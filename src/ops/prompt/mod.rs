@@ -102,27 +102,20 @@ pub fn box_tokens(
             &mut y,
             0,
             Box::new(move |g| {
-                const OP: &str = "box_tokens backward";
-                crate::ops::backward_on_cpu(OP, &[g])?;
-                let gs = cpu_f32(OP, g)?;
-                // Row r of every box, summed over the boxes in order.
-                let row_sum = |r: usize| -> Vec<f32> {
-                    let mut acc = vec![0.0f64; c];
-                    for i in 0..n {
-                        let src = &gs[(i * t + r) * c..(i * t + r + 1) * c];
-                        acc.iter_mut().zip(src).for_each(|(a, &v)| *a += v as f64);
-                    }
-                    acc.into_iter().map(|v| v as f32).collect()
+                // Row r of every box, summed over the boxes (ops::reduce, the
+                // same bits on both devices).
+                let row_sum = |r: usize| -> Result<Tensor> {
+                    crate::ops::activation::sum_leading(&crate::ops::layout::narrow(g, r, 1)?)
                 };
                 let l = t - 2;
                 let mut v = vec![
                     None,
                     None,
-                    Some(Tensor::from_f32(row_sum(l), &[1, c])),
-                    Some(Tensor::from_f32(row_sum(l + 1), &[1, c])),
+                    Some(row_sum(l)?.reshape([1, c])?),
+                    Some(row_sum(l + 1)?.reshape([1, c])?),
                 ];
                 if let Some(d) = &lead_dims {
-                    v.push(Some(Tensor::from_f32(row_sum(0), d)));
+                    v.push(Some(row_sum(0)?.reshape(d.clone())?));
                 }
                 Ok(v)
             }),
