@@ -357,3 +357,129 @@ extern "C" __global__ void __launch_bounds__(128) rel_pos_attention_tc_bf16(unsi
     __shared__ TcShared sm;
     rel_pos_attention_tc<true>(sm, out, qkv, bias, rel_h, rel_w, B, G, D, S, biased);
 }
+
+// Backward (input gradient only: the image encoder is frozen, so the qkv bias
+// and the rel-pos tables get none; the padded keys are constants), the CUDA
+// twin of rel_pos_attention_backward in src/ops/attention/cpu.rs. Nothing of
+// the forward is kept: each pass recomputes the logits.
+//   rel_pos_backward_q:  one thread per (b, window, head, window position),
+//       real queries only: the softmax row again (max, sum), dP_j = dO . v_j,
+//       D = sum_j P_j dP_j, dS_j = P_j (dP_j - D), and
+//       dq = scale sum_j dS_j k_j + sum_ky (sum_kx dS) Rh[qy - ky + S - 1]
+//                                 + sum_kx (sum_ky dS) Rw[qx - kx + S - 1];
+//       it leaves lse = max + log(sum) and D per query for the keys' pass.
+//   rel_pos_backward_kv: one thread per (b, window, head, window position),
+//       real keys only: over the window's real queries in order,
+//       P = exp(logit - lse), dS as above, dk = sum dS (q scale), dv = sum P dO.
+// dqkv [B, G, G, 3D] is written at every real token (q, k and v parts).
+__device__ __forceinline__ const float* rp_key(const float* qkv, const float* bias, int b, int G, int D, int S, int wy, int wx, int h, int p,
+                                               int which) {
+    int y = wy * S + p / S, x = wx * S + p % S;
+    if (y < G && x < G) return qkv + (((long long)b * G + y) * G + x) * 3 * D + which * D + h * 64;
+    return bias + which * D + h * 64;
+}
+
+__device__ __forceinline__ float rp_logit(const float* q, const float* kv, const float* rh, const float* rw, float scale, int S, int qp, int kp) {
+    int qy = qp / S, qx = qp % S, ky = kp / S, kx = kp % S;
+    const float* rhr = rh + (long long)(qy - ky + S - 1) * 64;
+    const float* rwr = rw + (long long)(qx - kx + S - 1) * 64;
+    float dot = 0.f, bh = 0.f, bw = 0.f;
+    for (int d = 0; d < 64; ++d) {
+        dot += (q[d] * scale) * kv[d];
+        bh += q[d] * rhr[d];
+        bw += q[d] * rwr[d];
+    }
+    return dot + (bh + bw);
+}
+
+extern "C" __global__ void rel_pos_backward_q(float* __restrict__ dqkv, float* __restrict__ lse, float* __restrict__ dd, const float* __restrict__ qkv,
+                                              const float* __restrict__ bias, const float* __restrict__ rh, const float* __restrict__ rw,
+                                              const float* __restrict__ g, int B, int G, int D, int S) {
+    int heads = D / 64, nwin = (G + S - 1) / S, SS = S * S;
+    float scale = rsqrtf(64.0f);
+    GRID_STRIDE(t, (long long)B * nwin * nwin * heads * SS) {
+        int qp = t % SS;
+        int h = (t / SS) % heads;
+        int w = (t / ((long long)SS * heads)) % (nwin * nwin);
+        int b = t / ((long long)SS * heads * nwin * nwin);
+        int wy = w / nwin, wx = w % nwin;
+        int y = wy * S + qp / S, x = wx * S + qp % S;
+        if (y >= G || x >= G) continue;
+        long long tok = ((long long)b * G + y) * G + x;
+        const float* q = qkv + tok * 3 * D + h * 64;
+        const float* go = g + tok * D + h * 64;
+        float m = -SAM_INF;
+        for (int kp = 0; kp < SS; ++kp) m = fmaxf(m, rp_logit(q, rp_key(qkv, bias, b, G, D, S, wy, wx, h, kp, 1), rh, rw, scale, S, qp, kp));
+        float l = 0.f, Dv = 0.f;
+        for (int kp = 0; kp < SS; ++kp) {
+            float e = expf(rp_logit(q, rp_key(qkv, bias, b, G, D, S, wy, wx, h, kp, 1), rh, rw, scale, S, qp, kp) - m);
+            const float* v = rp_key(qkv, bias, b, G, D, S, wy, wx, h, kp, 2);
+            float dp = 0.f;
+            for (int d = 0; d < 64; ++d) dp += go[d] * v[d];
+            l += e;
+            Dv += e * dp;
+        }
+        Dv /= l;
+        float acc[64];
+        for (int d = 0; d < 64; ++d) acc[d] = 0.f;
+        int qy = qp / S, qx = qp % S;
+        for (int kp = 0; kp < SS; ++kp) {
+            const float* k = rp_key(qkv, bias, b, G, D, S, wy, wx, h, kp, 1);
+            const float* v = rp_key(qkv, bias, b, G, D, S, wy, wx, h, kp, 2);
+            float p = expf(rp_logit(q, k, rh, rw, scale, S, qp, kp) - m) / l;
+            float dp = 0.f;
+            for (int d = 0; d < 64; ++d) dp += go[d] * v[d];
+            float ds = p * (dp - Dv);
+            const float* rhr = rh + (long long)(qy - kp / S + S - 1) * 64;
+            const float* rwr = rw + (long long)(qx - kp % S + S - 1) * 64;
+            for (int d = 0; d < 64; ++d) acc[d] += ds * (scale * k[d] + rhr[d] + rwr[d]);
+        }
+        float* dq = dqkv + tok * 3 * D + h * 64;
+        for (int d = 0; d < 64; ++d) dq[d] = acc[d];
+        lse[t] = m + logf(l);
+        dd[t] = Dv;
+    }
+}
+
+extern "C" __global__ void rel_pos_backward_kv(float* __restrict__ dqkv, const float* __restrict__ lse, const float* __restrict__ dd,
+                                               const float* __restrict__ qkv, const float* __restrict__ bias, const float* __restrict__ rh,
+                                               const float* __restrict__ rw, const float* __restrict__ g, int B, int G, int D, int S) {
+    int heads = D / 64, nwin = (G + S - 1) / S, SS = S * S;
+    float scale = rsqrtf(64.0f);
+    GRID_STRIDE(t, (long long)B * nwin * nwin * heads * SS) {
+        int kp = t % SS;
+        int h = (t / SS) % heads;
+        int w = (t / ((long long)SS * heads)) % (nwin * nwin);
+        int b = t / ((long long)SS * heads * nwin * nwin);
+        int wy = w / nwin, wx = w % nwin;
+        int y = wy * S + kp / S, x = wx * S + kp % S;
+        if (y >= G || x >= G) continue;
+        long long tok = ((long long)b * G + y) * G + x;
+        const float* k = qkv + tok * 3 * D + D + h * 64;
+        const float* v = qkv + tok * 3 * D + 2 * D + h * 64;
+        float ak[64], av[64];
+        for (int d = 0; d < 64; ++d) ak[d] = av[d] = 0.f;
+        long long row0 = t - kp;  // this (b, window, head)'s first window position
+        for (int qp = 0; qp < SS; ++qp) {
+            int qy = wy * S + qp / S, qx = wx * S + qp % S;
+            if (qy >= G || qx >= G) continue;
+            long long qtok = ((long long)b * G + qy) * G + qx;
+            const float* q = qkv + qtok * 3 * D + h * 64;
+            const float* go = g + qtok * D + h * 64;
+            float p = expf(rp_logit(q, k, rh, rw, scale, S, qp, kp) - lse[row0 + qp]);
+            float dp = 0.f;
+            for (int d = 0; d < 64; ++d) dp += go[d] * v[d];
+            float ds = p * (dp - dd[row0 + qp]);
+            for (int d = 0; d < 64; ++d) {
+                ak[d] += ds * (q[d] * scale);
+                av[d] += p * go[d];
+            }
+        }
+        float* dk = dqkv + tok * 3 * D + D + h * 64;
+        float* dv = dqkv + tok * 3 * D + 2 * D + h * 64;
+        for (int d = 0; d < 64; ++d) {
+            dk[d] = ak[d];
+            dv[d] = av[d];
+        }
+    }
+}

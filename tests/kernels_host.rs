@@ -2591,3 +2591,126 @@ fn mha_backward_matches_cpu_on(s: &'static Simt) {
         );
     }
 }
+
+#[test]
+fn rel_pos_attention_backward_matches_cpu() {
+    simt::each_build(rel_pos_attention_backward_matches_cpu_on);
+}
+
+/// The ViT attention's input-gradient kernels against the CPU tape: a 5 x 5
+/// grid with windows of 3 (padded to 6 x 6: padded keys are the biases) and
+/// global attention, head dim 64, two images.
+fn rel_pos_attention_backward_matches_cpu_on(s: &'static Simt) {
+    use sam_unet::Tensor;
+    use sam_unet::autograd::Recording;
+    let (b, g, d, heads) = (2usize, 5usize, 64usize, 1usize);
+    for window in [3usize, 0] {
+        let sw = if window == 0 { g } else { window };
+        let nwin = g.div_ceil(sw);
+        let (qkv, bias, rh, rw, gr) = (
+            rand(b * g * g * 3 * d, 380, 1.0),
+            rand(3 * d, 381, 0.5),
+            rand((2 * sw - 1) * 64, 382, 0.5),
+            rand((2 * sw - 1) * 64, 383, 0.5),
+            rand(b * g * g * d, 384, 1.0),
+        );
+        let rec = Recording::start().unwrap();
+        let mut xt = Tensor::from_vec(qkv.clone(), [b, g, g, 3 * d]).unwrap();
+        rec.param(&mut xt, "qkv").unwrap();
+        let t = |v: &[f32], dims: Vec<usize>| Tensor::from_vec(v.to_vec(), dims).unwrap();
+        let y = sam_unet::ops::attention::rel_pos_attention(
+            &xt,
+            &t(&bias, vec![3 * d]),
+            &t(&rh, vec![2 * sw - 1, 64]),
+            &t(&rw, vec![2 * sw - 1, 64]),
+            heads,
+            window,
+        )
+        .unwrap();
+        let want = rec.backward(&y, &t(&gr, vec![b, g, g, d])).unwrap();
+        let (qb, bb, hb, wb, gb) = (
+            Buf::from(s, &qkv),
+            Buf::from(s, &bias),
+            Buf::from(s, &rh),
+            Buf::from(s, &rw),
+            Buf::from(s, &gr),
+        );
+        let rows = b * nwin * nwin * heads * sw * sw;
+        let dq = Buf::<f32>::out(s, qkv.len());
+        let (lse, dd) = (Buf::<f32>::out(s, rows), Buf::<f32>::out(s, rows));
+        let a = [b, g, d, sw].map(|x| x as i32);
+        s.launch(
+            "rel_pos_backward_q",
+            cfg1d(rows),
+            |f: unsafe extern "C" fn(
+                F32m,
+                F32m,
+                F32m,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                i32,
+                i32,
+                i32,
+                i32,
+            )| unsafe {
+                f(
+                    dq.m(),
+                    lse.m(),
+                    dd.m(),
+                    qb.p(),
+                    bb.p(),
+                    hb.p(),
+                    wb.p(),
+                    gb.p(),
+                    a[0],
+                    a[1],
+                    a[2],
+                    a[3],
+                )
+            },
+        )
+        .unwrap();
+        s.launch(
+            "rel_pos_backward_kv",
+            cfg1d(rows),
+            |f: unsafe extern "C" fn(
+                F32m,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                F32p,
+                i32,
+                i32,
+                i32,
+                i32,
+            )| unsafe {
+                f(
+                    dq.m(),
+                    lse.p(),
+                    dd.p(),
+                    qb.p(),
+                    bb.p(),
+                    hb.p(),
+                    wb.p(),
+                    gb.p(),
+                    a[0],
+                    a[1],
+                    a[2],
+                    a[3],
+                )
+            },
+        )
+        .unwrap();
+        let rel = kernel_check::rel_l2(&dq.to_vec(), want[0].1.as_f32().unwrap());
+        assert!(
+            rel <= 1e-5,
+            "rel_pos_attention backward window {window}: relative L2 {rel}"
+        );
+    }
+}

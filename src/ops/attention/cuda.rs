@@ -386,3 +386,61 @@ pub fn mha_backward(
     unsafe { l.launch(cfg1d(n * heads * lk)) }.map_err(launch_err("mha_backward_kv launch"))?;
     Ok((dq, dk, dv))
 }
+
+/// rel_pos_attention's input gradient on the device (cuda/attention.cu
+/// rel_pos_backward_*): g [b, G, G, D] -> dqkv [b, G, G, 3D]. Head dim 64.
+#[allow(clippy::too_many_arguments)]
+pub fn rel_pos_attention_backward(
+    dev: &CudaDevice,
+    qkv: &CudaSlice<f32>,
+    bias: &CudaSlice<f32>,
+    rel_h: &CudaSlice<f32>,
+    rel_w: &CudaSlice<f32>,
+    g: &CudaSlice<f32>,
+    (b, gr, d, heads, window): (usize, usize, usize, usize, usize),
+) -> Result<CudaSlice<f32>> {
+    const OP: &str = "rel_pos_attention backward (cuda)";
+    let s = if window == 0 { gr } else { window };
+    check_rel_pos(OP, qkv, bias, rel_h, rel_w, b, gr, d, heads, s)?;
+    if g.len() != b * gr * gr * d {
+        return Err(Error::shape(OP, format!("gradient of {} values", g.len())));
+    }
+    let nwin = gr.div_ceil(s);
+    let rows = b * nwin * nwin * heads * s * s;
+    let mut dq = dev.alloc(qkv.len())?;
+    let (mut lse, mut dd) = (dev.alloc(rows)?, dev.alloc(rows)?);
+    let a = [b, gr, d, s].map(|x| x as i32);
+    let f = dev.function("attention", "rel_pos_backward_q")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dq)
+        .arg(&mut lse)
+        .arg(&mut dd)
+        .arg(qkv)
+        .arg(bias)
+        .arg(rel_h)
+        .arg(rel_w)
+        .arg(g);
+    for x in &a {
+        l.arg(x);
+    }
+    // SAFETY: sizes checked by check_rel_pos (head dim 64, tables of 2S - 1
+    // rows) and above; lse / dd hold one float per (b, window, head,
+    // position); types match.
+    unsafe { l.launch(cfg1d(rows)) }.map_err(launch_err("rel_pos_backward_q launch"))?;
+    let f = dev.function("attention", "rel_pos_backward_kv")?;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut dq)
+        .arg(&lse)
+        .arg(&dd)
+        .arg(qkv)
+        .arg(bias)
+        .arg(rel_h)
+        .arg(rel_w)
+        .arg(g);
+    for x in &a {
+        l.arg(x);
+    }
+    // SAFETY: as above.
+    unsafe { l.launch(cfg1d(rows)) }.map_err(launch_err("rel_pos_backward_kv launch"))?;
+    Ok(dq)
+}

@@ -70,7 +70,22 @@ pub fn rel_pos_attention(
         let (q, bias, rh, rw) = (qkv.clone(), qkv_bias.clone(), rel_h.clone(), rel_w.clone());
         crate::autograd::record_unary(OP, qkv, &mut y, crate::autograd::bytes(qkv), move |g| {
             const OP: &str = "rel_pos_attention backward";
-            crate::ops::backward_on_cpu(OP, &[g, &q])?;
+            if let Device::Cuda(_) = same_device(OP, &[g, &q, &bias, &rh, &rw])? {
+                let cs = [g, &q, &bias, &rh, &rw].map(|t| cuda_input(OP, t));
+                let [gc, qc, bc, hc, wc] = cs;
+                let (gc, qc, bc, hc, wc) = (gc?, qc?, bc?, hc?, wc?);
+                let (dev, gsl) = gc.cuda_whole_f32(OP)?;
+                let dq = cuda::rel_pos_attention_backward(
+                    dev,
+                    qc.cuda_whole_f32(OP)?.1,
+                    bc.cuda_whole_f32(OP)?.1,
+                    hc.cuda_whole_f32(OP)?.1,
+                    wc.cuda_whole_f32(OP)?.1,
+                    gsl,
+                    (b, gh, d, heads, window),
+                )?;
+                return Tensor::from_cuda_f32(dev, dq, q.dims());
+            }
             let dq = cpu::rel_pos_attention_backward(
                 cpu_f32(OP, &q)?,
                 cpu_f32(OP, &bias)?,
