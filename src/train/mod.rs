@@ -8,7 +8,7 @@
 //! The parameters are the model's own tensors, named by the state_dict name
 //! they were loaded from; frozen weights (the ViT and its neck) are never
 //! registered, so nothing is recorded for them and they get no gradient.
-//! CPU for now (the CUDA backward kernels come later).
+//! On the CPU or a CUDA device (f32).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -24,6 +24,16 @@ use crate::ops::loss::{LossTerms, focal_dice};
 use crate::ops::optim::{AdamStep, adam_cpu};
 use crate::ops::resize::bilinear;
 use crate::tensor::{Device, Tensor};
+
+/// Adam's moments, laid out flat, one slot per parameter with a gradient.
+enum Moments {
+    Cpu(Vec<f32>, Vec<f32>),
+    Cuda(
+        std::sync::Arc<crate::cuda::CudaDevice>,
+        cudarc::driver::CudaSlice<f32>,
+        cudarc::driver::CudaSlice<f32>,
+    ),
+}
 
 /// Adam and the loss as the authors set them.
 #[derive(Clone, Copy, Debug)]
@@ -77,10 +87,9 @@ pub struct Trainer {
     /// For every tensor of the model in visit order: its name when it is a
     /// trainable parameter.
     names: Vec<Option<String>>,
-    /// Adam's first and second moments, flat; a parameter's slot starts at
-    /// `slots[name]` (given at its first gradient).
-    m: Vec<f32>,
-    v: Vec<f32>,
+    /// Adam's first and second moments, flat (one buffer each, on the
+    /// model's device); a parameter's slot starts at `slots[name]`.
+    moments: Option<Moments>,
     slots: HashMap<String, usize>,
     step: u64,
     cfg: TrainConfig,
@@ -89,11 +98,6 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer on weights (validated as for inference), on `device`.
     pub fn new(w: &Weights, device: Device, cfg: TrainConfig) -> Result<Self> {
-        if device != Device::Cpu {
-            return Err(Error::NoBackward {
-                op: "training on CUDA (the CUDA backward kernels are not written yet)",
-            });
-        }
         let mut model = SamUnet::for_training(w)?;
         let trainable: HashMap<(usize, usize), &str> = model
             .config
@@ -110,12 +114,14 @@ impl Trainer {
             names.push(trainable.get(&t.storage_key()).map(|n| n.to_string()));
             Ok(())
         })?;
+        // Names first (they come from the loaded storage), then the device:
+        // the visit order is what keeps them attached.
+        crate::nn::to_device(&mut model, device)?;
         model.set_training(true);
         Ok(Trainer {
             model,
             names,
-            m: vec![],
-            v: vec![],
+            moments: None,
             slots: HashMap::new(),
             step: 0,
             cfg,
@@ -212,12 +218,14 @@ impl Trainer {
         }
         let forward_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let grads = rec.backward(&loss, &Tensor::from_vec(vec![1.0], [1])?)?;
+        let seed = Tensor::from_vec(vec![1.0], [1])?.to_device(loss.device())?;
+        let grads = rec.backward(&loss, &seed)?;
         let backward_s = t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
         let mut sq = 0.0f64;
         for (_, g) in &grads {
-            sq += g.as_f32()?.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+            let h = g.to_host()?;
+            sq += h.as_f32()?.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
         }
         self.adam(&grads)?;
         let optimizer_s = t2.elapsed().as_secs_f64();
@@ -245,7 +253,8 @@ impl Trainer {
         }
         let low = cat0(&lows.iter().collect::<Vec<_>>())?;
         let up = bilinear(&low, s, s)?;
-        let labels = cat0(&batch.labels.iter().collect::<Vec<_>>())?;
+        let labels =
+            cat0(&batch.labels.iter().collect::<Vec<_>>())?.to_device(self.model.device())?;
         Ok((up, labels))
     }
 
@@ -259,8 +268,45 @@ impl Trainer {
         let (lr, b1, b2, eps) = (c.lr as f64, c.beta1 as f64, c.beta2 as f64, c.eps as f64);
         let s = AdamStep::new(lr, b1, b2, eps, self.step);
         let by_name: HashMap<&str, &Tensor> = grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
+        // Slots in module order at the first step (the set of parameters
+        // with a gradient is the architecture's, the same every step).
+        if self.moments.is_none() {
+            let mut total = 0;
+            let mut i = 0;
+            let names = &self.names;
+            let slots = &mut self.slots;
+            self.model.visit(&mut |p: &mut Tensor| {
+                if let Some(n) = names[i].as_deref()
+                    && by_name.contains_key(n)
+                {
+                    slots.insert(n.to_string(), total);
+                    total += p.numel();
+                }
+                i += 1;
+                Ok(())
+            })?;
+            self.moments = Some(match self.model.device() {
+                Device::Cpu => Moments::Cpu(vec![0.0; total], vec![0.0; total]),
+                Device::Cuda(i) => {
+                    let dev = crate::cuda::shared_device(i)?;
+                    let (m, v) = (
+                        dev.alloc_zeros(total.max(1))?,
+                        dev.alloc_zeros(total.max(1))?,
+                    );
+                    Moments::Cuda(dev, m, v)
+                }
+            });
+        }
+        let h = match &self.moments {
+            Some(Moments::Cuda(dev, ..)) => Some(dev.upload(&s.to_array())?),
+            _ => None,
+        };
         let names = &self.names;
-        let (slots, m, v) = (&mut self.slots, &mut self.m, &mut self.v);
+        let slots = &self.slots;
+        let moments = self
+            .moments
+            .as_mut()
+            .ok_or_else(|| Error::input("adam", "no moments"))?;
         let mut i = 0;
         self.model.visit(&mut |p: &mut Tensor| {
             let name = names[i].as_deref();
@@ -268,21 +314,39 @@ impl Trainer {
             let (Some(name), Some(g)) = (name, name.and_then(|n| by_name.get(n))) else {
                 return Ok(());
             };
-            let g = g.as_f32()?;
-            let at = *slots.entry(name.to_string()).or_insert_with(|| {
-                let at = m.len();
-                m.resize(at + g.len(), 0.0);
-                v.resize(at + g.len(), 0.0);
-                at
-            });
-            let n = g.len();
-            adam_cpu(
-                p.as_f32_mut()?,
-                g,
-                &mut m[at..at + n],
-                &mut v[at..at + n],
-                &s,
-            )
+            let at = *slots.get(name).ok_or_else(|| {
+                Error::input(
+                    "adam",
+                    format!("{name} got a gradient at a later step only"),
+                )
+            })?;
+            let n = g.numel();
+            match &mut *moments {
+                Moments::Cpu(m, v) => adam_cpu(
+                    p.as_f32_mut()?,
+                    g.as_f32()?,
+                    &mut m[at..at + n],
+                    &mut v[at..at + n],
+                    &s,
+                ),
+                Moments::Cuda(dev, m, v) => {
+                    let gc = crate::ops::cuda_input("adam", g)?;
+                    let gs = gc.cuda_whole_f32("adam")?.1;
+                    let dev = dev.clone();
+                    let hs = h
+                        .as_ref()
+                        .ok_or_else(|| Error::input("adam", "no scalars"))?;
+                    let mut pv = p.cuda_f32_mut("adam")?;
+                    crate::ops::optim::cuda::adam(
+                        &dev,
+                        &mut pv,
+                        gs,
+                        &mut m.slice_mut(at..at + n),
+                        &mut v.slice_mut(at..at + n),
+                        hs,
+                    )
+                }
+            }
         })
     }
 }
