@@ -239,41 +239,13 @@ fn main() {
 /// compared with the CPU trainer's instead, a gross-error guard at 5e-2
 /// relative L2: 1.4e-2 measured at worst, the stem conv.)
 fn train_step_small34() {
-    use sam_unet::train::{Batch, Trainer};
+    use sam_unet::train::Trainer;
     let Some(dir) = common::fixtures() else {
         return;
     };
     let fx = common::Fixture::load(&common::fixture(&dir, "small34_train_step.safetensors"));
     let w = Weights::from_file(common::fixture(&dir, "small34_weights.safetensors")).unwrap();
-    use sam_unet::preprocess::{PIXEL_MEAN, PIXEL_STD};
-    let s = 256;
-    let mut images = vec![0.0f32; 2 * 3 * s * s];
-    let (mut boxes, mut labels) = (vec![], vec![]);
-    for i in 0..2 {
-        let (d, v) = fx.f(&format!("image{i}"));
-        let (h, wd) = (d[1], d[2]);
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..wd {
-                    images[((i * 3 + c) * s + y) * s + x] =
-                        (v[(c * h + y) * wd + x] - PIXEL_MEAN[c]) / PIXEL_STD[c];
-                }
-            }
-        }
-        boxes.push(
-            fx.f(&format!("boxes{i}"))
-                .1
-                .chunks_exact(4)
-                .map(|q| [q[0], q[1], q[2], q[3]])
-                .collect(),
-        );
-        labels.push(fx.tensor(&format!("labels{i}")));
-    }
-    let batch = Batch {
-        images: sam_unet::Tensor::from_vec(images, [2, 3, s, s]).unwrap(),
-        boxes,
-        labels,
-    };
+    let batch = common::train_batch(&fx);
     let t0 = std::time::Instant::now();
     let mut tr = Trainer::new(&w, Device::Cuda(0), Default::default()).unwrap();
     let r = tr.step_with_grads(&batch).unwrap();

@@ -1,7 +1,7 @@
 //! Training pieces against the reference: the loss (`ref_loss`).
 
 mod common;
-use common::{Fixture, errors, fixture, fixtures};
+use common::{Fixture, errors, fixture, fixtures, train_batch};
 use sam_unet::autograd::Recording;
 use sam_unet::ops::loss::focal_dice;
 
@@ -57,39 +57,6 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
         n += (b as f64).powi(2);
     }
     (d / n.max(1e-300)).sqrt()
-}
-
-/// The fixture's batch: resized RGB [3, h', w'] normalised and padded to
-/// 256, the boxes (model frame) and the labels.
-fn train_batch(fx: &Fixture) -> sam_unet::train::Batch {
-    use sam_unet::preprocess::{PIXEL_MEAN, PIXEL_STD};
-    let s = 256;
-    let mut images = vec![0.0f32; 2 * 3 * s * s];
-    let (mut boxes, mut labels) = (vec![], vec![]);
-    for i in 0..2 {
-        let (d, v) = fx.f(&format!("image{i}"));
-        let (h, w) = (d[1], d[2]);
-        for c in 0..3 {
-            for y in 0..h {
-                for x in 0..w {
-                    images[((i * 3 + c) * s + y) * s + x] =
-                        (v[(c * h + y) * w + x] - PIXEL_MEAN[c]) / PIXEL_STD[c];
-                }
-            }
-        }
-        let (_, b) = fx.f(&format!("boxes{i}"));
-        boxes.push(
-            b.chunks_exact(4)
-                .map(|q| [q[0], q[1], q[2], q[3]])
-                .collect(),
-        );
-        labels.push(fx.tensor(&format!("labels{i}")));
-    }
-    sam_unet::train::Batch {
-        images: sam_unet::Tensor::from_vec(images, [2, 3, s, s]).unwrap(),
-        boxes,
-        labels,
-    }
 }
 
 /// Five steps of a trainer on `batch`: the first step's report (with

@@ -154,3 +154,36 @@ pub fn check_intermediate(
     assert!(rel <= 1e-4, "{name}: relative L2 error {rel} > 1e-4");
     rel
 }
+
+/// The fixture's batch: resized RGB [3, h', w'] normalised and padded to
+/// 256, the boxes (model frame) and the labels.
+pub fn train_batch(fx: &Fixture) -> sam_unet::train::Batch {
+    use sam_unet::preprocess::{PIXEL_MEAN, PIXEL_STD};
+    let s = 256;
+    let mut images = vec![0.0f32; 2 * 3 * s * s];
+    let (mut boxes, mut labels) = (vec![], vec![]);
+    for i in 0..2 {
+        let (d, v) = fx.f(&format!("image{i}"));
+        let (h, w) = (d[1], d[2]);
+        for c in 0..3 {
+            for y in 0..h {
+                for x in 0..w {
+                    images[((i * 3 + c) * s + y) * s + x] =
+                        (v[(c * h + y) * w + x] - PIXEL_MEAN[c]) / PIXEL_STD[c];
+                }
+            }
+        }
+        let (_, b) = fx.f(&format!("boxes{i}"));
+        boxes.push(
+            b.chunks_exact(4)
+                .map(|q| [q[0], q[1], q[2], q[3]])
+                .collect(),
+        );
+        labels.push(fx.tensor(&format!("labels{i}")));
+    }
+    sam_unet::train::Batch {
+        images: sam_unet::Tensor::from_vec(images, [2, 3, s, s]).unwrap(),
+        boxes,
+        labels,
+    }
+}

@@ -34,6 +34,7 @@ multiversion! {
     }
 }
 
+#[derive(Clone, Copy)]
 pub struct RelPosGeometry {
     pub b: usize,
     pub g: usize,
@@ -41,6 +42,121 @@ pub struct RelPosGeometry {
     pub hd: usize,
     /// Window side (or G for global attention).
     pub s: usize,
+}
+
+/// Every (image, window row, window column, head) of rel-pos attention.
+fn window_tasks(geo: &RelPosGeometry) -> Vec<(usize, usize, usize, usize)> {
+    let (heads, nwin) = (geo.heads, geo.g.div_ceil(geo.s));
+    (0..geo.b)
+        .flat_map(|bi| {
+            (0..nwin * nwin).flat_map(move |w| (0..heads).map(move |h| (bi, w / nwin, w % nwin, h)))
+        })
+        .collect()
+}
+
+/// One (image, window, head), gathered: keys / values [S*S, hd] of every
+/// window position (the k / v biases at padded ones), the real queries
+/// [nq, hd] and scaled by hd^-0.5, and their window positions.
+struct WindowHead {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+    qs: Vec<f32>,
+    qpos: Vec<usize>,
+}
+
+fn gather_window(
+    qkv: &[f32],
+    bias: &[f32],
+    geo: &RelPosGeometry,
+    (bi, wy, wx, h): (usize, usize, usize, usize),
+) -> WindowHead {
+    let RelPosGeometry {
+        g, heads, hd, s, ..
+    } = *geo;
+    let (d, ss) = (heads * hd, s * s);
+    let scale = (hd as f32).powf(-0.5);
+    let tok = |y: usize, x: usize| &qkv[((bi * g + y) * g + x) * 3 * d..][..3 * d];
+    let mut k = vec![0.0f32; ss * hd];
+    let mut v = vec![0.0f32; ss * hd];
+    let mut qpos = Vec::with_capacity(ss);
+    for p in 0..ss {
+        let (y, x) = (wy * s + p / s, wx * s + p % s);
+        let (ks, vs) = if y < g && x < g {
+            let t = tok(y, x);
+            qpos.push(p);
+            (&t[d + h * hd..][..hd], &t[2 * d + h * hd..][..hd])
+        } else {
+            (&bias[d + h * hd..][..hd], &bias[2 * d + h * hd..][..hd])
+        };
+        k[p * hd..(p + 1) * hd].copy_from_slice(ks);
+        v[p * hd..(p + 1) * hd].copy_from_slice(vs);
+    }
+    let nq = qpos.len();
+    let mut q = vec![0.0f32; nq * hd];
+    let mut qs = vec![0.0f32; nq * hd];
+    for (i, &p) in qpos.iter().enumerate() {
+        let src = &tok(wy * s + p / s, wx * s + p % s)[h * hd..][..hd];
+        q[i * hd..(i + 1) * hd].copy_from_slice(src);
+        for (dst, &x) in qs[i * hd..(i + 1) * hd].iter_mut().zip(src) {
+            *dst = x * scale;
+        }
+    }
+    WindowHead { k, v, q, qs, qpos }
+}
+
+/// The attention probabilities P [nq, S*S] of one gathered window head:
+/// logits (q scale) k^T by GEMM plus the decomposed bias from Ph = q Rh^T and
+/// Pw = q Rw^T [nq, 2S - 1], then the softmax (the forward's arithmetic,
+/// which the backward recomputes).
+fn window_probs(w: &WindowHead, rh: &[f32], rw: &[f32], geo: &RelPosGeometry) -> Vec<f32> {
+    let (hd, s) = (geo.hd, geo.s);
+    let (ss, r, nq) = (s * s, 2 * s - 1, w.qpos.len());
+    let mut logits = vec![0.0f32; nq * ss];
+    sgemm(
+        MatRef::rm(&w.qs, nq, hd),
+        MatRef::tr(&w.k, hd, ss),
+        &mut logits,
+        ss,
+        1,
+        false,
+        Par::Seq,
+    );
+    let mut ph = vec![0.0f32; nq * r];
+    let mut pw = vec![0.0f32; nq * r];
+    sgemm(
+        MatRef::rm(&w.q, nq, hd),
+        MatRef::tr(rh, hd, r),
+        &mut ph,
+        r,
+        1,
+        false,
+        Par::Seq,
+    );
+    sgemm(
+        MatRef::rm(&w.q, nq, hd),
+        MatRef::tr(rw, hd, r),
+        &mut pw,
+        r,
+        1,
+        false,
+        Par::Seq,
+    );
+    for (i, &p) in w.qpos.iter().enumerate() {
+        let (qy, qx) = (p / s, p % s);
+        let row = &mut logits[i * ss..(i + 1) * ss];
+        let phr = &ph[i * r..(i + 1) * r];
+        let pwr = &pw[i * r..(i + 1) * r];
+        for ky in 0..s {
+            let bh = phr[qy + s - 1 - ky];
+            let lrow = &mut row[ky * s..(ky + 1) * s];
+            for (kx, l) in lrow.iter_mut().enumerate() {
+                *l += bh + pwr[qx + s - 1 - kx];
+            }
+        }
+    }
+    softmax_rows(&mut logits, ss);
+    logits
 }
 
 /// See `super::rel_pos_attention`. One task per (image, window, head); each task
@@ -55,97 +171,17 @@ pub fn rel_pos_attention(
     geo: RelPosGeometry,
 ) -> Vec<f32> {
     let RelPosGeometry { b, g, heads, hd, s } = geo;
-    let d = heads * hd;
-    let nwin = g.div_ceil(s);
-    let ss = s * s;
-    let r = 2 * s - 1;
-    let scale = (hd as f32).powf(-0.5);
-    let tasks: Vec<(usize, usize, usize, usize)> = (0..b)
-        .flat_map(|bi| {
-            (0..nwin * nwin).flat_map(move |w| (0..heads).map(move |h| (bi, w / nwin, w % nwin, h)))
-        })
-        .collect();
-    let results: Vec<(usize, usize, usize, usize, Vec<f32>)> = tasks
+    let (d, ss) = (heads * hd, s * s);
+    let results: Vec<(usize, usize, usize, usize, Vec<f32>)> = window_tasks(&geo)
         .into_par_iter()
         .map(|(bi, wy, wx, h)| {
-            let tok = |y: usize, x: usize| &qkv[((bi * g + y) * g + x) * 3 * d..][..3 * d];
-            // Keys / values of all S*S window positions, queries of the real ones.
-            let mut k = vec![0.0f32; ss * hd];
-            let mut v = vec![0.0f32; ss * hd];
-            let mut qpos = Vec::with_capacity(ss);
-            for p in 0..ss {
-                let (y, x) = (wy * s + p / s, wx * s + p % s);
-                let (ks, vs) = if y < g && x < g {
-                    let t = tok(y, x);
-                    qpos.push(p);
-                    (&t[d + h * hd..][..hd], &t[2 * d + h * hd..][..hd])
-                } else {
-                    (&bias[d + h * hd..][..hd], &bias[2 * d + h * hd..][..hd])
-                };
-                k[p * hd..(p + 1) * hd].copy_from_slice(ks);
-                v[p * hd..(p + 1) * hd].copy_from_slice(vs);
-            }
-            let nq = qpos.len();
-            let mut q = vec![0.0f32; nq * hd];
-            let mut qs = vec![0.0f32; nq * hd];
-            for (i, &p) in qpos.iter().enumerate() {
-                let t = tok(wy * s + p / s, wx * s + p % s);
-                let src = &t[h * hd..][..hd];
-                q[i * hd..(i + 1) * hd].copy_from_slice(src);
-                for (dst, &x) in qs[i * hd..(i + 1) * hd].iter_mut().zip(src) {
-                    *dst = x * scale;
-                }
-            }
-            // logits [nq, ss] = (q * scale) k^T
-            let mut logits = vec![0.0f32; nq * ss];
-            sgemm(
-                MatRef::rm(&qs, nq, hd),
-                MatRef::tr(&k, hd, ss),
-                &mut logits,
-                ss,
-                1,
-                false,
-                Par::Seq,
-            );
-            // ph / pw [nq, r] = q (unscaled) R^T
-            let mut ph = vec![0.0f32; nq * r];
-            let mut pw = vec![0.0f32; nq * r];
-            sgemm(
-                MatRef::rm(&q, nq, hd),
-                MatRef::tr(rh, hd, r),
-                &mut ph,
-                r,
-                1,
-                false,
-                Par::Seq,
-            );
-            sgemm(
-                MatRef::rm(&q, nq, hd),
-                MatRef::tr(rw, hd, r),
-                &mut pw,
-                r,
-                1,
-                false,
-                Par::Seq,
-            );
-            for (i, &p) in qpos.iter().enumerate() {
-                let (qy, qx) = (p / s, p % s);
-                let row = &mut logits[i * ss..(i + 1) * ss];
-                let phr = &ph[i * r..(i + 1) * r];
-                let pwr = &pw[i * r..(i + 1) * r];
-                for ky in 0..s {
-                    let bh = phr[qy + s - 1 - ky];
-                    let lrow = &mut row[ky * s..(ky + 1) * s];
-                    for (kx, l) in lrow.iter_mut().enumerate() {
-                        *l += bh + pwr[qx + s - 1 - kx];
-                    }
-                }
-            }
-            softmax_rows(&mut logits, ss);
+            let wh = gather_window(qkv, bias, &geo, (bi, wy, wx, h));
+            let (nq, qpos) = (wh.qpos.len(), &wh.qpos);
+            let (v, logits) = (&wh.v, window_probs(&wh, rh, rw, &geo));
             let mut o = vec![0.0f32; nq * hd];
             sgemm(
                 MatRef::rm(&logits, nq, ss),
-                MatRef::rm(&v, ss, hd),
+                MatRef::rm(v, ss, hd),
                 &mut o,
                 hd,
                 1,
@@ -276,15 +312,9 @@ pub fn rel_pos_attention_backward(
 ) -> Vec<f32> {
     let RelPosGeometry { b, g, heads, hd, s } = geo;
     let d = heads * hd;
-    let nwin = g.div_ceil(s);
     let ss = s * s;
-    let r = 2 * s - 1;
     let scale = (hd as f32).powf(-0.5);
-    let tasks: Vec<(usize, usize, usize, usize)> = (0..b)
-        .flat_map(|bi| {
-            (0..nwin * nwin).flat_map(move |w| (0..heads).map(move |h| (bi, w / nwin, w % nwin, h)))
-        })
-        .collect();
+    let tasks = window_tasks(&geo);
     // Per task: (real positions, dq [nq, hd], dk [nq, hd], dv [nq, hd]).
     let results: Vec<(
         usize,
@@ -298,78 +328,17 @@ pub fn rel_pos_attention_backward(
     )> = tasks
         .into_par_iter()
         .map(|(bi, wy, wx, h)| {
-            let tok = |y: usize, x: usize| &qkv[((bi * g + y) * g + x) * 3 * d..][..3 * d];
-            let mut k = vec![0.0f32; ss * hd];
-            let mut v = vec![0.0f32; ss * hd];
-            let mut qpos = Vec::with_capacity(ss);
-            for p in 0..ss {
-                let (y, x) = (wy * s + p / s, wx * s + p % s);
-                let (ks, vs) = if y < g && x < g {
-                    let t = tok(y, x);
-                    qpos.push(p);
-                    (&t[d + h * hd..][..hd], &t[2 * d + h * hd..][..hd])
-                } else {
-                    (&bias[d + h * hd..][..hd], &bias[2 * d + h * hd..][..hd])
-                };
-                k[p * hd..(p + 1) * hd].copy_from_slice(ks);
-                v[p * hd..(p + 1) * hd].copy_from_slice(vs);
-            }
-            let nq = qpos.len();
-            let mut q = vec![0.0f32; nq * hd];
-            let mut qs = vec![0.0f32; nq * hd];
+            let wh = gather_window(qkv, bias, &geo, (bi, wy, wx, h));
+            let (nq, qpos) = (wh.qpos.len(), wh.qpos.clone());
+            let (k, v, qs) = (&wh.k, &wh.v, &wh.qs);
             let mut dout = vec![0.0f32; nq * hd];
             for (i, &p) in qpos.iter().enumerate() {
                 let (y, x) = (wy * s + p / s, wx * s + p % s);
-                let src = &tok(y, x)[h * hd..][..hd];
-                q[i * hd..(i + 1) * hd].copy_from_slice(src);
-                for (dst, &xv) in qs[i * hd..(i + 1) * hd].iter_mut().zip(src) {
-                    *dst = xv * scale;
-                }
                 dout[i * hd..(i + 1) * hd]
                     .copy_from_slice(&grad[((bi * g + y) * g + x) * d + h * hd..][..hd]);
             }
             // P, as the forward computes it.
-            let mut pm = vec![0.0f32; nq * ss];
-            sgemm(
-                MatRef::rm(&qs, nq, hd),
-                MatRef::tr(&k, hd, ss),
-                &mut pm,
-                ss,
-                1,
-                false,
-                Par::Seq,
-            );
-            let mut ph = vec![0.0f32; nq * r];
-            let mut pw = vec![0.0f32; nq * r];
-            sgemm(
-                MatRef::rm(&q, nq, hd),
-                MatRef::tr(rh, hd, r),
-                &mut ph,
-                r,
-                1,
-                false,
-                Par::Seq,
-            );
-            sgemm(
-                MatRef::rm(&q, nq, hd),
-                MatRef::tr(rw, hd, r),
-                &mut pw,
-                r,
-                1,
-                false,
-                Par::Seq,
-            );
-            for (i, &p) in qpos.iter().enumerate() {
-                let (qy, qx) = (p / s, p % s);
-                let row = &mut pm[i * ss..(i + 1) * ss];
-                for ky in 0..s {
-                    let bh = ph[i * r + qy + s - 1 - ky];
-                    for kx in 0..s {
-                        row[ky * s + kx] += bh + pw[i * r + qx + s - 1 - kx];
-                    }
-                }
-            }
-            softmax_rows(&mut pm, ss);
+            let pm = window_probs(&wh, rh, rw, &geo);
             // dS [nq, ss]
             let mut ds = vec![0.0f32; nq * ss];
             sgemm(
