@@ -51,6 +51,42 @@ impl Drop for Scope {
     }
 }
 
+type ShapeKey = (usize, usize, usize, bool);
+static GEMMS: Mutex<Option<HashMap<ShapeKey, (Duration, u64)>>> = Mutex::new(None);
+
+/// Records one GEMM of m x k times k x n that took `d` (`pooled`: it had the
+/// rayon pool to itself; a sequential one inside a parallel loop shares the
+/// cores with its siblings, so its GFLOP/s is per thread).
+pub fn gemm(m: usize, n: usize, k: usize, pooled: bool, d: Duration) {
+    if let Ok(mut t) = GEMMS.lock() {
+        let e = t
+            .get_or_insert_with(HashMap::new)
+            .entry((m, n, k, pooled))
+            .or_default();
+        e.0 += d;
+        e.1 += 1;
+    }
+}
+
+/// One GEMM shape's totals: (m, n, k, pooled), time, calls.
+pub type GemmRow = (ShapeKey, Duration, u64);
+
+/// GEMM shapes by total time, largest first; clears them.
+pub fn take_gemm_report() -> Vec<GemmRow> {
+    let mut v: Vec<_> = GEMMS
+        .lock()
+        .map(|mut t| {
+            t.take()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, (d, n))| (k, d, n))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v
+}
+
 /// Times the enclosing block under "`name` backward" (the autograd's nodes).
 pub fn backward_scope(name: &'static str) -> Scope {
     if !enabled() {

@@ -134,8 +134,39 @@ fn bench_train(args: &Args, cfg: &SamUnetConfig, images: usize) -> Result<()> {
         for (name, d, n) in sam_unet::profile::take_report() {
             eprintln!("  {name:28} {:9.1} ms  {n:6} calls", d.as_secs_f64() * 1e3);
         }
+        gemm_report();
     }
     Ok(())
+}
+
+/// The CPU GEMMs by shape (SAM_UNET_PROFILE), with their GFLOP/s.
+fn gemm_report() {
+    let rows = sam_unet::profile::take_gemm_report();
+    if rows.is_empty() {
+        return;
+    }
+    let (mut flops, mut secs) = (0.0, 0.0);
+    for ((m, n, k, pooled), d, c) in &rows {
+        if *pooled {
+            flops += 2.0 * (m * n * k) as f64 * *c as f64;
+            secs += d.as_secs_f64();
+        }
+    }
+    eprintln!(
+        "CPU GEMMs with the pool: {:.1} GFLOP in {:.1} ms, {:.1} GFLOP/s; by shape (m n k, pool / seq):",
+        flops / 1e9,
+        secs * 1e3,
+        flops / secs.max(1e-9) / 1e9
+    );
+    for ((m, n, k, pooled), d, c) in rows.iter().take(25) {
+        let f = 2.0 * (m * n * k) as f64 * *c as f64;
+        eprintln!(
+            "  {m:6} {n:6} {k:6} {:4} {:9.1} ms {c:6} calls {:7.1} GFLOP/s",
+            if *pooled { "pool" } else { "seq" },
+            d.as_secs_f64() * 1e3,
+            f / d.as_secs_f64().max(1e-9) / 1e9
+        );
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {

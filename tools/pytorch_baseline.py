@@ -15,6 +15,15 @@ median over --runs of
     python tools/pytorch_baseline.py --threads 2 --boxes 1,16 --runs 10
 
 Prints one JSON line per box count on stdout, parameter counts on stderr.
+
+With --train N it times training steps instead, as the authors' trainer takes
+them and as `bench --train N --train-boxes K` does on the same inputs: train
+mode (BatchNorm on batch statistics), the image encoder frozen, N images with K
+masks each through the decoder, logits upsampled 64 -> 256, focal + 20 dice,
+backward, Adam (lr 1e-4). One warm-up step, then the median per phase, and the
+process's peak RSS.
+
+    python tools/pytorch_baseline.py --threads 2 --train 2 --train-boxes 5 --runs 5
 """
 
 import argparse
@@ -450,12 +459,70 @@ def synthetic_image(s):
     return np.repeat(v[:, :, None], 3, axis=2)
 
 
+def focal_dice(logits, labels, dice_weight=20.0):
+    """The authors' loss (MODEL.md, "Training") over all masks at once."""
+    p = torch.sigmoid(logits)
+    y = labels
+    focal = (-0.25 * y * (1 - p) ** 2 * torch.log(p + 1e-12)
+             - 0.75 * (1 - y) * p ** 2 * torch.log(1 - p + 1e-12)).mean()
+    dice = 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    return focal + dice_weight * dice
+
+
+def bench_train(a, model):
+    """The same batch as tools/bench.rs --train: a periodic ramp image, boxes
+    offset per (image, mask), a 32-pixel checkerboard label."""
+    import resource
+    n, k, s = a.train, a.train_boxes, IMG
+    x = ((torch.arange(n * 3 * s * s) % 977).float() / 977.0 - 0.5) * 3.0
+    x = x.reshape(n, 3, s, s)
+    boxes = [torch.tensor([[10.0 + o, 20.0 + o, 150.0 + o, 170.0 + o]
+                           for o in (float((i * 13 + j * 7) % 60) for j in range(k))])
+             for i in range(n)]
+    pix = torch.arange(k * s * s)
+    lab = (((pix % s) // 32 + (pix // s % s) // 32) % 2).float().reshape(k, 1, s, s)
+    labels = torch.cat([lab] * n)
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                           lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    fw, bw, ad, tot = [], [], [], []
+    for run in range(a.runs + 1):
+        t0 = time.perf_counter()
+        emb, ms = model.encode(x)
+        low = torch.cat([model.decode(emb[i:i + 1], ms[i:i + 1], boxes[i]) for i in range(n)])
+        up = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
+        loss = focal_dice(up, labels)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        if run > 0:
+            fw.append((t1 - t0) * 1e3)
+            bw.append((t2 - t1) * 1e3)
+            ad.append((t3 - t2) * 1e3)
+            tot.append((t3 - t0) * 1e3)
+    med = lambda v: round(statistics.median(v), 1)
+    print(json.dumps({
+        "impl": "pytorch-eager", "torch_version": torch.__version__, "what": "train_step",
+        "threads": torch.get_num_threads(), "images": n, "boxes_per_image": k, "runs": a.runs,
+        "forward_ms": med(fw), "backward_ms": med(bw), "adam_ms": med(ad), "step_ms": med(tot),
+        # ru_maxrss is in KiB on Linux; MiB like bench's VmHWM / 1024.
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "loss_last": round(loss.item(), 6),
+    }), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--boxes", default="1,16")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--image-size", type=int, default=512)
+    ap.add_argument("--train", type=int, default=0,
+                    help="time training steps on this many images instead")
+    ap.add_argument("--train-boxes", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -468,6 +535,9 @@ def main():
     ok = total == 138_428_204 and trainable == 51_755_564
     print(f"parameters: total {total:,} trainable {trainable:,} "
           f"({'matches' if ok else 'DOES NOT match'} 138,428,204 / 51,755,564)", file=sys.stderr)
+
+    if a.train:
+        return bench_train(a, model)
 
     s = a.image_size
     img = synthetic_image(s)

@@ -136,6 +136,24 @@ pub fn sgemm(
         }
         return;
     }
+    let timer = crate::profile::enabled().then(std::time::Instant::now);
+    sgemm_inner(a, b, c, c_rs, c_cs, accumulate, par, (m, k, n));
+    if let Some(t) = timer {
+        crate::profile::gemm(m, n, k, par == Par::Pool, t.elapsed());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_inner(
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+    par: Par,
+    (m, k, n): (usize, usize, usize),
+) {
     let threads = rayon::current_num_threads();
     if par == Par::Pool && threads > 1 && m < 128 && n >= 256 * threads {
         // The packed kernels parallelise a short-and-wide product poorly (about

@@ -187,3 +187,38 @@ pub fn train_batch(fx: &Fixture) -> sam_unet::train::Batch {
         labels,
     }
 }
+
+/// The fixture's BatchNorm buffer keys in module order: (running_mean,
+/// running_var) per layer.
+pub fn bn_names(fx: &Fixture, prefix: &str) -> Vec<String> {
+    let mut layers: Vec<String> = fx
+        .f32s
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix))
+        .filter_map(|k| k.strip_suffix(".running_mean"))
+        .map(str::to_string)
+        .collect();
+    // Module order: stage0, then stage1.0.bn1, bn2, (downsample.1), ...
+    layers.sort_by_key(|l| {
+        let parts: Vec<&str> = l.split('.').collect();
+        let stage: usize = parts[1].trim_start_matches("stage").parse().unwrap_or(0);
+        let block: usize = parts.get(2).and_then(|b| b.parse().ok()).unwrap_or(0);
+        let within = match parts.get(3).copied() {
+            Some("bn1") => 1,
+            Some("bn2") => 2,
+            Some("bn3") => 3,
+            Some("downsample") => 4,
+            _ => 0,
+        };
+        (stage, if stage == 0 { 0 } else { block }, within)
+    });
+    layers
+        .into_iter()
+        .flat_map(|l| {
+            [
+                format!("{prefix}{l}.running_mean"),
+                format!("{prefix}{l}.running_var"),
+            ]
+        })
+        .collect()
+}
