@@ -131,7 +131,8 @@ extern "C" __global__ void layer_norm_backward_f32(float* __restrict__ dx, float
 //                    variance in f64, each a sum over images of per-plane sums
 //                    in order, the CPU's order.
 //   bn_apply_f32:    y = x scale + shift, scale = rstd gamma, shift = beta -
-//                    mean rstd gamma (computed in f64, rounded once).
+//                    mean rstd gamma (computed in f64, rounded once), then
+//                    + residual and ReLU when asked.
 //   bn_backward_sums: per channel, dgamma = sum g xhat and dbeta = sum g (f64).
 //   bn_backward_dx:  dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = N P.
 extern "C" __global__ void bn_stats_f64(double* __restrict__ mean, double* __restrict__ var, const float* __restrict__ x, int N, int C,
@@ -160,15 +161,20 @@ extern "C" __global__ void bn_stats_f64(double* __restrict__ mean, double* __res
     }
 }
 
+// residual (null for none) is added after the affine, then ReLU when relu
+// is 1: the residual block's tail in one pass, in the unfused ops' order.
 extern "C" __global__ void bn_apply_f32(float* __restrict__ y, const float* __restrict__ x, const float* __restrict__ gamma,
                                         const float* __restrict__ beta, const double* __restrict__ mean, const double* __restrict__ var,
-                                        int N, int C, long long P, float eps) {
+                                        const float* __restrict__ residual, int relu, int N, int C, long long P, float eps) {
     GRID_STRIDE(i, (long long)N * C * P) {
         int ch = (int)((i / P) % C);
         double rstd = 1.0 / sqrt(var[ch] + (double)eps);
         float scale = (float)(rstd * (double)gamma[ch]);
         float shift = (float)((double)beta[ch] - mean[ch] * rstd * (double)gamma[ch]);
-        y[i] = __fadd_rn(__fmul_rn(x[i], scale), shift);
+        float v = __fadd_rn(__fmul_rn(x[i], scale), shift);
+        if (residual) v = __fadd_rn(v, residual[i]);
+        if (relu) v = fmaxf(v, 0.0f);
+        y[i] = v;
     }
 }
 

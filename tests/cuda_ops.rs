@@ -1673,7 +1673,8 @@ fn cuda_convt_pool_backward_matches_cpu() {
 
 /// Train-mode BatchNorm on CUDA (statistics, output, running statistics of
 /// the module, backward) against the CPU: a ResNet ConvBn block with a
-/// residual and ReLU, recorded and back-propagated on each device.
+/// residual and ReLU (the fused op), recorded and back-propagated on each
+/// device, the residual's gradient included.
 fn cuda_batch_norm_train_matches_cpu() {
     use sam_unet::autograd::Recording;
     use sam_unet::nn::ConvBn;
@@ -1706,9 +1707,10 @@ fn cuda_batch_norm_train_matches_cpu() {
         let bn = m.bn.as_mut().unwrap();
         rec.param(&mut bn.weight, "gamma").unwrap();
         rec.param(&mut bn.bias, "beta").unwrap();
-        let y = m
-            .forward_residual(&xd, &r.to_device(dev).unwrap(), Act::Relu)
-            .unwrap();
+        let mut rd = r.to_device(dev).unwrap();
+        rec.param(&mut rd, "residual").unwrap();
+        // The fused BatchNorm + residual + ReLU (one node, one kernel).
+        let y = m.forward_residual(&xd, &rd, Act::Relu).unwrap();
         let g = t(y.dims(), 567, 1.0, 0.0).to_device(dev).unwrap();
         let grads: Vec<(String, Vec<f32>)> = rec
             .backward(&y, &g)
@@ -1723,6 +1725,12 @@ fn cuda_batch_norm_train_matches_cpu() {
         (y, grads, rm, rv, nb)
     };
     let (want, got) = (run(sam_unet::Device::Cpu), run(sam_unet::Device::Cuda(0)));
+    assert_eq!(
+        want.1.len(),
+        5,
+        "x, w, gamma, beta and the residual get gradients"
+    );
+    assert_eq!(got.1.len(), 5);
     assert_close("ConvBn output", &got.0, &want.0, 1e-5, 1e-5);
     assert_close("running mean", &got.2, &want.2, 1e-6, 1e-6);
     assert_close("running var", &got.3, &want.3, 1e-6, 1e-6);

@@ -2253,9 +2253,15 @@ fn batch_norm_kernels_match_cpu() {
 /// Train-mode BatchNorm's four kernels against the CPU op and its tape:
 /// statistics bit-exact (same f64 order), output and gradients to 1e-6.
 fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
+    // Plain, and fused with a residual add and ReLU.
+    batch_norm_variant(s, false);
+    batch_norm_variant(s, true);
+}
+
+fn batch_norm_variant(s: &'static Simt, fused: bool) {
     use sam_unet::Tensor;
     use sam_unet::autograd::Recording;
-    use sam_unet::ops::norm::batch_norm_train;
+    use sam_unet::ops::norm::batch_norm_train_fused;
     let (n, c, p) = (2usize, 5usize, 37usize);
     let (x, gm, bt, g) = (
         rand(n * c * p, 360, 3.0),
@@ -2263,19 +2269,36 @@ fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
         rand(c, 362, 1.0),
         rand(n * c * p, 363, 1.0),
     );
+    let res = rand(n * c * p, 364, 1.0);
     let rec = Recording::start().unwrap();
     let mut ts = [
         Tensor::from_vec(x.clone(), [n, c, p, 1]).unwrap(),
         Tensor::from_vec(gm.clone(), [c]).unwrap(),
         Tensor::from_vec(bt.clone(), [c]).unwrap(),
+        Tensor::from_vec(res.clone(), [n, c, p, 1]).unwrap(),
     ];
     for (i, t) in ts.iter_mut().enumerate() {
         rec.param(t, format!("{i}")).unwrap();
     }
-    let (y, st) = batch_norm_train(&ts[0], &ts[1], &ts[2], 1e-5).unwrap();
+    let (y, st) =
+        batch_norm_train_fused(&ts[0], &ts[1], &ts[2], 1e-5, fused.then_some(&ts[3]), fused)
+            .unwrap();
     let want = rec
         .backward(&y, &Tensor::from_vec(g.clone(), [n, c, p, 1]).unwrap())
         .unwrap();
+    // The gradient that reaches BatchNorm: masked by the fused ReLU.
+    let yv = y.as_f32().unwrap().to_vec();
+    let g: Vec<f32> = g
+        .iter()
+        .zip(&yv)
+        .map(|(&g, &y)| if !fused || y > 0.0 { g } else { 0.0 })
+        .collect();
+    let rb = Buf::from(s, &res);
+    let (rp, relu): (F32p, i32) = if fused {
+        (rb.p(), 1)
+    } else {
+        (std::ptr::null(), 0)
+    };
     let (xb, gmb, btb, gb) = (
         Buf::from(s, &x),
         Buf::from(s, &gm),
@@ -2307,6 +2330,8 @@ fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
             F32p,
             *const f64,
             *const f64,
+            F32p,
+            i32,
             i32,
             i32,
             i64,
@@ -2319,6 +2344,8 @@ fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
                 btb.p(),
                 mean.p(),
                 var.p(),
+                rp,
+                relu,
                 nn,
                 cc,
                 pp,
@@ -2413,6 +2440,10 @@ fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
     assert_close("batch norm dx", &dx.to_vec(), &get("0"), 1e-6, 1e-6);
     assert_close("batch norm dgamma", &f(dg.to_vec()), &get("1"), 1e-6, 1e-6);
     assert_close("batch norm dbeta", &f(db.to_vec()), &get("2"), 1e-6, 1e-6);
+    if fused {
+        // The residual's gradient is the masked one, exactly.
+        assert_eq!(get("3"), g, "fused residual gradient");
+    }
 }
 
 #[test]

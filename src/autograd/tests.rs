@@ -392,6 +392,24 @@ fn batch_norm_and_cat0_match_finite_differences() {
         1e-2,
     );
     check_grads(
+        "batch_norm_train fused with a residual add and ReLU",
+        &|x| {
+            let (y, _) =
+                norm::batch_norm_train_fused(&x[0], &x[1], &x[2], 1e-5, Some(&x[3]), true)?;
+            activation::act(&y, Act::Gelu)
+        },
+        &[
+            t(&[3, 4, 3, 2], 85, 2.0),
+            t(&[4], 86, 1.0),
+            t(&[4], 87, 1.0),
+            t(&[3, 4, 3, 2], 88, 1.0),
+        ],
+        // A step small enough that no output crosses the ReLU's kink (where
+        // a finite difference measures nothing).
+        1e-3,
+        1e-2,
+    );
+    check_grads(
         "cat0",
         &|x| {
             let y = crate::ops::layout::cat0(&[&x[0], &x[1]])?;

@@ -324,7 +324,25 @@ impl BatchNorm2d {
     /// Train mode: normalise with this batch's statistics and move the running
     /// ones (momentum, unbiased variance), as PyTorch's BatchNorm2d.
     pub fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let (y, st) = crate::ops::norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+        self.forward_train_fused(x, None, false)
+    }
+
+    /// relu?(forward_train(x) + residual?) as one op
+    /// (ops::norm::batch_norm_train_fused).
+    pub fn forward_train_fused(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
+        let (y, st) = crate::ops::norm::batch_norm_train_fused(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+            residual,
+            relu,
+        )?;
         let mut r = self.running();
         let m = self.momentum;
         let upd = |old: &Tensor, new: &[f64]| -> Result<Tensor> {
@@ -413,14 +431,16 @@ impl ConvBn {
             };
         }
         let z = self.conv.forward(x, Act::None)?;
-        let mut y = bn.forward_train(&z)?;
-        if let Some(r) = residual {
-            y = crate::ops::activation::add(&y, r)?;
+        match act {
+            Act::None | Act::Relu => bn.forward_train_fused(&z, residual, act == Act::Relu),
+            Act::Gelu => {
+                let mut y = bn.forward_train(&z)?;
+                if let Some(r) = residual {
+                    y = crate::ops::activation::add(&y, r)?;
+                }
+                crate::ops::activation::act(&y, act)
+            }
         }
-        if act == Act::None {
-            return Ok(y);
-        }
-        crate::ops::activation::act(&y, act)
     }
 
     /// The inference form: the BatchNorm's running statistics folded into the

@@ -258,17 +258,17 @@ pub fn channel_stats(x: &[f32], n: usize, c: usize, p: usize) -> (Vec<f64>, Vec<
     per.into_iter().unzip()
 }
 
-/// y = (x - mean) / sqrt(var + eps) * gamma + beta per channel.
+/// y = (x - mean) / sqrt(var + eps) * gamma + beta per channel, then
+/// `+ residual` and ReLU when asked (in that order, the unfused ops' order).
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_apply(
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
-    mean: &[f64],
-    var: &[f64],
-    n: usize,
-    c: usize,
-    p: usize,
+    (mean, var): (&[f64], &[f64]),
+    residual: Option<&[f32]>,
+    relu: bool,
+    (n, c, p): (usize, usize, usize),
     eps: f32,
 ) -> Vec<f32> {
     let mut y = vec![0.0f32; n * c * p];
@@ -279,8 +279,22 @@ pub fn batch_norm_apply(
             (rstd * gamma[ch] as f64) as f32,
             (beta[ch] as f64 - mean[ch] * rstd * gamma[ch] as f64) as f32,
         );
-        for (o, &v) in out.iter_mut().zip(&x[r * p..(r + 1) * p]) {
-            *o = v * scale + shift;
+        let xs = &x[r * p..(r + 1) * p];
+        match residual {
+            Some(res) => {
+                let rs = &res[r * p..(r + 1) * p];
+                for ((o, &v), &a) in out.iter_mut().zip(xs).zip(rs) {
+                    *o = (v * scale + shift) + a;
+                }
+            }
+            None => {
+                for (o, &v) in out.iter_mut().zip(xs) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+        if relu {
+            out.iter_mut().for_each(|o| *o = o.max(0.0));
         }
     });
     y

@@ -204,17 +204,23 @@ pub fn layer_norm_backward(
 }
 
 /// Train-mode BatchNorm on the device: (y, mean, biased var) with the
-/// statistics [C] in f64 on the device (cuda/norm.cu bn_stats_f64, bn_apply_f32).
+/// statistics [C] in f64 on the device (cuda/norm.cu bn_stats_f64,
+/// bn_apply_f32), y = relu?(bn(x) + residual?).
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_train(
     dev: &CudaDevice,
     x: &CudaSlice<f32>,
     gamma: &CudaSlice<f32>,
     beta: &CudaSlice<f32>,
+    (residual, relu): (Option<&CudaSlice<f32>>, bool),
     (n, c, p): (usize, usize, usize),
     eps: f32,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f64>, CudaSlice<f64>)> {
-    if x.len() != n * c * p || gamma.len() != c || beta.len() != c {
+    if x.len() != n * c * p
+        || gamma.len() != c
+        || beta.len() != c
+        || residual.is_some_and(|r| r.len() != x.len())
+    {
         return Err(Error::shape(
             "batch_norm_train (cuda)",
             format!("x of {} values for {n} x {c} x {p}", x.len()),
@@ -235,17 +241,22 @@ pub fn batch_norm_train(
     let mut y = dev.alloc(x.len())?;
     let f = dev.function("norm", "bn_apply_f32")?;
     let mut l = dev.stream().launch_builder(&f);
+    let relu = relu as i32;
+    // A null pointer means "no residual" to the kernel.
+    let null: u64 = 0;
     l.arg(&mut y)
         .arg(x)
         .arg(gamma)
         .arg(beta)
         .arg(&mean)
-        .arg(&var)
-        .arg(&nn)
-        .arg(&cc)
-        .arg(&pp)
-        .arg(&eps);
-    // SAFETY: y, x hold n c p floats, gamma / beta c, mean / var c doubles.
+        .arg(&var);
+    match residual {
+        Some(r) => l.arg(r),
+        None => l.arg(&null),
+    };
+    l.arg(&relu).arg(&nn).arg(&cc).arg(&pp).arg(&eps);
+    // SAFETY: y, x (and the residual, when given) hold n c p floats,
+    // gamma / beta c, mean / var c doubles; the rest match the kernel's ints.
     unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("bn_apply launch"))?;
     Ok((y, mean, var))
 }

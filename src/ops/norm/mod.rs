@@ -271,19 +271,40 @@ pub struct BatchStats {
 /// BatchNorm2d in train mode: x [N, C, H, W] normalised per channel with the
 /// statistics of this batch (mean and biased variance over N, H, W, in f64),
 /// then gamma, beta [C]. Records its backward (dx, dgamma, dbeta) under a
-/// recording. CPU for now. The statistics are the one reduction point that a
-/// multi-device run replaces with a cross-device one.
+/// recording. The statistics are the one reduction point that a multi-device
+/// run replaces with a cross-device one.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, BatchStats)> {
+    batch_norm_train_fused(x, gamma, beta, eps, None, false)
+}
+
+/// relu?(batch_norm_train(x) + residual?): a residual block's tail as one op
+/// and one tape node (the values are the unfused ops', bit for bit). Its
+/// backward masks the gradient by the output's sign (the ReLU), hands that to
+/// the residual and runs BatchNorm's backward on it: it saves x and its own
+/// output, which the next convolution keeps for its weight gradient anyway,
+/// instead of the pre-activation that a separate ReLU would keep.
+/// residual: x's shape.
+pub fn batch_norm_train_fused(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
     const OP: &str = "batch_norm_train";
     let _p = crate::profile::scope(OP);
     let [n, c, h, w] = x.dims_n::<4>(OP, "input")?;
     gamma.expect_dims(OP, "weight", &[c])?;
     beta.expect_dims(OP, "bias", &[c])?;
+    if let Some(r) = residual {
+        r.expect_dims(OP, "residual", x.dims())?;
+    }
     let p = h * w;
     let count = n * p;
     if count < 2 {
@@ -295,130 +316,166 @@ pub fn batch_norm_train(
             ),
         ));
     }
-    if let Device::Cuda(_) = same_device(OP, &[x, gamma, beta])? {
-        return batch_norm_train_cuda(x, gamma, beta, eps, (n, c, p));
-    }
-    let (xs, gs, bs) = (cpu_f32(OP, x)?, cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?);
-    let (mean, var) = cpu::channel_stats(xs, n, c, p);
-    let y = cpu::batch_norm_apply(xs, gs, bs, &mean, &var, n, c, p, eps);
-    let mut y = Tensor::from_f32(y, x.dims());
-    let stats = BatchStats {
-        var_unbiased: var
-            .iter()
+    let mut all = vec![x, gamma, beta];
+    all.extend(residual);
+    let unbiased = |var: &[f64]| -> Vec<f64> {
+        var.iter()
             .map(|v| v * count as f64 / (count - 1) as f64)
-            .collect(),
-        mean: mean.clone(),
-        count,
+            .collect()
     };
-    if autograd::is_tracked(&[x, gamma, beta]) {
+    // The statistics stay where the backward needs them: host vectors on the
+    // CPU, device vectors (downloaded for the running statistics) on CUDA.
+    let (mut y, stats, saved_stats) = match same_device(OP, &all)? {
+        Device::Cuda(_) => {
+            const OP: &str = "batch_norm_train (cuda)";
+            let (xc, gc, bc) = (
+                cuda_input(OP, x)?,
+                cuda_input(OP, gamma)?,
+                cuda_input(OP, beta)?,
+            );
+            let rc = residual.map(|r| cuda_input(OP, r)).transpose()?;
+            let (dev, xs) = xc.cuda_whole_f32(OP)?;
+            let dev = dev.clone();
+            let rs = rc.as_ref().map(|r| r.cuda_whole_f32(OP)).transpose()?;
+            let (y, mean, var) = cuda::batch_norm_train(
+                &dev,
+                xs,
+                gc.cuda_whole_f32(OP)?.1,
+                bc.cuda_whole_f32(OP)?.1,
+                (rs.map(|r| r.1), relu),
+                (n, c, p),
+                eps,
+            )?;
+            let down = |v: &cudarc::driver::CudaSlice<f64>| {
+                dev.stream()
+                    .clone_dtoh(v)
+                    .map_err(crate::cuda::driver_err("copy to host"))
+            };
+            let (mh, vh) = (down(&mean)?, down(&var)?);
+            let stats = BatchStats {
+                var_unbiased: unbiased(&vh),
+                mean: mh,
+                count,
+            };
+            let y = Tensor::from_cuda_f32(&dev, y, x.dims())?;
+            (y, stats, SavedStats::Cuda(dev, mean, var))
+        }
+        Device::Cpu => {
+            let (xs, gs, bs) = (cpu_f32(OP, x)?, cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?);
+            let rs = residual.map(|r| cpu_f32(OP, r)).transpose()?;
+            let (mean, var) = cpu::channel_stats(xs, n, c, p);
+            let y = cpu::batch_norm_apply(xs, gs, bs, (&mean, &var), rs, relu, (n, c, p), eps);
+            let stats = BatchStats {
+                var_unbiased: unbiased(&var),
+                mean: mean.clone(),
+                count,
+            };
+            (
+                Tensor::from_f32(y, x.dims()),
+                stats,
+                SavedStats::Cpu(mean, var),
+            )
+        }
+    };
+    if autograd::is_tracked(&all) {
         let (gx, gg, gb) = (
             autograd::requires_grad(x),
             autograd::requires_grad(gamma),
             autograd::requires_grad(beta),
         );
+        let gr = residual.is_some_and(autograd::requires_grad);
+        let has_r = residual.is_some();
+        // The output (before it joins the tape) for the ReLU's mask.
+        let ys = relu.then(|| y.clone());
+        let saved = autograd::bytes(x) + ys.as_ref().map_or(0, autograd::bytes);
         let (xk, gk) = (x.clone(), gamma.clone());
         autograd::record(
             OP,
-            &[x, gamma, beta],
+            &all,
             &mut y,
-            autograd::bytes(x),
+            saved,
             Box::new(move |g| {
-                const OP: &str = "batch_norm_train backward";
-                crate::ops::backward_on_cpu(OP, &[g])?;
-                let (dx, dg, db) = cpu::batch_norm_backward(
-                    cpu_f32(OP, &xk)?,
-                    cpu_f32(OP, &gk)?,
-                    cpu_f32(OP, g)?,
-                    (&mean, &var),
-                    (n, c, p),
-                    eps,
-                    gx,
-                );
-                Ok(vec![
-                    dx.map(|d| Tensor::from_f32(d, xk.dims())),
-                    gg.then(|| Tensor::from_f32(dg.clone(), &[c])),
-                    gb.then(|| Tensor::from_f32(db, &[c])),
-                ])
+                let gm = match &ys {
+                    Some(y) => crate::ops::activation::act_backward(y, g, Act::Relu)?,
+                    None => g.clone(),
+                };
+                let (dx, dg, db) =
+                    batch_norm_train_backward(&xk, &gk, &gm, &saved_stats, (n, c, p), eps, gx)?;
+                let mut v = vec![dx, gg.then_some(dg), gb.then_some(db)];
+                if has_r {
+                    v.push(gr.then_some(gm));
+                }
+                Ok(v)
             }),
         );
     }
     Ok((y, stats))
 }
 
-fn batch_norm_train_cuda(
+/// A train-mode BatchNorm's batch statistics (mean, biased variance) kept for
+/// its backward, on the device that computed them.
+enum SavedStats {
+    Cpu(Vec<f64>, Vec<f64>),
+    Cuda(
+        std::sync::Arc<crate::cuda::CudaDevice>,
+        cudarc::driver::CudaSlice<f64>,
+        cudarc::driver::CudaSlice<f64>,
+    ),
+}
+
+/// BatchNorm's backward on the gradient g of its output: (dx when `want_dx`,
+/// dgamma, dbeta), on the device of the saved statistics.
+fn batch_norm_train_backward(
     x: &Tensor,
     gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
+    g: &Tensor,
+    stats: &SavedStats,
     (n, c, p): (usize, usize, usize),
-) -> Result<(Tensor, BatchStats)> {
-    const OP: &str = "batch_norm_train (cuda)";
-    let (xc, gc, bc) = (
-        cuda_input(OP, x)?,
-        cuda_input(OP, gamma)?,
-        cuda_input(OP, beta)?,
-    );
-    let (dev, xs) = xc.cuda_whole_f32(OP)?;
-    let dev = dev.clone();
-    let (y, mean, var) = cuda::batch_norm_train(
-        &dev,
-        xs,
-        gc.cuda_whole_f32(OP)?.1,
-        bc.cuda_whole_f32(OP)?.1,
-        (n, c, p),
-        eps,
-    )?;
-    let count = n * p;
-    let down = |v: &cudarc::driver::CudaSlice<f64>| {
-        dev.stream()
-            .clone_dtoh(v)
-            .map_err(crate::cuda::driver_err("copy to host"))
-    };
-    let (mh, vh) = (down(&mean)?, down(&var)?);
-    let stats = BatchStats {
-        var_unbiased: vh
-            .iter()
-            .map(|v| v * count as f64 / (count - 1) as f64)
-            .collect(),
-        mean: mh,
-        count,
-    };
-    let mut y = Tensor::from_cuda_f32(&dev, y, x.dims())?;
-    if autograd::is_tracked(&[x, gamma, beta]) {
-        let (gx, gg, gb) = (
-            autograd::requires_grad(x),
-            autograd::requires_grad(gamma),
-            autograd::requires_grad(beta),
-        );
-        let dims = x.dims().to_vec();
-        autograd::record(
-            "batch_norm_train",
-            &[x, gamma, beta],
-            &mut y,
-            autograd::bytes(x),
-            Box::new(move |g| {
-                const OP: &str = "batch_norm_train backward (cuda)";
-                let gcu = cuda_input(OP, g)?;
-                let (dx, dg, db) = cuda::batch_norm_backward(
-                    &dev,
-                    xc.cuda_whole_f32(OP)?.1,
-                    gc.cuda_whole_f32(OP)?.1,
-                    gcu.cuda_whole_f32(OP)?.1,
-                    (&mean, &var),
-                    (n, c, p),
-                    eps,
-                    gx,
-                )?;
-                Ok(vec![
-                    dx.map(|d| Tensor::from_cuda_f32(&dev, d, dims.clone()))
-                        .transpose()?,
-                    gg.then(|| Tensor::from_f32(dg, &[c]).to_device(g.device()))
-                        .transpose()?,
-                    gb.then(|| Tensor::from_f32(db, &[c]).to_device(g.device()))
-                        .transpose()?,
-                ])
-            }),
-        );
+    eps: f32,
+    want_dx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    match stats {
+        SavedStats::Cpu(mean, var) => {
+            const OP: &str = "batch_norm_train backward";
+            crate::ops::backward_on_cpu(OP, &[g])?;
+            let (dx, dg, db) = cpu::batch_norm_backward(
+                cpu_f32(OP, x)?,
+                cpu_f32(OP, gamma)?,
+                cpu_f32(OP, g)?,
+                (mean, var),
+                (n, c, p),
+                eps,
+                want_dx,
+            );
+            Ok((
+                dx.map(|d| Tensor::from_f32(d, x.dims())),
+                Tensor::from_f32(dg, &[c]),
+                Tensor::from_f32(db, &[c]),
+            ))
+        }
+        SavedStats::Cuda(dev, mean, var) => {
+            const OP: &str = "batch_norm_train backward (cuda)";
+            let (xc, gc, gcu) = (
+                cuda_input(OP, x)?,
+                cuda_input(OP, gamma)?,
+                cuda_input(OP, g)?,
+            );
+            let (dx, dg, db) = cuda::batch_norm_backward(
+                dev,
+                xc.cuda_whole_f32(OP)?.1,
+                gc.cuda_whole_f32(OP)?.1,
+                gcu.cuda_whole_f32(OP)?.1,
+                (mean, var),
+                (n, c, p),
+                eps,
+                want_dx,
+            )?;
+            Ok((
+                dx.map(|d| Tensor::from_cuda_f32(dev, d, x.dims()))
+                    .transpose()?,
+                Tensor::from_f32(dg, &[c]).to_device(g.device())?,
+                Tensor::from_f32(db, &[c]).to_device(g.device())?,
+            ))
+        }
     }
-    Ok((y, stats))
 }
