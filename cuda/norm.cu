@@ -135,25 +135,35 @@ extern "C" __global__ void layer_norm_backward_f32(float* __restrict__ dx, float
 //                    + residual and ReLU when asked.
 //   bn_backward_sums: per channel, dgamma = sum g xhat and dbeta = sum g (f64).
 //   bn_backward_dx:  dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = N P.
+// A plane's sum in the CPU's order (src/ops/norm/cpu.rs lane_sums2): eight
+// interleaved f64 partial sums (element q into lane q mod 8), then the lanes
+// added in order. TERM(q) is the q-th element's term; the adds (and the
+// terms' products) are _rn so that no FMA contraction leaves the CPU's order.
+#define LANE_SUM(out, len, TERM)                                   \
+    do {                                                           \
+        double lanes_[8] = {0, 0, 0, 0, 0, 0, 0, 0};               \
+        for (long long q = 0; q < (len); ++q) lanes_[q & 7] = __dadd_rn(lanes_[q & 7], (TERM)); \
+        double s_ = 0.0;                                           \
+        for (int j = 0; j < 8; ++j) s_ = __dadd_rn(s_, lanes_[j]); \
+        (out) = s_;                                                \
+    } while (0)
+
 extern "C" __global__ void bn_stats_f64(double* __restrict__ mean, double* __restrict__ var, const float* __restrict__ x, int N, int C,
                                         long long P) {
     GRID_STRIDE(ch, (long long)C) {
         double s = 0.0;
         for (int i = 0; i < N; ++i) {
             const float* pl = x + ((long long)i * C + ch) * P;
-            double ps = 0.0;
-            for (long long q = 0; q < P; ++q) ps += (double)pl[q];
+            double ps;
+            LANE_SUM(ps, P, (double)pl[q]);
             s += ps;
         }
         double m = s / ((double)N * P);
         double v = 0.0;
         for (int i = 0; i < N; ++i) {
             const float* pl = x + ((long long)i * C + ch) * P;
-            double ps = 0.0;
-            for (long long q = 0; q < P; ++q) {
-                double d = (double)pl[q] - m;
-                ps += d * d;
-            }
+            double ps;
+            LANE_SUM(ps, P, __dmul_rn((double)pl[q] - m, (double)pl[q] - m));
             v += ps;
         }
         mean[ch] = m;
@@ -186,10 +196,11 @@ extern "C" __global__ void bn_backward_sums(double* __restrict__ dgamma, double*
         double dg = 0.0, db = 0.0;
         for (int i = 0; i < N; ++i) {
             long long r = ((long long)i * C + ch) * P;
-            for (long long q = 0; q < P; ++q) {
-                dg += (double)g[r + q] * ((double)x[r + q] - mean[ch]) * rstd;
-                db += (double)g[r + q];
-            }
+            double pg, pb;
+            LANE_SUM(pg, P, __dmul_rn(__dmul_rn((double)g[r + q], (double)x[r + q] - mean[ch]), rstd));
+            LANE_SUM(pb, P, (double)g[r + q]);
+            dg += pg;
+            db += pb;
         }
         dgamma[ch] = dg;
         dbeta[ch] = db;

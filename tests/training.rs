@@ -348,6 +348,25 @@ fn train_step_check(calibrated: bool) {
             names.len()
         );
     }
+    // The five steps' updates, as the CUDA test measures them.
+    let (u, count) = common::five_step_update_error(&fx, &w, &mut |n| a.after5[n].clone());
+    // How far moving the input by one rounding moves our own updates.
+    let ub = b.as_ref().map(|b| {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (name, pa) in &a.after5 {
+            let p0 = w.req(name).unwrap().as_f32().unwrap();
+            for ((&x, &y), &z) in pa.iter().zip(&b.after5[name]).zip(p0) {
+                num += ((x - y) as f64).powi(2);
+                den += ((x - z) as f64).powi(2);
+            }
+        }
+        (num / den).sqrt()
+    });
+    println!(
+        "the five steps' updates vs the reference's: relative L2 {u:.2e} over {count} samples; \
+         moving the input by one rounding moves our own (all parameters) by {}",
+        ub.map_or("-".into(), |v| format!("{v:.2e}"))
+    );
     // The losses before each of the five steps.
     let want_losses = &fx.f("loss_steps").1;
     for (k, (&got, &want)) in a.losses.iter().zip(want_losses).enumerate() {

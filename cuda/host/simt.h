@@ -200,6 +200,20 @@ static inline float __fmul_rn(float a, float b) {
     SIMT_OPAQUE(r);
     return r;
 }
+static inline double __dadd_rn(double a, double b) {
+    SIMT_OPAQUE(a);
+    SIMT_OPAQUE(b);
+    double r = a + b;
+    SIMT_OPAQUE(r);
+    return r;
+}
+static inline double __dmul_rn(double a, double b) {
+    SIMT_OPAQUE(a);
+    SIMT_OPAQUE(b);
+    double r = a * b;
+    SIMT_OPAQUE(r);
+    return r;
+}
 static inline float __fdiv_rn(float a, float b) {
     SIMT_OPAQUE(a);
     SIMT_OPAQUE(b);

@@ -222,3 +222,51 @@ pub fn bn_names(fx: &Fixture, prefix: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// The five steps' parameter updates against the reference's, at the
+/// fixture's gradient samples: relative L2 of (ours after five - initial)
+/// against (reference after five - initial) over every sample whose step-1
+/// gradient is above the README's 1e-4 x its parameter's gradient norm (the
+/// rule for the parameters after one Adam step: Adam moves a parameter by
+/// about lr x sign(gradient), so a near-zero gradient's steps are noise),
+/// parameters zero in exact arithmetic left out. `after5(name)` is our
+/// parameter after five steps (host f32). Returns (relative L2, samples).
+#[allow(dead_code)]
+pub fn five_step_update_error(
+    fx: &Fixture,
+    w: &sam_unet::io::Weights,
+    after5: &mut dyn FnMut(&str) -> Vec<f32>,
+) -> (f64, usize) {
+    let names: Vec<String> = fx
+        .f32s
+        .keys()
+        .filter_map(|k| k.strip_prefix("grad_norm/").map(str::to_string))
+        .collect();
+    let largest = names
+        .iter()
+        .map(|n| fx.f(&format!("grad_norm/{n}")).1[0] as f64)
+        .fold(0.0, f64::max);
+    let (mut num, mut den, mut count) = (0.0f64, 0.0f64, 0);
+    for name in &names {
+        let norm = fx.f(&format!("grad_norm/{name}")).1[0] as f64;
+        if norm < 1e-6 * largest {
+            continue;
+        }
+        let p0 = w.req(name).unwrap().as_f32().unwrap().to_vec();
+        let p5 = after5(name);
+        let idx = &fx.f(&format!("grad_idx/{name}")).1;
+        let vals = &fx.f(&format!("grad_val/{name}")).1;
+        let want5 = &fx.f(&format!("param_after_5/{name}")).1;
+        for ((&i, &g), &want) in idx.iter().zip(vals).zip(want5) {
+            if (g as f64).abs() <= 1e-4 * norm {
+                continue;
+            }
+            let i = i as usize;
+            let (ours, theirs) = ((p5[i] - p0[i]) as f64, (want - p0[i]) as f64);
+            num += (ours - theirs).powi(2);
+            den += theirs.powi(2);
+            count += 1;
+        }
+    }
+    ((num / den.max(1e-300)).sqrt(), count)
+}

@@ -41,20 +41,25 @@ pub fn add_assign(a: &mut [f32], b: &[f32]) {
         });
 }
 
+multiversion! {
+    /// o = g * GELU'(x) over one chunk (AVX2 + FMA where the CPU has them).
+    fn gelu_backward_chunk(o: &mut [f32], x: &[f32], g: &[f32]) {
+        use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
+        // 1 / sqrt(2 pi)
+        let k = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
+        for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+            let cdf = 0.5 * (1.0 + math::erf_g::<FMA>(x * FRAC_1_SQRT_2));
+            let pdf = math::exp_g::<FMA>(-0.5 * x * x) * k;
+            *o = g * (cdf + x * pdf);
+        }
+    }
+}
+
 /// g * GELU'(x), GELU'(x) = Phi(x) + x phi(x) (PyTorch's exact-GELU backward).
 pub fn gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
-    use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
-    // 1 / sqrt(2 pi)
-    let k = FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * 0.5;
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|(o, (x, g))| {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                let cdf = 0.5 * (1.0 + math::erf(x * FRAC_1_SQRT_2));
-                let pdf = math::exp(-0.5 * x * x) * k;
-                *o = g * (cdf + x * pdf);
-            }
-        });
+        .for_each(|(o, (x, g))| gelu_backward_chunk(o, x, g));
     out
 }

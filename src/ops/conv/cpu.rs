@@ -336,17 +336,26 @@ pub fn conv2d_backward(
     let p = geo.ho * geo.wo;
     let k = geo.c * geo.kh * geo.kw;
     let img = geo.c * geo.h * geo.w;
+    // A 1 x 1, stride-1, unpadded convolution's im2col is the image itself
+    // and its col2im the identity: the GEMMs read x and write dx directly
+    // (the same sums, without the copies).
+    let direct = geo.kh == 1 && geo.kw == 1 && geo.stride == 1 && geo.pad == 0;
     let dw = x.map(|x| {
         let _p = crate::profile::scope("conv2d.bw.dw");
         let mut dw = vec![0.0f32; geo.o * k];
-        let mut col = vec![0.0f32; k * p];
+        let mut col = vec![0.0f32; if direct { 0 } else { k * p }];
         for i in 0..geo.n {
-            let _c = crate::profile::scope("conv2d.bw.im2col");
-            im2col_cols(geo, &x[i * img..(i + 1) * img], 0, p, &mut col);
-            drop(_c);
+            let xi = &x[i * img..(i + 1) * img];
+            let cols = if direct {
+                xi
+            } else {
+                let _c = crate::profile::scope("conv2d.bw.im2col");
+                im2col_cols(geo, xi, 0, p, &mut col);
+                &col[..]
+            };
             sgemm(
                 MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
-                MatRef::tr(&col, p, k),
+                MatRef::tr(cols, p, k),
                 &mut dw,
                 k,
                 1,
@@ -359,6 +368,21 @@ pub fn conv2d_backward(
     let dx = w.map(|w| {
         let _p = crate::profile::scope("conv2d.bw.dx");
         let mut dx = vec![0.0f32; geo.n * img];
+        if direct {
+            for (i, dxi) in dx.chunks_exact_mut(img).enumerate() {
+                let _g = crate::profile::scope("conv2d.bw.dx.gemm");
+                sgemm(
+                    MatRef::tr(w, k, geo.o),
+                    MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
+                    dxi,
+                    p,
+                    1,
+                    false,
+                    Par::Pool,
+                );
+            }
+            return dx;
+        }
         let mut dcol = vec![0.0f32; k * p];
         for i in 0..geo.n {
             let _g = crate::profile::scope("conv2d.bw.dx.gemm");

@@ -232,27 +232,57 @@ pub fn layer_norm_backward(
     (dx, f(dw), f(db))
 }
 
-/// Per-channel mean and biased variance of x [n, c, p] in f64 (images and
-/// pixels in order).
+/// The sums of a BatchNorm plane, in the order both devices take
+/// (cuda/norm.cu's `lane_sum`): eight interleaved f64 partial sums (element
+/// q into lane q mod 8, eight independent chains instead of one), then the
+/// lanes added in order. Returns the sums of f and of h over the plane.
+#[inline]
+fn lane_sums2(
+    a: &[f32],
+    b: &[f32],
+    f: impl Fn(f32, f32) -> f64,
+    h: impl Fn(f32, f32) -> f64,
+) -> (f64, f64) {
+    let (mut lf, mut lh) = ([0.0f64; 8], [0.0f64; 8]);
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for j in 0..8 {
+            lf[j] += f(xa[j], xb[j]);
+            lh[j] += h(xa[j], xb[j]);
+        }
+    }
+    for j in 0..ra.len() {
+        lf[j] += f(ra[j], rb[j]);
+        lh[j] += h(ra[j], rb[j]);
+    }
+    let add = |l: [f64; 8]| l.iter().fold(0.0f64, |s, &v| s + v);
+    (add(lf), add(lh))
+}
+
+/// Per-channel mean and biased variance of x [n, c, p] in f64: per plane in
+/// `lane_sums2`'s order, the planes' sums added in image order.
 pub fn channel_stats(x: &[f32], n: usize, c: usize, p: usize) -> (Vec<f64>, Vec<f64>) {
     let per: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
             let plane = |i: usize| &x[(i * c + ch) * p..(i * c + ch + 1) * p];
-            let m = (0..n)
-                .map(|i| plane(i).iter().map(|&v| v as f64).sum::<f64>())
-                .sum::<f64>()
-                / (n * p) as f64;
-            let v = (0..n)
-                .map(|i| {
-                    plane(i)
-                        .iter()
-                        .map(|&v| (v as f64 - m).powi(2))
-                        .sum::<f64>()
-                })
-                .sum::<f64>()
-                / (n * p) as f64;
-            (m, v)
+            let mut s = 0.0f64;
+            for i in 0..n {
+                s += lane_sums2(plane(i), plane(i), |v, _| v as f64, |_, _| 0.0).0;
+            }
+            let m = s / (n * p) as f64;
+            let mut v = 0.0f64;
+            for i in 0..n {
+                v += lane_sums2(
+                    plane(i),
+                    plane(i),
+                    |x, _| (x as f64 - m).powi(2),
+                    |_, _| 0.0,
+                )
+                .0;
+            }
+            (m, v / (n * p) as f64)
         })
         .collect();
     per.into_iter().unzip()
@@ -300,7 +330,8 @@ pub fn batch_norm_apply(
     y
 }
 
-/// BatchNorm (batch statistics) backward, per channel in f64:
+/// BatchNorm (batch statistics) backward, per channel in f64 (planes in
+/// `lane_sums2`'s order, added in image order):
 /// dgamma = sum g xhat, dbeta = sum g,
 /// dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = n p.
 #[allow(clippy::type_complexity)]
@@ -321,10 +352,14 @@ pub fn batch_norm_backward(
             let (mut dg, mut db) = (0.0f64, 0.0f64);
             for i in 0..n {
                 let r = (i * c + ch) * p;
-                for (&xv, &gv) in x[r..r + p].iter().zip(&g[r..r + p]) {
-                    dg += gv as f64 * (xv as f64 - mean[ch]) * rstd;
-                    db += gv as f64;
-                }
+                let (pg, pb) = lane_sums2(
+                    &x[r..r + p],
+                    &g[r..r + p],
+                    |xv, gv| gv as f64 * (xv as f64 - mean[ch]) * rstd,
+                    |_, gv| gv as f64,
+                );
+                dg += pg;
+                db += pb;
             }
             (dg, db)
         })
