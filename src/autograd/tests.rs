@@ -144,6 +144,18 @@ fn linear_and_norms_match_finite_differences() {
             1e-2,
         );
     }
+    // More pixels than one backward block (256).
+    check_grads(
+        "layer_norm2d over 300 pixels",
+        &|x| norm::layer_norm2d(&x[0], &x[1], &x[2], 1e-6, Act::Gelu),
+        &[
+            t(&[2, 4, 15, 20], 26, 2.0),
+            t(&[4], 27, 1.0),
+            t(&[4], 28, 1.0),
+        ],
+        1e-2,
+        1e-2,
+    );
     check_grads(
         "reshape and view",
         &|x| {
