@@ -74,6 +74,9 @@ fn bench_train(args: &Args, cfg: &SamUnetConfig, images: usize) -> Result<()> {
     }
     let w = cfg.random_weights(0);
     let mut tr = sam_unet::train::Trainer::new(&w, args.device, Default::default())?;
+    // The trainer holds what it needs (the store has its own copy of the
+    // trainable values), as a PyTorch model owns its parameters.
+    drop(w);
     let s = cfg.img_size;
     let x = sam_unet::Tensor::from_vec(
         (0..images * 3 * s * s)

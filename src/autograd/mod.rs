@@ -249,6 +249,28 @@ impl Recording {
     /// tape and ends the recording: the parameters' gradients, in the order
     /// they were registered.
     pub fn backward(self, out: &Tensor, grad: &Tensor) -> Result<Grads> {
+        let mut got: Vec<(usize, String, Tensor)> = vec![];
+        self.backward_into(out, grad, &mut |i, name, g| {
+            got.push((i, name.to_string(), g));
+            Ok(())
+        })?;
+        // Registration order.
+        got.sort_by_key(|(i, ..)| *i);
+        Ok(got.into_iter().map(|(_, n, g)| (n, g)).collect())
+    }
+
+    /// `backward`, handing each parameter's gradient to `sink` (with the
+    /// parameter's registration index and name) as soon as it is complete:
+    /// right after the earliest-recorded node that reads the parameter has
+    /// run, so that a caller can move it into a store (or start reducing it
+    /// across devices) while backward goes on, and no gradient waits for the
+    /// end. Parameters that `out` does not depend on are not handed over.
+    pub fn backward_into(
+        self,
+        out: &Tensor,
+        grad: &Tensor,
+        sink: &mut dyn FnMut(usize, &str, Tensor) -> Result<()>,
+    ) -> Result<()> {
         let tape = TAPE
             .with(|t| t.borrow_mut().take())
             .filter(|t| t.tag == self.tag)
@@ -268,9 +290,26 @@ impl Recording {
         let Tape {
             values, mut nodes, ..
         } = tape;
+        // The earliest node reading each value: a named value's gradient is
+        // complete once that node has run (nodes run latest first).
+        let mut first_use = vec![usize::MAX; values.len()];
+        for (k, node) in nodes.iter().enumerate() {
+            for id in node.inputs.iter().flatten() {
+                let f = &mut first_use[*id as usize];
+                *f = (*f).min(k);
+            }
+        }
         let mut grads: Vec<Option<Tensor>> = vec![None; values.len()];
         grads[root as usize] = Some(grad.clone());
+        // A parameter that is itself the output.
+        if let Some(name) = &values[root as usize].name
+            && first_use[root as usize] == usize::MAX
+            && let Some(g) = grads[root as usize].take()
+        {
+            sink(root as usize, name, g)?;
+        }
         while let Some(node) = nodes.pop() {
+            let k = nodes.len();
             let Some(g) = grads[node.output as usize].take() else {
                 continue; // the output does not reach `out`
             };
@@ -307,12 +346,17 @@ impl Recording {
                     Some(acc) => crate::ops::activation::add_(acc, &gi)?,
                 }
             }
+            for id in node.inputs.iter().flatten() {
+                let i = *id as usize;
+                if first_use[i] == k
+                    && let Some(name) = &values[i].name
+                    && let Some(g) = grads[i].take()
+                {
+                    sink(i, name, g)?;
+                }
+            }
         }
-        Ok(values
-            .into_iter()
-            .zip(grads)
-            .filter_map(|(v, g)| Some((v.name?, g?)))
-            .collect())
+        Ok(())
     }
 }
 

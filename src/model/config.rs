@@ -80,6 +80,24 @@ pub struct ParamSpec {
     pub init: Init,
 }
 
+impl ParamSpec {
+    /// A trainable parameter that box prompts reach: every trainable one but
+    /// the prompt encoder's `point_embeddings.0/1`, `not_a_point_embed` and
+    /// `mask_downscaling.*` (MODEL.md: they exist, get no gradient, no Adam
+    /// state, and never change).
+    pub fn gets_gradient_with_boxes(&self) -> bool {
+        self.kind == (Kind::Param { trainable: true })
+            && ![
+                ".point_embeddings.0.",
+                ".point_embeddings.1.",
+                ".not_a_point_embed.",
+                ".mask_downscaling.",
+            ]
+            .iter()
+            .any(|k| self.name.contains(k))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Init {
     /// Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = numel / shape[0]

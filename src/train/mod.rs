@@ -5,10 +5,16 @@
 //! backward through the tape (src/autograd), Adam on the trainable
 //! parameters that got a gradient.
 //!
-//! The parameters are the model's own tensors, named by the state_dict name
-//! they were loaded from; frozen weights (the ViT and its neck) are never
-//! registered, so nothing is recorded for them and they get no gradient.
-//! On the CPU or a CUDA device (f32).
+//! The parameters live in one store (store.rs: values, gradients and Adam's
+//! moments, each one flat allocation) and the model's parameter tensors are
+//! views of it, named by the state_dict name they were loaded from; frozen
+//! weights (the ViT and its neck) are never registered, so nothing is
+//! recorded for them and they get no gradient. On the CPU or a CUDA device
+//! (f32).
+
+mod store;
+
+pub use store::{ParamStore, Slot};
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -21,19 +27,8 @@ use crate::model::{ImageFeatures, SamUnet, Trace};
 use crate::nn::Params;
 use crate::ops::layout::cat0;
 use crate::ops::loss::{LossTerms, focal_dice};
-use crate::ops::optim::{AdamStep, adam_cpu};
 use crate::ops::resize::bilinear;
 use crate::tensor::{Device, Tensor};
-
-/// Adam's moments, laid out flat, one slot per parameter with a gradient.
-enum Moments {
-    Cpu(Vec<f32>, Vec<f32>),
-    Cuda(
-        std::sync::Arc<crate::cuda::CudaDevice>,
-        cudarc::driver::CudaSlice<f32>,
-        cudarc::driver::CudaSlice<f32>,
-    ),
-}
 
 /// Adam and the loss as the authors set them.
 #[derive(Clone, Copy, Debug)]
@@ -87,11 +82,8 @@ pub struct Trainer {
     /// For every tensor of the model in visit order: its name when it is a
     /// trainable parameter.
     names: Vec<Option<String>>,
-    /// Adam's first and second moments, flat (one buffer each, on the
-    /// model's device); a parameter's slot starts at `slots[name]`.
-    moments: Option<Moments>,
-    slots: HashMap<String, usize>,
-    step: u64,
+    /// The parameters box prompts reach, their gradients and Adam's state.
+    store: ParamStore,
     cfg: TrainConfig,
 }
 
@@ -114,18 +106,78 @@ impl Trainer {
             names.push(trainable.get(&t.storage_key()).map(|n| n.to_string()));
             Ok(())
         })?;
-        // Names first (they come from the loaded storage), then the device:
-        // the visit order is what keeps them attached.
-        crate::nn::to_device(&mut model, device)?;
-        model.set_training(true);
-        Ok(Trainer {
+        // The store takes the parameters that box prompts reach, in module
+        // order (names come from the loaded storage, before any move).
+        let reached: std::collections::HashSet<String> = model
+            .config
+            .param_specs()
+            .into_iter()
+            .filter(|s| s.gets_gradient_with_boxes())
+            .map(|s| s.name)
+            .collect();
+        let mut params = vec![];
+        let mut i = 0;
+        model.visit(&mut |t: &mut Tensor| {
+            if let Some(n) = names[i].as_ref().filter(|n| reached.contains(*n)) {
+                params.push((n.clone(), t.clone()));
+            }
+            i += 1;
+            Ok(())
+        })?;
+        let store = ParamStore::new(&params, device)?;
+        drop(params);
+        let mut tr = Trainer {
             model,
             names,
-            moments: None,
-            slots: HashMap::new(),
-            step: 0,
+            store,
             cfg,
+        };
+        tr.attach_views()?;
+        // The rest (frozen weights, buffers, parameters no box reaches).
+        crate::nn::to_device(&mut tr.model, device)?;
+        tr.model.set_training(true);
+        Ok(tr)
+    }
+
+    /// Points the model's stored parameters at the store's values.
+    fn attach_views(&mut self) -> Result<()> {
+        let (names, store) = (&self.names, &self.store);
+        let mut i = 0;
+        self.model.visit(&mut |t: &mut Tensor| {
+            if let Some(n) = names[i].as_deref()
+                && store.slot(n).is_some()
+            {
+                *t = store.view(n)?;
+            }
+            i += 1;
+            Ok(())
         })
+    }
+
+    /// Lets go of the model's views so that the store's values are its own
+    /// to update in place (placeholders until `attach_views`).
+    fn detach_views(&mut self) -> Result<()> {
+        let (names, store) = (&self.names, &self.store);
+        let mut i = 0;
+        self.model.visit(&mut |t: &mut Tensor| {
+            if let Some(n) = names[i].as_deref()
+                && store.slot(n).is_some()
+            {
+                *t = Tensor::zeros([0]);
+            }
+            i += 1;
+            Ok(())
+        })
+    }
+
+    /// The parameter store: values, gradients, Adam's moments and step.
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// Restores Adam's state from a checkpoint (ParamStore::set_optimizer_state).
+    pub fn set_optimizer_state(&mut self, step: u64, m: &Tensor, v: &Tensor) -> Result<()> {
+        self.store.set_optimizer_state(step, m, v)
     }
 
     pub fn model(&self) -> &SamUnet {
@@ -137,9 +189,12 @@ impl Trainer {
         self.names.iter().flatten().map(String::as_str).collect()
     }
 
-    /// The current value of a parameter (or buffer) by its module-order index
-    /// name; None if there is no trainable parameter of that name.
+    /// The current value of a trainable parameter by name (a snapshot: the
+    /// store's values change at the next step); None if there is none.
     pub fn param(&mut self, name: &str) -> Result<Option<Tensor>> {
+        if self.store.slot(name).is_some() {
+            return Ok(Some(self.store.view(name)?.compact()?));
+        }
         let mut i = 0;
         let mut found = None;
         let names = &self.names;
@@ -155,7 +210,7 @@ impl Trainer {
 
     /// Adam steps taken.
     pub fn steps(&self) -> u64 {
-        self.step
+        self.store.steps()
     }
 
     /// The tape of one step's forward, without the backward or the update:
@@ -219,21 +274,26 @@ impl Trainer {
         let forward_s = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let seed = Tensor::from_vec(vec![1.0], [1])?.to_device(loss.device())?;
-        let grads = rec.backward(&loss, &seed)?;
+        // Each gradient goes into the store as soon as it is complete.
+        let mut kept = vec![];
+        let store = &mut self.store;
+        rec.backward_into(&loss, &seed, &mut |_, name, g| {
+            store.accept_grad(name, &g)?;
+            if keep_grads {
+                kept.push((name.to_string(), g.to_host()?));
+            }
+            Ok(())
+        })?;
         let backward_s = t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
-        let mut sq = 0.0f64;
-        for (_, g) in &grads {
-            let h = g.to_host()?;
-            sq += h.as_f32()?.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
-        }
-        self.adam(&grads)?;
+        let grad_norm = self.store.grad_norm()?;
+        self.adam()?;
         let optimizer_s = t2.elapsed().as_secs_f64();
         Ok(StepReport {
             terms,
-            grad_norm: sq.sqrt(),
+            grad_norm,
             logits: logits.to_host()?,
-            grads: if keep_grads { grads } else { vec![] },
+            grads: kept,
             forward_s,
             backward_s,
             optimizer_s,
@@ -259,94 +319,16 @@ impl Trainer {
     }
 
     /// torch.optim.Adam (no weight decay, no amsgrad), single-tensor form
-    /// (ops::optim). Parameters without a gradient are not touched and get no
-    /// state; the moments live in two flat buffers, one slot per parameter.
-    fn adam(&mut self, grads: &[(String, Tensor)]) -> Result<()> {
-        self.step += 1;
+    /// (ops::optim), over the store: the model's views are released so that
+    /// the values are updated in place, then pointed at them again.
+    fn adam(&mut self) -> Result<()> {
         let c = self.cfg;
+        self.detach_views()?;
         // Python floats in the reference: hyper-parameters as f64.
-        let (lr, b1, b2, eps) = (c.lr as f64, c.beta1 as f64, c.beta2 as f64, c.eps as f64);
-        let s = AdamStep::new(lr, b1, b2, eps, self.step);
-        let by_name: HashMap<&str, &Tensor> = grads.iter().map(|(n, g)| (n.as_str(), g)).collect();
-        // Slots in module order at the first step (the set of parameters
-        // with a gradient is the architecture's, the same every step).
-        if self.moments.is_none() {
-            let mut total = 0;
-            let mut i = 0;
-            let names = &self.names;
-            let slots = &mut self.slots;
-            self.model.visit(&mut |p: &mut Tensor| {
-                if let Some(n) = names[i].as_deref()
-                    && by_name.contains_key(n)
-                {
-                    slots.insert(n.to_string(), total);
-                    total += p.numel();
-                }
-                i += 1;
-                Ok(())
-            })?;
-            self.moments = Some(match self.model.device() {
-                Device::Cpu => Moments::Cpu(vec![0.0; total], vec![0.0; total]),
-                Device::Cuda(i) => {
-                    let dev = crate::cuda::shared_device(i)?;
-                    let (m, v) = (
-                        dev.alloc_zeros(total.max(1))?,
-                        dev.alloc_zeros(total.max(1))?,
-                    );
-                    Moments::Cuda(dev, m, v)
-                }
-            });
-        }
-        let h = match &self.moments {
-            Some(Moments::Cuda(dev, ..)) => Some(dev.upload(&s.to_array())?),
-            _ => None,
-        };
-        let names = &self.names;
-        let slots = &self.slots;
-        let moments = self
-            .moments
-            .as_mut()
-            .ok_or_else(|| Error::input("adam", "no moments"))?;
-        let mut i = 0;
-        self.model.visit(&mut |p: &mut Tensor| {
-            let name = names[i].as_deref();
-            i += 1;
-            let (Some(name), Some(g)) = (name, name.and_then(|n| by_name.get(n))) else {
-                return Ok(());
-            };
-            let at = *slots.get(name).ok_or_else(|| {
-                Error::input(
-                    "adam",
-                    format!("{name} got a gradient at a later step only"),
-                )
-            })?;
-            let n = g.numel();
-            match &mut *moments {
-                Moments::Cpu(m, v) => adam_cpu(
-                    p.as_f32_mut()?,
-                    g.as_f32()?,
-                    &mut m[at..at + n],
-                    &mut v[at..at + n],
-                    &s,
-                ),
-                Moments::Cuda(dev, m, v) => {
-                    let gc = crate::ops::cuda_input("adam", g)?;
-                    let gs = gc.cuda_whole_f32("adam")?.1;
-                    let dev = dev.clone();
-                    let hs = h
-                        .as_ref()
-                        .ok_or_else(|| Error::input("adam", "no scalars"))?;
-                    let mut pv = p.cuda_f32_mut("adam")?;
-                    crate::ops::optim::cuda::adam(
-                        &dev,
-                        &mut pv,
-                        gs,
-                        &mut m.slice_mut(at..at + n),
-                        &mut v.slice_mut(at..at + n),
-                        hs,
-                    )
-                }
-            }
-        })
+        let r = self
+            .store
+            .adam(c.lr as f64, c.beta1 as f64, c.beta2 as f64, c.eps as f64);
+        self.attach_views()?;
+        r
     }
 }

@@ -64,11 +64,18 @@ pub fn act_backward(x: &Tensor, g: &Tensor, a: Act) -> Result<Tensor> {
     let (xs, gs) = (cpu_f32(OP, x)?, cpu_f32(OP, g)?);
     let out = match a {
         Act::None => gs.to_vec(),
-        Act::Relu => xs
-            .iter()
-            .zip(gs)
-            .map(|(&x, &g)| if x > 0.0 { g } else { 0.0 })
-            .collect(),
+        Act::Relu => {
+            use rayon::prelude::*;
+            let mut out = vec![0.0f32; xs.len()];
+            out.par_chunks_mut(1 << 14)
+                .zip(xs.par_chunks(1 << 14).zip(gs.par_chunks(1 << 14)))
+                .for_each(|(o, (x, g))| {
+                    for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                        *o = if x > 0.0 { g } else { 0.0 };
+                    }
+                });
+            out
+        }
         Act::Gelu => cpu::gelu_backward(xs, gs),
     };
     Ok(Tensor::from_f32(out, x.dims()))

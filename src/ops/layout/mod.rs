@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::autograd;
 use crate::error::Result;
-use crate::ops::{cpu_f32, cuda_input};
+use crate::ops::{cpu_f32, cuda_input, same_device};
 use crate::tensor::{Device, Tensor};
 
 /// The CUDA path of a layout op: `f` on x's buffer, the result on x's device.
@@ -354,9 +354,49 @@ pub fn scatter_range(g: &Tensor, offset: usize, whole: crate::tensor::Shape) -> 
     Ok(Tensor::from_f32(out, whole.dims()))
 }
 
+/// Copies src's values into dst's flat range [offset, offset + src.numel())
+/// in place (dst's own buffer: copied first only if it is shared), on
+/// either device. Not recorded: for stores outside the tape.
+pub fn copy_into(dst: &mut Tensor, offset: usize, src: &Tensor) -> Result<()> {
+    const OP: &str = "copy_into";
+    let n = src.numel();
+    if offset.checked_add(n).is_none_or(|end| end > dst.numel()) {
+        return Err(crate::Error::shape(
+            OP,
+            format!("{:?} at offset {offset} in {:?}", src.dims(), dst.dims()),
+        ));
+    }
+    crate::autograd::no_backward(OP, &[&*dst, src])?;
+    match same_device(OP, &[&*dst, src])? {
+        Device::Cuda(_) => {
+            let dev = src.cuda_device().expect("a CUDA tensor").clone();
+            let s = src.cuda_f32(OP)?;
+            let mut d = dst.cuda_f32_mut(OP)?;
+            let mut part = d.slice_mut(offset..offset + n);
+            dev.stream()
+                .memcpy_dtod(&s, &mut part)
+                .map_err(crate::cuda::driver_err("copy"))
+        }
+        Device::Cpu => {
+            let s = cpu_f32(OP, src)?;
+            dst.as_f32_mut()?[offset..offset + n].copy_from_slice(s);
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_into_writes_a_range() {
+        let mut d = Tensor::from_vec(vec![0.0; 6], [6]).unwrap();
+        let s = Tensor::from_vec(vec![1.0, 2.0], [2, 1]).unwrap();
+        copy_into(&mut d, 3, &s).unwrap();
+        assert_eq!(d.as_f32().unwrap(), &[0.0, 0.0, 0.0, 1.0, 2.0, 0.0]);
+        assert!(copy_into(&mut d, 5, &s).is_err());
+    }
 
     #[test]
     fn narrow_and_cat_of_token_rows() {

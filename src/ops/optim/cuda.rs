@@ -1,6 +1,6 @@
 //! CUDA twin of Adam (cuda/optim.cu).
 
-use cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use crate::cuda::{CudaDevice, cfg1d, launch_err};
 use crate::error::{Error, Result};
@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 pub fn adam(
     dev: &CudaDevice,
     p: &mut CudaViewMut<'_, f32>,
-    g: &CudaSlice<f32>,
+    g: &CudaView<'_, f32>,
     m: &mut CudaViewMut<'_, f32>,
     v: &mut CudaViewMut<'_, f32>,
     h: &CudaSlice<f32>,
