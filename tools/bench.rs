@@ -46,8 +46,8 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Time training steps instead (forward, backward, Adam; CPU) on this
-    /// many images per step, each with --train-boxes masks.
+    /// Time training steps instead (forward, backward, Adam; CPU or CUDA)
+    /// on this many images per step, each with --train-boxes masks.
     #[arg(long)]
     train: Option<usize>,
     #[arg(long, default_value_t = 5)]
@@ -129,6 +129,7 @@ fn bench_train(args: &Args, cfg: &SamUnetConfig, images: usize) -> Result<()> {
             "images": images, "boxes_per_image": args.train_boxes, "runs": args.runs,
             "forward_ms": r2(median(&mut f)), "backward_ms": r2(median(&mut b)),
             "adam_ms": r2(median(&mut o)), "step_ms": r2(median(&mut t)),
+            "images_per_s": r2(images as f64 / (median(&mut t) / 1e3)),
             "peak_rss_mb": peak_rss_mb().map(r2),
         })
     );

@@ -38,6 +38,12 @@ done
 echo '{"note":"next lines: bf16 with SAM_UNET_CUDA_GRAPHS=0 (eager)"}' >> "$OUTDIR/bench-cuda.jsonl"
 SAM_UNET_CUDA_GRAPHS=0 timeout 100 "$BIN/bench" --device cuda --dtype bf16 --boxes 1,32 --batch 1 --runs 10 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
 
+# Training steps (issue 9: images per second at 16, 32 and 50 images, 5 masks each).
+echo '{"note":"next lines: training steps, f32"}' >> "$OUTDIR/bench-cuda.jsonl"
+for n in 16 32 50; do
+  timeout 120 "$BIN/bench" --device cuda --train "$n" --train-boxes 5 --runs 3 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
+done
+
 echo "== benchmarks (cuda_*)" | tee -a "$log"
 timeout 240 "$BIN/cpu_ops" --bench cuda_ --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | tee -a "$log" >/dev/null
 bench_rc=${PIPESTATUS[0]}
@@ -45,6 +51,9 @@ bench_rc=${PIPESTATUS[0]}
 if [ "${SKIP_PYTORCH:-0}" != 1 ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
   echo "== PyTorch eager on the same GPU" | tee -a "$log"
   timeout 240 python3 tools/pytorch_gpu_baseline.py 2>&1 | tee -a "$log" "$OUTDIR/pytorch-gpu.jsonl" >/dev/null
+  for n in 16 32 50; do
+    timeout 120 python3 tools/pytorch_baseline.py --device cuda --train "$n" --train-boxes 5 --runs 3 2>/dev/null | tee -a "$log" "$OUTDIR/pytorch-gpu.jsonl" >/dev/null
+  done
 fi
 
 passed=$(grep -cE '^test .* ok$' "$log")

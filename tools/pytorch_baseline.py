@@ -24,6 +24,7 @@ backward, Adam (lr 1e-4). One warm-up step, then the median per phase, and the
 process's peak RSS.
 
     python tools/pytorch_baseline.py --threads 2 --train 2 --train-boxes 5 --runs 5
+    python tools/pytorch_baseline.py --device cuda --train 16 --runs 5
 """
 
 import argparse
@@ -471,32 +472,45 @@ def focal_dice(logits, labels, dice_weight=20.0):
 
 def bench_train(a, model):
     """The same batch as tools/bench.rs --train: a periodic ramp image, boxes
-    offset per (image, mask), a 32-pixel checkerboard label."""
+    offset per (image, mask), a 32-pixel checkerboard label. On --device cuda
+    the phases are timed after a synchronisation and the peak is
+    torch.cuda.max_memory_allocated."""
     import resource
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     n, k, s = a.train, a.train_boxes, IMG
     x = ((torch.arange(n * 3 * s * s) % 977).float() / 977.0 - 0.5) * 3.0
-    x = x.reshape(n, 3, s, s)
+    x = x.reshape(n, 3, s, s).to(dev)
     boxes = [torch.tensor([[10.0 + o, 20.0 + o, 150.0 + o, 170.0 + o]
-                           for o in (float((i * 13 + j * 7) % 60) for j in range(k))])
+                           for o in (float((i * 13 + j * 7) % 60) for j in range(k))]).to(dev)
              for i in range(n)]
     pix = torch.arange(k * s * s)
     lab = (((pix % s) // 32 + (pix // s % s) // 32) % 2).float().reshape(k, 1, s, s)
-    labels = torch.cat([lab] * n)
+    labels = torch.cat([lab] * n).to(dev)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    model.to(dev)
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                            lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
     fw, bw, ad, tot = [], [], [], []
     for run in range(a.runs + 1):
+        sync()
         t0 = time.perf_counter()
         emb, ms = model.encode(x)
         low = torch.cat([model.decode(emb[i:i + 1], ms[i:i + 1], boxes[i]) for i in range(n)])
         up = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
         loss = focal_dice(up, labels)
+        sync()
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         opt.step()
+        sync()
         t3 = time.perf_counter()
         if run > 0:
             fw.append((t1 - t0) * 1e3)
@@ -507,9 +521,12 @@ def bench_train(a, model):
     print(json.dumps({
         "impl": "pytorch-eager", "torch_version": torch.__version__, "what": "train_step",
         "threads": torch.get_num_threads(), "images": n, "boxes_per_image": k, "runs": a.runs,
+        "device": str(dev),
         "forward_ms": med(fw), "backward_ms": med(bw), "adam_ms": med(ad), "step_ms": med(tot),
+        "images_per_s": round(n / (statistics.median(tot) / 1e3), 2),
         # ru_maxrss is in KiB on Linux; MiB like bench's VmHWM / 1024.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "loss_last": round(loss.item(), 6),
     }), flush=True)
 
@@ -523,6 +540,7 @@ def main():
     ap.add_argument("--train", type=int, default=0,
                     help="time training steps on this many images instead")
     ap.add_argument("--train-boxes", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (training steps only)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
