@@ -127,47 +127,64 @@ extern "C" __global__ void layer_norm_backward_f32(float* __restrict__ dx, float
 
 // Train-mode BatchNorm2d, the CUDA twin of batch_norm_train (src/ops/norm):
 // x [N, C, P] (P = H W).
-//   bn_stats_f64:    per channel (one thread each), the mean and the biased
-//                    variance in f64, each a sum over images of per-plane sums
-//                    in order, the CPU's order.
+//   bn_stats_f64:    per channel (one 256-thread block each, BN_LANES), the
+//                    mean and the biased variance in f64, each a sum over
+//                    images of per-plane sums, the CPU's order.
 //   bn_apply_f32:    y = x scale + shift, scale = rstd gamma, shift = beta -
 //                    mean rstd gamma (computed in f64, rounded once), then
 //                    + residual and ReLU when asked.
 //   bn_backward_sums: per channel, dgamma = sum g xhat and dbeta = sum g (f64).
 //   bn_backward_dx:  dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = N P.
-// A plane's sum in the CPU's order (src/ops/norm/cpu.rs lane_sums2): eight
-// interleaved f64 partial sums (element q into lane q mod 8), then the lanes
-// added in order. TERM(q) is the q-th element's term; the adds (and the
-// terms' products) are _rn so that no FMA contraction leaves the CPU's order.
-#define LANE_SUM(out, len, TERM)                                   \
-    do {                                                           \
-        double lanes_[8] = {0, 0, 0, 0, 0, 0, 0, 0};               \
-        for (long long q = 0; q < (len); ++q) lanes_[q & 7] = __dadd_rn(lanes_[q & 7], (TERM)); \
-        double s_ = 0.0;                                           \
-        for (int j = 0; j < 8; ++j) s_ = __dadd_rn(s_, lanes_[j]); \
-        (out) = s_;                                                \
-    } while (0)
+// A plane's sums in the CPU's order (src/ops/norm/cpu.rs lane_sums2): 256
+// interleaved f64 partial sums (element q into lane q mod 256, one lane per
+// thread of a 256-thread block: coalesced loads), then the lanes added in
+// order by thread 0. The adds (and the terms' products) are _rn so that no
+// FMA contraction leaves that order. One block per channel.
+#define BN_LANES 256
+
+// Thread 0 gets sum over lanes of `mine` (every thread's lane), in lane
+// order; `lanes` is BN_LANES doubles of shared memory.
+__device__ __forceinline__ double bn_lanes_total(double mine, double* lanes) {
+    lanes[threadIdx.x] = mine;
+    __syncthreads();
+    double s = 0.0;
+    if (threadIdx.x == 0)
+        for (int j = 0; j < BN_LANES; ++j) s = __dadd_rn(s, lanes[j]);
+    __syncthreads();
+    return s;
+}
 
 extern "C" __global__ void bn_stats_f64(double* __restrict__ mean, double* __restrict__ var, const float* __restrict__ x, int N, int C,
                                         long long P) {
-    GRID_STRIDE(ch, (long long)C) {
+    __shared__ double lanes[BN_LANES];
+    __shared__ double bcast;
+    if (blockDim.x != BN_LANES) return;
+    for (int ch = blockIdx.x; ch < C; ch += gridDim.x) {
         double s = 0.0;
         for (int i = 0; i < N; ++i) {
             const float* pl = x + ((long long)i * C + ch) * P;
-            double ps;
-            LANE_SUM(ps, P, (double)pl[q]);
-            s += ps;
+            double l = 0.0;
+            for (long long q = threadIdx.x; q < P; q += BN_LANES) l = __dadd_rn(l, (double)pl[q]);
+            s = __dadd_rn(s, bn_lanes_total(l, lanes));
         }
-        double m = s / ((double)N * P);
+        if (threadIdx.x == 0) bcast = s / ((double)N * P);
+        __syncthreads();
+        double m = bcast;
         double v = 0.0;
         for (int i = 0; i < N; ++i) {
             const float* pl = x + ((long long)i * C + ch) * P;
-            double ps;
-            LANE_SUM(ps, P, __dmul_rn((double)pl[q] - m, (double)pl[q] - m));
-            v += ps;
+            double l = 0.0;
+            for (long long q = threadIdx.x; q < P; q += BN_LANES) {
+                double d = (double)pl[q] - m;
+                l = __dadd_rn(l, __dmul_rn(d, d));
+            }
+            v = __dadd_rn(v, bn_lanes_total(l, lanes));
         }
-        mean[ch] = m;
-        var[ch] = v / ((double)N * P);
+        if (threadIdx.x == 0) {
+            mean[ch] = m;
+            var[ch] = v / ((double)N * P);
+        }
+        __syncthreads();
     }
 }
 
@@ -191,19 +208,26 @@ extern "C" __global__ void bn_apply_f32(float* __restrict__ y, const float* __re
 extern "C" __global__ void bn_backward_sums(double* __restrict__ dgamma, double* __restrict__ dbeta, const float* __restrict__ x,
                                             const float* __restrict__ g, const double* __restrict__ mean, const double* __restrict__ var,
                                             int N, int C, long long P, float eps) {
-    GRID_STRIDE(ch, (long long)C) {
+    __shared__ double lanes[BN_LANES];
+    if (blockDim.x != BN_LANES) return;
+    for (int ch = blockIdx.x; ch < C; ch += gridDim.x) {
         double rstd = 1.0 / sqrt(var[ch] + (double)eps);
         double dg = 0.0, db = 0.0;
         for (int i = 0; i < N; ++i) {
             long long r = ((long long)i * C + ch) * P;
-            double pg, pb;
-            LANE_SUM(pg, P, __dmul_rn(__dmul_rn((double)g[r + q], (double)x[r + q] - mean[ch]), rstd));
-            LANE_SUM(pb, P, (double)g[r + q]);
-            dg += pg;
-            db += pb;
+            double lg = 0.0, lb = 0.0;
+            for (long long q = threadIdx.x; q < P; q += BN_LANES) {
+                double gv = (double)g[r + q];
+                lg = __dadd_rn(lg, __dmul_rn(__dmul_rn(gv, (double)x[r + q] - mean[ch]), rstd));
+                lb = __dadd_rn(lb, gv);
+            }
+            dg = __dadd_rn(dg, bn_lanes_total(lg, lanes));
+            db = __dadd_rn(db, bn_lanes_total(lb, lanes));
         }
-        dgamma[ch] = dg;
-        dbeta[ch] = db;
+        if (threadIdx.x == 0) {
+            dgamma[ch] = dg;
+            dbeta[ch] = db;
+        }
     }
 }
 

@@ -2253,16 +2253,16 @@ fn batch_norm_kernels_match_cpu() {
 /// Train-mode BatchNorm's four kernels against the CPU op and its tape:
 /// statistics bit-exact (same f64 order), output and gradients to 1e-6.
 fn batch_norm_kernels_match_cpu_on(s: &'static Simt) {
-    // Plain, and fused with a residual add and ReLU.
-    batch_norm_variant(s, false);
-    batch_norm_variant(s, true);
+    // Plain, and fused with a residual add and ReLU; planes shorter and
+    // longer than the reductions' 256 lanes.
+    batch_norm_variant(s, false, (2, 5, 37));
+    batch_norm_variant(s, true, (2, 3, 600));
 }
 
-fn batch_norm_variant(s: &'static Simt, fused: bool) {
+fn batch_norm_variant(s: &'static Simt, fused: bool, (n, c, p): (usize, usize, usize)) {
     use sam_unet::Tensor;
     use sam_unet::autograd::Recording;
     use sam_unet::ops::norm::batch_norm_train_fused;
-    let (n, c, p) = (2usize, 5usize, 37usize);
     let (x, gm, bt, g) = (
         rand(n * c * p, 360, 3.0),
         rand(c, 361, 1.0),
@@ -2309,7 +2309,7 @@ fn batch_norm_variant(s: &'static Simt, fused: bool) {
     let (nn, cc, pp, eps) = (n as i32, c as i32, p as i64, 1e-5f32);
     s.launch(
         "bn_stats_f64",
-        cfg1d(c),
+        sam_unet::ops::norm::cuda::bn_channel_config(c),
         |k: unsafe extern "C" fn(*mut f64, *mut f64, F32p, i32, i32, i64)| unsafe {
             k(mean.m(), var.m(), xb.p(), nn, cc, pp)
         },
@@ -2364,7 +2364,7 @@ fn batch_norm_variant(s: &'static Simt, fused: bool) {
     let (dg, db) = (Buf::<f64>::out(s, c), Buf::<f64>::out(s, c));
     s.launch(
         "bn_backward_sums",
-        cfg1d(c),
+        sam_unet::ops::norm::cuda::bn_channel_config(c),
         |k: unsafe extern "C" fn(
             *mut f64,
             *mut f64,

@@ -340,10 +340,15 @@ fn layer_norm2d_backward(
     (dx, f(dw), f(db))
 }
 
+/// Lanes of a BatchNorm plane's sums (cuda/norm.cu BN_LANES: one per thread
+/// of the CUDA block).
+pub const BN_LANES: usize = 256;
+
 /// The sums of a BatchNorm plane, in the order both devices take
-/// (cuda/norm.cu's `lane_sum`): eight interleaved f64 partial sums (element
-/// q into lane q mod 8, eight independent chains instead of one), then the
-/// lanes added in order. Returns the sums of f and of h over the plane.
+/// (cuda/norm.cu's `bn_lanes_total`): 256 interleaved f64 partial sums
+/// (element q into lane q mod 256: independent chains here, one per thread
+/// there), then the lanes added in order. Returns the sums of f and of h
+/// over the plane.
 #[inline]
 fn lane_sums2(
     a: &[f32],
@@ -351,11 +356,11 @@ fn lane_sums2(
     f: impl Fn(f32, f32) -> f64,
     h: impl Fn(f32, f32) -> f64,
 ) -> (f64, f64) {
-    let (mut lf, mut lh) = ([0.0f64; 8], [0.0f64; 8]);
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (mut lf, mut lh) = ([0.0f64; BN_LANES], [0.0f64; BN_LANES]);
+    let (ca, cb) = (a.chunks_exact(BN_LANES), b.chunks_exact(BN_LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (xa, xb) in ca.zip(cb) {
-        for j in 0..8 {
+        for j in 0..BN_LANES {
             lf[j] += f(xa[j], xb[j]);
             lh[j] += h(xa[j], xb[j]);
         }
@@ -364,8 +369,8 @@ fn lane_sums2(
         lf[j] += f(ra[j], rb[j]);
         lh[j] += h(ra[j], rb[j]);
     }
-    let add = |l: [f64; 8]| l.iter().fold(0.0f64, |s, &v| s + v);
-    (add(lf), add(lh))
+    let add = |l: &[f64; BN_LANES]| l.iter().fold(0.0f64, |s, &v| s + v);
+    (add(&lf), add(&lh))
 }
 
 /// Per-channel mean and biased variance of x [n, c, p] in f64: per plane in

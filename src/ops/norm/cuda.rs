@@ -203,6 +203,16 @@ pub fn layer_norm_backward(
     Ok((dx, wb))
 }
 
+/// The launch of the per-channel BatchNorm reductions: one block of
+/// BN_LANES (256) threads per channel (grid-stride past 65 535 channels).
+pub fn bn_channel_config(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (super::cpu::BN_LANES as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// Train-mode BatchNorm on the device: (y, mean, biased var) with the
 /// statistics [C] in f64 on the device (cuda/norm.cu bn_stats_f64,
 /// bn_apply_f32), y = relu?(bn(x) + residual?).
@@ -236,8 +246,9 @@ pub fn batch_norm_train(
         .arg(&nn)
         .arg(&cc)
         .arg(&pp);
-    // SAFETY: mean / var hold c doubles, x n c p floats; types match.
-    unsafe { l.launch(cfg1d(c)) }.map_err(launch_err("bn_stats launch"))?;
+    // SAFETY: mean / var hold c doubles, x n c p floats; types match; one
+    // block of BN_LANES threads per channel (the kernel's lanes).
+    unsafe { l.launch(bn_channel_config(c)) }.map_err(launch_err("bn_stats launch"))?;
     let mut y = dev.alloc(x.len())?;
     let f = dev.function("norm", "bn_apply_f32")?;
     let mut l = dev.stream().launch_builder(&f);
@@ -305,7 +316,7 @@ pub fn batch_norm_backward(
         .arg(&eps);
     // SAFETY: sizes checked above; types match (double* x2, const float* x2,
     // const double* x2, int, int, long long, float).
-    unsafe { l.launch(cfg1d(c)) }.map_err(launch_err("bn_backward_sums launch"))?;
+    unsafe { l.launch(bn_channel_config(c)) }.map_err(launch_err("bn_backward_sums launch"))?;
     let dx = if want_dx {
         let mut dx = dev.alloc(x.len())?;
         let f = dev.function("norm", "bn_backward_dx")?;
