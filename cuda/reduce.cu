@@ -26,3 +26,31 @@ extern "C" __global__ void sum_rows_finish(float* __restrict__ out, const double
         out[c] = (float)acc;
     }
 }
+
+// Sum of squares in f64 (a gradient norm), the twin of
+// src/ops/reduce::sum_squares_cpu: x in chunks of `chunk` values, one
+// 256-thread block per chunk; value q of a chunk into lane q mod 256, the
+// lanes added in order by thread 0 into part[k]. The host adds the chunks'
+// sums in order. Products and adds _rn: no FMA contraction leaves the order.
+#define SQ_LANES 256
+extern "C" __global__ void sumsq_chunks(double* __restrict__ part, const float* __restrict__ x, long long n, int chunk) {
+    __shared__ double lanes[SQ_LANES];
+    if (blockDim.x != SQ_LANES) return;
+    long long chunks = (n + chunk - 1) / chunk;
+    for (long long k = blockIdx.x; k < chunks; k += gridDim.x) {
+        long long q0 = k * chunk, q1 = min(n, q0 + chunk);
+        double l = 0.0;
+        for (long long q = q0 + threadIdx.x; q < q1; q += SQ_LANES) {
+            double v = (double)x[q];
+            l = __dadd_rn(l, __dmul_rn(v, v));
+        }
+        lanes[threadIdx.x] = l;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double s = 0.0;
+            for (int j = 0; j < SQ_LANES; ++j) s = __dadd_rn(s, lanes[j]);
+            part[k] = s;
+        }
+        __syncthreads();
+    }
+}

@@ -14,6 +14,7 @@
 pub mod autograd;
 pub mod cpu;
 pub mod cuda;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod model;

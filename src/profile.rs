@@ -73,18 +73,7 @@ pub type GemmRow = (ShapeKey, Duration, u64);
 
 /// GEMM shapes by total time, largest first; clears them.
 pub fn take_gemm_report() -> Vec<GemmRow> {
-    let mut v: Vec<_> = GEMMS
-        .lock()
-        .map(|mut t| {
-            t.take()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, (d, n))| (k, d, n))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
-    v
+    drain_sorted(&GEMMS)
 }
 
 /// Times the enclosing block under "`name` backward" (the autograd's nodes).
@@ -107,7 +96,12 @@ pub fn backward_scope(name: &'static str) -> Scope {
 
 /// (name, total time, calls), largest first; clears the totals.
 pub fn take_report() -> Vec<(&'static str, Duration, u64)> {
-    let mut v: Vec<_> = TOTALS
+    drain_sorted(&TOTALS)
+}
+
+/// A table's rows by total time, largest first; the table emptied.
+fn drain_sorted<K>(table: &Mutex<Option<HashMap<K, (Duration, u64)>>>) -> Vec<(K, Duration, u64)> {
+    let mut v: Vec<_> = table
         .lock()
         .map(|mut t| {
             t.take()

@@ -117,6 +117,11 @@ fn main() {
             cuda_batch_norm_train_matches_cpu,
         ),
         (
+            "cuda_sum_squares_matches_cpu",
+            true,
+            cuda_sum_squares_matches_cpu,
+        ),
+        (
             "cuda_attention_prompt_backward_matches_cpu",
             true,
             cuda_attention_prompt_backward_matches_cpu,
@@ -1367,7 +1372,7 @@ fn cuda_adam_matches_cpu() {
         adam(
             &dev,
             &mut pg.slice_mut(..),
-            &gg,
+            &gg.slice(..),
             &mut mg.slice_mut(n..2 * n),
             &mut vg.slice_mut(n..2 * n),
             &hg,
@@ -1400,7 +1405,7 @@ fn cuda_adam_matches_cpu() {
         adam(
             &dev,
             &mut pg.slice_mut(..),
-            &short,
+            &short.slice(..),
             &mut mg.slice_mut(..n),
             &mut vg.slice_mut(..n),
             &h
@@ -1669,6 +1674,28 @@ fn cuda_convt_pool_backward_matches_cpu() {
         println!("convT + max pool backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
+}
+
+/// The gradient norm's sum of squares on CUDA (ranges of a flat buffer, the
+/// chunk sums brought to the host) against the CPU, bit for bit.
+fn cuda_sum_squares_matches_cpu() {
+    use sam_unet::ops::reduce::sum_squares;
+    let _dev = device().expect("a GPU was found at start");
+    let n = 70_000;
+    let x = Tensor::from_vec(rand(n, 570, 1.0), [n]).unwrap();
+    let xd = x.to_device(sam_unet::Device::Cuda(0)).unwrap();
+    for ranges in [
+        vec![(0, n)],
+        vec![(3, 900), (900, 66_000), (69_000, n)],
+        vec![],
+    ] {
+        let (a, b) = (
+            sum_squares(&x, &ranges).unwrap(),
+            sum_squares(&xd, &ranges).unwrap(),
+        );
+        assert_eq!(a.to_bits(), b.to_bits(), "{ranges:?}: {a} vs {b}");
+    }
+    assert!(sum_squares(&xd, &[(5, n + 1)]).is_err());
 }
 
 /// Train-mode BatchNorm on CUDA (statistics, output, running statistics of

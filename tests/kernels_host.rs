@@ -1681,6 +1681,47 @@ fn sum_rows_matches_cpu_bit_for_bit_on(s: &'static Simt) {
 }
 
 #[test]
+fn sum_squares_matches_cpu_bit_for_bit() {
+    simt::each_build(sum_squares_matches_cpu_bit_for_bit_on);
+}
+
+/// The chunked sum of squares (a gradient norm) against
+/// ops::reduce::sum_squares_cpu, bit for bit: below one lane row, across
+/// lanes and across chunks (a small chunk here, so that several blocks run).
+fn sum_squares_matches_cpu_bit_for_bit_on(s: &'static Simt) {
+    use sam_unet::ops::reduce::{SQ_CHUNK, SQ_LANES, sum_squares_cpu};
+    for n in [5usize, 700, SQ_CHUNK + 1000] {
+        let x = rand(n, n as u64, 2.0);
+        let xb = Buf::from(s, &x);
+        let chunks = n.div_ceil(SQ_CHUNK);
+        let part = Buf::<f64>::out(s, chunks);
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (chunks as u32, 1, 1),
+            block_dim: (SQ_LANES as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        s.launch(
+            "sumsq_chunks",
+            cfg,
+            |k: unsafe extern "C" fn(*mut f64, F32p, i64, i32)| unsafe {
+                k(part.m(), xb.p(), n as i64, SQ_CHUNK as i32)
+            },
+        )
+        .unwrap();
+        let want = sum_squares_cpu(&x);
+        let got = part.to_vec();
+        assert_eq!(got.len(), want.len());
+        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "{n} values, chunk {k}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
 fn layer_norm_backward_matches_cpu() {
     simt::each_build(layer_norm_backward_matches_cpu_on);
 }

@@ -141,15 +141,8 @@ impl Trainer {
 
     /// Points the model's stored parameters at the store's values.
     fn attach_views(&mut self) -> Result<()> {
-        let (names, store) = (&self.names, &self.store);
-        let mut i = 0;
-        self.model.visit(&mut |t: &mut Tensor| {
-            if let Some(n) = names[i].as_deref()
-                && store.slot(n).is_some()
-            {
-                *t = store.view(n)?;
-            }
-            i += 1;
+        self.each_stored(&mut |store, name, t| {
+            *t = store.view(name)?;
             Ok(())
         })
     }
@@ -157,13 +150,24 @@ impl Trainer {
     /// Lets go of the model's views so that the store's values are its own
     /// to update in place (placeholders until `attach_views`).
     fn detach_views(&mut self) -> Result<()> {
+        self.each_stored(&mut |_, _, t| {
+            *t = Tensor::zeros([0]);
+            Ok(())
+        })
+    }
+
+    /// f on every model tensor that lives in the store, with its name.
+    fn each_stored(
+        &mut self,
+        f: &mut dyn FnMut(&ParamStore, &str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
         let (names, store) = (&self.names, &self.store);
         let mut i = 0;
         self.model.visit(&mut |t: &mut Tensor| {
             if let Some(n) = names[i].as_deref()
                 && store.slot(n).is_some()
             {
-                *t = Tensor::zeros([0]);
+                f(store, n, t)?;
             }
             i += 1;
             Ok(())

@@ -172,24 +172,17 @@ impl ParamStore {
             .filter_map(|(s, &f)| f.then_some(s))
     }
 
-    /// L2 norm of the fresh gradients (f64, fixed chunks summed in order:
-    /// the same bits on any thread count).
+    /// L2 norm of the fresh gradients (ops::reduce::sum_squares: f64, one
+    /// order on both devices; on CUDA only the chunks' sums leave it).
     pub fn grad_norm(&self) -> Result<f64> {
-        use rayon::prelude::*;
         let Some(grads) = &self.grads else {
             return Ok(0.0);
         };
-        let host = grads.to_host()?;
-        let g = host.as_f32()?;
-        let mut sq = 0.0f64;
-        for s in self.fresh() {
-            let parts: Vec<f64> = g[s.offset..s.offset + s.numel()]
-                .par_chunks(1 << 16)
-                .map(|c| c.iter().map(|&v| (v as f64).powi(2)).sum::<f64>())
-                .collect();
-            sq += parts.iter().sum::<f64>();
-        }
-        Ok(sq.sqrt())
+        let ranges: Vec<(usize, usize)> = self
+            .fresh()
+            .map(|s| (s.offset, s.offset + s.numel()))
+            .collect();
+        Ok(crate::ops::reduce::sum_squares(grads, &ranges)?.sqrt())
     }
 
     /// One Adam step (torch.optim.Adam, ops::optim) on the slots with a

@@ -273,7 +273,7 @@ pub fn batch_norm_train(
 }
 
 /// Train-mode BatchNorm backward on the device: (dx when asked, dgamma,
-/// dbeta), the per-channel sums in f64 (rounded to f32 on the host).
+/// dbeta), the per-channel sums in f64, rounded to f32 on the device.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn batch_norm_backward(
     dev: &CudaDevice,
@@ -284,7 +284,7 @@ pub fn batch_norm_backward(
     (n, c, p): (usize, usize, usize),
     eps: f32,
     want_dx: bool,
-) -> Result<(Option<CudaSlice<f32>>, Vec<f32>, Vec<f32>)> {
+) -> Result<(Option<CudaSlice<f32>>, CudaSlice<f32>, CudaSlice<f32>)> {
     if x.len() != n * c * p
         || g.len() != x.len()
         || gamma.len() != c
@@ -336,14 +336,18 @@ pub fn batch_norm_backward(
     } else {
         None
     };
-    let down = |v: &CudaSlice<f64>| -> Result<Vec<f32>> {
-        Ok(dev
-            .stream()
-            .clone_dtoh(v)
-            .map_err(crate::cuda::driver_err("copy to host"))?
-            .into_iter()
-            .map(|v| v as f32)
-            .collect())
+    // Rounded to f32 on the device (reduce.cu's finishing pass over one
+    // partial: the same rounding as the CPU's `as f32`), no host round trip.
+    let round = |v: &CudaSlice<f64>| -> Result<CudaSlice<f32>> {
+        let mut out = dev.alloc(c)?;
+        let f = dev.function("reduce", "sum_rows_finish")?;
+        let (one, cols) = (1i64, c as i32);
+        let mut l = dev.stream().launch_builder(&f);
+        l.arg(&mut out).arg(v).arg(&one).arg(&cols);
+        // SAFETY: out holds c floats, v c doubles (one partial row of c
+        // columns); types match (float*, const double*, long long, int).
+        unsafe { l.launch(cfg1d(c)) }.map_err(launch_err("bn round launch"))?;
+        Ok(out)
     };
-    Ok((dx, down(&dgm)?, down(&dbt)?))
+    Ok((dx, round(&dgm)?, round(&dbt)?))
 }

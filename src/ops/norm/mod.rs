@@ -473,8 +473,8 @@ fn batch_norm_train_backward(
             Ok((
                 dx.map(|d| Tensor::from_cuda_f32(dev, d, x.dims()))
                     .transpose()?,
-                Tensor::from_f32(dg, &[c]).to_device(g.device())?,
-                Tensor::from_f32(db, &[c]).to_device(g.device())?,
+                Tensor::from_cuda_f32(dev, dg, [c])?,
+                Tensor::from_cuda_f32(dev, db, [c])?,
             ))
         }
     }

@@ -1,0 +1,226 @@
+//! `prepare` on the real demo data (SA-Med2D layout) and on a plain folder
+//! with every kind of bad item.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use sam_unet::data::prepare::{PrepareOptions, Split, discover, prepare};
+use sam_unet::io::image::{read_mask, read_rgb};
+use sam_unet::preprocess::{ResizeInfo, box_from_mask, resize_image, resize_mask};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sam-unet-data-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tensor<'a>(st: &'a safetensors::SafeTensors<'a>, name: &str) -> (Vec<usize>, &'a [u8]) {
+    let t = st.tensor(name).unwrap();
+    (t.shape().to_vec(), t.data())
+}
+
+fn u32s(b: &[u8]) -> Vec<u32> {
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// data_demo/train: every image and mask kept, and every stored value what
+/// inference's preprocessing gives for the original files (image pixels,
+/// resized masks, boxes from the largest component at the original size).
+#[test]
+fn prepare_demo_train_matches_preprocessing() {
+    let Some(fx) = common::fixtures() else {
+        return;
+    };
+    let demo = common::data_demo(&fx).join("train");
+    let items = discover(&demo, Split::Auto).unwrap();
+    let listed: usize = items.iter().map(|i| i.masks.len()).sum();
+    assert!(!items.is_empty() && listed > 0);
+    let out = tmp("demo");
+    let opts = PrepareOptions {
+        size: 256,
+        shard_images: 2,
+    };
+    let r = prepare(&items, &out, opts, &|_| {}).unwrap();
+    assert!(r.skipped.is_empty(), "{:?}", r.skipped);
+    assert_eq!((r.images_kept, r.masks_kept), (items.len(), listed));
+    assert_eq!(r.shards, items.len().div_ceil(2));
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("index.json")).unwrap()).unwrap();
+    let images = index["images"].as_array().unwrap();
+    assert_eq!(images.len(), items.len());
+    for (item, entry) in items.iter().zip(images) {
+        assert_eq!(entry["name"].as_str().unwrap(), item.name);
+        assert_eq!(
+            entry["modality"], "unknown",
+            "data_demo's names carry no grouping"
+        );
+        let shard = entry["shard"].as_u64().unwrap() as usize;
+        let row = entry["row"].as_u64().unwrap() as usize;
+        let bytes = std::fs::read(out.join(format!("shard-{shard:05}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let img = read_rgb(&item.image).unwrap();
+        let info = ResizeInfo::new(img.height, img.width, 256).unwrap();
+        let (dims, sizes) = tensor(&st, "image_size");
+        assert_eq!(dims[1], 4);
+        assert_eq!(
+            &u32s(sizes)[row * 4..row * 4 + 4],
+            &[
+                img.height as u32,
+                img.width as u32,
+                info.new_h as u32,
+                info.new_w as u32
+            ]
+        );
+        let (dims, pixels) = tensor(&st, "images");
+        assert_eq!(&dims[1..], &[256, 256, 3]);
+        let px = &pixels[row * 256 * 256 * 3..(row + 1) * 256 * 256 * 3];
+        let resized = resize_image(&img, &info).unwrap();
+        for y in 0..256 {
+            for x in 0..256 {
+                let got = &px[(y * 256 + x) * 3..(y * 256 + x) * 3 + 3];
+                if y < info.new_h && x < info.new_w {
+                    let o = (y * info.new_w + x) * 3;
+                    assert_eq!(got, &resized[o..o + 3], "{} ({x}, {y})", item.name);
+                } else {
+                    assert_eq!(got, &[0, 0, 0], "padding of {}", item.name);
+                }
+            }
+        }
+        // The masks of this image: their rows in this shard, in list order.
+        let (_, owner) = tensor(&st, "mask_image");
+        let rows: Vec<usize> = u32s(owner)
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o as usize == row)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(rows.len(), item.masks.len());
+        let (mdims, masks) = tensor(&st, "masks");
+        assert_eq!(&mdims[1..], &[256, 256]);
+        let boxes = f32s(tensor(&st, "mask_box").1);
+        for ((path, _), &k) in item.masks.iter().zip(&rows) {
+            let m = read_mask(path).unwrap();
+            assert_eq!(
+                &boxes[k * 4..k * 4 + 4],
+                &box_from_mask(&m).unwrap(),
+                "{}",
+                path.display()
+            );
+            let r = resize_mask(&m, &info).unwrap();
+            let got = &masks[k * 256 * 256..(k + 1) * 256 * 256];
+            for y in 0..256 {
+                for x in 0..256 {
+                    let want = if y < info.new_h && x < info.new_w {
+                        r[y * info.new_w + x]
+                    } else {
+                        0
+                    };
+                    assert_eq!(got[y * 256 + x], want, "{} ({x}, {y})", path.display());
+                }
+            }
+        }
+    }
+}
+
+fn save_grey(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
+    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
+        .save(path)
+        .unwrap();
+}
+
+/// A plain images/ + masks/ folder with one of every kind of bad item: each
+/// is skipped with its reason, the rest kept; nothing panics.
+#[test]
+fn prepare_skips_and_reports_bad_items() {
+    let dir = tmp("bad");
+    let (im, ms) = (dir.join("images"), dir.join("masks"));
+    std::fs::create_dir_all(&im).unwrap();
+    std::fs::create_dir_all(&ms).unwrap();
+    let disc =
+        |x: u32, y: u32| u8::from((x as i32 - 30).pow(2) + (y as i32 - 20).pow(2) < 100) * 255;
+    save_grey(&im.join("a.png"), 64, 48, |x, y| (x * 3 + y) as u8);
+    save_grey(&ms.join("a_liver_000.png"), 64, 48, disc);
+    save_grey(&ms.join("a_empty_000.png"), 64, 48, |_, _| 0);
+    save_grey(&ms.join("a_soft_000.png"), 64, 48, |x, _| (x * 4) as u8);
+    save_grey(&ms.join("a_small_000.png"), 32, 24, |_, _| 255);
+    std::fs::write(ms.join("a_broken_000.png"), b"not a png").unwrap();
+    // An image whose file is corrupt: skipped with its masks.
+    std::fs::write(im.join("b.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
+    save_grey(&ms.join("b_liver_000.png"), 64, 48, disc);
+    // An image with only bad masks: skipped as having no usable mask.
+    save_grey(&im.join("c.png"), 64, 48, |x, _| x as u8);
+    save_grey(&ms.join("c_empty_000.png"), 64, 48, |_, _| 0);
+    // "a_b" is also a prefix candidate: the longest stem wins.
+    save_grey(&im.join("a_b.png"), 20, 20, |_, _| 7);
+    save_grey(&ms.join("a_b_x_000.png"), 20, 20, |x, _| u8::from(x > 5));
+
+    let items = discover(&dir, Split::Auto).unwrap();
+    let names: Vec<(&str, usize)> = items
+        .iter()
+        .map(|i| (i.name.as_str(), i.masks.len()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("images/a.png", 5),
+            ("images/a_b.png", 1),
+            ("images/b.png", 1),
+            ("images/c.png", 1)
+        ]
+    );
+    let out = tmp("bad-out");
+    let r = prepare(&items, &out, PrepareOptions::default(), &|_| {}).unwrap();
+    assert_eq!((r.images_kept, r.masks_kept), (2, 2), "{:?}", r.skipped);
+    let reason = |p: &str| {
+        r.skipped
+            .iter()
+            .find(|s| s.path == p)
+            .map(|s| s.reason.clone())
+            .unwrap_or_else(|| panic!("{p} not reported: {:?}", r.skipped))
+    };
+    assert!(reason("masks/a_empty_000.png").contains("empty mask"));
+    assert!(reason("masks/a_soft_000.png").contains("not a binary mask"));
+    assert!(reason("masks/a_small_000.png").contains("32 x 24"));
+    assert!(reason("masks/a_broken_000.png").contains("cannot decode"));
+    assert!(reason("images/b.png").contains("1 masks dropped"));
+    assert!(reason("images/c.png").contains("no usable mask"));
+    assert_eq!(r.skipped.len(), 7);
+    let rep: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("prepare_report.json")).unwrap())
+            .unwrap();
+    assert_eq!(rep["skipped"].as_array().unwrap().len(), 7);
+    assert_eq!(rep["images_kept"], 2);
+    assert!(out.join("index.json").is_file());
+}
+
+/// Folders that are not data, and ambiguous ones, are clear errors.
+#[test]
+fn discover_rejects_what_is_not_a_data_folder() {
+    let dir = tmp("none");
+    let e = discover(&dir.join("missing"), Split::Auto)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such folder"), "{e}");
+    let e = discover(&dir, Split::Auto).unwrap_err().to_string();
+    assert!(e.contains("neither an SA-Med2D list"), "{e}");
+    std::fs::write(dir.join("image2label_train.json"), "{}").unwrap();
+    std::fs::write(dir.join("label2image_test.json"), "[1, 2]").unwrap();
+    let e = discover(&dir, Split::Auto).unwrap_err().to_string();
+    assert!(e.contains("--split"), "{e}");
+    assert!(discover(&dir, Split::Train).unwrap().is_empty());
+    let e = discover(&dir, Split::Test).unwrap_err().to_string();
+    assert!(e.contains("expected an object"), "{e}");
+    std::fs::write(dir.join("label2image_test.json"), "{\"m.png\": 3}").unwrap();
+    let e = discover(&dir, Split::Test).unwrap_err().to_string();
+    assert!(e.contains("neither a path nor a list"), "{e}");
+}
