@@ -224,3 +224,92 @@ fn discover_rejects_what_is_not_a_data_folder() {
     let e = discover(&dir, Split::Test).unwrap_err().to_string();
     assert!(e.contains("neither a path nor a list"), "{e}");
 }
+
+/// The loader reads back what `prepare` wrote, as inference would see the
+/// original files: the image exactly as `preprocess`, every drawn label one
+/// of the image's masks resized, every box that mask's box at the original
+/// resolution moved by the authors' jitter, then scaled. Batches do not
+/// depend on the thread count and repeat for the same (seed, epoch).
+#[test]
+fn loader_draws_as_the_authors_dataset() {
+    use sam_unet::data::loader::{PreparedSet, epoch_order};
+    use sam_unet::preprocess::{box_to_model_frame, preprocess};
+    let Some(fx) = common::fixtures() else {
+        return;
+    };
+    let demo = common::data_demo(&fx).join("train");
+    let items = discover(&demo, Split::Auto).unwrap();
+    let out = tmp("loader");
+    prepare(&items, &out, PrepareOptions::default(), &|_| {}).unwrap();
+    let set = PreparedSet::open(&out).unwrap();
+    assert_eq!(set.len(), items.len());
+    let (seed, k) = (3u64, 5usize);
+    let mut draws = std::collections::BTreeSet::new();
+    for (i, item) in items.iter().enumerate() {
+        let img = read_rgb(&item.image).unwrap();
+        let (want, info) = preprocess(&img, 256).unwrap();
+        for epoch in 0..3u64 {
+            let (image, boxes, labels) = set.sample(i, seed, epoch, k).unwrap();
+            assert_eq!(image, want.as_f32().unwrap(), "{}", item.name);
+            for (slot, b) in boxes.iter().enumerate() {
+                let label = &labels[slot * 256 * 256..(slot + 1) * 256 * 256];
+                // Which mask was drawn: the one whose resized pixels these are.
+                let found = item.masks.iter().enumerate().find_map(|(j, (p, _))| {
+                    let m = read_mask(p).unwrap();
+                    let r = resize_mask(&m, &info).unwrap();
+                    let same = (0..256 * 256).all(|q| {
+                        let (y, x) = (q / 256, q % 256);
+                        let v = if y < info.new_h && x < info.new_w {
+                            r[y * info.new_w + x]
+                        } else {
+                            0
+                        };
+                        label[q] == v as f32
+                    });
+                    same.then(|| (j, box_from_mask(&m).unwrap()))
+                });
+                let (j, ob) = found
+                    .unwrap_or_else(|| panic!("{} slot {slot}: not one of its masks", item.name));
+                draws.insert((i, epoch, slot, j));
+                // Some integer shift within the authors' range gives the box.
+                let m = (((ob[2] - ob[0]).min(ob[3] - ob[1]) as f64) * 0.1 * 5.0) as i64;
+                let m = m.min(5);
+                let range = if m > 0 { -m..m } else { 0..1 };
+                let ok = range.clone().any(|dx| {
+                    range.clone().any(|dy| {
+                        let (dx, dy) = (dx as f32, dy as f32);
+                        box_to_model_frame([ob[0] + dx, ob[1] + dy, ob[2] + dx, ob[3] + dy], &info)
+                            == *b
+                    })
+                });
+                assert!(
+                    ok,
+                    "{} slot {slot}: box {b:?} from {ob:?} (m {m})",
+                    item.name
+                );
+            }
+        }
+    }
+    // Draws vary across epochs and slots (with replacement: any mask).
+    let distinct: std::collections::BTreeSet<_> = draws.iter().map(|d| (d.0, d.3)).collect();
+    assert!(distinct.len() > items.len(), "draws never vary: {draws:?}");
+    // Batches: the same bits with one thread or two, and again.
+    let ids = epoch_order(set.len(), seed, 1);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let a = one.install(|| set.batch(&ids, seed, 1, k)).unwrap();
+    let b = set.batch(&ids, seed, 1, k).unwrap();
+    assert_eq!(a.images.as_f32().unwrap(), b.images.as_f32().unwrap());
+    assert_eq!(a.boxes, b.boxes);
+    for (x, y) in a.labels.iter().zip(&b.labels) {
+        assert_eq!(x.as_f32().unwrap(), y.as_f32().unwrap());
+    }
+    assert_eq!(a.images.dims(), &[set.len(), 3, 256, 256]);
+    assert_eq!(a.labels[0].dims(), &[k, 1, 256, 256]);
+    // A missing or corrupt prepared folder is an error, not a panic.
+    assert!(PreparedSet::open(&out.join("nope")).is_err());
+    std::fs::write(out.join("shard-00000.safetensors"), b"garbage").unwrap();
+    assert!(PreparedSet::open(&out).is_err());
+}

@@ -52,6 +52,43 @@ struct Args {
     train: Option<usize>,
     #[arg(long, default_value_t = 5)]
     train_boxes: usize,
+    /// Time the online loader instead: batches of --loader-batch images
+    /// (--train-boxes masks each) from this prepared folder (`prepare`).
+    #[arg(long)]
+    loader: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 16)]
+    loader_batch: usize,
+}
+
+/// The online loader's throughput: `runs` epochs over the prepared folder.
+fn bench_loader(args: &Args, dir: &std::path::Path) -> Result<()> {
+    use sam_unet::data::loader::{PreparedSet, epoch_order};
+    let set = PreparedSet::open(dir)?;
+    if set.is_empty() || args.loader_batch == 0 {
+        bail!("no images in {} (or --loader-batch 0)", dir.display());
+    }
+    let (mut images, mut secs) = (0usize, vec![]);
+    for epoch in 0..=args.runs as u64 {
+        let order = epoch_order(set.len(), 0, epoch);
+        let t = Instant::now();
+        for ids in order.chunks(args.loader_batch) {
+            std::hint::black_box(set.batch(ids, 0, epoch, args.train_boxes)?);
+        }
+        if epoch > 0 {
+            secs.push(t.elapsed().as_secs_f64() / set.len() as f64);
+            images += set.len();
+        }
+    }
+    let per = median(&mut secs);
+    println!(
+        "{}",
+        serde_json::json!({
+            "what": "loader", "images": images, "batch": args.loader_batch,
+            "masks_per_image": args.train_boxes, "threads": rayon::current_num_threads(),
+            "images_per_s": (1.0 / per).round(),
+        })
+    );
+    Ok(())
 }
 
 /// Peak resident memory of this process (Linux), in MB.
@@ -200,6 +237,9 @@ fn run(args: Args) -> Result<()> {
     let cfg = SamUnetConfig::named(&args.arch)?;
     if let Some(images) = args.train {
         return bench_train(&args, &cfg, images);
+    }
+    if let Some(dir) = &args.loader {
+        return bench_loader(&args, dir);
     }
     let mut predictor = Predictor::from_weights(
         &cfg.random_weights(0),
