@@ -506,3 +506,73 @@ fn sam_unet_50_tape_memory() {
         println!("  {op:>22}: {n:>4} nodes, {:>8.1} MB", b as f64 / 1e6);
     }
 }
+
+/// A trained model leaves the trainer whole: `weights()` after a step holds
+/// every float tensor of the loaded file under its name, the trained values
+/// and BatchNorm statistics as they are now, the frozen ones unchanged; saved
+/// and loaded into a new trainer, it starts from exactly those values.
+#[test]
+fn trainer_weights_round_trip() {
+    let Some(dir) = fixtures() else { return };
+    let fx = Fixture::load(&fixture(&dir, "small34_train_step.safetensors"));
+    let w = sam_unet::io::Weights::from_file(fixture(&dir, "small34_weights.safetensors")).unwrap();
+    let batch = train_batch(&fx);
+    let mut tr =
+        sam_unet::train::Trainer::new(&w, sam_unet::Device::Cpu, Default::default()).unwrap();
+    assert!(tr.set_lr(f32::NAN).is_err());
+    tr.step(&batch).unwrap();
+    let out = tr.weights().unwrap();
+    let mut want: Vec<&str> = w.names().collect();
+    let mut got: Vec<&str> = out.names().collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    let missing: Vec<_> = want.iter().filter(|n| !got.contains(n)).collect();
+    let extra: Vec<_> = got.iter().filter(|n| !want.contains(n)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "exported names: missing {missing:?}, extra {extra:?}"
+    );
+    let name = tr.param_names()[0].to_string();
+    let trained = tr.param(&name).unwrap().unwrap();
+    assert_eq!(
+        out.req(&name).unwrap().as_f32().unwrap(),
+        trained.as_f32().unwrap()
+    );
+    assert_ne!(
+        out.req(&name).unwrap().as_f32().unwrap(),
+        w.req(&name).unwrap().as_f32().unwrap(),
+        "{name} was trained"
+    );
+    let frozen = "image_encoder.sam_img_encoder.blocks.0.attn.qkv.weight";
+    assert_eq!(
+        out.req(frozen).unwrap().as_f32().unwrap(),
+        w.req(frozen).unwrap().as_f32().unwrap()
+    );
+    let bn = "resnet.stage0.1.running_mean";
+    assert_ne!(
+        out.req(bn).unwrap().as_f32().unwrap(),
+        w.req(bn).unwrap().as_f32().unwrap(),
+        "{bn} moved with the step"
+    );
+    let path = std::env::temp_dir().join(format!(
+        "sam-unet-trained-{}.safetensors",
+        std::process::id()
+    ));
+    out.save(&path).unwrap();
+    let back = sam_unet::io::Weights::from_file(&path).unwrap();
+    let mut tr2 =
+        sam_unet::train::Trainer::new(&back, sam_unet::Device::Cpu, Default::default()).unwrap();
+    for n in tr
+        .param_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+    {
+        assert_eq!(
+            tr2.param(&n).unwrap().unwrap().as_f32().unwrap(),
+            tr.param(&n).unwrap().unwrap().as_f32().unwrap(),
+            "{n}"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -82,6 +82,12 @@ pub struct Trainer {
     /// For every tensor of the model in visit order: its name when it is a
     /// trainable parameter.
     names: Vec<Option<String>>,
+    /// For every tensor of the model in visit order: its state_dict name
+    /// (parameters, frozen or not, and BatchNorm's running statistics).
+    state_names: Vec<Option<String>>,
+    /// The loaded tensors the model does not hold (the prompt encoder's
+    /// parameters that boxes never use): kept to be written back unchanged.
+    unused: Vec<(String, Tensor)>,
     /// The parameters box prompts reach, their gradients and Adam's state.
     store: ParamStore,
     cfg: TrainConfig,
@@ -101,9 +107,12 @@ impl Trainer {
                 Some((t.storage_key(), name))
             })
             .collect();
-        let mut names = vec![];
+        let every: HashMap<(usize, usize), &str> =
+            w.iter().map(|(n, t)| (t.storage_key(), n)).collect();
+        let (mut names, mut state_names) = (vec![], vec![]);
         model.visit(&mut |t: &mut Tensor| {
             names.push(trainable.get(&t.storage_key()).map(|n| n.to_string()));
+            state_names.push(every.get(&t.storage_key()).map(|n| n.to_string()));
             Ok(())
         })?;
         // The store takes the parameters that box prompts reach, in module
@@ -126,9 +135,19 @@ impl Trainer {
         })?;
         let store = ParamStore::new(&params, device)?;
         drop(params);
+        let held: std::collections::HashSet<&str> =
+            state_names.iter().flatten().map(String::as_str).collect();
+        let unused: Vec<(String, Tensor)> = w
+            .iter()
+            .filter(|(n, _)| !held.contains(n))
+            .map(|(n, t)| Ok((n.to_string(), t.to_host()?.compact()?)))
+            .collect::<Result<_>>()?;
+        drop(held);
         let mut tr = Trainer {
             model,
             names,
+            state_names,
+            unused,
             store,
             cfg,
         };
@@ -172,6 +191,53 @@ impl Trainer {
             i += 1;
             Ok(())
         })
+    }
+
+    /// The model as it is now, under the official state_dict names, on the
+    /// host in f32: every parameter (trained or frozen, and those box
+    /// prompts never use, unchanged) and BatchNorm's running statistics
+    /// (`num_batches_tracked`, an integer, is not a float tensor and is
+    /// left out). `Weights::save` writes it as
+    /// safetensors that inference and `Trainer::new` read back.
+    pub fn weights(&mut self) -> Result<Weights> {
+        let mut out = Weights::new();
+        // The official shapes (the model keeps some as views of another
+        // shape, e.g. the med token as [1, 1, D]).
+        let shapes: HashMap<String, Vec<usize>> = self
+            .model
+            .config
+            .param_specs()
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect();
+        let names = &self.state_names;
+        let mut i = 0;
+        self.model.visit(&mut |t: &mut Tensor| {
+            if let Some(n) = &names[i] {
+                let mut h = t.to_host()?.compact()?;
+                if let Some(shape) = shapes.get(n)
+                    && h.dims() != shape.as_slice()
+                {
+                    h = h.reshape(shape.clone())?;
+                }
+                out.insert(n.clone(), h);
+            }
+            i += 1;
+            Ok(())
+        })?;
+        for (n, t) in &self.unused {
+            out.insert(n.clone(), t.clone());
+        }
+        Ok(out)
+    }
+
+    /// Sets Adam's learning rate (a schedule's step, e.g. MultiStepLR).
+    pub fn set_lr(&mut self, lr: f32) -> Result<()> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::input("trainer", format!("learning rate {lr}")));
+        }
+        self.cfg.lr = lr;
+        Ok(())
     }
 
     /// The parameter store: values, gradients, Adam's moments and step.
