@@ -136,45 +136,25 @@ pub fn conv2d(
                 ins.extend(xs.as_ref());
                 ins.extend(ws.as_ref());
                 if let Device::Cuda(_) = same_device(OP, &ins)? {
-                    let gc = cuda_input(OP, g)?;
-                    let (dev, gsl) = gc.cuda_whole_f32(OP)?;
-                    let xc = xs.as_ref().map(|x| cuda_input(OP, x)).transpose()?;
-                    let wc = ws.as_ref().map(|w| cuda_input(OP, w)).transpose()?;
-                    let xv = xc
-                        .as_ref()
-                        .map(|x| x.cuda_whole_f32(OP).map(|(_, s)| s))
-                        .transpose()?;
-                    let wv = wc
-                        .as_ref()
-                        .map(|w| w.cuda_whole_f32(OP).map(|(_, s)| s))
-                        .transpose()?;
-                    let (dx, dw) = dev.with_blas(|blas| {
-                        cuda::conv2d_backward(
-                            dev,
-                            blas,
-                            gsl,
-                            xv,
-                            wv,
-                            [geo.n, geo.c, geo.h, geo.w],
-                            [geo.o, geo.kh, geo.kw, geo.stride, geo.pad, geo.ho, geo.wo],
-                        )
-                    })?;
-                    let db = if gb {
-                        Some(crate::ops::reduce::sum_rows(
-                            &crate::ops::layout::nchw_to_nhwc(g)?,
-                            geo.o,
-                        )?)
-                    } else {
-                        None
-                    };
-                    let mut v = vec![
-                        dx.map(|d| Tensor::from_cuda_f32(dev, d, xd.clone()))
-                            .transpose()?,
-                        dw.map(|d| Tensor::from_cuda_f32(dev, d, wdims.clone()))
-                            .transpose()?,
-                    ];
+                    let mut v = cuda_conv_grads(
+                        OP,
+                        g,
+                        (xs.as_ref(), ws.as_ref()),
+                        (&xd, &wdims),
+                        |dev, blas, gsl, xv, wv| {
+                            cuda::conv2d_backward(
+                                dev,
+                                blas,
+                                gsl,
+                                xv,
+                                wv,
+                                [geo.n, geo.c, geo.h, geo.w],
+                                [geo.o, geo.kh, geo.kw, geo.stride, geo.pad, geo.ho, geo.wo],
+                            )
+                        },
+                    )?;
                     if has_b {
-                        v.push(db);
+                        v.push(gb.then(|| cuda_bias_grad(g, geo.o)).transpose()?);
                     }
                     if has_r {
                         v.push(gr.then(|| g.clone()));
@@ -317,45 +297,26 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
                 ins.extend(xs.as_ref());
                 ins.extend(ws.as_ref());
                 if let Device::Cuda(_) = same_device(OP, &ins)? {
-                    let gc = cuda_input(OP, g)?;
-                    let (dev, gsl) = gc.cuda_whole_f32(OP)?;
-                    let xc = xs.as_ref().map(|x| cuda_input(OP, x)).transpose()?;
-                    let wc = ws.as_ref().map(|w| cuda_input(OP, w)).transpose()?;
-                    let xv = xc
-                        .as_ref()
-                        .map(|x| x.cuda_whole_f32(OP).map(|(_, s)| s))
-                        .transpose()?;
-                    let wv = wc
-                        .as_ref()
-                        .map(|w| w.cuda_whole_f32(OP).map(|(_, s)| s))
-                        .transpose()?;
-                    let (dx, dw) = dev.with_blas(|blas| {
-                        cuda::conv_transpose2d_backward(
-                            dev,
-                            blas,
-                            gsl,
-                            xv,
-                            wv,
-                            (n, c, h, wd),
-                            o,
-                            kh,
-                        )
-                    })?;
-                    let mut v = vec![
-                        dx.map(|d| Tensor::from_cuda_f32(dev, d, xd.clone()))
-                            .transpose()?,
-                        dw.map(|d| Tensor::from_cuda_f32(dev, d, wdims.clone()))
-                            .transpose()?,
-                    ];
-                    if has_b {
-                        v.push(if gb {
-                            Some(crate::ops::reduce::sum_rows(
-                                &crate::ops::layout::nchw_to_nhwc(g)?,
+                    let mut v = cuda_conv_grads(
+                        OP,
+                        g,
+                        (xs.as_ref(), ws.as_ref()),
+                        (&xd, &wdims),
+                        |dev, blas, gsl, xv, wv| {
+                            cuda::conv_transpose2d_backward(
+                                dev,
+                                blas,
+                                gsl,
+                                xv,
+                                wv,
+                                (n, c, h, wd),
                                 o,
-                            )?)
-                        } else {
-                            None
-                        });
+                                kh,
+                            )
+                        },
+                    )?;
+                    if has_b {
+                        v.push(gb.then(|| cuda_bias_grad(g, o)).transpose()?);
                     }
                     return Ok(v);
                 }
@@ -519,6 +480,52 @@ fn max_pool2d_cpu(
         padding,
     );
     Ok(Tensor::from_f32(out, &[n, c, ho, wo]))
+}
+
+/// The CUDA half of a convolution's backward: the gradient and the kept
+/// input / weight compacted on the device, `launch` (a GEMM launcher of
+/// cuda.rs) run with cuBLAS, its dX / dW as tensors of the input's and the
+/// weight's dims: [dx, dw].
+#[allow(clippy::type_complexity)]
+fn cuda_conv_grads(
+    op: &'static str,
+    g: &Tensor,
+    (xs, ws): (Option<&Tensor>, Option<&Tensor>),
+    (xd, wd): (&[usize], &[usize]),
+    launch: impl FnOnce(
+        &CudaDevice,
+        &crate::cuda::blas::Blas,
+        &cudarc::driver::CudaSlice<f32>,
+        Option<&cudarc::driver::CudaSlice<f32>>,
+        Option<&cudarc::driver::CudaSlice<f32>>,
+    ) -> Result<(
+        Option<cudarc::driver::CudaSlice<f32>>,
+        Option<cudarc::driver::CudaSlice<f32>>,
+    )>,
+) -> Result<Vec<Option<Tensor>>> {
+    let gc = cuda_input(op, g)?;
+    let (dev, gsl) = gc.cuda_whole_f32(op)?;
+    let xc = xs.map(|x| cuda_input(op, x)).transpose()?;
+    let wc = ws.map(|w| cuda_input(op, w)).transpose()?;
+    let xv = xc
+        .as_ref()
+        .map(|x| x.cuda_whole_f32(op).map(|(_, s)| s))
+        .transpose()?;
+    let wv = wc
+        .as_ref()
+        .map(|w| w.cuda_whole_f32(op).map(|(_, s)| s))
+        .transpose()?;
+    let (dx, dw) = dev.with_blas(|blas| launch(dev, blas, gsl, xv, wv))?;
+    Ok(vec![
+        dx.map(|d| Tensor::from_cuda_f32(dev, d, xd)).transpose()?,
+        dw.map(|d| Tensor::from_cuda_f32(dev, d, wd)).transpose()?,
+    ])
+}
+
+/// A convolution's bias gradient on the device: g [N, O, H, W] summed over
+/// everything but O (the deterministic row sums of its channels-last form).
+fn cuda_bias_grad(g: &Tensor, o: usize) -> Result<Tensor> {
+    crate::ops::reduce::sum_rows(&crate::ops::layout::nchw_to_nhwc(g)?, o)
 }
 
 #[cfg(test)]
