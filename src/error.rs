@@ -103,6 +103,13 @@ pub enum Error {
     #[error("{op}: no backward for an input that needs a gradient")]
     NoBackward { op: &'static str },
 
+    /// Training met a NaN or an infinite value (the loss, the gradients):
+    /// the step made no update; the run should stop and go back to its last
+    /// good checkpoint (a lower learning rate, or the data, are the usual
+    /// causes).
+    #[error("{op}: not finite: {msg}")]
+    NonFinite { op: &'static str, msg: String },
+
     /// Any other failure of a CUDA driver call.
     #[error("{op}: CUDA driver error: {msg}")]
     CudaDriver { op: &'static str, msg: String },

@@ -187,6 +187,13 @@ fn one_tree_small34_fixtures() {
     }
 }
 
+/// tools/train's resume on the device: three updates with a checkpoint
+/// after each, then updates 2 and 3 again from update 1's checkpoint, every
+/// loss and checkpoint byte equal (tests/common/run.rs).
+fn resume_small18() {
+    common::run::resume_round_trip(Device::Cuda(0), "sam-unet-small-18", "resume-cuda");
+}
+
 fn main() {
     let tests: &[(&str, fn())] = &[
         (
@@ -196,6 +203,7 @@ fn main() {
         ("cuda_model_small34", small34),
         ("cuda_model_sam_unet_50_random", sam_unet_50_random),
         ("cuda_model_train_step_small34", train_step_small34),
+        ("cuda_model_resume_small18", resume_small18),
     ];
     match simt::gpu_or_emulator(simt::Build::FAST) {
         Ok(what) => println!("running {} CUDA model tests on {what}", tests.len()),

@@ -227,6 +227,35 @@ impl PreparedSet {
         Ok((image, boxes, labels))
     }
 
+    /// Image `i` as the test protocol takes it (EVAL.md): the normalised,
+    /// padded image [3, S, S], every mask's box without jitter (model
+    /// frame), the masks [m, S, S] in {0, 1}, and the valid region h' x w'.
+    pub fn eval_item(&self, i: usize) -> Result<EvalItem> {
+        let e = self
+            .images
+            .get(i)
+            .ok_or_else(|| bad(format!("image {i} of {}", self.images.len())))?;
+        let (image, _, _) = self.sample(i, 0, 0, 0)?;
+        let sh = &self.shards[e.shard];
+        let (s, info) = (self.size, self.info(i)?);
+        let mut boxes = Vec::with_capacity(e.masks.len());
+        let mut masks = Vec::with_capacity(e.masks.len() * s * s);
+        for &m in &e.masks {
+            let bo = sh.boxes + m * 16;
+            let b: Vec<f32> = (0..4)
+                .map(|j| f32::from_le_bytes(sh.map[bo + j * 4..bo + j * 4 + 4].try_into().expect("4 bytes")))
+                .collect();
+            boxes.push(box_to_model_frame([b[0], b[1], b[2], b[3]], &info));
+            masks.extend_from_slice(&sh.map[sh.masks + m * s * s..sh.masks + (m + 1) * s * s]);
+        }
+        Ok(EvalItem {
+            image,
+            boxes,
+            masks,
+            valid: (info.new_h, info.new_w),
+        })
+    }
+
     /// A training batch of images `ids` for (seed, epoch), k masks each.
     pub fn batch(&self, ids: &[usize], seed: u64, epoch: u64, k: usize) -> Result<Batch> {
         use rayon::prelude::*;
@@ -248,6 +277,18 @@ impl PreparedSet {
             labels,
         })
     }
+}
+
+/// One image for evaluation (PreparedSet::eval_item).
+pub struct EvalItem {
+    /// [3, S, S], normalised and zero-padded
+    pub image: Vec<f32>,
+    /// per mask, (x0, y0, x1, y1) in the model frame, no jitter
+    pub boxes: Vec<[f32; 4]>,
+    /// [m, S, S] in {0, 1}
+    pub masks: Vec<u8>,
+    /// (h', w'): the image's region of the S x S frame
+    pub valid: (usize, usize),
 }
 
 /// The authors' box jitter from one keyed number: noise_std = min(w, h) *

@@ -124,14 +124,28 @@ impl SamUnetConfig {
         })
     }
 
-    /// `sam-unet-50`, `sam-unet-34` (ViT-B with that ResNet), or `sam-unet-<depth>`.
+    /// `sam-unet-50`, `sam-unet-34` (ViT-B with that ResNet), or
+    /// `sam-unet-<depth>`; `sam-unet-small-<depth>`: the test fixtures'
+    /// narrow ViT (width 128, 2 heads, MLP 512; the same 12 blocks and
+    /// adapters) with that ResNet, for experiments on a CPU.
     pub fn named(name: &str) -> Result<Self> {
+        if let Some(d) = name.strip_prefix("sam-unet-small-") {
+            let depth = d.parse::<usize>().map_err(|_| {
+                Error::Config(format!("unknown architecture `{name}` (sam-unet-small-18/34/50)"))
+            })?;
+            return Ok(SamUnetConfig {
+                vit_dim: 128,
+                vit_heads: 2,
+                vit_mlp_dim: 512,
+                ..Self::base(depth)?
+            });
+        }
         let depth = name
             .strip_prefix("sam-unet-")
             .and_then(|d| d.parse::<usize>().ok())
             .ok_or_else(|| {
                 Error::Config(format!(
-                    "unknown architecture `{name}` (sam-unet-50, sam-unet-34, sam-unet-18/101/152)"
+                    "unknown architecture `{name}` (sam-unet-50, sam-unet-34, sam-unet-18/101/152, sam-unet-small-<depth>)"
                 ))
             })?;
         Self::base(depth)
@@ -684,6 +698,18 @@ impl SamUnetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_names_give_the_fixture_width() {
+        // small34_config.json: 29,900,844 parameters, 26,723,244 trainable.
+        assert_eq!(
+            SamUnetConfig::named("sam-unet-small-34")
+                .unwrap()
+                .parameter_counts(),
+            (29_900_844, 26_723_244)
+        );
+        assert!(SamUnetConfig::named("sam-unet-small-x").is_err());
+    }
 
     #[test]
     fn official_parameter_counts() {

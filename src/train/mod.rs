@@ -12,8 +12,13 @@
 //! recorded for them and they get no gradient. On the CPU or a CUDA device
 //! (f32).
 
+pub mod plot;
+mod run;
 mod store;
 
+pub use run::{
+    Event, RunConfig, Session, ValReport, evaluate, latest_checkpoint, read_log, write_plots,
+};
 pub use store::{ParamStore, Slot};
 
 use std::collections::HashMap;
@@ -231,6 +236,51 @@ impl Trainer {
         Ok(out)
     }
 
+    /// BatchNorm's `num_batches_tracked` under their state_dict names, in
+    /// module order.
+    pub fn batch_norm_counters(&self) -> Vec<(String, u64)> {
+        self.bn_prefixes()
+            .zip(self.model.batch_norms())
+            .map(|(p, bn)| (format!("{p}.num_batches_tracked"), bn.running_stats().2))
+            .collect()
+    }
+
+    /// Restores `num_batches_tracked` (a checkpoint's); every BatchNorm
+    /// must be named.
+    pub fn set_batch_norm_counters(&mut self, counters: &HashMap<String, u64>) -> Result<()> {
+        let names: Vec<String> = self
+            .bn_prefixes()
+            .map(|p| format!("{p}.num_batches_tracked"))
+            .collect();
+        for (n, bn) in names.iter().zip(self.model.batch_norms()) {
+            let c = counters.get(n).ok_or_else(|| {
+                Error::input("trainer", format!("no {n} among the BatchNorm counters"))
+            })?;
+            bn.running.lock().unwrap_or_else(|p| p.into_inner()).batches = *c;
+        }
+        Ok(())
+    }
+
+    /// The BatchNorms' state_dict prefixes in module order (the model
+    /// visits each one's running mean in that order).
+    fn bn_prefixes(&self) -> impl Iterator<Item = &str> {
+        self.state_names
+            .iter()
+            .flatten()
+            .filter_map(|n| n.strip_suffix(".running_mean"))
+    }
+
+    /// BatchNorm on batch statistics (train, the default) or on the running
+    /// ones (evaluation: validation between steps).
+    pub fn set_training(&self, on: bool) {
+        self.model.set_training(on);
+    }
+
+    /// Adam's learning rate now.
+    pub fn lr(&self) -> f32 {
+        self.cfg.lr
+    }
+
     /// Sets Adam's learning rate (a schedule's step, e.g. MultiStepLR).
     pub fn set_lr(&mut self, lr: f32) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
@@ -316,53 +366,107 @@ impl Trainer {
         self.step_inner(batch, true)
     }
 
+    /// One update from several micro-batches (gradient accumulation): each
+    /// runs forward and backward on its own (its BatchNorm statistics its
+    /// own, as in PyTorch), its loss scaled by 1 / k so that the summed
+    /// gradients are the mean of the micro-batches'; then one Adam step. The
+    /// report's loss terms are the micro-batches' mean, its logits theirs
+    /// in order.
+    pub fn step_accumulated(&mut self, micro: &[Batch]) -> Result<StepReport> {
+        self.steps_inner(micro, false)
+    }
+
     fn step_inner(&mut self, batch: &Batch, keep_grads: bool) -> Result<StepReport> {
-        let b = batch.images.dims().first().copied().unwrap_or(0);
-        if b == 0 || batch.boxes.len() != b || batch.labels.len() != b {
-            return Err(Error::input(
-                "train step",
-                format!(
-                    "{b} images, {} box lists, {} label sets",
-                    batch.boxes.len(),
-                    batch.labels.len()
-                ),
-            ));
+        self.steps_inner(std::slice::from_ref(batch), keep_grads)
+    }
+
+    fn steps_inner(&mut self, micro: &[Batch], keep_grads: bool) -> Result<StepReport> {
+        if micro.is_empty() {
+            return Err(Error::input("train step", "no batch to step on"));
         }
-        let t0 = Instant::now();
-        let rec = self.register()?;
-        let (logits, labels) = self.forward(batch)?;
-        let (loss, terms) = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
-        if !terms.loss.is_finite() {
-            return Err(Error::input(
-                "train step",
-                format!(
-                    "the loss is {} (focal {}, dice {})",
-                    terms.loss, terms.focal, terms.dice
-                ),
-            ));
-        }
-        let forward_s = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let seed = Tensor::from_vec(vec![1.0], [1])?.to_device(loss.device())?;
-        // Each gradient goes into the store as soon as it is complete.
-        let mut kept = vec![];
-        let store = &mut self.store;
-        rec.backward_into(&loss, &seed, &mut |_, name, g| {
-            store.accept_grad(name, &g)?;
-            if keep_grads {
-                kept.push((name.to_string(), g.to_host()?));
+        for batch in micro {
+            let b = batch.images.dims().first().copied().unwrap_or(0);
+            if b == 0 || batch.boxes.len() != b || batch.labels.len() != b {
+                return Err(Error::input(
+                    "train step",
+                    format!(
+                        "{b} images, {} box lists, {} label sets",
+                        batch.boxes.len(),
+                        batch.labels.len()
+                    ),
+                ));
             }
-            Ok(())
-        })?;
-        let backward_s = t1.elapsed().as_secs_f64();
+        }
+        let k = micro.len();
+        let (mut forward_s, mut backward_s) = (0.0, 0.0);
+        let mut sum = LossTerms {
+            loss: 0.0,
+            focal: 0.0,
+            dice: 0.0,
+        };
+        let mut all_logits = Vec::with_capacity(k);
+        let mut kept = vec![];
+        for batch in micro {
+            let t0 = Instant::now();
+            let rec = self.register()?;
+            let (logits, labels) = self.forward(batch)?;
+            let (loss, terms) = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
+            if !terms.loss.is_finite() {
+                // Nothing was written: the store and the running statistics
+                // keep the last finite step's values but this forward's
+                // BatchNorm updates (a caller that stops here should reload
+                // its last checkpoint).
+                return Err(Error::NonFinite {
+                    op: "train step",
+                    msg: format!(
+                        "the loss is {} (focal {}, dice {})",
+                        terms.loss, terms.focal, terms.dice
+                    ),
+                });
+            }
+            sum.loss += terms.loss;
+            sum.focal += terms.focal;
+            sum.dice += terms.dice;
+            forward_s += t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let seed = Tensor::from_vec(vec![1.0 / k as f32], [1])?.to_device(loss.device())?;
+            // Each gradient goes into the store as soon as it is complete.
+            let store = &mut self.store;
+            rec.backward_into(&loss, &seed, &mut |_, name, g| {
+                store.accept_grad(name, &g)?;
+                if keep_grads {
+                    kept.push((name.to_string(), g.to_host()?));
+                }
+                Ok(())
+            })?;
+            backward_s += t1.elapsed().as_secs_f64();
+            all_logits.push(logits.to_host()?);
+        }
         let t2 = Instant::now();
         let grad_norm = self.store.grad_norm()?;
+        if !grad_norm.is_finite() {
+            self.store.discard_grads();
+            return Err(Error::NonFinite {
+                op: "train step",
+                msg: format!("the gradient norm is {grad_norm}; no update made"),
+            });
+        }
         self.adam()?;
         let optimizer_s = t2.elapsed().as_secs_f64();
+        let logits = if k == 1 {
+            all_logits.pop().expect("one micro-batch")
+        } else {
+            cat0(&all_logits.iter().collect::<Vec<_>>())?
+        };
+        let n = k as f64;
         Ok(StepReport {
-            terms,
+            terms: LossTerms {
+                loss: sum.loss / n,
+                focal: sum.focal / n,
+                dice: sum.dice / n,
+            },
             grad_norm,
-            logits: logits.to_host()?,
+            logits,
             grads: kept,
             forward_s,
             backward_s,

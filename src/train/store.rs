@@ -137,7 +137,8 @@ impl ParamStore {
         Ok(Some(g.view(s.offset, s.dims.clone())?.compact()?))
     }
 
-    /// Copies a complete gradient into its slot.
+    /// Copies a complete gradient into its slot, or adds it to the one
+    /// already there when the slot got one since the last update.
     pub fn accept_grad(&mut self, name: &str, g: &Tensor) -> Result<()> {
         let i = *self.index.get(name).ok_or_else(|| {
             Error::input(
@@ -159,9 +160,23 @@ impl ParamStore {
             );
         }
         let grads = self.grads.as_mut().expect("allocated just above");
-        copy_into(grads, offset, g)?;
+        if self.fresh[i] {
+            // Gradient accumulation: a second micro-batch before the update
+            // adds to what the first left (the order of the sums is fixed:
+            // micro-batch by micro-batch).
+            let sum = crate::ops::activation::add(&grads.view(offset, s.dims.clone())?, g)?;
+            copy_into(grads, offset, &sum)?;
+        } else {
+            copy_into(grads, offset, g)?;
+        }
         self.fresh[i] = true;
         Ok(())
+    }
+
+    /// Forgets the gradients received since the last update (a step that
+    /// will not be applied, e.g. one with a NaN gradient).
+    pub fn discard_grads(&mut self) {
+        self.fresh.iter_mut().for_each(|f| *f = false);
     }
 
     /// The parameters that got a gradient since the last update.

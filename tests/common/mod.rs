@@ -2,6 +2,8 @@
 //! (including u8 tensors and metadata), and the fixtures README's comparisons.
 #![allow(dead_code)]
 
+pub mod run;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 

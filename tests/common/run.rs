@@ -1,0 +1,98 @@
+//! Helpers of the training-run tests (tests/train_run.rs, and the CUDA
+//! resume test in tests/cuda_model.rs).
+
+use std::path::{Path, PathBuf};
+
+use sam_unet::data::prepare::{PrepareOptions, Split, discover, prepare};
+use sam_unet::model::SamUnetConfig;
+use sam_unet::tensor::Device;
+use sam_unet::train::{RunConfig, Session, read_log};
+
+pub fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sam-unet-run-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// data_demo/train prepared into a temporary folder (None without fixtures).
+pub fn demo_prepared(name: &str) -> Option<PathBuf> {
+    let fx = super::fixtures()?;
+    let demo = super::data_demo(&fx).join("train");
+    let items = discover(&demo, Split::Auto).unwrap();
+    let out = tmp(name).join("prepared");
+    prepare(&items, &out, PrepareOptions::default(), &|_| {}).unwrap();
+    Some(out)
+}
+
+pub fn losses(out: &Path) -> Vec<(u64, f64)> {
+    read_log(&out.join("log.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|l| l["event"] == "step")
+        .map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+pub fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// N updates, a checkpoint, M more; then the same M again from that
+/// checkpoint: every loss and every byte of the model and of Adam's state
+/// equal (the state files differ only in nothing: compared whole too).
+pub fn resume_round_trip(device: Device, arch: &str, name: &str) {
+    let Some(data) = demo_prepared(name) else {
+        return;
+    };
+    let out = data.parent().unwrap().join("run");
+    let mut cfg = RunConfig::new(&data, &out);
+    cfg.device = device;
+    cfg.train_fraction = 1.0;
+    cfg.batch_images = 1;
+    cfg.accumulate = 2;
+    cfg.masks_per_image = 2;
+    cfg.epochs = 3;
+    cfg.lr = 1e-3;
+    cfg.save_every = 1;
+    cfg.keep = 5;
+    cfg.max_steps = Some(3);
+    let w = SamUnetConfig::named(arch).unwrap().random_weights(5);
+    let mut s = Session::new(cfg, &w).unwrap();
+    s.run(&mut |_| {}).unwrap();
+    drop(s);
+    let first = losses(&out);
+    assert_eq!(first.len(), 3);
+    let ck = out.join("checkpoints");
+    let end = files(&ck.join("step-00000003"));
+    // Back to update 1 and on to 3 again.
+    let mut s = Session::resume(&ck.join("step-00000001"), None, None, None).unwrap();
+    assert_eq!(s.steps_taken(), 1);
+    s.run(&mut |_| {}).unwrap();
+    drop(s);
+    let again = losses(&out);
+    assert_eq!(again.len(), 3, "the log keeps update 1 and redoes 2 and 3");
+    for ((s1, a), (s2, b)) in first.iter().zip(&again) {
+        assert_eq!(s1, s2);
+        assert_eq!(a.to_bits(), b.to_bits(), "loss at update {s1}: {a} then {b}");
+    }
+    let end2 = files(&ck.join("step-00000003"));
+    assert_eq!(end.len(), end2.len());
+    for ((n1, b1), (n2, b2)) in end.iter().zip(&end2) {
+        assert_eq!(n1, n2);
+        assert!(b1 == b2, "{n1} differs after the resume");
+    }
+    println!(
+        "{arch} on {device}: losses {:?} repeated bit for bit from update 1's checkpoint",
+        first.iter().map(|l| l.1).collect::<Vec<_>>()
+    );
+}
+

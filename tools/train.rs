@@ -1,0 +1,209 @@
+//! Trains (fine-tunes) SAM-UNet on prepared data (src/train/run.rs).
+//!
+//!     prepare --data my_data/ --out prepared/
+//!     train --data prepared/ --init start.safetensors --out runs/a --epochs 20
+//!     train --resume runs/a                      # after a crash or a pre-emption
+//!
+//! `--init`: the output of `convert --sam ... --resnet ...`, a SAM-UNet
+//! safetensors file, an authors' `.pth` (state dict or trainer checkpoint),
+//! or `random:ARCH` (e.g. `random:sam-unet-small-34`) to start from random
+//! weights. The run's folder gets `log.jsonl` (one JSON line per update,
+//! validation, epoch and checkpoint), `checkpoints/step-N/`, `best/` (the
+//! best validation Dice) and `curves.svg` / `curves.png`.
+
+#[path = "cli.rs"]
+mod cli;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sam_unet::data::loader::SplitBy;
+use sam_unet::io::Weights;
+use sam_unet::model::SamUnetConfig;
+use sam_unet::tensor::Device;
+use sam_unet::train::{Event, RunConfig, Session};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    /// Image by image, as the authors split.
+    Image,
+    /// Every slice of a `dataset--case` on one side (EVAL.md).
+    Case,
+}
+
+#[derive(Parser)]
+#[command(about = "Train SAM-UNet on prepared data; resumable bit for bit")]
+struct Args {
+    /// Prepared data (the output of `prepare`).
+    #[arg(long, required_unless_present = "resume")]
+    data: Option<PathBuf>,
+    /// Starting weights: safetensors, .pth, or random:ARCH.
+    #[arg(long, required_unless_present = "resume")]
+    init: Option<String>,
+    /// The run's folder.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue a run: its folder (newest checkpoint) or a checkpoint folder.
+    #[arg(long, conflicts_with_all = ["data", "init", "out"])]
+    resume: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<Device>,
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Images per micro-batch (5 masks each).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Micro-batches per update (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f32,
+    /// MultiStepLR milestones, in epochs (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    milestones: Vec<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of each modality's images (or cases) trained on; the rest validates.
+    #[arg(long, default_value_t = 0.8)]
+    train_fraction: f64,
+    #[arg(long, value_enum, default_value = "image")]
+    split: SplitArg,
+    /// Validate every K updates as well as at each epoch's end.
+    #[arg(long, default_value_t = 0)]
+    val_every: u64,
+    /// Checkpoint every K updates as well as at each epoch's end.
+    #[arg(long, default_value_t = 0)]
+    save_every: u64,
+    /// Checkpoints kept (the newest), besides best/.
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Stop after this many updates in all.
+    #[arg(long)]
+    max_steps: Option<u64>,
+}
+
+fn main() -> std::process::ExitCode {
+    cli::exit(run(Args::parse()))
+}
+
+fn start_weights(init: &str) -> Result<Weights> {
+    if let Some(arch) = init.strip_prefix("random:") {
+        return Ok(SamUnetConfig::named(arch)?.random_weights(0));
+    }
+    Weights::from_file(init).with_context(|| format!("reading the starting weights {init}"))
+}
+
+fn run(a: Args) -> Result<()> {
+    let mut session = match &a.resume {
+        Some(dir) => Session::resume(dir, a.device, a.epochs, a.max_steps.map(Some))?,
+        None => {
+            let (Some(data), Some(init), Some(out)) = (&a.data, &a.init, &a.out) else {
+                bail!("give --data, --init and --out (or --resume DIR)");
+            };
+            if out.join("checkpoints").is_dir() {
+                bail!(
+                    "{} already holds a run: continue it with --resume {0}, or choose another --out",
+                    out.display()
+                );
+            }
+            let mut cfg = RunConfig::new(data, out);
+            cfg.device = a.device.unwrap_or(Device::Cpu);
+            cfg.epochs = a.epochs.unwrap_or(1);
+            cfg.batch_images = a.batch;
+            cfg.accumulate = a.accumulate;
+            cfg.lr = a.lr;
+            cfg.milestones = a.milestones.clone();
+            cfg.gamma = a.gamma;
+            cfg.seed = a.seed;
+            cfg.train_fraction = a.train_fraction;
+            cfg.split_by = match a.split {
+                SplitArg::Image => SplitBy::Image,
+                SplitArg::Case => SplitBy::Case,
+            };
+            cfg.val_every = a.val_every;
+            cfg.save_every = a.save_every;
+            cfg.keep = a.keep;
+            cfg.max_steps = a.max_steps;
+            let w = start_weights(init)?;
+            Session::new(cfg, &w)?
+        }
+    };
+    println!(
+        "{} training images, {} validation images ({}), {} updates per epoch of {} x {} images, on {}",
+        session.train_images().len(),
+        session.val_images().len(),
+        session.cfg.data.display(),
+        session.steps_per_epoch(),
+        session.cfg.accumulate,
+        session.cfg.batch_images,
+        session.cfg.device
+    );
+    let bar = ProgressBar::hidden();
+    let mut mean = None::<f64>;
+    session.run(&mut |ev| match ev {
+        Event::Start { first, last, .. } => {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(*last);
+            bar.set_position(*first);
+            bar.reset_eta();
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "[{elapsed_precise}] {bar:30} {pos}/{len} updates  {msg}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+        }
+        Event::Step {
+            step,
+            epoch,
+            loss,
+            images_per_s,
+            data_wait_s,
+        } => {
+            let m = mean.map_or(*loss, |m| 0.9 * m + 0.1 * loss);
+            mean = Some(m);
+            bar.set_position(*step);
+            bar.set_message(format!(
+                "epoch {epoch}  loss {loss:.4} (avg {m:.4})  {images_per_s:.2} img/s  data wait {:.0} ms",
+                data_wait_s * 1e3
+            ));
+        }
+        Event::Validation { step, report } => {
+            let per: Vec<String> = report
+                .per_modality
+                .iter()
+                .map(|(m, (d, _, n))| format!("{m} {d:.4} ({n})"))
+                .collect();
+            bar.println(format!(
+                "update {step}: validation Dice {:.4}  IoU {:.4}  over {} masks  [{}]",
+                report.dice,
+                report.iou,
+                report.masks,
+                per.join(", ")
+            ));
+        }
+        Event::Checkpoint { path, .. } => {
+            bar.println(format!("checkpoint {}", path.display()));
+        }
+    })?;
+    bar.finish_and_clear();
+    let out = &session.cfg.out;
+    println!(
+        "done: {} updates; log {}, plots {} and {}{}",
+        session.steps_taken(),
+        out.join("log.jsonl").display(),
+        out.join("curves.svg").display(),
+        out.join("curves.png").display(),
+        if out.join("best").is_dir() {
+            format!("; best model {}", out.join("best/model.safetensors").display())
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
