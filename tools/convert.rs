@@ -5,6 +5,9 @@
 //!         loader does, the ResNet mapped, new modules initialised (seeded).
 //!     convert --in any.pth --out any.safetensors
 //!         A plain format conversion of a checkpoint's state dict, dtypes kept.
+//!     convert --in runs/a/best/model.safetensors --out model.pth
+//!         The other way, for PyTorch users: `{'model': state_dict}` that
+//!         `torch.load(path, weights_only=True)` accepts.
 //!
 //! Output is written atomically (temporary file, then rename).
 
@@ -39,12 +42,20 @@ struct Args {
     /// Seed of the new modules' initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output .safetensors file.
+    /// Output file: .safetensors, or .pth / .pt for a PyTorch checkpoint
+    /// ({'model': state_dict}; with --in only).
     #[arg(long)]
     out: PathBuf,
     /// List every tensor mapped, dropped and initialised.
     #[arg(long, short)]
     verbose: bool,
+}
+
+/// A `.pth` / `.pt` output is written as a PyTorch checkpoint.
+fn is_pth_name(p: &std::path::Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("pth") || e.eq_ignore_ascii_case("pt"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,7 +78,12 @@ fn run(a: Args) -> Result<()> {
                     )
                 })
                 .collect();
-            write_safetensors(&a.out, &recs)?;
+            if is_pth_name(&a.out) {
+                // For PyTorch users: {'model': state_dict}, weights_only-safe.
+                sam_unet::io::pth_write::write_pth(&a.out, &ck.tensors)?;
+            } else {
+                write_safetensors(&a.out, &recs)?;
+            }
             println!(
                 "{}: {} tensors from the {} state dict -> {}",
                 input.display(),
@@ -85,6 +101,9 @@ fn run(a: Args) -> Result<()> {
             }
         }
         (None, Some(sam), Some(resnet)) => {
+            if is_pth_name(&a.out) {
+                bail!("write the starting point as .safetensors (convert --in it to .pth after)");
+            }
             let s = read_tensors(sam).with_context(|| format!("reading {}", sam.display()))?;
             let r =
                 read_tensors(resnet).with_context(|| format!("reading {}", resnet.display()))?;

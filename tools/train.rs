@@ -6,8 +6,8 @@
 //!
 //! `--init`: the output of `convert --sam ... --resnet ...`, a SAM-UNet
 //! safetensors file, an authors' `.pth` (state dict or trainer checkpoint),
-//! or `random:ARCH` (e.g. `random:sam-unet-small-34`) to start from random
-//! weights. The run's folder gets `log.jsonl` (one JSON line per update,
+//! or `random:ARCH[:SEED]` (e.g. `random:sam-unet-small-34`) to start from
+//! random weights. The run's folder gets `log.jsonl` (one JSON line per update,
 //! validation, epoch and checkpoint), `checkpoints/step-N/`, `best/` (the
 //! best validation Dice) and `curves.svg` / `curves.png`.
 
@@ -73,10 +73,10 @@ struct Args {
     train_fraction: f64,
     #[arg(long, value_enum, default_value = "image")]
     split: SplitArg,
-    /// Validate every K updates as well as at each epoch's end.
+    /// Validate every K updates (default: at each epoch's end), and after the last.
     #[arg(long, default_value_t = 0)]
     val_every: u64,
-    /// Checkpoint every K updates as well as at each epoch's end.
+    /// Checkpoint every K updates (default: at each epoch's end), and after the last.
     #[arg(long, default_value_t = 0)]
     save_every: u64,
     /// Checkpoints kept (the newest), besides best/.
@@ -92,8 +92,13 @@ fn main() -> std::process::ExitCode {
 }
 
 fn start_weights(init: &str) -> Result<Weights> {
-    if let Some(arch) = init.strip_prefix("random:") {
-        return Ok(SamUnetConfig::named(arch)?.random_weights(0));
+    if let Some(spec) = init.strip_prefix("random:") {
+        // random:ARCH or random:ARCH:SEED
+        let (arch, seed) = match spec.rsplit_once(':') {
+            Some((a, s)) => (a, s.parse::<u64>().with_context(|| format!("seed `{s}` in --init {init}"))?),
+            None => (spec, 0),
+        };
+        return Ok(SamUnetConfig::named(arch)?.random_weights(seed));
     }
     Weights::from_file(init).with_context(|| format!("reading the starting weights {init}"))
 }

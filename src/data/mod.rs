@@ -7,3 +7,4 @@
 pub mod loader;
 pub mod names;
 pub mod prepare;
+pub mod synth;

@@ -3,6 +3,7 @@
 pub mod image;
 pub mod pickle;
 pub mod pth;
+pub mod pth_write;
 pub mod weights;
 pub mod zip;
 

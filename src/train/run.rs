@@ -64,9 +64,11 @@ pub struct RunConfig {
     /// The training side of the split (the authors: 0.8 per modality).
     pub train_fraction: f64,
     pub split_by: SplitBy,
-    /// Validate every this many updates (0: at the end of each epoch only).
+    /// Validate every this many updates (0: at the end of each epoch), and
+    /// after the last.
     pub val_every: u64,
-    /// Checkpoint every this many updates (0: at the end of each epoch only).
+    /// Checkpoint every this many updates (0: at the end of each epoch), and
+    /// after the last.
     pub save_every: u64,
     /// Checkpoints kept (the newest), besides `best/`.
     pub keep: usize,
@@ -191,6 +193,8 @@ pub struct ValReport {
     pub masks: usize,
     /// modality -> (Dice, IoU, masks)
     pub per_modality: BTreeMap<String, (f64, f64, usize)>,
+    /// Every mask's (Dice, IoU), in image and mask order.
+    pub per_mask: Vec<(f64, f64)>,
     pub seconds: f64,
 }
 
@@ -446,7 +450,9 @@ impl Session {
                     self.epoch += 1;
                     self.step_in_epoch = 0;
                 }
-                let validate = epoch_done || (self.cfg.val_every > 0 && self.step % self.cfg.val_every == 0);
+                let now = self.step;
+                let every = |k: u64| if k == 0 { epoch_done } else { now % k == 0 };
+                let validate = every(self.cfg.val_every) || self.step == last;
                 let mut best_now = false;
                 if validate && !self.val_ids.is_empty() {
                     let rep = self.validate()?;
@@ -462,9 +468,7 @@ impl Session {
                         "seconds": rep.seconds, "best": best_now}))?;
                     on(&Event::Validation { step: self.step, report: rep });
                 }
-                let save = epoch_done
-                    || self.step == last
-                    || (self.cfg.save_every > 0 && self.step % self.cfg.save_every == 0);
+                let save = every(self.cfg.save_every) || self.step == last;
                 if save || best_now {
                     let path = self.save_checkpoint(save, best_now)?;
                     if save {
@@ -687,6 +691,7 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
         v.1 /= v.2 as f64;
     }
     rep.per_modality = per;
+    rep.per_mask = rows.iter().map(|r| (r.1, r.2)).collect();
     Ok(rep)
 }
 

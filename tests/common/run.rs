@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sam_unet::data::prepare::{PrepareOptions, Split, discover, prepare};
+use sam_unet::data::prepare::{Item, PrepareOptions, Split, discover, prepare};
 use sam_unet::model::SamUnetConfig;
 use sam_unet::tensor::Device;
 use sam_unet::train::{RunConfig, Session, read_log};
@@ -17,9 +17,16 @@ pub fn tmp(name: &str) -> PathBuf {
 
 /// data_demo/train prepared into a temporary folder (None without fixtures).
 pub fn demo_prepared(name: &str) -> Option<PathBuf> {
+    demo_prepared_only(name, |_| true)
+}
+
+/// The same, with only the images `keep` accepts.
+pub fn demo_prepared_only(name: &str, keep: impl Fn(&Item) -> bool) -> Option<PathBuf> {
     let fx = super::fixtures()?;
     let demo = super::data_demo(&fx).join("train");
-    let items = discover(&demo, Split::Auto).unwrap();
+    let mut items = discover(&demo, Split::Auto).unwrap();
+    items.retain(|i| keep(i));
+    assert!(!items.is_empty());
     let out = tmp(name).join("prepared");
     prepare(&items, &out, PrepareOptions::default(), &|_| {}).unwrap();
     Some(out)
