@@ -187,11 +187,11 @@ fn one_tree_small34_fixtures() {
     }
 }
 
-/// tools/train's resume on the device: three updates with a checkpoint
-/// after each, then updates 2 and 3 again from update 1's checkpoint, every
-/// loss and checkpoint byte equal (tests/common/run.rs).
+/// tools/train's resume on the device: two updates (two micro-batches each)
+/// with a checkpoint after each, then update 2 again from update 1's
+/// checkpoint, every loss and checkpoint byte equal (tests/common/run.rs).
 fn resume_small18() {
-    common::run::resume_round_trip(Device::Cuda(0), "sam-unet-small-18", "resume-cuda");
+    common::run::resume_round_trip(Device::Cuda(0), "sam-unet-small-18", "resume-cuda", 2);
 }
 
 fn main() {

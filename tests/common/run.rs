@@ -53,10 +53,10 @@ pub fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-/// N updates, a checkpoint, M more; then the same M again from that
-/// checkpoint: every loss and every byte of the model and of Adam's state
+/// One update, a checkpoint, `updates - 1` more; then the same again from
+/// that checkpoint: every loss and every byte of the model and of Adam's state
 /// equal (the state files differ only in nothing: compared whole too).
-pub fn resume_round_trip(device: Device, arch: &str, name: &str) {
+pub fn resume_round_trip(device: Device, arch: &str, name: &str, updates: u64) {
     let Some(data) = demo_prepared(name) else {
         return;
     };
@@ -71,27 +71,28 @@ pub fn resume_round_trip(device: Device, arch: &str, name: &str) {
     cfg.lr = 1e-3;
     cfg.save_every = 1;
     cfg.keep = 5;
-    cfg.max_steps = Some(3);
+    cfg.max_steps = Some(updates);
     let w = SamUnetConfig::named(arch).unwrap().random_weights(5);
     let mut s = Session::new(cfg, &w).unwrap();
     s.run(&mut |_| {}).unwrap();
     drop(s);
     let first = losses(&out);
-    assert_eq!(first.len(), 3);
+    assert_eq!(first.len() as u64, updates);
     let ck = out.join("checkpoints");
-    let end = files(&ck.join("step-00000003"));
+    let last = format!("step-{updates:08}");
+    let end = files(&ck.join(&last));
     // Back to update 1 and on to 3 again.
     let mut s = Session::resume(&ck.join("step-00000001"), None, None, None).unwrap();
     assert_eq!(s.steps_taken(), 1);
     s.run(&mut |_| {}).unwrap();
     drop(s);
     let again = losses(&out);
-    assert_eq!(again.len(), 3, "the log keeps update 1 and redoes 2 and 3");
+    assert_eq!(again.len() as u64, updates, "the log keeps update 1 and redoes the others");
     for ((s1, a), (s2, b)) in first.iter().zip(&again) {
         assert_eq!(s1, s2);
         assert_eq!(a.to_bits(), b.to_bits(), "loss at update {s1}: {a} then {b}");
     }
-    let end2 = files(&ck.join("step-00000003"));
+    let end2 = files(&ck.join(&last));
     assert_eq!(end.len(), end2.len());
     for ((n1, b1), (n2, b2)) in end.iter().zip(&end2) {
         assert_eq!(n1, n2);
