@@ -332,3 +332,74 @@ fn fuzz_regressions_are_errors() {
     }
     assert!(n > 0, "no regression inputs in {}", dir.display());
 }
+
+/// The .pth writer (`convert --out X.pth`, for PyTorch users): the small34
+/// fixture weights with an int64 BatchNorm counter, written and read back by
+/// our reader (every tensor equal) and, where Python has torch, by
+/// `torch.load(weights_only=True)` comparing every tensor's bytes.
+#[test]
+fn pth_export_reads_back_here_and_in_pytorch() {
+    use sam_unet::io::pth::RawTensor;
+    let Some(dir) = fixtures() else { return };
+    let ck = read_tensors(fixture(&dir, "small34_weights.safetensors")).unwrap();
+    let mut tensors = ck.tensors.clone();
+    tensors.push((
+        "resnet.bn1.num_batches_tracked".into(),
+        RawTensor {
+            dtype: RawDType::I64,
+            shape: vec![],
+            data: 42i64.to_le_bytes().to_vec(),
+        },
+    ));
+    let out = std::env::temp_dir().join(format!("sam-unet-export-{}.pth", std::process::id()));
+    sam_unet::io::pth_write::write_pth(&out, &tensors).unwrap();
+    let back = read_pth(&out).unwrap();
+    assert_eq!(back.source, "model");
+    assert_eq!(back.tensors, tensors);
+    // PyTorch, when there is one.
+    let py = std::env::var("SAM_UNET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let has_torch = std::process::Command::new(&py)
+        .args(["-c", "import torch"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_torch {
+        eprintln!("SKIPPED the PyTorch half: no torch for {py} (set SAM_UNET_PYTHON)");
+        return;
+    }
+    let want = out.with_extension("safetensors");
+    sam_unet::io::weights::write_safetensors(
+        &want,
+        &tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dtype.safetensors(), t.shape.clone(), t.data.clone()))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let script = r#"
+import sys, json, struct, torch
+sd = torch.load(sys.argv[1], weights_only=True)["model"]
+raw = open(sys.argv[2], "rb").read()
+n = struct.unpack("<Q", raw[:8])[0]
+hdr = json.loads(raw[8:8 + n])
+hdr.pop("__metadata__", None)
+assert list(sd.keys()) == sorted(hdr.keys()) or set(sd.keys()) == set(hdr.keys()), "names"
+for k, m in hdr.items():
+    a, b = m["data_offsets"]
+    t = sd[k]
+    assert list(t.shape) == m["shape"], k
+    assert t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() == raw[8 + n + a:8 + n + b], k
+print(len(sd), "tensors equal in torch", torch.__version__)
+"#;
+    let o = std::process::Command::new(&py)
+        .args(["-c", script])
+        .arg(&out)
+        .arg(&want)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "torch.load refused or differs: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&o.stdout).trim());
+}
