@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod io;
 pub mod model;
 pub mod nn;

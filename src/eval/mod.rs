@@ -1,0 +1,3 @@
+//! Evaluation: the metrics users compare models by (EVAL.md).
+
+pub mod metrics;
