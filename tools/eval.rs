@@ -1,0 +1,172 @@
+//! Evaluates a SAM-UNet on a data folder with the authors' test protocol
+//! (EVAL.md; src/eval): one row per mask, reports per modality, dataset
+//! and class.
+//!
+//!     eval --weights W --data ../shared/data_demo/test --out eval/
+//!     eval --weights W --data SAMed2Dv1/ --split test --shard 3/16 --out eval/3   # one of 16 jobs
+//!     eval --merge eval/0 eval/1 ... eval/15 --out eval/all                        # the same reports as one run
+//!
+//! Writes OUT/rows.jsonl and rows.csv (a row per mask: names and grouping,
+//! the box, areas, TP/FP/FN, Dice, IoU, NSD, HD95), summary.json (nnU-Net
+//! shaped, plus per modality / dataset / class), summary.md and
+//! dice_by_modality.svg.
+
+#[path = "cli.rs"]
+mod cli;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use sam_unet::data::prepare::{Split, discover};
+use sam_unet::eval::{EvalOptions, evaluate, read_rows, read_skipped, write_reports};
+use sam_unet::io::Weights;
+use sam_unet::model::SamUnetConfig;
+use sam_unet::{DType, Device, Predictor, PredictorOptions};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Auto,
+    Train,
+    Test,
+}
+
+#[derive(Parser)]
+#[command(about = "Evaluate SAM-UNet with the authors' test protocol: Dice, IoU, NSD, HD95 per mask and per modality")]
+struct Args {
+    /// Weights: safetensors, .pth, or random:ARCH[:SEED].
+    #[arg(long, required_unless_present = "merge")]
+    weights: Option<String>,
+    /// The data: SA-Med2D layout (label2image_test.json, ...) or images/ + masks/.
+    #[arg(long, required_unless_present = "merge")]
+    data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    split: SplitArg,
+    /// Output folder for the reports.
+    #[arg(long)]
+    out: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// bf16 on CUDA.
+    #[arg(long)]
+    bf16: bool,
+    /// NSD tolerance in pixels.
+    #[arg(long, default_value_t = 2.0)]
+    tolerance: f64,
+    /// Images per image-side batch.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Evaluate shard K of N (images K, K+N, ...), e.g. 3/16.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Merge the rows of earlier runs (their output folders) into one report.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["weights", "data", "shard"])]
+    merge: Vec<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    cli::exit(run(Args::parse()))
+}
+
+fn weights(spec: &str) -> Result<Weights> {
+    if let Some(s) = spec.strip_prefix("random:") {
+        let (arch, seed) = match s.rsplit_once(':') {
+            Some((a, n)) => (a, n.parse::<u64>().with_context(|| format!("seed `{n}` in {spec}"))?),
+            None => (s, 0),
+        };
+        return Ok(SamUnetConfig::named(arch)?.random_weights(seed));
+    }
+    Weights::from_file(spec).with_context(|| format!("reading the weights {spec}"))
+}
+
+fn run(a: Args) -> Result<()> {
+    if !a.merge.is_empty() {
+        let dirs: Vec<&std::path::Path> = a.merge.iter().map(PathBuf::as_path).collect();
+        let mut rows = read_rows(&dirs)?;
+        let skipped = read_skipped(&dirs)?;
+        let tol = read_tolerance(&dirs)?;
+        write_reports(&a.out, &mut rows, &skipped, tol)?;
+        println!("merged {} runs: {} masks -> {}", dirs.len(), rows.len(), a.out.display());
+        return print_summary(&a.out);
+    }
+    let (Some(spec), Some(data)) = (&a.weights, &a.data) else {
+        bail!("give --weights and --data (or --merge DIR...)");
+    };
+    let shard = match &a.shard {
+        None => None,
+        Some(s) => {
+            let (k, n) = s.split_once('/').context("--shard K/N, e.g. 3/16")?;
+            Some((k.trim().parse::<usize>().context("--shard K")?, n.trim().parse::<usize>().context("--shard N")?))
+        }
+    };
+    let split = match a.split {
+        SplitArg::Auto => Split::Auto,
+        SplitArg::Train => Split::Train,
+        SplitArg::Test => Split::Test,
+    };
+    let items = discover(data, split)?;
+    if items.is_empty() {
+        bail!("{}: no images listed", data.display());
+    }
+    let w = weights(spec)?;
+    let predictor = Predictor::from_weights(
+        &w,
+        PredictorOptions {
+            device: a.device,
+            dtype: if a.bf16 { DType::BF16 } else { DType::F32 },
+        },
+    )?;
+    drop(w);
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:40} {pos}/{len} masks ({per_sec}, ETA {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let o = EvalOptions {
+        tolerance: a.tolerance,
+        batch_images: a.batch,
+        shard,
+    };
+    let t0 = std::time::Instant::now();
+    let (mut rows, skipped) = evaluate(&predictor, &items, o, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    write_reports(&a.out, &mut rows, &skipped, a.tolerance)?;
+    println!(
+        "{} masks evaluated ({} skipped) in {secs:.1} s ({:.1} masks/s) on {} -> {}",
+        rows.len(),
+        skipped.len(),
+        rows.len() as f64 / secs.max(1e-9),
+        a.device,
+        a.out.display()
+    );
+    print_summary(&a.out)
+}
+
+fn read_tolerance(dirs: &[&std::path::Path]) -> Result<f64> {
+    let mut tol = None;
+    for d in dirs {
+        let p = d.join("summary.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| p.display().to_string())?)?;
+        let t = v["nsd_tolerance_px"].as_f64().with_context(|| format!("{}: no tolerance", p.display()))?;
+        if tol.is_some_and(|x| x != t) {
+            bail!("the runs used different NSD tolerances");
+        }
+        tol = Some(t);
+    }
+    tol.context("nothing to merge")
+}
+
+fn print_summary(out: &std::path::Path) -> Result<()> {
+    let md = std::fs::read_to_string(out.join("summary.md"))?;
+    // The per-modality table.
+    for l in md.lines().skip(4).take_while(|l| !l.is_empty()) {
+        println!("{l}");
+    }
+    Ok(())
+}
