@@ -48,8 +48,12 @@ fn uni(key: &[u64]) -> f64 {
     (keyed(key) >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// One image: RGB pixels (grey) and its objects' masks (0 / 255).
-pub fn image(seed: u64, index: u64, size: usize) -> (String, Vec<u8>, Vec<(u32, Vec<u8>)>) {
+/// Image `index` of a split (`key`: the split's keys start there): its
+/// SA-Med2D-style name, RGB pixels (grey) and its objects' masks (class,
+/// 0 / 255 pixels).
+pub fn image(seed: u64, key: u64, index: u64, size: usize) -> (String, Vec<u8>, Vec<(u32, Vec<u8>)>) {
+    let index_name = index;
+    let index = key + index;
     let r = |k: u64| uni(&[seed, index, k]);
     let modality = if r(0) < 0.5 { "ct" } else { "mr" };
     let n = size;
@@ -145,7 +149,12 @@ pub fn image(seed: u64, index: u64, size: usize) -> (String, Vec<u8>, Vec<(u32, 
             [g, g, g]
         })
         .collect();
-    let name = format!("{modality}_00--Synth--case_{:04}--x_{:04}", index / 8, index % 8);
+    let dataset = if key == 0 { "Synth" } else { "SynthTest" };
+    let name = format!(
+        "{modality}_00--{dataset}--case_{:04}--x_{:04}",
+        index_name / 8,
+        index_name % 8
+    );
     (name, rgb, masks)
 }
 
@@ -177,7 +186,7 @@ pub fn write(out: &Path, o: SynthOptions, progress: &(dyn Fn(usize) + Sync)) -> 
         let items: Vec<(String, Vec<String>)> = (0..count)
             .into_par_iter()
             .map(|i| -> Result<(String, Vec<String>)> {
-                let (name, rgb, masks) = image(o.seed, offset + i as u64, o.size);
+                let (name, rgb, masks) = image(o.seed, offset, i as u64, o.size);
                 let ip = format!("{split}/images/{name}.png");
                 save_png(&out.join(&ip), o.size, o.size, &rgb, true)?;
                 let mut mp = vec![];
