@@ -80,15 +80,16 @@ pub fn image(seed: u64, key: u64, index: u64, size: usize) -> (String, Vec<u8>, 
             px[y * n + x] = v;
         }
     }
-    // Objects: 1 to 3 blobs that do not overlap.
-    let count = 1 + (r(2) * 3.0) as u64;
+    // Objects: 2 to 5 blobs that do not overlap (several per image, as
+    // organs in a slice: a model must follow the box to pick one).
+    let count = 2 + (r(2) * 4.0) as u64;
     let mut taken = vec![false; n * n];
     let mut masks = vec![];
     for o in 0..count {
         for attempt in 0..20u64 {
             let k = |j: u64| r(100 + o * 1000 + attempt * 50 + j);
             let class = 1 + (k(0) * 3.0) as u32;
-            let r0 = n as f64 * (0.06 + 0.12 * k(1));
+            let r0 = n as f64 * (0.05 + 0.09 * k(1));
             let (cx, cy) = (
                 r0 + (n as f64 - 2.0 * r0) * k(2),
                 r0 + (n as f64 - 2.0 * r0) * k(3),
