@@ -336,7 +336,10 @@ fn synth_writes_a_preparable_deterministic_set() {
     assert_eq!((train.len(), test.len()), (6, 3));
     for it in train.iter().chain(&test) {
         let other = b.join(it.image.strip_prefix(&a).unwrap());
-        assert_eq!(std::fs::read(&it.image).unwrap(), std::fs::read(other).unwrap());
+        assert_eq!(
+            std::fs::read(&it.image).unwrap(),
+            std::fs::read(other).unwrap()
+        );
         let g = sam_unet::data::names::image_group(&it.name);
         assert!(["ct", "mr"].contains(&g.modality.as_str()), "{}", it.name);
         for (p, name) in &it.masks {
@@ -347,6 +350,12 @@ fn synth_writes_a_preparable_deterministic_set() {
     }
     let names: Vec<&str> = train.iter().map(|i| i.name.as_str()).collect();
     assert!(test.iter().all(|t| !names.contains(&t.name.as_str())));
-    let r = prepare(&train, &a.join("prepared"), PrepareOptions::default(), &|_| {}).unwrap();
+    let r = prepare(
+        &train,
+        &a.join("prepared"),
+        PrepareOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
     assert!(r.skipped.is_empty(), "{:?}", r.skipped);
 }

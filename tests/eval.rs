@@ -37,14 +37,28 @@ fn eval_demo_test_matches_the_fixtures_dice() {
     assert_eq!(rows.len(), listed);
     let mut checked = 0;
     for tag in ["amos_0004_75", "s0619_32"] {
-        let f = common::Fixture::load(&common::fixture(&fx, &format!("small34_infer_{tag}.safetensors")));
+        let f = common::Fixture::load(&common::fixture(
+            &fx,
+            &format!("small34_infer_{tag}.safetensors"),
+        ));
         let masks: Vec<String> = serde_json::from_str(&f.meta["masks"]).unwrap();
         let dice: Vec<f64> = serde_json::from_str(&f.meta["dice"]).unwrap();
         for (m, d) in masks.iter().zip(&dice) {
-            let file = Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
-            let r = rows.iter().find(|r| r.mask.ends_with(&file)).unwrap_or_else(|| panic!("no row for {m}"));
+            let file = Path::new(m)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let r = rows
+                .iter()
+                .find(|r| r.mask.ends_with(&file))
+                .unwrap_or_else(|| panic!("no row for {m}"));
             // The fixture's Dice has no eps; ours adds 1e-7 to both sides.
-            assert!((r.dice - d).abs() <= 2e-3, "{m}: Dice {} vs the reference's {d}", r.dice);
+            assert!(
+                (r.dice - d).abs() <= 2e-3,
+                "{m}: Dice {} vs the reference's {d}",
+                r.dice
+            );
             checked += 1;
         }
     }
@@ -67,7 +81,11 @@ fn shards_merge_to_the_single_run() {
     let p = small34(&fx);
     let dir = tmp("shards");
     let run = |shard: Option<(usize, usize)>, out: &Path| {
-        let o = EvalOptions { shard, batch_images: 1, ..EvalOptions::default() };
+        let o = EvalOptions {
+            shard,
+            batch_images: 1,
+            ..EvalOptions::default()
+        };
         let (mut rows, skipped) = evaluate(&p, &items, o, &mut |_, _| {}).unwrap();
         write_reports(out, &mut rows, &skipped, o.tolerance).unwrap();
         rows.len()
@@ -81,16 +99,38 @@ fn shards_merge_to_the_single_run() {
     let mut rows = read_rows(&dirs).unwrap();
     let skipped = read_skipped(&dirs).unwrap();
     write_reports(&dir.join("merged"), &mut rows, &skipped, 2.0).unwrap();
-    for f in ["rows.jsonl", "rows.csv", "summary.json", "summary.md", "dice_by_modality.svg"] {
+    for f in [
+        "rows.jsonl",
+        "rows.csv",
+        "summary.json",
+        "summary.md",
+        "dice_by_modality.svg",
+    ] {
         let a = std::fs::read(dir.join("all").join(f)).unwrap();
         let b = std::fs::read(dir.join("merged").join(f)).unwrap();
-        assert!(a == b, "{f} differs between the single run and the merged shards");
+        assert!(
+            a == b,
+            "{f} differs between the single run and the merged shards"
+        );
     }
-    assert!(evaluate(&p, &items, EvalOptions { shard: Some((2, 2)), ..EvalOptions::default() }, &mut |_, _| {}).is_err());
+    assert!(
+        evaluate(
+            &p,
+            &items,
+            EvalOptions {
+                shard: Some((2, 2)),
+                ..EvalOptions::default()
+            },
+            &mut |_, _| {}
+        )
+        .is_err()
+    );
 }
 
 fn save_grey(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
-    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)])).save(path).unwrap();
+    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
+        .save(path)
+        .unwrap();
 }
 
 /// A plain folder with bad masks (empty, not binary, another size, not an
@@ -102,7 +142,8 @@ fn bad_masks_are_skipped_with_reasons() {
     let (im, ms) = (dir.join("images"), dir.join("masks"));
     std::fs::create_dir_all(&im).unwrap();
     std::fs::create_dir_all(&ms).unwrap();
-    let disc = |x: u32, y: u32| u8::from((x as i32 - 30).pow(2) + (y as i32 - 20).pow(2) < 100) * 255;
+    let disc =
+        |x: u32, y: u32| u8::from((x as i32 - 30).pow(2) + (y as i32 - 20).pow(2) < 100) * 255;
     save_grey(&im.join("a.png"), 64, 48, |x, y| (x * 3 + y) as u8);
     save_grey(&ms.join("a_liver_000.png"), 64, 48, disc);
     save_grey(&ms.join("a_empty_000.png"), 64, 48, |_, _| 0);
@@ -117,16 +158,26 @@ fn bad_masks_are_skipped_with_reasons() {
     let (rows, skipped) = evaluate(&p, &items, EvalOptions::default(), &mut |_, _| {}).unwrap();
     assert_eq!(rows.len(), 1);
     assert!(rows[0].mask.ends_with("a_liver_000.png"));
-    let reason = |n: &str| skipped.iter().find(|s| s.path.ends_with(n)).map(|s| s.reason.clone()).unwrap_or_default();
+    let reason = |n: &str| {
+        skipped
+            .iter()
+            .find(|s| s.path.ends_with(n))
+            .map(|s| s.reason.clone())
+            .unwrap_or_default()
+    };
     assert_eq!(skipped.len(), 5, "{skipped:?}");
     assert!(reason("a_empty_000.png").contains("empty"), "{skipped:?}");
     assert!(reason("a_small_000.png").contains("32 x 24"), "{skipped:?}");
     assert!(!reason("a_soft_000.png").is_empty() && !reason("a_broken_000.png").is_empty());
-    assert!(reason("b_liver_000.png").contains("its image"), "{skipped:?}");
+    assert!(
+        reason("b_liver_000.png").contains("its image"),
+        "{skipped:?}"
+    );
     let out = dir.join("out");
     let mut rows = rows;
     write_reports(&out, &mut rows, &skipped, 2.0).unwrap();
-    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["skipped"].as_array().unwrap().len(), 5);
     assert_eq!(s["masks"], 1);
 }

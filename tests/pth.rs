@@ -371,7 +371,14 @@ fn pth_export_reads_back_here_and_in_pytorch() {
         &want,
         &tensors
             .iter()
-            .map(|(n, t)| (n.clone(), t.dtype.safetensors(), t.shape.clone(), t.data.clone()))
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    t.dtype.safetensors(),
+                    t.shape.clone(),
+                    t.data.clone(),
+                )
+            })
             .collect::<Vec<_>>(),
     )
     .unwrap();

@@ -57,12 +57,20 @@ fn learns_the_demo_masks_from_random_init() {
         before.iou,
         after.iou
     );
-    println!("Dice per mask after training: {:?}", after.per_mask.iter().map(|m| m.0).collect::<Vec<_>>());
+    println!(
+        "Dice per mask after training: {:?}",
+        after.per_mask.iter().map(|m| m.0).collect::<Vec<_>>()
+    );
     assert!(tail < 0.5 * head, "the loss did not fall: {head} -> {tail}");
     // The mean over masks: the liver is learned first (the loss pools
     // the masks' pixels, so the biggest organ leads), the small vessels later.
     assert!(after.dice > 0.2, "Dice {} after training", after.dice);
-    assert!(after.dice > before.dice + 0.15, "Dice {} -> {}", before.dice, after.dice);
+    assert!(
+        after.dice > before.dice + 0.15,
+        "Dice {} -> {}",
+        before.dice,
+        after.dice
+    );
     let best = after.per_mask.iter().map(|m| m.0).fold(0.0, f64::max);
     assert!(best > 0.8, "no mask above Dice 0.8: {:?}", after.per_mask);
     assert!(out.join("curves.svg").is_file() && out.join("curves.png").is_file());
@@ -90,14 +98,14 @@ fn nan_stops_the_run_and_keeps_the_last_checkpoint() {
     let mut s = Session::new(cfg, &w).unwrap();
     let err = s.run(&mut |_| {}).unwrap_err();
     let msg = err.to_string();
-    assert!(
-        matches!(err, sam_unet::Error::NonFinite { .. }),
-        "{msg}"
-    );
+    assert!(matches!(err, sam_unet::Error::NonFinite { .. }), "{msg}");
     assert!(msg.contains("last good checkpoint"), "{msg}");
     drop(s);
     let log = read_log(&out.join("log.jsonl")).unwrap();
-    let stop = log.iter().find(|l| l["event"] == "stopped").expect("a stop line");
+    let stop = log
+        .iter()
+        .find(|l| l["event"] == "stopped")
+        .expect("a stop line");
     let bad = stop["step"].as_u64().unwrap();
     assert!(bad >= 2, "update 1's loss is finite: {bad}");
     let s = Session::resume(&out, None, None, None).unwrap();

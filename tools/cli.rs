@@ -10,3 +10,42 @@ pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
         }
     }
 }
+
+/// Which list of a data folder to read (`--split`).
+#[allow(dead_code)]
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SplitArg {
+    Auto,
+    Train,
+    Test,
+}
+
+#[allow(dead_code)]
+impl SplitArg {
+    pub fn split(self) -> sam_unet::data::prepare::Split {
+        use sam_unet::data::prepare::Split;
+        match self {
+            SplitArg::Auto => Split::Auto,
+            SplitArg::Train => Split::Train,
+            SplitArg::Test => Split::Test,
+        }
+    }
+}
+
+/// Weights from a file (safetensors or .pth), or `random:ARCH[:SEED]`.
+#[allow(dead_code)]
+pub fn load_weights(spec: &str) -> anyhow::Result<sam_unet::io::Weights> {
+    use anyhow::Context;
+    if let Some(s) = spec.strip_prefix("random:") {
+        let (arch, seed) = match s.rsplit_once(':') {
+            Some((a, n)) => (
+                a,
+                n.parse::<u64>()
+                    .with_context(|| format!("seed `{n}` in {spec}"))?,
+            ),
+            None => (s, 0),
+        };
+        return Ok(sam_unet::model::SamUnetConfig::named(arch)?.random_weights(seed));
+    }
+    sam_unet::io::Weights::from_file(spec).with_context(|| format!("reading the weights {spec}"))
+}

@@ -17,23 +17,17 @@ mod cli;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use cli::SplitArg;
 use indicatif::{ProgressBar, ProgressStyle};
-use sam_unet::data::prepare::{Split, discover};
+use sam_unet::data::prepare::discover;
 use sam_unet::eval::{EvalOptions, evaluate, read_rows, read_skipped, write_reports};
-use sam_unet::io::Weights;
-use sam_unet::model::SamUnetConfig;
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
-#[derive(Clone, Copy, ValueEnum)]
-enum SplitArg {
-    Auto,
-    Train,
-    Test,
-}
-
 #[derive(Parser)]
-#[command(about = "Evaluate SAM-UNet with the authors' test protocol: Dice, IoU, NSD, HD95 per mask and per modality")]
+#[command(
+    about = "Evaluate SAM-UNet with the authors' test protocol: Dice, IoU, NSD, HD95 per mask and per modality"
+)]
 struct Args {
     /// Weights: safetensors, .pth, or random:ARCH[:SEED].
     #[arg(long, required_unless_present = "merge")]
@@ -70,17 +64,6 @@ fn main() -> std::process::ExitCode {
     cli::exit(run(Args::parse()))
 }
 
-fn weights(spec: &str) -> Result<Weights> {
-    if let Some(s) = spec.strip_prefix("random:") {
-        let (arch, seed) = match s.rsplit_once(':') {
-            Some((a, n)) => (a, n.parse::<u64>().with_context(|| format!("seed `{n}` in {spec}"))?),
-            None => (s, 0),
-        };
-        return Ok(SamUnetConfig::named(arch)?.random_weights(seed));
-    }
-    Weights::from_file(spec).with_context(|| format!("reading the weights {spec}"))
-}
-
 fn run(a: Args) -> Result<()> {
     if !a.merge.is_empty() {
         let dirs: Vec<&std::path::Path> = a.merge.iter().map(PathBuf::as_path).collect();
@@ -88,7 +71,12 @@ fn run(a: Args) -> Result<()> {
         let skipped = read_skipped(&dirs)?;
         let tol = read_tolerance(&dirs)?;
         write_reports(&a.out, &mut rows, &skipped, tol)?;
-        println!("merged {} runs: {} masks -> {}", dirs.len(), rows.len(), a.out.display());
+        println!(
+            "merged {} runs: {} masks -> {}",
+            dirs.len(),
+            rows.len(),
+            a.out.display()
+        );
         return print_summary(&a.out);
     }
     let (Some(spec), Some(data)) = (&a.weights, &a.data) else {
@@ -98,19 +86,18 @@ fn run(a: Args) -> Result<()> {
         None => None,
         Some(s) => {
             let (k, n) = s.split_once('/').context("--shard K/N, e.g. 3/16")?;
-            Some((k.trim().parse::<usize>().context("--shard K")?, n.trim().parse::<usize>().context("--shard N")?))
+            Some((
+                k.trim().parse::<usize>().context("--shard K")?,
+                n.trim().parse::<usize>().context("--shard N")?,
+            ))
         }
     };
-    let split = match a.split {
-        SplitArg::Auto => Split::Auto,
-        SplitArg::Train => Split::Train,
-        SplitArg::Test => Split::Test,
-    };
+    let split = a.split.split();
     let items = discover(data, split)?;
     if items.is_empty() {
         bail!("{}: no images listed", data.display());
     }
-    let w = weights(spec)?;
+    let w = cli::load_weights(spec)?;
     let predictor = Predictor::from_weights(
         &w,
         PredictorOptions {
@@ -121,8 +108,10 @@ fn run(a: Args) -> Result<()> {
     drop(w);
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("[{elapsed_precise}] {bar:40} {pos}/{len} masks ({per_sec}, ETA {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "[{elapsed_precise}] {bar:40} {pos}/{len} masks ({per_sec}, ETA {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let o = EvalOptions {
         tolerance: a.tolerance,
@@ -152,8 +141,12 @@ fn read_tolerance(dirs: &[&std::path::Path]) -> Result<f64> {
     let mut tol = None;
     for d in dirs {
         let p = d.join("summary.json");
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| p.display().to_string())?)?;
-        let t = v["nsd_tolerance_px"].as_f64().with_context(|| format!("{}: no tolerance", p.display()))?;
+        let v: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&p).with_context(|| p.display().to_string())?,
+        )?;
+        let t = v["nsd_tolerance_px"]
+            .as_f64()
+            .with_context(|| format!("{}: no tolerance", p.display()))?;
         if tol.is_some_and(|x| x != t) {
             bail!("the runs used different NSD tolerances");
         }

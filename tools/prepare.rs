@@ -17,16 +17,10 @@ mod cli;
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use cli::SplitArg;
 use indicatif::{ProgressBar, ProgressStyle};
-use sam_unet::data::prepare::{PrepareOptions, Split, discover, prepare};
-
-#[derive(Clone, Copy, ValueEnum)]
-enum SplitArg {
-    Auto,
-    Train,
-    Test,
-}
+use sam_unet::data::prepare::{PrepareOptions, discover, prepare};
 
 #[derive(Parser)]
 #[command(about = "Prepare an SA-Med2D-style (or images/ + masks/) folder as training shards")]
@@ -57,11 +51,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: Args) -> Result<()> {
-    let split = match a.split {
-        SplitArg::Auto => Split::Auto,
-        SplitArg::Train => Split::Train,
-        SplitArg::Test => Split::Test,
-    };
+    let split = a.split.split();
     let items = discover(&a.data, split)?;
     if items.is_empty() {
         bail!("{}: no images listed", a.data.display());

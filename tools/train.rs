@@ -16,12 +16,10 @@ mod cli;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sam_unet::data::loader::SplitBy;
-use sam_unet::io::Weights;
-use sam_unet::model::SamUnetConfig;
 use sam_unet::tensor::Device;
 use sam_unet::train::{Event, RunConfig, Session};
 
@@ -91,18 +89,6 @@ fn main() -> std::process::ExitCode {
     cli::exit(run(Args::parse()))
 }
 
-fn start_weights(init: &str) -> Result<Weights> {
-    if let Some(spec) = init.strip_prefix("random:") {
-        // random:ARCH or random:ARCH:SEED
-        let (arch, seed) = match spec.rsplit_once(':') {
-            Some((a, s)) => (a, s.parse::<u64>().with_context(|| format!("seed `{s}` in --init {init}"))?),
-            None => (spec, 0),
-        };
-        return Ok(SamUnetConfig::named(arch)?.random_weights(seed));
-    }
-    Weights::from_file(init).with_context(|| format!("reading the starting weights {init}"))
-}
-
 fn run(a: Args) -> Result<()> {
     let mut session = match &a.resume {
         Some(dir) => Session::resume(dir, a.device, a.epochs, a.max_steps.map(Some))?,
@@ -134,7 +120,7 @@ fn run(a: Args) -> Result<()> {
             cfg.save_every = a.save_every;
             cfg.keep = a.keep;
             cfg.max_steps = a.max_steps;
-            let w = start_weights(init)?;
+            let w = cli::load_weights(init)?;
             Session::new(cfg, &w)?
         }
     };
@@ -205,7 +191,10 @@ fn run(a: Args) -> Result<()> {
         out.join("curves.svg").display(),
         out.join("curves.png").display(),
         if out.join("best").is_dir() {
-            format!("; best model {}", out.join("best/model.safetensors").display())
+            format!(
+                "; best model {}",
+                out.join("best/model.safetensors").display()
+            )
         } else {
             String::new()
         }

@@ -243,7 +243,13 @@ impl PreparedSet {
         for &m in &e.masks {
             let bo = sh.boxes + m * 16;
             let b: Vec<f32> = (0..4)
-                .map(|j| f32::from_le_bytes(sh.map[bo + j * 4..bo + j * 4 + 4].try_into().expect("4 bytes")))
+                .map(|j| {
+                    f32::from_le_bytes(
+                        sh.map[bo + j * 4..bo + j * 4 + 4]
+                            .try_into()
+                            .expect("4 bytes"),
+                    )
+                })
                 .collect();
             boxes.push(box_to_model_frame([b[0], b[1], b[2], b[3]], &info));
             masks.extend_from_slice(&sh.map[sh.masks + m * s * s..sh.masks + (m + 1) * s * s]);

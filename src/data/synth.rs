@@ -51,7 +51,12 @@ fn uni(key: &[u64]) -> f64 {
 /// Image `index` of a split (`key`: the split's keys start there): its
 /// SA-Med2D-style name, RGB pixels (grey) and its objects' masks (class,
 /// 0 / 255 pixels).
-pub fn image(seed: u64, key: u64, index: u64, size: usize) -> (String, Vec<u8>, Vec<(u32, Vec<u8>)>) {
+pub fn image(
+    seed: u64,
+    key: u64,
+    index: u64,
+    size: usize,
+) -> (String, Vec<u8>, Vec<(u32, Vec<u8>)>) {
     let index_name = index;
     let index = key + index;
     let r = |k: u64| uni(&[seed, index, k]);
@@ -62,10 +67,19 @@ pub fn image(seed: u64, key: u64, index: u64, size: usize) -> (String, Vec<u8>, 
         .map(|w| {
             let a = r(10 + w) * std::f64::consts::TAU;
             let f = 1.0 + 5.0 * r(20 + w);
-            (a.cos() * f / n as f64, a.sin() * f / n as f64, r(30 + w) * 6.28, 6.0 + 10.0 * r(40 + w))
+            (
+                a.cos() * f / n as f64,
+                a.sin() * f / n as f64,
+                r(30 + w) * 6.28,
+                6.0 + 10.0 * r(40 + w),
+            )
         })
         .collect();
-    let base = if modality == "ct" { 95.0 + 20.0 * r(1) } else { 140.0 + 20.0 * r(1) };
+    let base = if modality == "ct" {
+        95.0 + 20.0 * r(1)
+    } else {
+        140.0 + 20.0 * r(1)
+    };
     let mut px = vec![0f64; n * n];
     for y in 0..n {
         for x in 0..n {
@@ -110,7 +124,10 @@ pub fn image(seed: u64, key: u64, index: u64, size: usize) -> (String, Vec<u8>, 
             for y in 0..n {
                 for x in 0..n {
                     let (dx, dy) = (x as f64 + 0.5 - cx, y as f64 + 0.5 - cy);
-                    let (u, v) = (dx * rot.cos() + dy * rot.sin(), -dx * rot.sin() + dy * rot.cos());
+                    let (u, v) = (
+                        dx * rot.cos() + dy * rot.sin(),
+                        -dx * rot.sin() + dy * rot.cos(),
+                    );
                     let (u, v) = (u / elong.sqrt(), v * elong.sqrt());
                     let d = (u * u + v * v).sqrt();
                     let th = v.atan2(u);
@@ -172,10 +189,17 @@ fn save_png(path: &Path, w: usize, h: usize, bytes: &[u8], rgb: bool) -> Result<
 /// Writes the data set under `out` (train/ and test/). Images of the test
 /// side are drawn from other keys than the training side's: no image is in
 /// both.
-pub fn write(out: &Path, o: SynthOptions, progress: &(dyn Fn(usize) + Sync)) -> Result<SynthReport> {
+pub fn write(
+    out: &Path,
+    o: SynthOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<SynthReport> {
     use rayon::prelude::*;
     let mut rep = SynthReport::default();
-    for (split, count, offset) in [("train", o.train_images, 0u64), ("test", o.test_images, 1u64 << 40)] {
+    for (split, count, offset) in [
+        ("train", o.train_images, 0u64),
+        ("test", o.test_images, 1u64 << 40),
+    ] {
         let dir = out.join(split);
         for sub in ["images", "masks"] {
             std::fs::create_dir_all(dir.join(sub)).map_err(|source| Error::Io {

@@ -88,7 +88,13 @@ fn contour_lengths(spacing: (f64, f64)) -> [f64; 16] {
 
 /// Surface distances of two 2-D masks [h, w] (row-major, non-zero is
 /// foreground) with pixel spacing (rows, columns) in mm (or pixels).
-pub fn surface_distances_2d(pred: &[u8], gt: &[u8], h: usize, w: usize, spacing: (f64, f64)) -> SurfaceDistances {
+pub fn surface_distances_2d(
+    pred: &[u8],
+    gt: &[u8],
+    h: usize,
+    w: usize,
+    spacing: (f64, f64),
+) -> SurfaceDistances {
     // The union's bounding box.
     let (mut r0, mut r1, mut c0, mut c1) = (usize::MAX, 0, usize::MAX, 0);
     for r in 0..h {
@@ -153,7 +159,10 @@ fn edt_2d(feature: &[bool], h: usize, w: usize, spacing: (f64, f64)) -> Vec<f64>
         return vec![f64::INFINITY; h * w];
     }
     // Squared distances, first along each column (rows axis), then rows.
-    let mut d: Vec<f64> = feature.iter().map(|&f| if f { 0.0 } else { f64::INFINITY }).collect();
+    let mut d: Vec<f64> = feature
+        .iter()
+        .map(|&f| if f { 0.0 } else { f64::INFINITY })
+        .collect();
     let mut buf = vec![0.0; h.max(w)];
     for c in 0..w {
         for r in 0..h {
@@ -191,7 +200,8 @@ fn envelope(f: &[f64], s: f64) -> Vec<f64> {
                 break;
             };
             // Where the parabolas of p and q meet.
-            let x = ((f[q] + s2 * (q * q) as f64) - (f[p] + s2 * (p * p) as f64)) / (2.0 * s2 * (q as f64 - p as f64));
+            let x = ((f[q] + s2 * (q * q) as f64) - (f[p] + s2 * (p * p) as f64))
+                / (2.0 * s2 * (q as f64 - p as f64));
             if x <= *z.last().expect("one per vertex") {
                 v.pop();
                 z.pop();
@@ -223,7 +233,12 @@ impl SurfaceDistances {
     /// empty, NaN when both are.
     pub fn nsd(&self, tolerance: f64) -> f64 {
         let total = |v: &[(f64, f64)]| v.iter().map(|e| e.1).sum::<f64>();
-        let within = |v: &[(f64, f64)]| v.iter().filter(|e| e.0 <= tolerance).map(|e| e.1).sum::<f64>();
+        let within = |v: &[(f64, f64)]| {
+            v.iter()
+                .filter(|e| e.0 <= tolerance)
+                .map(|e| e.1)
+                .sum::<f64>()
+        };
         let all = total(&self.gt_to_pred) + total(&self.pred_to_gt);
         if all == 0.0 {
             return f64::NAN;
@@ -258,7 +273,12 @@ impl SurfaceDistances {
 mod tests {
     use super::*;
 
-    fn rect(h: usize, w: usize, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) -> Vec<u8> {
+    fn rect(
+        h: usize,
+        w: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) -> Vec<u8> {
         let mut m = vec![0u8; h * w];
         for r in rows {
             for c in cols.clone() {

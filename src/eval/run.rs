@@ -93,7 +93,10 @@ pub fn evaluate(
     if let Some((k, n)) = o.shard
         && (n == 0 || k >= n)
     {
-        return Err(Error::input("eval", format!("shard {k}/{n}: need 0 <= K < N")));
+        return Err(Error::input(
+            "eval",
+            format!("shard {k}/{n}: need 0 <= K < N"),
+        ));
     }
     let mine: Vec<&Item> = items
         .iter()
@@ -129,19 +132,28 @@ pub fn evaluate(
                 let m = match read_mask_strict(p) {
                     Ok(m) => m,
                     Err(e) => {
-                        skipped.push(Skipped { path: p.display().to_string(), reason: e.to_string() });
+                        skipped.push(Skipped {
+                            path: p.display().to_string(),
+                            reason: e.to_string(),
+                        });
                         continue;
                     }
                 };
                 if (m.width, m.height) != (img.width, img.height) {
                     skipped.push(Skipped {
                         path: p.display().to_string(),
-                        reason: format!("mask {} x {}, image {} x {}", m.width, m.height, img.width, img.height),
+                        reason: format!(
+                            "mask {} x {}, image {} x {}",
+                            m.width, m.height, img.width, img.height
+                        ),
                     });
                     continue;
                 }
                 let Some(b) = box_from_mask(&m) else {
-                    skipped.push(Skipped { path: p.display().to_string(), reason: "empty mask".into() });
+                    skipped.push(Skipped {
+                        path: p.display().to_string(),
+                        reason: "empty mask".into(),
+                    });
                     continue;
                 };
                 bs.push(b);
@@ -166,7 +178,8 @@ pub fn evaluate(
                 let p: Vec<u8> = pred.masks[k].iter().map(|&b| b as u8).collect();
                 let ov = overlap(&p, &m.data);
                 let sd = surface_distances_2d(&p, &m.data, m.height, m.width, (1.0, 1.0));
-                let (class, instance) = mask_class(name).map_or((None, None), |(c, i)| (Some(c), Some(i)));
+                let (class, instance) =
+                    mask_class(name).map_or((None, None), |(c, i)| (Some(c), Some(i)));
                 rows.push(Row {
                     image: it.name.clone(),
                     mask: name.clone(),
@@ -231,7 +244,11 @@ impl Row {
     pub fn from_json(v: &Value) -> Option<Row> {
         let s = |k: &str| v[k].as_str().map(str::to_string);
         let u = |k: &str| v[k].as_u64();
-        let b: Vec<f32> = v["box"].as_array()?.iter().filter_map(|x| x.as_f64().map(|f| f as f32)).collect();
+        let b: Vec<f32> = v["box"]
+            .as_array()?
+            .iter()
+            .filter_map(|x| x.as_f64().map(|f| f as f32))
+            .collect();
         Some(Row {
             image: s("image")?,
             mask: s("mask")?,
@@ -260,7 +277,11 @@ fn stats(v: impl Iterator<Item = f64>) -> Value {
     let mut f: Vec<f64> = all.iter().copied().filter(|x| x.is_finite()).collect();
     f.sort_by(f64::total_cmp);
     let n = f.len();
-    let mean = if n > 0 { f.iter().sum::<f64>() / n as f64 } else { f64::NAN };
+    let mean = if n > 0 {
+        f.iter().sum::<f64>() / n as f64
+    } else {
+        f64::NAN
+    };
     let median = if n == 0 {
         f64::NAN
     } else if n % 2 == 1 {
@@ -291,7 +312,12 @@ pub fn sort_rows(rows: &mut [Row]) {
 /// summary.json (nnU-Net-shaped: `metric_per_case`, `mean` per class,
 /// `foreground_mean`; plus ours per modality, dataset and class),
 /// summary.md and dice_by_modality.svg. The rows are sorted first.
-pub fn write_reports(out: &Path, rows: &mut [Row], skipped: &[Skipped], tolerance: f64) -> Result<()> {
+pub fn write_reports(
+    out: &Path,
+    rows: &mut [Row],
+    skipped: &[Skipped],
+    tolerance: f64,
+) -> Result<()> {
     sort_rows(rows);
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let mut jl = String::new();
@@ -304,9 +330,26 @@ pub fn write_reports(out: &Path, rows: &mut [Row], skipped: &[Skipped], toleranc
         let opt = |v: Option<u32>| v.map_or(String::new(), |x| x.to_string());
         csv.push_str(&format!(
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-            csv_field(&r.image), csv_field(&r.mask), csv_field(&r.modality), csv_field(&r.dataset),
-            csv_field(&r.case), opt(r.class), opt(r.instance), r.bbox[0], r.bbox[1], r.bbox[2], r.bbox[3],
-            r.area_gt, r.area_pred, r.tp, r.fp, r.fn_, r.dice, r.iou, r.nsd, r.hd95
+            csv_field(&r.image),
+            csv_field(&r.mask),
+            csv_field(&r.modality),
+            csv_field(&r.dataset),
+            csv_field(&r.case),
+            opt(r.class),
+            opt(r.instance),
+            r.bbox[0],
+            r.bbox[1],
+            r.bbox[2],
+            r.bbox[3],
+            r.area_gt,
+            r.area_pred,
+            r.tp,
+            r.fp,
+            r.fn_,
+            r.dice,
+            r.iou,
+            r.nsd,
+            r.hd95
         ));
     }
     write(&out.join("rows.jsonl"), jl.as_bytes())?;
@@ -334,11 +377,15 @@ pub fn write_reports(out: &Path, rows: &mut [Row], skipped: &[Skipped], toleranc
     };
     let per_case: Vec<Value> = rows
         .iter()
-        .map(|r| json!({"reference_file": r.mask, "prediction_file": r.image,
-                        "metrics": {class_key(r): nn_metrics(r)}}))
+        .map(|r| {
+            json!({"reference_file": r.mask, "prediction_file": r.image,
+                        "metrics": {class_key(r): nn_metrics(r)}})
+        })
         .collect();
     let mean_of = |v: &[&Row]| {
-        let m = |f: &dyn Fn(&Row) -> f64| num(v.iter().map(|r| f(r)).sum::<f64>() / v.len().max(1) as f64);
+        let m = |f: &dyn Fn(&Row) -> f64| {
+            num(v.iter().map(|r| f(r)).sum::<f64>() / v.len().max(1) as f64)
+        };
         json!({"Dice": m(&|r| r.dice), "IoU": m(&|r| r.iou), "TP": m(&|r| r.tp as f64),
                "FP": m(&|r| r.fp as f64), "FN": m(&|r| r.fn_ as f64)})
     };
@@ -355,14 +402,23 @@ pub fn write_reports(out: &Path, rows: &mut [Row], skipped: &[Skipped], toleranc
         "mean": Value::Object(class.iter().map(|(k, v)| (k.clone(), mean_of(v))).collect()),
         "foreground_mean": mean_of(&all),
     });
-    write(&out.join("summary.json"), serde_json::to_string_pretty(&summary).expect("JSON").as_bytes())?;
+    write(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .expect("JSON")
+            .as_bytes(),
+    )?;
     // The Markdown table.
     let mut md = format!(
         "# Evaluation\n\n{} masks ({} skipped). Dice and IoU per mask as the authors compute them; NSD at {tolerance} px and HD95 (px) as DeepMind's surface_distance.\n\n",
         rows.len(),
         skipped.len()
     );
-    for (title, groups) in [("modality", &modality), ("dataset", &dataset), ("class", &class)] {
+    for (title, groups) in [
+        ("modality", &modality),
+        ("dataset", &dataset),
+        ("class", &class),
+    ] {
         md += &format!(
             "| {title} | masks | Dice mean | Dice median | IoU mean | NSD mean | HD95 median | empty predictions |\n|---|---|---|---|---|---|---|---|\n"
         );
@@ -387,7 +443,12 @@ pub fn write_reports(out: &Path, rows: &mut [Row], skipped: &[Skipped], toleranc
         md += "\n";
     }
     write(&out.join("summary.md"), md.as_bytes())?;
-    let svg = box_plot(&modality.iter().map(|(k, v)| (k.clone(), v.iter().map(|r| r.dice).collect())).collect::<Vec<_>>());
+    let svg = box_plot(
+        &modality
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().map(|r| r.dice).collect()))
+            .collect::<Vec<_>>(),
+    );
     write(&out.join("dice_by_modality.svg"), svg.as_bytes())
 }
 
@@ -398,11 +459,19 @@ pub fn read_rows(dirs: &[&Path]) -> Result<Vec<Row>> {
     for d in dirs {
         let p = d.join("rows.jsonl");
         let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
-        for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let v: Value = serde_json::from_str(l)
-                .map_err(|e| Error::input("eval merge", format!("{} line {}: {e}", p.display(), i + 1)))?;
+        for (i, l) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: Value = serde_json::from_str(l).map_err(|e| {
+                Error::input("eval merge", format!("{} line {}: {e}", p.display(), i + 1))
+            })?;
             rows.push(Row::from_json(&v).ok_or_else(|| {
-                Error::input("eval merge", format!("{} line {}: not a row", p.display(), i + 1))
+                Error::input(
+                    "eval merge",
+                    format!("{} line {}: not a row", p.display(), i + 1),
+                )
             })?);
         }
     }
@@ -439,7 +508,13 @@ fn csv_field(s: &str) -> String {
 /// Box plots (quartiles, whiskers at 1.5 IQR, outliers as dots) of values
 /// in [0, 1] per group, as SVG.
 pub fn box_plot(groups: &[(String, Vec<f64>)]) -> String {
-    let (w, h, left, top, bottom) = (120.0 * groups.len().max(1) as f64 + 80.0, 360.0, 60.0, 30.0, 50.0);
+    let (w, h, left, top, bottom) = (
+        120.0 * groups.len().max(1) as f64 + 80.0,
+        360.0,
+        60.0,
+        30.0,
+        50.0,
+    );
     let ph = h - top - bottom;
     let y = |v: f64| top + (1.0 - v.clamp(0.0, 1.0)) * ph;
     let mut s = format!(
@@ -449,7 +524,11 @@ pub fn box_plot(groups: &[(String, Vec<f64>)]) -> String {
         let v = t as f64 / 5.0;
         s += &format!(
             "<line x1=\"{left}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.1}</text>\n",
-            w - 20.0, y(v), y(v), left - 6.0, y(v) + 4.0
+            w - 20.0,
+            y(v),
+            y(v),
+            left - 6.0,
+            y(v) + 4.0
         );
     }
     for (i, (name, vals)) in groups.iter().enumerate() {
@@ -472,27 +551,52 @@ pub fn box_plot(groups: &[(String, Vec<f64>)]) -> String {
         };
         let (q1, med, q3) = (q(0.25), q(0.5), q(0.75));
         let iqr = q3 - q1;
-        let lo = v.iter().copied().find(|&x| x >= q1 - 1.5 * iqr).unwrap_or(q1);
-        let hi = v.iter().rev().copied().find(|&x| x <= q3 + 1.5 * iqr).unwrap_or(q3);
+        let lo = v
+            .iter()
+            .copied()
+            .find(|&x| x >= q1 - 1.5 * iqr)
+            .unwrap_or(q1);
+        let hi = v
+            .iter()
+            .rev()
+            .copied()
+            .find(|&x| x <= q3 + 1.5 * iqr)
+            .unwrap_or(q3);
         s += &format!(
             "<line x1=\"{cx}\" x2=\"{cx}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\n<rect x=\"{}\" y=\"{:.1}\" width=\"60\" height=\"{:.1}\" fill=\"#9ecae1\" stroke=\"#333\"/>\n<line x1=\"{}\" x2=\"{}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#08306b\" stroke-width=\"2\"/>\n",
-            y(hi), y(lo), cx - 30.0, y(q3), (y(q1) - y(q3)).max(0.5), cx - 30.0, cx + 30.0, y(med), y(med)
+            y(hi),
+            y(lo),
+            cx - 30.0,
+            y(q3),
+            (y(q1) - y(q3)).max(0.5),
+            cx - 30.0,
+            cx + 30.0,
+            y(med),
+            y(med)
         );
         for &x in v.iter().filter(|&&x| x < lo || x > hi) {
-            s += &format!("<circle cx=\"{cx}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#c33\"/>\n", y(x));
+            s += &format!(
+                "<circle cx=\"{cx}\" cy=\"{:.1}\" r=\"2.5\" fill=\"#c33\"/>\n",
+                y(x)
+            );
         }
     }
     s + "</svg>\n"
 }
 
 fn io(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), source }
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
-        path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     std::fs::write(&tmp, bytes)
         .and_then(|_| std::fs::rename(&tmp, path))

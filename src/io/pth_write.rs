@@ -37,7 +37,8 @@ impl Pickle {
     }
     fn global(&mut self, module: &str, name: &str) {
         self.op(b'c');
-        self.0.extend_from_slice(format!("{module}\n{name}\n").as_bytes());
+        self.0
+            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
     }
     fn str(&mut self, s: &str) {
         self.op(b'X'); // BINUNICODE
@@ -86,7 +87,12 @@ pub fn pth_bytes(tensors: &[(String, RawTensor)]) -> Result<Vec<u8>> {
         if t.data.len() != numel * t.dtype.size() {
             return Err(Error::input(
                 "pth writer",
-                format!("{name}: {} bytes for {:?} of {}", t.data.len(), t.shape, t.dtype.name()),
+                format!(
+                    "{name}: {} bytes for {:?} of {}",
+                    t.data.len(),
+                    t.shape,
+                    t.dtype.name()
+                ),
             ));
         }
         p.str(name);
@@ -132,7 +138,9 @@ pub fn write_pth(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
     let bytes = pth_bytes(tensors)?;
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
-        path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     let r = (|| {
         use std::io::Write;
@@ -143,7 +151,10 @@ pub fn write_pth(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
     })();
     r.map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
-        Error::Io { path: path.to_path_buf(), source }
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -155,13 +166,19 @@ fn crc32(data: &[u8]) -> u32 {
         for (i, e) in t.iter_mut().enumerate() {
             let mut c = i as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
             *e = c;
         }
         t
     });
-    !data.iter().fold(!0u32, |c, &b| t[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8))
+    !data.iter().fold(!0u32, |c, &b| {
+        t[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8)
+    })
 }
 
 /// Stored (uncompressed) entries, each one's data 64-byte aligned by
@@ -175,7 +192,12 @@ struct ZipWriter {
 
 impl ZipWriter {
     fn add(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        let too_big = || Error::input("pth writer", "the checkpoint would pass 4 GiB (zip64 is not written)");
+        let too_big = || {
+            Error::input(
+                "pth writer",
+                "the checkpoint would pass 4 GiB (zip64 is not written)",
+            )
+        };
         let offset = u32::try_from(self.out.len()).map_err(|_| too_big())?;
         let size = u32::try_from(data.len()).map_err(|_| too_big())?;
         let crc = crc32(data);
@@ -246,10 +268,20 @@ mod tests {
     /// and the trainer-checkpoint source `model`.
     #[test]
     fn round_trip_through_our_reader() {
-        let t = |d: RawDType, shape: Vec<usize>, data: Vec<u8>| RawTensor { dtype: d, shape, data };
+        let t = |d: RawDType, shape: Vec<usize>, data: Vec<u8>| RawTensor {
+            dtype: d,
+            shape,
+            data,
+        };
         let tensors = vec![
-            ("a.weight".to_string(), t(RawDType::F32, vec![2, 3], (0..24).collect())),
-            ("a.num_batches_tracked".to_string(), t(RawDType::I64, vec![], 7i64.to_le_bytes().to_vec())),
+            (
+                "a.weight".to_string(),
+                t(RawDType::F32, vec![2, 3], (0..24).collect()),
+            ),
+            (
+                "a.num_batches_tracked".to_string(),
+                t(RawDType::I64, vec![], 7i64.to_le_bytes().to_vec()),
+            ),
             ("b".to_string(), t(RawDType::F16, vec![300], vec![1; 600])),
         ];
         let bytes = pth_bytes(&tensors).unwrap();

@@ -131,7 +131,9 @@ impl SamUnetConfig {
     pub fn named(name: &str) -> Result<Self> {
         if let Some(d) = name.strip_prefix("sam-unet-small-") {
             let depth = d.parse::<usize>().map_err(|_| {
-                Error::Config(format!("unknown architecture `{name}` (sam-unet-small-18/34/50)"))
+                Error::Config(format!(
+                    "unknown architecture `{name}` (sam-unet-small-18/34/50)"
+                ))
             })?;
             return Ok(SamUnetConfig {
                 vit_dim: 128,

@@ -39,7 +39,10 @@ impl Frame {
     fn map(&self, x: f64, y: f64) -> (f64, f64) {
         let fx = (x - self.xr.0) / (self.xr.1 - self.xr.0);
         let fy = (y - self.yr.0) / (self.yr.1 - self.yr.0);
-        (self.x0 + fx * self.w, self.y0 + (1.0 - fy.clamp(-0.05, 1.05)) * self.h)
+        (
+            self.x0 + fx * self.w,
+            self.y0 + (1.0 - fy.clamp(-0.05, 1.05)) * self.h,
+        )
     }
 }
 
@@ -101,9 +104,9 @@ impl Figure {
                 w: W - LEFT - RIGHT,
                 h: PANEL_H - TOP - BOTTOM,
                 xr,
-                yr: p
-                    .y_range
-                    .unwrap_or_else(|| range(p.series.iter().flat_map(|s| s.0.iter().map(|q| q.1)))),
+                yr: p.y_range.unwrap_or_else(|| {
+                    range(p.series.iter().flat_map(|s| s.0.iter().map(|q| q.1)))
+                }),
             })
             .collect()
     }
@@ -225,7 +228,9 @@ impl Figure {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn put(img: &mut image::RgbImage, x: i64, y: i64, c: [u8; 3]) {
@@ -268,7 +273,11 @@ fn glyph(ch: char) -> [u8; 5] {
 /// Text at twice the glyph size; `right`: x is where it ends.
 fn text(img: &mut image::RgbImage, s: &str, x: f64, y: f64, right: bool) {
     let adv = 8.0;
-    let x0 = if right { x - adv * s.chars().count() as f64 } else { x };
+    let x0 = if right {
+        x - adv * s.chars().count() as f64
+    } else {
+        x
+    };
     for (i, ch) in s.chars().enumerate() {
         let g = glyph(ch);
         for (r, bits) in g.iter().enumerate() {
@@ -296,7 +305,11 @@ mod tests {
     fn ticks_are_round_and_cover_the_range() {
         let t = ticks(0.0, 1.0);
         assert_eq!(t.len(), 6);
-        assert!(t.iter().zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0]).all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!(
+            t.iter()
+                .zip([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+                .all(|(a, b)| (a - b).abs() < 1e-12)
+        );
         let t = ticks(3.0, 97.0);
         assert_eq!(t.first(), Some(&20.0));
         assert!(t.iter().all(|v| (3.0..=97.0).contains(v)));

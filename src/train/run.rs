@@ -124,7 +124,8 @@ impl RunConfig {
     }
 
     fn from_json(v: &Value) -> Result<Self> {
-        let bad = |k: &str| Error::input("run config", format!("`{k}` missing or of the wrong type"));
+        let bad =
+            |k: &str| Error::input("run config", format!("`{k}` missing or of the wrong type"));
         let u = |k: &str| v[k].as_u64().ok_or_else(|| bad(k));
         let f = |k: &str| v[k].as_f64().ok_or_else(|| bad(k));
         let s = |k: &str| v[k].as_str().ok_or_else(|| bad(k));
@@ -165,11 +166,18 @@ impl RunConfig {
                 self.batch_images, self.accumulate, self.masks_per_image
             ));
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.gamma.is_finite() && self.gamma > 0.0) {
-            return fail(format!("learning rate {} and gamma {} must be positive", self.lr, self.gamma));
+        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.gamma.is_finite() && self.gamma > 0.0)
+        {
+            return fail(format!(
+                "learning rate {} and gamma {} must be positive",
+                self.lr, self.gamma
+            ));
         }
         if !(self.train_fraction > 0.0 && self.train_fraction <= 1.0) {
-            return fail(format!("training fraction {} is not in (0, 1]", self.train_fraction));
+            return fail(format!(
+                "training fraction {} is not in (0, 1]",
+                self.train_fraction
+            ));
         }
         if self.keep == 0 {
             return fail("keep at least one checkpoint".into());
@@ -203,7 +211,11 @@ pub struct ValReport {
 #[derive(Clone, Debug)]
 pub enum Event {
     /// The run is about to take updates `first..last` (last: the total).
-    Start { first: u64, last: u64, steps_per_epoch: u64 },
+    Start {
+        first: u64,
+        last: u64,
+        steps_per_epoch: u64,
+    },
     Step {
         step: u64,
         epoch: u64,
@@ -211,8 +223,14 @@ pub enum Event {
         images_per_s: f64,
         data_wait_s: f64,
     },
-    Validation { step: u64, report: ValReport },
-    Checkpoint { step: u64, path: PathBuf },
+    Validation {
+        step: u64,
+        report: ValReport,
+    },
+    Checkpoint {
+        step: u64,
+        path: PathBuf,
+    },
 }
 
 /// A run in progress: the trainer, the data and where the run stands.
@@ -249,19 +267,32 @@ impl Session {
         mkdir(&cfg.out)?;
         let log_path = cfg.out.join("log.jsonl");
         let log = std::fs::File::create(&log_path).map_err(|e| io(&log_path, e))?;
-        write_atomic(&cfg.out.join("run.json"), serde_json::to_string_pretty(&cfg.to_json()).expect("JSON").as_bytes())?;
+        write_atomic(
+            &cfg.out.join("run.json"),
+            serde_json::to_string_pretty(&cfg.to_json())
+                .expect("JSON")
+                .as_bytes(),
+        )?;
         let mut s = Self::assemble(cfg, trainer, data, log)?;
         s.log_line(json!({"event": "start", "config": s.cfg.to_json(),
             "train_images": s.train_ids.len(), "val_images": s.val_ids.len()}))?;
         Ok(s)
     }
 
-    fn assemble(cfg: RunConfig, trainer: Trainer, data: Arc<PreparedSet>, log: std::fs::File) -> Result<Self> {
+    fn assemble(
+        cfg: RunConfig,
+        trainer: Trainer,
+        data: Arc<PreparedSet>,
+        log: std::fs::File,
+    ) -> Result<Self> {
         let (train_ids, val_ids) = split(&data.images, cfg.train_fraction, cfg.split_by, cfg.seed);
         if train_ids.is_empty() {
             return Err(Error::input(
                 "training run",
-                format!("{}: no image on the training side of the split", cfg.data.display()),
+                format!(
+                    "{}: no image on the training side of the split",
+                    cfg.data.display()
+                ),
             ));
         }
         Ok(Session {
@@ -282,7 +313,12 @@ impl Session {
     /// (its newest checkpoint). `device`, `epochs` and `max_steps` may be
     /// changed; the rest is the run's. The log keeps what happened up to
     /// the checkpoint.
-    pub fn resume(path: &Path, device: Option<Device>, epochs: Option<u64>, max_steps: Option<Option<u64>>) -> Result<Self> {
+    pub fn resume(
+        path: &Path,
+        device: Option<Device>,
+        epochs: Option<u64>,
+        max_steps: Option<Option<u64>>,
+    ) -> Result<Self> {
         let ck = if path.join("state.json").is_file() {
             path.to_path_buf()
         } else {
@@ -295,7 +331,10 @@ impl Session {
         let st: Value = serde_json::from_str(&text)
             .map_err(|e| Error::input("resume", format!("{}: not JSON: {e}", sp.display())))?;
         if st["format"].as_u64() != Some(STATE_FORMAT) {
-            return Err(Error::input("resume", format!("{}: unknown state format", sp.display())));
+            return Err(Error::input(
+                "resume",
+                format!("{}: unknown state format", sp.display()),
+            ));
         }
         let mut cfg = RunConfig::from_json(&st["config"])?;
         if let Some(d) = device {
@@ -313,32 +352,66 @@ impl Session {
         if st["data_fingerprint"].as_str() != Some(fp.as_str()) {
             return Err(Error::input(
                 "resume",
-                format!("{}: the prepared data is not the one this run trained on", cfg.data.display()),
+                format!(
+                    "{}: the prepared data is not the one this run trained on",
+                    cfg.data.display()
+                ),
             ));
         }
         let mp = ck.join("model.safetensors");
         let w = Weights::from_file(&mp)?;
         let u = |k: &str| {
-            st[k].as_u64().ok_or_else(|| Error::input("resume", format!("{}: no {k}", sp.display())))
+            st[k]
+                .as_u64()
+                .ok_or_else(|| Error::input("resume", format!("{}: no {k}", sp.display())))
         };
-        let (step, epoch, step_in_epoch, adam_step) = (u("step")?, u("epoch")?, u("step_in_epoch")?, u("adam_step")?);
-        let mut trainer = Trainer::new(&w, cfg.device, TrainConfig { lr: cfg.lr_at(epoch), ..TrainConfig::default() })?;
+        let (step, epoch, step_in_epoch, adam_step) = (
+            u("step")?,
+            u("epoch")?,
+            u("step_in_epoch")?,
+            u("adam_step")?,
+        );
+        let mut trainer = Trainer::new(
+            &w,
+            cfg.device,
+            TrainConfig {
+                lr: cfg.lr_at(epoch),
+                ..TrainConfig::default()
+            },
+        )?;
         drop(w);
         let counters = read_counters(&mp)?;
         trainer.set_batch_norm_counters(&counters)?;
         let op = ck.join("optimizer.safetensors");
         let ow = Weights::from_file(&op)?;
         trainer.set_optimizer_state(adam_step, ow.req("exp_avg")?, ow.req("exp_avg_sq")?)?;
-        let names: Vec<&str> = st["store"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        let ours: Vec<&str> = trainer.store().slots().iter().map(|s| s.name.as_str()).collect();
+        let names: Vec<&str> = st["store"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let ours: Vec<&str> = trainer
+            .store()
+            .slots()
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
         if names != ours {
-            return Err(Error::input("resume", format!("{}: the optimizer state is laid out for other parameters", op.display())));
+            return Err(Error::input(
+                "resume",
+                format!(
+                    "{}: the optimizer state is laid out for other parameters",
+                    op.display()
+                ),
+            ));
         }
         // The log up to the checkpoint; what came after it is redone.
         let log_path = cfg.out.join("log.jsonl");
-        let kept = read_log(&log_path).unwrap_or_default().into_iter().filter(|l| {
-            l["step"].as_u64().is_none_or(|s| s <= step) && l["event"] != "stopped"
-        });
+        let kept = read_log(&log_path)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| l["step"].as_u64().is_none_or(|s| s <= step) && l["event"] != "stopped");
         let mut text = String::new();
         for l in kept {
             text.push_str(&l.to_string());
@@ -346,7 +419,10 @@ impl Session {
         }
         mkdir(&cfg.out)?;
         write_atomic(&log_path, text.as_bytes())?;
-        let log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(|e| io(&log_path, e))?;
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| io(&log_path, e))?;
         let mut s = Self::assemble(cfg, trainer, data, log)?;
         s.step = step;
         s.epoch = epoch;
@@ -397,13 +473,18 @@ impl Session {
     pub fn run(&mut self, on: &mut dyn FnMut(&Event)) -> Result<()> {
         let last = self.last_step();
         let spe = self.steps_per_epoch();
-        on(&Event::Start { first: self.step, last, steps_per_epoch: spe });
+        on(&Event::Start {
+            first: self.step,
+            last,
+            steps_per_epoch: spe,
+        });
         while self.step < last {
             let epoch = self.epoch;
             self.trainer.set_lr(self.cfg.lr_at(epoch))?;
             let stop_in_epoch = (last - self.step + self.step_in_epoch).min(spe);
             let rx = self.prefetch(epoch, self.step_in_epoch, stop_in_epoch);
-            let (mut loss_sum, mut n_steps, mut images, t_epoch) = (0.0, 0u64, 0usize, Instant::now());
+            let (mut loss_sum, mut n_steps, mut images, t_epoch) =
+                (0.0, 0u64, 0usize, Instant::now());
             let mut wait_total = 0.0;
             while self.step_in_epoch < stop_in_epoch {
                 let t_wait = Instant::now();
@@ -417,7 +498,9 @@ impl Session {
                 let r = match self.trainer.step_accumulated(&micro) {
                     Ok(r) => r,
                     Err(e @ Error::NonFinite { .. }) => {
-                        let last_good = latest_checkpoint(&self.cfg.out.join("checkpoints")).ok().flatten();
+                        let last_good = latest_checkpoint(&self.cfg.out.join("checkpoints"))
+                            .ok()
+                            .flatten();
                         self.log_line(json!({"event": "stopped", "step": self.step + 1,
                             "reason": e.to_string(),
                             "last_checkpoint": last_good.as_ref().map(|p| p.to_string_lossy().into_owned())}))?;
@@ -444,7 +527,13 @@ impl Session {
                     "dice_loss": r.terms.dice, "grad_norm": r.grad_norm, "lr": self.trainer.lr(),
                     "images": n_img, "images_per_s": ips, "data_wait_s": data_wait_s,
                     "forward_s": r.forward_s, "backward_s": r.backward_s, "optimizer_s": r.optimizer_s}))?;
-                on(&Event::Step { step: self.step, epoch, loss: r.terms.loss, images_per_s: ips, data_wait_s });
+                on(&Event::Step {
+                    step: self.step,
+                    epoch,
+                    loss: r.terms.loss,
+                    images_per_s: ips,
+                    data_wait_s,
+                });
                 let epoch_done = self.step_in_epoch == spe;
                 if epoch_done {
                     self.epoch += 1;
@@ -460,19 +549,27 @@ impl Session {
                     if best_now {
                         self.best = Some((rep.dice, self.step));
                     }
-                    let per: serde_json::Map<String, Value> = rep.per_modality.iter().map(|(m, (d, i, n))| {
-                        (m.clone(), json!({"dice": d, "iou": i, "masks": n}))
-                    }).collect();
+                    let per: serde_json::Map<String, Value> = rep
+                        .per_modality
+                        .iter()
+                        .map(|(m, (d, i, n))| (m.clone(), json!({"dice": d, "iou": i, "masks": n})))
+                        .collect();
                     self.log_line(json!({"event": "val", "step": self.step, "epoch": epoch,
                         "dice": rep.dice, "iou": rep.iou, "masks": rep.masks, "per_modality": per,
                         "seconds": rep.seconds, "best": best_now}))?;
-                    on(&Event::Validation { step: self.step, report: rep });
+                    on(&Event::Validation {
+                        step: self.step,
+                        report: rep,
+                    });
                 }
                 let save = every(self.cfg.save_every) || self.step == last;
                 if save || best_now {
                     let path = self.save_checkpoint(save, best_now)?;
                     if save {
-                        on(&Event::Checkpoint { step: self.step, path });
+                        on(&Event::Checkpoint {
+                            step: self.step,
+                            path,
+                        });
                     }
                 }
                 if epoch_done {
@@ -499,7 +596,12 @@ impl Session {
             .into_iter()
             .map(|i| self.train_ids[i])
             .collect();
-        let (b, a, k, seed) = (self.cfg.batch_images, self.cfg.accumulate, self.cfg.masks_per_image, self.cfg.seed);
+        let (b, a, k, seed) = (
+            self.cfg.batch_images,
+            self.cfg.accumulate,
+            self.cfg.masks_per_image,
+            self.cfg.seed,
+        );
         std::thread::spawn(move || {
             for j in from..to {
                 let start = (j as usize * b * a).min(order.len());
@@ -574,7 +676,9 @@ impl Session {
                 let old = all.remove(0);
                 std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;
             }
-            self.log_line(json!({"event": "checkpoint", "step": self.step, "path": out.to_string_lossy()}))?;
+            self.log_line(
+                json!({"event": "checkpoint", "step": self.step, "path": out.to_string_lossy()}),
+            )?;
         }
         Ok(out)
     }
@@ -586,7 +690,12 @@ impl Session {
         let mut recs: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = w
             .iter()
             .map(|(n, t)| -> Result<_> {
-                Ok((n.to_string(), Dtype::F32, t.dims().to_vec(), bytemuck::cast_slice::<f32, u8>(t.as_f32()?).to_vec()))
+                Ok((
+                    n.to_string(),
+                    Dtype::F32,
+                    t.dims().to_vec(),
+                    bytemuck::cast_slice::<f32, u8>(t.as_f32()?).to_vec(),
+                ))
             })
             .collect::<Result<_>>()?;
         for (n, c) in self.trainer.batch_norm_counters() {
@@ -602,13 +711,28 @@ impl Session {
         write_safetensors(
             &op,
             &[
-                ("exp_avg".into(), Dtype::F32, m.dims().to_vec(), bytemuck::cast_slice::<f32, u8>(m.as_f32()?).to_vec()),
-                ("exp_avg_sq".into(), Dtype::F32, v.dims().to_vec(), bytemuck::cast_slice::<f32, u8>(v.as_f32()?).to_vec()),
+                (
+                    "exp_avg".into(),
+                    Dtype::F32,
+                    m.dims().to_vec(),
+                    bytemuck::cast_slice::<f32, u8>(m.as_f32()?).to_vec(),
+                ),
+                (
+                    "exp_avg_sq".into(),
+                    Dtype::F32,
+                    v.dims().to_vec(),
+                    bytemuck::cast_slice::<f32, u8>(v.as_f32()?).to_vec(),
+                ),
             ],
         )?;
         sync_file(&op)?;
         let sp = dir.join("state.json");
-        write_atomic(&sp, serde_json::to_string_pretty(&self.state_json()).expect("JSON").as_bytes())?;
+        write_atomic(
+            &sp,
+            serde_json::to_string_pretty(&self.state_json())
+                .expect("JSON")
+                .as_bytes(),
+        )?;
         sync_dir(dir)
     }
 
@@ -658,7 +782,10 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
             let up = up.as_f32()?;
             for (k, _) in boxes.iter().enumerate() {
                 let m = c * CHUNK + k;
-                let (logits, gt) = (&up[k * s * s..(k + 1) * s * s], &it.masks[m * s * s..(m + 1) * s * s]);
+                let (logits, gt) = (
+                    &up[k * s * s..(k + 1) * s * s],
+                    &it.masks[m * s * s..(m + 1) * s * s],
+                );
                 let (mut p, mut g, mut both) = (0u64, 0u64, 0u64);
                 for y in 0..h {
                     for x in 0..w {
@@ -675,7 +802,10 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
             }
         }
     }
-    let mut rep = ValReport { masks: rows.len(), ..ValReport::default() };
+    let mut rep = ValReport {
+        masks: rows.len(),
+        ..ValReport::default()
+    };
     let n = rows.len().max(1) as f64;
     rep.dice = rows.iter().map(|r| r.1).sum::<f64>() / n;
     rep.iou = rows.iter().map(|r| r.2).sum::<f64>() / n;
@@ -698,7 +828,10 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
 /// A run's log lines (JSON values; a torn last line is left out).
 pub fn read_log(path: &Path) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Draws `curves.svg` and `curves.png` in a run's folder from its log: the
@@ -718,7 +851,10 @@ pub fn write_plots(out: &Path) -> Result<()> {
         .enumerate()
         .map(|(i, &(x, _))| {
             let a = i.saturating_sub(19);
-            (x, loss[a..=i].iter().map(|p| p.1).sum::<f64>() / (i + 1 - a) as f64)
+            (
+                x,
+                loss[a..=i].iter().map(|p| p.1).sum::<f64>() / (i + 1 - a) as f64,
+            )
         })
         .collect();
     let dice = pts("val", "dice");
@@ -769,7 +905,10 @@ fn read_counters(path: &Path) -> Result<HashMap<String, u64>> {
     let mut out = HashMap::new();
     for (n, v) in st.tensors() {
         if n.ends_with(".num_batches_tracked") && v.dtype() == Dtype::I64 && v.data().len() == 8 {
-            out.insert(n, i64::from_le_bytes(v.data().try_into().expect("8 bytes")).max(0) as u64);
+            out.insert(
+                n,
+                i64::from_le_bytes(v.data().try_into().expect("8 bytes")).max(0) as u64,
+            );
         }
     }
     Ok(out)
@@ -781,7 +920,9 @@ fn checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| {
-                p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("step-"))
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with("step-"))
                     && p.join("state.json").is_file()
             })
             .collect(),
@@ -798,7 +939,10 @@ pub fn latest_checkpoint(dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 fn io(path: &Path, source: std::io::Error) -> Error {
-    Error::Io { path: path.to_path_buf(), source }
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn mkdir(p: &Path) -> Result<()> {
@@ -806,7 +950,9 @@ fn mkdir(p: &Path) -> Result<()> {
 }
 
 fn sync_file(p: &Path) -> Result<()> {
-    std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| io(p, e))
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(p, e))
 }
 
 fn sync_dir(p: &Path) -> Result<()> {
@@ -826,7 +972,9 @@ fn sync_dir(p: &Path) -> Result<()> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.tmp",
-        path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     let r = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -847,7 +995,9 @@ fn replace_dir(from: &Path, to: &Path) -> Result<()> {
     sync_dir(from)?;
     let old = to.with_file_name(format!(
         ".{}.old",
-        to.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+        to.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| io(&old, e))?;

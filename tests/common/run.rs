@@ -46,7 +46,10 @@ pub fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
         })
         .collect();
     v.sort();
@@ -87,10 +90,18 @@ pub fn resume_round_trip(device: Device, arch: &str, name: &str, updates: u64) {
     s.run(&mut |_| {}).unwrap();
     drop(s);
     let again = losses(&out);
-    assert_eq!(again.len() as u64, updates, "the log keeps update 1 and redoes the others");
+    assert_eq!(
+        again.len() as u64,
+        updates,
+        "the log keeps update 1 and redoes the others"
+    );
     for ((s1, a), (s2, b)) in first.iter().zip(&again) {
         assert_eq!(s1, s2);
-        assert_eq!(a.to_bits(), b.to_bits(), "loss at update {s1}: {a} then {b}");
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "loss at update {s1}: {a} then {b}"
+        );
     }
     let end2 = files(&ck.join(&last));
     assert_eq!(end.len(), end2.len());
@@ -103,4 +114,3 @@ pub fn resume_round_trip(device: Device, arch: &str, name: &str, updates: u64) {
         first.iter().map(|l| l.1).collect::<Vec<_>>()
     );
 }
-
