@@ -21,7 +21,7 @@ use clap::Parser;
 use cli::SplitArg;
 use indicatif::{ProgressBar, ProgressStyle};
 use sam_unet::data::prepare::discover;
-use sam_unet::eval::{EvalOptions, evaluate, read_rows, read_skipped, write_reports};
+use sam_unet::eval::{EvalOptions, evaluate_timed, read_rows, read_skipped, write_reports};
 use sam_unet::{DType, Device, Predictor, PredictorOptions};
 
 #[derive(Parser)]
@@ -119,7 +119,7 @@ fn run(a: Args) -> Result<()> {
         shard,
     };
     let t0 = std::time::Instant::now();
-    let (mut rows, skipped) = evaluate(&predictor, &items, o, &mut |done, total| {
+    let (mut rows, skipped, timing) = evaluate_timed(&predictor, &items, o, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -133,6 +133,10 @@ fn run(a: Args) -> Result<()> {
         rows.len() as f64 / secs.max(1e-9),
         a.device,
         a.out.display()
+    );
+    println!(
+        "time: reading {:.1} s, model {:.1} s, metrics {:.1} s",
+        timing.read_s, timing.model_s, timing.metrics_s
     );
     print_summary(&a.out)
 }

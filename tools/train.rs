@@ -37,7 +37,7 @@ struct Args {
     /// Prepared data (the output of `prepare`).
     #[arg(long, required_unless_present = "resume")]
     data: Option<PathBuf>,
-    /// Starting weights: safetensors, .pth, or random:ARCH.
+    /// Starting weights: safetensors, .pth, or random:ARCH[:SEED].
     #[arg(long, required_unless_present = "resume")]
     init: Option<String>,
     /// The run's folder.
@@ -49,6 +49,8 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     device: Option<Device>,
+    /// Epochs over the training split (default 1; with --resume: the run's,
+    /// or more to train on).
     #[arg(long)]
     epochs: Option<u64>,
     /// Images per micro-batch (5 masks each).
@@ -57,13 +59,16 @@ struct Args {
     /// Micro-batches per update (gradient accumulation).
     #[arg(long, default_value_t = 1)]
     accumulate: usize,
+    /// Adam's learning rate (the authors: 1e-4).
     #[arg(long, default_value_t = 1e-4)]
     lr: f32,
     /// MultiStepLR milestones, in epochs (comma-separated).
     #[arg(long, value_delimiter = ',')]
     milestones: Vec<u64>,
+    /// MultiStepLR's factor at each milestone.
     #[arg(long, default_value_t = 0.1)]
     gamma: f32,
+    /// Seed of the split, the image order and the loader's draws.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Share of each modality's images (or cases) trained on; the rest validates.

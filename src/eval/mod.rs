@@ -3,4 +3,7 @@
 pub mod metrics;
 pub mod run;
 
-pub use run::{EvalOptions, Row, Skipped, evaluate, read_rows, read_skipped, write_reports};
+pub use run::{
+    EvalOptions, EvalTiming, Row, Skipped, evaluate, evaluate_timed, read_rows, read_skipped,
+    write_reports,
+};

@@ -83,6 +83,16 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Where an evaluation's time went (seconds): reading and checking files,
+/// the model (image side and decoder, up to the masks at the original
+/// resolution), the metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EvalTiming {
+    pub read_s: f64,
+    pub model_s: f64,
+    pub metrics_s: f64,
+}
+
 /// The rows of `items` (shard applied) and the masks skipped.
 pub fn evaluate(
     predictor: &Predictor,
@@ -90,6 +100,18 @@ pub fn evaluate(
     o: EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Vec<Row>, Vec<Skipped>)> {
+    evaluate_timed(predictor, items, o, progress).map(|(r, s, _)| (r, s))
+}
+
+/// `evaluate`, with where the time went.
+pub fn evaluate_timed(
+    predictor: &Predictor,
+    items: &[Item],
+    o: EvalOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Row>, Vec<Skipped>, EvalTiming)> {
+    use std::time::Instant;
+    let mut timing = EvalTiming::default();
     if let Some((k, n)) = o.shard
         && (n == 0 || k >= n)
     {
@@ -109,6 +131,7 @@ pub fn evaluate(
     let mut done = 0;
     for chunk in mine.chunks(o.batch_images.max(1)) {
         // Read and check everything of the chunk first.
+        let t_read = Instant::now();
         let mut images = vec![];
         let mut boxes = vec![];
         let mut metas = vec![];
@@ -167,11 +190,15 @@ pub fn evaluate(
             boxes.push(bs);
             metas.push((it, ms));
         }
+        timing.read_s += t_read.elapsed().as_secs_f64();
         if images.is_empty() {
             progress(done, total_masks);
             continue;
         }
+        let t_model = Instant::now();
         let preds = predictor.predict_batch(&images, &boxes)?;
+        timing.model_s += t_model.elapsed().as_secs_f64();
+        let t_metrics = Instant::now();
         for ((pred, (it, ms)), bs) in preds.iter().zip(&metas).zip(&boxes) {
             let g = image_group(&it.name);
             for (k, (name, m)) in ms.iter().enumerate() {
@@ -202,9 +229,10 @@ pub fn evaluate(
             }
             done += it.masks.len();
         }
+        timing.metrics_s += t_metrics.elapsed().as_secs_f64();
         progress(done, total_masks);
     }
-    Ok((rows, skipped))
+    Ok((rows, skipped, timing))
 }
 
 /// JSON numbers cannot be NaN or infinite: those are written as strings
