@@ -112,3 +112,48 @@ fn nan_stops_the_run_and_keeps_the_last_checkpoint() {
     assert_eq!(s.steps_taken(), bad - 1);
     println!("stopped at update {bad}: {msg}");
 }
+
+/// Bad runs fail with typed errors before any work: no data, a folder that
+/// holds no run, settings that cannot train, a checkpoint whose data changed.
+#[test]
+fn bad_runs_are_refused_clearly() {
+    let Some(data) = demo_prepared("refuse") else {
+        return;
+    };
+    let w = SamUnetConfig::named("sam-unet-small-18")
+        .unwrap()
+        .random_weights(1);
+    let root = data.parent().unwrap().to_path_buf();
+    // No prepared data there.
+    let cfg = RunConfig::new(root.join("nothing"), root.join("run-a"));
+    let e = Session::new(cfg, &w).err().expect("missing data");
+    assert!(e.to_string().contains("index.json"), "{e}");
+    // Settings that cannot train.
+    let mut cfg = RunConfig::new(&data, root.join("run-b"));
+    cfg.batch_images = 0;
+    let e = Session::new(cfg, &w).err().expect("batch 0");
+    assert!(e.to_string().contains("at least 1"), "{e}");
+    let mut cfg = RunConfig::new(&data, root.join("run-c"));
+    cfg.lr = f32::NAN;
+    assert!(Session::new(cfg, &w).is_err());
+    // A folder that holds no run.
+    let e = Session::resume(&root, None, None, None).err().expect("no run");
+    assert!(e.to_string().contains("no checkpoint"), "{e}");
+    // A checkpoint whose data changed under it.
+    let out = root.join("run-d");
+    let mut cfg = RunConfig::new(&data, &out);
+    cfg.train_fraction = 1.0;
+    cfg.batch_images = 1;
+    cfg.masks_per_image = 1;
+    cfg.max_steps = Some(1);
+    Session::new(cfg, &w).unwrap().run(&mut |_| {}).unwrap();
+    let index = data.join("index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["images"][0]["name"] = "another.png".into();
+    std::fs::write(&index, v.to_string()).unwrap();
+    let e = Session::resume(&out, None, None, None).err().expect("changed data");
+    assert!(e.to_string().contains("not the one this run trained on"), "{e}");
+    std::fs::write(&index, text).unwrap();
+    assert!(Session::resume(&out, None, None, None).is_ok());
+}
