@@ -110,6 +110,12 @@ pub enum Error {
     #[error("{op}: not finite: {msg}")]
     NonFinite { op: &'static str, msg: String },
 
+    /// A collective operation between ranks failed: a rank left or did not
+    /// arrive in time, or the ranks disagree (buffer sizes). The run stops
+    /// on every rank.
+    #[error("{op}: {msg}")]
+    Collective { op: &'static str, msg: String },
+
     /// Any other failure of a CUDA driver call.
     #[error("{op}: CUDA driver error: {msg}")]
     CudaDriver { op: &'static str, msg: String },

@@ -15,6 +15,7 @@ pub mod autograd;
 pub mod cpu;
 pub mod cuda;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod io;

@@ -137,7 +137,9 @@ fn bad_runs_are_refused_clearly() {
     cfg.lr = f32::NAN;
     assert!(Session::new(cfg, &w).is_err());
     // A folder that holds no run.
-    let e = Session::resume(&root, None, None, None).err().expect("no run");
+    let e = Session::resume(&root, None, None, None)
+        .err()
+        .expect("no run");
     assert!(e.to_string().contains("no checkpoint"), "{e}");
     // A checkpoint whose data changed under it.
     let out = root.join("run-d");
@@ -152,8 +154,85 @@ fn bad_runs_are_refused_clearly() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["images"][0]["name"] = "another.png".into();
     std::fs::write(&index, v.to_string()).unwrap();
-    let e = Session::resume(&out, None, None, None).err().expect("changed data");
-    assert!(e.to_string().contains("not the one this run trained on"), "{e}");
+    let e = Session::resume(&out, None, None, None)
+        .err()
+        .expect("changed data");
+    assert!(
+        e.to_string().contains("not the one this run trained on"),
+        "{e}"
+    );
     std::fs::write(&index, text).unwrap();
     assert!(Session::resume(&out, None, None, None).is_ok());
+}
+
+/// Data parallelism without SyncBatchNorm: two ranks (threads, the
+/// in-process collective), each its own copy of the model and one image,
+/// take the same update as one process that accumulates the two images as
+/// micro-batches: every parameter and Adam moment bit for bit, on both ranks,
+/// over two updates; the reported loss is the mean of the ranks'.
+#[test]
+fn two_ranks_equal_one_process_accumulating() {
+    use sam_unet::dist::{Collective, InProcess};
+    use sam_unet::train::{TrainConfig, Trainer};
+    let Some(data) = demo_prepared("ranks") else {
+        return;
+    };
+    let set = PreparedSet::open(&data).unwrap();
+    assert!(set.len() >= 2);
+    let w = SamUnetConfig::named("sam-unet-small-18")
+        .unwrap()
+        .random_weights(3);
+    let cfg = TrainConfig {
+        lr: 1e-3,
+        ..TrainConfig::default()
+    };
+    let sub = |rank: usize, step: u64| set.batch(&[rank], 9, step, 2).unwrap();
+    // One process, the two images as micro-batches.
+    let mut one = Trainer::new(&w, Device::Cpu, cfg).unwrap();
+    let mut one_losses = vec![];
+    for step in 0..2 {
+        let r = one.step_accumulated(&[sub(0, step), sub(1, step)]).unwrap();
+        one_losses.push(r.terms.loss);
+    }
+    // Two ranks.
+    let group = InProcess::group(2, std::time::Duration::from_secs(600));
+    let ranks: Vec<(Vec<f32>, Vec<f32>, Vec<f64>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                let (w, sub) = (&w, &sub);
+                s.spawn(move || {
+                    let mut t = Trainer::new(w, Device::Cpu, cfg).unwrap();
+                    let mut losses = vec![];
+                    for step in 0..2 {
+                        let r = t.step_distributed(&[sub(c.rank(), step)], &c).unwrap();
+                        losses.push(r.terms.loss);
+                    }
+                    let st = t.store();
+                    (
+                        st.values().as_f32().unwrap().to_vec(),
+                        st.moments().1.as_f32().unwrap().to_vec(),
+                        losses,
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let want_v = one.store().values().as_f32().unwrap();
+    let want_m2 = one.store().moments().1.as_f32().unwrap();
+    for (rank, (v, m2, losses)) in ranks.iter().enumerate() {
+        assert!(v.as_slice() == want_v, "rank {rank}: parameters differ");
+        assert!(
+            m2.as_slice() == want_m2,
+            "rank {rank}: Adam's second moment differs"
+        );
+        for (a, b) in losses.iter().zip(&one_losses) {
+            assert_eq!(a.to_bits(), b.to_bits(), "rank {rank}: loss {a} vs {b}");
+        }
+    }
+    println!(
+        "2 ranks = 1 process accumulating, bit for bit over 2 updates ({} values); losses {one_losses:?}",
+        want_v.len()
+    );
 }

@@ -376,11 +376,36 @@ impl Trainer {
         self.steps_inner(micro, false)
     }
 
+    /// One data-parallel update, this rank's part: its micro-batches as in
+    /// `step_accumulated`, each loss scaled by 1 / (micro-batches x ranks),
+    /// the gradients summed over the ranks in rank order
+    /// (`Collective::all_reduce_sum`) on the flat gradient buffer, then the
+    /// same Adam step on every rank, so that every rank keeps the same
+    /// parameters. BatchNorm uses this rank's statistics (no SyncBatchNorm
+    /// yet). The loss terms reported are the mean over ranks; a NaN on any
+    /// rank stops every rank at the same update.
+    pub fn step_distributed(
+        &mut self,
+        micro: &[Batch],
+        comm: &dyn crate::dist::Collective,
+    ) -> Result<StepReport> {
+        self.run_steps(micro, false, Some(comm))
+    }
+
     fn step_inner(&mut self, batch: &Batch, keep_grads: bool) -> Result<StepReport> {
-        self.steps_inner(std::slice::from_ref(batch), keep_grads)
+        self.run_steps(std::slice::from_ref(batch), keep_grads, None)
     }
 
     fn steps_inner(&mut self, micro: &[Batch], keep_grads: bool) -> Result<StepReport> {
+        self.run_steps(micro, keep_grads, None)
+    }
+
+    fn run_steps(
+        &mut self,
+        micro: &[Batch],
+        keep_grads: bool,
+        comm: Option<&dyn crate::dist::Collective>,
+    ) -> Result<StepReport> {
         if micro.is_empty() {
             return Err(Error::input("train step", "no batch to step on"));
         }
@@ -411,7 +436,14 @@ impl Trainer {
             let rec = self.register()?;
             let (logits, labels) = self.forward(batch)?;
             let (loss, terms) = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
-            if !terms.loss.is_finite() {
+            let mut finite = terms.loss.is_finite();
+            if let Some(c) = comm {
+                // Every rank learns whether any rank's loss is not finite.
+                let mut bad = [f64::from(u8::from(!finite))];
+                c.all_reduce_sum_f64(&mut bad)?;
+                finite = bad[0] == 0.0;
+            }
+            if !finite {
                 // Nothing was written: the store and the running statistics
                 // keep the last finite step's values but this forward's
                 // BatchNorm updates (a caller that stops here should reload
@@ -429,7 +461,9 @@ impl Trainer {
             sum.dice += terms.dice;
             forward_s += t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
-            let seed = Tensor::from_vec(vec![1.0 / k as f32], [1])?.to_device(loss.device())?;
+            let ranks = comm.map_or(1, |c| c.world());
+            let seed =
+                Tensor::from_vec(vec![1.0 / (k * ranks) as f32], [1])?.to_device(loss.device())?;
             // Each gradient goes into the store as soon as it is complete.
             let store = &mut self.store;
             rec.backward_into(&loss, &seed, &mut |_, name, g| {
@@ -443,6 +477,17 @@ impl Trainer {
             all_logits.push(logits.to_host()?);
         }
         let t2 = Instant::now();
+        if let Some(c) = comm {
+            self.store.all_reduce_grads(c)?;
+            let mut t = [sum.loss, sum.focal, sum.dice];
+            c.all_reduce_sum_f64(&mut t)?;
+            let w = c.world() as f64;
+            sum = LossTerms {
+                loss: t[0] / w,
+                focal: t[1] / w,
+                dice: t[2] / w,
+            };
+        }
         let grad_norm = self.store.grad_norm()?;
         if !grad_norm.is_finite() {
             self.store.discard_grads();

@@ -173,6 +173,26 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Sums the gradient buffer over the ranks of a data-parallel group
+    /// (in rank order, the same bits on every rank). On CUDA through the
+    /// host for now (an NCCL group will reduce on the device).
+    pub fn all_reduce_grads(&mut self, comm: &dyn crate::dist::Collective) -> Result<()> {
+        let g = self.grads.as_mut().ok_or_else(|| {
+            Error::input(
+                "parameter store",
+                "no gradient to reduce: run backward first",
+            )
+        })?;
+        match g.device() {
+            Device::Cpu => comm.all_reduce_sum(g.as_f32_mut()?),
+            d @ Device::Cuda(_) => {
+                let mut h = g.to_host()?.compact()?;
+                comm.all_reduce_sum(h.as_f32_mut()?)?;
+                copy_into(g, 0, &h.to_device(d)?)
+            }
+        }
+    }
+
     /// Forgets the gradients received since the last update (a step that
     /// will not be applied, e.g. one with a NaN gradient).
     pub fn discard_grads(&mut self) {

@@ -1,0 +1,280 @@
+//! Data parallelism: the collective operations ranks use to train as one.
+//!
+//! `Collective` is what a data-parallel step needs: a sum over ranks that
+//! gives every rank the same bits (the ranks' values added in rank order,
+//! so that a run does not depend on arrival order). Two implementations are
+//! meant: NCCL between GPUs and processes (not written yet), and
+//! `InProcess`, ranks as threads of one process, which tests use on the
+//! CPU. A rank that leaves (its handle dropped, e.g. by a panic) or does not
+//! arrive within the timeout makes the others' calls fail with a clear error
+//! instead of waiting forever.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+
+/// Collective operations over the ranks of a group.
+pub trait Collective: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// x <- the sum of every rank's x, added in rank order in f32 (((x0 +
+    /// x1) + x2) ...); every rank gets the same bits. Lengths must agree.
+    fn all_reduce_sum(&self, x: &mut [f32]) -> Result<()>;
+    /// The same in f64.
+    fn all_reduce_sum_f64(&self, x: &mut [f64]) -> Result<()>;
+}
+
+#[derive(Clone, Debug)]
+enum Buf {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+#[derive(Default)]
+struct Round {
+    /// Completed reductions (a waiting rank watches it change).
+    generation: u64,
+    bufs: Vec<Option<Buf>>,
+    arrived: usize,
+    result: Option<Arc<Buf>>,
+    taken: usize,
+    /// Why the group cannot go on (a rank left, or a mismatch).
+    failed: Option<String>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    round: Mutex<Round>,
+    cv: Condvar,
+}
+
+/// One rank of a group of threads in this process.
+pub struct InProcess {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl InProcess {
+    /// A group of `world` ranks (hand one to each thread); a call waits at
+    /// most `timeout` for the other ranks.
+    pub fn group(world: usize, timeout: Duration) -> Vec<InProcess> {
+        let shared = Arc::new(Shared {
+            world,
+            timeout,
+            round: Mutex::new(Round {
+                bufs: vec![None; world],
+                ..Round::default()
+            }),
+            cv: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| InProcess {
+                rank,
+                shared: Arc::clone(&shared),
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Round> {
+        self.shared.round.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fail(op: &'static str, msg: String) -> Error {
+        Error::Collective { op, msg }
+    }
+
+    /// Waits on the condition variable until `done` holds, the group fails
+    /// or the deadline passes.
+    fn wait<'a>(
+        &'a self,
+        mut g: std::sync::MutexGuard<'a, Round>,
+        deadline: Instant,
+        what: &str,
+        done: &dyn Fn(&Round) -> bool,
+    ) -> Result<std::sync::MutexGuard<'a, Round>> {
+        loop {
+            // Done first: a rank that finished and left must not fail the
+            // others' collection of the last result.
+            if done(&g) {
+                return Ok(g);
+            }
+            if let Some(f) = &g.failed {
+                return Err(Self::fail("all_reduce", format!("rank {}: {f}", self.rank)));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<usize> = (0..self.shared.world)
+                    .filter(|&r| g.bufs[r].is_none())
+                    .collect();
+                let msg = format!(
+                    "rank {} waited {:?} for {what}; ranks {missing:?} did not arrive",
+                    self.rank, self.shared.timeout
+                );
+                g.failed = Some(msg.clone());
+                self.shared.cv.notify_all();
+                return Err(Self::fail("all_reduce", msg));
+            }
+            g = self
+                .shared
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn reduce(&self, mine: Buf) -> Result<Arc<Buf>> {
+        let deadline = Instant::now() + self.shared.timeout;
+        let g = self.lock();
+        // The previous reduction must be collected by everyone first.
+        let mut g = self.wait(g, deadline, "the previous reduction", &|r| {
+            r.result.is_none() && r.bufs[self.rank].is_none()
+        })?;
+        g.bufs[self.rank] = Some(mine);
+        g.arrived += 1;
+        let started = g.generation;
+        if g.arrived == self.shared.world {
+            match sum_in_rank_order(&g.bufs) {
+                Ok(sum) => g.result = Some(Arc::new(sum)),
+                Err(msg) => {
+                    g.failed = Some(msg.clone());
+                    self.shared.cv.notify_all();
+                    return Err(Self::fail("all_reduce", msg));
+                }
+            }
+            g.generation += 1;
+            self.shared.cv.notify_all();
+        }
+        let mut g = self.wait(g, deadline, "the other ranks", &|r| r.generation != started)?;
+        let out = Arc::clone(g.result.as_ref().expect("set with the generation"));
+        g.taken += 1;
+        if g.taken == self.shared.world {
+            g.result = None;
+            g.taken = 0;
+            g.arrived = 0;
+            g.bufs.iter_mut().for_each(|b| *b = None);
+            self.shared.cv.notify_all();
+        }
+        Ok(out)
+    }
+}
+
+fn sum_in_rank_order(bufs: &[Option<Buf>]) -> std::result::Result<Buf, String> {
+    let mut it = bufs.iter().flatten();
+    let mut acc = it.next().cloned().ok_or("no buffers")?;
+    for b in it {
+        match (&mut acc, b) {
+            (Buf::F32(a), Buf::F32(b)) if a.len() == b.len() => {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y)
+            }
+            (Buf::F64(a), Buf::F64(b)) if a.len() == b.len() => {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y)
+            }
+            _ => return Err("the ranks passed buffers of different lengths or types".into()),
+        }
+    }
+    Ok(acc)
+}
+
+impl Drop for InProcess {
+    /// A rank that goes away (returns early, panics) fails the group, so
+    /// that the others stop instead of waiting for it.
+    fn drop(&mut self) {
+        let mut g = self.lock();
+        if g.failed.is_none() {
+            g.failed = Some(format!("rank {} left the group", self.rank));
+        }
+        self.shared.cv.notify_all();
+    }
+}
+
+impl Collective for InProcess {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+    fn all_reduce_sum(&self, x: &mut [f32]) -> Result<()> {
+        match &*self.reduce(Buf::F32(x.to_vec()))? {
+            Buf::F32(s) => x.copy_from_slice(s),
+            Buf::F64(_) => unreachable!("types checked in the sum"),
+        }
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, x: &mut [f64]) -> Result<()> {
+        match &*self.reduce(Buf::F64(x.to_vec()))? {
+            Buf::F64(s) => x.copy_from_slice(s),
+            Buf::F32(_) => unreachable!("types checked in the sum"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_in_rank_order_on_every_rank() {
+        let group = InProcess::group(3, Duration::from_secs(30));
+        let out: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = group
+                .iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut last = vec![];
+                        // Several rounds back to back.
+                        for round in 0..5 {
+                            let r = c.rank() as f32;
+                            let mut x = vec![1e8 * (r - 1.0), 1.0 + r + round as f32];
+                            c.all_reduce_sum(&mut x).unwrap();
+                            let mut y = [r as f64];
+                            c.all_reduce_sum_f64(&mut y).unwrap();
+                            assert_eq!(y[0], 3.0);
+                            last = x;
+                        }
+                        last
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // ((-1e8 + 0) + 1e8) in f32, then the second element: 1+2+3 (+ 3 x 4).
+        for o in &out {
+            assert_eq!(o, &vec![(-1e8f32 + 0.0) + 1e8, 18.0]);
+            assert_eq!(o, &out[0]);
+        }
+    }
+
+    #[test]
+    fn a_rank_that_leaves_fails_the_others() {
+        let mut group = InProcess::group(2, Duration::from_secs(30));
+        let gone = group.pop().unwrap();
+        drop(gone);
+        let e = group[0].all_reduce_sum(&mut [1.0]).unwrap_err();
+        assert!(e.to_string().contains("left the group"), "{e}");
+    }
+
+    #[test]
+    fn a_rank_that_never_comes_times_out() {
+        let group = InProcess::group(2, Duration::from_millis(200));
+        let t = Instant::now();
+        let e = group[0].all_reduce_sum(&mut [1.0]).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert!(e.to_string().contains("did not arrive"), "{e}");
+    }
+
+    #[test]
+    fn mismatched_lengths_are_an_error() {
+        let group = InProcess::group(2, Duration::from_secs(30));
+        std::thread::scope(|s| {
+            let a = s.spawn(|| group[0].all_reduce_sum(&mut [1.0, 2.0]));
+            let b = s.spawn(|| group[1].all_reduce_sum(&mut [1.0]));
+            assert!(a.join().unwrap().is_err());
+            assert!(b.join().unwrap().is_err());
+        });
+    }
+}
