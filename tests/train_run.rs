@@ -12,7 +12,7 @@ use sam_unet::train::{RunConfig, Session, evaluate, read_log};
 
 #[test]
 fn resume_is_bit_exact_cpu() {
-    resume_round_trip(Device::Cpu, "sam-unet-small-18", "resume-cpu", 3);
+    resume_round_trip(Device::Cpu, "sam-unet-small-18", "resume-cpu", 3, 2);
 }
 
 // The same on CUDA (a GPU or the emulator): tests/cuda_model.rs,

@@ -59,7 +59,7 @@ pub fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 /// One update, a checkpoint, `updates - 1` more; then the same again from
 /// that checkpoint: every loss and every byte of the model and of Adam's state
 /// equal (the state files differ only in nothing: compared whole too).
-pub fn resume_round_trip(device: Device, arch: &str, name: &str, updates: u64) {
+pub fn resume_round_trip(device: Device, arch: &str, name: &str, updates: u64, accumulate: usize) {
     let Some(data) = demo_prepared(name) else {
         return;
     };
@@ -68,7 +68,7 @@ pub fn resume_round_trip(device: Device, arch: &str, name: &str, updates: u64) {
     cfg.device = device;
     cfg.train_fraction = 1.0;
     cfg.batch_images = 1;
-    cfg.accumulate = 2;
+    cfg.accumulate = accumulate;
     cfg.masks_per_image = 2;
     cfg.epochs = 3;
     cfg.lr = 1e-3;
