@@ -62,17 +62,22 @@ fn learns_the_demo_masks_from_random_init() {
         after.per_mask.iter().map(|m| m.0).collect::<Vec<_>>()
     );
     assert!(tail < 0.5 * head, "the loss did not fall: {head} -> {tail}");
-    // The mean over masks: the liver is learned first (the loss pools
-    // the masks' pixels, so the biggest organ leads), the small vessels later.
-    assert!(after.dice > 0.2, "Dice {} after training", after.dice);
+    // The liver is learned first (the loss pools the masks' pixels, so the
+    // biggest organ leads), the small vessels later: a mask learned to a
+    // Dice random weights are nowhere near, and the mean up.
+    let best = |r: &sam_unet::train::ValReport| r.per_mask.iter().map(|m| m.0).fold(0.0, f64::max);
+    assert!(best(&before) < 0.2, "random weights: {:?}", before.per_mask);
     assert!(
-        after.dice > before.dice + 0.15,
+        best(&after) > 0.8,
+        "no mask above Dice 0.8: {:?}",
+        after.per_mask
+    );
+    assert!(
+        after.dice > before.dice + 0.1,
         "Dice {} -> {}",
         before.dice,
         after.dice
     );
-    let best = after.per_mask.iter().map(|m| m.0).fold(0.0, f64::max);
-    assert!(best > 0.8, "no mask above Dice 0.8: {:?}", after.per_mask);
     assert!(out.join("curves.svg").is_file() && out.join("curves.png").is_file());
 }
 
