@@ -65,7 +65,9 @@ pub enum Error {
     #[error("{op}: {msg}")]
     InvalidInput { op: &'static str, msg: String },
 
-    #[error("I/O error on {path}: {source}")]
+    /// The OS error is the `source()` (anyhow's `{:#}` and the tools print
+    /// it after the path), not repeated in this message.
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -124,6 +126,20 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The message with its causes (`source()` chain), e.g. "I/O error on
+    /// x.png: No such file or directory (os error 2)": for reports that keep
+    /// errors as text.
+    pub fn full(&self) -> String {
+        let mut s = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(c) = cur {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cur = c.source();
+        }
+        s
+    }
+
     pub(crate) fn shape(op: &'static str, msg: impl Into<String>) -> Self {
         Error::Shape {
             op,

@@ -338,7 +338,7 @@ fn prepare_item(item: &Item, size: usize) -> (Option<Prepared>, Vec<Skipped>) {
         Err(e) => {
             skipped.push(Skipped {
                 path: item.name.clone(),
-                reason: e.to_string(),
+                reason: e.full(),
             });
             return (None, skipped);
         }
@@ -364,7 +364,7 @@ fn prepare_item(item: &Item, size: usize) -> (Option<Prepared>, Vec<Skipped>) {
             Ok((m, b)) => masks.push((name.clone(), m, b)),
             Err(e) => skipped.push(Skipped {
                 path: name.clone(),
-                reason: e.to_string(),
+                reason: e.full(),
             }),
         }
     }

@@ -142,7 +142,7 @@ pub fn evaluate_timed(
                     for (p, _) in &it.masks {
                         skipped.push(Skipped {
                             path: p.display().to_string(),
-                            reason: format!("its image: {e}"),
+                            reason: format!("its image: {}", e.full()),
                         });
                     }
                     done += it.masks.len();
@@ -157,7 +157,7 @@ pub fn evaluate_timed(
                     Err(e) => {
                         skipped.push(Skipped {
                             path: p.display().to_string(),
-                            reason: e.to_string(),
+                            reason: e.full(),
                         });
                         continue;
                     }
