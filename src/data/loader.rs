@@ -200,20 +200,8 @@ impl PreparedSet {
         for slot in 0..k {
             let key = [seed, epoch, i as u64, slot as u64];
             let m = e.masks[below(keyed(&[key[0], key[1], key[2], key[3], 0]), e.masks.len())];
-            let bo = sh.boxes + m * 16;
-            let b: Vec<f32> = (0..4)
-                .map(|j| {
-                    f32::from_le_bytes(
-                        sh.map[bo + j * 4..bo + j * 4 + 4]
-                            .try_into()
-                            .expect("4 bytes"),
-                    )
-                })
-                .collect();
-            let (dx, dy) = jitter(
-                [b[0], b[1], b[2], b[3]],
-                keyed(&[key[0], key[1], key[2], key[3], 1]),
-            );
+            let b = sh.mask_box(m);
+            let (dx, dy) = jitter(b, keyed(&[key[0], key[1], key[2], key[3], 1]));
             let jb = [b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy];
             boxes.push(box_to_model_frame(jb, &info));
             let mo = sh.masks + m * s * s;
@@ -241,17 +229,8 @@ impl PreparedSet {
         let mut boxes = Vec::with_capacity(e.masks.len());
         let mut masks = Vec::with_capacity(e.masks.len() * s * s);
         for &m in &e.masks {
-            let bo = sh.boxes + m * 16;
-            let b: Vec<f32> = (0..4)
-                .map(|j| {
-                    f32::from_le_bytes(
-                        sh.map[bo + j * 4..bo + j * 4 + 4]
-                            .try_into()
-                            .expect("4 bytes"),
-                    )
-                })
-                .collect();
-            boxes.push(box_to_model_frame([b[0], b[1], b[2], b[3]], &info));
+            let b = sh.mask_box(m);
+            boxes.push(box_to_model_frame(b, &info));
             masks.extend_from_slice(&sh.map[sh.masks + m * s * s..sh.masks + (m + 1) * s * s]);
         }
         Ok(EvalItem {
@@ -326,6 +305,18 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 }
 
 impl Shard {
+    /// Mask `m`'s box (x0, y0, x1, y1) at the original resolution.
+    fn mask_box(&self, m: usize) -> [f32; 4] {
+        let o = self.boxes + m * 16;
+        std::array::from_fn(|j| {
+            f32::from_le_bytes(
+                self.map[o + j * 4..o + j * 4 + 4]
+                    .try_into()
+                    .expect("4 bytes"),
+            )
+        })
+    }
+
     fn open(path: &Path, size: usize) -> Result<Self> {
         let f = std::fs::File::open(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),

@@ -24,6 +24,7 @@ use crate::data::prepare::{Item, read_mask_strict};
 use crate::error::{Error, Result};
 use crate::eval::metrics::{overlap, surface_distances_2d};
 use crate::io::image::read_rgb;
+use crate::io::write_atomic as write;
 use crate::predictor::Predictor;
 use crate::preprocess::box_from_mask;
 
@@ -617,19 +618,4 @@ fn io(path: &Path, source: std::io::Error) -> Error {
         path: path.to_path_buf(),
         source,
     }
-}
-
-fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(path, e)
-        })
 }

@@ -135,27 +135,7 @@ pub fn pth_bytes(tensors: &[(String, RawTensor)]) -> Result<Vec<u8>> {
 /// Writes `{'model': state_dict}` to `path` atomically (a temporary file
 /// beside it, synced, renamed).
 pub fn write_pth(path: &Path, tensors: &[(String, RawTensor)]) -> Result<()> {
-    let bytes = pth_bytes(tensors)?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let r = (|| {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    r.map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
+    super::write_atomic(path, &pth_bytes(tensors)?)
 }
 
 /// CRC-32 (IEEE, reflected), as zip stores it.

@@ -35,6 +35,7 @@ use crate::data::loader::{PreparedSet, SplitBy, epoch_order, split};
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::io::weights::write_safetensors;
+use crate::io::write_atomic;
 use crate::model::Trace;
 use crate::ops::resize::bilinear;
 use crate::tensor::{Device, Tensor};
@@ -965,27 +966,6 @@ fn sync_dir(p: &Path) -> Result<()> {
         }
         Err(e) => Err(io(p, e)),
     }
-}
-
-/// A file written whole or not at all: a temporary file beside it, synced,
-/// then renamed over it.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    r.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(path, e)
-    })
 }
 
 /// Puts folder `from` at `to`, replacing what was there: the old one is
