@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sam_unet::data::prepare::{PrepareOptions, Split, discover, prepare};
 use sam_unet::io::image::{read_mask, read_rgb};
@@ -132,37 +132,18 @@ fn prepare_demo_train_matches_preprocessing() {
     }
 }
 
-fn save_grey(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
-    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
-        .save(path)
-        .unwrap();
-}
-
 /// A plain images/ + masks/ folder with one of every kind of bad item: each
 /// is skipped with its reason, the rest kept; nothing panics.
 #[test]
 fn prepare_skips_and_reports_bad_items() {
     let dir = tmp("bad");
-    let (im, ms) = (dir.join("images"), dir.join("masks"));
-    std::fs::create_dir_all(&im).unwrap();
-    std::fs::create_dir_all(&ms).unwrap();
-    let disc =
-        |x: u32, y: u32| u8::from((x as i32 - 30).pow(2) + (y as i32 - 20).pow(2) < 100) * 255;
-    save_grey(&im.join("a.png"), 64, 48, |x, y| (x * 3 + y) as u8);
-    save_grey(&ms.join("a_liver_000.png"), 64, 48, disc);
-    save_grey(&ms.join("a_empty_000.png"), 64, 48, |_, _| 0);
-    save_grey(&ms.join("a_soft_000.png"), 64, 48, |x, _| (x * 4) as u8);
-    save_grey(&ms.join("a_small_000.png"), 32, 24, |_, _| 255);
-    std::fs::write(ms.join("a_broken_000.png"), b"not a png").unwrap();
-    // An image whose file is corrupt: skipped with its masks.
-    std::fs::write(im.join("b.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
-    save_grey(&ms.join("b_liver_000.png"), 64, 48, disc);
+    let (im, ms) = common::bad_items_folder(&dir);
     // An image with only bad masks: skipped as having no usable mask.
-    save_grey(&im.join("c.png"), 64, 48, |x, _| x as u8);
-    save_grey(&ms.join("c_empty_000.png"), 64, 48, |_, _| 0);
+    common::save_grey(&im.join("c.png"), 64, 48, |x, _| x as u8);
+    common::save_grey(&ms.join("c_empty_000.png"), 64, 48, |_, _| 0);
     // "a_b" is also a prefix candidate: the longest stem wins.
-    save_grey(&im.join("a_b.png"), 20, 20, |_, _| 7);
-    save_grey(&ms.join("a_b_x_000.png"), 20, 20, |x, _| u8::from(x > 5));
+    common::save_grey(&im.join("a_b.png"), 20, 20, |_, _| 7);
+    common::save_grey(&ms.join("a_b_x_000.png"), 20, 20, |x, _| u8::from(x > 5));
 
     let items = discover(&dir, Split::Auto).unwrap();
     let names: Vec<(&str, usize)> = items

@@ -127,31 +127,13 @@ fn shards_merge_to_the_single_run() {
     );
 }
 
-fn save_grey(path: &Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
-    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
-        .save(path)
-        .unwrap();
-}
-
 /// A plain folder with bad masks (empty, not binary, another size, not an
 /// image) and an unreadable image: each skipped with its reason, the good
 /// mask evaluated, nothing panics.
 #[test]
 fn bad_masks_are_skipped_with_reasons() {
     let dir = tmp("bad");
-    let (im, ms) = (dir.join("images"), dir.join("masks"));
-    std::fs::create_dir_all(&im).unwrap();
-    std::fs::create_dir_all(&ms).unwrap();
-    let disc =
-        |x: u32, y: u32| u8::from((x as i32 - 30).pow(2) + (y as i32 - 20).pow(2) < 100) * 255;
-    save_grey(&im.join("a.png"), 64, 48, |x, y| (x * 3 + y) as u8);
-    save_grey(&ms.join("a_liver_000.png"), 64, 48, disc);
-    save_grey(&ms.join("a_empty_000.png"), 64, 48, |_, _| 0);
-    save_grey(&ms.join("a_soft_000.png"), 64, 48, |x, _| (x * 4) as u8);
-    save_grey(&ms.join("a_small_000.png"), 32, 24, |_, _| 255);
-    std::fs::write(ms.join("a_broken_000.png"), b"not a png").unwrap();
-    std::fs::write(im.join("b.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
-    save_grey(&ms.join("b_liver_000.png"), 64, 48, disc);
+    common::bad_items_folder(&dir);
     let items = discover(&dir, Split::Auto).unwrap();
     let cfg = sam_unet::model::SamUnetConfig::named("sam-unet-small-18").unwrap();
     let p = Predictor::from_weights(&cfg.random_weights(1), PredictorOptions::default()).unwrap();

@@ -369,17 +369,7 @@ fn pth_export_reads_back_here_and_in_pytorch() {
     let want = out.with_extension("safetensors");
     sam_unet::io::weights::write_safetensors(
         &want,
-        &tensors
-            .iter()
-            .map(|(n, t)| {
-                (
-                    n.clone(),
-                    t.dtype.safetensors(),
-                    t.shape.clone(),
-                    t.data.clone(),
-                )
-            })
-            .collect::<Vec<_>>(),
+        &sam_unet::io::pth::safetensors_records(&tensors),
     )
     .unwrap();
     let script = r#"

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use sam_unet::io::pth::read_tensors;
+use sam_unet::io::pth::{read_tensors, safetensors_records};
 use sam_unet::io::weights::write_safetensors;
 use sam_unet::model::init::starting_weights;
 
@@ -66,18 +66,7 @@ fn run(a: Args) -> Result<()> {
     match (&a.input, &a.sam, &a.resnet) {
         (Some(input), _, _) => {
             let ck = read_tensors(input)?;
-            let recs: Vec<_> = ck
-                .tensors
-                .iter()
-                .map(|(n, t)| {
-                    (
-                        n.clone(),
-                        t.dtype.safetensors(),
-                        t.shape.clone(),
-                        t.data.clone(),
-                    )
-                })
-                .collect();
+            let recs = safetensors_records(&ck.tensors);
             if is_pth_name(&a.out) {
                 // For PyTorch users: {'model': state_dict}, weights_only-safe.
                 sam_unet::io::pth_write::write_pth(&a.out, &ck.tensors)?;

@@ -547,6 +547,24 @@ pub fn read_tensors(path: impl AsRef<Path>) -> Result<Checkpoint> {
     Ok(ck)
 }
 
+/// (name, dtype, shape, bytes) records of tensors as they are, for
+/// `weights::write_safetensors`.
+pub fn safetensors_records(
+    tensors: &[(String, RawTensor)],
+) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                t.dtype.safetensors(),
+                t.shape.clone(),
+                t.data.clone(),
+            )
+        })
+        .collect()
+}
+
 impl RawDType {
     pub fn safetensors(self) -> safetensors::Dtype {
         use safetensors::Dtype as D;

@@ -272,3 +272,31 @@ pub fn five_step_update_error(
     }
     ((num / den.max(1e-300)).sqrt(), count)
 }
+
+pub fn save_grey(path: &std::path::Path, w: u32, h: u32, f: impl Fn(u32, u32) -> u8) {
+    image::GrayImage::from_fn(w, h, |x, y| image::Luma([f(x, y)]))
+        .save(path)
+        .unwrap();
+}
+
+/// A plain images/ + masks/ folder (in `dir`) with bad items: image `a`
+/// (64 x 48) with a good mask (`a_liver_000`) and an empty, a non-binary, a
+/// mis-sized (32 x 24) and an unreadable one; image `b` corrupt, with a good
+/// mask. Returns the two folders for callers that add more.
+pub fn bad_items_folder(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (im, ms) = (dir.join("images"), dir.join("masks"));
+    std::fs::create_dir_all(&im).unwrap();
+    std::fs::create_dir_all(&ms).unwrap();
+    let disc =
+        |x: u32, y: u32| u8::from((x as i32 - 30).pow(2) + (y as i32 - 20).pow(2) < 100) * 255;
+    save_grey(&im.join("a.png"), 64, 48, |x, y| (x * 3 + y) as u8);
+    save_grey(&ms.join("a_liver_000.png"), 64, 48, disc);
+    save_grey(&ms.join("a_empty_000.png"), 64, 48, |_, _| 0);
+    save_grey(&ms.join("a_soft_000.png"), 64, 48, |x, _| (x * 4) as u8);
+    save_grey(&ms.join("a_small_000.png"), 32, 24, |_, _| 255);
+    std::fs::write(ms.join("a_broken_000.png"), b"not a png").unwrap();
+    // An image whose file is corrupt: skipped with its masks.
+    std::fs::write(im.join("b.png"), b"\x89PNG\r\n\x1a\ngarbage").unwrap();
+    save_grey(&ms.join("b_liver_000.png"), 64, 48, disc);
+    (im, ms)
+}
