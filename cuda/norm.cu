@@ -134,7 +134,8 @@ extern "C" __global__ void layer_norm_backward_f32(float* __restrict__ dx, float
 //                    mean rstd gamma (computed in f64, rounded once), then
 //                    + residual and ReLU when asked.
 //   bn_backward_sums: per channel, dgamma = sum g xhat and dbeta = sum g (f64).
-//   bn_backward_dx:  dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = N P.
+//   bn_backward_dx:  dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = N P
+//                    (or all ranks' count under SyncBatchNorm).
 // A plane's sums in the CPU's order (src/ops/norm/cpu.rs lane_sums2): 256
 // interleaved f64 partial sums (element q into lane q mod 256, one lane per
 // thread of a 256-thread block: coalesced loads), then the lanes added in
@@ -234,8 +235,9 @@ extern "C" __global__ void bn_backward_sums(double* __restrict__ dgamma, double*
 extern "C" __global__ void bn_backward_dx(float* __restrict__ dx, const float* __restrict__ x, const float* __restrict__ g,
                                           const float* __restrict__ gamma, const double* __restrict__ mean, const double* __restrict__ var,
                                           const double* __restrict__ dgamma, const double* __restrict__ dbeta, int N, int C, long long P,
-                                          float eps) {
-    double M = (double)N * P;
+                                          float eps, double M) {
+    // M: the values per channel the statistics came from (N P, or every
+    // rank's together under SyncBatchNorm).
     GRID_STRIDE(i, (long long)N * C * P) {
         int ch = (int)((i / P) % C);
         double rstd = 1.0 / sqrt(var[ch] + (double)eps);

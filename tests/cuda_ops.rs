@@ -117,6 +117,11 @@ fn main() {
             cuda_batch_norm_train_matches_cpu,
         ),
         (
+            "cuda_sync_batch_norm_matches_one_batch",
+            true,
+            cuda_sync_batch_norm_matches_one_batch,
+        ),
+        (
             "cuda_sum_squares_matches_cpu",
             true,
             cuda_sum_squares_matches_cpu,
@@ -1766,6 +1771,134 @@ fn cuda_batch_norm_train_matches_cpu() {
         let rel = rel_l2(g, w);
         println!("ConvBn backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
+}
+
+/// SyncBatchNorm on CUDA: two ranks (threads and the in-process
+/// collective), rank 0 on the CUDA device with image 0 and rank 1 on the CPU
+/// with image 1, through the fused ConvBn + residual + ReLU and back, equal
+/// the CPU's one batch of both images: outputs and input gradients per
+/// image, the weights' gradients summed over the ranks, and the same running
+/// statistics on both ranks.
+fn cuda_sync_batch_norm_matches_one_batch() {
+    use sam_unet::autograd::Recording;
+    use sam_unet::dist::{Collective, InProcess};
+    use sam_unet::nn::ConvBn;
+    use sam_unet::ops::norm::SyncBatchNorm;
+    use std::sync::Arc;
+    let _dev = device().expect("a GPU was found at start");
+    let mut w = sam_unet::io::Weights::new();
+    let t = |d: &[usize], seed: u64, scale: f32, off: f32| {
+        Tensor::from_vec(
+            rand(d.iter().product(), seed, scale)
+                .into_iter()
+                .map(|v| v + off)
+                .collect(),
+            d.to_vec(),
+        )
+        .unwrap()
+    };
+    w.insert("c.weight", t(&[6, 4, 3, 3], 580, 0.3, 0.0));
+    w.insert("bn.weight", t(&[6], 581, 0.3, 1.0));
+    w.insert("bn.bias", t(&[6], 582, 0.3, 0.0));
+    w.insert("bn.running_mean", t(&[6], 583, 0.1, 0.0));
+    w.insert("bn.running_var", t(&[6], 584, 0.1, 1.0));
+    // Image 1 brighter than image 0: the ranks' statistics differ.
+    let x = t(&[2, 4, 7, 7], 585, 1.0, 0.0);
+    let xs = x.as_f32().unwrap();
+    let x = Tensor::from_vec(
+        xs.iter()
+            .enumerate()
+            .map(|(i, &v)| if i >= xs.len() / 2 { 2.0 * v + 0.5 } else { v })
+            .collect(),
+        [2, 4, 7, 7],
+    )
+    .unwrap();
+    let r = t(&[2, 6, 7, 7], 586, 1.0, 0.0);
+    let g = t(&[2, 6, 7, 7], 587, 1.0, 0.0);
+    let half = |t: &Tensor, i: usize| {
+        let v = t.as_f32().unwrap();
+        let n = v.len() / 2;
+        let mut d = t.dims().to_vec();
+        d[0] = 1;
+        Tensor::from_vec(v[i * n..(i + 1) * n].to_vec(), d).unwrap()
+    };
+    type Out = (Vec<f32>, Vec<(String, Vec<f32>)>, Vec<f32>, Vec<f32>);
+    let run = |dev: sam_unet::Device, x: &Tensor, r: &Tensor, g: &Tensor| -> Out {
+        let mut m = ConvBn::load(&w, "c", "bn", 1, 1, false).unwrap();
+        sam_unet::nn::to_device(&mut m, dev).unwrap();
+        let rec = Recording::start().unwrap();
+        let mut xd = x.to_device(dev).unwrap();
+        rec.param(&mut xd, "x").unwrap();
+        rec.param(&mut m.conv.weight, "w").unwrap();
+        let bn = m.bn.as_mut().unwrap();
+        rec.param(&mut bn.weight, "gamma").unwrap();
+        rec.param(&mut bn.bias, "beta").unwrap();
+        let mut rd = r.to_device(dev).unwrap();
+        rec.param(&mut rd, "residual").unwrap();
+        let y = m.forward_residual(&xd, &rd, Act::Relu).unwrap();
+        let grads = rec
+            .backward(&y, &g.to_device(dev).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|(n, g)| (n, g.to_host().unwrap().as_f32().unwrap().to_vec()))
+            .collect();
+        let (rm, rv, _) = m.bn.as_ref().unwrap().running_stats();
+        let host = |t: Tensor| t.to_host().unwrap().as_f32().unwrap().to_vec();
+        (host(y), grads, host(rm), host(rv))
+    };
+    let whole = run(sam_unet::Device::Cpu, &x, &r, &g);
+    let group = InProcess::group(2, std::time::Duration::from_secs(600));
+    let ranks: Vec<Out> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                let (run, half, x, r, g) = (&run, &half, &x, &r, &g);
+                s.spawn(move || {
+                    let i = c.rank();
+                    let c: Arc<dyn Collective> = Arc::new(c);
+                    let _sync = SyncBatchNorm::enter(c);
+                    let dev = if i == 0 {
+                        sam_unet::Device::Cuda(0)
+                    } else {
+                        sam_unet::Device::Cpu
+                    };
+                    run(dev, &half(x, i), &half(r, i), &half(g, i))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let cat = |f: &dyn Fn(&Out) -> Vec<f32>| [f(&ranks[0]), f(&ranks[1])].concat();
+    assert_close(
+        "synced output",
+        &cat(&|o| o.0.clone()),
+        &whole.0,
+        1e-5,
+        1e-5,
+    );
+    for (k, (n, want)) in whole.1.iter().enumerate() {
+        let got = if n == "x" || n == "residual" {
+            cat(&|o| o.1[k].1.clone())
+        } else {
+            // The weights' gradients: each rank's own, summed (DDP's reduce).
+            ranks[0].1[k]
+                .1
+                .iter()
+                .zip(&ranks[1].1[k].1)
+                .map(|(a, b)| a + b)
+                .collect()
+        };
+        assert_eq!(&ranks[0].1[k].0, n);
+        let rel = rel_l2(&got, want);
+        println!(
+            "SyncBatchNorm (CUDA rank + CPU rank) d/d {n}: relative L2 vs one batch {rel:.2e}"
+        );
+        assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
+    }
+    for o in &ranks {
+        assert_close("synced running mean", &o.2, &whole.2, 1e-6, 1e-6);
+        assert_close("synced running var", &o.3, &whole.3, 1e-6, 1e-6);
     }
 }
 

@@ -2450,6 +2450,7 @@ fn batch_norm_variant(s: &'static Simt, fused: bool, (n, c, p): (usize, usize, u
             i32,
             i64,
             f32,
+            f64,
         )| unsafe {
             k(
                 dx.m(),
@@ -2464,6 +2465,7 @@ fn batch_norm_variant(s: &'static Simt, fused: bool, (n, c, p): (usize, usize, u
                 cc,
                 pp,
                 eps,
+                (n * p) as f64,
             )
         },
     )

@@ -24,14 +24,19 @@ pub use store::{ParamStore, Slot};
 use std::collections::HashMap;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use crate::autograd::Recording;
+use crate::dist::Collective;
 use crate::error::{Error, Result};
 use crate::io::Weights;
 use crate::model::config::Kind;
 use crate::model::{ImageFeatures, SamUnet, Trace};
 use crate::nn::Params;
-use crate::ops::layout::cat0;
+use crate::ops::activation::add;
+use crate::ops::layout::{cat0, narrow};
 use crate::ops::loss::{LossTerms, focal_dice};
+use crate::ops::norm::SyncBatchNorm;
 use crate::ops::resize::bilinear;
 use crate::tensor::{Device, Tensor};
 
@@ -96,6 +101,8 @@ pub struct Trainer {
     /// The parameters box prompts reach, their gradients and Adam's state.
     store: ParamStore,
     cfg: TrainConfig,
+    /// The equal shares whose losses are averaged (`step_as_ranks`; else 1).
+    ranks: usize,
 }
 
 impl Trainer {
@@ -155,6 +162,7 @@ impl Trainer {
             unused,
             store,
             cfg,
+            ranks: 1,
         };
         tr.attach_views()?;
         // The rest (frozen weights, buffers, parameters no box reaches).
@@ -381,15 +389,42 @@ impl Trainer {
     /// the gradients summed over the ranks in rank order
     /// (`Collective::all_reduce_sum`) on the flat gradient buffer, then the
     /// same Adam step on every rank, so that every rank keeps the same
-    /// parameters. BatchNorm uses this rank's statistics (no SyncBatchNorm
-    /// yet). The loss terms reported are the mean over ranks; a NaN on any
-    /// rank stops every rank at the same update.
+    /// parameters. With `sync_bn` every train-mode BatchNorm normalises with
+    /// the statistics of all ranks' micro-batches together and the running
+    /// statistics move alike on every rank (PyTorch's SyncBatchNorm);
+    /// without it each rank uses and keeps its own (DDP without
+    /// SyncBatchNorm). Every rank must pass the same number of micro-batches.
+    /// The loss terms reported are the mean over ranks; a NaN on any rank
+    /// stops every rank at the same update.
     pub fn step_distributed(
         &mut self,
         micro: &[Batch],
-        comm: &dyn crate::dist::Collective,
+        comm: &Arc<dyn Collective>,
+        sync_bn: bool,
     ) -> Result<StepReport> {
-        self.run_steps(micro, false, Some(comm))
+        self.run_steps(micro, false, Some((comm, sync_bn)))
+    }
+
+    /// What `ranks` data-parallel ranks with SyncBatchNorm compute when each
+    /// takes an equal, consecutive share of the batch's images, in one
+    /// process: BatchNorm on the whole batch's statistics, the loss the mean
+    /// of the shares' losses (each share its own Dice, as each GPU takes its
+    /// own loss in the authors' trainer), whose gradient is the ranks'
+    /// averaged one. With a GPU per rank unavailable, this reproduces a
+    /// multi-GPU update on one device (and is what the ranks are tested
+    /// against).
+    pub fn step_as_ranks(&mut self, batch: &Batch, ranks: usize) -> Result<StepReport> {
+        let b = batch.boxes.len();
+        if ranks == 0 || b % ranks != 0 {
+            return Err(Error::input(
+                "train step",
+                format!("{b} images do not split into {ranks} equal shares"),
+            ));
+        }
+        self.ranks = ranks;
+        let r = self.run_steps(std::slice::from_ref(batch), false, None);
+        self.ranks = 1;
+        r
     }
 
     fn step_inner(&mut self, batch: &Batch, keep_grads: bool) -> Result<StepReport> {
@@ -404,8 +439,10 @@ impl Trainer {
         &mut self,
         micro: &[Batch],
         keep_grads: bool,
-        comm: Option<&dyn crate::dist::Collective>,
+        dist: Option<(&Arc<dyn Collective>, bool)>,
     ) -> Result<StepReport> {
+        let comm = dist.map(|(c, _)| c.as_ref());
+        let sync_bn = dist.filter(|d| d.1).map(|(c, _)| c);
         if micro.is_empty() {
             return Err(Error::input("train step", "no batch to step on"));
         }
@@ -434,8 +471,10 @@ impl Trainer {
         for batch in micro {
             let t0 = Instant::now();
             let rec = self.register()?;
+            // Until this micro-batch's backward is done.
+            let _sync = sync_bn.map(|c| SyncBatchNorm::enter(Arc::clone(c)));
             let (logits, labels) = self.forward(batch)?;
-            let (loss, terms) = focal_dice(&logits, &labels, self.cfg.dice_weight)?;
+            let (loss, terms, shares) = self.loss(batch, &logits, &labels)?;
             let mut finite = terms.loss.is_finite();
             if let Some(c) = comm {
                 // Every rank learns whether any rank's loss is not finite.
@@ -462,8 +501,8 @@ impl Trainer {
             forward_s += t0.elapsed().as_secs_f64();
             let t1 = Instant::now();
             let ranks = comm.map_or(1, |c| c.world());
-            let seed =
-                Tensor::from_vec(vec![1.0 / (k * ranks) as f32], [1])?.to_device(loss.device())?;
+            let seed = Tensor::from_vec(vec![1.0 / (k * ranks * shares) as f32], [1])?
+                .to_device(loss.device())?;
             // Each gradient goes into the store as soon as it is complete.
             let store = &mut self.store;
             rec.backward_into(&loss, &seed, &mut |_, name, g| {
@@ -517,6 +556,57 @@ impl Trainer {
             backward_s,
             optimizer_s,
         })
+    }
+
+    /// The loss of a forward: one focal + dice over all masks, or under
+    /// `step_as_ranks` the sum of each share's (the caller divides by the
+    /// shares, returned third; the terms are already their mean).
+    fn loss(
+        &self,
+        batch: &Batch,
+        logits: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(Tensor, LossTerms, usize)> {
+        let w = self.cfg.dice_weight;
+        if self.ranks == 1 {
+            let (l, t) = focal_dice(logits, labels, w)?;
+            return Ok((l, t, 1));
+        }
+        let per = batch.boxes.len() / self.ranks;
+        let dims = logits.dims().to_vec();
+        let (m, px) = (dims[0], dims[1..].iter().product::<usize>());
+        // Masks as rows of one item: a share is a run of rows.
+        let (lr, yr) = (logits.reshape([1, m, px])?, labels.reshape([1, m, px])?);
+        let mut total: Option<Tensor> = None;
+        let mut terms = LossTerms {
+            loss: 0.0,
+            focal: 0.0,
+            dice: 0.0,
+        };
+        let mut start = 0;
+        for share in batch.boxes.chunks(per) {
+            let len: usize = share.iter().map(Vec::len).sum();
+            let mut shape = dims.clone();
+            shape[0] = len;
+            let l = narrow(&lr, start, len)?.reshape(shape.clone())?;
+            let y = narrow(&yr, start, len)?.reshape(shape)?;
+            let (sl, st) = focal_dice(&l, &y, w)?;
+            terms.loss += st.loss;
+            terms.focal += st.focal;
+            terms.dice += st.dice;
+            total = Some(match total {
+                None => sl,
+                Some(t) => add(&t, &sl)?,
+            });
+            start += len;
+        }
+        let n = self.ranks as f64;
+        let terms = LossTerms {
+            loss: terms.loss / n,
+            focal: terms.focal / n,
+            dice: terms.dice / n,
+        };
+        Ok((total.expect("at least one share"), terms, self.ranks))
     }
 
     /// The recorded forward: logits upsampled to S [masks, 1, S, S] and the

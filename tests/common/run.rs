@@ -32,6 +32,18 @@ pub fn demo_prepared_only(name: &str, keep: impl Fn(&Item) -> bool) -> Option<Pa
     Some(out)
 }
 
+/// data_demo's train and test images prepared together (4 images): for the
+/// tests that need more images than the training split has.
+pub fn demo_prepared_all(name: &str) -> Option<PathBuf> {
+    let fx = super::fixtures()?;
+    let demo = super::data_demo(&fx);
+    let mut items = discover(&demo.join("train"), Split::Auto).unwrap();
+    items.extend(discover(&demo.join("test"), Split::Auto).unwrap());
+    let out = tmp(name).join("prepared");
+    prepare(&items, &out, PrepareOptions::default(), &|_| {}).unwrap();
+    Some(out)
+}
+
 pub fn losses(out: &Path) -> Vec<(u64, f64)> {
     read_log(&out.join("log.jsonl"))
         .unwrap()

@@ -447,6 +447,8 @@ pub fn batch_norm_apply(
 /// `lane_sums2`'s order, added in image order):
 /// dgamma = sum g xhat, dbeta = sum g,
 /// dx = gamma rstd (g - dbeta / M - xhat dgamma / M), M = n p.
+/// `sync` (SyncBatchNorm) turns the sums into every rank's for dx, with M
+/// the values per channel over all ranks; dgamma and dbeta stay this rank's.
 #[allow(clippy::type_complexity)]
 pub fn batch_norm_backward(
     x: &[f32],
@@ -456,8 +458,9 @@ pub fn batch_norm_backward(
     (n, c, p): (usize, usize, usize),
     eps: f32,
     want_dx: bool,
-) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let m = (n * p) as f64;
+    sync: Option<(super::cuda::HostSync<'_>, usize)>,
+) -> crate::error::Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
+    let mut m = (n * p) as f64;
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -477,12 +480,20 @@ pub fn batch_norm_backward(
             (dg, db)
         })
         .collect();
+    let mut global = None;
+    if want_dx && let Some((sync, all)) = sync {
+        let (mut dg, mut db): (Vec<f64>, Vec<f64>) = sums.iter().copied().unzip();
+        sync(&mut dg, &mut db)?;
+        global = Some(dg.into_iter().zip(db).collect::<Vec<_>>());
+        m = all as f64;
+    }
+    let used = global.as_ref().unwrap_or(&sums);
     let dx = want_dx.then(|| {
         let mut dx = vec![0.0f32; n * c * p];
         dx.par_chunks_mut(p).enumerate().for_each(|(r, out)| {
             let ch = r % c;
             let rstd = 1.0 / (var[ch] + eps as f64).sqrt();
-            let (dg, db) = sums[ch];
+            let (dg, db) = used[ch];
             let k = gamma[ch] as f64 * rstd;
             for ((o, &xv), &gv) in out
                 .iter_mut()
@@ -497,7 +508,7 @@ pub fn batch_norm_backward(
     });
     let (dg, db): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
     let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
-    (dx, f(dg), f(db))
+    Ok((dx, f(dg), f(db)))
 }
 
 #[cfg(test)]

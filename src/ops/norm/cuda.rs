@@ -213,9 +213,37 @@ pub fn bn_channel_config(c: usize) -> LaunchConfig {
     }
 }
 
+/// A host step between a BatchNorm's per-channel reduction and its use: two
+/// f64 vectors [C] replaced in place (SyncBatchNorm's combination over ranks).
+pub type HostSync<'a> = &'a mut dyn FnMut(&mut [f64], &mut [f64]) -> Result<()>;
+
+/// `sync` run on two device vectors: down, changed on the host, up again
+/// as new vectors.
+fn synced(
+    dev: &CudaDevice,
+    a: &CudaSlice<f64>,
+    b: &CudaSlice<f64>,
+    sync: HostSync<'_>,
+) -> Result<(CudaSlice<f64>, CudaSlice<f64>)> {
+    let down = |v: &CudaSlice<f64>| {
+        dev.stream()
+            .clone_dtoh(v)
+            .map_err(crate::cuda::driver_err("copy to host"))
+    };
+    let (mut ah, mut bh) = (down(a)?, down(b)?);
+    sync(&mut ah, &mut bh)?;
+    let up = |v: &[f64]| {
+        dev.stream()
+            .clone_htod(v)
+            .map_err(crate::cuda::driver_err("copy to device"))
+    };
+    Ok((up(&ah)?, up(&bh)?))
+}
+
 /// Train-mode BatchNorm on the device: (y, mean, biased var) with the
 /// statistics [C] in f64 on the device (cuda/norm.cu bn_stats_f64,
-/// bn_apply_f32), y = relu?(bn(x) + residual?).
+/// bn_apply_f32), y = relu?(bn(x) + residual?). `sync` (SyncBatchNorm)
+/// turns this batch's (mean, var) into every rank's before they are applied.
 #[allow(clippy::too_many_arguments)]
 pub fn batch_norm_train(
     dev: &CudaDevice,
@@ -225,6 +253,7 @@ pub fn batch_norm_train(
     (residual, relu): (Option<&CudaSlice<f32>>, bool),
     (n, c, p): (usize, usize, usize),
     eps: f32,
+    sync: Option<HostSync<'_>>,
 ) -> Result<(CudaSlice<f32>, CudaSlice<f64>, CudaSlice<f64>)> {
     if x.len() != n * c * p
         || gamma.len() != c
@@ -249,6 +278,9 @@ pub fn batch_norm_train(
     // SAFETY: mean / var hold c doubles, x n c p floats; types match; one
     // block of BN_LANES threads per channel (the kernel's lanes).
     unsafe { l.launch(bn_channel_config(c)) }.map_err(launch_err("bn_stats launch"))?;
+    if let Some(sync) = sync {
+        (mean, var) = synced(dev, &mean, &var, sync)?;
+    }
     let mut y = dev.alloc(x.len())?;
     let f = dev.function("norm", "bn_apply_f32")?;
     let mut l = dev.stream().launch_builder(&f);
@@ -274,6 +306,9 @@ pub fn batch_norm_train(
 
 /// Train-mode BatchNorm backward on the device: (dx when asked, dgamma,
 /// dbeta), the per-channel sums in f64, rounded to f32 on the device.
+/// `sync` (SyncBatchNorm) turns the sums into every rank's before dx uses
+/// them with `total`, the values per channel over all ranks (None: n p);
+/// dgamma and dbeta stay this rank's.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn batch_norm_backward(
     dev: &CudaDevice,
@@ -284,6 +319,7 @@ pub fn batch_norm_backward(
     (n, c, p): (usize, usize, usize),
     eps: f32,
     want_dx: bool,
+    sync: Option<(HostSync<'_>, usize)>,
 ) -> Result<(Option<CudaSlice<f32>>, CudaSlice<f32>, CudaSlice<f32>)> {
     if x.len() != n * c * p
         || g.len() != x.len()
@@ -317,7 +353,15 @@ pub fn batch_norm_backward(
     // SAFETY: sizes checked above; types match (double* x2, const float* x2,
     // const double* x2, int, int, long long, float).
     unsafe { l.launch(bn_channel_config(c)) }.map_err(launch_err("bn_backward_sums launch"))?;
+    let mut total = (n * p) as f64;
+    // The rank's own sums for dgamma / dbeta, every rank's for dx.
+    let mut global = None;
+    if want_dx && let Some((sync, all)) = sync {
+        global = Some(synced(dev, &dgm, &dbt, sync)?);
+        total = all as f64;
+    }
     let dx = if want_dx {
+        let (sdg, sdb) = global.as_ref().map_or((&dgm, &dbt), |(a, b)| (a, b));
         let mut dx = dev.alloc(x.len())?;
         let f = dev.function("norm", "bn_backward_dx")?;
         let mut l = dev.stream().launch_builder(&f);
@@ -327,10 +371,11 @@ pub fn batch_norm_backward(
             .arg(gamma)
             .arg(mean)
             .arg(var)
-            .arg(&dgm)
-            .arg(&dbt);
-        l.arg(&nn).arg(&cc).arg(&pp).arg(&eps);
-        // SAFETY: dx, x, g hold n c p floats, gamma c, the f64 vectors c.
+            .arg(sdg)
+            .arg(sdb);
+        l.arg(&nn).arg(&cc).arg(&pp).arg(&eps).arg(&total);
+        // SAFETY: dx, x, g hold n c p floats, gamma c, the f64 vectors c;
+        // then int, int, long long, float, double as the kernel declares.
         unsafe { l.launch(cfg1d(x.len())) }.map_err(launch_err("bn_backward_dx launch"))?;
         Some(dx)
     } else {

@@ -8,7 +8,10 @@
 pub(crate) mod cpu;
 pub mod cuda;
 
+use std::sync::Arc;
+
 use crate::autograd;
+use crate::dist::Collective;
 use crate::error::Result;
 use crate::ops::activation::Act;
 use crate::ops::{cpu_f32, cuda_input, same_device};
@@ -257,6 +260,84 @@ mod tests {
     }
 }
 
+/// SyncBatchNorm (PyTorch's, MODEL.md "Training details"): while a scope
+/// is entered on a thread, every train-mode BatchNorm on that thread
+/// normalises with the statistics of all ranks' batches together, and its
+/// backward sums (sum g, sum g xhat) over the ranks for dx. Every rank must
+/// run the same BatchNorms in the same order (the ranks of one model do).
+pub struct SyncBatchNorm {
+    prev: Option<Arc<dyn Collective>>,
+}
+
+thread_local! {
+    static SYNC: std::cell::RefCell<Option<Arc<dyn Collective>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl SyncBatchNorm {
+    /// Until the guard drops, this thread's train-mode BatchNorms sync over
+    /// `comm`'s ranks.
+    pub fn enter(comm: Arc<dyn Collective>) -> SyncBatchNorm {
+        let prev = SYNC.with(|s| s.borrow_mut().replace(comm));
+        SyncBatchNorm { prev }
+    }
+
+    fn current() -> Option<Arc<dyn Collective>> {
+        SYNC.with(|s| s.borrow().clone())
+    }
+}
+
+impl Drop for SyncBatchNorm {
+    fn drop(&mut self) {
+        let prev = self.prev.take();
+        SYNC.with(|s| *s.borrow_mut() = prev);
+    }
+}
+
+/// Every rank's (count, mean, biased var) per channel, gathered (an
+/// all-reduce of zero-padded slots: adding zeros is exact), combined in rank
+/// order as PyTorch's SyncBatchNorm does (mean of the means weighted by
+/// count; variance from each rank's variance and its mean's distance to the
+/// combined mean). Returns the combined count.
+fn sync_stats(
+    comm: &dyn Collective,
+    mean: &mut [f64],
+    var: &mut [f64],
+    count: usize,
+) -> Result<usize> {
+    let (c, w, r) = (mean.len(), comm.world(), comm.rank());
+    let slot = 2 * c + 1;
+    let mut all = vec![0.0f64; w * slot];
+    let mine = &mut all[r * slot..(r + 1) * slot];
+    mine[0] = count as f64;
+    mine[1..=c].copy_from_slice(mean);
+    mine[c + 1..].copy_from_slice(var);
+    comm.all_reduce_sum_f64(&mut all)?;
+    let slots: Vec<&[f64]> = all.chunks(slot).collect();
+    let total: f64 = slots.iter().map(|s| s[0]).sum();
+    for ch in 0..c {
+        let m = slots.iter().map(|s| s[0] * s[1 + ch]).sum::<f64>() / total;
+        let v = slots
+            .iter()
+            .map(|s| s[0] * (s[1 + c + ch] + (s[1 + ch] - m).powi(2)))
+            .sum::<f64>()
+            / total;
+        mean[ch] = m;
+        var[ch] = v;
+    }
+    Ok(total as usize)
+}
+
+/// The backward's per-channel sums added over the ranks (rank order).
+fn sync_sums(comm: &dyn Collective, dg: &mut [f64], db: &mut [f64]) -> Result<()> {
+    let mut both = [&*dg, &*db].concat();
+    comm.all_reduce_sum_f64(&mut both)?;
+    let c = dg.len();
+    dg.copy_from_slice(&both[..c]);
+    db.copy_from_slice(&both[c..]);
+    Ok(())
+}
+
 /// What a train-mode BatchNorm computed besides its output: the batch
 /// statistics per channel (mean, and the unbiased variance that the running
 /// statistics take), for the caller's running-statistics update.
@@ -271,8 +352,8 @@ pub struct BatchStats {
 /// BatchNorm2d in train mode: x [N, C, H, W] normalised per channel with the
 /// statistics of this batch (mean and biased variance over N, H, W, in f64),
 /// then gamma, beta [C]. Records its backward (dx, dgamma, dbeta) under a
-/// recording. The statistics are the one reduction point that a multi-device
-/// run replaces with a cross-device one.
+/// recording. The statistics are the one reduction point: under a
+/// `SyncBatchNorm` scope they are every rank's batch's together.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
@@ -318,7 +399,16 @@ pub fn batch_norm_train_fused(
     }
     let mut all = vec![x, gamma, beta];
     all.extend(residual);
-    let unbiased = |var: &[f64]| -> Vec<f64> {
+    let comm = SyncBatchNorm::current();
+    // The values per channel behind the statistics (all ranks' when synced).
+    let mut total = count;
+    let mut sync_fwd = |mean: &mut [f64], var: &mut [f64]| -> Result<()> {
+        if let Some(c) = &comm {
+            total = sync_stats(c.as_ref(), mean, var, count)?;
+        }
+        Ok(())
+    };
+    let unbiased = |var: &[f64], count: usize| -> Vec<f64> {
         var.iter()
             .map(|v| v * count as f64 / (count - 1) as f64)
             .collect()
@@ -345,6 +435,8 @@ pub fn batch_norm_train_fused(
                 (rs.map(|r| r.1), relu),
                 (n, c, p),
                 eps,
+                comm.is_some()
+                    .then_some(&mut sync_fwd as cuda::HostSync<'_>),
             )?;
             let down = |v: &cudarc::driver::CudaSlice<f64>| {
                 dev.stream()
@@ -353,9 +445,9 @@ pub fn batch_norm_train_fused(
             };
             let (mh, vh) = (down(&mean)?, down(&var)?);
             let stats = BatchStats {
-                var_unbiased: unbiased(&vh),
+                var_unbiased: unbiased(&vh, total),
                 mean: mh,
-                count,
+                count: total,
             };
             let y = Tensor::from_cuda_f32(&dev, y, x.dims())?;
             (y, stats, SavedStats::Cuda(dev, mean, var))
@@ -363,12 +455,13 @@ pub fn batch_norm_train_fused(
         Device::Cpu => {
             let (xs, gs, bs) = (cpu_f32(OP, x)?, cpu_f32(OP, gamma)?, cpu_f32(OP, beta)?);
             let rs = residual.map(|r| cpu_f32(OP, r)).transpose()?;
-            let (mean, var) = cpu::channel_stats(xs, n, c, p);
+            let (mut mean, mut var) = cpu::channel_stats(xs, n, c, p);
+            sync_fwd(&mut mean, &mut var)?;
             let y = cpu::batch_norm_apply(xs, gs, bs, (&mean, &var), rs, relu, (n, c, p), eps);
             let stats = BatchStats {
-                var_unbiased: unbiased(&var),
+                var_unbiased: unbiased(&var, total),
                 mean: mean.clone(),
-                count,
+                count: total,
             };
             (
                 Tensor::from_f32(y, x.dims()),
@@ -399,8 +492,17 @@ pub fn batch_norm_train_fused(
                     Some(y) => crate::ops::activation::act_backward(y, g, Act::Relu)?,
                     None => g.clone(),
                 };
-                let (dx, dg, db) =
-                    batch_norm_train_backward(&xk, &gk, &gm, &saved_stats, (n, c, p), eps, gx)?;
+                let sync = comm.as_ref().map(|c| (c.as_ref(), total));
+                let (dx, dg, db) = batch_norm_train_backward(
+                    &xk,
+                    &gk,
+                    &gm,
+                    &saved_stats,
+                    (n, c, p),
+                    eps,
+                    gx,
+                    sync,
+                )?;
                 let mut v = vec![dx, gg.then_some(dg), gb.then_some(db)];
                 if has_r {
                     v.push(gr.then_some(gm));
@@ -424,7 +526,9 @@ enum SavedStats {
 }
 
 /// BatchNorm's backward on the gradient g of its output: (dx when `want_dx`,
-/// dgamma, dbeta), on the device of the saved statistics.
+/// dgamma, dbeta), on the device of the saved statistics; `sync`: the ranks
+/// and the values per channel over all of them (SyncBatchNorm).
+#[allow(clippy::too_many_arguments)]
 fn batch_norm_train_backward(
     x: &Tensor,
     gamma: &Tensor,
@@ -433,7 +537,15 @@ fn batch_norm_train_backward(
     (n, c, p): (usize, usize, usize),
     eps: f32,
     want_dx: bool,
+    sync: Option<(&dyn Collective, usize)>,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let mut sums = |dg: &mut [f64], db: &mut [f64]| -> Result<()> {
+        match sync {
+            Some((c, _)) => sync_sums(c, dg, db),
+            None => Ok(()),
+        }
+    };
+    let sync = sync.map(|(_, total)| (&mut sums as cuda::HostSync<'_>, total));
     match stats {
         SavedStats::Cpu(mean, var) => {
             const OP: &str = "batch_norm_train backward";
@@ -446,7 +558,8 @@ fn batch_norm_train_backward(
                 (n, c, p),
                 eps,
                 want_dx,
-            );
+                sync,
+            )?;
             Ok((
                 dx.map(|d| Tensor::from_f32(d, x.dims())),
                 Tensor::from_f32(dg, &[c]),
@@ -469,6 +582,7 @@ fn batch_norm_train_backward(
                 (n, c, p),
                 eps,
                 want_dx,
+                sync,
             )?;
             Ok((
                 dx.map(|d| Tensor::from_cuda_f32(dev, d, x.dims()))
