@@ -2,12 +2,18 @@
 //!
 //! `Collective` is what a data-parallel step needs: a sum over ranks that
 //! gives every rank the same bits (the ranks' values added in rank order,
-//! so that a run does not depend on arrival order). Two implementations are
-//! meant: NCCL between GPUs and processes (not written yet), and
-//! `InProcess`, ranks as threads of one process, which tests use on the
-//! CPU. A rank that leaves (its handle dropped, e.g. by a panic) or does not
+//! so that a run does not depend on arrival order). Implementations:
+//! `InProcess`, ranks as threads of one process (tests), and `Tcp`, ranks
+//! as processes on one machine or several (`train --nproc`, torchrun,
+//! Slurm). NCCL between GPUs is not written yet. A rank that leaves (its handle dropped, e.g. by a panic) or does not
 //! arrive within the timeout makes the others' calls fail with a clear error
 //! instead of waiting forever.
+
+mod launch;
+mod tcp;
+
+pub use launch::{Launch, first_host};
+pub use tcp::Tcp;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
