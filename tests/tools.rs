@@ -190,3 +190,135 @@ fn convert_then_info_then_segment() {
     );
     std::fs::remove_dir_all(tmp).ok();
 }
+
+/// Data-parallel training from the README's commands: `--nproc 2` on this
+/// machine; two ranks started by hand with torchrun's variables, one of
+/// them killed mid-run (the other stops with an error naming it, instead of
+/// hanging); resuming on 4 ranks (the global batch kept) and refused on 3.
+#[test]
+fn train_on_several_ranks_from_the_readme_commands() {
+    let dir = std::env::temp_dir().join(format!("sam-unet-ranks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    let (synth, prepare, train) = (
+        env!("CARGO_BIN_EXE_synth"),
+        env!("CARGO_BIN_EXE_prepare"),
+        env!("CARGO_BIN_EXE_train"),
+    );
+    let (ok, _, e) = run(
+        synth,
+        &[
+            "--out",
+            &p("syn"),
+            "--train",
+            "12",
+            "--test",
+            "2",
+            "--size",
+            "128",
+        ],
+    );
+    assert!(ok, "{e}");
+    let (ok, _, e) = run(prepare, &["--data", &p("syn/train"), "--out", &p("prep")]);
+    assert!(ok, "{e}");
+    let common = |out: &str| -> Vec<String> {
+        [
+            "--data",
+            &p("prep"),
+            "--init",
+            "random:sam-unet-small-18",
+            "--out",
+            &p(out),
+            "--batch",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // --nproc 2.
+    let mut args = common("a");
+    args.extend(["--max-steps", "2", "--nproc", "2"].map(String::from));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, e) = run(train, &argv);
+    assert!(ok, "{out}\n{e}");
+    assert!(out.contains("x 2 ranks (SyncBatchNorm)"), "{out}");
+    assert!(
+        dir.join("a/checkpoints/step-00000002/model.safetensors")
+            .is_file()
+    );
+    let log = std::fs::read_to_string(dir.join("a/log.jsonl")).unwrap();
+    assert!(log.contains("\"world\":2"), "{log}");
+    assert_eq!(log.matches("\"event\":\"step\"").count(), 2);
+    // Resumed on 3 ranks: 2 x 2 images do not divide among 3.
+    let (ok, _, e) = run(
+        train,
+        &["--resume", &p("a"), "--nproc", "3", "--max-steps", "3"],
+    );
+    assert!(!ok);
+    assert!(e.contains("does not divide among 3 ranks"), "{e}");
+    // On 4: 1 image each.
+    let (ok, out, e) = run(
+        train,
+        &["--resume", &p("a"), "--nproc", "4", "--max-steps", "3"],
+    );
+    assert!(ok, "{out}\n{e}");
+    assert!(
+        out.contains("2 rank(s) x 2 images -> 4 ranks x 1 images"),
+        "{out}"
+    );
+    assert!(dir.join("a/checkpoints/step-00000003").is_dir());
+    // By hand, as torchrun starts them; rank 1 killed once training runs.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = common("b");
+    args.extend(["--max-steps", "500", "--timeout", "600"].map(String::from));
+    let spawn = |rank: usize| {
+        Command::new(train)
+            .args(&args)
+            .env("WORLD_SIZE", "2")
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut r0, mut r1) = (spawn(0), spawn(1));
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(dir.join("b/log.jsonl"))
+        .unwrap_or_default()
+        .contains("\"event\":\"step\"")
+    {
+        assert!(t.elapsed().as_secs() < 300, "no update within 5 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    r1.kill().unwrap();
+    r1.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = r0.try_wait().unwrap() {
+            break s;
+        }
+        if killed.elapsed().as_secs() > 120 {
+            let _ = r0.kill();
+            panic!("rank 0 still running 2 minutes after rank 1 was killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(r0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("rank 1 closed the connection"), "{err}");
+    println!(
+        "rank 0 stopped {:.1} s after rank 1 was killed: {}",
+        killed.elapsed().as_secs_f64(),
+        err.lines().last().unwrap_or_default()
+    );
+}

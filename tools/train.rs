@@ -4,6 +4,14 @@
 //!     train --data prepared/ --init start.safetensors --out runs/a --epochs 20
 //!     train --resume runs/a                      # after a crash or a pre-emption
 //!
+//! Data parallel (README "Training on several GPUs or machines"): `--nproc N`
+//! starts N ranks on this machine; ranks started by torchrun (RANK,
+//! WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or by Slurm's `srun`
+//! (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the node list) find each other
+//! through rank 0. Each rank takes `--batch` images per micro-batch from its
+//! shard of the epoch; BatchNorm is synchronised across ranks unless
+//! `--no-sync-bn`; rank 0 alone writes the run's folder.
+//!
 //! `--init`: the output of `convert --sam ... --resnet ...`, a SAM-UNet
 //! safetensors file, an authors' `.pth` (state dict or trainer checkpoint),
 //! or `random:ARCH[:SEED]` (e.g. `random:sam-unet-small-34`) to start from
@@ -20,8 +28,9 @@ use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sam_unet::data::loader::SplitBy;
+use sam_unet::dist::{Launch, Tcp};
 use sam_unet::tensor::Device;
-use sam_unet::train::{Event, RunConfig, Session};
+use sam_unet::train::{DataParallel, Event, RunConfig, Session};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum SplitArg {
@@ -88,15 +97,120 @@ struct Args {
     /// Stop after this many updates in all.
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Start this many ranks on this machine (data parallel; with
+    /// `--device cuda`, rank K takes cuda:K).
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// Keep each rank's BatchNorm statistics (no SyncBatchNorm).
+    #[arg(long)]
+    no_sync_bn: bool,
+    /// Seconds a rank waits for the others before it gives up.
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
 }
 
 fn main() -> std::process::ExitCode {
-    cli::exit(run(Args::parse()))
+    let a = Args::parse();
+    let launch = match Launch::from_env() {
+        Ok(l) => l,
+        Err(e) => return cli::exit(Err(e.into())),
+    };
+    match launch {
+        // A rank of a group (ours, torchrun's or Slurm's).
+        Some(l) if l.world > 1 => {
+            let rank = l.rank;
+            let r = run_rank(a, Some(l));
+            if let Err(e) = &r {
+                eprintln!("rank {rank}: {e:#}");
+            }
+            cli::exit(r)
+        }
+        _ if a.nproc > 1 => cli::exit(spawn_ranks(a.nproc)),
+        _ => cli::exit(run_rank(a, None)),
+    }
 }
 
-fn run(a: Args) -> Result<()> {
+/// `--nproc N`: this program again N times, as ranks 0..N of a group on
+/// this machine (the variables torchrun sets); waits for them all. When a
+/// rank fails, the others stop at their next reduction (the failed rank's
+/// sockets close); any still running a minute later are killed.
+fn spawn_ranks(n: usize) -> Result<()> {
+    use std::process::Command;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut children = vec![];
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(&args)
+            .env("WORLD_SIZE", n.to_string())
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting rank {rank}: {e}"))?;
+        children.push(child);
+    }
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut since: Option<std::time::Instant> = None;
+    let mut running: Vec<bool> = vec![true; n];
+    while running.iter().any(|&r| r) {
+        for (rank, c) in children.iter_mut().enumerate() {
+            if !running[rank] {
+                continue;
+            }
+            if let Some(st) = c.try_wait()? {
+                running[rank] = false;
+                if !st.success() && failed.is_none() {
+                    failed = Some((rank, st));
+                    since = Some(std::time::Instant::now());
+                }
+            }
+        }
+        if since.is_some_and(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+            for (rank, c) in children.iter_mut().enumerate() {
+                if running[rank] {
+                    eprintln!("rank {rank} still running a minute after a rank failed: killed");
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    running[rank] = false;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if let Some((rank, st)) = failed {
+        bail!("rank {rank} failed ({st}); the run stopped");
+    }
+    Ok(())
+}
+
+fn run_rank(a: Args, launch: Option<Launch>) -> Result<()> {
+    let dp = match &launch {
+        Some(l) => {
+            let comm = Tcp::connect(
+                l.rank,
+                l.world,
+                &l.master,
+                std::time::Duration::from_secs(a.timeout),
+            )?;
+            Some(DataParallel {
+                comm: std::sync::Arc::new(comm),
+            })
+        }
+        None => None,
+    };
+    let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
+    // Each rank on its own GPU of this machine.
+    let device = match (a.device, &launch) {
+        (Some(Device::Cuda(_)), Some(l)) => Some(Device::Cuda(l.local_rank)),
+        (d, _) => d,
+    };
     let mut session = match &a.resume {
-        Some(dir) => Session::resume(dir, a.device, a.epochs, a.max_steps.map(Some))?,
+        Some(dir) => Session::resume_ranked(dir, device, a.epochs, a.max_steps.map(Some), dp)?,
         None => {
             let (Some(data), Some(init), Some(out)) = (&a.data, &a.init, &a.out) else {
                 bail!("give --data, --init and --out (or --resume DIR)");
@@ -108,7 +222,8 @@ fn run(a: Args) -> Result<()> {
                 );
             }
             let mut cfg = RunConfig::new(data, out);
-            cfg.device = a.device.unwrap_or(Device::Cpu);
+            cfg.device = device.unwrap_or(Device::Cpu);
+            cfg.sync_bn = !a.no_sync_bn;
             cfg.epochs = a.epochs.unwrap_or(1);
             cfg.batch_images = a.batch;
             cfg.accumulate = a.accumulate;
@@ -126,17 +241,37 @@ fn run(a: Args) -> Result<()> {
             cfg.keep = a.keep;
             cfg.max_steps = a.max_steps;
             let w = cli::load_weights(init)?;
-            Session::new(cfg, &w)?
+            Session::new_ranked(cfg, &w, dp)?
         }
     };
+    if !leader {
+        // The others train silently; rank 0 reports for the group.
+        return session.run(&mut |_| {}).map_err(Into::into);
+    }
+    if let Some(msg) = session.regrouped() {
+        println!("resumed on another number of ranks: {msg}");
+    }
+    let world = session.cfg.world;
     println!(
-        "{} training images, {} validation images ({}), {} updates per epoch of {} x {} images, on {}",
+        "{} training images, {} validation images ({}), {} updates per epoch of {} x {} images{}, on {}",
         session.train_images().len(),
         session.val_images().len(),
         session.cfg.data.display(),
         session.steps_per_epoch(),
         session.cfg.accumulate,
         session.cfg.batch_images,
+        if world > 1 {
+            format!(
+                " x {world} ranks ({})",
+                if session.cfg.sync_bn {
+                    "SyncBatchNorm"
+                } else {
+                    "BatchNorm per rank"
+                }
+            )
+        } else {
+            String::new()
+        },
         session.cfg.device
     );
     let bar = ProgressBar::hidden();

@@ -56,14 +56,14 @@ impl Link {
         let p = self.peer;
         fail(match e.kind() {
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
-                format!("rank {p} closed the connection while we {what} (it failed or exited)")
+                format!("rank {p} closed the connection while this rank was {what} (it failed or exited)")
             }
             WouldBlock | TimedOut => {
                 format!(
                     "rank {p} did not answer within the timeout while we {what} (hung or too slow)"
                 )
             }
-            _ => format!("{what} rank {p}: {e}"),
+            _ => format!("rank {p}, while {what}: {e}"),
         })
     }
 
@@ -77,7 +77,7 @@ impl Link {
             .write_all(&h)
             .and_then(|_| self.w.write_all(payload))
             .and_then(|_| self.w.flush());
-        r.map_err(|e| self.err("sent to", e))
+        r.map_err(|e| self.err("sending to it", e))
     }
 
     /// A message, checked against what this rank expects.
@@ -85,7 +85,7 @@ impl Link {
         let mut h = [0u8; 17];
         self.r
             .read_exact(&mut h)
-            .map_err(|e| self.err("waited for", e))?;
+            .map_err(|e| self.err("waiting for it", e))?;
         let their_seq = u64::from_le_bytes(h[1..9].try_into().expect("8 bytes"));
         let len = u64::from_le_bytes(h[9..].try_into().expect("8 bytes"));
         if h[0] != kind || their_seq != seq || len != into.len() as u64 {
@@ -99,7 +99,7 @@ impl Link {
         }
         self.r
             .read_exact(into)
-            .map_err(|e| self.err("received from", e))
+            .map_err(|e| self.err("receiving from it", e))
     }
 }
 
@@ -192,7 +192,7 @@ impl Tcp {
                     l.peer = r;
                     l.w.write_all(MAGIC)
                         .and_then(|_| l.w.flush())
-                        .map_err(|e| l.err("greeted", e))?;
+                        .map_err(|e| l.err("greeting it", e))?;
                     by_rank[r] = Some(l);
                     joined += 1;
                 }
@@ -240,10 +240,10 @@ impl Tcp {
         hello.extend((world as u64).to_le_bytes());
         l.w.write_all(&hello)
             .and_then(|_| l.w.flush())
-            .map_err(|e| l.err("greeted", e))?;
+            .map_err(|e| l.err("greeting it", e))?;
         let mut back = [0u8; 8];
         l.r.read_exact(&mut back)
-            .map_err(|e| l.err("waited for the greeting of", e))?;
+            .map_err(|e| l.err("waiting for its greeting", e))?;
         if &back != MAGIC {
             return Err(fail(format!("{master} is not rank 0 of a sam-unet group")));
         }

@@ -17,7 +17,8 @@ mod run;
 mod store;
 
 pub use run::{
-    Event, RunConfig, Session, ValReport, evaluate, latest_checkpoint, read_log, write_plots,
+    DataParallel, Event, RunConfig, Session, ValReport, evaluate, latest_checkpoint, rank_shard,
+    read_log, write_plots,
 };
 pub use store::{ParamStore, Slot};
 

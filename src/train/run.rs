@@ -41,6 +41,7 @@ use crate::ops::resize::bilinear;
 use crate::tensor::{Device, Tensor};
 
 use super::{Batch, TrainConfig, Trainer};
+use crate::dist::Collective;
 
 /// What a run does; saved in `run.json` and in every checkpoint.
 #[derive(Clone, Debug)]
@@ -75,6 +76,13 @@ pub struct RunConfig {
     pub keep: usize,
     /// Stop after this many updates in all (a checkpoint is written there).
     pub max_steps: Option<u64>,
+    /// Ranks training together (data parallel; set by the run from its
+    /// group): each takes `batch_images` per micro-batch, so the global
+    /// batch is `batch_images x accumulate x world`.
+    pub world: usize,
+    /// SyncBatchNorm across the ranks (the authors'); false keeps each
+    /// rank's statistics (PyTorch DDP without SyncBatchNorm).
+    pub sync_bn: bool,
 }
 
 impl RunConfig {
@@ -99,6 +107,8 @@ impl RunConfig {
             save_every: 0,
             keep: 3,
             max_steps: None,
+            world: 1,
+            sync_bn: true,
         }
     }
 
@@ -121,6 +131,8 @@ impl RunConfig {
             "save_every": self.save_every,
             "keep": self.keep,
             "max_steps": self.max_steps,
+            "world": self.world,
+            "sync_bn": self.sync_bn,
         })
     }
 
@@ -156,6 +168,9 @@ impl RunConfig {
             save_every: u("save_every")?,
             keep: u("keep")? as usize,
             max_steps: v["max_steps"].as_u64(),
+            // Runs from before data parallelism: one rank.
+            world: v["world"].as_u64().unwrap_or(1) as usize,
+            sync_bn: v["sync_bn"].as_bool().unwrap_or(true),
         })
     }
 
@@ -234,9 +249,19 @@ pub enum Event {
     },
 }
 
+/// This process's rank of a data-parallel run: the group it trains with.
+/// Rank 0 alone writes the run's folder (log, checkpoints, plots); every
+/// rank reads its own shard of each epoch and a share of the validation
+/// images.
+#[derive(Clone)]
+pub struct DataParallel {
+    pub comm: Arc<dyn Collective>,
+}
+
 /// A run in progress: the trainer, the data and where the run stands.
 pub struct Session {
     pub cfg: RunConfig,
+    dp: Option<DataParallel>,
     trainer: Trainer,
     data: Arc<PreparedSet>,
     train_ids: Vec<usize>,
@@ -247,7 +272,10 @@ pub struct Session {
     epoch: u64,
     step_in_epoch: u64,
     best: Option<(f64, u64)>,
-    log: std::fs::File,
+    /// The log (rank 0 only).
+    log: Option<std::fs::File>,
+    /// What changed when the run was resumed on another number of ranks.
+    regrouped: Option<String>,
 }
 
 const STATE_FORMAT: u64 = 1;
@@ -255,6 +283,17 @@ const STATE_FORMAT: u64 = 1;
 impl Session {
     /// A new run from starting weights (any form Weights reads).
     pub fn new(cfg: RunConfig, init: &Weights) -> Result<Self> {
+        Self::new_ranked(cfg, init, None)
+    }
+
+    /// A new run as one rank of a data-parallel group (None: alone). Every
+    /// rank starts from the same weights.
+    pub fn new_ranked(
+        mut cfg: RunConfig,
+        init: &Weights,
+        dp: Option<DataParallel>,
+    ) -> Result<Self> {
+        cfg.world = dp.as_ref().map_or(1, |d| d.comm.world());
         cfg.check()?;
         let data = Arc::new(PreparedSet::open(&cfg.data)?);
         let trainer = Trainer::new(
@@ -265,16 +304,21 @@ impl Session {
                 ..TrainConfig::default()
             },
         )?;
-        mkdir(&cfg.out)?;
-        let log_path = cfg.out.join("log.jsonl");
-        let log = std::fs::File::create(&log_path).map_err(|e| io(&log_path, e))?;
-        write_atomic(
-            &cfg.out.join("run.json"),
-            serde_json::to_string_pretty(&cfg.to_json())
-                .expect("JSON")
-                .as_bytes(),
-        )?;
-        let mut s = Self::assemble(cfg, trainer, data, log)?;
+        let log = if is_leader(&dp) {
+            mkdir(&cfg.out)?;
+            let log_path = cfg.out.join("log.jsonl");
+            let log = std::fs::File::create(&log_path).map_err(|e| io(&log_path, e))?;
+            write_atomic(
+                &cfg.out.join("run.json"),
+                serde_json::to_string_pretty(&cfg.to_json())
+                    .expect("JSON")
+                    .as_bytes(),
+            )?;
+            Some(log)
+        } else {
+            None
+        };
+        let mut s = Self::assemble(cfg, trainer, data, log, dp)?;
         s.log_line(json!({"event": "start", "config": s.cfg.to_json(),
             "train_images": s.train_ids.len(), "val_images": s.val_ids.len()}))?;
         Ok(s)
@@ -284,7 +328,8 @@ impl Session {
         cfg: RunConfig,
         trainer: Trainer,
         data: Arc<PreparedSet>,
-        log: std::fs::File,
+        log: Option<std::fs::File>,
+        dp: Option<DataParallel>,
     ) -> Result<Self> {
         let (train_ids, val_ids) = split(&data.images, cfg.train_fraction, cfg.split_by, cfg.seed);
         if train_ids.is_empty() {
@@ -298,6 +343,7 @@ impl Session {
         }
         Ok(Session {
             cfg,
+            dp,
             trainer,
             data,
             train_ids,
@@ -307,6 +353,7 @@ impl Session {
             step_in_epoch: 0,
             best: None,
             log,
+            regrouped: None,
         })
     }
 
@@ -319,6 +366,21 @@ impl Session {
         device: Option<Device>,
         epochs: Option<u64>,
         max_steps: Option<Option<u64>>,
+    ) -> Result<Self> {
+        Self::resume_ranked(path, device, epochs, max_steps, None)
+    }
+
+    /// `resume` as one rank of a data-parallel group. With another number
+    /// of ranks than the run had, the global batch (images per update) is
+    /// kept when it divides among the new ranks (each rank's batch changes,
+    /// and the rest of the interrupted epoch is dealt anew); otherwise
+    /// resuming is refused with the figures. `changed` reports what changed.
+    pub fn resume_ranked(
+        path: &Path,
+        device: Option<Device>,
+        epochs: Option<u64>,
+        max_steps: Option<Option<u64>>,
+        dp: Option<DataParallel>,
     ) -> Result<Self> {
         let ck = if path.join("state.json").is_file() {
             path.to_path_buf()
@@ -346,6 +408,32 @@ impl Session {
         }
         if let Some(m) = max_steps {
             cfg.max_steps = m;
+        }
+        let world = dp.as_ref().map_or(1, |d| d.comm.world());
+        let mut regroup = None;
+        if world != cfg.world {
+            let global = cfg.batch_images * cfg.world;
+            if global % world != 0 {
+                return Err(Error::input(
+                    "resume",
+                    format!(
+                        "the run trained on {} rank(s) x {} images = {global} images per micro-batch; \
+                         {global} does not divide among {world} ranks (resume with a number of ranks \
+                         that divides {global})",
+                        cfg.world, cfg.batch_images
+                    ),
+                ));
+            }
+            regroup = Some(format!(
+                "{} rank(s) x {} images -> {world} ranks x {} images (the same {global} images per \
+                 micro-batch); the rest of epoch {} is dealt anew among the ranks",
+                cfg.world,
+                cfg.batch_images,
+                global / world,
+                "{}"
+            ));
+            cfg.batch_images = global / world;
+            cfg.world = world;
         }
         cfg.check()?;
         let data = Arc::new(PreparedSet::open(&cfg.data)?);
@@ -408,33 +496,66 @@ impl Session {
             ));
         }
         // The log up to the checkpoint; what came after it is redone.
-        let log_path = cfg.out.join("log.jsonl");
-        let kept = read_log(&log_path)
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|l| l["step"].as_u64().is_none_or(|s| s <= step) && l["event"] != "stopped");
-        let mut text = String::new();
-        for l in kept {
-            text.push_str(&l.to_string());
-            text.push('\n');
-        }
-        mkdir(&cfg.out)?;
-        write_atomic(&log_path, text.as_bytes())?;
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| io(&log_path, e))?;
-        let mut s = Self::assemble(cfg, trainer, data, log)?;
+        let log = if is_leader(&dp) {
+            let log_path = cfg.out.join("log.jsonl");
+            let kept = read_log(&log_path)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|l| {
+                    l["step"].as_u64().is_none_or(|s| s <= step) && l["event"] != "stopped"
+                });
+            let mut text = String::new();
+            for l in kept {
+                text.push_str(&l.to_string());
+                text.push('\n');
+            }
+            mkdir(&cfg.out)?;
+            write_atomic(&log_path, text.as_bytes())?;
+            Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&log_path)
+                    .map_err(|e| io(&log_path, e))?,
+            )
+        } else {
+            None
+        };
+        let mut s = Self::assemble(cfg, trainer, data, log, dp)?;
         s.step = step;
         s.epoch = epoch;
         s.step_in_epoch = step_in_epoch;
         s.best = st["best_dice"].as_f64().zip(st["best_step"].as_u64());
-        s.log_line(json!({"event": "resume", "step": step, "from": ck.to_string_lossy()}))?;
+        // With another number of ranks the epoch's updates change: go on
+        // at the update that covers the images already seen.
+        if let Some(msg) = regroup {
+            if s.step_in_epoch >= s.steps_per_epoch() {
+                s.epoch += 1;
+                s.step_in_epoch = 0;
+            }
+            s.regrouped = Some(msg.replace("{}", &epoch.to_string()));
+        }
+        s.log_line(
+            json!({"event": "resume", "step": step, "from": ck.to_string_lossy(),
+            "world": s.cfg.world, "regrouped": s.regrouped}),
+        )?;
         Ok(s)
     }
 
     pub fn trainer(&mut self) -> &mut Trainer {
         &mut self.trainer
+    }
+
+    /// This process's rank and the number of ranks.
+    pub fn rank(&self) -> (usize, usize) {
+        self.dp
+            .as_ref()
+            .map_or((0, 1), |d| (d.comm.rank(), d.comm.world()))
+    }
+
+    /// Set when the run was resumed on another number of ranks: what
+    /// changed.
+    pub fn regrouped(&self) -> Option<&str> {
+        self.regrouped.as_deref()
     }
 
     /// Updates taken so far.
@@ -454,12 +575,13 @@ impl Session {
         &self.data
     }
 
-    /// Updates per epoch: the images in the training split, batch x
-    /// accumulation per update, the last one smaller when they do not
-    /// divide.
+    /// Updates per epoch: each rank's shard of the training split (all of
+    /// it for one rank), batch x accumulation per update, the last one
+    /// smaller when they do not divide.
     pub fn steps_per_epoch(&self) -> u64 {
         let per = self.cfg.batch_images * self.cfg.accumulate;
-        self.train_ids.len().div_ceil(per) as u64
+        let shard = self.train_ids.len().div_ceil(self.cfg.world);
+        shard.div_ceil(per) as u64
     }
 
     fn last_step(&self) -> u64 {
@@ -495,8 +617,16 @@ impl Session {
                 let data_wait_s = t_wait.elapsed().as_secs_f64();
                 wait_total += data_wait_s;
                 let t_step = Instant::now();
-                let n_img: usize = micro.iter().map(|b| b.boxes.len()).sum();
-                let r = match self.trainer.step_accumulated(&micro) {
+                // Images in the update, over every rank.
+                let n_img: usize =
+                    micro.iter().map(|b| b.boxes.len()).sum::<usize>() * self.cfg.world;
+                let stepped = match &self.dp {
+                    Some(dp) => self
+                        .trainer
+                        .step_distributed(&micro, &dp.comm, self.cfg.sync_bn),
+                    None => self.trainer.step_accumulated(&micro),
+                };
+                let r = match stepped {
                     Ok(r) => r,
                     Err(e @ Error::NonFinite { .. }) => {
                         let last_good = latest_checkpoint(&self.cfg.out.join("checkpoints"))
@@ -564,7 +694,7 @@ impl Session {
                     });
                 }
                 let save = every(self.cfg.save_every) || self.step == last;
-                if save || best_now {
+                if (save || best_now) && self.log.is_some() {
                     let path = self.save_checkpoint(save, best_now)?;
                     if save {
                         on(&Event::Checkpoint {
@@ -584,7 +714,9 @@ impl Session {
                     "images_per_s": images as f64 / secs.max(1e-9), "data_wait_s": wait_total, "seconds": secs}))?;
             }
         }
-        write_plots(&self.cfg.out)?;
+        if self.log.is_some() {
+            write_plots(&self.cfg.out)?;
+        }
         Ok(())
     }
 
@@ -597,6 +729,8 @@ impl Session {
             .into_iter()
             .map(|i| self.train_ids[i])
             .collect();
+        let (rank, world) = self.rank();
+        let order = rank_shard(&order, rank, world);
         let (b, a, k, seed) = (
             self.cfg.batch_images,
             self.cfg.accumulate,
@@ -620,9 +754,73 @@ impl Session {
         rx
     }
 
-    /// The validation split under the test protocol (`evaluate`).
+    /// The validation split under the test protocol (`evaluate`); with
+    /// several ranks each evaluates every world-th image and the masks'
+    /// figures are gathered, so that every rank gets the report one process
+    /// would.
     pub fn validate(&mut self) -> Result<ValReport> {
-        evaluate(&mut self.trainer, &self.data, &self.val_ids)
+        let Some(dp) = &self.dp else {
+            return evaluate(&mut self.trainer, &self.data, &self.val_ids);
+        };
+        let t0 = Instant::now();
+        let (rank, world) = (dp.comm.rank(), dp.comm.world());
+        let mine: Vec<usize> = self
+            .val_ids
+            .iter()
+            .copied()
+            .skip(rank)
+            .step_by(world)
+            .collect();
+        self.trainer.set_training(false);
+        let r = evaluate_rows(&self.trainer, &self.data, &mine);
+        self.trainer.set_training(true);
+        let rows = r?;
+        // Every mask's slot in the whole split, (Dice, IoU) each: this
+        // rank's filled, zero elsewhere; summed over ranks = gathered.
+        let counts: Vec<usize> = self
+            .val_ids
+            .iter()
+            .map(|&i| self.data.images[i].masks.len())
+            .collect();
+        let starts: Vec<usize> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let s = *acc;
+                *acc += c;
+                Some(s)
+            })
+            .collect();
+        let total: usize = counts.iter().sum();
+        let mut all = vec![0.0f64; 2 * total];
+        let mut it = rows.iter();
+        for k in (rank..self.val_ids.len()).step_by(world) {
+            for m in 0..counts[k] {
+                let r = it.next().ok_or_else(|| {
+                    Error::input(
+                        "validation",
+                        "an image gave fewer masks than its index lists",
+                    )
+                })?;
+                all[2 * (starts[k] + m)] = r.1;
+                all[2 * (starts[k] + m) + 1] = r.2;
+            }
+        }
+        dp.comm.all_reduce_sum_f64(&mut all)?;
+        let rows: Vec<(String, f64, f64)> = self
+            .val_ids
+            .iter()
+            .zip(&counts)
+            .enumerate()
+            .flat_map(|(k, (&i, &c))| {
+                let all = &all;
+                let start = starts[k];
+                let m = self.data.images[i].modality.clone();
+                (0..c).map(move |j| (m.clone(), all[2 * (start + j)], all[2 * (start + j) + 1]))
+            })
+            .collect();
+        let mut rep = report(&rows);
+        rep.seconds = t0.elapsed().as_secs_f64();
+        Ok(rep)
     }
 
     fn state_json(&self) -> Value {
@@ -738,13 +936,16 @@ impl Session {
     }
 
     fn log_line(&mut self, mut v: Value) -> Result<()> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(());
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         v["time"] = json!(now);
         let p = self.cfg.out.join("log.jsonl");
-        writeln!(self.log, "{v}").map_err(|e| io(&p, e))?;
-        self.log.flush().map_err(|e| io(&p, e))
+        writeln!(log, "{v}").map_err(|e| io(&p, e))?;
+        log.flush().map_err(|e| io(&p, e))
     }
 }
 
@@ -766,6 +967,15 @@ pub fn evaluate(trainer: &mut Trainer, data: &PreparedSet, ids: &[usize]) -> Res
 }
 
 fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Result<ValReport> {
+    Ok(report(&evaluate_rows(trainer, data, ids)?))
+}
+
+/// Every mask's (modality, Dice, IoU) of images `ids`, in order.
+fn evaluate_rows(
+    trainer: &Trainer,
+    data: &PreparedSet,
+    ids: &[usize],
+) -> Result<Vec<(String, f64, f64)>> {
     const EPS: f64 = 1e-7;
     // Masks decoded together at most (the decoder's memory grows with them).
     const CHUNK: usize = 16;
@@ -803,6 +1013,11 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
             }
         }
     }
+    Ok(rows)
+}
+
+/// Means over masks, overall and per modality.
+fn report(rows: &[(String, f64, f64)]) -> ValReport {
     let mut rep = ValReport {
         masks: rows.len(),
         ..ValReport::default()
@@ -811,7 +1026,7 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
     rep.dice = rows.iter().map(|r| r.1).sum::<f64>() / n;
     rep.iou = rows.iter().map(|r| r.2).sum::<f64>() / n;
     let mut per: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
-    for (m, d, i) in &rows {
+    for (m, d, i) in rows {
         let e = per.entry(m.clone()).or_default();
         e.0 += d;
         e.1 += i;
@@ -823,7 +1038,26 @@ fn evaluate_inner(trainer: &Trainer, data: &PreparedSet, ids: &[usize]) -> Resul
     }
     rep.per_modality = per;
     rep.per_mask = rows.iter().map(|r| (r.1, r.2)).collect();
-    Ok(rep)
+    rep
+}
+
+/// Rank `rank`'s share of an epoch's order, as PyTorch's DistributedSampler
+/// deals it: the order padded to a multiple of `world` with its own first
+/// images, then every world-th image from position `rank`. Every rank gets
+/// the same number of images.
+pub fn rank_shard(order: &[usize], rank: usize, world: usize) -> Vec<usize> {
+    if world <= 1 {
+        return order.to_vec();
+    }
+    let n = order.len().div_ceil(world) * world;
+    (rank..n)
+        .step_by(world)
+        .map(|k| order[k % order.len()])
+        .collect()
+}
+
+fn is_leader(dp: &Option<DataParallel>) -> bool {
+    dp.as_ref().is_none_or(|d| d.comm.rank() == 0)
 }
 
 /// A run's log lines (JSON values; a torn last line is left out).
