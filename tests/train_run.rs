@@ -567,3 +567,59 @@ fn a_rank_that_fails_mid_step_ends_the_others_cleanly() {
     assert!(errs[0].contains("rank 1 left the group"), "{}", errs[0]);
     println!("{errs:?} after {:.1} s", t.elapsed().as_secs_f64());
 }
+
+/// A run as two ranks of one group (threads, the in-process collective):
+/// each trains on its half of the epoch (DistributedSampler's deal), rank 0
+/// alone writes the run's folder, and the validation split, shared out and
+/// gathered, gives every rank the report one process gives.
+#[test]
+fn ranked_sessions_shard_the_epoch_and_gather_validation() {
+    use sam_unet::dist::{Collective, InProcess};
+    use sam_unet::train::{DataParallel, evaluate, rank_shard};
+    assert_eq!(rank_shard(&[10, 11, 12, 13, 14], 0, 2), vec![10, 12, 14]);
+    assert_eq!(rank_shard(&[10, 11, 12, 13, 14], 1, 2), vec![11, 13, 10]);
+    let Some(data) = common::run::demo_prepared_all("ranked") else {
+        return;
+    };
+    let w = SamUnetConfig::named("sam-unet-small-18")
+        .unwrap()
+        .random_weights(2);
+    let out = data.parent().unwrap().join("run");
+    let mut cfg = RunConfig::new(&data, &out);
+    cfg.batch_images = 1;
+    cfg.masks_per_image = 2;
+    cfg.train_fraction = 0.5;
+    cfg.max_steps = Some(1);
+    let group = InProcess::group(2, std::time::Duration::from_secs(600));
+    let reports = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|c| {
+                let (cfg, w) = (cfg.clone(), &w);
+                s.spawn(move || {
+                    let comm: std::sync::Arc<dyn Collective> = std::sync::Arc::new(c);
+                    let dp = DataParallel { comm };
+                    let mut s = Session::new_ranked(cfg, w, Some(dp)).unwrap();
+                    assert_eq!(s.cfg.world, 2);
+                    s.run(&mut |_| {}).unwrap();
+                    let gathered = s.validate().unwrap();
+                    let ids = s.val_images().to_vec();
+                    let data = PreparedSet::open(&s.cfg.data).unwrap();
+                    let alone = evaluate(s.trainer(), &data, &ids).unwrap();
+                    (gathered, alone)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for (rank, (gathered, alone)) in reports.iter().enumerate() {
+        assert!(alone.masks > 0);
+        assert_eq!(gathered.per_mask, alone.per_mask, "rank {rank}");
+        assert_eq!(gathered.dice.to_bits(), alone.dice.to_bits());
+    }
+    let log = read_log(&out.join("log.jsonl")).unwrap();
+    assert_eq!(log.iter().filter(|l| l["event"] == "step").count(), 1);
+    assert!(out.join("checkpoints/step-00000001/state.json").is_file());
+}

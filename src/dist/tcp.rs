@@ -56,7 +56,9 @@ impl Link {
         let p = self.peer;
         fail(match e.kind() {
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
-                format!("rank {p} closed the connection while this rank was {what} (it failed or exited)")
+                format!(
+                    "rank {p} closed the connection while this rank was {what} (it failed or exited)"
+                )
             }
             WouldBlock | TimedOut => {
                 format!(
