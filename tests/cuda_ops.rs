@@ -16,6 +16,9 @@ mod kernel_check;
 mod simt;
 use kernel_check::{assert_close, rand, rel_l2};
 
+/// Set when the tests run on the host emulator (no GPU).
+static EMULATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn device() -> Option<CudaDevice> {
     CudaDevice::new(0).ok()
 }
@@ -122,6 +125,11 @@ fn main() {
             cuda_sync_batch_norm_matches_one_batch,
         ),
         (
+            "cuda_nccl_world_one_steps_like_one_process",
+            true,
+            cuda_nccl_world_one_steps_like_one_process,
+        ),
+        (
             "cuda_sum_squares_matches_cpu",
             true,
             cuda_sum_squares_matches_cpu,
@@ -183,6 +191,7 @@ fn main() {
     let gpu = match simt::gpu_or_emulator(build) {
         Ok(what) => {
             emulated = what.starts_with("no GPU");
+            EMULATED.store(emulated, std::sync::atomic::Ordering::Relaxed);
             println!("running {} CUDA tests on {what}", selected.len());
             true
         }
@@ -1900,6 +1909,72 @@ fn cuda_sync_batch_norm_matches_one_batch() {
         assert_close("synced running mean", &o.2, &whole.2, 1e-6, 1e-6);
         assert_close("synced running var", &o.3, &whole.3, 1e-6, 1e-6);
     }
+}
+
+/// NCCL with one rank (NCCL refuses two ranks on one GPU): the id handed
+/// over the TCP group, host and device all-reduces, and a data-parallel
+/// training step (SyncBatchNorm, gradients summed by NCCL on the device)
+/// against the same step of one process. Needs a real GPU and libnccl:
+/// skipped on the emulator, a failure on a GPU without NCCL.
+fn cuda_nccl_world_one_steps_like_one_process() {
+    use sam_unet::dist::{Collective, Nccl, Tcp};
+    use sam_unet::train::{Batch, TrainConfig, Trainer};
+    use std::sync::Arc;
+    if EMULATED.load(std::sync::atomic::Ordering::Relaxed) {
+        println!("NCCL needs a real GPU: not run on the emulator");
+        return;
+    }
+    let tcp = Tcp::connect(0, 1, "127.0.0.1:0", std::time::Duration::from_secs(30)).unwrap();
+    let dev = sam_unet::cuda::shared_device(0).unwrap();
+    let nccl: Arc<dyn Collective> = Arc::new(Nccl::new(dev, Box::new(tcp)).unwrap());
+    let mut x = vec![1.5f32, -2.0, 3.25];
+    nccl.all_reduce_sum(&mut x).unwrap();
+    assert_eq!(x, [1.5, -2.0, 3.25]);
+    let mut y = [0.1f64, 7.0];
+    nccl.all_reduce_sum_f64(&mut y).unwrap();
+    assert_eq!(y, [0.1, 7.0]);
+    let w = sam_unet::model::SamUnetConfig::named("sam-unet-small-18")
+        .unwrap()
+        .random_weights(4);
+    let s = 256;
+    let batch = || Batch {
+        images: Tensor::from_vec(rand(3 * s * s, 590, 1.0), [1, 3, s, s]).unwrap(),
+        boxes: vec![vec![[30.0, 40.0, 150.0, 170.0]]],
+        labels: vec![
+            Tensor::from_vec(
+                (0..s * s)
+                    .map(|i| {
+                        f32::from(u8::from(
+                            (40..170).contains(&(i / s)) && (30..150).contains(&(i % s)),
+                        ))
+                    })
+                    .collect(),
+                [1, 1, s, s],
+            )
+            .unwrap(),
+        ],
+    };
+    let dev = sam_unet::Device::Cuda(0);
+    let mut one = Trainer::new(&w, dev, TrainConfig::default()).unwrap();
+    let mut ranked = Trainer::new(&w, dev, TrainConfig::default()).unwrap();
+    let a = one.step_accumulated(&[batch()]).unwrap();
+    let b = ranked.step_distributed(&[batch()], &nccl, true).unwrap();
+    let host = |t: &sam_unet::train::Trainer| {
+        t.store()
+            .values()
+            .to_host()
+            .unwrap()
+            .as_f32()
+            .unwrap()
+            .to_vec()
+    };
+    let rel = rel_l2(&host(&ranked), &host(&one));
+    println!(
+        "NCCL, 1 rank: loss {} vs {}; parameters after the step: relative L2 {rel:.2e}",
+        b.terms.loss, a.terms.loss
+    );
+    assert!((a.terms.loss - b.terms.loss).abs() <= 1e-6 * a.terms.loss.abs());
+    assert!(rel <= 1e-6, "parameters after one step: relative L2 {rel}");
 }
 
 /// The decoder attention (keys and values shared by the boxes) and the box

@@ -22,6 +22,17 @@ if [ -z "${SAM_UNET_CUBLAS:-}" ]; then
 fi
 echo "cuBLAS: ${SAM_UNET_CUBLAS:-(loader path)}" | tee -a "$log"
 
+# NCCL (the data-parallel test): the system's, or the wheel PyTorch ships,
+# whose libnccl.so.2 gets the libnccl.so name the loader looks for.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so '; then
+  nccl=$(find /usr/local/lib /usr/lib /opt / -xdev -name 'libnccl.so.2*' 2>/dev/null | sort | head -1)
+  if [ -n "$nccl" ]; then
+    mkdir -p "$OUTDIR/nccl-lib" && ln -sf "$nccl" "$OUTDIR/nccl-lib/libnccl.so"
+    export LD_LIBRARY_PATH="$OUTDIR/nccl-lib:$(dirname "$nccl"):${LD_LIBRARY_PATH:-}"
+  fi
+fi
+echo "NCCL: ${nccl:-(loader path)}" | tee -a "$log"
+
 echo "== CUDA ops against their CPU twins" | tee -a "$log"
 SAM_UNET_REQUIRE_GPU=1 timeout 120 "$BIN/cuda_ops" 2>&1 | tee -a "$log"
 test_rc=${PIPESTATUS[0]}

@@ -28,7 +28,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use sam_unet::data::loader::SplitBy;
-use sam_unet::dist::{Launch, Tcp};
+use sam_unet::dist::{Collective, Launch, Nccl, Tcp};
 use sam_unet::tensor::Device;
 use sam_unet::train::{DataParallel, Event, RunConfig, Session};
 
@@ -107,6 +107,17 @@ struct Args {
     /// Seconds a rank waits for the others before it gives up.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
+    /// How ranks sum their gradients: NCCL on the GPUs (the default on
+    /// CUDA), TCP through the hosts (the default on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    collective: CollectiveArg,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CollectiveArg {
+    Auto,
+    Nccl,
+    Tcp,
 }
 
 fn main() -> std::process::ExitCode {
@@ -189,26 +200,34 @@ fn spawn_ranks(n: usize) -> Result<()> {
 }
 
 fn run_rank(a: Args, launch: Option<Launch>) -> Result<()> {
-    let dp = match &launch {
-        Some(l) => {
-            let comm = Tcp::connect(
-                l.rank,
-                l.world,
-                &l.master,
-                std::time::Duration::from_secs(a.timeout),
-            )?;
-            Some(DataParallel {
-                comm: std::sync::Arc::new(comm),
-            })
-        }
-        None => None,
-    };
-    let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     // Each rank on its own GPU of this machine.
     let device = match (a.device, &launch) {
         (Some(Device::Cuda(_)), Some(l)) => Some(Device::Cuda(l.local_rank)),
         (d, _) => d,
     };
+    let dp = match &launch {
+        Some(l) => {
+            let tcp = Tcp::connect(
+                l.rank,
+                l.world,
+                &l.master,
+                std::time::Duration::from_secs(a.timeout),
+            )?;
+            let comm: std::sync::Arc<dyn Collective> = match (a.collective, device) {
+                (CollectiveArg::Tcp, _) | (CollectiveArg::Auto, None | Some(Device::Cpu)) => {
+                    std::sync::Arc::new(tcp)
+                }
+                (_, Some(Device::Cuda(n))) => std::sync::Arc::new(Nccl::new(
+                    sam_unet::cuda::shared_device(n)?,
+                    Box::new(tcp),
+                )?),
+                (CollectiveArg::Nccl, _) => bail!("--collective nccl needs --device cuda"),
+            };
+            Some(DataParallel { comm })
+        }
+        None => None,
+    };
+    let leader = launch.as_ref().is_none_or(|l| l.rank == 0);
     let mut session = match &a.resume {
         Some(dir) => Session::resume_ranked(dir, device, a.epochs, a.max_steps.map(Some), dp)?,
         None => {

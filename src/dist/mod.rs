@@ -3,16 +3,18 @@
 //! `Collective` is what a data-parallel step needs: a sum over ranks that
 //! gives every rank the same bits (the ranks' values added in rank order,
 //! so that a run does not depend on arrival order). Implementations:
-//! `InProcess`, ranks as threads of one process (tests), and `Tcp`, ranks
-//! as processes on one machine or several (`train --nproc`, torchrun,
-//! Slurm). NCCL between GPUs is not written yet. A rank that leaves (its handle dropped, e.g. by a panic) or does not
+//! `InProcess`, ranks as threads of one process (tests), `Tcp`, ranks as
+//! processes on one machine or several (`train --nproc`, torchrun, Slurm),
+//! and `Nccl`, GPU ranks that sum on the devices (bootstrapped over `Tcp`). A rank that leaves (its handle dropped, e.g. by a panic) or does not
 //! arrive within the timeout makes the others' calls fail with a clear error
 //! instead of waiting forever.
 
 mod launch;
+mod nccl;
 mod tcp;
 
 pub use launch::{Launch, first_host};
+pub use nccl::{Nccl, nccl_available};
 pub use tcp::Tcp;
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -24,11 +26,21 @@ use crate::error::{Error, Result};
 pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
-    /// x <- the sum of every rank's x, added in rank order in f32 (((x0 +
-    /// x1) + x2) ...); every rank gets the same bits. Lengths must agree.
+    /// x <- the sum of every rank's x; every rank gets the same bits.
+    /// `InProcess` and `Tcp` add in rank order in f32 (((x0 + x1) + x2)
+    /// ...), NCCL in its rings' order. Lengths must agree.
     fn all_reduce_sum(&self, x: &mut [f32]) -> Result<()>;
     /// The same in f64.
     fn all_reduce_sum_f64(&self, x: &mut [f64]) -> Result<()>;
+    /// The sum over ranks of a device buffer, computed on the devices, when
+    /// the group can (NCCL: a new buffer); None: it cannot, and the caller
+    /// goes through the host.
+    fn all_reduce_sum_device(
+        &self,
+        _x: &cudarc::driver::CudaSlice<f32>,
+    ) -> Result<Option<cudarc::driver::CudaSlice<f32>>> {
+        Ok(None)
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -174,8 +174,8 @@ impl ParamStore {
     }
 
     /// Sums the gradient buffer over the ranks of a data-parallel group
-    /// (in rank order, the same bits on every rank). On CUDA through the
-    /// host for now (an NCCL group will reduce on the device).
+    /// (the same bits on every rank). On CUDA on the devices with an NCCL
+    /// group, else through the host.
     pub fn all_reduce_grads(&mut self, comm: &dyn crate::dist::Collective) -> Result<()> {
         let g = self.grads.as_mut().ok_or_else(|| {
             Error::input(
@@ -186,6 +186,13 @@ impl ParamStore {
         match g.device() {
             Device::Cpu => comm.all_reduce_sum(g.as_f32_mut()?),
             d @ Device::Cuda(_) => {
+                // On the devices when the group can (NCCL).
+                let (dev, gs) = g.cuda_whole_f32("all_reduce_grads")?;
+                if let Some(sum) = comm.all_reduce_sum_device(gs)? {
+                    let dev = dev.clone();
+                    *g = Tensor::from_cuda_f32(&dev, sum, g.dims())?;
+                    return Ok(());
+                }
                 let mut h = g.to_host()?.compact()?;
                 comm.all_reduce_sum(h.as_f32_mut()?)?;
                 copy_into(g, 0, &h.to_device(d)?)
