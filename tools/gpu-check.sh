@@ -25,7 +25,8 @@ echo "cuBLAS: ${SAM_UNET_CUBLAS:-(loader path)}" | tee -a "$log"
 # NCCL (the data-parallel test): the system's, or the wheel PyTorch ships,
 # whose libnccl.so.2 gets the libnccl.so name the loader looks for.
 if ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so '; then
-  nccl=$(find /usr/local/lib /usr/lib /opt / -xdev -name 'libnccl.so.2*' 2>/dev/null | sort | head -1)
+  sites=$(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)
+  nccl=$(find /usr/local/lib /usr/lib /opt $sites -name 'libnccl.so.2*' 2>/dev/null | sort | head -1)
   if [ -n "$nccl" ]; then
     mkdir -p "$OUTDIR/nccl-lib" && ln -sf "$nccl" "$OUTDIR/nccl-lib/libnccl.so"
     export LD_LIBRARY_PATH="$OUTDIR/nccl-lib:$(dirname "$nccl"):${LD_LIBRARY_PATH:-}"
