@@ -28,7 +28,8 @@ impl Launch {
 
     /// From variables given by `get` (the environment, or a test's).
     /// torchrun's WORLD_SIZE / RANK / LOCAL_RANK / MASTER_ADDR / MASTER_PORT
-    /// come first; else Slurm's SLURM_NTASKS / SLURM_PROCID / SLURM_LOCALID,
+    /// come first (under torchrun itself, TORCHELASTIC_RUN_ID set, rank 0
+    /// listens on MASTER_PORT + 1: the agent's store holds MASTER_PORT); else Slurm's SLURM_NTASKS / SLURM_PROCID / SLURM_LOCALID,
     /// rank 0 on the first host of SLURM_JOB_NODELIST (MASTER_ADDR and
     /// MASTER_PORT still override it).
     pub fn from_vars(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
@@ -44,7 +45,23 @@ impl Launch {
         let need = |k: &str| -> Result<usize> {
             num(k)?.ok_or_else(|| Error::input("launch", format!("{k} is not set")))
         };
-        let port = get("MASTER_PORT").unwrap_or_else(|| DEFAULT_PORT.into());
+        let mut port = get("MASTER_PORT").unwrap_or_else(|| DEFAULT_PORT.into());
+        // Under torchrun itself, its agent's TCP store holds MASTER_PORT:
+        // rank 0 listens on the next port.
+        if get("TORCHELASTIC_RUN_ID").is_some() {
+            let p: u16 = port.trim().parse().map_err(|_| {
+                Error::input("launch", format!("MASTER_PORT={port:?} is not a port"))
+            })?;
+            port = p
+                .checked_add(1)
+                .ok_or_else(|| {
+                    Error::input(
+                        "launch",
+                        "MASTER_PORT is the last port: torchrun's store holds it",
+                    )
+                })?
+                .to_string();
+        }
         let (rank, world, local_rank, host, source) = if let Some(world) = num("WORLD_SIZE")? {
             let rank = need("RANK")?;
             let local = num("LOCAL_RANK")?.unwrap_or(0);
@@ -155,6 +172,16 @@ mod tests {
             (t.rank, t.world, t.local_rank, t.master.as_str()),
             (5, 8, 1, "node3:29611")
         );
+        // Started by torchrun: the next port.
+        let e = Launch::from_vars(&vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "0"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_RUN_ID", "job"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(e.master, "127.0.0.1:29501");
         let s = Launch::from_vars(&vars(&[
             ("SLURM_NTASKS", "16"),
             ("SLURM_PROCID", "9"),
