@@ -27,6 +27,7 @@ pub mod preprocess;
 pub mod profile;
 pub mod tensor;
 pub mod train;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use predictor::{CudaGraphs, Prediction, Predictor, PredictorOptions};

@@ -135,6 +135,22 @@ impl Cuda {
     }
 }
 
+/// A batch of images after the image side (`Predictor::encode_images`).
+pub struct EncodedImages {
+    feats: ImageFeatures,
+    infos: Vec<ResizeInfo>,
+}
+
+impl EncodedImages {
+    pub fn len(&self) -> usize {
+        self.infos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
+    }
+}
+
 /// Set an image, then prompt it with boxes: one model tree on the CPU or a
 /// CUDA device (`PredictorOptions`).
 pub struct Predictor {
@@ -263,6 +279,34 @@ impl Predictor {
             .enumerate()
             .map(|(i, (info, bs))| self.decode(&f, i, info, bs))
             .collect()
+    }
+
+    /// Images through the image side in one call, their features kept, to
+    /// be prompted later in any order (`predict_encoded`): a volume's
+    /// slices, each encoded once for every object.
+    pub fn encode_images(&self, images: &[RgbImage]) -> Result<EncodedImages> {
+        if images.is_empty() {
+            return Err(Error::input("encode_images", "no images"));
+        }
+        let (x, infos) = self.prepare(images)?;
+        let feats = self.encode(&x)?;
+        Ok(EncodedImages { feats, infos })
+    }
+
+    /// Boxes on image `index` of `encode_images`' batch -> its masks.
+    pub fn predict_encoded(
+        &self,
+        enc: &EncodedImages,
+        index: usize,
+        boxes: &[[f32; 4]],
+    ) -> Result<Prediction> {
+        let info = enc.infos.get(index).ok_or_else(|| {
+            Error::input(
+                "predict_encoded",
+                format!("image {index} of a batch of {}", enc.infos.len()),
+            )
+        })?;
+        self.decode(&enc.feats, index, info, boxes)
     }
 
     /// For a CUDA predictor, the CUDA graphs made so far: the batch sizes

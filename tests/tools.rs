@@ -322,3 +322,115 @@ fn train_on_several_ranks_from_the_readme_commands() {
         err.lines().last().unwrap_or_default()
     );
 }
+
+/// `segment-volume` on a synthetic CT-like volume (a bright ellipsoid in
+/// Hounsfield-like units, anisotropic voxels, a rotated qform): one label
+/// volume on the source grid with the window in its description; bad boxes
+/// and a 4-D image refused. (Random weights: the masks are not judged.)
+#[test]
+fn segment_volume_writes_labels_on_the_source_grid() {
+    use sam_unet::volume::{read_nifti, write_nifti};
+    let dir = std::env::temp_dir().join(format!("sam-unet-volume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (nx, ny, nz) = (48usize, 40usize, 9usize);
+    let mut v = vec![-1000.0f32; nx * ny * nz];
+    for z in 0..nz {
+        for y in 0..ny {
+            for x in 0..nx {
+                let (dx, dy, dz) = (
+                    (x as f32 - 24.0) / 12.0,
+                    (y as f32 - 20.0) / 9.0,
+                    (z as f32 - 4.0) / 4.0,
+                );
+                if dx * dx + dy * dy + dz * dz < 1.0 {
+                    v[(z * ny + y) * nx + x] = 60.0;
+                }
+            }
+        }
+    }
+    let h = nifti::NiftiHeader {
+        pixdim: [1.0, 0.75, 0.75, 3.0, 1.0, 1.0, 1.0, 1.0],
+        xyzt_units: 2,
+        qform_code: 1,
+        sform_code: 1,
+        quatern_d: 0.2,
+        quatern_x: -10.0,
+        srow_x: [0.75, 0.0, 0.0, -10.0],
+        srow_y: [0.0, 0.75, 0.0, 4.0],
+        srow_z: [0.0, 0.0, 3.0, 7.5],
+        ..Default::default()
+    };
+    let img = dir.join("ct.nii.gz");
+    write_nifti(&img, &h, [nx, ny, nz], 16, bytemuck::cast_slice(&v), "", 0).unwrap();
+    let out = dir.join("labels.nii.gz");
+    let bin = env!("CARGO_BIN_EXE_segment-volume");
+    let (img_s, out_s) = (img.to_str().unwrap(), out.to_str().unwrap());
+    let (ok, stdout, e) = run(
+        bin,
+        &[
+            "--weights",
+            "random:sam-unet-small-18:1",
+            "--image",
+            img_s,
+            "--box3d",
+            "10,10,1,38,31,8",
+            "--box3d",
+            "20,15,3,30,25,6",
+            "--window",
+            "abdomen",
+            "--out",
+            out_s,
+        ],
+    );
+    assert!(ok, "{stdout}\n{e}");
+    assert!(stdout.contains("CT window W400 L40"), "{stdout}");
+    assert!(stdout.contains("object 2:"), "{stdout}");
+    let l = read_nifti(&out).unwrap();
+    assert_eq!(l.dims, [nx, ny, nz]);
+    assert!(l.data.iter().all(|&x| x == 0.0 || x == 1.0 || x == 2.0));
+    // Outside both boxes' slices nothing is labelled.
+    let plane = nx * ny;
+    assert!(l.data[..plane].iter().all(|&x| x == 0.0));
+    assert!(l.data[8 * plane..].iter().all(|&x| x == 0.0));
+    assert_eq!((l.header.srow_x, l.header.srow_z), (h.srow_x, h.srow_z));
+    assert_eq!((l.header.quatern_d, l.header.pixdim[3]), (0.2, 3.0));
+    assert!(String::from_utf8_lossy(&l.header.descrip).contains("CT window W400 L40"));
+    // Refused: a box past the volume, a folder (DICOM), a bad window.
+    for (args, want) in [
+        (vec!["--box3d", "10,10,1,38,31,10"], "leaves the volume"),
+        (vec!["--box3d", "10,10,1,38,31"], "six numbers"),
+        (
+            vec!["--box3d", "10,10,1,38,31,8", "--window", "bony"],
+            "give abdomen",
+        ),
+    ] {
+        let mut a = vec![
+            "--weights",
+            "random:sam-unet-small-18",
+            "--image",
+            img_s,
+            "--out",
+            out_s,
+        ];
+        a.extend(args);
+        let (ok, _, e) = run(bin, &a);
+        assert!(!ok);
+        assert!(e.contains(want), "{e}");
+    }
+    let d = dir.to_str().unwrap();
+    let (ok, _, e) = run(
+        bin,
+        &[
+            "--weights",
+            "random:sam-unet-small-18",
+            "--image",
+            d,
+            "--box3d",
+            "1,1,1,2,2,2",
+            "--out",
+            out_s,
+        ],
+    );
+    assert!(!ok && e.contains("no readable DICOM slice"), "{e}");
+}

@@ -58,6 +58,79 @@ struct Args {
     loader: Option<std::path::PathBuf>,
     #[arg(long, default_value_t = 16)]
     loader_batch: usize,
+    /// Time `segment-volume` instead: a synthetic CT of this many slices
+    /// (--image-size square) with --objects 3-D boxes, read from and
+    /// written to NIfTI.
+    #[arg(long)]
+    volume: Option<usize>,
+    #[arg(long, default_value_t = 3)]
+    objects: usize,
+}
+
+/// segment-volume's time per slice on a synthetic CT, split into reading,
+/// windowing, the image side, the decoder and writing.
+fn bench_volume(args: &Args, cfg: &SamUnetConfig, nz: usize) -> Result<()> {
+    use sam_unet::volume::{
+        Propagation, Window, read_nifti, segment_volume, synthetic_ct, write_labels, write_nifti,
+    };
+    let s = args.image_size;
+    let (v, boxes) = synthetic_ct(s, s, nz, args.objects);
+    let dir = std::env::temp_dir().join(format!("sam-unet-bench-volume-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let src = dir.join("ct.nii.gz");
+    let h = nifti::NiftiHeader {
+        pixdim: [1.0, 0.8, 0.8, 2.5, 1.0, 1.0, 1.0, 1.0],
+        xyzt_units: 2,
+        ..Default::default()
+    };
+    write_nifti(&src, &h, [s, s, nz], 16, bytemuck::cast_slice(&v), "", 0)?;
+    let pred = Predictor::from_weights(
+        &cfg.random_weights(0),
+        PredictorOptions {
+            device: args.device,
+            dtype: args.dtype,
+        },
+    )?;
+    let t = std::time::Instant::now();
+    let vol = read_nifti(&src)?;
+    let read_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let (grey, what) = Window::parse("abdomen")?.apply(&vol);
+    let window_s = t.elapsed().as_secs_f64();
+    let (labels, tm) = segment_volume(
+        &pred,
+        &grey,
+        vol.dims,
+        &boxes,
+        Propagation::default(),
+        &mut |_, _| {},
+    )?;
+    let t = std::time::Instant::now();
+    write_labels(&dir.join("labels.nii.gz"), &vol, &labels, &what)?;
+    let write_s = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&dir);
+    let total = read_s + window_s + tm.encode_s + tm.decode_s + write_s;
+    println!(
+        "{}",
+        serde_json::json!({"what": "volume", "arch": args.arch, "device": args.device.to_string(),
+            "size": [s, s, nz], "objects": boxes.len(), "slices_encoded": tm.slices, "object_slices": tm.steps,
+            "read_s": read_s, "window_s": window_s, "encode_s": tm.encode_s, "decode_s": tm.decode_s,
+            "write_s": write_s, "total_s": total, "s_per_slice": total / nz as f64})
+    );
+    println!(
+        "volume {s} x {s} x {nz}, {} objects ({} object slices) on {}: {:.3} s per slice; image side {:.1} %, \
+         decoder {:.1} %, read {:.1} %, window {:.1} %, write {:.1} %",
+        boxes.len(),
+        tm.steps,
+        args.device,
+        total / nz as f64,
+        100.0 * tm.encode_s / total,
+        100.0 * tm.decode_s / total,
+        100.0 * read_s / total,
+        100.0 * window_s / total,
+        100.0 * write_s / total
+    );
+    Ok(())
 }
 
 /// The online loader's throughput: `runs` epochs over the prepared folder.
@@ -240,6 +313,9 @@ fn run(args: Args) -> Result<()> {
     }
     if let Some(dir) = &args.loader {
         return bench_loader(&args, dir);
+    }
+    if let Some(nz) = args.volume {
+        return bench_volume(&args, &cfg, nz);
     }
     let mut predictor = Predictor::from_weights(
         &cfg.random_weights(0),
