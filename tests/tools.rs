@@ -418,6 +418,53 @@ fn segment_volume_writes_labels_on_the_source_grid() {
         assert!(!ok);
         assert!(e.contains(want), "{e}");
     }
+    // Scored against the ellipsoid as reference (3-D Dice per label).
+    let truth: Vec<u8> = v.iter().map(|&x| u8::from(x > 0.0)).collect();
+    let reference = dir.join("reference.nii.gz");
+    write_nifti(&reference, &h, [nx, ny, nz], 2, &truth, "", 1002).unwrap();
+    let ev = dir.join("eval");
+    let (ok, stdout, e) = run(
+        env!("CARGO_BIN_EXE_eval"),
+        &[
+            "--volume",
+            out_s,
+            "--labels",
+            reference.to_str().unwrap(),
+            "--out",
+            ev.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{stdout}\n{e}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ev.join("volume_summary.json")).unwrap())
+            .unwrap();
+    let labels = doc["labels"].as_array().unwrap();
+    let one = labels
+        .iter()
+        .find(|l| l["label"] == 1)
+        .expect("label 1 is in the reference");
+    assert_eq!(
+        one["reference_voxels"],
+        truth.iter().filter(|&&t| t == 1).count()
+    );
+    assert!(
+        one["dice"]
+            .as_f64()
+            .is_some_and(|d| (0.0..=1.0).contains(&d))
+    );
+    // The reference against itself: Dice 1.
+    let (ok, stdout, _) = run(
+        env!("CARGO_BIN_EXE_eval"),
+        &[
+            "--volume",
+            reference.to_str().unwrap(),
+            "--labels",
+            reference.to_str().unwrap(),
+            "--out",
+            ev.to_str().unwrap(),
+        ],
+    );
+    assert!(ok && stdout.contains("| 1.0000 | 1.0000 |"), "{stdout}");
     let d = dir.to_str().unwrap();
     let (ok, _, e) = run(
         bin,

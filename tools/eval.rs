@@ -5,6 +5,7 @@
 //!     eval --weights W --data ../shared/data_demo/test --out eval/
 //!     eval --weights W --data SAMed2Dv1/ --split test --shard 3/16 --out eval/3   # one of 16 jobs
 //!     eval --merge eval/0 eval/1 ... eval/15 --out eval/all                        # the same reports as one run
+//!     eval --volume labels.nii.gz --labels reference.nii.gz --out eval/ct1         # 3-D Dice / IoU per label
 //!
 //! Writes OUT/rows.jsonl and rows.csv (a row per mask: names and grouping,
 //! the box, areas, TP/FP/FN, Dice, IoU, NSD, HD95), summary.json (nnU-Net
@@ -30,11 +31,18 @@ use sam_unet::{DType, Device, Predictor, PredictorOptions};
 )]
 struct Args {
     /// Weights: safetensors, .pth, or random:ARCH[:SEED].
-    #[arg(long, required_unless_present = "merge")]
+    #[arg(long, required_unless_present_any = ["merge", "volume"])]
     weights: Option<String>,
     /// The data: SA-Med2D layout (label2image_test.json, ...) or images/ + masks/.
-    #[arg(long, required_unless_present = "merge")]
+    #[arg(long, required_unless_present_any = ["merge", "volume"])]
     data: Option<PathBuf>,
+    /// A predicted label volume (NIfTI, e.g. from segment-volume) to score
+    /// against --labels: 3-D Dice and IoU per label.
+    #[arg(long, requires = "labels", conflicts_with_all = ["weights", "data", "merge", "shard"])]
+    volume: Option<PathBuf>,
+    /// The reference label volume (NIfTI, or a DICOM series folder).
+    #[arg(long)]
+    labels: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "auto")]
     split: SplitArg,
     /// Output folder for the reports.
@@ -64,7 +72,52 @@ fn main() -> std::process::ExitCode {
     cli::exit(run(Args::parse()))
 }
 
+/// `--volume P --labels R`: 3-D overlap per label, a table and
+/// OUT/volume_summary.json.
+fn eval_volume(a: &Args, pred: &std::path::Path, reference: &std::path::Path) -> Result<()> {
+    use sam_unet::volume::{label_overlap, read_volume};
+    let (p, r) = (read_volume(pred)?, read_volume(reference)?);
+    let scores = label_overlap(&p, &r)?;
+    println!(
+        "{} vs {}: {} x {} x {} voxels of {:.3} x {:.3} x {:.3} mm",
+        pred.display(),
+        reference.display(),
+        r.dims[0],
+        r.dims[1],
+        r.dims[2],
+        r.spacing[0],
+        r.spacing[1],
+        r.spacing[2]
+    );
+    println!("| label | reference mL | predicted mL | Dice | IoU |\n|---|---|---|---|---|");
+    let mut rows = vec![];
+    for s in &scores {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.4} | {:.4} |",
+            s.label, s.reference_ml, s.predicted_ml, s.dice, s.iou
+        );
+        rows.push(serde_json::json!({"label": s.label, "reference_voxels": s.reference_voxels,
+            "predicted_voxels": s.predicted_voxels, "true_positive": s.true_positive,
+            "dice": s.dice, "iou": s.iou, "reference_ml": s.reference_ml, "predicted_ml": s.predicted_ml}));
+    }
+    std::fs::create_dir_all(&a.out)?;
+    let out = a.out.join("volume_summary.json");
+    let doc = serde_json::json!({"prediction": pred.to_string_lossy(), "reference": reference.to_string_lossy(),
+        "spacing_mm": r.spacing, "labels": rows,
+        "note": "3-D Dice and IoU per label (nnU-Net's formula, NaN when absent from both); 3-D NSD is not computed yet"});
+    // serde_json writes NaN as null.
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
+    println!(
+        "written {} (3-D surface distances are not computed yet)",
+        out.display()
+    );
+    Ok(())
+}
+
 fn run(a: Args) -> Result<()> {
+    if let (Some(p), Some(r)) = (&a.volume, &a.labels) {
+        return eval_volume(&a, p, r);
+    }
     if !a.merge.is_empty() {
         let dirs: Vec<&std::path::Path> = a.merge.iter().map(PathBuf::as_path).collect();
         let mut rows = read_rows(&dirs)?;

@@ -442,6 +442,25 @@ mod tests {
     }
 
     #[test]
+    fn label_overlap_counts_per_label() {
+        let vol = |d: Vec<f32>| Volume {
+            data: d,
+            dims: [4, 1, 1],
+            spacing: [2.0, 5.0, 10.0],
+            header: nifti::NiftiHeader::default(),
+        };
+        let s = label_overlap(&vol(vec![1., 1., 2., 0.]), &vol(vec![1., 0., 2., 2.])).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].label, s[0].true_positive, s[0].dice),
+            (1, 1, 2.0 / 3.0)
+        );
+        assert_eq!((s[1].reference_voxels, s[1].predicted_voxels), (2, 1));
+        assert!((s[1].iou - 0.5).abs() < 1e-12 && (s[1].reference_ml - 0.2).abs() < 1e-12);
+        assert!(label_overlap(&vol(vec![0.5, 0., 0., 0.]), &vol(vec![0.; 4])).is_err());
+    }
+
+    #[test]
     fn mask_box_widens_within_the_image() {
         let (w, h) = (10, 8);
         let mut m = vec![false; w * h];
@@ -451,4 +470,91 @@ mod tests {
         assert_eq!(mask_box(&m, w, h, 3), Some([0.0, 0.0, 9.0, 8.0]));
         assert_eq!(mask_box(&m, w, h, 0), Some([1.0, 2.0, 6.0, 5.0]));
     }
+}
+
+/// One label's overlap between a predicted and a reference label volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabelScore {
+    pub label: u32,
+    pub reference_voxels: usize,
+    pub predicted_voxels: usize,
+    pub true_positive: usize,
+    /// 2 TP / (2 TP + FP + FN) (nnU-Net's); NaN when the label is in neither.
+    pub dice: f64,
+    /// TP / (TP + FP + FN); NaN likewise.
+    pub iou: f64,
+    /// The reference's and the prediction's volume in millilitres (voxel
+    /// size from the reference, taken as mm).
+    pub reference_ml: f64,
+    pub predicted_ml: f64,
+}
+
+/// 3-D Dice and IoU per label (every non-zero value in either volume) of a
+/// predicted label volume against a reference on the same grid
+/// (dimensions equal, affines within 1e-3 mm).
+pub fn label_overlap(pred: &Volume, reference: &Volume) -> Result<Vec<LabelScore>> {
+    const OP: &str = "label overlap";
+    if pred.dims != reference.dims {
+        return Err(Error::shape(
+            OP,
+            format!(
+                "prediction {:?} voxels, reference {:?}",
+                pred.dims, reference.dims
+            ),
+        ));
+    }
+    let rows = |h: &nifti::NiftiHeader| [h.srow_x, h.srow_y, h.srow_z];
+    let (a, b) = (rows(&pred.header), rows(&reference.header));
+    let same = pred.header.sform_code == 0
+        || reference.header.sform_code == 0
+        || a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .all(|(x, y)| (x - y).abs() <= 1e-3);
+    if !same {
+        return Err(Error::input(
+            OP,
+            format!("the volumes are not on the same grid (sform {a:?} vs {b:?})"),
+        ));
+    }
+    let label = |v: f32| -> Result<u32> {
+        if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= u32::MAX as f32 {
+            Ok(v as u32)
+        } else {
+            Err(Error::input(OP, format!("{v} is not a label")))
+        }
+    };
+    let mut counts: std::collections::BTreeMap<u32, [usize; 3]> = Default::default();
+    for (&p, &r) in pred.data.iter().zip(&reference.data) {
+        let (p, r) = (label(p)?, label(r)?);
+        if p != 0 {
+            counts.entry(p).or_default()[1] += 1;
+        }
+        if r != 0 {
+            let e = counts.entry(r).or_default();
+            e[0] += 1;
+            if p == r {
+                e[2] += 1;
+            }
+        }
+    }
+    let ml = reference.spacing.iter().product::<f64>() / 1000.0;
+    Ok(counts
+        .into_iter()
+        .map(|(l, [r, p, tp])| {
+            let (fp, fn_) = ((p - tp) as f64, (r - tp) as f64);
+            let tpf = tp as f64;
+            let ratio = |n: f64, d: f64| if d > 0.0 { n / d } else { f64::NAN };
+            LabelScore {
+                label: l,
+                reference_voxels: r,
+                predicted_voxels: p,
+                true_positive: tp,
+                dice: ratio(2.0 * tpf, 2.0 * tpf + fp + fn_),
+                iou: ratio(tpf, tpf + fp + fn_),
+                reference_ml: r as f64 * ml,
+                predicted_ml: p as f64 * ml,
+            }
+        })
+        .collect())
 }
