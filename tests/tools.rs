@@ -464,7 +464,10 @@ fn segment_volume_writes_labels_on_the_source_grid() {
             ev.to_str().unwrap(),
         ],
     );
-    assert!(ok && stdout.contains("| 1.0000 | 1.0000 |"), "{stdout}");
+    assert!(
+        ok && stdout.contains("| 1.0000 | 1.0000 | 1.0000 | 0.00 |"),
+        "{stdout}"
+    );
     let d = dir.to_str().unwrap();
     let (ok, _, e) = run(
         bin,

@@ -5,7 +5,7 @@
 //!     eval --weights W --data ../shared/data_demo/test --out eval/
 //!     eval --weights W --data SAMed2Dv1/ --split test --shard 3/16 --out eval/3   # one of 16 jobs
 //!     eval --merge eval/0 eval/1 ... eval/15 --out eval/all                        # the same reports as one run
-//!     eval --volume labels.nii.gz --labels reference.nii.gz --out eval/ct1         # 3-D Dice / IoU per label
+//!     eval --volume labels.nii.gz --labels reference.nii.gz --out eval/ct1         # 3-D Dice, IoU, NSD, HD95 per label
 //!
 //! Writes OUT/rows.jsonl and rows.csv (a row per mask: names and grouping,
 //! the box, areas, TP/FP/FN, Dice, IoU, NSD, HD95), summary.json (nnU-Net
@@ -54,7 +54,7 @@ struct Args {
     /// bf16 on CUDA.
     #[arg(long)]
     bf16: bool,
-    /// NSD tolerance in pixels.
+    /// NSD tolerance in pixels (in mm for --volume).
     #[arg(long, default_value_t = 2.0)]
     tolerance: f64,
     /// Images per image-side batch.
@@ -77,7 +77,7 @@ fn main() -> std::process::ExitCode {
 fn eval_volume(a: &Args, pred: &std::path::Path, reference: &std::path::Path) -> Result<()> {
     use sam_unet::volume::{label_overlap, read_volume};
     let (p, r) = (read_volume(pred)?, read_volume(reference)?);
-    let scores = label_overlap(&p, &r)?;
+    let scores = label_overlap(&p, &r, a.tolerance)?;
     println!(
         "{} vs {}: {} x {} x {} voxels of {:.3} x {:.3} x {:.3} mm",
         pred.display(),
@@ -89,28 +89,36 @@ fn eval_volume(a: &Args, pred: &std::path::Path, reference: &std::path::Path) ->
         r.spacing[1],
         r.spacing[2]
     );
-    println!("| label | reference mL | predicted mL | Dice | IoU |\n|---|---|---|---|---|");
+    println!(
+        "| label | reference mL | predicted mL | Dice | IoU | NSD ({} mm) | HD95 mm |\n|---|---|---|---|---|---|---|",
+        a.tolerance
+    );
     let mut rows = vec![];
     for s in &scores {
         println!(
-            "| {} | {:.2} | {:.2} | {:.4} | {:.4} |",
-            s.label, s.reference_ml, s.predicted_ml, s.dice, s.iou
+            "| {} | {:.2} | {:.2} | {:.4} | {:.4} | {:.4} | {:.2} |",
+            s.label, s.reference_ml, s.predicted_ml, s.dice, s.iou, s.nsd, s.hd95
         );
-        rows.push(serde_json::json!({"label": s.label, "reference_voxels": s.reference_voxels,
+        let hd = if s.hd95.is_finite() {
+            serde_json::json!(s.hd95)
+        } else {
+            serde_json::json!("inf")
+        };
+        rows.push(
+            serde_json::json!({"label": s.label, "reference_voxels": s.reference_voxels,
             "predicted_voxels": s.predicted_voxels, "true_positive": s.true_positive,
-            "dice": s.dice, "iou": s.iou, "reference_ml": s.reference_ml, "predicted_ml": s.predicted_ml}));
+            "dice": s.dice, "iou": s.iou, "nsd": s.nsd, "hd95_mm": hd,
+            "reference_ml": s.reference_ml, "predicted_ml": s.predicted_ml}),
+        );
     }
     std::fs::create_dir_all(&a.out)?;
     let out = a.out.join("volume_summary.json");
     let doc = serde_json::json!({"prediction": pred.to_string_lossy(), "reference": reference.to_string_lossy(),
-        "spacing_mm": r.spacing, "labels": rows,
-        "note": "3-D Dice and IoU per label (nnU-Net's formula, NaN when absent from both); 3-D NSD is not computed yet"});
+        "spacing_mm": r.spacing, "tolerance_mm": a.tolerance, "labels": rows,
+        "note": "per label: Dice and IoU (nnU-Net's formula; null when absent from both), NSD and HD95 as DeepMind's surface_distance in 3-D with the reference's voxel spacing"});
     // serde_json writes NaN as null.
     std::fs::write(&out, serde_json::to_string_pretty(&doc)?)?;
-    println!(
-        "written {} (3-D surface distances are not computed yet)",
-        out.display()
-    );
+    println!("written {}", out.display());
     Ok(())
 }
 

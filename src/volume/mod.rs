@@ -449,7 +449,7 @@ mod tests {
             spacing: [2.0, 5.0, 10.0],
             header: nifti::NiftiHeader::default(),
         };
-        let s = label_overlap(&vol(vec![1., 1., 2., 0.]), &vol(vec![1., 0., 2., 2.])).unwrap();
+        let s = label_overlap(&vol(vec![1., 1., 2., 0.]), &vol(vec![1., 0., 2., 2.]), 2.0).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(
             (s[0].label, s[0].true_positive, s[0].dice),
@@ -457,7 +457,10 @@ mod tests {
         );
         assert_eq!((s[1].reference_voxels, s[1].predicted_voxels), (2, 1));
         assert!((s[1].iou - 0.5).abs() < 1e-12 && (s[1].reference_ml - 0.2).abs() < 1e-12);
-        assert!(label_overlap(&vol(vec![0.5, 0., 0., 0.]), &vol(vec![0.; 4])).is_err());
+        assert!(label_overlap(&vol(vec![0.5, 0., 0., 0.]), &vol(vec![0.; 4]), 2.0).is_err());
+        // Label 1: the predicted voxel 1 is 2 mm from the reference's
+        // surface along x.
+        assert!(s[0].nsd > 0.0 && s[0].nsd <= 1.0 && s[0].hd95 > 0.0);
     }
 
     #[test]
@@ -487,12 +490,19 @@ pub struct LabelScore {
     /// size from the reference, taken as mm).
     pub reference_ml: f64,
     pub predicted_ml: f64,
+    /// Normalised surface Dice at the tolerance (mm), DeepMind's 3-D
+    /// algorithm with the voxel spacing; NaN when both surfaces are empty.
+    pub nsd: f64,
+    /// The 95th-percentile Hausdorff distance (mm); infinite when one
+    /// surface is empty.
+    pub hd95: f64,
 }
 
-/// 3-D Dice and IoU per label (every non-zero value in either volume) of a
-/// predicted label volume against a reference on the same grid
-/// (dimensions equal, affines within 1e-3 mm).
-pub fn label_overlap(pred: &Volume, reference: &Volume) -> Result<Vec<LabelScore>> {
+/// 3-D Dice, IoU, NSD at `tolerance` mm and HD95 per label (every non-zero
+/// value in either volume) of a predicted label volume against a reference
+/// on the same grid (dimensions equal, affines within 1e-3 mm), with the
+/// reference's voxel spacing.
+pub fn label_overlap(pred: &Volume, reference: &Volume, tolerance: f64) -> Result<Vec<LabelScore>> {
     const OP: &str = "label overlap";
     if pred.dims != reference.dims {
         return Err(Error::shape(
@@ -539,9 +549,20 @@ pub fn label_overlap(pred: &Volume, reference: &Volume) -> Result<Vec<LabelScore
         }
     }
     let ml = reference.spacing.iter().product::<f64>() / 1000.0;
+    let [nx, ny, nz] = reference.dims;
+    let [sx, sy, sz] = reference.spacing;
     Ok(counts
         .into_iter()
         .map(|(l, [r, p, tp])| {
+            let mask = |v: &Volume| -> Vec<u8> {
+                v.data.iter().map(|&x| u8::from(x == l as f32)).collect()
+            };
+            let sd = crate::eval::metrics::surface_distances_3d(
+                &mask(pred),
+                &mask(reference),
+                [nz, ny, nx],
+                (sz, sy, sx),
+            );
             let (fp, fn_) = ((p - tp) as f64, (r - tp) as f64);
             let tpf = tp as f64;
             let ratio = |n: f64, d: f64| if d > 0.0 { n / d } else { f64::NAN };
@@ -554,6 +575,8 @@ pub fn label_overlap(pred: &Volume, reference: &Volume) -> Result<Vec<LabelScore
                 iou: ratio(tpf, tpf + fp + fn_),
                 reference_ml: r as f64 * ml,
                 predicted_ml: p as f64 * ml,
+                nsd: sd.nsd(tolerance),
+                hd95: sd.hausdorff(95.0),
             }
         })
         .collect())
