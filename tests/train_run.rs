@@ -3,6 +3,7 @@
 //! stopped, a NaN stops it with the last good checkpoint intact.
 
 mod common;
+use common::rel_l2;
 
 use common::run::{demo_prepared, demo_prepared_only, losses, resume_round_trip};
 use sam_unet::data::loader::PreparedSet;
@@ -264,15 +265,6 @@ fn snapshot(t: &mut sam_unet::train::Trainer) -> Snapshot {
         .map(|(n, t)| (n.to_string(), t.as_f32().unwrap().to_vec()))
         .collect();
     (values, bn)
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let (mut d, mut n) = (0.0f64, 0.0f64);
-    for (&a, &b) in got.iter().zip(want) {
-        d += (a as f64 - b as f64).powi(2);
-        n += (b as f64).powi(2);
-    }
-    (d / n.max(1e-300)).sqrt()
 }
 
 /// The train-step fixture's rules (fixtures README): a parameter value

@@ -1,6 +1,7 @@
 //! Training pieces against the reference: the loss (`ref_loss`).
 
 mod common;
+use common::rel_l2;
 use common::{Fixture, errors, fixture, fixtures, train_batch};
 use sam_unet::autograd::Recording;
 use sam_unet::ops::loss::focal_dice;
@@ -48,15 +49,6 @@ fn loss_rejects_bad_labels() {
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-30)
-}
-
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let (mut d, mut n) = (0.0f64, 0.0f64);
-    for (&a, &b) in got.iter().zip(want) {
-        d += (a as f64 - b as f64).powi(2);
-        n += (b as f64).powi(2);
-    }
-    (d / n.max(1e-300)).sqrt()
 }
 
 /// Five steps of a trainer on `batch`: the first step's report (with

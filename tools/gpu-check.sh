@@ -56,6 +56,10 @@ for n in 16 32 50; do
   timeout 120 "$BIN/bench" --device cuda --train "$n" --train-boxes 5 --runs 3 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
 done
 
+# segment-volume on a 512 x 512 x 100 synthetic CT with 3 boxes (issue 12).
+echo '{"note":"next line: segment-volume, 100 slices, 3 objects"}' >> "$OUTDIR/bench-cuda.jsonl"
+timeout 120 "$BIN/bench" --device cuda --volume 100 --objects 3 2>&1 | tee -a "$log" "$OUTDIR/bench-cuda.jsonl" >/dev/null
+
 echo "== benchmarks (cuda_*)" | tee -a "$log"
 timeout 240 "$BIN/cpu_ops" --bench cuda_ --warm-up-time 1 --measurement-time 2 --noplot 2>&1 | tee -a "$log" >/dev/null
 bench_rc=${PIPESTATUS[0]}

@@ -124,6 +124,17 @@ impl Fixture {
 }
 
 /// Relative L2 error |a - b| / |b|, and max |a - b|, and max |b|.
+/// Relative L2 error of `got` against `want` (f64 sums).
+#[allow(dead_code)]
+pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (&a, &b) in got.iter().zip(want) {
+        d += (a as f64 - b as f64).powi(2);
+        n += (b as f64).powi(2);
+    }
+    (d / n.max(1e-300)).sqrt()
+}
+
 pub fn errors(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let (mut num, mut den, mut maxd, mut maxr) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
