@@ -43,6 +43,44 @@ fn linear(c: &mut Criterion) {
     g.finish();
 }
 
+/// The bf16 GEMM (AVX512_BF16, issue 14) beside the f32 linear at the same
+/// shapes, without bias: GFLOP/s = elements/s / 1e9 in criterion's report.
+fn gemm_bf16(c: &mut Criterion) {
+    use sam_unet::cpu::bf16_gemm::{PackedB, gemm_bf16, has_avx512_bf16};
+    if !has_avx512_bf16() {
+        println!("cpu_gemm_bf16: no AVX512_BF16 on this CPU, skipped");
+        return;
+    }
+    let mut g = c.benchmark_group("cpu_gemm_bf16");
+    // The ceiling: vdpbf16ps on registers only, every thread.
+    let iters = 100_000;
+    g.throughput(Throughput::Elements(
+        sam_unet::cpu::bf16_gemm::dot_roofline(1) * iters as u64,
+    ));
+    g.bench_function("roofline", |bch| {
+        bch.iter(|| sam_unet::cpu::bf16_gemm::dot_roofline(iters))
+    });
+    for &(name, m, k, n) in &[
+        ("4096x768x3072", 4096, 768, 3072),
+        ("qkv_784x768x2304", 784, 768, 2304),
+        ("lin1_256x768x3072", 256, 768, 3072),
+        ("lin2_256x3072x768", 256, 3072, 768),
+    ] {
+        let (x, w) = (rand(&[m, k], 1), rand(&[n, k], 2));
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        let packed = PackedB::from_nk(w.as_f32().unwrap(), n, k).unwrap();
+        let xs = x.as_f32().unwrap();
+        let mut out = vec![0f32; m * n];
+        g.bench_function(BenchmarkId::new("bf16", name), |bch| {
+            bch.iter(|| gemm_bf16(xs, m, &packed, &mut out, false).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("f32", name), |bch| {
+            bch.iter(|| linear_fused(&x, &w, None, None, Act::None).unwrap())
+        });
+    }
+    g.finish();
+}
+
 fn conv(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_conv2d");
     // (name, input dims, weight dims, stride, pad)
@@ -401,6 +439,6 @@ fn cuda(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = linear, conv, attn, elementwise, cuda
+    targets = linear, gemm_bf16, conv, attn, elementwise, cuda
 }
 criterion_main!(benches);

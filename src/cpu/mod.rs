@@ -2,6 +2,7 @@
 //! chosen at run time, rayon-parallel), and vectorisable scalar math (exp, erf)
 //! used by the element-wise ops.
 
+pub mod bf16_gemm;
 pub mod math;
 
 /// Whether this CPU has AVX2 and FMA (checked once).
