@@ -164,11 +164,19 @@ pub struct Predictor {
 
 impl Predictor {
     /// A predictor around a built model: the model moves to the options'
-    /// device and dtype (CPU: f32; CUDA: f32, or bf16 for the image side's
-    /// GEMMs, see SamUnet::to_device).
-    pub fn new(mut model: SamUnet, options: PredictorOptions) -> Result<Self> {
+    /// device and dtype (f32; or bf16 for the image side's GEMMs: on CUDA
+    /// see SamUnet::to_device, on the CPU the ViT's linears through the
+    /// AVX512_BF16 GEMM, or f32 with a notice where the CPU lacks it).
+    pub fn new(mut model: SamUnet, mut options: PredictorOptions) -> Result<Self> {
+        if (options.device, options.dtype) == (Device::Cpu, DType::BF16)
+            && !crate::cpu::bf16_gemm::has_avx512_bf16()
+        {
+            // Said, and run in f32: never an illegal instruction.
+            eprintln!("note: bf16 on the CPU needs AVX512_BF16, which this CPU lacks: running f32");
+            options.dtype = DType::F32;
+        }
         let cuda = match (options.device, options.dtype) {
-            (Device::Cpu, DType::F32) => None,
+            (Device::Cpu, DType::F32 | DType::BF16) => None,
             (Device::Cpu, dt) => {
                 return Err(Error::input(
                     "Predictor",

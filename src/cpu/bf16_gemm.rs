@@ -11,8 +11,17 @@
 //!   k-pair, the 6 rows' pairs: [blocks][K/2][6] words.
 //!
 //! The microkernel keeps a 6 x 64 tile of C in 24 zmm registers; per
-//! k-pair it loads 4 vectors of B and broadcasts 6 words of A. Not wired
-//! into the model yet.
+//! k-pair it loads 4 vectors of B and broadcasts 6 words of A.
+//!
+//! Two drivers: `gemm_bf16` (A per call, B packed once: the ViT's linears,
+//! x W^T) and `gemm_bf16_tiles` (A packed once: a convolution's weights;
+//! B packed per column tile by the caller, e.g. im2col straight into
+//! k-pairs, so that the tile stays in cache).
+//!
+//! Where the CPU lacks AVX512_BF16, a portable kernel reads the same packed
+//! words and computes the same rounded products in f32 (slower than the f32
+//! GEMM: it is the reference that lets the packing and the model's bf16
+//! wiring be tested on any CPU; `Predictor` runs f32 there instead).
 
 use rayon::prelude::*;
 
@@ -38,26 +47,39 @@ pub fn has_avx512_bf16() -> bool {
     }
 }
 
-/// f32 -> bf16 bits, round to nearest even (NaN stays NaN).
-#[inline]
+/// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN, as
+/// `half::bf16::from_f32`); branch-free so that packing loops vectorise.
+#[inline(always)]
 fn bf16(x: f32) -> u32 {
-    half::bf16::from_f32(x).to_bits() as u32
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    if (b & 0x7fff_ffff) > 0x7f80_0000 {
+        (b >> 16) | 0x40
+    } else {
+        rounded
+    }
 }
 
 /// Two bf16 values as one 32-bit word, the first in the low half (the
 /// lane's even element).
-#[inline]
+#[inline(always)]
 fn pair(lo: f32, hi: f32) -> u32 {
     bf16(lo) | (bf16(hi) << 16)
 }
 
 /// B [K, N] rounded to bf16 and packed for the microkernel.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PackedB {
     pub k: usize,
     pub n: usize,
     /// [ceil(N / 64)][ceil(K / 2)][64] words.
     words: Vec<u32>,
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedB {{ k: {}, n: {} }}", self.k, self.n)
+    }
 }
 
 impl PackedB {
@@ -109,17 +131,168 @@ fn check(op: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A [M, K] rounded to bf16 and packed once (a convolution's weights):
+/// blocks of 6 rows, in a block for each k-pair the 6 rows' pairs.
+#[derive(Clone)]
+pub struct PackedA {
+    pub m: usize,
+    pub k: usize,
+    /// [ceil(M / 6)][ceil(K / 2)][6] words.
+    words: Vec<u32>,
+}
+
+impl std::fmt::Debug for PackedA {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedA {{ m: {}, k: {} }}", self.m, self.k)
+    }
+}
+
+impl PackedA {
+    fn build(m: usize, k: usize, a: impl Fn(usize, usize) -> f32 + Sync) -> PackedA {
+        let k2 = k.div_ceil(2);
+        let mut words = vec![0u32; m.div_ceil(MR) * k2 * MR];
+        words
+            .par_chunks_mut(k2 * MR)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                for i in 0..MR {
+                    let r = blk * MR + i;
+                    if r >= m {
+                        continue;
+                    }
+                    for kp in 0..k2 {
+                        let hi = if 2 * kp + 1 < k {
+                            a(r, 2 * kp + 1)
+                        } else {
+                            0.0
+                        };
+                        dst[kp * MR + i] = pair(a(r, 2 * kp), hi);
+                    }
+                }
+            });
+        PackedA { m, k, words }
+    }
+
+    /// A row-major [M, K] (a convolution's weight [O, C kh kw]).
+    pub fn from_mk(a: &[f32], m: usize, k: usize) -> Result<PackedA> {
+        check("bf16 pack", a.len(), m * k, &format!("A [{m}, {k}]"))?;
+        Ok(Self::build(m, k, |r, l| a[r * k + l]))
+    }
+
+    /// A stored transposed, as row-major [K, M] (a transposed
+    /// convolution's weight [C, O k k]: A = W^T).
+    pub fn from_km(a: &[f32], k: usize, m: usize) -> Result<PackedA> {
+        check("bf16 pack", a.len(), m * k, &format!("A^T [{k}, {m}]"))?;
+        Ok(Self::build(m, k, |r, l| a[l * m + r]))
+    }
+}
+
+/// The packed-B words a tile of `cols` columns needs (`pack_b_rows`).
+pub fn packed_b_len(k: usize, cols: usize) -> usize {
+    cols.div_ceil(NR) * k.div_ceil(2) * NR
+}
+
+crate::cpu::multiversion! {
+    /// Packs B [K, cols], row l at `src[l * rs..]`, into `dst`
+    /// (`packed_b_len(k, cols)` words): the layout of `PackedB`, for
+    /// `gemm_bf16_tiles`. Columns past `cols` are zero.
+    pub fn pack_b_rows(k: usize, cols: usize, src: &[f32], rs: usize, dst: &mut [u32]) {
+        let k2 = k.div_ceil(2);
+        assert!(dst.len() >= packed_b_len(k, cols), "pack_b_rows: dst too short");
+        assert!(
+            k == 0 || cols == 0 || src.len() >= (k - 1) * rs + cols,
+            "pack_b_rows: src too short"
+        );
+        let row = |l: usize| &src[l * rs..l * rs + cols];
+        for (p, panel) in dst.chunks_mut(k2 * NR).take(cols.div_ceil(NR)).enumerate() {
+            let (c0, w) = (p * NR, NR.min(cols - p * NR));
+            for kp in 0..k2 {
+                let out = &mut panel[kp * NR..(kp + 1) * NR];
+                let lo = &row(2 * kp)[c0..c0 + w];
+                if 2 * kp + 1 < k {
+                    let hi = &row(2 * kp + 1)[c0..c0 + w];
+                    for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
+                        *o = pair(l, h);
+                    }
+                } else {
+                    for (o, &l) in out.iter_mut().zip(lo) {
+                        *o = bf16(l);
+                    }
+                }
+                out[w..].fill(0);
+            }
+        }
+    }
+}
+
+/// One tile C[rows, cols] (row stride ldc, at `c`) = or += an A block
+/// times a B panel: the AVX512_BF16 kernel where the CPU has it, else the
+/// portable one on the same words.
+///
+/// # Safety
+/// `a` holds k2 x 6 words, `b` k2 x 64, and the rows x cols elements at
+/// `c` with row stride ldc are valid for writes and touched by no one else.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn tile(
+    k2: usize,
+    a: &[u32],
+    b: &[u32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) {
+    debug_assert!(a.len() >= k2 * MR && b.len() >= k2 * NR && rows <= MR && cols <= NR);
+    if has_avx512_bf16() {
+        // SAFETY: the CPU has AVX-512 F / BW / BF16 (just checked); the
+        // slices and the tile are as this function's contract says.
+        unsafe { kernel(k2, a, b, c, ldc, rows, cols, accumulate) }
+    } else {
+        let acc = portable_tile(k2, a, b);
+        for (i, r) in acc.iter().enumerate().take(rows) {
+            // SAFETY: row i < rows of the tile (this function's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
+            for (d, &v) in dst.iter_mut().zip(r) {
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
+}
+
+crate::cpu::multiversion! {
+    /// The portable kernel: the same bf16 products (exact in f32), summed
+    /// in f32 per k-pair as `vdpbf16ps` does.
+    fn portable_tile(k2: usize, a: &[u32], b: &[u32]) -> [[f32; NR]; MR] {
+        let mut acc = [[0f32; NR]; MR];
+        let (mut blo, mut bhi) = ([0f32; NR], [0f32; NR]);
+        for kp in 0..k2 {
+            let bw = &b[kp * NR..(kp + 1) * NR];
+            for j in 0..NR {
+                blo[j] = f32::from_bits(bw[j] << 16);
+                bhi[j] = f32::from_bits(bw[j] & 0xffff_0000);
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let w = a[kp * MR + i];
+                let (alo, ahi) = (f32::from_bits(w << 16), f32::from_bits(w & 0xffff_0000));
+                for j in 0..NR {
+                    row[j] += alo * blo[j] + ahi * bhi[j];
+                }
+            }
+        }
+        acc
+    }
+}
+
 /// C [M, N] = A [M, K] B (or += with `accumulate`), A's values rounded to
-/// bf16, products summed in f32. Needs AVX512_BF16 (`has_avx512_bf16`);
-/// without it an error says so (the caller runs f32 instead).
+/// bf16, products summed in f32. Parallel over blocks of rows; fast with
+/// AVX512_BF16 (`has_avx512_bf16`), else the portable reference kernel.
 pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bool) -> Result<()> {
     const OP: &str = "gemm_bf16";
     let (k, n) = (b.k, b.n);
     check(OP, a.len(), m * k, &format!("A [{m}, {k}]"))?;
     check(OP, c.len(), m * n, &format!("C [{m}, {n}]"))?;
-    if !has_avx512_bf16() {
-        return Err(Error::input(OP, "this CPU has no AVX512_BF16"));
-    }
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -153,11 +326,11 @@ pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bo
                 let rws = MR.min(rows - blk * MR);
                 let apb = &ap[blk * k2 * MR..(blk + 1) * k2 * MR];
                 let c0 = blk * MR * n + p * NR;
-                // SAFETY: the CPU has AVX-512 F / BW / BF16 (checked
-                // above); apb holds k2 x 6 words, bp k2 x 64, and the
-                // tile [rws, cols] at c0 with row stride n lies in ct.
+                // SAFETY: apb holds k2 x 6 words, bp k2 x 64, and the tile
+                // [rws, cols] at c0 with row stride n lies in ct, which
+                // this task owns.
                 unsafe {
-                    kernel(k2, apb, bp, &mut ct[c0..], n, rws, cols, accumulate);
+                    tile(k2, apb, bp, ct[c0..].as_mut_ptr(), n, rws, cols, accumulate);
                 }
             }
         }
@@ -165,8 +338,87 @@ pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bo
     Ok(())
 }
 
-/// One 6 x 64 tile: C[rows, cols] (row stride ldc) = or += the packed A
-/// block times the packed B panel.
+thread_local! {
+    /// Each worker's packed-B tile (`gemm_bf16_tiles`), kept between calls.
+    static B_TILE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// C = A B for `batches` products at once, with A [M, K] packed once and B
+/// [K, N] packed per column tile by the caller: parallel over (batch,
+/// tile of `tile` columns, a multiple of 64). `c` holds `batches` row-major
+/// [M, N] matrices. For each task, `pack(batch, first_col, cols, scratch,
+/// words)` fills `words` (`packed_b_len(K, cols)`, e.g. by `pack_b_rows`),
+/// the tile [M, cols] is computed, then `epilogue(batch, first_col, tile)`
+/// runs on it while it is in cache.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_tiles(
+    a: &PackedA,
+    batches: usize,
+    n: usize,
+    tile_cols: usize,
+    c: &mut [f32],
+    pack: &(dyn Fn(usize, usize, usize, &mut Vec<f32>, &mut [u32]) + Sync),
+    epilogue: &(dyn Fn(usize, usize, &mut crate::cpu::Tile) + Sync),
+) -> Result<()> {
+    const OP: &str = "gemm_bf16_tiles";
+    let (m, k) = (a.m, a.k);
+    check(
+        OP,
+        c.len(),
+        batches * m * n,
+        &format!("C {batches} x [{m}, {n}]"),
+    )?;
+    if tile_cols == 0 || tile_cols % NR != 0 {
+        return Err(Error::input(
+            OP,
+            format!("tile of {tile_cols} columns: not a multiple of {NR}"),
+        ));
+    }
+    if m == 0 || n == 0 || batches == 0 {
+        return Ok(());
+    }
+    let k2 = k.div_ceil(2);
+    crate::cpu::par_col_tiles(c, batches, m, n, tile_cols, |bi, j0, t, scratch| {
+        let cols = t.cols();
+        B_TILE.with_borrow_mut(|words| {
+            let len = packed_b_len(k, cols);
+            if words.len() < len {
+                words.resize(len, 0);
+            }
+            pack(bi, j0, cols, scratch, &mut words[..len]);
+            let (ptr, ldc) = t.raw();
+            for p in 0..cols.div_ceil(NR) {
+                let bp = &words[p * k2 * NR..(p + 1) * k2 * NR];
+                let pc = NR.min(cols - p * NR);
+                for blk in 0..m.div_ceil(MR) {
+                    let rows = MR.min(m - blk * MR);
+                    let ab = &a.words[blk * k2 * MR..(blk + 1) * k2 * MR];
+                    // SAFETY: ab holds k2 x 6 words, bp k2 x 64; the tile
+                    // rows [6 blk, 6 blk + rows) x columns [64 p, 64 p + pc)
+                    // lie inside this task's tile (par_col_tiles gives it
+                    // exclusive access).
+                    unsafe {
+                        tile(
+                            k2,
+                            ab,
+                            bp,
+                            ptr.add(blk * MR * ldc + p * NR),
+                            ldc,
+                            rows,
+                            pc,
+                            false,
+                        );
+                    }
+                }
+            }
+        });
+        epilogue(bi, j0, t);
+    });
+    Ok(())
+}
+
+/// One 6 x 64 tile: C[rows, cols] (row stride ldc, at c) = or += the packed
+/// A block times the packed B panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -174,7 +426,7 @@ unsafe fn kernel(
     k2: usize,
     a: &[u32],
     b: &[u32],
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
     rows: usize,
     cols: usize,
@@ -210,9 +462,9 @@ unsafe fn kernel(
     for (i, row) in acc.iter().enumerate().take(rows) {
         if full {
             for (j, v) in row.iter().enumerate() {
-                // SAFETY: the tile lies in c (row i < rows, 64 columns).
+                // SAFETY: the tile lies at c (row i < rows, 64 columns).
                 unsafe {
-                    let p = c.as_mut_ptr().add(i * ldc + 16 * j);
+                    let p = c.add(i * ldc + 16 * j);
                     let out = if accumulate {
                         _mm512_add_ps(_mm512_loadu_ps(p), *v)
                     } else {
@@ -227,7 +479,8 @@ unsafe fn kernel(
                 // SAFETY: tmp holds 64 floats.
                 unsafe { _mm512_storeu_ps(tmp.as_mut_ptr().add(16 * j), *v) };
             }
-            let dst = &mut c[i * ldc..i * ldc + cols];
+            // SAFETY: row i < rows of the tile, cols values.
+            let dst = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
             for (d, &t) in dst.iter_mut().zip(&tmp) {
                 *d = if accumulate { *d + t } else { t };
             }
@@ -241,7 +494,7 @@ unsafe fn kernel(
     _: usize,
     _: &[u32],
     _: &[u32],
-    _: &mut [f32],
+    _: *mut f32,
     _: usize,
     _: usize,
     _: usize,
@@ -321,29 +574,56 @@ mod tests {
     /// f32 accumulation (|d| <= K eps sum |a b|), at shapes with partial
     /// tiles and an odd K, overwriting and accumulating, from [K, N] and
     /// from a weight [N, K].
+    /// |c - sum(round(a) round(b))| within f32 accumulation of K terms.
+    fn check_product(
+        what: &str,
+        (m, k, n): (usize, usize, usize),
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+        c0: Option<&[f32]>,
+        c: &[f32],
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut mag) = (0.0f64, 0.0f64);
+                for l in 0..k {
+                    let p = round(a(i, l)) * round(b(l, j));
+                    s += p;
+                    mag += p.abs();
+                }
+                if let Some(c0) = c0 {
+                    s += c0[i * n + j] as f64;
+                    mag += (c0[i * n + j] as f64).abs();
+                }
+                let d = (c[i * n + j] as f64 - s).abs();
+                let bound = (k as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
+                assert!(
+                    d <= bound,
+                    "{what} {m}x{k}x{n} [{i},{j}]: {} vs {s} (|d| {d:e} > {bound:e})",
+                    c[i * n + j]
+                );
+            }
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 1, 1),
+        (7, 13, 65),
+        (50, 64, 128),
+        (13, 301, 70),
+        (96, 768, 192),
+        (64, 576, 200),
+    ];
+
+    /// Against an f64 product of the bf16-rounded inputs: equal up to the
+    /// f32 accumulation (|d| <= K eps sum |a b|), at shapes with partial
+    /// tiles and an odd K, overwriting and accumulating, from [K, N] and
+    /// from a weight [N, K]. Runs the AVX512_BF16 kernel where the CPU has
+    /// it, else the portable one.
     #[test]
     fn matches_f64_of_rounded_inputs() {
-        if !has_avx512_bf16() {
-            println!("no AVX512_BF16 on this CPU: the kernel is not run");
-            assert!(
-                gemm_bf16(
-                    &[0.0],
-                    1,
-                    &PackedB::from_kn(&[0.0], 1, 1).unwrap(),
-                    &mut [0.0],
-                    false
-                )
-                .is_err()
-            );
-            return;
-        }
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (7, 13, 65),
-            (50, 64, 128),
-            (13, 301, 70),
-            (96, 768, 192),
-        ] {
+        println!("AVX512_BF16: {}", has_avx512_bf16());
+        for &(m, k, n) in &SHAPES {
             let (a, b) = (rand(m * k, 1 + m as u64), rand(k * n, 2 + n as u64));
             let c0 = rand(m * n, 3);
             let pb = PackedB::from_kn(&b, k, n).unwrap();
@@ -352,27 +632,144 @@ mod tests {
             for (packed, accumulate) in [(&pb, false), (&pw, true)] {
                 let mut c = c0.clone();
                 gemm_bf16(&a, m, packed, &mut c, accumulate).unwrap();
-                for i in 0..m {
-                    for j in 0..n {
-                        let (mut s, mut mag) = (0.0f64, 0.0f64);
-                        for l in 0..k {
-                            let p = round(a[i * k + l]) * round(b[l * n + j]);
-                            s += p;
-                            mag += p.abs();
-                        }
-                        if accumulate {
-                            s += c0[i * n + j] as f64;
-                            mag += (c0[i * n + j] as f64).abs();
-                        }
-                        let d = (c[i * n + j] as f64 - s).abs();
-                        let bound = (k as f64 + 2.0) * f32::EPSILON as f64 * mag + 1e-30;
-                        assert!(
-                            d <= bound,
-                            "{m}x{k}x{n} [{i},{j}]: {} vs {s} (|d| {d:e} > {bound:e})",
-                            c[i * n + j]
-                        );
-                    }
+                check_product(
+                    "gemm_bf16",
+                    (m, k, n),
+                    |i, l| a[i * k + l],
+                    |l, j| b[l * n + j],
+                    accumulate.then_some(&c0[..]),
+                    &c,
+                );
+            }
+        }
+    }
+
+    /// A packed once (from [M, K] and from [K, M]), B packed per tile by
+    /// `pack_b_rows` from strided rows, two batches, tiles of 64 and 128
+    /// columns with a partial last one; the epilogue sees each tile once.
+    #[test]
+    fn tiles_match_f64_of_rounded_inputs() {
+        for &(m, k, n) in &SHAPES {
+            let batches = 2;
+            let a = rand(m * k, 5 + m as u64);
+            // B of batch i: rows of length n + 3 (a stride wider than the row).
+            let rs = n + 3;
+            let b = rand(batches * k * rs, 6 + k as u64);
+            let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+            for (pa, tile_cols) in [
+                (PackedA::from_mk(&a, m, k).unwrap(), 64),
+                (PackedA::from_km(&at, k, m).unwrap(), 128),
+            ] {
+                let mut c = vec![f32::NAN; batches * m * n];
+                let seen = std::sync::Mutex::new(Vec::new());
+                gemm_bf16_tiles(
+                    &pa,
+                    batches,
+                    n,
+                    tile_cols,
+                    &mut c,
+                    &|bi, j0, cols, _scratch, words| {
+                        pack_b_rows(k, cols, &b[bi * k * rs + j0..], rs, words)
+                    },
+                    &|bi, j0, t| seen.lock().unwrap().push((bi, j0, t.cols())),
+                )
+                .unwrap();
+                let mut seen = seen.into_inner().unwrap();
+                seen.sort();
+                let want: Vec<_> = (0..batches)
+                    .flat_map(|bi| {
+                        (0..n.div_ceil(tile_cols))
+                            .map(move |t| (bi, t * tile_cols, tile_cols.min(n - t * tile_cols)))
+                    })
+                    .collect();
+                assert_eq!(seen, want);
+                for bi in 0..batches {
+                    check_product(
+                        "gemm_bf16_tiles",
+                        (m, k, n),
+                        |i, l| a[i * k + l],
+                        |l, j| b[bi * k * rs + l * rs + j],
+                        None,
+                        &c[bi * m * n..(bi + 1) * m * n],
+                    );
                 }
+            }
+        }
+    }
+
+    /// The branch-free rounding is half's round-to-nearest-even, ties,
+    /// overflow to infinity, subnormals and NaN included.
+    #[test]
+    fn rounding_is_round_to_nearest_even() {
+        let mut s = 0x1234_5678u64;
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+        ];
+        let randoms = (0..100_000).map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            f32::from_bits((s >> 32) as u32)
+        });
+        for x in specials.into_iter().chain(randoms) {
+            assert_eq!(
+                bf16(x),
+                half::bf16::from_f32(x).to_bits() as u32,
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
+    }
+
+    /// Where the CPU has AVX512_BF16, the portable kernel (what other CPUs
+    /// run) agrees with it on the same words.
+    #[test]
+    fn portable_kernel_agrees_with_avx512() {
+        if !has_avx512_bf16() {
+            println!("no AVX512_BF16 on this CPU: only the portable kernel runs");
+            return;
+        }
+        let k2 = 300;
+        let a: Vec<u32> = rand(k2 * MR * 2, 9)
+            .chunks(2)
+            .map(|p| pair(p[0], p[1]))
+            .collect();
+        let b: Vec<u32> = rand(k2 * NR * 2, 10)
+            .chunks(2)
+            .map(|p| pair(p[0], p[1]))
+            .collect();
+        let mut c = vec![0f32; MR * NR];
+        // SAFETY: the CPU has AVX512_BF16; a, b and c have the sizes the kernel reads and writes.
+        unsafe { kernel(k2, &a, &b, c.as_mut_ptr(), NR, MR, NR, false) };
+        let p = portable_tile(k2, &a, &b);
+        for i in 0..MR {
+            for j in 0..NR {
+                let mag: f32 = (0..k2)
+                    .map(|kp| {
+                        let (x, y) = (a[kp * MR + i], b[kp * NR + j]);
+                        (f32::from_bits(x << 16) * f32::from_bits(y << 16)).abs()
+                            + (f32::from_bits(x & 0xffff_0000) * f32::from_bits(y & 0xffff_0000))
+                                .abs()
+                    })
+                    .sum();
+                let d = (c[i * NR + j] - p[i][j]).abs();
+                assert!(
+                    d <= 2.0 * (2 * k2) as f32 * f32::EPSILON * mag,
+                    "[{i},{j}] {} vs {}",
+                    c[i * NR + j],
+                    p[i][j]
+                );
             }
         }
     }

@@ -314,6 +314,12 @@ impl Tile {
         }
     }
 
+    /// The tile's first element and row stride, for kernels that write
+    /// its rows x cols elements themselves.
+    pub fn raw(&mut self) -> (*mut f32, usize) {
+        (self.ptr, self.rs)
+    }
+
     /// Row i of the tile (cols values).
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
         assert!(i < self.rows);

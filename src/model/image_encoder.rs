@@ -76,8 +76,12 @@ impl Block {
         self.lin2.forward_residual(&h, &x)
     }
 
-    /// The dtype of its GEMM weights.
+    /// The dtype of its GEMM weights (bf16 too when packed for the CPU's
+    /// bf16 GEMM).
     pub fn dtype(&self) -> crate::tensor::DType {
+        if self.qkv.packed_bf16.is_some() {
+            return crate::tensor::DType::BF16;
+        }
         self.qkv.weight.dtype()
     }
 

@@ -151,6 +151,11 @@ impl crate::nn::Params for Block {
             .into_iter()
             .try_for_each(|l| l.visit_gemm_weights(f))
     }
+    fn set_cpu_bf16(&mut self, on: bool) -> Result<()> {
+        self.layers()
+            .into_iter()
+            .try_for_each(|l| l.set_cpu_bf16(on))
+    }
 }
 
 crate::params!(ResNet { stem, stages });

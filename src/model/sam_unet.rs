@@ -249,12 +249,14 @@ impl SamUnet {
     /// runs there: each op dispatches on its inputs' device; images and boxes
     /// given on the host are moved to the model's device on the way in.
     ///
-    /// `dtype` bf16 (CUDA only) keeps the image side's GEMM weights (ResNet,
+    /// `dtype` bf16 on CUDA keeps the image side's GEMM weights (ResNet,
     /// ViT, adapters, bridges, embedding encoder) in bf16, so their GEMMs run
     /// on bf16 inputs with f32 accumulation and the ViT blocks run fused
     /// (ops::attention::vit_block_bf16); every norm, softmax, epilogue and the
     /// whole decoder stay f32. Moving back to f32 widens them again (the
-    /// rounding stays).
+    /// rounding stays). On the CPU, bf16 keeps the weights in f32 and packs
+    /// a bf16 copy of each of those GEMMs for the AVX512_BF16 kernel
+    /// (`pack_image_side_cpu_bf16`): an error where the CPU lacks it.
     pub fn to_device(
         &mut self,
         device: crate::tensor::Device,
@@ -263,6 +265,17 @@ impl SamUnet {
         use crate::nn::Params;
         use crate::tensor::{DType, Device};
         match (device, dtype) {
+            (Device::Cpu, DType::BF16) => {
+                if !crate::cpu::bf16_gemm::has_avx512_bf16() {
+                    return Err(Error::input(
+                        "SamUnet::to_device",
+                        "bf16 on the CPU needs AVX512_BF16, which this CPU lacks \
+                         (Predictor runs f32 instead, with a notice)",
+                    ));
+                }
+                crate::nn::to_device(self, device)?;
+                return self.pack_image_side_cpu_bf16(true);
+            }
             (_, DType::F32) | (Device::Cuda(_), DType::BF16) => {}
             (d, t) => {
                 return Err(Error::input(
@@ -275,6 +288,7 @@ impl SamUnet {
             }
         }
         crate::nn::to_device(self, device)?;
+        self.pack_image_side_cpu_bf16(false)?;
         if dtype == DType::BF16 {
             let image_side: [&mut dyn Params; 5] = [
                 &mut self.resnet,
@@ -286,6 +300,28 @@ impl SamUnet {
             for m in image_side {
                 crate::nn::gemm_weights_to(m, DType::BF16)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Every GEMM of the image side (ResNet, ViT, adapters, bridges, the
+    /// embedding encoder: convolutions, transposed convolutions, linears)
+    /// packed for the CPU's bf16 GEMM (`on`), or unpacked; the decoder
+    /// stays f32. `to_device(Cpu, BF16)` does this where the CPU has
+    /// AVX512_BF16; called directly on another CPU, the same arithmetic
+    /// runs through the portable kernel (slower than f32: a reference for
+    /// tests).
+    pub fn pack_image_side_cpu_bf16(&mut self, on: bool) -> Result<()> {
+        use crate::nn::Params;
+        let image_side: [&mut dyn Params; 5] = [
+            &mut self.resnet,
+            &mut self.vit,
+            &mut self.adapters_in,
+            &mut self.bridges,
+            &mut self.embedding_encoder,
+        ];
+        for m in image_side {
+            m.set_cpu_bf16(on)?;
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::io::Weights;
 use crate::ops::activation::Act;
-use crate::ops::conv::{Conv2dArgs, conv_transpose2d, conv2d};
+use crate::ops::conv::{Conv2dArgs, conv_transpose2d_with, conv2d_with};
 use crate::ops::linear::linear_fused;
 use crate::ops::norm::{fold_batch_norm, layer_norm, layer_norm2d};
 use crate::tensor::Tensor;
@@ -16,6 +16,10 @@ pub trait Params {
     /// Only the weights that a GEMM reads (Linear, Conv2d, ConvTranspose2d):
     /// what a bf16 model keeps in bf16.
     fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()>;
+    /// Every GEMM layer (Linear, Conv2d, ConvTranspose2d) packs its weight
+    /// for the CPU's bf16 GEMM (`on`), or drops the packing: while packed,
+    /// its CPU inputs are multiplied in bf16 with f32 sums.
+    fn set_cpu_bf16(&mut self, on: bool) -> Result<()>;
 }
 
 /// Every tensor of `m` moved to `device`, in f32.
@@ -42,6 +46,9 @@ impl<T: Params> Params for Option<T> {
     fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         self.iter_mut().try_for_each(|m| m.visit_gemm_weights(f))
     }
+    fn set_cpu_bf16(&mut self, on: bool) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.set_cpu_bf16(on))
+    }
 }
 
 impl<T: Params> Params for Vec<T> {
@@ -50,6 +57,9 @@ impl<T: Params> Params for Vec<T> {
     }
     fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         self.iter_mut().try_for_each(|m| m.visit_gemm_weights(f))
+    }
+    fn set_cpu_bf16(&mut self, on: bool) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.set_cpu_bf16(on))
     }
 }
 
@@ -60,6 +70,9 @@ impl<T: Params, const N: usize> Params for [T; N] {
     fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         self.iter_mut().try_for_each(|m| m.visit_gemm_weights(f))
     }
+    fn set_cpu_bf16(&mut self, on: bool) -> Result<()> {
+        self.iter_mut().try_for_each(|m| m.set_cpu_bf16(on))
+    }
 }
 
 /// A bare tensor field (an embedding, a table, rel_pos) is not a GEMM weight.
@@ -68,6 +81,9 @@ impl Params for Tensor {
         f(self)
     }
     fn visit_gemm_weights(&mut self, _f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+    fn set_cpu_bf16(&mut self, _on: bool) -> Result<()> {
         Ok(())
     }
 }
@@ -82,12 +98,15 @@ macro_rules! params {
         $crate::params!(@impl $t { $($field),* } |s, f| {
             $( $crate::nn::Params::visit_gemm_weights(&mut s.$field, f)?; )*
             Ok(())
+        }, |s, on| {
+            $( $crate::nn::Params::set_cpu_bf16(&mut s.$field, on)?; )*
+            Ok(())
         });
     };
     ($t:ty { $($field:ident),* $(,)? } gemm $w:ident) => {
-        $crate::params!(@impl $t { $($field),* } |s, f| f(&mut s.$w));
+        $crate::params!(@impl $t { $($field),* } |s, f| f(&mut s.$w), |s, on| s.set_cpu_bf16_layer(on));
     };
-    (@impl $t:ty { $($field:ident),* } |$s:ident, $f:ident| $gemm:expr) => {
+    (@impl $t:ty { $($field:ident),* } |$s:ident, $f:ident| $gemm:expr, |$s2:ident, $on:ident| $pack:expr) => {
         impl $crate::nn::Params for $t {
             fn visit(
                 &mut self,
@@ -103,6 +122,10 @@ macro_rules! params {
                 let $s = self;
                 $gemm
             }
+            fn set_cpu_bf16(&mut self, $on: bool) -> $crate::Result<()> {
+                let $s2 = self;
+                $pack
+            }
         }
     };
 }
@@ -111,6 +134,15 @@ params!(Linear { weight, bias } gemm weight);
 params!(Conv2d { weight, bias } gemm weight);
 params!(ConvTranspose2d { weight, bias } gemm weight);
 params!(LayerNorm { weight, bias });
+
+/// A weight's values in f32 on the host (for packing).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(crate::tensor::Device::Cpu)?
+        .to_dtype(crate::tensor::DType::F32)?
+        .compact()?
+        .as_f32()?
+        .to_vec())
+}
 
 fn get(w: &Weights, prefix: &str, name: &str) -> Result<Tensor> {
     w.req(&format!("{prefix}.{name}")).cloned()
@@ -122,6 +154,9 @@ pub struct Linear {
     pub weight: Tensor,
     /// [out]
     pub bias: Option<Tensor>,
+    /// The weight rounded to bf16 and packed for the CPU's AVX512_BF16
+    /// GEMM (`pack_cpu_bf16`); when set, CPU inputs go through it.
+    pub packed_bf16: Option<std::sync::Arc<crate::cpu::bf16_gemm::PackedB>>,
 }
 
 impl Linear {
@@ -129,23 +164,42 @@ impl Linear {
         Ok(Linear {
             weight: get(w, prefix, "weight")?,
             bias: w.get(&format!("{prefix}.bias")).cloned(),
+            packed_bf16: None,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear_fused(x, &self.weight, self.bias.as_ref(), None, Act::None)
+        self.fused(x, None, Act::None)
     }
     pub fn forward_act(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        linear_fused(x, &self.weight, self.bias.as_ref(), None, act)
+        self.fused(x, None, act)
     }
     /// residual + x W^T + b
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        linear_fused(
-            x,
-            &self.weight,
-            self.bias.as_ref(),
-            Some(residual),
-            Act::None,
-        )
+        self.fused(x, Some(residual), Act::None)
+    }
+
+    fn fused(&self, x: &Tensor, residual: Option<&Tensor>, act: Act) -> Result<Tensor> {
+        match &self.packed_bf16 {
+            Some(p) if x.device() == crate::tensor::Device::Cpu => {
+                crate::ops::linear::linear_packed_bf16(x, p, self.bias.as_ref(), residual, act)
+            }
+            _ => linear_fused(x, &self.weight, self.bias.as_ref(), residual, act),
+        }
+    }
+
+    /// Rounds the weight to bf16 and packs it for the CPU's bf16 GEMM (or
+    /// drops the packing): while packed, CPU inputs are multiplied in bf16
+    /// with f32 sums (the bias, residual and activation stay f32).
+    pub fn set_cpu_bf16_layer(&mut self, on: bool) -> Result<()> {
+        self.packed_bf16 = None;
+        if on {
+            let [n, k] = self.weight.dims_n::<2>("pack_cpu_bf16", "weight")?;
+            let w = host_f32(&self.weight)?;
+            self.packed_bf16 = Some(std::sync::Arc::new(
+                crate::cpu::bf16_gemm::PackedB::from_nk(&w, n, k)?,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -157,15 +211,33 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
+    /// The weight as A [O, C kh kw] for the CPU's bf16 GEMM
+    /// (`set_cpu_bf16_layer`); when set, CPU inputs go through it.
+    pub packed_bf16: Option<std::sync::Arc<crate::cpu::bf16_gemm::PackedA>>,
 }
 
 impl Conv2d {
+    /// Rounds the weight to bf16 and packs it for the CPU's bf16 GEMM (or
+    /// drops the packing).
+    pub fn set_cpu_bf16_layer(&mut self, on: bool) -> Result<()> {
+        self.packed_bf16 = None;
+        if on {
+            let [o, c, kh, kw] = self.weight.dims_n::<4>("pack_cpu_bf16", "weight")?;
+            let w = host_f32(&self.weight)?;
+            self.packed_bf16 = Some(std::sync::Arc::new(
+                crate::cpu::bf16_gemm::PackedA::from_mk(&w, o, c * kh * kw)?,
+            ));
+        }
+        Ok(())
+    }
+
     pub fn load(w: &Weights, prefix: &str, stride: usize, padding: usize) -> Result<Self> {
         Ok(Conv2d {
             weight: get(w, prefix, "weight")?,
             bias: w.get(&format!("{prefix}.bias")).cloned(),
             stride,
             padding,
+            packed_bf16: None,
         })
     }
     /// A bias-free conv followed by BatchNorm2d (eps 1e-5, running statistics),
@@ -191,12 +263,14 @@ impl Conv2d {
             bias: Some(fb),
             stride,
             padding,
+            packed_bf16: None,
         })
     }
     pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        conv2d(
+        conv2d_with(
             x,
             &self.weight,
+            self.packed_bf16.as_deref(),
             self.bias.as_ref(),
             Conv2dArgs {
                 stride: self.stride,
@@ -208,9 +282,10 @@ impl Conv2d {
     }
     /// act(conv(x) + residual)
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor, act: Act) -> Result<Tensor> {
-        conv2d(
+        conv2d_with(
             x,
             &self.weight,
+            self.packed_bf16.as_deref(),
             self.bias.as_ref(),
             Conv2dArgs {
                 stride: self.stride,
@@ -229,6 +304,8 @@ pub struct ConvTranspose2d {
     pub weight: Tensor,
     /// [O]
     pub bias: Option<Tensor>,
+    /// W^T as A [O k k, C] for the CPU's bf16 GEMM (`set_cpu_bf16_layer`).
+    pub packed_bf16: Option<std::sync::Arc<crate::cpu::bf16_gemm::PackedA>>,
 }
 
 impl ConvTranspose2d {
@@ -236,10 +313,30 @@ impl ConvTranspose2d {
         Ok(ConvTranspose2d {
             weight: get(w, prefix, "weight")?,
             bias: w.get(&format!("{prefix}.bias")).cloned(),
+            packed_bf16: None,
         })
     }
     pub fn forward(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        conv_transpose2d(x, &self.weight, self.bias.as_ref(), act)
+        conv_transpose2d_with(
+            x,
+            &self.weight,
+            self.packed_bf16.as_deref(),
+            self.bias.as_ref(),
+            act,
+        )
+    }
+    /// Rounds the weight to bf16 and packs it for the CPU's bf16 GEMM (or
+    /// drops the packing).
+    pub fn set_cpu_bf16_layer(&mut self, on: bool) -> Result<()> {
+        self.packed_bf16 = None;
+        if on {
+            let [c, o, kh, kw] = self.weight.dims_n::<4>("pack_cpu_bf16", "weight")?;
+            let w = host_f32(&self.weight)?;
+            self.packed_bf16 = Some(std::sync::Arc::new(
+                crate::cpu::bf16_gemm::PackedA::from_km(&w, c, o * kh * kw)?,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -373,6 +470,9 @@ impl Params for BatchNorm2d {
     fn visit_gemm_weights(&mut self, _f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         Ok(())
     }
+    fn set_cpu_bf16(&mut self, _on: bool) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A bias-free convolution followed by BatchNorm2d: folded into one
@@ -457,6 +557,7 @@ impl ConvBn {
             bias: Some(fb),
             stride: self.conv.stride,
             padding: self.conv.padding,
+            packed_bf16: None,
         })
     }
 }
@@ -468,5 +569,8 @@ impl Params for ConvBn {
     }
     fn visit_gemm_weights(&mut self, f: &mut dyn FnMut(&mut Tensor) -> Result<()>) -> Result<()> {
         self.conv.visit_gemm_weights(f)
+    }
+    fn set_cpu_bf16(&mut self, on: bool) -> Result<()> {
+        self.conv.set_cpu_bf16(on)
     }
 }

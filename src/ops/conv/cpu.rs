@@ -1,5 +1,6 @@
 use rayon::prelude::*;
 
+use crate::cpu::bf16_gemm::{PackedA, gemm_bf16_tiles, pack_b_rows};
 use crate::cpu::{MatRef, Par, par_col_tiles, sgemm};
 use crate::ops::activation::{Act, apply_act_seq};
 
@@ -174,6 +175,117 @@ pub fn conv2d(
         apply_act_seq(row, act);
     });
     out
+}
+
+/// Output pixels per task of the bf16 convolutions: the packed-B tile
+/// (K/2 x cols words) within ~512 KiB, 64 to 512 pixels.
+fn bf16_tile(k: usize) -> usize {
+    ((131_072 / k.div_ceil(2).max(1)) / 64 * 64).clamp(64, 512)
+}
+
+/// `conv2d` through the bf16 GEMM, W packed once as A [O, C kh kw]:
+/// parallel over (image, pixel tile); each task writes the im2col of its
+/// tile straight into bf16 k-pairs (a 1x1 stride-1 conv packs the input
+/// itself), multiplies, and runs bias + residual + activation on the tile
+/// in cache.
+pub fn conv2d_bf16(
+    g: &ConvGeometry,
+    x: &[f32],
+    w: &PackedA,
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Act,
+) -> crate::Result<Vec<f32>> {
+    let _p = crate::profile::scope("conv2d.bf16");
+    let p = g.ho * g.wo;
+    let k = g.c * g.kh * g.kw;
+    let mut out = vec![0.0f32; g.n * g.o * p];
+    let direct = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
+    let img = g.c * g.h * g.w;
+    gemm_bf16_tiles(
+        w,
+        g.n,
+        p,
+        bf16_tile(k),
+        &mut out,
+        &|bi, q0, len, col, words| {
+            let xi = &x[bi * img..(bi + 1) * img];
+            if direct {
+                pack_b_rows(k, len, &xi[q0..], p, words);
+            } else {
+                col.resize(k * len, 0.0);
+                im2col_cols(g, xi, q0, len, &mut col[..k * len]);
+                pack_b_rows(k, len, col, len, words);
+            }
+        },
+        &|bi, q0, tile| {
+            let len = tile.cols();
+            for r in 0..g.o {
+                let row = tile.row_mut(r);
+                if let Some(b) = b {
+                    let bv = b[r];
+                    row.iter_mut().for_each(|v| *v += bv);
+                }
+                if let Some(res) = residual {
+                    let at = (bi * g.o + r) * p + q0;
+                    row.iter_mut()
+                        .zip(&res[at..at + len])
+                        .for_each(|(v, r)| *v += r);
+                }
+                apply_act_seq(row, act);
+            }
+        },
+    )?;
+    Ok(out)
+}
+
+/// `conv_transpose2d` through the bf16 GEMM, W^T packed once as A
+/// [O k k, C]: tmp [O k k, H W] per image (the input rows packed per
+/// pixel tile), then the same scatter + bias + activation.
+pub fn conv_transpose2d_bf16(
+    x: &[f32],
+    w: &PackedA,
+    b: Option<&[f32]>,
+    act: Act,
+    (n, c, h, wd): (usize, usize, usize, usize),
+    o: usize,
+    k: usize,
+) -> crate::Result<Vec<f32>> {
+    let _p = crate::profile::scope("conv_transpose2d.bf16");
+    let hw = h * wd;
+    let rows = o * k * k;
+    let (oh, ow) = (h * k, wd * k);
+    let mut tmp = vec![0.0f32; n * rows * hw];
+    gemm_bf16_tiles(
+        w,
+        n,
+        hw,
+        bf16_tile(c),
+        &mut tmp,
+        &|bi, j0, len, _, words| pack_b_rows(c, len, &x[bi * c * hw + j0..], hw, words),
+        &|_, _, _| {},
+    )?;
+    let mut out = vec![0.0f32; n * o * oh * ow];
+    out.par_chunks_mut(oh * ow)
+        .enumerate()
+        .for_each(|(i, plane)| {
+            let (bi, oc) = (i / o, i % o);
+            let t = &tmp[bi * rows * hw..(bi + 1) * rows * hw];
+            let bv = b.map_or(0.0, |b| b[oc]);
+            for ky in 0..k {
+                for kx in 0..k {
+                    let src = &t[((oc * k + ky) * k + kx) * hw..][..hw];
+                    for y in 0..h {
+                        let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
+                        for (xx, &v) in src[y * wd..(y + 1) * wd].iter().enumerate() {
+                            dst[xx * k + kx] = v + bv;
+                        }
+                    }
+                }
+            }
+            apply_act_seq(plane, act);
+        });
+    Ok(out)
 }
 
 /// Transposed conv with kernel = stride = k: every input pixel writes its own k x k

@@ -9,6 +9,7 @@ pub mod cuda;
 use std::sync::Arc;
 
 use crate::autograd;
+use crate::cpu::bf16_gemm::PackedA;
 use crate::cuda::CudaDevice;
 use crate::error::{Error, Result};
 use crate::ops::activation::Act;
@@ -48,6 +49,22 @@ pub struct Conv2dArgs {
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
+    b: Option<&Tensor>,
+    args: Conv2dArgs,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    conv2d_with(x, w, None, b, args, residual, act)
+}
+
+/// `conv2d`, with `packed` (w as A [O, C kh kw], `nn::Conv2d::pack_cpu_bf16`)
+/// running a CPU input through the bf16 GEMM: im2col of each column tile
+/// straight into bf16 k-pairs, products summed in f32, the f32 epilogue.
+/// Inference only (a tracked input is an error).
+pub fn conv2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&PackedA>,
     b: Option<&Tensor>,
     args: Conv2dArgs,
     residual: Option<&Tensor>,
@@ -115,6 +132,25 @@ pub fn conv2d(
         ho,
         wo,
     };
+    if let Some(p) = packed.filter(|_| x.device() == Device::Cpu) {
+        autograd::no_backward("conv2d (cpu bf16)", &all)?;
+        if (p.m, p.k) != (o, c * kh * kw) {
+            return Err(Error::shape(
+                OP,
+                format!("packed weight [{}, {}] for weight {:?}", p.m, p.k, w.dims()),
+            ));
+        }
+        same_device(OP, &all)?;
+        let out = cpu::conv2d_bf16(
+            &geo,
+            cpu_f32(OP, x)?,
+            p,
+            b.map(|b| cpu_f32(OP, b)).transpose()?,
+            residual.map(|r| cpu_f32(OP, r)).transpose()?,
+            act,
+        )?;
+        return Ok(Tensor::from_f32(out, &out_dims));
+    }
     let mut y = conv2d_forward(x, w, b, &geo, residual, act, &all)?;
     if tracked {
         let (gx, gw) = (autograd::requires_grad(x), autograd::requires_grad(w));
@@ -244,6 +280,19 @@ fn conv2d_forward(
 /// ConvTranspose2d with kernel k == stride k and no padding.
 /// x [B, C, H, W], w [C, O, k, k] (PyTorch's layout), b [O] -> [B, O, kH, kW].
 pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
+    conv_transpose2d_with(x, w, None, b, act)
+}
+
+/// `conv_transpose2d`, with `packed` (W^T as A [O k k, C],
+/// `nn::ConvTranspose2d::pack_cpu_bf16`) running a CPU input through the
+/// bf16 GEMM. Inference only (a tracked input is an error).
+pub fn conv_transpose2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&PackedA>,
+    b: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
     const OP: &str = "conv_transpose2d";
     let _p = crate::profile::scope(OP);
     let [n, c, h, wd] = x.dims_n::<4>(OP, "input")?;
@@ -276,6 +325,26 @@ pub fn conv_transpose2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) ->
     if tracked && act != Act::None {
         let z = conv_transpose2d(x, w, b, Act::None)?;
         return crate::ops::activation::act(&z, act);
+    }
+    if let Some(p) = packed.filter(|_| x.device() == Device::Cpu) {
+        autograd::no_backward("conv_transpose2d (cpu bf16)", &all)?;
+        if (p.m, p.k) != (o * kh * kh, c) {
+            return Err(Error::shape(
+                OP,
+                format!("packed weight [{}, {}] for weight {:?}", p.m, p.k, w.dims()),
+            ));
+        }
+        same_device(OP, &all)?;
+        let out = cpu::conv_transpose2d_bf16(
+            cpu_f32(OP, x)?,
+            p,
+            b.map(|b| cpu_f32(OP, b)).transpose()?,
+            act,
+            (n, c, h, wd),
+            o,
+            kh,
+        )?;
+        return Ok(Tensor::from_f32(out, &[n, o, h * kh, wd * kh]));
     }
     let mut y = conv_transpose2d_forward(x, w, b, act, &all, (n, c, h, wd), o, kh)?;
     if tracked {
@@ -669,6 +738,147 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn bf16_round(v: &[f32]) -> Vec<f32> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    }
+
+    /// The bf16 path (weights packed once, im2col of each tile straight into
+    /// bf16 pairs) equals the f32 convolution of the bf16-rounded input and
+    /// weight up to f32 summation order: every geometry of the model (3x3
+    /// stride 1 / 2, 1x1 direct, the 7x7 stem, the 16x16 patch embedding,
+    /// odd channel counts for a padded k-pair), a batch of 2 and tiles of
+    /// several widths, bias + residual + ReLU fused.
+    #[test]
+    fn conv2d_bf16_equals_f32_of_rounded_inputs() {
+        for &(n, c, h, wd, o, k, s, p) in &[
+            (2, 3, 9, 7, 4, 3, 1, 1),
+            (1, 5, 20, 23, 13, 3, 2, 1),
+            (2, 64, 12, 12, 40, 1, 1, 0),
+            (1, 3, 30, 31, 8, 7, 2, 3),
+            (1, 3, 32, 32, 24, 16, 16, 0),
+            (1, 300, 15, 17, 7, 3, 1, 1),
+        ] {
+            let ho = (h + 2 * p - k) / s + 1;
+            let wo = (wd + 2 * p - k) / s + 1;
+            let x = seq(n * c * h * wd, 0.37);
+            let w = seq(o * c * k * k, 0.91);
+            let b = Tensor::from_vec(seq(o, 2.3), [o]).unwrap();
+            let r = Tensor::from_vec(seq(n * o * ho * wo, 0.11), [n, o, ho, wo]).unwrap();
+            let args = Conv2dArgs {
+                stride: s,
+                padding: p,
+            };
+            let want = conv2d(
+                &Tensor::from_vec(bf16_round(&x), [n, c, h, wd]).unwrap(),
+                &Tensor::from_vec(bf16_round(&w), [o, c, k, k]).unwrap(),
+                Some(&b),
+                args,
+                Some(&r),
+                Act::Relu,
+            )
+            .unwrap();
+            let packed = PackedA::from_mk(&w, o, c * k * k).unwrap();
+            let got = conv2d_with(
+                &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
+                &Tensor::from_vec(w, [o, c, k, k]).unwrap(),
+                Some(&packed),
+                Some(&b),
+                args,
+                Some(&r),
+                Act::Relu,
+            )
+            .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let scale = want
+                .as_f32()
+                .unwrap()
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (c * k * k) as f32 * scale.max(1.0),
+                    "c{c} o{o} k{k} s{s} p{p}: {a} vs {b}"
+                );
+            }
+        }
+        // A packing that does not fit the weight is a typed error.
+        let e = conv2d_with(
+            &Tensor::zeros([1, 3, 8, 8]),
+            &Tensor::zeros([4, 3, 3, 3]),
+            Some(&PackedA::from_mk(&[0.0; 4 * 26], 4, 26).unwrap()),
+            None,
+            Conv2dArgs {
+                stride: 1,
+                padding: 1,
+            },
+            None,
+            Act::None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("conv2d") && e.contains("packed"), "{e}");
+    }
+
+    #[test]
+    fn conv_transpose2d_bf16_equals_f32_of_rounded_inputs() {
+        for (n, c, h, wd, o, k) in [
+            (2, 3, 4, 5, 2, 2),
+            (1, 65, 8, 8, 32, 2),
+            (1, 16, 20, 19, 9, 2),
+        ] {
+            let x = seq(n * c * h * wd, 0.3);
+            let w = seq(c * o * k * k, 0.7);
+            let b = Tensor::from_vec(seq(o, 2.9), [o]).unwrap();
+            let want = conv_transpose2d(
+                &Tensor::from_vec(bf16_round(&x), [n, c, h, wd]).unwrap(),
+                &Tensor::from_vec(bf16_round(&w), [c, o, k, k]).unwrap(),
+                Some(&b),
+                Act::Gelu,
+            )
+            .unwrap();
+            let packed = PackedA::from_km(&w, c, o * k * k).unwrap();
+            let got = conv_transpose2d_with(
+                &Tensor::from_vec(x, [n, c, h, wd]).unwrap(),
+                &Tensor::from_vec(w, [c, o, k, k]).unwrap(),
+                Some(&packed),
+                Some(&b),
+                Act::Gelu,
+            )
+            .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            for (a, b) in got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()) {
+                assert!((a - b).abs() <= 1e-5 * c as f32, "c{c} o{o}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The packed path has no backward: a tracked input is an error, never
+    /// a silent detach.
+    #[test]
+    fn conv2d_bf16_refuses_tracked_inputs() {
+        let rec = crate::autograd::Recording::start().unwrap();
+        let mut w = Tensor::from_vec(seq(4 * 3 * 9, 0.5), [4, 3, 3, 3]).unwrap();
+        let packed = PackedA::from_mk(w.as_f32().unwrap(), 4, 27).unwrap();
+        rec.param(&mut w, "w").unwrap();
+        let x = Tensor::from_vec(seq(3 * 64, 0.2), [1, 3, 8, 8]).unwrap();
+        let e = conv2d_with(
+            &x,
+            &w,
+            Some(&packed),
+            None,
+            Conv2dArgs {
+                stride: 1,
+                padding: 1,
+            },
+            None,
+            Act::None,
+        );
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("conv2d (cpu bf16)"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod cpu;
 pub mod cuda;
 
 use cudarc::driver::CudaSlice;
+use rayon::prelude::*;
 
 use crate::autograd;
 use crate::error::{Error, Result};
@@ -93,6 +94,63 @@ pub fn linear_fused(
         );
     }
     Ok(y)
+}
+
+/// act(x W^T + b + residual) with W packed for the CPU's bf16 GEMM
+/// (`nn::Linear::pack_cpu_bf16`): x rounded to bf16, products summed in f32,
+/// then the f32 epilogue (the residual seeds the accumulator, as in
+/// `linear_fused`). CPU, inference only (no backward).
+pub fn linear_packed_bf16(
+    x: &Tensor,
+    w: &crate::cpu::bf16_gemm::PackedB,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    act: Act,
+) -> Result<Tensor> {
+    const OP: &str = "linear (cpu bf16)";
+    let _p = crate::profile::scope(OP);
+    let (n, k) = (w.n, w.k);
+    let xd = x.dims();
+    if xd.last() != Some(&k) {
+        return Err(Error::shape(
+            OP,
+            format!("input {xd:?} does not end in the weight's in-features {k}"),
+        ));
+    }
+    let mut all = vec![x];
+    all.extend(b);
+    all.extend(residual);
+    autograd::no_backward(OP, &all)?;
+    let m = x.numel() / k.max(1);
+    let mut out_dims = xd.to_vec();
+    *out_dims.last_mut().expect("rank >= 1 checked above") = n;
+    let xs = crate::ops::cpu_f32(OP, x)?;
+    let mut out = match residual {
+        Some(r) => {
+            r.expect_dims(OP, "residual", &out_dims)?;
+            crate::ops::cpu_f32(OP, r)?.to_vec()
+        }
+        None => vec![0.0f32; m * n],
+    };
+    crate::cpu::bf16_gemm::gemm_bf16(xs, m, w, &mut out, residual.is_some())?;
+    let bias = match b {
+        Some(b) => {
+            b.expect_dims(OP, "bias", &[n])?;
+            Some(crate::ops::cpu_f32(OP, b)?)
+        }
+        None => None,
+    };
+    out.par_chunks_mut(n).for_each(|row| {
+        if let Some(bias) = bias {
+            row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
+        }
+        match act {
+            Act::None => {}
+            Act::Relu => row.iter_mut().for_each(|o| *o = o.max(0.0)),
+            Act::Gelu => row.iter_mut().for_each(|o| *o = crate::cpu::math::gelu(*o)),
+        }
+    });
+    Ok(Tensor::from_f32(out, &out_dims))
 }
 
 /// The gradients of y = x W^T + b (+ residual): dX = G W (when `w` is given:
@@ -349,6 +407,42 @@ mod tests {
         let r = Tensor::from_vec(vec![1., 1., 1., 1.], [2, 2]).unwrap();
         let y = linear_fused(&x, &w, Some(&b), Some(&r), Act::Relu).unwrap();
         assert_eq!(y.as_f32().unwrap(), &[0.0, 3.0, 0.0, 0.5]);
+    }
+
+    /// The packed bf16 linear equals the f32 linear of the bf16-rounded
+    /// input and weight up to f32 summation order, with its epilogues
+    /// (bias + residual, bias + GELU) and a leading batch shape.
+    #[test]
+    fn linear_packed_bf16_equals_f32_of_rounded_inputs() {
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        let seq = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+        let (m, k, n) = (2 * 7 * 5, 77, 130);
+        let (x, w) = (seq(m * k, 0.37), seq(n * k, 0.91));
+        let b = Tensor::from_vec(seq(n, 2.3), [n]).unwrap();
+        let r = Tensor::from_vec(seq(m * n, 0.11), [2, 7, 5, n]).unwrap();
+        let packed = crate::cpu::bf16_gemm::PackedB::from_nk(&w, n, k).unwrap();
+        let xr = Tensor::from_vec(round(&x), [2, 7, 5, k]).unwrap();
+        let wr = Tensor::from_vec(round(&w), [n, k]).unwrap();
+        let x = Tensor::from_vec(x, [2, 7, 5, k]).unwrap();
+        for (res, act) in [(Some(&r), Act::None), (None, Act::Gelu)] {
+            let want = linear_fused(&xr, &wr, Some(&b), res, act).unwrap();
+            let got = linear_packed_bf16(&x, &packed, Some(&b), res, act).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            for (a, b) in got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()) {
+                assert!((a - b).abs() <= 1e-4, "{act:?}: {a} vs {b}");
+            }
+        }
+        let e = linear_packed_bf16(&Tensor::zeros([3, 5]), &packed, None, None, Act::None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("linear (cpu bf16)") && e.contains("[3, 5]"),
+            "{e}"
+        );
     }
 
     #[test]
