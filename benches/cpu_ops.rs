@@ -138,6 +138,32 @@ fn conv(c: &mut Criterion) {
                 .unwrap()
             })
         });
+        // The same convolution through the bf16 GEMM (weights packed once).
+        if sam_unet::cpu::bf16_gemm::has_avx512_bf16() {
+            let packed = sam_unet::cpu::bf16_gemm::PackedA::from_mk(
+                w.as_f32().unwrap(),
+                wd[0],
+                wd[1] * wd[2] * wd[3],
+            )
+            .unwrap();
+            g.bench_function(BenchmarkId::new("bf16", name), |bch| {
+                bch.iter(|| {
+                    sam_unet::ops::conv::conv2d_with(
+                        &x,
+                        &w,
+                        Some(&packed),
+                        Some(&b),
+                        Conv2dArgs {
+                            stride: *s,
+                            padding: *p,
+                        },
+                        None,
+                        Act::Relu,
+                    )
+                    .unwrap()
+                })
+            });
+        }
     }
     g.finish();
     let mut g = c.benchmark_group("cpu_conv_transpose2d");

@@ -36,7 +36,8 @@ struct Args {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// f32 or bf16
+    /// f32 or bf16 (the image side's GEMMs on bf16 inputs with f32 sums: on
+    /// CUDA, or on a CPU with AVX512_BF16; elsewhere f32 with a notice)
     #[arg(long, default_value = "f32")]
     dtype: sam_unet::DType,
     /// Also time the image side alone on batches of this many images
@@ -374,7 +375,7 @@ fn run(args: Args) -> Result<()> {
             serde_json::json!({
                 "arch": args.arch,
                 "device": args.device.to_string(),
-                "dtype": args.dtype.name(),
+                "dtype": predictor.options().dtype.name(),
                 "threads": rayon::current_num_threads(),
                 "image": format!("{s}x{s}"),
                 "boxes": n,
@@ -409,7 +410,7 @@ fn run(args: Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "arch": args.arch, "device": args.device.to_string(), "dtype": args.dtype.name(),
+                "arch": args.arch, "device": args.device.to_string(), "dtype": predictor.options().dtype.name(),
                 "what": "image_side", "batch": b, "runs": args.runs,
                 "ms": (ms * 100.0).round() / 100.0,
                 // three decimals: a slow device (or the emulator) still shows a figure

@@ -23,11 +23,16 @@ masks each through the decoder, logits upsampled 64 -> 256, focal + 20 dice,
 backward, Adam (lr 1e-4). One warm-up step, then the median per phase, and the
 process's peak RSS.
 
+With --autocast-bf16 the inference runs under
+torch.autocast("cpu", dtype=torch.bfloat16), as a user would turn it on
+(the figure `bench --dtype bf16` is compared with, issue 14).
+
     python tools/pytorch_baseline.py --threads 2 --train 2 --train-boxes 5 --runs 5
     python tools/pytorch_baseline.py --device cuda --train 16 --runs 5
 """
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -541,6 +546,8 @@ def main():
                     help="time training steps on this many images instead")
     ap.add_argument("--train-boxes", type=int, default=5)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training steps only)")
+    ap.add_argument("--autocast-bf16", action="store_true",
+                    help="inference under torch.autocast('cpu', dtype=torch.bfloat16)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -563,14 +570,16 @@ def main():
         boxes = torch.tensor([[20.0 + (i * 7 % 50), 30.0 + (i * 7 % 50),
                                s / 2 + (i * 7 % 50), s / 2 + 10.0 + (i * 7 % 50)] for i in range(n)])
         enc, dec, tot = [], [], []
-        with torch.inference_mode():
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if a.autocast_bf16
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
             for run in range(a.runs + 1):
                 t0 = time.perf_counter()
                 x, nh, nw = preprocess(img)
                 emb, ms = model.encode(x)
                 t1 = time.perf_counter()
                 b256 = boxes * torch.tensor([nw / s, nh / s, nw / s, nh / s])
-                logits = model.decode(emb, ms, b256)
+                logits = model.decode(emb, ms, b256).float()
                 masks = postprocess(logits, nh, nw, s, s)
                 t2 = time.perf_counter()
                 assert masks.shape == (n, 1, s, s)
@@ -581,6 +590,7 @@ def main():
         d = statistics.median(dec)
         print(json.dumps({
             "impl": "pytorch-eager", "torch_version": torch.__version__,
+            "dtype": "autocast-bf16" if a.autocast_bf16 else "f32",
             "threads": torch.get_num_threads(), "image": f"{s}x{s}", "boxes": n, "runs": a.runs,
             "image_side_ms": round(statistics.median(enc), 2),
             "decoder_ms": round(d, 2),

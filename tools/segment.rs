@@ -51,7 +51,8 @@ struct Args {
     /// cpu, cuda or cuda:N
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// f32 or bf16
+    /// f32 or bf16 (the image side's GEMMs on bf16 inputs with f32 sums: on
+    /// CUDA, or on a CPU with AVX512_BF16; elsewhere f32 with a notice)
     #[arg(long, default_value = "f32")]
     dtype: DType,
 }
