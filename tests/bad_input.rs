@@ -216,16 +216,32 @@ fn unavailable_devices_and_dtypes_are_errors() {
         )
         .is_err()
     );
+    // The CPU computes in f32, or bf16 GEMMs where it has AVX512_BF16 (a
+    // bf16 request elsewhere runs f32); f16 it does not.
     assert!(
         Predictor::new(
             m(),
             PredictorOptions {
                 device: Device::Cpu,
-                dtype: sam_unet::DType::BF16
+                dtype: sam_unet::DType::F16
             }
         )
         .is_err()
     );
+    let p = Predictor::new(
+        m(),
+        PredictorOptions {
+            device: Device::Cpu,
+            dtype: sam_unet::DType::BF16,
+        },
+    )
+    .unwrap();
+    let want = if sam_unet::cpu::bf16_gemm::has_avx512_bf16() {
+        sam_unet::DType::BF16
+    } else {
+        sam_unet::DType::F32
+    };
+    assert_eq!(p.options().dtype, want);
     assert!("cuda:x".parse::<Device>().is_err());
     assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda(1));
 }

@@ -175,7 +175,8 @@ fn bad_runs_are_refused_clearly() {
 /// in-process collective), each its own copy of the model and one image,
 /// take the same update as one process that accumulates the two images as
 /// micro-batches: every parameter and Adam moment bit for bit, on both ranks,
-/// over two updates; the reported loss is the mean of the ranks'.
+/// over two updates (gradients summed in buckets during backward, then as
+/// one buffer after it); the reported loss is the mean of the ranks'.
 #[test]
 fn two_ranks_equal_one_process_accumulating() {
     use sam_unet::dist::{Collective, InProcess};
@@ -212,9 +213,25 @@ fn two_ranks_equal_one_process_accumulating() {
                     let mut t = Trainer::new(w, Device::Cpu, cfg).unwrap();
                     let mut losses = vec![];
                     for step in 0..2 {
+                        // The first update sums small gradient buckets on a
+                        // second thread while backward runs; the second the
+                        // whole buffer after backward. Both give the same bits.
+                        t.set_bucket_values(if step == 0 { 50_000 } else { 0 });
                         let r = t
                             .step_distributed(&[sub(c.rank(), step)], &c, false)
                             .unwrap();
+                        if step == 0 {
+                            println!(
+                                "rank {}: {} gradient buckets, {} launched during backward",
+                                c.rank(),
+                                r.buckets,
+                                r.buckets_during_backward
+                            );
+                            assert!(r.buckets > 10, "{} buckets", r.buckets);
+                            assert_eq!(r.buckets_during_backward, r.buckets);
+                        } else {
+                            assert_eq!((r.buckets, r.buckets_during_backward), (1, 0));
+                        }
                         losses.push(r.terms.loss);
                     }
                     let st = t.store();

@@ -51,7 +51,7 @@ struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// bf16 on CUDA.
+    /// bf16 GEMMs on the image side (CUDA, or a CPU with AVX512_BF16; elsewhere f32 with a notice).
     #[arg(long)]
     bf16: bool,
     /// NSD tolerance in pixels (in mm for --volume).

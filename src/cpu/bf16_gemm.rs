@@ -343,6 +343,10 @@ thread_local! {
     static B_TILE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Packs B of one column tile: (batch, first column, columns, f32 scratch,
+/// the tile's packed words).
+pub type PackTile<'a> = dyn Fn(usize, usize, usize, &mut Vec<f32>, &mut [u32]) + Sync + 'a;
+
 /// C = A B for `batches` products at once, with A [M, K] packed once and B
 /// [K, N] packed per column tile by the caller: parallel over (batch,
 /// tile of `tile` columns, a multiple of 64). `c` holds `batches` row-major
@@ -357,7 +361,7 @@ pub fn gemm_bf16_tiles(
     n: usize,
     tile_cols: usize,
     c: &mut [f32],
-    pack: &(dyn Fn(usize, usize, usize, &mut Vec<f32>, &mut [u32]) + Sync),
+    pack: &PackTile<'_>,
     epilogue: &(dyn Fn(usize, usize, &mut crate::cpu::Tile) + Sync),
 ) -> Result<()> {
     const OP: &str = "gemm_bf16_tiles";
@@ -368,7 +372,7 @@ pub fn gemm_bf16_tiles(
         batches * m * n,
         &format!("C {batches} x [{m}, {n}]"),
     )?;
-    if tile_cols == 0 || tile_cols % NR != 0 {
+    if tile_cols == 0 || !tile_cols.is_multiple_of(NR) {
         return Err(Error::input(
             OP,
             format!("tile of {tile_cols} columns: not a multiple of {NR}"),

@@ -41,6 +41,14 @@ pub trait Collective: Send + Sync {
     ) -> Result<Option<cudarc::driver::CudaSlice<f32>>> {
         Ok(None)
     }
+    /// A second, independent group over the same ranks (every rank calls
+    /// it, in the same order): its reductions never wait behind this one's,
+    /// so gradient buckets can be summed on another thread while backward
+    /// (and SyncBatchNorm's reductions) go on here. None: this group cannot
+    /// (the caller reduces after backward instead).
+    fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
+        Ok(None)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -66,19 +74,13 @@ struct Shared {
     timeout: Duration,
     round: Mutex<Round>,
     cv: Condvar,
+    /// The groups `duplicate` made, in the order the ranks ask for them.
+    duplicates: Mutex<Vec<Arc<Shared>>>,
 }
 
-/// One rank of a group of threads in this process.
-pub struct InProcess {
-    rank: usize,
-    shared: Arc<Shared>,
-}
-
-impl InProcess {
-    /// A group of `world` ranks (hand one to each thread); a call waits at
-    /// most `timeout` for the other ranks.
-    pub fn group(world: usize, timeout: Duration) -> Vec<InProcess> {
-        let shared = Arc::new(Shared {
+impl Shared {
+    fn new(world: usize, timeout: Duration) -> Arc<Shared> {
+        Arc::new(Shared {
             world,
             timeout,
             round: Mutex::new(Round {
@@ -86,11 +88,29 @@ impl InProcess {
                 ..Round::default()
             }),
             cv: Condvar::new(),
-        });
+            duplicates: Mutex::new(vec![]),
+        })
+    }
+}
+
+/// One rank of a group of threads in this process.
+pub struct InProcess {
+    rank: usize,
+    shared: Arc<Shared>,
+    /// How many duplicates this rank has asked for.
+    duplicated: std::sync::atomic::AtomicUsize,
+}
+
+impl InProcess {
+    /// A group of `world` ranks (hand one to each thread); a call waits at
+    /// most `timeout` for the other ranks.
+    pub fn group(world: usize, timeout: Duration) -> Vec<InProcess> {
+        let shared = Shared::new(world, timeout);
         (0..world)
             .map(|rank| InProcess {
                 rank,
                 shared: Arc::clone(&shared),
+                duplicated: Default::default(),
             })
             .collect()
     }
@@ -229,11 +249,58 @@ impl Collective for InProcess {
         }
         Ok(())
     }
+    fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
+        let n = self
+            .duplicated
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut d = self
+            .shared
+            .duplicates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while d.len() <= n {
+            d.push(Shared::new(self.shared.world, self.shared.timeout));
+        }
+        Ok(Some(Box::new(InProcess {
+            rank: self.rank,
+            shared: Arc::clone(&d[n]),
+            duplicated: Default::default(),
+        })))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A duplicate is a group of its own: reductions on it and on the
+    /// original, from two threads of each rank at once, do not mix.
+    #[test]
+    fn duplicates_reduce_independently() {
+        let group = InProcess::group(2, Duration::from_secs(30));
+        std::thread::scope(|s| {
+            for c in &group {
+                s.spawn(move || {
+                    let d = c.duplicate().unwrap().expect("in-process groups duplicate");
+                    assert_eq!((d.rank(), d.world()), (c.rank(), 2));
+                    std::thread::scope(|t| {
+                        t.spawn(|| {
+                            for i in 0..50 {
+                                let mut x = [i as f32 + c.rank() as f32];
+                                d.all_reduce_sum(&mut x).unwrap();
+                                assert_eq!(x[0], 2.0 * i as f32 + 1.0);
+                            }
+                        });
+                        for i in 0..50 {
+                            let mut y = [1000.0 + i as f64];
+                            c.all_reduce_sum_f64(&mut y).unwrap();
+                            assert_eq!(y[0], 2000.0 + 2.0 * i as f64);
+                        }
+                    });
+                });
+            }
+        });
+    }
 
     #[test]
     fn sums_in_rank_order_on_every_rank() {

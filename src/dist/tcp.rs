@@ -111,6 +111,9 @@ pub struct Tcp {
     world: usize,
     /// Rank 0: links to ranks 1..W in rank order; the others: one to rank 0.
     links: Mutex<(u64, Vec<Link>)>,
+    /// host:port of rank 0, and how long a call waits.
+    master: String,
+    timeout: Duration,
 }
 
 impl Tcp {
@@ -126,7 +129,13 @@ impl Tcp {
         }
         let deadline = Instant::now() + timeout;
         let links = if rank == 0 {
-            Self::accept_all(world, master, timeout, deadline)?
+            // Listen on every interface at the master's port: the name in
+            // MASTER_ADDR may be how the others reach this machine, not an
+            // address of it.
+            let port = Self::addrs(master)?[0].port();
+            let listener = TcpListener::bind(("0.0.0.0", port))
+                .map_err(|e| fail(format!("rank 0 cannot listen on port {port}: {e}")))?;
+            Self::accept_all(world, listener, port, timeout, deadline)?
         } else {
             vec![Self::join(rank, world, master, timeout, deadline)?]
         };
@@ -134,6 +143,8 @@ impl Tcp {
             rank,
             world,
             links: Mutex::new((0, links)),
+            master: master.to_string(),
+            timeout,
         })
     }
 
@@ -152,16 +163,11 @@ impl Tcp {
 
     fn accept_all(
         world: usize,
-        master: &str,
+        listener: TcpListener,
+        port: u16,
         timeout: Duration,
         deadline: Instant,
     ) -> Result<Vec<Link>> {
-        // Listen on every interface at the master's port: the name in
-        // MASTER_ADDR may be how the others reach this machine, not an
-        // address of it.
-        let port = Self::addrs(master)?[0].port();
-        let listener = TcpListener::bind(("0.0.0.0", port))
-            .map_err(|e| fail(format!("rank 0 cannot listen on port {port}: {e}")))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| fail(format!("listener: {e}")))?;
@@ -329,6 +335,52 @@ impl Collective for Tcp {
             }
         })
     }
+    /// A second group over new sockets: rank 0 listens on a free port and
+    /// tells the others which through this group.
+    fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
+        let listener = if self.rank == 0 {
+            Some(
+                TcpListener::bind(("0.0.0.0", 0))
+                    .map_err(|e| fail(format!("rank 0 cannot listen for a second group: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut port = [match &listener {
+            Some(l) => l
+                .local_addr()
+                .map_err(|e| fail(format!("the second group's port: {e}")))?
+                .port() as f64,
+            None => 0.0,
+        }];
+        self.all_reduce_sum_f64(&mut port)?;
+        let port = port[0] as u16;
+        let deadline = Instant::now() + self.timeout;
+        let links = match listener {
+            Some(l) => Self::accept_all(self.world, l, port, self.timeout, deadline)?,
+            None => {
+                let host = self
+                    .master
+                    .rsplit_once(':')
+                    .map_or(self.master.as_str(), |(h, _)| h);
+                let addr = format!("{host}:{port}");
+                vec![Self::join(
+                    self.rank,
+                    self.world,
+                    &addr,
+                    self.timeout,
+                    deadline,
+                )?]
+            }
+        };
+        Ok(Some(Box::new(Tcp {
+            rank: self.rank,
+            world: self.world,
+            links: Mutex::new((0, links)),
+            master: self.master.clone(),
+            timeout: self.timeout,
+        })))
+    }
     fn all_reduce_sum_f64(&self, x: &mut [f64]) -> Result<()> {
         self.reduce(2, bytemuck::cast_slice_mut(x), &|acc, b| {
             let a: &mut [f64] = bytemuck::cast_slice_mut(acc);
@@ -397,6 +449,38 @@ mod tests {
             assert_eq!(o[0], (-1e8f32 + 0.0) + 1e8);
             assert!(o[1..].iter().all(|&v| v == 18.0));
         }
+    }
+
+    /// A duplicate runs over its own sockets: its reductions and the
+    /// original group's, from two threads of each rank at once, do not mix.
+    #[test]
+    fn duplicates_reduce_independently() {
+        let g: Vec<Tcp> = group(3, Duration::from_secs(30))
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        std::thread::scope(|s| {
+            for c in &g {
+                s.spawn(move || {
+                    let d = c.duplicate().unwrap().expect("TCP groups duplicate");
+                    assert_eq!((d.rank(), d.world()), (c.rank(), 3));
+                    std::thread::scope(|t| {
+                        t.spawn(|| {
+                            for i in 0..30 {
+                                let mut x = vec![i as f32 + c.rank() as f32; 50_000];
+                                d.all_reduce_sum(&mut x).unwrap();
+                                assert!(x.iter().all(|&v| v == 3.0 * i as f32 + 3.0));
+                            }
+                        });
+                        for i in 0..30 {
+                            let mut y = [1000.0 + i as f64];
+                            c.all_reduce_sum_f64(&mut y).unwrap();
+                            assert_eq!(y[0], 3000.0 + 3.0 * i as f64);
+                        }
+                    });
+                });
+            }
+        });
     }
 
     #[test]

@@ -86,7 +86,14 @@ pub struct StepReport {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// Data-parallel steps: the gradient buckets summed over the ranks, and
+    /// how many of them were launched while backward was still running.
+    pub buckets: usize,
+    pub buckets_during_backward: usize,
 }
+
+/// Values per gradient bucket by default (PyTorch DDP's 25 MiB of f32).
+pub const BUCKET_VALUES: usize = 25 << 18;
 
 pub struct Trainer {
     model: SamUnet,
@@ -104,6 +111,12 @@ pub struct Trainer {
     cfg: TrainConfig,
     /// The equal shares whose losses are averaged (`step_as_ranks`; else 1).
     ranks: usize,
+    /// The second group the gradient buckets are summed on (a duplicate of
+    /// the step's collective, made at its first distributed step), keyed by
+    /// the collective it was made from; None inside: it cannot duplicate.
+    grad_comm: Option<(usize, Option<Box<dyn Collective>>)>,
+    /// Values per gradient bucket (`set_bucket_values`).
+    bucket_values: usize,
 }
 
 impl Trainer {
@@ -164,6 +177,8 @@ impl Trainer {
             store,
             cfg,
             ranks: 1,
+            grad_comm: None,
+            bucket_values: BUCKET_VALUES,
         };
         tr.attach_views()?;
         // The rest (frozen weights, buffers, parameters no box reaches).
@@ -428,6 +443,28 @@ impl Trainer {
         r
     }
 
+    /// Values per gradient bucket of data-parallel steps (default
+    /// `BUCKET_VALUES`); 0 sums the whole buffer after backward instead.
+    pub fn set_bucket_values(&mut self, values: usize) {
+        self.bucket_values = values;
+    }
+
+    /// The group gradient buckets are summed on for `comm`: its duplicate,
+    /// made once (every rank makes it at the same step). None where the
+    /// buckets cannot overlap backward: no duplicate, gradients not on the
+    /// CPU (CUDA sums the whole buffer after backward, on the devices with
+    /// NCCL), or buckets turned off.
+    fn bucket_comm(&mut self, comm: &Arc<dyn Collective>) -> Result<bool> {
+        let key = Arc::as_ptr(comm) as *const () as usize;
+        if self.bucket_values == 0 || self.model.device() != Device::Cpu {
+            return Ok(false);
+        }
+        if self.grad_comm.as_ref().is_none_or(|(k, _)| *k != key) {
+            self.grad_comm = Some((key, comm.duplicate()?));
+        }
+        Ok(self.grad_comm.as_ref().is_some_and(|(_, c)| c.is_some()))
+    }
+
     fn step_inner(&mut self, batch: &Batch, keep_grads: bool) -> Result<StepReport> {
         self.run_steps(std::slice::from_ref(batch), keep_grads, None)
     }
@@ -469,7 +506,12 @@ impl Trainer {
         };
         let mut all_logits = Vec::with_capacity(k);
         let mut kept = vec![];
-        for batch in micro {
+        let overlap = match dist {
+            Some((c, _)) => self.bucket_comm(c)?,
+            None => false,
+        };
+        let (mut buckets, mut early) = (0, 0);
+        for (mi, batch) in micro.iter().enumerate() {
             let t0 = Instant::now();
             let rec = self.register()?;
             // Until this micro-batch's backward is done.
@@ -505,20 +547,41 @@ impl Trainer {
             let seed = Tensor::from_vec(vec![1.0 / (k * ranks * shares) as f32], [1])?
                 .to_device(loss.device())?;
             // Each gradient goes into the store as soon as it is complete.
-            let store = &mut self.store;
-            rec.backward_into(&loss, &seed, &mut |_, name, g| {
-                store.accept_grad(name, &g)?;
-                if keep_grads {
-                    kept.push((name.to_string(), g.to_host()?));
-                }
-                Ok(())
-            })?;
+            if overlap && mi + 1 == k {
+                // The last micro-batch: each bucket of the flat gradients is
+                // summed over the ranks (on the duplicate group, by another
+                // thread) the moment its last slot is complete.
+                let comm = self
+                    .grad_comm
+                    .as_ref()
+                    .and_then(|(_, c)| c.as_deref())
+                    .expect("bucket_comm said yes");
+                (buckets, early) = reduce_during_backward(
+                    &mut self.store,
+                    comm,
+                    self.bucket_values,
+                    |f| rec.backward_into(&loss, &seed, f),
+                    keep_grads.then_some(&mut kept),
+                )?;
+            } else {
+                let store = &mut self.store;
+                rec.backward_into(&loss, &seed, &mut |_, name, g| {
+                    store.accept_grad(name, &g)?;
+                    if keep_grads {
+                        kept.push((name.to_string(), g.to_host()?));
+                    }
+                    Ok(())
+                })?;
+            }
             backward_s += t1.elapsed().as_secs_f64();
             all_logits.push(logits.to_host()?);
         }
         let t2 = Instant::now();
         if let Some(c) = comm {
-            self.store.all_reduce_grads(c)?;
+            if !overlap {
+                self.store.all_reduce_grads(c)?;
+                buckets = 1;
+            }
             let mut t = [sum.loss, sum.focal, sum.dice];
             c.all_reduce_sum_f64(&mut t)?;
             let w = c.world() as f64;
@@ -556,6 +619,8 @@ impl Trainer {
             forward_s,
             backward_s,
             optimizer_s,
+            buckets,
+            buckets_during_backward: early,
         })
     }
 
@@ -641,4 +706,83 @@ impl Trainer {
         self.attach_views()?;
         r
     }
+}
+
+/// Where backward hands each complete gradient (slot, name, value).
+type GradSink<'a> = dyn FnMut(usize, &str, Tensor) -> Result<()> + 'a;
+
+/// One backward (`backward`, given the gradient callback) whose gradients
+/// go into `store` while the store's buckets (`ParamStore::buckets`) are
+/// summed over the ranks of `comm` by a second thread, each launched the
+/// moment its last slot is complete; the buckets left incomplete at the end
+/// (none when every slot gets a gradient) follow in store order. The ranks
+/// complete buckets in the same order (the same graph), so their calls
+/// pair up; a bucket's sum is the same bits as the whole buffer's.
+/// Returns (buckets, launched during backward).
+fn reduce_during_backward(
+    store: &mut ParamStore,
+    comm: &dyn Collective,
+    bucket_values: usize,
+    backward: impl FnOnce(&mut GradSink<'_>) -> Result<()>,
+    mut kept: Option<&mut Vec<(String, Tensor)>>,
+) -> Result<(usize, usize)> {
+    let plan = store.buckets(bucket_values);
+    let spans: Vec<_> = plan.iter().map(|r| store.span(r)).collect();
+    let mut bucket_of = vec![0usize; store.slots().len()];
+    for (b, r) in plan.iter().enumerate() {
+        r.clone().for_each(|i| bucket_of[i] = b);
+    }
+    let mut missing: Vec<usize> = plan.iter().map(|r| r.len()).collect();
+    let mut sent = vec![false; plan.len()];
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<f32>)>();
+    std::thread::scope(|scope| {
+        let reducer = scope.spawn(move || -> Result<Vec<(usize, Vec<f32>)>> {
+            let mut done = vec![];
+            for (b, mut v) in rx {
+                comm.all_reduce_sum(&mut v)?;
+                done.push((b, v));
+            }
+            Ok(done)
+        });
+        let mut early = 0;
+        let send = |store: &mut ParamStore, b: usize| {
+            let g = store.cpu_grads_mut().expect("gradients on the CPU");
+            // A send fails only when the reducer stopped on an error, which
+            // its join reports.
+            let _ = tx.send((b, g[spans[b].clone()].to_vec()));
+        };
+        let r = backward(&mut |_, name, g| {
+            store.accept_grad(name, &g)?;
+            if let Some(k) = kept.as_deref_mut() {
+                k.push((name.to_string(), g.to_host()?));
+            }
+            let i = store.slot_index(name).expect("accepted above");
+            let b = bucket_of[i];
+            missing[b] -= 1;
+            if missing[b] == 0 {
+                send(store, b);
+                sent[b] = true;
+                early += 1;
+            }
+            Ok(())
+        });
+        if r.is_ok() && store.cpu_grads_mut().is_some() {
+            for (b, _) in sent.iter().enumerate().filter(|(_, s)| !**s) {
+                send(store, b);
+            }
+        }
+        drop(tx);
+        let done = reducer
+            .join()
+            .map_err(|_| Error::input("train step", "the gradient reducer panicked"))?;
+        r?;
+        let done = done?;
+        let g = store
+            .cpu_grads_mut()
+            .ok_or_else(|| Error::input("train step", "no gradient to reduce"))?;
+        for (b, v) in &done {
+            g[spans[*b].clone()].copy_from_slice(v);
+        }
+        Ok((plan.len(), early))
+    })
 }

@@ -86,6 +86,48 @@ impl ParamStore {
         &self.slots
     }
 
+    /// A parameter's index in `slots`.
+    pub fn slot_index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// The slots cut into consecutive buckets of at most `max_values`
+    /// values each (a larger slot is a bucket of its own), in store order:
+    /// ranges of slot indices.
+    pub fn buckets(&self, max_values: usize) -> Vec<std::ops::Range<usize>> {
+        let mut out = vec![];
+        let (mut start, mut size) = (0, 0);
+        for (i, s) in self.slots.iter().enumerate() {
+            if i > start && size + s.numel() > max_values {
+                out.push(start..i);
+                (start, size) = (i, 0);
+            }
+            size += s.numel();
+        }
+        if start < self.slots.len() {
+            out.push(start..self.slots.len());
+        }
+        out
+    }
+
+    /// The values [start, end) of the slots `r` in the flat buffers.
+    pub fn span(&self, r: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        if r.is_empty() {
+            return 0..0;
+        }
+        let last = &self.slots[r.end - 1];
+        self.slots[r.start].offset..last.offset + last.numel()
+    }
+
+    /// The flat gradients on the CPU, to read or replace in place (None
+    /// before the first backward or on another device).
+    pub fn cpu_grads_mut(&mut self) -> Option<&mut [f32]> {
+        self.grads
+            .as_mut()
+            .filter(|g| g.device() == Device::Cpu)
+            .and_then(|g| g.as_f32_mut().ok())
+    }
+
     pub fn slot(&self, name: &str) -> Option<&Slot> {
         self.index.get(name).map(|&i| &self.slots[i])
     }
