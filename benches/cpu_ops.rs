@@ -81,6 +81,28 @@ fn gemm_bf16(c: &mut Criterion) {
     g.finish();
 }
 
+/// Packing a B tile for the bf16 GEMM (round to bf16, interleave k-pairs):
+/// the per-call cost of a bf16 convolution beside its products, on any CPU;
+/// a plain copy of the same f32 block for scale.
+fn bf16_pack(c: &mut Criterion) {
+    use sam_unet::cpu::bf16_gemm::{pack_b_rows, packed_b_len};
+    let mut g = c.benchmark_group("cpu_bf16_pack");
+    for (k, cols) in [(576usize, 64usize), (2304, 64), (768, 256)] {
+        let src = rand(&[k, cols], 11);
+        let src = src.as_f32().unwrap();
+        let mut words = vec![0u32; packed_b_len(k, cols)];
+        let mut copy = vec![0f32; k * cols];
+        g.throughput(Throughput::Elements((k * cols) as u64));
+        g.bench_function(BenchmarkId::new("pack", format!("{k}x{cols}")), |b| {
+            b.iter(|| pack_b_rows(k, cols, src, cols, &mut words))
+        });
+        g.bench_function(BenchmarkId::new("copy_f32", format!("{k}x{cols}")), |b| {
+            b.iter(|| copy.copy_from_slice(std::hint::black_box(src)))
+        });
+    }
+    g.finish();
+}
+
 fn conv(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_conv2d");
     // (name, input dims, weight dims, stride, pad)
@@ -465,6 +487,6 @@ fn cuda(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = linear, gemm_bf16, conv, attn, elementwise, cuda
+    targets = linear, gemm_bf16, bf16_pack, conv, attn, elementwise, cuda
 }
 criterion_main!(benches);

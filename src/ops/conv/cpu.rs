@@ -1,6 +1,6 @@
 use rayon::prelude::*;
 
-use crate::cpu::bf16_gemm::{PackedA, gemm_bf16_tiles, pack_b_rows};
+use crate::cpu::bf16_gemm::{PackedA, gemm_bf16_tiles, pack_b_rows, packed_b_len};
 use crate::cpu::{MatRef, Par, par_col_tiles, sgemm};
 use crate::ops::activation::{Act, apply_act_seq};
 
@@ -213,9 +213,15 @@ pub fn conv2d_bf16(
             if direct {
                 pack_b_rows(k, len, &xi[q0..], p, words);
             } else {
-                col.resize(k * len, 0.0);
-                im2col_cols(g, xi, q0, len, &mut col[..k * len]);
-                pack_b_rows(k, len, col, len, words);
+                // Panel by panel (64 pixels): the f32 im2col block stays
+                // in L1/L2 between its writing and its packing.
+                let panel = packed_b_len(k, 64);
+                for (pi, dst) in words.chunks_mut(panel).enumerate() {
+                    let (c0, w) = (pi * 64, 64.min(len - pi * 64));
+                    col.resize(k * w, 0.0);
+                    im2col_cols(g, xi, q0 + c0, w, &mut col[..k * w]);
+                    pack_b_rows(k, w, col, w, dst);
+                }
             }
         },
         &|bi, q0, tile| {
