@@ -171,8 +171,14 @@ impl Predictor {
         if (options.device, options.dtype) == (Device::Cpu, DType::BF16)
             && !crate::cpu::bf16_gemm::has_avx512_bf16()
         {
-            // Said, and run in f32: never an illegal instruction.
-            eprintln!("note: bf16 on the CPU needs AVX512_BF16, which this CPU lacks: running f32");
+            // Said (once per process), and run in f32: never an illegal
+            // instruction. `options().dtype` then reads f32.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                eprintln!(
+                    "note: bf16 on the CPU needs AVX512_BF16, which this CPU lacks: running f32"
+                )
+            });
             options.dtype = DType::F32;
         }
         let cuda = match (options.device, options.dtype) {
