@@ -279,6 +279,10 @@ impl Tile {
         self.cols
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
     /// self (+)= a x b with a rows x k, b k x cols, sequentially (the caller is
     /// already one of many parallel tasks).
     pub fn gemm(&mut self, a: MatRef, b: MatRef, accumulate: bool) {

@@ -262,7 +262,6 @@ impl SamUnet {
         device: crate::tensor::Device,
         dtype: crate::tensor::DType,
     ) -> Result<()> {
-        use crate::nn::Params;
         use crate::tensor::{DType, Device};
         match (device, dtype) {
             (Device::Cpu, DType::BF16) => {
@@ -290,18 +289,23 @@ impl SamUnet {
         crate::nn::to_device(self, device)?;
         self.pack_image_side_cpu_bf16(false)?;
         if dtype == DType::BF16 {
-            let image_side: [&mut dyn Params; 5] = [
-                &mut self.resnet,
-                &mut self.vit,
-                &mut self.adapters_in,
-                &mut self.bridges,
-                &mut self.embedding_encoder,
-            ];
-            for m in image_side {
+            for m in self.image_side_mut() {
                 crate::nn::gemm_weights_to(m, DType::BF16)?;
             }
         }
         Ok(())
+    }
+
+    /// The modules of the image side, whose GEMMs a bf16 model runs in bf16
+    /// (the decoder stays f32).
+    fn image_side_mut(&mut self) -> [&mut dyn crate::nn::Params; 5] {
+        [
+            &mut self.resnet,
+            &mut self.vit,
+            &mut self.adapters_in,
+            &mut self.bridges,
+            &mut self.embedding_encoder,
+        ]
     }
 
     /// Every GEMM of the image side (ResNet, ViT, adapters, bridges, the
@@ -312,15 +316,7 @@ impl SamUnet {
     /// runs through the portable kernel (slower than f32: a reference for
     /// tests).
     pub fn pack_image_side_cpu_bf16(&mut self, on: bool) -> Result<()> {
-        use crate::nn::Params;
-        let image_side: [&mut dyn Params; 5] = [
-            &mut self.resnet,
-            &mut self.vit,
-            &mut self.adapters_in,
-            &mut self.bridges,
-            &mut self.embedding_encoder,
-        ];
-        for m in image_side {
+        for m in self.image_side_mut() {
             m.set_cpu_bf16(on)?;
         }
         Ok(())

@@ -123,20 +123,7 @@ pub fn conv2d(
                     false,
                 );
             }
-            for r in 0..g.o {
-                let row = tile.row_mut(r);
-                if let Some(b) = b {
-                    let bv = b[r];
-                    row.iter_mut().for_each(|v| *v += bv);
-                }
-                if let Some(res) = residual {
-                    let at = (bi * g.o + r) * p + q0;
-                    row.iter_mut()
-                        .zip(&res[at..at + len])
-                        .for_each(|(v, r)| *v += r);
-                }
-                apply_act_seq(row, act);
-            }
+            tile_epilogue(tile, p * g.o * bi + q0, p, b, residual, act);
         });
         return out;
     }
@@ -175,6 +162,34 @@ pub fn conv2d(
         apply_act_seq(row, act);
     });
     out
+}
+
+/// bias + residual + activation on a tile of output channels x pixels
+/// while it is in cache: row r is channel r (bias b[r]); its residual
+/// starts at `res_at + r * p` (p: pixels per channel plane).
+fn tile_epilogue(
+    tile: &mut crate::cpu::Tile,
+    res_at: usize,
+    p: usize,
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Act,
+) {
+    let len = tile.cols();
+    for r in 0..tile.rows() {
+        let row = tile.row_mut(r);
+        if let Some(b) = b {
+            let bv = b[r];
+            row.iter_mut().for_each(|v| *v += bv);
+        }
+        if let Some(res) = residual {
+            let at = res_at + r * p;
+            row.iter_mut()
+                .zip(&res[at..at + len])
+                .for_each(|(v, r)| *v += r);
+        }
+        apply_act_seq(row, act);
+    }
 }
 
 /// Output pixels per task of the bf16 convolutions: the packed-B tile
@@ -224,23 +239,7 @@ pub fn conv2d_bf16(
                 }
             }
         },
-        &|bi, q0, tile| {
-            let len = tile.cols();
-            for r in 0..g.o {
-                let row = tile.row_mut(r);
-                if let Some(b) = b {
-                    let bv = b[r];
-                    row.iter_mut().for_each(|v| *v += bv);
-                }
-                if let Some(res) = residual {
-                    let at = (bi * g.o + r) * p + q0;
-                    row.iter_mut()
-                        .zip(&res[at..at + len])
-                        .for_each(|(v, r)| *v += r);
-                }
-                apply_act_seq(row, act);
-            }
-        },
+        &|bi, q0, tile| tile_epilogue(tile, p * g.o * bi + q0, p, b, residual, act),
     )?;
     Ok(out)
 }
