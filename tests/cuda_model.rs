@@ -230,8 +230,14 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|x| n.contains(x.as_str())) {
             continue;
         }
+        // The wall time beside each result: CI's budget is spent here.
+        let t0 = std::time::Instant::now();
         let r = std::panic::catch_unwind(f);
-        println!("test {n} ... {}", if r.is_ok() { "ok" } else { "FAILED" });
+        println!(
+            "test {n} ... {} ({:.1} s)",
+            if r.is_ok() { "ok" } else { "FAILED" },
+            t0.elapsed().as_secs_f64()
+        );
         failed += r.is_err() as usize;
     }
     if failed > 0 {

@@ -210,10 +210,13 @@ fn main() {
             println!("test {name} ... SKIPPED (needs a GPU)");
             continue;
         }
+        // The wall time beside each result: CI's budget is spent here.
+        let t0 = std::time::Instant::now();
         let r = std::panic::catch_unwind(f);
         println!(
-            "test {name} ... {}",
-            if r.is_ok() { "ok" } else { "FAILED" }
+            "test {name} ... {} ({:.1} s)",
+            if r.is_ok() { "ok" } else { "FAILED" },
+            t0.elapsed().as_secs_f64()
         );
         failed += r.is_err() as usize;
     }

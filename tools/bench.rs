@@ -273,7 +273,9 @@ fn gemm_report() {
         secs * 1e3,
         flops / secs.max(1e-9) / 1e9
     );
-    for ((m, n, k, pooled), d, c) in rows.iter().take(25) {
+    // The 25 largest, or every shape with SAM_UNET_PROFILE=all.
+    let all = std::env::var("SAM_UNET_PROFILE").is_ok_and(|v| v == "all");
+    for ((m, n, k, pooled), d, c) in rows.iter().take(if all { usize::MAX } else { 25 }) {
         let f = 2.0 * (m * n * k) as f64 * *c as f64;
         eprintln!(
             "  {m:6} {n:6} {k:6} {:4} {:9.1} ms {c:6} calls {:7.1} GFLOP/s",

@@ -138,10 +138,7 @@ pub fn conv2d(
             MatRef::rm(xi, k, p)
         } else {
             let _p = crate::profile::scope("conv2d.im2col");
-            col.par_chunks_mut(p).enumerate().for_each(|(r, dst)| {
-                let (ci, ky, kx) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
-                im2col_row(g, &xi[ci * g.h * g.w..(ci + 1) * g.h * g.w], ky, kx, 0, dst);
-            });
+            im2col_par(g, xi, &mut col);
             MatRef::rm(&col, k, p)
         };
         let oi = &mut out[i * g.o * p..(i + 1) * g.o * p];
@@ -328,37 +325,40 @@ pub fn conv_transpose2d(
         }
         apply_act_seq(plane, act);
     };
-    if n == 1 && hw < 128 {
+    if hw < 128 {
         // Few input pixels (adapter 3: 8 x 8): as tmp [O k k, HW] the product is
-        // short and wide and the packed kernels stall; compute its transpose
-        // tmpT [HW, O k k] = X^T W, which takes the column-split path.
+        // short and wide and the packed kernels stall (a batch of two images at
+        // 8 x 8 ran at a third of the GEMM's rate); compute its transpose
+        // tmpT [HW, O k k] = X^T W per image, which takes the column-split path.
         let mut tmp_t = vec![0.0f32; hw * rows];
-        sgemm(
-            MatRef::tr(x, hw, c),
-            MatRef::rm(w, c, rows),
-            &mut tmp_t,
-            rows,
-            1,
-            false,
-            Par::Pool,
-        );
-        out.par_chunks_mut(oh * ow)
-            .enumerate()
-            .for_each(|(oc, plane)| {
-                let bv = b.map_or(0.0, |b| b[oc]);
-                for y in 0..h {
-                    for ky in 0..k {
-                        let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
-                        for xx in 0..wd {
-                            let src = &tmp_t[(y * wd + xx) * rows + (oc * k + ky) * k..][..k];
-                            for kx in 0..k {
-                                dst[xx * k + kx] = src[kx] + bv;
+        for (i, oi) in out.chunks_mut(o * oh * ow).enumerate() {
+            sgemm(
+                MatRef::tr(&x[i * c * hw..(i + 1) * c * hw], hw, c),
+                MatRef::rm(w, c, rows),
+                &mut tmp_t,
+                rows,
+                1,
+                false,
+                Par::Pool,
+            );
+            oi.par_chunks_mut(oh * ow)
+                .enumerate()
+                .for_each(|(oc, plane)| {
+                    let bv = b.map_or(0.0, |b| b[oc]);
+                    for y in 0..h {
+                        for ky in 0..k {
+                            let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
+                            for xx in 0..wd {
+                                let src = &tmp_t[(y * wd + xx) * rows + (oc * k + ky) * k..][..k];
+                                for kx in 0..k {
+                                    dst[xx * k + kx] = src[kx] + bv;
+                                }
                             }
                         }
                     }
-                }
-                apply_act_seq(plane, act);
-            });
+                    apply_act_seq(plane, act);
+                });
+        }
     } else if n == 1 {
         let mut tmp = vec![0.0f32; rows * hw];
         sgemm(
@@ -438,6 +438,141 @@ pub fn max_pool2d(
     out
 }
 
+/// Below this many output pixels per image (the ResNet's stages 3-4 and the
+/// adapters at 16 x 16 and 8 x 8) the backward GEMMs take the whole batch at
+/// once, images side by side: per image their inner (dW) or outer (dX)
+/// dimension would be 64-256 long, where the packed kernels run at half
+/// their rate.
+const MERGE_PIXELS: usize = 1024;
+/// ... as long as the side-by-side copies stay under 64 MiB each.
+const MERGE_FLOATS: usize = 1 << 24;
+
+/// [n, rows, p] (images one after another) -> [rows, n p] (image i in
+/// columns i p ..): a batch as one matrix whose columns are every pixel.
+fn side_by_side(src: &[f32], n: usize, rows: usize, p: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * n * p];
+    out.par_chunks_mut((n * p).max(1))
+        .enumerate()
+        .for_each(|(r, dst)| {
+            for (i, d) in dst.chunks_exact_mut(p.max(1)).enumerate() {
+                d.copy_from_slice(&src[(i * rows + r) * p..(i * rows + r + 1) * p]);
+            }
+        });
+    out
+}
+
+/// The inverse of `side_by_side`: [rows, n p] -> dst [n, rows, p].
+fn one_after_another(src: &[f32], n: usize, rows: usize, p: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(p.max(1))
+        .enumerate()
+        .for_each(|(ir, d)| {
+            let (i, r) = (ir / rows, ir % rows);
+            d.copy_from_slice(&src[r * n * p + i * p..][..p]);
+        });
+}
+
+/// im2col of one whole image x [c, h, w] into col [c kh kw, ho wo], rows in
+/// parallel.
+fn im2col_par(g: &ConvGeometry, x: &[f32], col: &mut [f32]) {
+    let p = g.ho * g.wo;
+    col.par_chunks_mut(p.max(1))
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let (ci, ky, kx) = (r / (g.kh * g.kw), (r / g.kw) % g.kh, r % g.kw);
+            im2col_row(g, &x[ci * g.h * g.w..(ci + 1) * g.h * g.w], ky, kx, 0, dst);
+        });
+}
+
+/// `conv2d_backward` with the batch's images side by side (see
+/// `MERGE_PIXELS`): dW = G_all col_all^T in one GEMM whose inner dimension runs
+/// over every pixel of every image in image order, dX_all = W^T G_all, then
+/// col2im per image.
+fn conv2d_backward_side_by_side(
+    geo: &ConvGeometry,
+    grad: &[f32],
+    x: Option<&[f32]>,
+    w: Option<&[f32]>,
+    want_b: bool,
+    direct: bool,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+    let p = geo.ho * geo.wo;
+    let np = geo.n * p;
+    let k = geo.c * geo.kh * geo.kw;
+    let img = geo.c * geo.h * geo.w;
+    // g_all [o, n p]
+    let g_all = side_by_side(grad, geo.n, geo.o, p);
+    let dw = x.map(|x| {
+        let _p = crate::profile::scope("conv2d.bw.dw");
+        // col_all [k, n p]
+        let col_all = if direct {
+            side_by_side(x, geo.n, geo.c, p)
+        } else {
+            let _c = crate::profile::scope("conv2d.bw.im2col");
+            let mut col = vec![0.0f32; k * np];
+            col.par_chunks_mut(np).enumerate().for_each(|(r, dst)| {
+                let (ci, ky, kx) = (r / (geo.kh * geo.kw), (r / geo.kw) % geo.kh, r % geo.kw);
+                for (i, d) in dst.chunks_exact_mut(p).enumerate() {
+                    let plane = &x[i * img + ci * geo.h * geo.w..][..geo.h * geo.w];
+                    im2col_row(geo, plane, ky, kx, 0, d);
+                }
+            });
+            col
+        };
+        // dw [o, k]
+        let mut dw = vec![0.0f32; geo.o * k];
+        sgemm(
+            MatRef::rm(&g_all, geo.o, np),
+            MatRef::tr(&col_all, np, k),
+            &mut dw,
+            k,
+            1,
+            false,
+            Par::Pool,
+        );
+        dw
+    });
+    let dx = w.map(|w| {
+        let _p = crate::profile::scope("conv2d.bw.dx");
+        // dcol_all [k, n p]
+        let mut dcol = vec![0.0f32; k * np];
+        {
+            let _g = crate::profile::scope("conv2d.bw.dx.gemm");
+            sgemm(
+                MatRef::tr(w, k, geo.o),
+                MatRef::rm(&g_all, geo.o, np),
+                &mut dcol,
+                np,
+                1,
+                false,
+                Par::Pool,
+            );
+        }
+        let mut dx = vec![0.0f32; geo.n * img];
+        if direct {
+            // k = c and img = c p: dcol is dX side by side.
+            one_after_another(&dcol, geo.n, geo.c, p, &mut dx);
+        } else {
+            let _c = crate::profile::scope("conv2d.bw.col2im");
+            for (i, dxi) in dx.chunks_exact_mut(img).enumerate() {
+                col2im_gather(geo, &dcol, np, i * p, dxi);
+            }
+        }
+        dx
+    });
+    (dx, dw, want_b.then(|| bias_grad(grad, geo.o, p)))
+}
+
+/// db [o] = sums of G [n, o, p] per channel in f64, images in order.
+fn bias_grad(grad: &[f32], o: usize, p: usize) -> Vec<f32> {
+    let mut acc = vec![0.0f64; o];
+    for gi in grad.chunks_exact(o * p) {
+        for (a, plane) in acc.iter_mut().zip(gi.chunks_exact(p)) {
+            *a += plane.iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+    acc.into_iter().map(|v| v as f32).collect()
+}
+
 /// conv2d backward for G [n, o, ho wo] (the output's gradient, after the
 /// activation): dX (when `w` is given: x needs one) by W^T G per image and a
 /// col2im written as a gather (each input pixel sums the taps that read it),
@@ -457,8 +592,50 @@ pub fn conv2d_backward(
     // and its col2im the identity: the GEMMs read x and write dx directly
     // (the same sums, without the copies).
     let direct = geo.kh == 1 && geo.kw == 1 && geo.stride == 1 && geo.pad == 0;
+    if geo.n > 1 && p < MERGE_PIXELS && k.max(geo.o) * geo.n * p <= MERGE_FLOATS {
+        return conv2d_backward_side_by_side(geo, grad, x, w, want_b, direct);
+    }
     let dw = x.map(|x| {
         let _p = crate::profile::scope("conv2d.bw.dw");
+        if geo.o < 128 && geo.n > 1 {
+            // Few output channels (the stem, the decoder's mask-feature
+            // convolutions): G_i col_i^T is a short product that the pool
+            // splits badly (40-70 GFLOP/s on two cores); one sequential
+            // GEMM per image on each core instead, the images' products
+            // then added in image order.
+            let parts: Vec<Vec<f32>> = (0..geo.n)
+                .into_par_iter()
+                .map(|i| {
+                    let xi = &x[i * img..(i + 1) * img];
+                    let col;
+                    let cols = if direct {
+                        xi
+                    } else {
+                        let mut c = vec![0.0f32; k * p];
+                        im2col_cols(geo, xi, 0, p, &mut c);
+                        col = c;
+                        &col[..]
+                    };
+                    let mut part = vec![0.0f32; geo.o * k];
+                    sgemm(
+                        MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
+                        MatRef::tr(cols, p, k),
+                        &mut part,
+                        k,
+                        1,
+                        false,
+                        Par::Seq,
+                    );
+                    part
+                })
+                .collect();
+            let mut parts = parts.into_iter();
+            let mut dw = parts.next().expect("n > 1");
+            for part in parts {
+                dw.iter_mut().zip(&part).for_each(|(s, v)| *s += v);
+            }
+            return dw;
+        }
         let mut dw = vec![0.0f32; geo.o * k];
         let mut col = vec![0.0f32; if direct { 0 } else { k * p }];
         for i in 0..geo.n {
@@ -467,7 +644,7 @@ pub fn conv2d_backward(
                 xi
             } else {
                 let _c = crate::profile::scope("conv2d.bw.im2col");
-                im2col_cols(geo, xi, 0, p, &mut col);
+                im2col_par(geo, xi, &mut col);
                 &col[..]
             };
             sgemm(
@@ -514,26 +691,19 @@ pub fn conv2d_backward(
             );
             drop(_g);
             let _c = crate::profile::scope("conv2d.bw.col2im");
-            col2im_gather(geo, &dcol, &mut dx[i * img..(i + 1) * img]);
+            col2im_gather(geo, &dcol, p, 0, &mut dx[i * img..(i + 1) * img]);
         }
         dx
     });
-    let db = want_b.then(|| {
-        let mut acc = vec![0.0f64; geo.o];
-        for gi in grad.chunks_exact(geo.o * p) {
-            for (a, plane) in acc.iter_mut().zip(gi.chunks_exact(p)) {
-                *a += plane.iter().map(|&v| v as f64).sum::<f64>();
-            }
-        }
-        acc.into_iter().map(|v| v as f32).collect()
-    });
-    (dx, dw, db)
+    (dx, dw, want_b.then(|| bias_grad(grad, geo.o, p)))
 }
 
-/// dx [c, h, w] of one image from dcol [c kh kw, ho wo] (col2im): each
+/// dx [c, h, w] of one image from dcol [c kh kw, ho wo] (col2im; row r of
+/// dcol at `r * ld + off`, so that the image can be one of several side by
+/// side): each
 /// channel's plane is summed by one task, taps in order (ky, kx), output rows
 /// in order, so the sums do not depend on the thread count.
-fn col2im_gather(geo: &ConvGeometry, dcol: &[f32], dx: &mut [f32]) {
+fn col2im_gather(geo: &ConvGeometry, dcol: &[f32], ld: usize, off: usize, dx: &mut [f32]) {
     let (h, w, s, pad) = (geo.h, geo.w, geo.stride, geo.pad);
     let p = geo.ho * geo.wo;
     dx.par_chunks_mut(h * w)
@@ -543,7 +713,7 @@ fn col2im_gather(geo: &ConvGeometry, dcol: &[f32], dx: &mut [f32]) {
             for ky in 0..geo.kh {
                 for kx in 0..geo.kw {
                     let r = (ci * geo.kh + ky) * geo.kw + kx;
-                    let src = &dcol[r * p..(r + 1) * p];
+                    let src = &dcol[r * ld + off..r * ld + off + p];
                     // Output columns whose input column ox s + kx - pad lies in [0, w).
                     let lo = pad.saturating_sub(kx).div_ceil(s);
                     let hi = ((w + pad).saturating_sub(kx)).div_ceil(s).min(geo.wo);
@@ -590,52 +760,79 @@ pub fn conv_transpose2d_backward(
     let rows = o * k * k;
     let (oh, ow) = (h * k, wd * k);
     let per_out = o * oh * ow;
-    let mut gt = vec![0.0f32; rows * hw];
+    // Small inputs (adapter 3 at 8 x 8, the bridges at 16 x 16): the whole
+    // batch side by side in one GEMM each (see MERGE_PIXELS); else image by
+    // image. Either way the images are summed in order.
+    let group = if n > 1 && hw < MERGE_PIXELS && rows.max(c) * n * hw <= MERGE_FLOATS {
+        n
+    } else {
+        1
+    };
     let mut dx = w.map(|_| vec![0.0f32; n * c * hw]);
     let mut dw = x.map(|_| vec![0.0f32; c * rows]);
-    for i in 0..n {
-        let gi = &grad[i * per_out..(i + 1) * per_out];
-        gt.par_chunks_mut(hw).enumerate().for_each(|(r, row)| {
+    for i0 in (0..n).step_by(group) {
+        let cols = group * hw;
+        // gt [rows, group hw]: the images' gradients in the GEMM's layout.
+        let mut gt = vec![0.0f32; rows * cols];
+        gt.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
             let (oc, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-            for y in 0..h {
-                for xx in 0..wd {
-                    row[y * wd + xx] = gi[oc * oh * ow + (y * k + ky) * ow + xx * k + kx];
+            for (j, dst) in row.chunks_exact_mut(hw).enumerate() {
+                let gi = &grad[(i0 + j) * per_out + oc * oh * ow..][..oh * ow];
+                for y in 0..h {
+                    for xx in 0..wd {
+                        dst[y * wd + xx] = gi[(y * k + ky) * ow + xx * k + kx];
+                    }
                 }
             }
         });
         if let (Some(dx), Some(w)) = (dx.as_mut(), w) {
-            sgemm(
-                MatRef::rm(w, c, rows),
-                MatRef::rm(&gt, rows, hw),
-                &mut dx[i * c * hw..(i + 1) * c * hw],
-                hw,
-                1,
-                false,
-                Par::Pool,
-            );
+            let dxs = &mut dx[i0 * c * hw..(i0 + group) * c * hw];
+            if group == 1 {
+                sgemm(
+                    MatRef::rm(w, c, rows),
+                    MatRef::rm(&gt, rows, hw),
+                    dxs,
+                    hw,
+                    1,
+                    false,
+                    Par::Pool,
+                );
+            } else {
+                // [c, group hw], then each image's planes in place.
+                let mut t = vec![0.0f32; c * cols];
+                sgemm(
+                    MatRef::rm(w, c, rows),
+                    MatRef::rm(&gt, rows, cols),
+                    &mut t,
+                    cols,
+                    1,
+                    false,
+                    Par::Pool,
+                );
+                one_after_another(&t, group, c, hw, dxs);
+            }
         }
         if let (Some(dw), Some(x)) = (dw.as_mut(), x) {
+            let xs = &x[i0 * c * hw..(i0 + group) * c * hw];
+            let merged;
+            let xs = if group == 1 {
+                xs
+            } else {
+                merged = side_by_side(xs, group, c, hw);
+                &merged[..]
+            };
             sgemm(
-                MatRef::rm(&x[i * c * hw..(i + 1) * c * hw], c, hw),
-                MatRef::tr(&gt, hw, rows),
+                MatRef::rm(xs, c, cols),
+                MatRef::tr(&gt, cols, rows),
                 dw,
                 rows,
                 1,
-                i > 0,
+                i0 > 0,
                 Par::Pool,
             );
         }
     }
-    let db = want_b.then(|| {
-        let mut acc = vec![0.0f64; o];
-        for gi in grad.chunks_exact(per_out) {
-            for (a, plane) in acc.iter_mut().zip(gi.chunks_exact(oh * ow)) {
-                *a += plane.iter().map(|&v| v as f64).sum::<f64>();
-            }
-        }
-        acc.into_iter().map(|v| v as f32).collect()
-    });
-    (dx, dw, db)
+    (dx, dw, want_b.then(|| bias_grad(grad, o, oh * ow)))
 }
 
 /// max_pool2d backward: each output's gradient goes to the input its
@@ -684,4 +881,117 @@ pub fn max_pool2d_backward(
         }
     });
     dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let (mut d, mut r) = (0.0f64, 0.0f64);
+        for (&g, &w) in got.iter().zip(want) {
+            d += (g as f64 - w as f64).powi(2);
+            r += (w as f64).powi(2);
+        }
+        let rel = (d / r.max(1e-30)).sqrt();
+        assert!(rel < 1e-6, "{what}: relative L2 {rel:e}");
+    }
+
+    /// The backward of a batch (images side by side below MERGE_PIXELS, one
+    /// after another above) equals the images' backward one by one: dX per
+    /// image, dW and db summed over the images.
+    #[test]
+    fn batch_backward_equals_images_one_by_one() {
+        // (c, h, w, o, k, stride, pad): 1 x 1 direct, 3 x 3, strided 3 x 3, the
+        // 7 x 7 stem; above MERGE_PIXELS (36 x 32 outputs) with few output
+        // channels (dW image-parallel) and with 128 (dW image after image).
+        for (c, h, w, o, k, s, pad) in [
+            (5, 6, 7, 4, 1, 1, 0),
+            (3, 8, 8, 6, 3, 1, 1),
+            (4, 9, 8, 5, 3, 2, 1),
+            (3, 11, 10, 4, 7, 2, 3),
+            (2, 36, 32, 3, 3, 1, 1),
+            (2, 36, 32, 128, 3, 1, 1),
+            (3, 32, 32, 128, 1, 1, 0),
+        ] {
+            let n = 3;
+            let geo = |n| ConvGeometry {
+                n,
+                c,
+                h,
+                w,
+                o,
+                kh: k,
+                kw: k,
+                stride: s,
+                pad,
+                ho: (h + 2 * pad - k) / s + 1,
+                wo: (w + 2 * pad - k) / s + 1,
+            };
+            let (img, p) = (c * h * w, geo(1).ho * geo(1).wo);
+            let x = rand(n * img, 1);
+            let wt = rand(o * c * k * k, 2);
+            let g = rand(n * o * p, 3);
+            let (dx, dw, db) = conv2d_backward(&geo(n), &g, Some(&x), Some(&wt), true);
+            let (mut dx1, mut dw1, mut db1) = (vec![], vec![0.0f32; wt.len()], vec![0.0f32; o]);
+            for i in 0..n {
+                let (a, b, c) = conv2d_backward(
+                    &geo(1),
+                    &g[i * o * p..(i + 1) * o * p],
+                    Some(&x[i * img..(i + 1) * img]),
+                    Some(&wt),
+                    true,
+                );
+                dx1.extend(a.unwrap());
+                dw1.iter_mut().zip(b.unwrap()).for_each(|(s, v)| *s += v);
+                db1.iter_mut().zip(c.unwrap()).for_each(|(s, v)| *s += v);
+            }
+            let what = format!("conv2d c{c} {h}x{w} o{o} k{k} s{s} p{pad}");
+            close(&format!("{what} dx"), &dx.unwrap(), &dx1);
+            close(&format!("{what} dw"), &dw.unwrap(), &dw1);
+            close(&format!("{what} db"), &db.unwrap(), &db1);
+        }
+        // Transposed convolutions: 8 x 8 (side by side) and 33 x 32 (one by one).
+        for (c, h, w, o, k) in [(6, 8, 8, 4, 2), (3, 33, 32, 2, 2)] {
+            let n = 2;
+            let (hw, per_out) = (h * w, o * h * k * w * k);
+            let x = rand(n * c * hw, 4);
+            let wt = rand(c * o * k * k, 5);
+            let g = rand(n * per_out, 6);
+            let (dx, dw, db) =
+                conv_transpose2d_backward(&g, Some(&x), Some(&wt), true, (n, c, h, w), o, k);
+            let (mut dx1, mut dw1, mut db1) = (vec![], vec![0.0f32; wt.len()], vec![0.0f32; o]);
+            for i in 0..n {
+                let (a, b, cc) = conv_transpose2d_backward(
+                    &g[i * per_out..(i + 1) * per_out],
+                    Some(&x[i * c * hw..(i + 1) * c * hw]),
+                    Some(&wt),
+                    true,
+                    (1, c, h, w),
+                    o,
+                    k,
+                );
+                dx1.extend(a.unwrap());
+                dw1.iter_mut().zip(b.unwrap()).for_each(|(s, v)| *s += v);
+                db1.iter_mut().zip(cc.unwrap()).for_each(|(s, v)| *s += v);
+            }
+            let what = format!("conv_transpose2d c{c} {h}x{w} o{o} k{k}");
+            close(&format!("{what} dx"), &dx.unwrap(), &dx1);
+            close(&format!("{what} dw"), &dw.unwrap(), &dw1);
+            close(&format!("{what} db"), &db.unwrap(), &db1);
+        }
+    }
 }

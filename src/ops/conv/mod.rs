@@ -703,9 +703,14 @@ mod tests {
 
     #[test]
     fn conv_transpose_matches_definition() {
-        // A batch (one task per image) and single images (small and larger maps
-        // take different GEMM layouts).
-        for (n, c, h, wd, o, k) in [(2, 3, 4, 5, 2, 2), (1, 5, 3, 4, 3, 2), (1, 4, 12, 11, 2, 2)] {
+        // Batches and single images; maps under 128 pixels take the
+        // transposed product, larger batches one task per image.
+        for (n, c, h, wd, o, k) in [
+            (2, 3, 4, 5, 2, 2),
+            (1, 5, 3, 4, 3, 2),
+            (1, 4, 12, 11, 2, 2),
+            (2, 3, 12, 11, 2, 2),
+        ] {
             conv_transpose_case(n, c, h, wd, o, k);
         }
     }
