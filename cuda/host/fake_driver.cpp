@@ -562,26 +562,55 @@ int gemm(int ta, int tb, int m, int n, int k, float alpha, const void* A, int at
         for (int p = 0; p < k; ++p) a[(size_t)i * k + p] = ld(A, atype, ta ? (long long)i * lda + p : (long long)p * lda + i);
     for (int p = 0; p < k; ++p)
         for (int j = 0; j < n; ++j) b[(size_t)p * n + j] = ld(B, btype, tb ? (long long)p * ldb + j : (long long)j * ldb + p);
+    auto store = [&](int i, int j, float acc) {
+        float* c = &C[(long long)j * ldc + i];
+        *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+    };
+    // Blocks of 4 rows x 16 columns whose 64 sums stay in registers for the
+    // whole k loop (the emulated training step spent half its time here when
+    // every product went through a row of sums in memory). Each element is
+    // still 0 + a0 b0 + a1 b1 + ... in k order, one rounding per multiply and
+    // per add (-ffp-contract=off), as before; the edges take the scalar loop.
+    typedef float v4 __attribute__((vector_size(16)));
     auto rows = [&](int i0, int i1) {
-        std::vector<float> acc((size_t)n);
-        for (int i = i0; i < i1; ++i) {
-            std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int p = 0; p < k; ++p) {
-                float av = a[(size_t)i * k + p];
-                const float* br = &b[(size_t)p * n];
-                for (int j = 0; j < n; ++j) acc[j] += av * br[j];
+        int i = i0;
+        for (; i + 4 <= i1; i += 4) {
+            int j = 0;
+            for (; j + 16 <= n; j += 16) {
+                v4 acc[4][4] = {};
+                for (int p = 0; p < k; ++p) {
+                    const float* br = &b[(size_t)p * n + j];
+                    v4 bv[4];
+                    std::memcpy(bv, br, sizeof bv);
+                    for (int r = 0; r < 4; ++r) {
+                        float av = a[(size_t)(i + r) * k + p];
+                        v4 a4 = {av, av, av, av};
+                        for (int q = 0; q < 4; ++q) acc[r][q] += a4 * bv[q];
+                    }
+                }
+                for (int r = 0; r < 4; ++r)
+                    for (int q = 0; q < 4; ++q)
+                        for (int e = 0; e < 4; ++e) store(i + r, j + 4 * q + e, acc[r][q][e]);
             }
-            for (int j = 0; j < n; ++j) {
-                float* c = &C[(long long)j * ldc + i];
-                *c = beta == 0.0f ? alpha * acc[j] : alpha * acc[j] + beta * *c;
-            }
+            for (; j < n; ++j)
+                for (int r = 0; r < 4; ++r) {
+                    float acc = 0.0f;
+                    for (int p = 0; p < k; ++p) acc += a[(size_t)(i + r) * k + p] * b[(size_t)p * n + j];
+                    store(i + r, j, acc);
+                }
         }
+        for (; i < i1; ++i)
+            for (int j = 0; j < n; ++j) {
+                float acc = 0.0f;
+                for (int p = 0; p < k; ++p) acc += a[(size_t)i * k + p] * b[(size_t)p * n + j];
+                store(i, j, acc);
+            }
     };
     unsigned threads = std::thread::hardware_concurrency();
     if (threads < 1) threads = 1;
     if ((long long)m * n * k < (1 << 20)) threads = 1;
     std::vector<std::thread> pool;
-    int step = (m + (int)threads - 1) / (int)threads;
+    int step = ((m + (int)threads - 1) / (int)threads + 3) / 4 * 4;
     for (unsigned t = 0; t < threads; ++t) {
         int i0 = (int)t * step, i1 = i0 + step < m ? i0 + step : m;
         if (i0 < i1) pool.emplace_back(rows, i0, i1);

@@ -86,28 +86,7 @@ impl PackedB {
     /// From `b(k, n)`: any element order (row-major B, or a linear
     /// layer's weight [N, K] read transposed).
     fn build(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
-        let (k2, panels) = (k.div_ceil(2), n.div_ceil(NR));
-        let mut words = vec![0u32; panels * k2 * NR];
-        words
-            .par_chunks_mut(k2 * NR)
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for kp in 0..k2 {
-                    for j in 0..NR {
-                        let col = p * NR + j;
-                        if col >= n {
-                            continue;
-                        }
-                        let lo = b(2 * kp, col);
-                        let hi = if 2 * kp + 1 < k {
-                            b(2 * kp + 1, col)
-                        } else {
-                            0.0
-                        };
-                        panel[kp * NR + j] = pair(lo, hi);
-                    }
-                }
-            });
+        let words = pack_pairs(k, n, NR, b);
         PackedB { k, n, words }
     }
 
@@ -122,6 +101,40 @@ impl PackedB {
         check("bf16 pack", w.len(), n * k, &format!("W [{n}, {k}]"))?;
         Ok(Self::build(k, n, |r, c| w[c * k + r]))
     }
+}
+
+/// The packing of both operands: `lines` lines (B's columns, A's rows) of
+/// `k` values each, `get(kk, line)`, rounded to bf16 k-pairs, in blocks of
+/// `width` lines: [ceil(lines / width)][ceil(k / 2)][width] words; a missing
+/// line or the odd k's partner is zero.
+fn pack_pairs(
+    k: usize,
+    lines: usize,
+    width: usize,
+    get: impl Fn(usize, usize) -> f32 + Sync,
+) -> Vec<u32> {
+    let k2 = k.div_ceil(2);
+    let mut words = vec![0u32; lines.div_ceil(width) * k2 * width];
+    words
+        .par_chunks_mut(k2 * width)
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            for kp in 0..k2 {
+                for j in 0..width {
+                    let line = blk * width + j;
+                    if line >= lines {
+                        continue;
+                    }
+                    let hi = if 2 * kp + 1 < k {
+                        get(2 * kp + 1, line)
+                    } else {
+                        0.0
+                    };
+                    dst[kp * width + j] = pair(get(2 * kp, line), hi);
+                }
+            }
+        });
+    words
 }
 
 fn check(op: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
@@ -149,27 +162,7 @@ impl std::fmt::Debug for PackedA {
 
 impl PackedA {
     fn build(m: usize, k: usize, a: impl Fn(usize, usize) -> f32 + Sync) -> PackedA {
-        let k2 = k.div_ceil(2);
-        let mut words = vec![0u32; m.div_ceil(MR) * k2 * MR];
-        words
-            .par_chunks_mut(k2 * MR)
-            .enumerate()
-            .for_each(|(blk, dst)| {
-                for i in 0..MR {
-                    let r = blk * MR + i;
-                    if r >= m {
-                        continue;
-                    }
-                    for kp in 0..k2 {
-                        let hi = if 2 * kp + 1 < k {
-                            a(r, 2 * kp + 1)
-                        } else {
-                            0.0
-                        };
-                        dst[kp * MR + i] = pair(a(r, 2 * kp), hi);
-                    }
-                }
-            });
+        let words = pack_pairs(k, m, MR, |kk, r| a(r, kk));
         PackedA { m, k, words }
     }
 
@@ -304,41 +297,49 @@ pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bo
         let r0 = t * TASK;
         let rows = ct.len() / n;
         let blocks = rows.div_ceil(MR);
-        let mut ap = vec![0u32; blocks * k2 * MR];
-        for blk in 0..blocks {
-            let dst = &mut ap[blk * k2 * MR..(blk + 1) * k2 * MR];
-            for i in 0..MR {
-                let r = blk * MR + i;
-                if r >= rows {
-                    continue;
-                }
-                let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
-                for kp in 0..k2 {
-                    let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
-                    dst[kp * MR + i] = pair(row[2 * kp], hi);
-                }
-            }
-        }
-        for p in 0..n.div_ceil(NR) {
-            let bp = &b.words[p * k2 * NR..(p + 1) * k2 * NR];
-            let cols = NR.min(n - p * NR);
+        // The worker's own packing buffer, kept between calls (up to 48 rows
+        // x K words: 288 KiB at K = 3072, an allocation that would otherwise
+        // be mapped and faulted in for every task of every linear layer).
+        A_TILE.with_borrow_mut(|ap| {
+            ap.clear();
+            ap.resize(blocks * k2 * MR, 0);
             for blk in 0..blocks {
-                let rws = MR.min(rows - blk * MR);
-                let apb = &ap[blk * k2 * MR..(blk + 1) * k2 * MR];
-                let c0 = blk * MR * n + p * NR;
-                // SAFETY: apb holds k2 x 6 words, bp k2 x 64, and the tile
-                // [rws, cols] at c0 with row stride n lies in ct, which
-                // this task owns.
-                unsafe {
-                    tile(k2, apb, bp, ct[c0..].as_mut_ptr(), n, rws, cols, accumulate);
+                let dst = &mut ap[blk * k2 * MR..(blk + 1) * k2 * MR];
+                for i in 0..MR {
+                    let r = blk * MR + i;
+                    if r >= rows {
+                        continue;
+                    }
+                    let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
+                    for kp in 0..k2 {
+                        let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
+                        dst[kp * MR + i] = pair(row[2 * kp], hi);
+                    }
                 }
             }
-        }
+            for p in 0..n.div_ceil(NR) {
+                let bp = &b.words[p * k2 * NR..(p + 1) * k2 * NR];
+                let cols = NR.min(n - p * NR);
+                for blk in 0..blocks {
+                    let rws = MR.min(rows - blk * MR);
+                    let apb = &ap[blk * k2 * MR..(blk + 1) * k2 * MR];
+                    let c0 = blk * MR * n + p * NR;
+                    // SAFETY: apb holds k2 x 6 words, bp k2 x 64, and the tile
+                    // [rws, cols] at c0 with row stride n lies in ct, which
+                    // this task owns.
+                    unsafe {
+                        tile(k2, apb, bp, ct[c0..].as_mut_ptr(), n, rws, cols, accumulate);
+                    }
+                }
+            }
+        });
     });
     Ok(())
 }
 
 thread_local! {
+    /// Each worker's packed rows of A (`gemm_bf16`), kept between calls.
+    static A_TILE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each worker's packed-B tile (`gemm_bf16_tiles`), kept between calls.
     static B_TILE: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

@@ -241,6 +241,36 @@ pub fn conv2d_bf16(
     Ok(out)
 }
 
+/// One output plane [h k, w k] of a transposed convolution (kernel = stride
+/// = k) for channel `oc`, from the GEMM's product t: tap r = (oc k + ky) k + kx
+/// of input pixel q at `t[r * tap_stride + q * pix_stride]` (tmp [O k k, H W]:
+/// (H W, 1); its transpose [H W, O k k]: (1, O k k)); plus the bias, then the
+/// activation. Every output pixel is written once.
+#[allow(clippy::too_many_arguments)]
+fn convt_plane(
+    plane: &mut [f32],
+    t: &[f32],
+    oc: usize,
+    (h, wd, k): (usize, usize, usize),
+    (tap_stride, pix_stride): (usize, usize),
+    bias: f32,
+    act: Act,
+) {
+    let ow = wd * k;
+    for y in 0..h {
+        for ky in 0..k {
+            let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
+            for kx in 0..k {
+                let t0 = ((oc * k + ky) * k + kx) * tap_stride + y * wd * pix_stride;
+                for xx in 0..wd {
+                    dst[xx * k + kx] = t[t0 + xx * pix_stride] + bias;
+                }
+            }
+        }
+    }
+    apply_act_seq(plane, act);
+}
+
 /// `conv_transpose2d` through the bf16 GEMM, W^T packed once as A
 /// [O k k, C]: tmp [O k k, H W] per image (the input rows packed per
 /// pixel tile), then the same scatter + bias + activation.
@@ -274,18 +304,7 @@ pub fn conv_transpose2d_bf16(
             let (bi, oc) = (i / o, i % o);
             let t = &tmp[bi * rows * hw..(bi + 1) * rows * hw];
             let bv = b.map_or(0.0, |b| b[oc]);
-            for ky in 0..k {
-                for kx in 0..k {
-                    let src = &t[((oc * k + ky) * k + kx) * hw..][..hw];
-                    for y in 0..h {
-                        let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
-                        for (xx, &v) in src[y * wd..(y + 1) * wd].iter().enumerate() {
-                            dst[xx * k + kx] = v + bv;
-                        }
-                    }
-                }
-            }
-            apply_act_seq(plane, act);
+            convt_plane(plane, t, oc, (h, wd, k), (hw, 1), bv, act);
         });
     Ok(out)
 }
@@ -312,18 +331,7 @@ pub fn conv_transpose2d(
     // tmp [o*k*k, h*w] of one image -> its output planes [o, kh, kw].
     let scatter = |tmp: &[f32], oc: usize, plane: &mut [f32]| {
         let bv = b.map_or(0.0, |b| b[oc]);
-        for ky in 0..k {
-            for kx in 0..k {
-                let t = &tmp[((oc * k + ky) * k + kx) * hw..][..hw];
-                for y in 0..h {
-                    let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
-                    for (xx, &v) in t[y * wd..(y + 1) * wd].iter().enumerate() {
-                        dst[xx * k + kx] = v + bv;
-                    }
-                }
-            }
-        }
-        apply_act_seq(plane, act);
+        convt_plane(plane, tmp, oc, (h, wd, k), (hw, 1), bv, act);
     };
     if hw < 128 {
         // Few input pixels (adapter 3: 8 x 8): as tmp [O k k, HW] the product is
@@ -345,18 +353,7 @@ pub fn conv_transpose2d(
                 .enumerate()
                 .for_each(|(oc, plane)| {
                     let bv = b.map_or(0.0, |b| b[oc]);
-                    for y in 0..h {
-                        for ky in 0..k {
-                            let dst = &mut plane[(y * k + ky) * ow..(y * k + ky + 1) * ow];
-                            for xx in 0..wd {
-                                let src = &tmp_t[(y * wd + xx) * rows + (oc * k + ky) * k..][..k];
-                                for kx in 0..k {
-                                    dst[xx * k + kx] = src[kx] + bv;
-                                }
-                            }
-                        }
-                    }
-                    apply_act_seq(plane, act);
+                    convt_plane(plane, &tmp_t, oc, (h, wd, k), (1, rows), bv, act);
                 });
         }
     } else if n == 1 {
