@@ -43,9 +43,10 @@ pub fn record(dev: &CudaDevice, body: impl FnOnce() -> Result<()>) -> Result<Cud
     // capture: take them first.
     let pending = st.context().check_err();
     let graph = st.end_capture(sys::CUgraphInstantiate_flags(0));
-    let capturing = st.capture_status().map_or(true, |c| {
-        c != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
-    });
+    // Still capturing, or the status unknown: end it by hand below.
+    let capturing = !st
+        .capture_status()
+        .is_ok_and(|c| c == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
     if capturing {
         // SAFETY: ends the capture begun above on this stream; the graph it
         // hands back (if any) is ours and destroyed at once.

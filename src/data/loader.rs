@@ -1,8 +1,8 @@
 //! The online loader over prepared shards (prepare.rs), as the authors'
 //! dataset class samples: per image, 5 masks drawn with replacement, each
-//! box jittered at the original resolution (MODEL.md: noise_std = min(w, h)
-//! * 0.1, m = min(5, int(noise_std * 5)), dx, dy uniform in [-m, m - 1],
-//! both corners moved together) and then scaled to the model frame, never
+//! box jittered at the original resolution (MODEL.md: noise_std =
+//! min(w, h) x 0.1, m = min(5, int(noise_std x 5)), dx, dy uniform in
+//! [-m, m - 1], both corners moved together) and then scaled to the model frame, never
 //! clipped. Every random number is keyed by (seed, epoch, image, slot), so
 //! a batch depends on nothing else: not on the number of loader threads,
 //! not on what was loaded before (a resume needs no hidden state).

@@ -447,7 +447,7 @@ fn edt_nd(feature: &[bool], g: [usize; 3], sp: [f64; 3]) -> Vec<f64> {
         let mut line = vec![0.0; n];
         // Every line along `axis`: its start is any point with coordinate 0 there.
         for start in 0..d.len() {
-            if (start / strides[axis]) % n != 0 {
+            if !(start / strides[axis]).is_multiple_of(n) {
                 continue;
             }
             for (q, l) in line.iter_mut().enumerate() {

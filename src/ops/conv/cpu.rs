@@ -4,6 +4,9 @@ use crate::cpu::bf16_gemm::{PackedA, gemm_bf16_tiles, pack_b_rows, packed_b_len}
 use crate::cpu::{MatRef, Par, par_col_tiles, sgemm};
 use crate::ops::activation::{Act, apply_act_seq};
 
+/// A convolution's (dX, dW, db), each present when asked for.
+pub type ConvGrads = (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>);
+
 pub struct ConvGeometry {
     pub n: usize,
     pub c: usize,
@@ -491,7 +494,7 @@ fn conv2d_backward_side_by_side(
     w: Option<&[f32]>,
     want_b: bool,
     direct: bool,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> ConvGrads {
     let p = geo.ho * geo.wo;
     let np = geo.n * p;
     let k = geo.c * geo.kh * geo.kw;
@@ -581,7 +584,7 @@ pub fn conv2d_backward(
     x: Option<&[f32]>,
     w: Option<&[f32]>,
     want_b: bool,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> ConvGrads {
     let p = geo.ho * geo.wo;
     let k = geo.c * geo.kh * geo.kw;
     let img = geo.c * geo.h * geo.w;
@@ -752,7 +755,7 @@ pub fn conv_transpose2d_backward(
     (n, c, h, wd): (usize, usize, usize, usize),
     o: usize,
     k: usize,
-) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+) -> ConvGrads {
     let hw = h * wd;
     let rows = o * k * k;
     let (oh, ow) = (h * k, wd * k);
