@@ -1,6 +1,6 @@
 use rayon::prelude::*;
 
-use crate::cpu::{MatRef, Par, math, multiversion, sgemm};
+use crate::cpu::{MatRef, Par, math, multiversion, sgemm, sgemm_new};
 
 multiversion! {
     /// Row-wise softmax in place, rows of `cols`; 8 partial sums so the
@@ -340,30 +340,12 @@ pub fn rel_pos_attention_backward(
             // P, as the forward computes it.
             let pm = window_probs(&wh, rh, rw, &geo);
             // dS [nq, ss]
-            let mut ds = vec![0.0f32; nq * ss];
-            sgemm(
-                MatRef::rm(&dout, nq, hd),
-                MatRef::tr(&v, hd, ss),
-                &mut ds,
-                ss,
-                1,
-                false,
-                Par::Seq,
-            );
+            let mut ds = sgemm_new(MatRef::rm(&dout, nq, hd), MatRef::tr(v, hd, ss), Par::Seq);
             for (prow, drow) in pm.chunks_exact(ss).zip(ds.chunks_exact_mut(ss)) {
                 softmax_row_backward(prow, drow);
             }
             // dq = scale dS K + (row / column sums of dS) against Rh / Rw
-            let mut dq = vec![0.0f32; nq * hd];
-            sgemm(
-                MatRef::rm(&ds, nq, ss),
-                MatRef::rm(&k, ss, hd),
-                &mut dq,
-                hd,
-                1,
-                false,
-                Par::Seq,
-            );
+            let mut dq = sgemm_new(MatRef::rm(&ds, nq, ss), MatRef::rm(k, ss, hd), Par::Seq);
             dq.iter_mut().for_each(|v| *v *= scale);
             for (i, &p) in qpos.iter().enumerate() {
                 let (qy, qx) = (p / s, p % s);
@@ -381,26 +363,8 @@ pub fn rel_pos_attention_backward(
                 }
             }
             // dk = dS^T (q scale), dv = P^T dO, at the real keys only
-            let mut dk_all = vec![0.0f32; ss * hd];
-            let mut dv_all = vec![0.0f32; ss * hd];
-            sgemm(
-                MatRef::tr(&ds, ss, nq),
-                MatRef::rm(&qs, nq, hd),
-                &mut dk_all,
-                hd,
-                1,
-                false,
-                Par::Seq,
-            );
-            sgemm(
-                MatRef::tr(&pm, ss, nq),
-                MatRef::rm(&dout, nq, hd),
-                &mut dv_all,
-                hd,
-                1,
-                false,
-                Par::Seq,
-            );
+            let dk_all = sgemm_new(MatRef::tr(&ds, ss, nq), MatRef::rm(qs, nq, hd), Par::Seq);
+            let dv_all = sgemm_new(MatRef::tr(&pm, ss, nq), MatRef::rm(&dout, nq, hd), Par::Seq);
             let mut dk = Vec::with_capacity(nq * hd);
             let mut dv = Vec::with_capacity(nq * hd);
             for &p in &qpos {

@@ -1,7 +1,7 @@
 use rayon::prelude::*;
 
 use crate::cpu::bf16_gemm::{PackedA, gemm_bf16_tiles, pack_b_rows, packed_b_len};
-use crate::cpu::{MatRef, Par, par_col_tiles, sgemm};
+use crate::cpu::{MatRef, Par, par_col_tiles, sgemm, sgemm_new};
 use crate::ops::activation::{Act, apply_act_seq};
 
 /// A convolution's (dX, dW, db), each present when asked for.
@@ -519,34 +519,23 @@ fn conv2d_backward_side_by_side(
             col
         };
         // dw [o, k]
-        let mut dw = vec![0.0f32; geo.o * k];
-        sgemm(
+        sgemm_new(
             MatRef::rm(&g_all, geo.o, np),
             MatRef::tr(&col_all, np, k),
-            &mut dw,
-            k,
-            1,
-            false,
             Par::Pool,
-        );
-        dw
+        )
     });
     let dx = w.map(|w| {
         let _p = crate::profile::scope("conv2d.bw.dx");
         // dcol_all [k, n p]
-        let mut dcol = vec![0.0f32; k * np];
-        {
+        let dcol = {
             let _g = crate::profile::scope("conv2d.bw.dx.gemm");
-            sgemm(
+            sgemm_new(
                 MatRef::tr(w, k, geo.o),
                 MatRef::rm(&g_all, geo.o, np),
-                &mut dcol,
-                np,
-                1,
-                false,
                 Par::Pool,
-            );
-        }
+            )
+        };
         let mut dx = vec![0.0f32; geo.n * img];
         if direct {
             // k = c and img = c p: dcol is dX side by side.
@@ -616,17 +605,11 @@ pub fn conv2d_backward(
                         col = c;
                         &col[..]
                     };
-                    let mut part = vec![0.0f32; geo.o * k];
-                    sgemm(
+                    sgemm_new(
                         MatRef::rm(&grad[i * geo.o * p..(i + 1) * geo.o * p], geo.o, p),
                         MatRef::tr(cols, p, k),
-                        &mut part,
-                        k,
-                        1,
-                        false,
                         Par::Seq,
-                    );
-                    part
+                    )
                 })
                 .collect();
             let mut parts = parts.into_iter();

@@ -1,6 +1,6 @@
 use rayon::prelude::*;
 
-use crate::cpu::{MatRef, Par, multiversion, sgemm};
+use crate::cpu::{MatRef, Par, multiversion, sgemm_new};
 use crate::ops::activation::{Act, apply_act_seq};
 
 multiversion! {
@@ -29,19 +29,10 @@ pub fn linear(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * n];
-    {
+    let mut out = {
         let _p = crate::profile::scope("linear.gemm");
-        sgemm(
-            MatRef::rm(x, m, k),
-            MatRef::tr(w, k, n),
-            &mut out,
-            n,
-            1,
-            false,
-            Par::Pool,
-        );
-    }
+        sgemm_new(MatRef::rm(x, m, k), MatRef::tr(w, k, n), Par::Pool)
+    };
     let _p = crate::profile::scope("linear.epilogue");
     if b.is_some() || residual.is_some() || act != Act::None {
         // Rows in chunks of ~16 K values per task.
@@ -61,30 +52,10 @@ pub fn linear(
 
 /// dX [m, k] = G [m, n] W [n, k].
 pub fn grad_input(g: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * k];
-    sgemm(
-        MatRef::rm(g, m, n),
-        MatRef::rm(w, n, k),
-        &mut out,
-        k,
-        1,
-        false,
-        Par::Pool,
-    );
-    out
+    sgemm_new(MatRef::rm(g, m, n), MatRef::rm(w, n, k), Par::Pool)
 }
 
 /// dW [n, k] = G^T [n, m] X [m, k].
 pub fn grad_weight(g: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; n * k];
-    sgemm(
-        MatRef::tr(g, n, m),
-        MatRef::rm(x, m, k),
-        &mut out,
-        k,
-        1,
-        false,
-        Par::Pool,
-    );
-    out
+    sgemm_new(MatRef::tr(g, n, m), MatRef::rm(x, m, k), Par::Pool)
 }
