@@ -46,13 +46,18 @@ fn linear(c: &mut Criterion) {
 /// The bf16 GEMM (AVX512_BF16, issue 14) beside the f32 linear at the same
 /// shapes, without bias: GFLOP/s = elements/s / 1e9 in criterion's report.
 fn gemm_bf16(c: &mut Criterion) {
-    use sam_unet::cpu::bf16_gemm::{PackedB, gemm_bf16, has_avx512_bf16};
+    use sam_unet::cpu::bf16_gemm::{Kernel, PackedB, gemm_bf16_with, has_avx512_bf16};
     if !has_avx512_bf16() {
         println!("cpu_gemm_bf16: no AVX512_BF16 on this CPU, skipped");
         return;
     }
+    let kernels: Vec<Kernel> = Kernel::all_here()
+        .into_iter()
+        .filter(|&k| k != Kernel::Portable)
+        .collect();
     let mut g = c.benchmark_group("cpu_gemm_bf16");
-    // The ceiling: vdpbf16ps on registers only, every thread.
+    // The ceilings: vdpbf16ps (and tdpbf16ps where the CPU has AMX) on
+    // registers only, every thread.
     let iters = 100_000;
     g.throughput(Throughput::Elements(
         sam_unet::cpu::bf16_gemm::dot_roofline(1) * iters as u64,
@@ -60,6 +65,15 @@ fn gemm_bf16(c: &mut Criterion) {
     g.bench_function("roofline", |bch| {
         bch.iter(|| sam_unet::cpu::bf16_gemm::dot_roofline(iters))
     });
+    if kernels.contains(&Kernel::Amx) {
+        let iters = 20_000;
+        g.throughput(Throughput::Elements(
+            sam_unet::cpu::bf16_gemm::amx_roofline(1) * iters as u64,
+        ));
+        g.bench_function("roofline_amx", |bch| {
+            bch.iter(|| sam_unet::cpu::bf16_gemm::amx_roofline(iters))
+        });
+    }
     for &(name, m, k, n) in &[
         ("4096x768x3072", 4096, 768, 3072),
         ("qkv_784x768x2304", 784, 768, 2304),
@@ -71,9 +85,15 @@ fn gemm_bf16(c: &mut Criterion) {
         let packed = PackedB::from_nk(w.as_f32().unwrap(), n, k).unwrap();
         let xs = x.as_f32().unwrap();
         let mut out = vec![0f32; m * n];
-        g.bench_function(BenchmarkId::new("bf16", name), |bch| {
-            bch.iter(|| gemm_bf16(xs, m, &packed, &mut out, false).unwrap())
-        });
+        for &kernel in &kernels {
+            let id = match kernel {
+                Kernel::Amx => "bf16_amx",
+                _ => "bf16",
+            };
+            g.bench_function(BenchmarkId::new(id, name), |bch| {
+                bch.iter(|| gemm_bf16_with(kernel, xs, m, &packed, &mut out, false).unwrap())
+            });
+        }
         g.bench_function(BenchmarkId::new("f32", name), |bch| {
             bch.iter(|| linear_fused(&x, &w, None, None, Act::None).unwrap())
         });

@@ -378,6 +378,9 @@ fn run(args: Args) -> Result<()> {
                 "arch": args.arch,
                 "device": args.device.to_string(),
                 "dtype": predictor.options().dtype.name(),
+                // the CPU's bf16 microkernel (AMX, AVX512_BF16) where bf16 runs there
+                "bf16_kernel": (predictor.options().dtype.name() == "bf16" && args.device.to_string() == "cpu")
+                    .then(|| sam_unet::cpu::bf16_gemm::Kernel::best().name()),
                 "threads": rayon::current_num_threads(),
                 "image": format!("{s}x{s}"),
                 "boxes": n,

@@ -18,6 +18,13 @@
 //! B packed per column tile by the caller, e.g. im2col straight into
 //! k-pairs, so that the tile stays in cache).
 //!
+//! Where the CPU has AMX (Intel Sapphire Rapids and later: `tdpbf16ps`
+//! multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32 sums,
+//! eight times `vdpbf16ps`'s rate per core), the `amx` kernel reads the
+//! same packed B (a panel's k-pair rows are B tiles, 256 bytes apart) and
+//! A as rows of k-pairs. Both B layouts pad K to whole tiles (32 values)
+//! with zeros, so every kernel reads one layout.
+//!
 //! Where the CPU lacks AVX512_BF16, a portable kernel reads the same packed
 //! words and computes the same rounded products in f32 (slower than the f32
 //! GEMM: it is the reference that lets the packing and the model's bf16
@@ -27,8 +34,14 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+mod amx;
+pub use amx::roofline as amx_roofline;
+
 const MR: usize = 6;
 const NR: usize = 64;
+/// Rows and columns of C per AMX block (and A's row padding for AMX).
+const AMX_ROWS: usize = amx::BLOCK;
+const AMX_COLS: usize = amx::BLOCK;
 
 /// Whether this CPU has AVX-512 F / BW and BF16 (checked once).
 pub fn has_avx512_bf16() -> bool {
@@ -45,6 +58,70 @@ pub fn has_avx512_bf16() -> bool {
     {
         false
     }
+}
+
+/// Which microkernel the bf16 GEMMs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`tdpbf16ps`), 32 x 32 blocks of C.
+    Amx,
+    /// AVX512_BF16 (`vdpbf16ps`), 6 x 64 blocks of C.
+    Avx512,
+    /// The same rounded products in plain f32 (the reference; CPUs without
+    /// AVX512_BF16 run the model in f32 instead).
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest this CPU runs: AMX where the CPU and the OS allow it
+    /// (unless `SAM_UNET_CPU_AMX=0`), else AVX512_BF16, else portable.
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let no_amx = std::env::var("SAM_UNET_CPU_AMX").is_ok_and(|v| v == "0");
+            if !has_avx512_bf16() {
+                Kernel::Portable
+            } else if amx::available() && !no_amx {
+                Kernel::Amx
+            } else {
+                Kernel::Avx512
+            }
+        })
+    }
+
+    /// The kernels this CPU can run, fastest first (tests run each).
+    pub fn all_here() -> Vec<Kernel> {
+        [Kernel::Amx, Kernel::Avx512, Kernel::Portable]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU (and OS) can run the kernel.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Kernel::Amx => has_avx512_bf16() && amx::available(),
+            Kernel::Avx512 => has_avx512_bf16(),
+            Kernel::Portable => true,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "AMX (tdpbf16ps)",
+            Kernel::Avx512 => "AVX512_BF16 (vdpbf16ps)",
+            Kernel::Portable => "portable",
+        }
+    }
+}
+
+/// k-pairs per AMX tile row block: packed B pads K/2 to a multiple of it.
+const KT: usize = 16;
+
+/// The k-pair rows a packed operand stores for K values: ceil(K / 2)
+/// rounded up to whole AMX tiles (the extra rows are zero).
+fn k2_stored(k: usize) -> usize {
+    k.div_ceil(2).div_ceil(KT) * KT
 }
 
 /// f32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN, as
@@ -72,7 +149,7 @@ fn pair(lo: f32, hi: f32) -> u32 {
 pub struct PackedB {
     pub k: usize,
     pub n: usize,
-    /// [ceil(N / 64)][ceil(K / 2)][64] words.
+    /// [ceil(N / 64)][k2_stored(K)][64] words.
     words: Vec<u32>,
 }
 
@@ -86,7 +163,7 @@ impl PackedB {
     /// From `b(k, n)`: any element order (row-major B, or a linear
     /// layer's weight [N, K] read transposed).
     fn build(k: usize, n: usize, b: impl Fn(usize, usize) -> f32 + Sync) -> PackedB {
-        let words = pack_pairs(k, n, NR, b);
+        let words = pack_pairs(k, k2_stored(k), n, NR, b);
         PackedB { k, n, words }
     }
 
@@ -105,18 +182,21 @@ impl PackedB {
 
 /// The packing of both operands: `lines` lines (B's columns, A's rows) of
 /// `k` values each, `get(kk, line)`, rounded to bf16 k-pairs, in blocks of
-/// `width` lines: [ceil(lines / width)][ceil(k / 2)][width] words; a missing
-/// line or the odd k's partner is zero.
+/// `width` lines: [ceil(lines / width)][k2s][width] words (k2s >=
+/// ceil(k / 2) k-pair rows); a missing line, the odd k's partner and the
+/// rows past ceil(k / 2) are zero.
 fn pack_pairs(
     k: usize,
+    k2s: usize,
     lines: usize,
     width: usize,
     get: impl Fn(usize, usize) -> f32 + Sync,
 ) -> Vec<u32> {
     let k2 = k.div_ceil(2);
-    let mut words = vec![0u32; lines.div_ceil(width) * k2 * width];
+    debug_assert!(k2s >= k2);
+    let mut words = vec![0u32; lines.div_ceil(width) * k2s * width];
     words
-        .par_chunks_mut(k2 * width)
+        .par_chunks_mut(k2s * width)
         .enumerate()
         .for_each(|(blk, dst)| {
             for kp in 0..k2 {
@@ -144,13 +224,16 @@ fn check(op: &'static str, got: usize, want: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A [M, K] rounded to bf16 and packed once (a convolution's weights):
-/// blocks of 6 rows, in a block for each k-pair the 6 rows' pairs.
+/// A [M, K] rounded to bf16 and packed once (a convolution's weights) for
+/// one kernel: for AVX512_BF16 (and the portable one) blocks of 6 rows, in
+/// a block for each k-pair the 6 rows' pairs; for AMX rows of k-pairs.
 #[derive(Clone)]
 pub struct PackedA {
     pub m: usize,
     pub k: usize,
-    /// [ceil(M / 6)][ceil(K / 2)][6] words.
+    kernel: Kernel,
+    /// Avx512 / Portable: [ceil(M / 6)][ceil(K / 2)][6] words;
+    /// Amx: [ceil(M / 32) 32][k2_stored(K)] words.
     words: Vec<u32>,
 }
 
@@ -161,43 +244,90 @@ impl std::fmt::Debug for PackedA {
 }
 
 impl PackedA {
-    fn build(m: usize, k: usize, a: impl Fn(usize, usize) -> f32 + Sync) -> PackedA {
-        let words = pack_pairs(k, m, MR, |kk, r| a(r, kk));
-        PackedA { m, k, words }
+    fn build(
+        kernel: Kernel,
+        m: usize,
+        k: usize,
+        a: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> PackedA {
+        let words = if kernel == Kernel::Amx {
+            // Rows of k-pairs, M padded to whole 32-row blocks.
+            let k2s = k2_stored(k);
+            let mut words = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * k2s];
+            words
+                .par_chunks_mut(k2s)
+                .take(m)
+                .enumerate()
+                .for_each(|(r, row)| {
+                    for (kp, w) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
+                        let hi = if 2 * kp + 1 < k {
+                            a(r, 2 * kp + 1)
+                        } else {
+                            0.0
+                        };
+                        *w = pair(a(r, 2 * kp), hi);
+                    }
+                });
+            words
+        } else {
+            pack_pairs(k, k.div_ceil(2), m, MR, |kk, r| a(r, kk))
+        };
+        PackedA {
+            m,
+            k,
+            kernel,
+            words,
+        }
     }
 
     /// A row-major [M, K] (a convolution's weight [O, C kh kw]).
     pub fn from_mk(a: &[f32], m: usize, k: usize) -> Result<PackedA> {
+        Self::from_mk_for(Kernel::best(), a, m, k)
+    }
+
+    /// `from_mk` for a given kernel (tests and benchmarks compare them).
+    pub fn from_mk_for(kernel: Kernel, a: &[f32], m: usize, k: usize) -> Result<PackedA> {
         check("bf16 pack", a.len(), m * k, &format!("A [{m}, {k}]"))?;
-        Ok(Self::build(m, k, |r, l| a[r * k + l]))
+        Ok(Self::build(kernel, m, k, |r, l| a[r * k + l]))
     }
 
     /// A stored transposed, as row-major [K, M] (a transposed
     /// convolution's weight [C, O k k]: A = W^T).
     pub fn from_km(a: &[f32], k: usize, m: usize) -> Result<PackedA> {
+        Self::from_km_for(Kernel::best(), a, k, m)
+    }
+
+    /// `from_km` for a given kernel.
+    pub fn from_km_for(kernel: Kernel, a: &[f32], k: usize, m: usize) -> Result<PackedA> {
         check("bf16 pack", a.len(), m * k, &format!("A^T [{k}, {m}]"))?;
-        Ok(Self::build(m, k, |r, l| a[l * m + r]))
+        Ok(Self::build(kernel, m, k, |r, l| a[l * m + r]))
+    }
+
+    /// The kernel this packing is for.
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
     }
 }
 
 /// The packed-B words a tile of `cols` columns needs (`pack_b_rows`).
 pub fn packed_b_len(k: usize, cols: usize) -> usize {
-    cols.div_ceil(NR) * k.div_ceil(2) * NR
+    cols.div_ceil(NR) * k2_stored(k) * NR
 }
 
 crate::cpu::multiversion! {
     /// Packs B [K, cols], row l at `src[l * rs..]`, into `dst`
     /// (`packed_b_len(k, cols)` words): the layout of `PackedB`, for
-    /// `gemm_bf16_tiles`. Columns past `cols` are zero.
+    /// `gemm_bf16_tiles`. Columns past `cols` and k-pair rows past K are zero.
     pub fn pack_b_rows(k: usize, cols: usize, src: &[f32], rs: usize, dst: &mut [u32]) {
-        let k2 = k.div_ceil(2);
+        let (k2, k2s) = (k.div_ceil(2), k2_stored(k));
         assert!(dst.len() >= packed_b_len(k, cols), "pack_b_rows: dst too short");
         assert!(
             k == 0 || cols == 0 || src.len() >= (k - 1) * rs + cols,
             "pack_b_rows: src too short"
         );
         let row = |l: usize| &src[l * rs..l * rs + cols];
-        for (p, panel) in dst.chunks_mut(k2 * NR).take(cols.div_ceil(NR)).enumerate() {
+        for (p, panel) in dst.chunks_mut(k2s * NR).take(cols.div_ceil(NR)).enumerate() {
+            panel[k2 * NR..].fill(0);
             let (c0, w) = (p * NR, NR.min(cols - p * NR));
             for kp in 0..k2 {
                 let out = &mut panel[kp * NR..(kp + 1) * NR];
@@ -219,15 +349,17 @@ crate::cpu::multiversion! {
 }
 
 /// One tile C[rows, cols] (row stride ldc, at `c`) = or += an A block
-/// times a B panel: the AVX512_BF16 kernel where the CPU has it, else the
-/// portable one on the same words.
+/// times a B panel, by the AVX512_BF16 kernel or the portable one on the
+/// same words.
 ///
 /// # Safety
 /// `a` holds k2 x 6 words, `b` k2 x 64, and the rows x cols elements at
-/// `c` with row stride ldc are valid for writes and touched by no one else.
+/// `c` with row stride ldc are valid for writes and touched by no one else;
+/// `kernel` is Avx512 only where the CPU has AVX512_BF16.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 unsafe fn tile(
+    kernel: Kernel,
     k2: usize,
     a: &[u32],
     b: &[u32],
@@ -238,10 +370,10 @@ unsafe fn tile(
     accumulate: bool,
 ) {
     debug_assert!(a.len() >= k2 * MR && b.len() >= k2 * NR && rows <= MR && cols <= NR);
-    if has_avx512_bf16() {
-        // SAFETY: the CPU has AVX-512 F / BW / BF16 (just checked); the
-        // slices and the tile are as this function's contract says.
-        unsafe { kernel(k2, a, b, c, ldc, rows, cols, accumulate) }
+    if kernel == Kernel::Avx512 {
+        // SAFETY: the CPU has AVX-512 F / BW / BF16 (this function's
+        // contract); the slices and the tile are as it says.
+        unsafe { kernel_avx512(k2, a, b, c, ldc, rows, cols, accumulate) }
     } else {
         let acc = portable_tile(k2, a, b);
         for (i, r) in acc.iter().enumerate().take(rows) {
@@ -279,29 +411,94 @@ crate::cpu::multiversion! {
 }
 
 /// C [M, N] = A [M, K] B (or += with `accumulate`), A's values rounded to
-/// bf16, products summed in f32. Parallel over blocks of rows; fast with
-/// AVX512_BF16 (`has_avx512_bf16`), else the portable reference kernel.
+/// bf16, products summed in f32. Parallel over blocks of rows; runs
+/// `Kernel::best()`.
 pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bool) -> Result<()> {
+    gemm_bf16_with(Kernel::best(), a, m, b, c, accumulate)
+}
+
+/// `gemm_bf16` on a given kernel (one this CPU runs: `Kernel::all_here`).
+pub fn gemm_bf16_with(
+    kernel: Kernel,
+    a: &[f32],
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
     const OP: &str = "gemm_bf16";
     let (k, n) = (b.k, b.n);
     check(OP, a.len(), m * k, &format!("A [{m}, {k}]"))?;
     check(OP, c.len(), m * n, &format!("C [{m}, {n}]"))?;
+    if !kernel.runs_here() {
+        return Err(Error::input(
+            OP,
+            format!("the {} kernel does not run on this CPU", kernel.name()),
+        ));
+    }
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let k2 = k.div_ceil(2);
-    // Rows in tasks of whole 6-row blocks; each task packs its rows of A
-    // and sweeps every panel of B.
-    const TASK: usize = MR * 8;
-    c.par_chunks_mut(TASK * n).enumerate().for_each(|(t, ct)| {
-        let r0 = t * TASK;
+    let (k2, k2s) = (k.div_ceil(2), k2_stored(k));
+    // A's rows are packed per task: 6-row blocks [blocks][k2][6] for the
+    // vector kernels, rows of k-pairs [32 blocks][k2s] for AMX.
+    let (task, block) = match kernel {
+        Kernel::Amx => (AMX_ROWS * 2, AMX_ROWS),
+        _ => (MR * 8, MR),
+    };
+    c.par_chunks_mut(task * n).enumerate().for_each(|(t, ct)| {
+        let r0 = t * task;
         let rows = ct.len() / n;
-        let blocks = rows.div_ceil(MR);
-        // The worker's own packing buffer, kept between calls (up to 48 rows
-        // x K words: 288 KiB at K = 3072, an allocation that would otherwise
+        let blocks = rows.div_ceil(block);
+        // The worker's own packing buffer, kept between calls (up to 64 rows
+        // x K words: 768 KiB at K = 3072, an allocation that would otherwise
         // be mapped and faulted in for every task of every linear layer).
         A_TILE.with_borrow_mut(|ap| {
             ap.clear();
+            let a_row = |r: usize| &a[(r0 + r) * k..(r0 + r + 1) * k];
+            if kernel == Kernel::Amx {
+                ap.resize(blocks * AMX_ROWS * k2s, 0);
+                for (r, dst) in ap.chunks_mut(k2s).take(rows).enumerate() {
+                    let row = a_row(r);
+                    for (kp, w) in dst.iter_mut().enumerate().take(k2) {
+                        let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
+                        *w = pair(row[2 * kp], hi);
+                    }
+                }
+                // Half-panels of 32 columns outer (one stays in L1 across
+                // the row blocks), the task's rows inner.
+                amx::with_tiles(|| {
+                    for h in 0..n.div_ceil(AMX_COLS) {
+                        let (p, off) = (h / 2, (h % 2) * AMX_COLS);
+                        let bp = &b.words[p * k2s * NR..(p + 1) * k2s * NR];
+                        let cols = AMX_COLS.min(n - h * AMX_COLS);
+                        for blk in 0..blocks {
+                            let rws = AMX_ROWS.min(rows - blk * AMX_ROWS);
+                            let apb = &ap[blk * AMX_ROWS * k2s..(blk + 1) * AMX_ROWS * k2s];
+                            // SAFETY: tiles are configured (with_tiles); apb
+                            // holds 32 rows of k2s words, bp k2s rows of 64
+                            // words with the half-panel at `off`; the block
+                            // [rws, cols] at row 32 blk, column 32 h of ct
+                            // (row stride n) lies in ct, which this task owns.
+                            unsafe {
+                                amx::block(
+                                    k2s / KT,
+                                    apb,
+                                    k2s,
+                                    &bp[off..],
+                                    NR,
+                                    ct[blk * AMX_ROWS * n + h * AMX_COLS..].as_mut_ptr(),
+                                    n,
+                                    rws,
+                                    cols,
+                                    accumulate,
+                                )
+                            }
+                        }
+                    }
+                });
+                return;
+            }
             ap.resize(blocks * k2 * MR, 0);
             for blk in 0..blocks {
                 let dst = &mut ap[blk * k2 * MR..(blk + 1) * k2 * MR];
@@ -310,7 +507,7 @@ pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bo
                     if r >= rows {
                         continue;
                     }
-                    let row = &a[(r0 + r) * k..(r0 + r + 1) * k];
+                    let row = a_row(r);
                     for kp in 0..k2 {
                         let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
                         dst[kp * MR + i] = pair(row[2 * kp], hi);
@@ -318,7 +515,7 @@ pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bo
                 }
             }
             for p in 0..n.div_ceil(NR) {
-                let bp = &b.words[p * k2 * NR..(p + 1) * k2 * NR];
+                let bp = &b.words[p * k2s * NR..(p + 1) * k2s * NR];
                 let cols = NR.min(n - p * NR);
                 for blk in 0..blocks {
                     let rws = MR.min(rows - blk * MR);
@@ -326,9 +523,19 @@ pub fn gemm_bf16(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bo
                     let c0 = blk * MR * n + p * NR;
                     // SAFETY: apb holds k2 x 6 words, bp k2 x 64, and the tile
                     // [rws, cols] at c0 with row stride n lies in ct, which
-                    // this task owns.
+                    // this task owns; `kernel` runs here (checked above).
                     unsafe {
-                        tile(k2, apb, bp, ct[c0..].as_mut_ptr(), n, rws, cols, accumulate);
+                        tile(
+                            kernel,
+                            k2,
+                            apb,
+                            bp,
+                            ct[c0..].as_mut_ptr(),
+                            n,
+                            rws,
+                            cols,
+                            accumulate,
+                        );
                     }
                 }
             }
@@ -353,8 +560,8 @@ pub type PackTile<'a> = dyn Fn(usize, usize, usize, &mut Vec<f32>, &mut [u32]) +
 /// tile of `tile` columns, a multiple of 64). `c` holds `batches` row-major
 /// [M, N] matrices. For each task, `pack(batch, first_col, cols, scratch,
 /// words)` fills `words` (`packed_b_len(K, cols)`, e.g. by `pack_b_rows`),
-/// the tile [M, cols] is computed, then `epilogue(batch, first_col, tile)`
-/// runs on it while it is in cache.
+/// the tile [M, cols] is computed (by the kernel A was packed for), then
+/// `epilogue(batch, first_col, tile)` runs on it while it is in cache.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16_tiles(
     a: &PackedA,
@@ -379,10 +586,19 @@ pub fn gemm_bf16_tiles(
             format!("tile of {tile_cols} columns: not a multiple of {NR}"),
         ));
     }
+    if !a.kernel.runs_here() {
+        return Err(Error::input(
+            OP,
+            format!(
+                "A packed for {}, which this CPU does not run",
+                a.kernel.name()
+            ),
+        ));
+    }
     if m == 0 || n == 0 || batches == 0 {
         return Ok(());
     }
-    let k2 = k.div_ceil(2);
+    let (k2, k2s) = (k.div_ceil(2), k2_stored(k));
     crate::cpu::par_col_tiles(c, batches, m, n, tile_cols, |bi, j0, t, scratch| {
         let cols = t.cols();
         B_TILE.with_borrow_mut(|words| {
@@ -392,8 +608,44 @@ pub fn gemm_bf16_tiles(
             }
             pack(bi, j0, cols, scratch, &mut words[..len]);
             let (ptr, ldc) = t.raw();
+            if a.kernel == Kernel::Amx {
+                // A's 32-row blocks outer (one stays in L1/L2 while the
+                // tile's packed B, <= 512 KiB, stays in L2), half-panels
+                // of 32 columns inner.
+                amx::with_tiles(|| {
+                    for blk in 0..m.div_ceil(AMX_ROWS) {
+                        let rows = AMX_ROWS.min(m - blk * AMX_ROWS);
+                        let ab = &a.words[blk * AMX_ROWS * k2s..(blk + 1) * AMX_ROWS * k2s];
+                        for h in 0..cols.div_ceil(AMX_COLS) {
+                            let (p, off) = (h / 2, (h % 2) * AMX_COLS);
+                            let bp = &words[p * k2s * NR..(p + 1) * k2s * NR];
+                            // SAFETY: tiles are configured (with_tiles); ab
+                            // holds 32 rows of k2s words, bp k2s rows of 64
+                            // words with the half-panel at `off`; the block
+                            // rows [32 blk, +rows) x columns [32 h, +32) lies
+                            // inside this task's tile (par_col_tiles gives it
+                            // exclusive access).
+                            unsafe {
+                                amx::block(
+                                    k2s / KT,
+                                    ab,
+                                    k2s,
+                                    &bp[off..],
+                                    NR,
+                                    ptr.add(blk * AMX_ROWS * ldc + h * AMX_COLS),
+                                    ldc,
+                                    rows,
+                                    AMX_COLS.min(cols - h * AMX_COLS),
+                                    false,
+                                )
+                            }
+                        }
+                    }
+                });
+                return;
+            }
             for p in 0..cols.div_ceil(NR) {
-                let bp = &words[p * k2 * NR..(p + 1) * k2 * NR];
+                let bp = &words[p * k2s * NR..(p + 1) * k2s * NR];
                 let pc = NR.min(cols - p * NR);
                 for blk in 0..m.div_ceil(MR) {
                     let rows = MR.min(m - blk * MR);
@@ -401,9 +653,10 @@ pub fn gemm_bf16_tiles(
                     // SAFETY: ab holds k2 x 6 words, bp k2 x 64; the tile
                     // rows [6 blk, 6 blk + rows) x columns [64 p, 64 p + pc)
                     // lie inside this task's tile (par_col_tiles gives it
-                    // exclusive access).
+                    // exclusive access); a.kernel runs here (checked above).
                     unsafe {
                         tile(
+                            a.kernel,
                             k2,
                             ab,
                             bp,
@@ -421,13 +674,12 @@ pub fn gemm_bf16_tiles(
     });
     Ok(())
 }
-
 /// One 6 x 64 tile: C[rows, cols] (row stride ldc, at c) = or += the packed
 /// A block times the packed B panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+unsafe fn kernel_avx512(
     k2: usize,
     a: &[u32],
     b: &[u32],
@@ -495,7 +747,7 @@ unsafe fn kernel(
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
+unsafe fn kernel_avx512(
     _: usize,
     _: &[u32],
     _: &[u32],
@@ -611,92 +863,102 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 6] = [
+    const SHAPES: [(usize, usize, usize); 8] = [
         (1, 1, 1),
         (7, 13, 65),
         (50, 64, 128),
         (13, 301, 70),
         (96, 768, 192),
         (64, 576, 200),
+        // Several AMX row blocks and tasks, a partial last block, K/2 not a
+        // whole tile.
+        (161, 100, 97),
+        (33, 2, 31),
     ];
 
     /// Against an f64 product of the bf16-rounded inputs: equal up to the
     /// f32 accumulation (|d| <= K eps sum |a b|), at shapes with partial
     /// tiles and an odd K, overwriting and accumulating, from [K, N] and
-    /// from a weight [N, K]. Runs the AVX512_BF16 kernel where the CPU has
-    /// it, else the portable one.
+    /// from a weight [N, K]. Runs every kernel this CPU has (AMX,
+    /// AVX512_BF16, and always the portable one).
     #[test]
     fn matches_f64_of_rounded_inputs() {
-        println!("AVX512_BF16: {}", has_avx512_bf16());
-        for &(m, k, n) in &SHAPES {
-            let (a, b) = (rand(m * k, 1 + m as u64), rand(k * n, 2 + n as u64));
-            let c0 = rand(m * n, 3);
-            let pb = PackedB::from_kn(&b, k, n).unwrap();
-            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            let pw = PackedB::from_nk(&bt, n, k).unwrap();
-            for (packed, accumulate) in [(&pb, false), (&pw, true)] {
-                let mut c = c0.clone();
-                gemm_bf16(&a, m, packed, &mut c, accumulate).unwrap();
-                check_product(
-                    "gemm_bf16",
-                    (m, k, n),
-                    |i, l| a[i * k + l],
-                    |l, j| b[l * n + j],
-                    accumulate.then_some(&c0[..]),
-                    &c,
-                );
+        println!("kernels here: {:?}", Kernel::all_here());
+        for kernel in Kernel::all_here() {
+            for &(m, k, n) in &SHAPES {
+                let (a, b) = (rand(m * k, 1 + m as u64), rand(k * n, 2 + n as u64));
+                let c0 = rand(m * n, 3);
+                let pb = PackedB::from_kn(&b, k, n).unwrap();
+                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                let pw = PackedB::from_nk(&bt, n, k).unwrap();
+                for (packed, accumulate) in [(&pb, false), (&pw, true), (&pb, true)] {
+                    let mut c = c0.clone();
+                    gemm_bf16_with(kernel, &a, m, packed, &mut c, accumulate).unwrap();
+                    check_product(
+                        &format!("gemm_bf16 {kernel:?}"),
+                        (m, k, n),
+                        |i, l| a[i * k + l],
+                        |l, j| b[l * n + j],
+                        accumulate.then_some(&c0[..]),
+                        &c,
+                    );
+                }
             }
         }
     }
 
-    /// A packed once (from [M, K] and from [K, M]), B packed per tile by
-    /// `pack_b_rows` from strided rows, two batches, tiles of 64 and 128
-    /// columns with a partial last one; the epilogue sees each tile once.
+    /// A packed once (from [M, K] and from [K, M]) for each kernel here, B
+    /// packed per tile by `pack_b_rows` from strided rows, two batches,
+    /// tiles of 64 and 128 columns with a partial last one; the epilogue
+    /// sees each tile once.
     #[test]
     fn tiles_match_f64_of_rounded_inputs() {
-        for &(m, k, n) in &SHAPES {
-            let batches = 2;
-            let a = rand(m * k, 5 + m as u64);
-            // B of batch i: rows of length n + 3 (a stride wider than the row).
-            let rs = n + 3;
-            let b = rand(batches * k * rs, 6 + k as u64);
-            let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
-            for (pa, tile_cols) in [
-                (PackedA::from_mk(&a, m, k).unwrap(), 64),
-                (PackedA::from_km(&at, k, m).unwrap(), 128),
-            ] {
-                let mut c = vec![f32::NAN; batches * m * n];
-                let seen = std::sync::Mutex::new(Vec::new());
-                gemm_bf16_tiles(
-                    &pa,
-                    batches,
-                    n,
-                    tile_cols,
-                    &mut c,
-                    &|bi, j0, cols, _scratch, words| {
-                        pack_b_rows(k, cols, &b[bi * k * rs + j0..], rs, words)
-                    },
-                    &|bi, j0, t| seen.lock().unwrap().push((bi, j0, t.cols())),
-                )
-                .unwrap();
-                let mut seen = seen.into_inner().unwrap();
-                seen.sort();
-                let want: Vec<_> = (0..batches)
-                    .flat_map(|bi| {
-                        (0..n.div_ceil(tile_cols))
-                            .map(move |t| (bi, t * tile_cols, tile_cols.min(n - t * tile_cols)))
-                    })
-                    .collect();
-                assert_eq!(seen, want);
-                for bi in 0..batches {
-                    check_product(
-                        "gemm_bf16_tiles",
-                        (m, k, n),
-                        |i, l| a[i * k + l],
-                        |l, j| b[bi * k * rs + l * rs + j],
-                        None,
-                        &c[bi * m * n..(bi + 1) * m * n],
-                    );
+        for kernel in Kernel::all_here() {
+            for &(m, k, n) in &SHAPES {
+                let batches = 2;
+                let a = rand(m * k, 5 + m as u64);
+                // B of batch i: rows of length n + 3 (a stride wider than the row).
+                let rs = n + 3;
+                let b = rand(batches * k * rs, 6 + k as u64);
+                let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect();
+                for (pa, tile_cols) in [
+                    (PackedA::from_mk_for(kernel, &a, m, k).unwrap(), 64),
+                    (PackedA::from_km_for(kernel, &at, k, m).unwrap(), 128),
+                ] {
+                    assert_eq!(pa.kernel(), kernel);
+                    let mut c = vec![f32::NAN; batches * m * n];
+                    let seen = std::sync::Mutex::new(Vec::new());
+                    gemm_bf16_tiles(
+                        &pa,
+                        batches,
+                        n,
+                        tile_cols,
+                        &mut c,
+                        &|bi, j0, cols, _scratch, words| {
+                            pack_b_rows(k, cols, &b[bi * k * rs + j0..], rs, words)
+                        },
+                        &|bi, j0, t| seen.lock().unwrap().push((bi, j0, t.cols())),
+                    )
+                    .unwrap();
+                    let mut seen = seen.into_inner().unwrap();
+                    seen.sort();
+                    let want: Vec<_> = (0..batches)
+                        .flat_map(|bi| {
+                            (0..n.div_ceil(tile_cols))
+                                .map(move |t| (bi, t * tile_cols, tile_cols.min(n - t * tile_cols)))
+                        })
+                        .collect();
+                    assert_eq!(seen, want);
+                    for bi in 0..batches {
+                        check_product(
+                            &format!("gemm_bf16_tiles {kernel:?}"),
+                            (m, k, n),
+                            |i, l| a[i * k + l],
+                            |l, j| b[bi * k * rs + l * rs + j],
+                            None,
+                            &c[bi * m * n..(bi + 1) * m * n],
+                        );
+                    }
                 }
             }
         }
@@ -756,7 +1018,7 @@ mod tests {
             .collect();
         let mut c = vec![0f32; MR * NR];
         // SAFETY: the CPU has AVX512_BF16; a, b and c have the sizes the kernel reads and writes.
-        unsafe { kernel(k2, &a, &b, c.as_mut_ptr(), NR, MR, NR, false) };
+        unsafe { kernel_avx512(k2, &a, &b, c.as_mut_ptr(), NR, MR, NR, false) };
         let p = portable_tile(k2, &a, &b);
         for i in 0..MR {
             for j in 0..NR {
@@ -785,5 +1047,12 @@ mod tests {
         assert!(PackedB::from_kn(&[1.0; 5], 2, 3).is_err());
         assert!(gemm_bf16(&[1.0; 3], 2, &pb, &mut [0.0; 6], false).is_err());
         assert!(gemm_bf16(&[1.0; 4], 2, &pb, &mut [0.0; 5], false).is_err());
+        // A kernel this CPU lacks is an error, not an illegal instruction.
+        for kernel in [Kernel::Amx, Kernel::Avx512] {
+            if !kernel.runs_here() {
+                let r = gemm_bf16_with(kernel, &[1.0; 4], 2, &pb, &mut [0.0; 6], false);
+                assert!(r.is_err(), "{kernel:?}");
+            }
+        }
     }
 }
