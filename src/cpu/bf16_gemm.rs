@@ -439,66 +439,24 @@ pub fn gemm_bf16_with(
     if m == 0 || n == 0 {
         return Ok(());
     }
+    if kernel == Kernel::Amx {
+        gemm_bf16_amx(a, m, b, c, accumulate);
+        return Ok(());
+    }
     let (k2, k2s) = (k.div_ceil(2), k2_stored(k));
-    // A's rows are packed per task: 6-row blocks [blocks][k2][6] for the
-    // vector kernels, rows of k-pairs [32 blocks][k2s] for AMX.
-    let (task, block) = match kernel {
-        Kernel::Amx => (AMX_ROWS * 2, AMX_ROWS),
-        _ => (MR * 8, MR),
-    };
-    c.par_chunks_mut(task * n).enumerate().for_each(|(t, ct)| {
-        let r0 = t * task;
+    // Rows in tasks of whole 6-row blocks; each task packs its rows of A
+    // ([blocks][k2][6] words) and sweeps every panel of B.
+    const TASK: usize = MR * 8;
+    c.par_chunks_mut(TASK * n).enumerate().for_each(|(t, ct)| {
+        let r0 = t * TASK;
         let rows = ct.len() / n;
-        let blocks = rows.div_ceil(block);
-        // The worker's own packing buffer, kept between calls (up to 64 rows
-        // x K words: 768 KiB at K = 3072, an allocation that would otherwise
+        let blocks = rows.div_ceil(MR);
+        // The worker's own packing buffer, kept between calls (up to 48 rows
+        // x K words: 288 KiB at K = 3072, an allocation that would otherwise
         // be mapped and faulted in for every task of every linear layer).
         A_TILE.with_borrow_mut(|ap| {
             ap.clear();
             let a_row = |r: usize| &a[(r0 + r) * k..(r0 + r + 1) * k];
-            if kernel == Kernel::Amx {
-                ap.resize(blocks * AMX_ROWS * k2s, 0);
-                for (r, dst) in ap.chunks_mut(k2s).take(rows).enumerate() {
-                    let row = a_row(r);
-                    for (kp, w) in dst.iter_mut().enumerate().take(k2) {
-                        let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
-                        *w = pair(row[2 * kp], hi);
-                    }
-                }
-                // Half-panels of 32 columns outer (one stays in L1 across
-                // the row blocks), the task's rows inner.
-                amx::with_tiles(|| {
-                    for h in 0..n.div_ceil(AMX_COLS) {
-                        let (p, off) = (h / 2, (h % 2) * AMX_COLS);
-                        let bp = &b.words[p * k2s * NR..(p + 1) * k2s * NR];
-                        let cols = AMX_COLS.min(n - h * AMX_COLS);
-                        for blk in 0..blocks {
-                            let rws = AMX_ROWS.min(rows - blk * AMX_ROWS);
-                            let apb = &ap[blk * AMX_ROWS * k2s..(blk + 1) * AMX_ROWS * k2s];
-                            // SAFETY: tiles are configured (with_tiles); apb
-                            // holds 32 rows of k2s words, bp k2s rows of 64
-                            // words with the half-panel at `off`; the block
-                            // [rws, cols] at row 32 blk, column 32 h of ct
-                            // (row stride n) lies in ct, which this task owns.
-                            unsafe {
-                                amx::block(
-                                    k2s / KT,
-                                    apb,
-                                    k2s,
-                                    &bp[off..],
-                                    NR,
-                                    ct[blk * AMX_ROWS * n + h * AMX_COLS..].as_mut_ptr(),
-                                    n,
-                                    rws,
-                                    cols,
-                                    accumulate,
-                                )
-                            }
-                        }
-                    }
-                });
-                return;
-            }
             ap.resize(blocks * k2 * MR, 0);
             for blk in 0..blocks {
                 let dst = &mut ap[blk * k2 * MR..(blk + 1) * k2 * MR];
@@ -542,6 +500,74 @@ pub fn gemm_bf16_with(
         });
     });
     Ok(())
+}
+
+/// The AMX driver of `gemm_bf16`: A packed once per call into rows of
+/// k-pairs (in parallel), then tasks of up to 256 rows x 128 columns, each
+/// sweeping its 32-column half-panels of B (K/2 x 32 words, kept in L1/L2)
+/// past its 32-row blocks: B is read from memory once per 256 rows (fewer
+/// where K is long, so that the task's A stays in L2). (Tasks
+/// of 64 whole rows, as the vector kernels use, read all of B once per 64
+/// rows; with AMX that traffic, not the products, bounded the ViT's
+/// 256-token linears.)
+fn gemm_bf16_amx(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bool) {
+    const TASK_COLS: usize = 128;
+    let (k, n) = (b.k, b.n);
+    let (k2, k2s) = (k.div_ceil(2), k2_stored(k));
+    // A task's rows of A within ~512 KiB (with its B columns, within L2):
+    // 256 rows at K = 768, 64 at K = 3072.
+    let task_rows = ((512 * 1024 / (4 * k2s.max(1))) / AMX_ROWS * AMX_ROWS).clamp(AMX_ROWS, 256);
+    // ap [ceil(M / 32) 32][k2s] words: rows of k-pairs, zero past M and K.
+    let mut ap = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * k2s];
+    ap.par_chunks_mut(k2s)
+        .take(m)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            let row = &a[r * k..(r + 1) * k];
+            for (kp, w) in dst.iter_mut().enumerate().take(k2) {
+                let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
+                *w = pair(row[2 * kp], hi);
+            }
+        });
+    let col_tasks = n.div_ceil(TASK_COLS);
+    let tasks = m.div_ceil(task_rows) * col_tasks;
+    let base = c.as_mut_ptr() as usize;
+    (0..tasks).into_par_iter().for_each(|t| {
+        let (r0, c0) = ((t / col_tasks) * task_rows, (t % col_tasks) * TASK_COLS);
+        let (r1, c1) = (m.min(r0 + task_rows), n.min(c0 + TASK_COLS));
+        amx::with_tiles(|| {
+            for h in c0 / AMX_COLS..c1.div_ceil(AMX_COLS) {
+                let (p, off) = (h / 2, (h % 2) * AMX_COLS);
+                let bp = &b.words[p * k2s * NR..(p + 1) * k2s * NR];
+                let cols = AMX_COLS.min(n - h * AMX_COLS);
+                for blk in r0 / AMX_ROWS..r1.div_ceil(AMX_ROWS) {
+                    let rows = AMX_ROWS.min(m - blk * AMX_ROWS);
+                    let apb = &ap[blk * AMX_ROWS * k2s..(blk + 1) * AMX_ROWS * k2s];
+                    // SAFETY: tiles are configured (with_tiles); apb holds 32
+                    // rows of k2s words, bp k2s rows of 64 words with the
+                    // half-panel at `off`; the block [rows, cols] at row
+                    // 32 blk, column 32 h of C (row stride n) lies inside c
+                    // (m x n, mutably borrowed for the whole call) and inside
+                    // this task's rows [r0, r1) x columns [c0, c1), which no
+                    // other task touches.
+                    unsafe {
+                        amx::block(
+                            k2s / KT,
+                            apb,
+                            k2s,
+                            &bp[off..],
+                            NR,
+                            (base as *mut f32).add(blk * AMX_ROWS * n + h * AMX_COLS),
+                            n,
+                            rows,
+                            cols,
+                            accumulate,
+                        )
+                    }
+                }
+            }
+        });
+    });
 }
 
 thread_local! {

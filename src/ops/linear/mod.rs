@@ -132,7 +132,10 @@ pub fn linear_packed_bf16(
         }
         None => vec![0.0f32; m * n],
     };
-    crate::cpu::bf16_gemm::gemm_bf16(xs, m, w, &mut out, residual.is_some())?;
+    {
+        let _p = crate::profile::scope("linear (cpu bf16).gemm");
+        crate::cpu::bf16_gemm::gemm_bf16(xs, m, w, &mut out, residual.is_some())?;
+    }
     let bias = match b {
         Some(b) => {
             b.expect_dims(OP, "bias", &[n])?;
@@ -140,16 +143,18 @@ pub fn linear_packed_bf16(
         }
         None => None,
     };
-    out.par_chunks_mut(n).for_each(|row| {
-        if let Some(bias) = bias {
-            row.iter_mut().zip(bias).for_each(|(o, &b)| *o += b);
-        }
-        match act {
-            Act::None => {}
-            Act::Relu => row.iter_mut().for_each(|o| *o = o.max(0.0)),
-            Act::Gelu => row.iter_mut().for_each(|o| *o = crate::cpu::math::gelu(*o)),
-        }
-    });
+    if bias.is_some() || act != Act::None {
+        // The f32 path's epilogue (vectorised GELU), rows in chunks of ~16 K
+        // values per task; the residual is already in the sums.
+        let _p = crate::profile::scope("linear (cpu bf16).epilogue");
+        let rows_per = (16_384 / n.max(1)).max(1);
+        out.par_chunks_mut(rows_per * n.max(1)).for_each(|chunk| {
+            for row in chunk.chunks_mut(n.max(1)) {
+                cpu::epilogue_row(row, bias, None);
+                crate::ops::activation::apply_act_seq(row, act);
+            }
+        });
+    }
     Ok(Tensor::from_f32(out, &out_dims))
 }
 
