@@ -251,24 +251,7 @@ impl PackedA {
         a: impl Fn(usize, usize) -> f32 + Sync,
     ) -> PackedA {
         let words = if kernel == Kernel::Amx {
-            // Rows of k-pairs, M padded to whole 32-row blocks.
-            let k2s = k2_stored(k);
-            let mut words = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * k2s];
-            words
-                .par_chunks_mut(k2s)
-                .take(m)
-                .enumerate()
-                .for_each(|(r, row)| {
-                    for (kp, w) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
-                        let hi = if 2 * kp + 1 < k {
-                            a(r, 2 * kp + 1)
-                        } else {
-                            0.0
-                        };
-                        *w = pair(a(r, 2 * kp), hi);
-                    }
-                });
-            words
+            amx_rows(m, k, a)
         } else {
             pack_pairs(k, k.div_ceil(2), m, MR, |kk, r| a(r, kk))
         };
@@ -307,6 +290,29 @@ impl PackedA {
     pub fn kernel(&self) -> Kernel {
         self.kernel
     }
+}
+
+/// A [M, K] (`a(row, k)`) as AMX's A operand: rows of k-pairs,
+/// [ceil(M / 32) 32][k2_stored(K)] words, zero past M and K; rows in
+/// parallel.
+fn amx_rows(m: usize, k: usize, a: impl Fn(usize, usize) -> f32 + Sync) -> Vec<u32> {
+    let k2s = k2_stored(k);
+    let mut words = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * k2s];
+    words
+        .par_chunks_mut(k2s.max(1))
+        .take(m)
+        .enumerate()
+        .for_each(|(r, row)| {
+            for (kp, w) in row.iter_mut().enumerate().take(k.div_ceil(2)) {
+                let hi = if 2 * kp + 1 < k {
+                    a(r, 2 * kp + 1)
+                } else {
+                    0.0
+                };
+                *w = pair(a(r, 2 * kp), hi);
+            }
+        });
+    words
 }
 
 /// The packed-B words a tile of `cols` columns needs (`pack_b_rows`).
@@ -513,22 +519,11 @@ pub fn gemm_bf16_with(
 fn gemm_bf16_amx(a: &[f32], m: usize, b: &PackedB, c: &mut [f32], accumulate: bool) {
     const TASK_COLS: usize = 128;
     let (k, n) = (b.k, b.n);
-    let (k2, k2s) = (k.div_ceil(2), k2_stored(k));
+    let k2s = k2_stored(k);
     // A task's rows of A within ~512 KiB (with its B columns, within L2):
     // 256 rows at K = 768, 64 at K = 3072.
     let task_rows = ((512 * 1024 / (4 * k2s.max(1))) / AMX_ROWS * AMX_ROWS).clamp(AMX_ROWS, 256);
-    // ap [ceil(M / 32) 32][k2s] words: rows of k-pairs, zero past M and K.
-    let mut ap = vec![0u32; m.div_ceil(AMX_ROWS) * AMX_ROWS * k2s];
-    ap.par_chunks_mut(k2s)
-        .take(m)
-        .enumerate()
-        .for_each(|(r, dst)| {
-            let row = &a[r * k..(r + 1) * k];
-            for (kp, w) in dst.iter_mut().enumerate().take(k2) {
-                let hi = if 2 * kp + 1 < k { row[2 * kp + 1] } else { 0.0 };
-                *w = pair(row[2 * kp], hi);
-            }
-        });
+    let ap = amx_rows(m, k, |r, l| a[r * k + l]);
     let col_tasks = n.div_ceil(TASK_COLS);
     let tasks = m.div_ceil(task_rows) * col_tasks;
     let base = c.as_mut_ptr() as usize;
