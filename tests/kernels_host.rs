@@ -803,6 +803,90 @@ fn emulator_reports_broken_rules_on(s: &'static Simt) {
     assert!(e.contains("invalid launch configuration"), "{e}");
 }
 
+/// The source scan that lets the emulated driver run kernels without
+/// barriers in direct mode (tests/simt/mod.rs, barrier_free_kernels), and
+/// direct mode itself: the same threads in the same order as the fibers
+/// would run them, and a barrier reached there is an error naming the kernel.
+#[test]
+fn emulator_direct_mode() {
+    let src = r#"
+static inline void __syncthreads() { simt_wait(2, 0xffffffffu); }
+#define SYNC() \
+    __syncthreads()
+__device__ float helper(float x) { SYNC(); return x; }
+__device__ float outer(float x) { return helper(x) + 1.0f; }
+__device__ float pure(float x) { return x * 2.0f; /* __syncthreads() */ }
+extern "C" __global__ void uses_helper(float* y) { y[0] = outer(y[0]); }
+extern "C" __global__ void __launch_bounds__(256) plain(float* y) {
+    if (threadIdx.x == 0) { y[0] = pure(y[0]); }
+    const char* s = "__syncthreads()"; // helper(1.0f)
+}
+extern "C" __global__ void via_macro(float* y) { SYNC(); }
+"#;
+    let free = simt::barrier_free_in(&[src]);
+    assert_eq!(
+        free,
+        std::collections::HashSet::from(["plain".to_string()]),
+        "only `plain` reaches no barrier"
+    );
+    let free = simt::barrier_free_kernels(&simt::sources().unwrap()).unwrap();
+    let mut names: Vec<&String> = free.iter().collect();
+    names.sort();
+    println!("kernels the emulator runs in direct mode: {names:?}");
+    for k in [
+        "selftest_last_writer_wins",
+        "selftest_neighbour_read",
+        "im2col_f32",
+    ] {
+        assert!(free.contains(k), "{k} has no barrier: {free:?}");
+    }
+    for k in [
+        "selftest_block_sum",
+        "selftest_atomic_count",
+        "selftest_warp_reduce_shared",
+        "selftest_shuffle_after_exit",
+        "layer_norm_f32",
+        "rel_pos_attention_f32",
+    ] {
+        assert!(!free.contains(k), "{k} has barriers or warp collectives");
+    }
+    let Some(s) = simt::simt_build(simt::Build::FAST) else {
+        return;
+    };
+    let cfg = |blocks, threads| LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let run = |name: &str, c: LaunchConfig, direct: bool, y: &Buf<f32>| {
+        let call = |k: unsafe extern "C" fn(F32m)| unsafe { k(y.m()) };
+        if direct {
+            s.launch_direct(name, c, call)
+        } else {
+            s.launch(name, c, call)
+        }
+    };
+    // Natural order in both modes: the last thread's store stays; block b
+    // reads what block b + 1 has not yet written.
+    for direct in [false, true] {
+        let y = Buf::<f32>::out(s, 8);
+        run("selftest_last_writer_wins", cfg(1, 96), direct, &y).unwrap();
+        assert_eq!(y.to_vec()[0], 95.0, "direct: {direct}");
+        let y = Buf::from(s, &[0.0f32; 4]);
+        run("selftest_neighbour_read", cfg(4, 64), direct, &y).unwrap();
+        assert_eq!(y.to_vec(), [1.0, 1.0, 1.0, 1.0], "direct: {direct}");
+    }
+    let y = Buf::<f32>::out(s, 128);
+    let e = run("selftest_block_sum", cfg(2, 64), true, &y).unwrap_err();
+    assert!(
+        e.contains("selftest_block_sum: block (0, 0, 0)") && e.contains("marks free of them"),
+        "{e}"
+    );
+    // The build goes on working after the failed launch.
+    run("selftest_block_sum", cfg(2, 64), false, &y).unwrap();
+    assert!(y.to_vec().iter().all(|&v| v == 64.0));
+}
+
 #[test]
 fn emulator_sanitizer_and_schedules() {
     simt::each_build(emulator_sanitizer_and_schedules_on);

@@ -37,7 +37,8 @@
 #include "fake_driver.h"
 
 extern "C" {
-int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx, char* err, size_t errlen);
+int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx, int barrier_free, char* err,
+                size_t errlen);
 void* simt_alloc(size_t bytes, size_t align);
 void simt_free(void* p);
 int simt_is_buffer(const void* p);
@@ -458,7 +459,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         g_counts.kernels += 1;
         if (g_dry_run) return OK;
         char err[1024];
-        if (simt_launch(k->name, gx, gy, gz, bx, by, bz, run_thread, &l, err, sizeof err) != 0) {
+        if (simt_launch(k->name, gx, gy, gz, bx, by, bz, run_thread, &l, k->barrier_free, err, sizeof err) != 0) {
             std::fprintf(stderr, "fake CUDA driver: %s\n", err);
             return LAUNCH_FAILED;
         }
@@ -549,6 +550,56 @@ float bf16_to_f32(unsigned short b) {
     return f;
 }
 
+// Rows i0..i1 of sums[m][n] = a[m][k] b[k][n] (row-major). Every element is
+// 0 + a0 b0 + a1 b1 + ... in k order, one rounding per multiply and per add
+// (-ffp-contract=off), whatever the vector width: lanes are separate sums.
+// Blocks of 4 rows x 16 columns keep their 64 sums in registers for the
+// whole k loop; the column blocks are the outer loop so that a block's
+// k x 16 panel of b stays in cache while every row block of a passes by
+// (the emulated training step spent a third of its time here with the row
+// blocks outside). Compiled for AVX2 too, chosen at run time; no UB
+// instrumentation in the loop (the indices are bounded by the checked
+// arguments). The edges take the scalar loop.
+__attribute__((target_clones("avx2", "default"), no_sanitize("undefined"))) void gemm_rows(const float* a, const float* b, float* sums, int i0, int i1, int n, int k) {
+    typedef float v8 __attribute__((vector_size(32)));
+    const size_t N = (size_t)n, K = (size_t)k;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        int i = i0;
+        for (; i + 4 <= i1; i += 4) {
+            v8 acc[4][2] = {};
+            const float* ar = a + (size_t)i * K;
+            for (size_t p = 0; p < K; ++p) {
+                v8 b0, b1;
+                std::memcpy(&b0, b + p * N + j, sizeof b0);
+                std::memcpy(&b1, b + p * N + j + 8, sizeof b1);
+                for (int r = 0; r < 4; ++r) {
+                    float av = ar[r * K + p];
+                    acc[r][0] += b0 * av;
+                    acc[r][1] += b1 * av;
+                }
+            }
+            for (int r = 0; r < 4; ++r)
+                for (int e = 0; e < 8; ++e) {
+                    sums[(size_t)(i + r) * N + j + e] = acc[r][0][e];
+                    sums[(size_t)(i + r) * N + j + 8 + e] = acc[r][1][e];
+                }
+        }
+        for (; i < i1; ++i)
+            for (int jj = j; jj < j + 16; ++jj) {
+                float acc = 0.0f;
+                for (size_t p = 0; p < K; ++p) acc += a[(size_t)i * K + p] * b[p * N + jj];
+                sums[(size_t)i * N + jj] = acc;
+            }
+    }
+    for (int i = i0; i < i1; ++i)
+        for (int jj = j; jj < n; ++jj) {
+            float acc = 0.0f;
+            for (size_t p = 0; p < K; ++p) acc += a[(size_t)i * K + p] * b[p * N + jj];
+            sums[(size_t)i * N + jj] = acc;
+        }
+}
+
 // Column-major C[m, n] = alpha op(A) op(B) + beta C, accumulated in f32 over
 // k in order; beta = 0 never reads C (cuBLAS's contract: C may be garbage).
 // load(i) reads element i of a matrix of the given storage type.
@@ -562,50 +613,8 @@ int gemm(int ta, int tb, int m, int n, int k, float alpha, const void* A, int at
         for (int p = 0; p < k; ++p) a[(size_t)i * k + p] = ld(A, atype, ta ? (long long)i * lda + p : (long long)p * lda + i);
     for (int p = 0; p < k; ++p)
         for (int j = 0; j < n; ++j) b[(size_t)p * n + j] = ld(B, btype, tb ? (long long)p * ldb + j : (long long)j * ldb + p);
-    auto store = [&](int i, int j, float acc) {
-        float* c = &C[(long long)j * ldc + i];
-        *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
-    };
-    // Blocks of 4 rows x 16 columns whose 64 sums stay in registers for the
-    // whole k loop (the emulated training step spent half its time here when
-    // every product went through a row of sums in memory). Each element is
-    // still 0 + a0 b0 + a1 b1 + ... in k order, one rounding per multiply and
-    // per add (-ffp-contract=off), as before; the edges take the scalar loop.
-    typedef float v4 __attribute__((vector_size(16)));
-    auto rows = [&](int i0, int i1) {
-        int i = i0;
-        for (; i + 4 <= i1; i += 4) {
-            int j = 0;
-            for (; j + 16 <= n; j += 16) {
-                v4 acc[4][4] = {};
-                for (int p = 0; p < k; ++p) {
-                    const float* br = &b[(size_t)p * n + j];
-                    v4 bv[4];
-                    std::memcpy(bv, br, sizeof bv);
-                    for (int r = 0; r < 4; ++r) {
-                        float av = a[(size_t)(i + r) * k + p];
-                        v4 a4 = {av, av, av, av};
-                        for (int q = 0; q < 4; ++q) acc[r][q] += a4 * bv[q];
-                    }
-                }
-                for (int r = 0; r < 4; ++r)
-                    for (int q = 0; q < 4; ++q)
-                        for (int e = 0; e < 4; ++e) store(i + r, j + 4 * q + e, acc[r][q][e]);
-            }
-            for (; j < n; ++j)
-                for (int r = 0; r < 4; ++r) {
-                    float acc = 0.0f;
-                    for (int p = 0; p < k; ++p) acc += a[(size_t)(i + r) * k + p] * b[(size_t)p * n + j];
-                    store(i + r, j, acc);
-                }
-        }
-        for (; i < i1; ++i)
-            for (int j = 0; j < n; ++j) {
-                float acc = 0.0f;
-                for (int p = 0; p < k; ++p) acc += a[(size_t)i * k + p] * b[(size_t)p * n + j];
-                store(i, j, acc);
-            }
-    };
+    // Sums in a row-major buffer, then scaled into C (column-major) by alpha / beta.
+    std::vector<float> sums((size_t)m * n);
     unsigned threads = std::thread::hardware_concurrency();
     if (threads < 1) threads = 1;
     if ((long long)m * n * k < (1 << 20)) threads = 1;
@@ -613,9 +622,15 @@ int gemm(int ta, int tb, int m, int n, int k, float alpha, const void* A, int at
     int step = ((m + (int)threads - 1) / (int)threads + 3) / 4 * 4;
     for (unsigned t = 0; t < threads; ++t) {
         int i0 = (int)t * step, i1 = i0 + step < m ? i0 + step : m;
-        if (i0 < i1) pool.emplace_back(rows, i0, i1);
+        if (i0 < i1) pool.emplace_back(gemm_rows, a.data(), b.data(), sums.data(), i0, i1, n, k);
     }
     for (auto& th : pool) th.join();
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) {
+            float* c = &C[(long long)j * ldc + i];
+            float acc = sums[(size_t)i * n + j];
+            *c = beta == 0.0f ? alpha * acc : alpha * acc + beta * *c;
+        }
     return 0;
 }
 

@@ -16,6 +16,7 @@ struct SimtKernel {
     int nparams;
     const std::size_t* sizes;  // bytes of each parameter (to record launches in a graph)
     std::size_t shared_bytes;  // static __shared__ memory of the kernel (read off its objects)
+    int barrier_free;          // no barrier or warp collective in its source (tests/simt/mod.rs)
 };
 
 template <class F>
@@ -32,5 +33,5 @@ struct SimtThunk<void (*)(A...)> {
     static constexpr std::size_t sizes[sizeof...(A) > 0 ? sizeof...(A) : 1] = {sizeof(std::remove_reference_t<A>)...};
 };
 
-#define SIMT_KERNEL(name, shared) \
-    {#name, (void*)&name, &SimtThunk<decltype(&name)>::call, SimtThunk<decltype(&name)>::count, SimtThunk<decltype(&name)>::sizes, shared}
+#define SIMT_KERNEL(name, shared, barrier_free) \
+    {#name, (void*)&name, &SimtThunk<decltype(&name)>::call, SimtThunk<decltype(&name)>::count, SimtThunk<decltype(&name)>::sizes, shared, barrier_free}

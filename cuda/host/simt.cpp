@@ -3,7 +3,8 @@
 // collectives; CUDA's synchronisation rules are checked at every switch.
 // Entry points (C ABI, called from tests/simt/mod.rs and fake_driver.cpp):
 //   simt_launch   runs one kernel launch (grid, block, a callback that calls the
-//                 kernel with its arguments); returns 0, or 1 with a message.
+//                 kernel with its arguments, whether the kernel is free of
+//                 barriers and warp collectives); returns 0, or 1 with a message.
 //   simt_alloc / simt_free   buffers that end at a guard page.
 //   simt_configure   the sanitizer on or off, how many thread schedules each
 //                 launch runs (1: natural order; 2: + reversed; 3: + a seeded
@@ -123,6 +124,15 @@ void* g_ctx = nullptr;
 const char* g_kernel = "";
 bool g_abort = false;
 std::string g_error;
+// Direct mode (no sanitizer, one schedule, a kernel that the kernel table
+// marks free of barriers and warp collectives, see tests/simt/mod.rs): a
+// block's threads run one after the other to completion in a loop on one
+// fiber, natural order, as the fiber scheduler would run them (no barrier
+// ever switches), without two switches and a fresh stack per thread (those
+// were 40 % of the emulated training step). A barrier reached in this mode
+// fails the launch: the table's source scan was wrong.
+bool g_direct = false;
+unsigned g_direct_n = 0;
 volatile sig_atomic_t g_in_kernel = 0;  // a block's threads are running
 
 // Configuration (simt_configure).
@@ -448,13 +458,25 @@ void clear_pages() {
     __builtin_unreachable();
 }
 
-// A fresh stack whose first switch-in "returns" into fiber_main with the
+// Direct mode's one fiber: every thread of the block in natural order.
+[[noreturn]] void fiber_direct_main() {
+    for (unsigned t = 0; t < g_direct_n; ++t) {
+        g_cur = (int)t;
+        simt_threadIdx = {t % simt_blockDim.x, (t / simt_blockDim.x) % simt_blockDim.y, t / (simt_blockDim.x * simt_blockDim.y)};
+        g_entry(g_ctx);
+        g_fibers[t].st = DONE;
+    }
+    simt_switch(&g_fibers[0].sp, g_sched_sp);
+    __builtin_unreachable();
+}
+
+// A fresh stack whose first switch-in "returns" into `main` with the
 // alignment of a call (rsp = 8 mod 16 at entry).
-void* fresh_stack(char* top) {
+void* fresh_stack(char* top, void (*main)() = &fiber_main) {
     uintptr_t t = (uintptr_t)top & ~(uintptr_t)15;
     void** sp = (void**)t;
-    *--sp = nullptr;                    // fiber_main's return address: never used
-    *--sp = (void*)&fiber_main;         // popped by simt_switch's ret
+    *--sp = nullptr;                    // main's return address: never used
+    *--sp = (void*)main;                // popped by simt_switch's ret
     for (int r = 0; r < 6; ++r) *--sp = nullptr;  // rbp rbx r12..r15
     return sp;
 }
@@ -553,6 +575,11 @@ void next_order(unsigned n) {
 
 // Runs one block to completion; false (with g_error) on a broken rule.
 bool run_block(unsigned n) {
+    if (g_direct) {
+        g_direct_n = n;
+        simt_switch(&g_sched_sp, fresh_stack(stack_top(0), &fiber_direct_main));
+        return !g_abort;
+    }
     for (unsigned t = 0; t < n; ++t) {
         Fiber& f = g_fibers[t];
         f.tid.x = t % simt_blockDim.x;
@@ -654,6 +681,14 @@ extern "C" {
 void simt_wait(int kind, unsigned mask) {
     unsigned n = simt_blockDim.x * simt_blockDim.y * simt_blockDim.z;
     unsigned lanes = n - (unsigned)g_cur / 32 * 32;
+    if (g_direct) {
+        // The direct fiber is abandoned where it stands, as an aborted
+        // thread's fiber is.
+        g_error = where(g_cur) + ": a barrier or warp collective in a kernel that the kernel table (tests/simt/mod.rs, kernel_table) marks free of them";
+        g_abort = true;
+        simt_switch(&g_fibers[0].sp, g_sched_sp);
+        __builtin_unreachable();
+    }
     if (mask != 0xffffffffu) {
         g_error = where(g_cur) + ": warp collectives with a partial mask are not emulated";
         g_abort = true;
@@ -711,8 +746,8 @@ unsigned int* simt_warp_scratch() {
     return &g_scratch[(t / 32) * 32 * 16];
 }
 
-int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx, char* err,
-                size_t errlen) {
+int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx,
+                int barrier_free, char* err, size_t errlen) {
     std::lock_guard<std::mutex> lock(g_launch);
     install_handler();
     g_kernel = kernel;
@@ -737,6 +772,7 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
         // Without the sanitizer nothing records what a launch wrote, so it
         // cannot be put back and run again.
         int schedules = g_checks ? g_schedules : 1;
+        g_direct = barrier_free != 0 && !g_checks;
         for (int s = 0; ok && s < schedules; ++s) {
             g_sched = s;
             g_rng = g_seed ^ (g_launch_no * 0x9e3779b97f4a7c15ull);
@@ -760,6 +796,7 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
             clear_pages();
         }
         g_snap.clear();
+        g_direct = false;
     }
     if (!ok && err && errlen) std::snprintf(err, errlen, "%s", g_error.c_str());
     return ok ? 0 : 1;

@@ -23,6 +23,7 @@ type LaunchFn = unsafe extern "C" fn(
     u32,
     extern "C" fn(*mut c_void),
     *mut c_void,
+    i32,
     *mut c_char,
     usize,
 ) -> i32;
@@ -84,7 +85,7 @@ impl Build {
 
 /// The .cu sources of the emulator's library: cuda/*.cu and the rule-breaking
 /// kernels of the emulator's own tests (cuda/host/*.cu).
-fn sources() -> Result<Vec<PathBuf>, String> {
+pub fn sources() -> Result<Vec<PathBuf>, String> {
     let cuda = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cuda");
     let mut sources = vec![];
     for dir in [cuda.clone(), cuda.join("host")] {
@@ -367,6 +368,218 @@ pub fn mutant_with(
     ))
 }
 
+/// The kernels of `sources` that reach no barrier and no warp collective:
+/// those the emulator may run in direct mode (cuda/host/simt.cpp, g_direct).
+/// A source scan of the .cu files, the headers beside them (cuda/*.cuh) and
+/// the emulator's own simt.h: every function and macro whose body names
+/// `simt_wait` (which __syncthreads, __syncwarp, the shuffles, votes and
+/// the emulated mma call), or a function or macro that does, transitively, is
+/// a barrier; a kernel whose body names none is barrier-free. Both branches
+/// of an #if count, and an overloaded name is a barrier if any of its bodies
+/// is: the scan errs toward fibers. A kernel that reaches a barrier in
+/// direct mode anyway fails its launch, naming itself.
+pub fn barrier_free_kernels(
+    sources: &[PathBuf],
+) -> Result<std::collections::HashSet<String>, String> {
+    let cuda = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cuda");
+    let mut texts = vec![];
+    for f in sources {
+        texts.push(std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?);
+    }
+    let mut headers: Vec<PathBuf> = std::fs::read_dir(&cuda)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cuh"))
+        .collect();
+    headers.push(cuda.join("host/simt.h"));
+    headers.sort();
+    for f in &headers {
+        texts.push(std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?);
+    }
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    Ok(barrier_free_in(&texts))
+}
+
+/// `barrier_free_kernels` on source texts: the names of the `extern "C"
+/// __global__` kernels among them that reach no `simt_wait`.
+pub fn barrier_free_in(texts: &[&str]) -> std::collections::HashSet<String> {
+    use std::collections::{HashMap, HashSet};
+    // name -> the identifiers named in each of its bodies
+    let mut bodies: HashMap<String, Vec<HashSet<String>>> = HashMap::new();
+    let mut kernels = vec![];
+    for text in texts {
+        let (code, macros) = strip_source(text);
+        for (name, body) in macros {
+            bodies.entry(name).or_default().push(identifiers(&body));
+        }
+        for (name, sig, body) in function_bodies(&code) {
+            if sig.contains("__global__") {
+                kernels.push(name.clone());
+            }
+            bodies.entry(name).or_default().push(identifiers(body));
+        }
+    }
+    let mut barrier: HashSet<String> = HashSet::from(["simt_wait".to_string()]);
+    loop {
+        let before = barrier.len();
+        for (name, uses) in &bodies {
+            if !barrier.contains(name) && uses.iter().any(|u| u.iter().any(|i| barrier.contains(i)))
+            {
+                barrier.insert(name.clone());
+            }
+        }
+        if barrier.len() == before {
+            break;
+        }
+    }
+    kernels
+        .into_iter()
+        .filter(|k| !barrier.contains(k))
+        .collect()
+}
+
+/// The source without comments, string and character literals and
+/// preprocessor lines (newlines kept), and the `#define`s as (name, body).
+fn strip_source(text: &str) -> (String, Vec<(String, String)>) {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut line_start = true;
+    let mut macros = vec![];
+    while i < b.len() {
+        let c = b[i];
+        if line_start && c == b'#' {
+            // A preprocessor line, with its continuations.
+            let mut j = i;
+            let mut line = String::new();
+            while j < b.len() {
+                if b[j] == b'\\' && j + 1 < b.len() && b[j + 1] == b'\n' {
+                    j += 2;
+                    line.push(' ');
+                    continue;
+                }
+                if b[j] == b'\n' {
+                    break;
+                }
+                line.push(b[j] as char);
+                j += 1;
+            }
+            let rest = line[1..].trim_start();
+            if let Some(def) = rest.strip_prefix("define") {
+                let def = def.trim_start();
+                let end = def
+                    .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                    .unwrap_or(def.len());
+                macros.push((def[..end].to_string(), def[end..].to_string()));
+            }
+            i = j;
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                if b[i] == b'\n' {
+                    out.push('\n');
+                }
+                i += 1;
+            }
+            i += 2;
+            continue;
+        }
+        if c == b'"' || c == b'\'' {
+            i += 1;
+            while i < b.len() && b[i] != c {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i += 1;
+            out.push_str("\"\"");
+            continue;
+        }
+        if c == b'\n' {
+            line_start = true;
+        } else if !c.is_ascii_whitespace() {
+            line_start = false;
+        }
+        out.push(c as char);
+        i += 1;
+    }
+    (out, macros)
+}
+
+/// Every `name(...) ... { body }` in code at any depth (so member functions
+/// count too): (name, the text from the previous `;`, `{` or `}` up to the
+/// brace, the body). Control statements (`if (...) {`) are skipped; their
+/// blocks are part of the enclosing body anyway.
+fn function_bodies(code: &str) -> Vec<(String, &str, &str)> {
+    const KEYWORDS: [&str; 6] = ["if", "for", "while", "switch", "catch", "return"];
+    let b = code.as_bytes();
+    let mut found = vec![];
+    for (open, _) in code.match_indices('{') {
+        let sig_start = code[..open].rfind([';', '{', '}']).map_or(0, |p| p + 1);
+        let sig = &code[sig_start..open];
+        // The last parenthesised group of the signature at depth 0 is the
+        // parameter list (`__launch_bounds__(256) name(...)` has two).
+        let Some(close) = sig.rfind(')') else {
+            continue;
+        };
+        let mut depth = 0usize;
+        let mut paren = None;
+        for (k, ch) in sig[..=close].char_indices().rev() {
+            match ch {
+                ')' => depth += 1,
+                '(' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        paren = Some(k);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(paren) = paren else { continue };
+        let before = sig[..paren].trim_end();
+        let start = before
+            .rfind(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .map_or(0, |p| p + 1);
+        let name = &before[start..];
+        if name.is_empty() || name.as_bytes()[0].is_ascii_digit() || KEYWORDS.contains(&name) {
+            continue;
+        }
+        // The body: up to the matching brace.
+        let mut depth = 0usize;
+        let mut end = b.len();
+        for (k, &ch) in b.iter().enumerate().skip(open) {
+            match ch {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = k;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        found.push((name.to_string(), sig, &code[open..end]));
+    }
+    found
+}
+
+fn identifiers(text: &str) -> std::collections::HashSet<String> {
+    text.split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .filter(|w| !w.is_empty() && !w.as_bytes()[0].is_ascii_digit())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The C++ table of every `extern "C" __global__` kernel of the sources
 /// (fake_driver.h): declarations copied from the .cu files, then the entries.
 fn kernel_table(
@@ -396,12 +609,14 @@ fn kernel_table(
             rest = &after[close..];
         }
     }
+    let free = barrier_free_kernels(sources)?;
     let entries: Vec<String> = names
         .iter()
         .map(|n| {
             format!(
-                "    SIMT_KERNEL({n}, {}),",
-                shared.get(n).copied().unwrap_or(0)
+                "    SIMT_KERNEL({n}, {}, {}),",
+                shared.get(n).copied().unwrap_or(0),
+                free.contains(n) as i32
             )
         })
         .collect();
@@ -549,6 +764,29 @@ impl Simt {
         cfg: LaunchConfig,
         call: impl Fn(F),
     ) -> Result<(), String> {
+        self.launch_in(kernel, cfg, false, call)
+    }
+
+    /// `launch` in direct mode (cuda/host/simt.cpp, g_direct: in a build
+    /// without the sanitizer, every thread of a block runs to completion in
+    /// turn on one fiber), as the emulated driver launches the kernels that
+    /// `barrier_free_kernels` names.
+    pub fn launch_direct<F: Copy>(
+        &self,
+        kernel: &str,
+        cfg: LaunchConfig,
+        call: impl Fn(F),
+    ) -> Result<(), String> {
+        self.launch_in(kernel, cfg, true, call)
+    }
+
+    fn launch_in<F: Copy>(
+        &self,
+        kernel: &str,
+        cfg: LaunchConfig,
+        direct: bool,
+        call: impl Fn(F),
+    ) -> Result<(), String> {
         assert_eq!(
             cfg.shared_mem_bytes, 0,
             "dynamic shared memory is not emulated"
@@ -577,6 +815,7 @@ impl Simt {
                 b.2,
                 trampoline_of(&body),
                 &body as *const _ as *mut c_void,
+                direct as i32,
                 err.as_mut_ptr() as *mut c_char,
                 err.len(),
             )
