@@ -18,17 +18,50 @@ pub fn has_avx2_fma() -> bool {
     }
 }
 
-/// Defines a function twice, once compiled for AVX2 + FMA and once for the
-/// baseline target, and dispatches at run time. The body's `#[inline(always)]`
-/// helpers (`math::exp`, `math::gelu`) are inlined into both versions and
+/// Whether this CPU has AVX-512 F/VL/DQ/BW besides AVX2 and FMA (checked once).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            has_avx2_fma()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512dq")
+                && is_x86_feature_detected!("avx512bw")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines a function three times, compiled for AVX-512 (+ AVX2, FMA), for
+/// AVX2 + FMA and for the baseline target, and dispatches at run time. The body's `#[inline(always)]`
+/// helpers (`math::exp`, `math::gelu`) are inlined into every version and
 /// vectorised for each; the body sees `const FMA: bool`, true in the AVX2 + FMA
-/// version, to pick fused multiply-adds (`math::*_g::<FMA>`). Used for the element-wise hot loops; the GEMM has its own
+/// and AVX-512 versions, to pick fused multiply-adds (`math::*_g::<FMA>`):
+/// those two give the same values (lanes are independent; LLVM does not
+/// reorder a float reduction), only 16 lanes at a time instead of 8. Used for the element-wise hot loops; the GEMM has its own
 /// dispatch.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])* $vis fn $name($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
+                #[allow(clippy::needless_return)]
+                fn wide($($a: $t),*) $(-> $r)? {
+                    #[allow(dead_code)]
+                    const FMA: bool = true;
+                    $body
+                }
+                if $crate::cpu::has_avx512() {
+                    // SAFETY: the CPU supports AVX-512 F/VL/DQ/BW, AVX2 and FMA,
+                    // checked at run time just above.
+                    return unsafe { wide($($a),*) };
+                }
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::needless_return)]
                 fn fast($($a: $t),*) $(-> $r)? {
