@@ -561,8 +561,9 @@ mod sgemm_tests {
         }
     }
 
-    /// Products with both operands k-contiguous and few rows go through the
-    /// transposed product and a transpose (`sgemm_inner`): every layout of the
+    /// Products with both operands k-contiguous go through the transposed
+    /// product and a transpose (few rows) or the column split (`sgemm_inner`):
+    /// every layout of the
     /// destination's rows, with and without `accumulate`, sequential and
     /// pooled, equals the f64 sums.
     #[test]
@@ -573,6 +574,8 @@ mod sgemm_tests {
             (33, 130, 513, Par::Seq, true),
             (64, 300, 700, Par::Pool, true),
             (128, 256, 512, Par::Pool, false),
+            // Many rows: the column split between the threads.
+            (150, 600, 64, Par::Pool, true),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 97) as f32 / 50.0 - 1.0)
