@@ -26,6 +26,8 @@ pub mod predictor;
 pub mod preprocess;
 pub mod profile;
 pub mod tensor;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod train;
 pub mod volume;
 

@@ -158,7 +158,11 @@ pub(super) unsafe fn block(
     );
     #[repr(C, align(64))]
     struct Scratch([f32; BLOCK * BLOCK]);
-    let mut tmp = Scratch([0.0; BLOCK * BLOCK]);
+    // Not zeroed (4 KiB per call, most of them whole blocks that never use
+    // it): the tiles read it whole, but past [rows, cols] what they load only
+    // lands in scratch lanes that are never copied back.
+    let mut tmp = std::mem::MaybeUninit::<Scratch>::uninit();
+    let tp = tmp.as_mut_ptr() as *mut f32;
     let full = rows == BLOCK && cols == BLOCK;
     // Where the tiles load and store C: C itself for a whole block, else
     // the scratch block (holding C's values when accumulating).
@@ -168,12 +172,13 @@ pub(super) unsafe fn block(
         if accumulate {
             for i in 0..rows {
                 for j in 0..cols {
-                    // SAFETY: (i, j) lies in the block (contract).
-                    tmp.0[i * BLOCK + j] = unsafe { *c.add(i * ldc + j) };
+                    // SAFETY: (i, j) lies in the block (contract) and in
+                    // the scratch (i < rows <= 32, j < cols <= 32).
+                    unsafe { tp.add(i * BLOCK + j).write(*c.add(i * ldc + j)) };
                 }
             }
         }
-        (tmp.0.as_mut_ptr(), BLOCK)
+        (tp, BLOCK)
     };
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
     let (sa, sb, sc) = (lda * 4, ldb * 4, cs * 4);
@@ -219,8 +224,9 @@ pub(super) unsafe fn block(
     if !full {
         for i in 0..rows {
             for j in 0..cols {
-                // SAFETY: (i, j) lies in the block (contract).
-                unsafe { *c.add(i * ldc + j) = tmp.0[i * BLOCK + j] };
+                // SAFETY: (i, j) lies in the block (contract); the tile
+                // stores above wrote the whole scratch.
+                unsafe { *c.add(i * ldc + j) = tp.add(i * BLOCK + j).read() };
             }
         }
     }
