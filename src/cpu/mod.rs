@@ -231,7 +231,9 @@ unsafe fn sgemm_inner(
     par: Par,
     (m, k, n): (usize, usize, usize),
 ) {
-    if c_cs == 1 && a.cs == 1 && b.rs == 1 && m <= 128 && n >= 2 * m && k >= 512 {
+    // Both operands k-contiguous: the layout the two rearrangements below serve.
+    let dot = a.cs == 1 && b.rs == 1;
+    if dot && c_cs == 1 && m <= 128 && n >= 2 * m && k >= 512 {
         // Both operands k-contiguous (X W^T, G col^T) with few rows: the `gemm`
         // crate runs this at 40-80 GFLOP/s on a Xeon core and the transposed
         // product, few columns instead, at 130-150 (2-3x on the convolutions'
@@ -264,7 +266,6 @@ unsafe fn sgemm_inner(
         return;
     }
     let threads = rayon::current_num_threads();
-    let dot = a.cs == 1 && b.rs == 1;
     if par == Par::Pool && threads > 1 && (m < 128 || dot) && n >= 256 * threads {
         // The packed kernels parallelise a short-and-wide product poorly (about
         // 90 GFLOPS on two Zen 2 cores for m = 64 against 130 this way), and
