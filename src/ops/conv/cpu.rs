@@ -396,24 +396,29 @@ pub fn conv_transpose2d(
     out
 }
 
+/// Max pooling of `planes` planes h x w -> ho x wo (kernel k, stride s,
+/// padding p with -inf, as PyTorch), and, when `want_argmax`, for each
+/// output the index in its plane of the value it took: the backward's saved
+/// argmax. The first maximum in (ky, kx) order wins ties; a NaN takes over
+/// (the last one seen), as PyTorch's kernel does.
 #[allow(clippy::too_many_arguments)]
 pub fn max_pool2d(
     x: &[f32],
     planes: usize,
-    h: usize,
-    w: usize,
-    ho: usize,
-    wo: usize,
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
     k: usize,
     s: usize,
     p: usize,
-) -> Vec<f32> {
+    want_argmax: bool,
+) -> (Vec<f32>, Option<Vec<u32>>) {
     let mut out = vec![0.0f32; planes * ho * wo];
-    out.par_chunks_mut(ho * wo).enumerate().for_each(|(pl, o)| {
+    let mut idx = vec![0u32; if want_argmax { planes * ho * wo } else { 0 }];
+    let plane = |pl: usize, o: &mut [f32], mut at_out: Option<&mut [u32]>| {
         let src = &x[pl * h * w..(pl + 1) * h * w];
         for oy in 0..ho {
             for ox in 0..wo {
-                let mut m = f32::NEG_INFINITY;
+                let (mut m, mut at) = (f32::NEG_INFINITY, None);
                 for ky in 0..k {
                     let iy = (oy * s + ky) as isize - p as isize;
                     if iy < 0 || iy as usize >= h {
@@ -424,18 +429,35 @@ pub fn max_pool2d(
                         if ix < 0 || ix as usize >= w {
                             continue;
                         }
-                        let v = src[iy as usize * w + ix as usize];
+                        let i = iy as usize * w + ix as usize;
+                        let v = src[i];
                         // NaN propagates as in PyTorch.
-                        if v > m || v.is_nan() {
-                            m = v;
+                        if at.is_none() || v > m || v.is_nan() {
+                            (m, at) = (v, Some(i));
                         }
                     }
                 }
                 o[oy * wo + ox] = m;
+                if let Some(a) = at_out.as_deref_mut() {
+                    // A window without taps cannot happen (padding <= k / 2,
+                    // checked by the op); u32::MAX would take no gradient.
+                    a[oy * wo + ox] = at.map_or(u32::MAX, |i| i as u32);
+                }
             }
         }
-    });
-    out
+    };
+    let howo = (ho * wo).max(1);
+    if want_argmax {
+        out.par_chunks_mut(howo)
+            .zip(idx.par_chunks_mut(howo))
+            .enumerate()
+            .for_each(|(pl, (o, a))| plane(pl, o, Some(a)));
+    } else {
+        out.par_chunks_mut(howo)
+            .enumerate()
+            .for_each(|(pl, o)| plane(pl, o, None));
+    }
+    (out, want_argmax.then_some(idx))
 }
 
 /// Below this many output pixels per image (the ResNet's stages 3-4 and the
@@ -818,51 +840,32 @@ pub fn conv_transpose2d_backward(
     (dx, dw, want_b.then(|| bias_grad(grad, o, oh * ow)))
 }
 
-/// max_pool2d backward: each output's gradient goes to the input its
-/// maximum came from (the first maximum in scan order, NaN winning, as the
-/// forward and PyTorch pick it), found again from x.
-#[allow(clippy::too_many_arguments)]
+/// max_pool2d's backward from the forward's saved argmax: each output's
+/// gradient added at the input it took, per plane in output order (the
+/// sums of the recomputing version before it, which the CUDA kernel's
+/// gather matches bit for bit in tests/kernels_host.rs). argmax, grad
+/// [planes, ho wo].
 pub fn max_pool2d_backward(
-    x: &[f32],
+    argmax: &[u32],
     grad: &[f32],
     planes: usize,
-    (h, w): (usize, usize),
-    (ho, wo): (usize, usize),
-    k: usize,
-    s: usize,
-    p: usize,
+    hw: usize,
+    howo: usize,
 ) -> Vec<f32> {
-    let mut dx = vec![0.0f32; planes * h * w];
-    dx.par_chunks_mut(h * w).enumerate().for_each(|(pl, d)| {
-        let src = &x[pl * h * w..(pl + 1) * h * w];
-        let g = &grad[pl * ho * wo..(pl + 1) * ho * wo];
-        for oy in 0..ho {
-            for ox in 0..wo {
-                let (mut m, mut at) = (f32::NEG_INFINITY, None);
-                for ky in 0..k {
-                    let iy = (oy * s + ky) as isize - p as isize;
-                    if iy < 0 || iy as usize >= h {
-                        continue;
-                    }
-                    for kx in 0..k {
-                        let ix = (ox * s + kx) as isize - p as isize;
-                        if ix < 0 || ix as usize >= w {
-                            continue;
-                        }
-                        let idx = iy as usize * w + ix as usize;
-                        let v = src[idx];
-                        if at.is_none() || v > m || v.is_nan() {
-                            m = v;
-                            at = Some(idx);
-                        }
-                    }
-                }
-                if let Some(idx) = at {
-                    d[idx] += g[oy * wo + ox];
+    let mut dx = vec![0.0f32; planes * hw];
+    dx.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(pl, d)| {
+            let (a, g) = (
+                &argmax[pl * howo..(pl + 1) * howo],
+                &grad[pl * howo..(pl + 1) * howo],
+            );
+            for (&i, &gv) in a.iter().zip(g) {
+                if let Some(t) = d.get_mut(i as usize) {
+                    *t += gv;
                 }
             }
-        }
-    });
+        });
     dx
 }
 

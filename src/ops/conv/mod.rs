@@ -483,72 +483,65 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     }
     let ho = (h + 2 * padding - kernel) / stride + 1;
     let wo = (w + 2 * padding - kernel) / stride + 1;
-    let mut y = if let Device::Cuda(_) = x.device() {
+    // What the backward keeps: the argmax on the CPU (4 bytes per output, no
+    // search again), the input on CUDA (its backward kernel gathers from x).
+    enum Saved {
+        Input(Tensor),
+        Argmax(Vec<u32>),
+    }
+    let tracked = autograd::requires_grad(x);
+    let (mut y, saved) = if let Device::Cuda(_) = x.device() {
         // The checks above (padding at most half the kernel included) hold
         // for both devices.
         let xc = cuda_input(OP, x)?;
         let dev = device_of(&xc);
         let y = cuda::max_pool2d(&dev, &xc.gpu_ref(OP)?, kernel, stride, padding)?;
-        Tensor::from_gpu(&dev, y)?
+        (Tensor::from_gpu(&dev, y)?, Saved::Input(x.clone()))
     } else {
-        max_pool2d_cpu(x, n * c, (h, w), (ho, wo), kernel, stride, padding)?
-    };
-    let xs = x.clone();
-    autograd::record_unary(OP, x, &mut y, autograd::bytes(x), move |g| {
-        const OP: &str = "max_pool2d backward";
-        if let Device::Cuda(_) = same_device(OP, &[&xs, g])? {
-            let (xc, gc) = (cuda_input(OP, &xs)?, cuda_input(OP, g)?);
-            let (dev, xv) = xc.cuda_whole_f32(OP)?;
-            let dx = cuda::max_pool2d_backward(
-                dev,
-                xv,
-                gc.cuda_whole_f32(OP)?.1,
-                n * c,
-                (h, w),
-                (ho, wo),
-                (kernel, stride, padding),
-            )?;
-            return Tensor::from_cuda_f32(dev, dx, xs.dims());
-        }
-        let dx = cpu::max_pool2d_backward(
-            cpu_f32(OP, &xs)?,
-            cpu_f32(OP, g)?,
+        let (out, argmax) = cpu::max_pool2d(
+            cpu_f32(OP, x)?,
             n * c,
             (h, w),
             (ho, wo),
             kernel,
             stride,
             padding,
+            tracked,
         );
-        Ok(Tensor::from_f32(dx, xs.dims()))
+        let saved = Saved::Argmax(argmax.unwrap_or_default());
+        (Tensor::from_f32(out, &[n, c, ho, wo]), saved)
+    };
+    let saved_bytes = match &saved {
+        Saved::Input(x) => autograd::bytes(x),
+        Saved::Argmax(a) => a.len() * 4,
+    };
+    let x_dims = x.dims().to_vec();
+    autograd::record_unary(OP, x, &mut y, saved_bytes, move |g| {
+        const OP: &str = "max_pool2d backward";
+        match saved {
+            Saved::Input(xs) => {
+                let (xc, gc) = (cuda_input(OP, &xs)?, cuda_input(OP, g)?);
+                let (dev, xv) = xc.cuda_whole_f32(OP)?;
+                let dx = cuda::max_pool2d_backward(
+                    dev,
+                    xv,
+                    gc.cuda_whole_f32(OP)?.1,
+                    n * c,
+                    (h, w),
+                    (ho, wo),
+                    (kernel, stride, padding),
+                )?;
+                Tensor::from_cuda_f32(dev, dx, xs.dims())
+            }
+            Saved::Argmax(argmax) => {
+                crate::ops::backward_on_cpu(OP, &[g])?;
+                g.expect_dims(OP, "gradient", &[n, c, ho, wo])?;
+                let dx = cpu::max_pool2d_backward(&argmax, cpu_f32(OP, g)?, n * c, h * w, ho * wo);
+                Ok(Tensor::from_f32(dx, &x_dims))
+            }
+        }
     });
     Ok(y)
-}
-
-fn max_pool2d_cpu(
-    x: &Tensor,
-    planes: usize,
-    (h, w): (usize, usize),
-    (ho, wo): (usize, usize),
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
-    const OP: &str = "max_pool2d";
-    let n = x.dims()[0];
-    let c = planes / n.max(1);
-    let out = cpu::max_pool2d(
-        cpu_f32(OP, x)?,
-        n * c,
-        h,
-        w,
-        ho,
-        wo,
-        kernel,
-        stride,
-        padding,
-    );
-    Ok(Tensor::from_f32(out, &[n, c, ho, wo]))
 }
 
 /// The CUDA half of a convolution's backward: the gradient and the kept
