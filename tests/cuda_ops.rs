@@ -174,13 +174,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let selected: Vec<_> = tests
+    let mut selected: Vec<_> = tests
         .iter()
         .filter(|(n, _, _)| filter.is_empty() || filter.iter().any(|f| n.contains(f.as_str())))
         .collect();
-    // On the emulator the op tests run twice: with each operation rounded on
-    // its own, then (a second process, as the emulated driver is the one
-    // libcuda.so of a process) with FMA contraction as nvcc does by default.
+    // Set in the FMA rerun (below).
     let fma = std::env::var("SAM_UNET_SIMT_FMA").is_ok_and(|v| v == "1");
     let build = if fma {
         simt::Build::CHECKED_FMA
@@ -204,6 +202,56 @@ fn main() {
             false
         }
     };
+    // On the emulator the op tests run twice: with each operation rounded on
+    // its own (here), and with FMA contraction as nvcc does by default (a
+    // second process, as the emulated driver is the one libcuda.so of a
+    // process), started now so that the two run side by side (the emulator
+    // runs one launch at a time on one core). The sanitizer stays on in the
+    // rerun, but one thread schedule does (the three schedules of both
+    // builds run in tests/kernels_host.rs at small shapes, and here at
+    // these): it keeps CI within its budget.
+    let mut fma_run = None;
+    let sibling = std::env::var_os(simt::SIBLING).is_some();
+    if emulated && !fma && !sibling {
+        let schedules = std::env::var("SAM_UNET_SIMT_FMA_SCHEDULES").unwrap_or_else(|_| "1".into());
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let envs = [
+            ("SAM_UNET_SIMT_FMA", "1".to_string()),
+            ("SAM_UNET_SIMT_SCHEDULES", schedules),
+        ];
+        match simt::Sibling::spawn(
+            "the same tests on the emulator built with FMA contraction",
+            &args,
+            &envs,
+            None,
+        ) {
+            Ok(s) => fma_run = Some(s),
+            Err(e) => {
+                println!("test cuda_ops_fma_rerun ... FAILED ({e})");
+                std::process::exit(1);
+            }
+        }
+    }
+    // The longest checked test (the ViT block, 3 schedules: about half of
+    // this process's time) in a second sibling, on this process's library.
+    let mut longest_run = None;
+    const LONGEST: &str = "cuda_vit_block_matches_cpu_f32_and_bf16";
+    if emulated
+        && !fma
+        && !sibling
+        && selected.len() > 1
+        && selected.iter().any(|(n, _, _)| *n == LONGEST)
+    {
+        let lib = simt::simt_build(build);
+        match simt::Sibling::spawn(LONGEST, &[LONGEST.to_string()], &[], lib) {
+            Ok(s) => {
+                selected.retain(|(n, _, _)| *n != LONGEST);
+                longest_run = Some(s);
+            }
+            // Not fatal: the test then runs here.
+            Err(e) => println!("{e}; running it in this process"),
+        }
+    }
     let mut failed = 0;
     for (name, needs_gpu, f) in selected {
         if *needs_gpu && !gpu {
@@ -220,20 +268,8 @@ fn main() {
         );
         failed += r.is_err() as usize;
     }
-    if emulated && !fma {
-        // The rerun checks the numerics under contraction; the sanitizer stays
-        // on, but one thread schedule does (the three schedules of both builds
-        // run in tests/kernels_host.rs at small shapes, and above at these):
-        // it keeps CI within its budget.
-        println!("again on the emulator built with FMA contraction:");
-        let schedules = std::env::var("SAM_UNET_SIMT_FMA_SCHEDULES").unwrap_or_else(|_| "1".into());
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(std::env::args().skip(1))
-            .env("SAM_UNET_SIMT_FMA", "1")
-            .env("SAM_UNET_SIMT_SCHEDULES", schedules)
-            .status()
-            .expect("the test binary runs itself again");
-        failed += !status.success() as usize;
+    for s in [longest_run, fma_run].into_iter().flatten() {
+        failed += !s.finish() as usize;
     }
     if failed > 0 {
         std::process::exit(1);

@@ -101,8 +101,22 @@ pub fn sources() -> Result<Vec<PathBuf>, String> {
 }
 
 fn build(b: Build) -> Result<Simt, String> {
+    // A sibling process (`Sibling`) loads the library its parent built.
+    if let Ok(v) = std::env::var(PREBUILT) {
+        if let Some((name, path)) = v.split_once('=') {
+            if name == b.name() {
+                return load(name, b, PathBuf::from(path));
+            }
+        }
+    }
     build_from(&b.name(), b, &sources()?)
 }
+
+/// `<build name>=<path of its libsimt.so>`: set for a `Sibling`.
+const PREBUILT: &str = "SAM_UNET_SIMT_PREBUILT";
+/// Set in a `Sibling`'s environment: it runs the tests it was given and
+/// starts no sibling of its own.
+pub const SIBLING: &str = "SAM_UNET_TEST_SIBLING";
 
 /// A library of the kernels in `sources`, built with `b`, named `name` (one
 /// per test binary and name: cargo runs test binaries one at a time).
@@ -226,8 +240,13 @@ fn build_from(name: &str, b: Build, sources: &[PathBuf]) -> Result<Simt, String>
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    // SAFETY: the library was just built from our sources; its initialisers only
-    // set up static data.
+    load(name, b, lib_path)
+}
+
+/// Loads a library that `build_from` made and configures its checks.
+fn load(name: &str, b: Build, lib_path: PathBuf) -> Result<Simt, String> {
+    // SAFETY: the library was built from our sources (by this process or its
+    // parent, `Sibling`); its initialisers only set up static data.
     let lib = unsafe { libloading::Library::new(&lib_path) }.map_err(|e| e.to_string())?;
     // SAFETY: these symbols are defined in simt.cpp with exactly these C signatures.
     let (launch, alloc, free, configure) = unsafe {
@@ -855,5 +874,104 @@ pub fn gpu_or_emulator(b: Build) -> Result<String, String> {
         Err(e2) => Err(format!(
             "no GPU ({e}); the emulated driver failed too: {e2}"
         )),
+    }
+}
+
+/// Another process of this test binary, started beside this one with
+/// `args` and `envs`: the emulator runs one launch at a time on one core,
+/// so on the two-core CI machine a long emulated test runs in a sibling
+/// while this process runs the others. With `prebuilt`, the sibling loads
+/// that library instead of building its own (same build, no second
+/// compile). Its output is collected and printed by `finish`, after this
+/// process's own results, so that the two never interleave.
+pub struct Sibling {
+    what: String,
+    child: std::process::Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Sibling {
+    pub fn spawn(
+        what: &str,
+        args: &[String],
+        envs: &[(&str, String)],
+        prebuilt: Option<&Simt>,
+    ) -> Result<Sibling, String> {
+        use std::io::Read;
+        use std::process::Stdio;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .env(SIBLING, "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        if let Some(s) = prebuilt {
+            cmd.env(PREBUILT, format!("{}={}", s.name, s.path.display()));
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start the sibling ({what}): {e}"))?;
+        // Both pipes drained while it runs (a full pipe would stop it).
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                if let Some(mut r) = r {
+                    let mut b = vec![];
+                    let _ = r.read_to_end(&mut b);
+                    s = String::from_utf8_lossy(&b).into_owned();
+                }
+                s
+            })
+        };
+        let out = drain(
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let err = drain(
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        Ok(Sibling {
+            what: what.to_string(),
+            child,
+            out,
+            err,
+        })
+    }
+
+    /// Waits for the sibling, prints its output; true when it passed.
+    pub fn finish(mut self) -> bool {
+        let status = self.child.wait();
+        let out = self.out.join().unwrap_or_default();
+        let err = self.err.join().unwrap_or_default();
+        println!(
+            "--- {} (a sibling process, run beside the above):",
+            self.what
+        );
+        print!("{out}");
+        if !err.is_empty() {
+            println!("--- its stderr:");
+            print!("{err}");
+        }
+        match status {
+            Ok(s) if s.success() => true,
+            Ok(s) => {
+                println!("--- {} failed: {s}", self.what);
+                false
+            }
+            Err(e) => {
+                println!("--- {}: cannot wait for it: {e}", self.what);
+                false
+            }
+        }
     }
 }

@@ -779,6 +779,7 @@ pub fn conv_transpose2d_backward(
         let cols = group * hw;
         // gt [rows, group hw]: the images' gradients in the GEMM's layout.
         let mut gt = vec![0.0f32; rows * cols];
+        let gather = crate::profile::scope("conv_transpose2d.bw.gather");
         gt.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {
             let (oc, ky, kx) = (r / (k * k), (r / k) % k, r % k);
             for (j, dst) in row.chunks_exact_mut(hw).enumerate() {
@@ -790,7 +791,9 @@ pub fn conv_transpose2d_backward(
                 }
             }
         });
+        drop(gather);
         if let (Some(dx), Some(w)) = (dx.as_mut(), w) {
+            let _p = crate::profile::scope("conv_transpose2d.bw.dx");
             let dxs = &mut dx[i0 * c * hw..(i0 + group) * c * hw];
             if group == 1 {
                 sgemm(
@@ -818,6 +821,7 @@ pub fn conv_transpose2d_backward(
             }
         }
         if let (Some(dw), Some(x)) = (dw.as_mut(), x) {
+            let _p = crate::profile::scope("conv_transpose2d.bw.dw");
             let xs = &x[i0 * c * hw..(i0 + group) * c * hw];
             let merged;
             let xs = if group == 1 {
@@ -837,6 +841,7 @@ pub fn conv_transpose2d_backward(
             );
         }
     }
+    let _p = crate::profile::scope("conv_transpose2d.bw.db");
     (dx, dw, want_b.then(|| bias_grad(grad, o, oh * ow)))
 }
 
