@@ -215,12 +215,17 @@ fn build_from(name: &str, b: Build, sources: &[PathBuf]) -> Result<Simt, String>
     let mut cmd = Command::new(&cxx);
     cmd.current_dir(&out_dir)
         .args(common)
+        // UBSan watches the kernels (above), not the emulator's own hot loops
+        // (the shadow checks, the fibers, the emulated cuBLAS); its runtime
+        // is still linked for the kernels' objects (-lubsan below).
+        .arg("-fno-sanitize=undefined")
         .args(["-shared", "-ffp-contract=off"])
         .arg(format!("-I{}", cuda.join("host").display()))
         .arg(cuda.join("host/simt.cpp"))
         .arg(cuda.join("host/fake_driver.cpp"))
         .arg(&registry)
         .args(&objs)
+        .arg("-lubsan")
         // Every symbol resolved at link time (a sanitizer hook we do not
         // define is a link error, not a crash at the first call); references
         // inside the library bind to its own definitions, so two builds can be
