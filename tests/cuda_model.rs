@@ -257,22 +257,14 @@ fn main() {
     // The emulator runs one launch at a time on one core: on the emulator
     // the longest test (the five emulated training steps, about half of
     // this binary's time) runs in a sibling process beside the others.
-    let mut sibling = None;
     const LONGEST: &str = "cuda_model_train_step_small34";
-    if EMULATED.load(std::sync::atomic::Ordering::Relaxed)
-        && std::env::var_os(simt::SIBLING).is_none()
-        && selected.len() > 1
-        && selected.iter().any(|(n, _)| *n == LONGEST)
-    {
-        let lib = simt::simt_build(simt::Build::FAST);
-        match simt::Sibling::spawn(LONGEST, &[LONGEST.to_string()], &[], lib) {
-            Ok(s) => {
-                selected.retain(|(n, _)| *n != LONGEST);
-                sibling = Some(s);
-            }
-            // Not fatal: the test then runs here.
-            Err(e) => println!("{e}; running it in this process"),
-        }
+    let names: Vec<&str> = selected.iter().map(|(n, _)| *n).collect();
+    let sibling = EMULATED
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .then(|| simt::Sibling::longest_beside(LONGEST, &names, simt::Build::FAST))
+        .flatten();
+    if sibling.is_some() {
+        selected.retain(|(n, _)| *n != LONGEST);
     }
     let mut failed = 0;
     for (n, f) in selected {

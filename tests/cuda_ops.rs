@@ -234,23 +234,13 @@ fn main() {
     }
     // The longest checked test (the ViT block, 3 schedules: about half of
     // this process's time) in a second sibling, on this process's library.
-    let mut longest_run = None;
     const LONGEST: &str = "cuda_vit_block_matches_cpu_f32_and_bf16";
-    if emulated
-        && !fma
-        && !sibling
-        && selected.len() > 1
-        && selected.iter().any(|(n, _, _)| *n == LONGEST)
-    {
-        let lib = simt::simt_build(build);
-        match simt::Sibling::spawn(LONGEST, &[LONGEST.to_string()], &[], lib) {
-            Ok(s) => {
-                selected.retain(|(n, _, _)| *n != LONGEST);
-                longest_run = Some(s);
-            }
-            // Not fatal: the test then runs here.
-            Err(e) => println!("{e}; running it in this process"),
-        }
+    let names: Vec<&str> = selected.iter().map(|(n, _, _)| *n).collect();
+    let longest_run = (emulated && !fma)
+        .then(|| simt::Sibling::longest_beside(LONGEST, &names, build))
+        .flatten();
+    if longest_run.is_some() {
+        selected.retain(|(n, _, _)| *n != LONGEST);
     }
     let mut failed = 0;
     for (name, needs_gpu, f) in selected {

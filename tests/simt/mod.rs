@@ -102,12 +102,11 @@ pub fn sources() -> Result<Vec<PathBuf>, String> {
 
 fn build(b: Build) -> Result<Simt, String> {
     // A sibling process (`Sibling`) loads the library its parent built.
-    if let Ok(v) = std::env::var(PREBUILT) {
-        if let Some((name, path)) = v.split_once('=') {
-            if name == b.name() {
-                return load(name, b, PathBuf::from(path));
-            }
-        }
+    if let Ok(v) = std::env::var(PREBUILT)
+        && let Some((name, path)) = v.split_once('=')
+        && name == b.name()
+    {
+        return load(name, b, PathBuf::from(path));
     }
     build_from(&b.name(), b, &sources()?)
 }
@@ -922,35 +921,39 @@ impl Sibling {
             .spawn()
             .map_err(|e| format!("cannot start the sibling ({what}): {e}"))?;
         // Both pipes drained while it runs (a full pipe would stop it).
-        let drain = |r: Option<Box<dyn Read + Send>>| {
+        fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<String> {
             std::thread::spawn(move || {
-                let mut s = String::new();
+                let mut b = vec![];
                 if let Some(mut r) = r {
-                    let mut b = vec![];
                     let _ = r.read_to_end(&mut b);
-                    s = String::from_utf8_lossy(&b).into_owned();
                 }
-                s
+                String::from_utf8_lossy(&b).into_owned()
             })
-        };
-        let out = drain(
-            child
-                .stdout
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        );
-        let err = drain(
-            child
-                .stderr
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        );
+        }
+        let out = drain(child.stdout.take());
+        let err = drain(child.stderr.take());
         Ok(Sibling {
             what: what.to_string(),
             child,
             out,
             err,
         })
+    }
+
+    /// On the emulator, the test `longest` in a sibling on this process's
+    /// library of `b`, when it is selected beside others and this process
+    /// is not a sibling itself; None when it runs here (a sibling that
+    /// cannot start is said and not fatal). `selected`: the test names this
+    /// process was asked for.
+    pub fn longest_beside(longest: &str, selected: &[&str], b: Build) -> Option<Sibling> {
+        if std::env::var_os(SIBLING).is_some() || selected.len() < 2 || !selected.contains(&longest)
+        {
+            return None;
+        }
+        let lib = simt_build(b);
+        Sibling::spawn(longest, &[longest.to_string()], &[], lib)
+            .map_err(|e| println!("{e}; running it in this process"))
+            .ok()
     }
 
     /// Waits for the sibling, prints its output; true when it passed.
