@@ -29,6 +29,16 @@ fn main() {
     // (name, needs a GPU, test)
     let tests: &[(&str, bool, TestFn)] = &[
         (
+            "cuda_stream_order_is_checked",
+            true,
+            cuda_stream_order_is_checked,
+        ),
+        (
+            "cuda_gradient_buckets_on_side_stream",
+            true,
+            cuda_gradient_buckets_on_side_stream,
+        ),
+        (
             "cuda_gelu_relu_add_match_cpu",
             true,
             cuda_gelu_relu_add_match_cpu,
@@ -2056,4 +2066,160 @@ fn cuda_attention_prompt_backward_matches_cpu() {
         println!("attention + box_tokens backward on CUDA, d/d {n}: relative L2 vs CPU {rel:.2e}");
         assert!(rel <= 1e-5, "d/d {n}: relative L2 {rel}");
     }
+}
+
+/// Two streams of one device: the emulator's stream-order check
+/// (cuda/host/fake_driver.cpp) fails a copy or a kernel that touches memory
+/// another stream wrote with nothing ordering the two, and lets it run once
+/// an event (`CudaDevice::order`) or a host synchronisation orders them:
+/// memory the main stream allocated and filled, copied out on the side
+/// stream; a kernel on the main stream reading what the side stream wrote
+/// (its accesses come from the checked build's hooks). On a GPU a race is
+/// not detectable: there only the ordered calls run, and their values are
+/// checked.
+fn cuda_stream_order_is_checked() {
+    let emulated = EMULATED.load(std::sync::atomic::Ordering::Relaxed);
+    let dev = sam_unet::cuda::shared_device(0).unwrap();
+    let (main, side) = (dev.stream().clone(), dev.side_stream().unwrap());
+    let n = 3000;
+    let v = rand(n, 600, 1.0);
+    let cuda = sam_unet::Device::Cuda(0);
+    let t = Tensor::from_vec(v.clone(), [n])
+        .unwrap()
+        .to_device(cuda)
+        .unwrap();
+    if emulated {
+        let r = side.clone_dtoh(&t.cuda_f32("test").unwrap());
+        assert!(
+            r.is_err(),
+            "the side stream read what the main stream wrote, unordered: no race reported"
+        );
+        println!("unordered copy on the side stream: refused ({:?})", r.err());
+    }
+    dev.order(&side, &main).unwrap();
+    let back = side.clone_dtoh(&t.cuda_f32("test").unwrap()).unwrap();
+    assert_eq!(back, v);
+
+    let mut u = Tensor::from_vec(vec![0.0; n], [n])
+        .unwrap()
+        .to_device(cuda)
+        .unwrap();
+    dev.order(&side, &main).unwrap();
+    let neg: Vec<f32> = v.iter().map(|x| -x).collect();
+    side.memcpy_htod(&neg, &mut u.cuda_f32_mut("test").unwrap())
+        .unwrap();
+    if emulated {
+        let r = activation::relu(&u);
+        assert!(
+            r.is_err(),
+            "a kernel on the main stream read what the side stream wrote, unordered: no race reported"
+        );
+        println!("unordered kernel on the main stream: refused");
+    }
+    dev.order(&main, &side).unwrap();
+    let want: Vec<f32> = neg.iter().map(|x| x.max(0.0)).collect();
+    let r = activation::relu(&u).unwrap().to_host().unwrap();
+    assert_eq!(r.as_f32().unwrap(), want.as_slice());
+
+    // A host synchronisation orders too.
+    dev.order(&side, &main).unwrap();
+    side.memcpy_htod(&v, &mut u.cuda_f32_mut("test").unwrap())
+        .unwrap();
+    side.synchronize().unwrap();
+    let want: Vec<f32> = v.iter().map(|x| x.max(0.0)).collect();
+    let r = activation::relu(&u).unwrap().to_host().unwrap();
+    assert_eq!(r.as_f32().unwrap(), want.as_slice());
+    // Before the buffers the side stream touched are freed (on the main
+    // stream).
+    dev.order(&main, &side).unwrap();
+}
+
+/// Gradient buckets summed on the side stream while backward runs
+/// (`train::reduce_on_side_stream`), one CUDA rank beside a CPU rank (a
+/// thread of the in-process group): a backward that writes four slots' gradients
+/// with kernels on the main stream, last slot first, buckets of at most 400
+/// values. Every bucket is launched during backward; the flat gradients
+/// after it are the two ranks' sums bit for bit (rank order, f32); the
+/// gradient norm read right after (a kernel on the main stream) passes the
+/// emulator's stream-order check, so the side stream's sums are ordered
+/// before it.
+fn cuda_gradient_buckets_on_side_stream() {
+    use sam_unet::dist::{Collective, InProcess};
+    use sam_unet::train::{ParamStore, reduce_on_side_stream};
+    let cuda = sam_unet::Device::Cuda(0);
+    let sizes = [300usize, 50, 700, 20];
+    let params: Vec<(String, Tensor)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let v = rand(n, 610 + i as u64, 1.0);
+            (format!("p{i}"), Tensor::from_vec(v, [n]).unwrap())
+        })
+        .collect();
+    let mut store = ParamStore::new(&params, cuda).unwrap();
+    let plan = store.buckets(400);
+    assert_eq!(plan.len(), 3, "{plan:?}");
+    // Rank 0's gradient of slot i: relu of its values on the device (a
+    // kernel); rank 1's: the values themselves.
+    let mine = |i: usize| -> Vec<f32> {
+        let v = params[i].1.as_f32().unwrap();
+        v.iter().map(|x| x.max(0.0)).collect()
+    };
+    let theirs = |i: usize| params[i].1.as_f32().unwrap().to_vec();
+    let mut group = InProcess::group(2, std::time::Duration::from_secs(300));
+    let cpu_rank = group.pop().unwrap();
+    let cuda_rank = group.pop().unwrap();
+    // The buckets complete last first (the slots arrive in reverse).
+    let order: Vec<usize> = (0..plan.len()).rev().collect();
+    let (buckets, early) = std::thread::scope(|s| {
+        let (plan, order, store_ref) = (&plan, &order, &store);
+        let spans: Vec<_> = plan.iter().map(|r| store_ref.span(r)).collect();
+        s.spawn(move || {
+            let flat: Vec<f32> = (0..sizes.len()).flat_map(theirs).collect();
+            for &b in order {
+                let mut x = flat[spans[b].clone()].to_vec();
+                cpu_rank.all_reduce_sum(&mut x).unwrap();
+            }
+        });
+        reduce_on_side_stream(
+            &mut store,
+            &cuda_rank,
+            400,
+            |sink: &mut sam_unet::train::GradSink<'_>| {
+                for i in (0..sizes.len()).rev() {
+                    let x = params[i].1.to_device(cuda)?;
+                    sink(i, &format!("p{i}"), activation::relu(&x)?)?;
+                }
+                Ok(())
+            },
+            None,
+        )
+        .unwrap()
+    });
+    assert_eq!((buckets, early), (3, 3));
+    let norm = store.grad_norm().unwrap();
+    let got = store.grads().unwrap().to_host().unwrap();
+    let want: Vec<f32> = (0..sizes.len())
+        .flat_map(|i| {
+            mine(i)
+                .into_iter()
+                .zip(theirs(i))
+                .map(|(a, b)| a + b)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        got.as_f32().unwrap() == want.as_slice(),
+        "the flat gradients are not the ranks' sums"
+    );
+    let want_norm = want
+        .iter()
+        .map(|&x| f64::from(x).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    assert!(
+        (norm - want_norm).abs() <= 1e-9 * want_norm,
+        "{norm} vs {want_norm}"
+    );
+    println!("3 buckets summed on the side stream during backward; norm {norm:.6}");
 }

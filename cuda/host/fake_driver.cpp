@@ -22,8 +22,17 @@
 // or overlapping output strides, type / compute combinations cuBLAS refuses.
 // Each refusal prints what was wrong and returns the status the real library
 // documents for it.
+// Streams run nothing concurrently here, so a missing event between two
+// streams would never show as a wrong value; every call is instead checked
+// against the order CUDA guarantees (the stream-order check below): memory
+// one stream wrote and another reads or writes, or one reads and another
+// writes, without an event, a host synchronisation or the legacy default
+// stream between them, fails the call ("stream race"). Kernels' accesses are
+// known in checked builds (simt.cpp's hooks); copies, memsets, GEMMs and
+// stream-ordered frees always.
 // What it does not model: concurrency between streams, timing, the GPU's own
-// rounding (expf / erff ulps, tensor-core accumulation order).
+// rounding (expf / erff ulps, tensor-core accumulation order). One host
+// thread drives the device at a time (the tests' use).
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -40,6 +49,7 @@ extern "C" {
 int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, void (*entry)(void*), void* ctx, int barrier_free, char* err,
                 size_t errlen);
 void* simt_alloc(size_t bytes, size_t align);
+const unsigned long long* simt_footprints(size_t* n);
 void simt_free(void* p);
 int simt_is_buffer(const void* p);
 int simt_in_buffer(const void* p, size_t bytes);
@@ -60,12 +70,126 @@ struct Graph {
     std::set<void*> owned;
 };
 
+// ---- stream order ------------------------------------------------------------
+// Vector clocks: each stream counts the operations run on it, and knows, per
+// stream, how many of that stream's operations are ordered before its next
+// one (its own, an event it waited for, what the host had waited for when it
+// submitted, the legacy default stream's implicit joins). Each access to
+// device memory is recorded as (stream, count, byte range, read / write); an
+// access conflicts with a recorded one of another stream when either writes,
+// the ranges meet, and the clock of the accessing stream has not reached it.
+struct Clock {
+    std::vector<uint64_t> t;
+    uint64_t at(size_t i) const { return i < t.size() ? t[i] : 0; }
+    void join(const Clock& o) {
+        if (o.t.size() > t.size()) t.resize(o.t.size());
+        for (size_t i = 0; i < o.t.size(); ++i)
+            if (o.t[i] > t[i]) t[i] = o.t[i];
+    }
+    void tick(size_t i) {
+        if (i >= t.size()) t.resize(i + 1);
+        ++t[i];
+    }
+};
+
 struct Stream {
     Graph* capture = nullptr;
     bool invalid = false;
+    unsigned id = 0;        // 0: the legacy default stream (handle NULL)
+    bool blocking = true;   // synchronises with the legacy default stream
+    Clock vc;
+};
+Stream g_null;                   // the legacy default stream
+std::vector<Stream*> g_streams;  // the live streams made by cuStreamCreate
+unsigned g_next_stream = 1;
+Clock g_host;  // what the host has waited for (synchronisations, blocking copies)
+
+struct Event {
+    Clock vc;  // the work it was recorded after
 };
 
-// Runs `op` now, or records it when the stream is being captured.
+// The operation running now: its stream and what it is (for messages).
+Stream* g_op = nullptr;
+
+struct Rec {
+    unsigned stream;
+    uint64_t epoch;
+    uintptr_t lo, hi;
+    bool write;
+    const char* what;
+};
+std::map<uintptr_t, std::vector<Rec>> g_recs;  // by allocation start
+std::map<void*, size_t> g_sizes;                // live allocations
+unsigned long long g_stream_races = 0;
+
+Stream* stream_of(void* h) { return h ? (Stream*)h : &g_null; }
+
+// The start of an operation on `s`: it is ordered after what the host waited
+// for before submitting it and, on the legacy default stream, after all
+// earlier work of the blocking streams (and they after its).
+void begin_op(Stream* s) {
+    s->vc.join(g_host);
+    if (s == &g_null) {
+        for (Stream* t : g_streams)
+            if (t->blocking) s->vc.join(t->vc);
+    } else if (s->blocking) {
+        s->vc.join(g_null.vc);
+    }
+    s->vc.tick(s->id);
+    g_op = s;
+}
+
+struct OpScope {
+    Stream* prev;
+    explicit OpScope(void* stream) : prev(g_op) { begin_op(stream_of(stream)); }
+    ~OpScope() { g_op = prev; }
+};
+
+// The operation running now reads or writes [lo, hi) of device memory:
+// false (and a message) when that races with another stream's access.
+bool touch(uintptr_t lo, uintptr_t hi, bool write, const char* what) {
+    if (!g_op || hi <= lo || g_sizes.empty()) return true;
+    auto it = g_sizes.upper_bound((void*)lo);
+    if (it == g_sizes.begin()) return true;
+    --it;
+    uintptr_t base = (uintptr_t)it->first;
+    size_t size = it->second;
+    if (lo >= base + (size ? size : 1)) return true;
+    std::vector<Rec>& recs = g_recs[base];
+    const Stream* s = g_op;
+    bool ok = true;
+    for (const Rec& r : recs) {
+        if (r.stream == s->id || r.hi <= lo || hi <= r.lo || !(write || r.write) || s->vc.at(r.stream) >= r.epoch) continue;
+        g_stream_races += 1;
+        uintptr_t a = lo > r.lo ? lo : r.lo, b = hi < r.hi ? hi : r.hi;
+        std::fprintf(stderr,
+                     "fake CUDA driver: stream race: %s on stream %u %s bytes [%zu, %zu) of the %zu-byte allocation at %p, which %s on stream %u %s, and "
+                     "nothing orders the two (no event recorded on stream %u after it that stream %u waited for, no host synchronisation with it "
+                     "before this call)\n",
+                     what, s->id, write ? "writes" : "reads", (size_t)(a - base), (size_t)(b - base), size, (void*)base, r.what, r.stream,
+                     r.write ? "wrote" : "read", r.stream, s->id);
+        ok = false;
+        break;
+    }
+    // Forget what can no longer race: what the host has waited for (every
+    // later operation is ordered after it), and this stream's own earlier
+    // accesses that this one covers (whatever is unordered with those is
+    // unordered with this one too).
+    uint64_t now = s->vc.at(s->id);
+    size_t k = 0;
+    for (size_t i = 0; i < recs.size(); ++i) {
+        const Rec& r = recs[i];
+        bool covered = r.stream == s->id && r.lo >= lo && r.hi <= hi && (write || !r.write);
+        if (!covered && g_host.at(r.stream) < r.epoch) recs[k++] = r;
+    }
+    recs.resize(k);
+    recs.push_back(Rec{s->id, now, lo, hi, write, what});
+    return ok;
+}
+bool touch_ptr(unsigned long long p, size_t bytes, bool write, const char* what) { return touch((uintptr_t)p, (uintptr_t)p + bytes, write, what); }
+
+// Runs `op` now, or records it when the stream is being captured (a replay
+// runs it as part of the graph launch's operation).
 CUresult submit(void* stream, std::function<CUresult()> op) {
     Stream* s = (Stream*)stream;
     if (s && s->capture) {
@@ -73,6 +197,8 @@ CUresult submit(void* stream, std::function<CUresult()> op) {
         s->capture->ops.push_back(std::move(op));
         return OK;
     }
+    if (g_op) return op();  // inside a graph launch
+    OpScope scope(stream);
     return op();
 }
 
@@ -101,7 +227,7 @@ void run_thread(void* ctx) {
     l->k->call(l->k->fn, l->params);
 }
 
-int g_ctx_token, g_event_token;
+int g_ctx_token;
 
 // A device range [p, p + bytes) that is not inside one live allocation: the
 // driver's CUDA_ERROR_INVALID_VALUE (an illegal address on a GPU, found later).
@@ -142,7 +268,6 @@ struct Counts {
     unsigned long long peak_bytes = 0;    // its maximum since the last reset
 };
 Counts g_counts;
-std::map<void*, size_t> g_sizes;  // live allocations
 bool g_dry_run = false;
 
 // The emulated device's memory (what cuMemGetInfo reports).
@@ -223,23 +348,36 @@ CUresult cuCtxGetDevice(int* d) {
     *d = 0;
     return OK;
 }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() {
+    g_host.join(g_null.vc);
+    for (Stream* t : g_streams) g_host.join(t->vc);
+    return OK;
+}
 CUresult cuDeviceGetDefaultMemPool(void**, int) { return NOT_SUPPORTED; }
 CUresult cuMemPoolSetAttribute(void*, int, void*) { return NOT_SUPPORTED; }
 
-CUresult cuStreamCreate(void** s, unsigned) {
-    *s = new Stream;
+// A new stream is ordered after nothing but what the host has waited for;
+// CU_STREAM_NON_BLOCKING (1) streams do not join the legacy default stream.
+CUresult cuStreamCreate(void** s, unsigned flags) {
+    Stream* st = new Stream;
+    st->id = g_next_stream++;
+    st->blocking = (flags & 1) == 0;
+    g_streams.push_back(st);
+    *s = st;
     return OK;
 }
-CUresult cuStreamCreateWithPriority(void** s, unsigned, int) {
-    *s = new Stream;
-    return OK;
-}
+CUresult cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
 CUresult cuStreamDestroy_v2(void* s) {
+    for (size_t i = 0; i < g_streams.size(); ++i)
+        if (g_streams[i] == s) g_streams.erase(g_streams.begin() + (long)i);
     delete (Stream*)s;
     return OK;
 }
-CUresult cuStreamSynchronize(void* s) { return refuse_in_capture(s, "cuStreamSynchronize"); }
+CUresult cuStreamSynchronize(void* s) {
+    if (CUresult r = refuse_in_capture(s, "cuStreamSynchronize")) return r;
+    g_host.join(stream_of(s)->vc);
+    return OK;
+}
 CUresult cuStreamBeginCapture_v2(void* stream, int) {
     Stream* s = (Stream*)stream;
     if (!s || s->capture) return INVALID_VALUE;
@@ -289,16 +427,45 @@ CUresult cuGraphDestroy(void* graph) {
     delete g;
     return OK;
 }
-CUresult cuStreamQuery(void*) { return OK; }
-CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
-CUresult cuEventCreate(void** e, unsigned) {
-    *e = &g_event_token;
+// Every stream is always idle here: a query says so, and the host then knows
+// the stream's work is done.
+CUresult cuStreamQuery(void* s) {
+    g_host.join(stream_of(s)->vc);
     return OK;
 }
-CUresult cuEventDestroy_v2(void*) { return OK; }
-CUresult cuEventRecord(void*, void*) { return OK; }
-CUresult cuEventSynchronize(void*) { return OK; }
-CUresult cuEventQuery(void*) { return OK; }
+// Events carry the clock of the stream they were recorded on; waiting for one
+// joins it. (Events inside a stream capture are not emulated: the graphs we
+// capture are one stream's.)
+CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+    if (!e) return INVALID_VALUE;
+    Stream* st = (Stream*)s;
+    if (st && st->capture) return OK;
+    stream_of(s)->vc.join(((Event*)e)->vc);
+    return OK;
+}
+CUresult cuEventCreate(void** e, unsigned) {
+    *e = new Event;
+    return OK;
+}
+CUresult cuEventDestroy_v2(void* e) {
+    delete (Event*)e;
+    return OK;
+}
+CUresult cuEventRecord(void* e, void* s) {
+    if (!e) return INVALID_VALUE;
+    Stream* st = (Stream*)s;
+    if (st && st->capture) return OK;
+    Event* ev = (Event*)e;
+    ev->vc = stream_of(s)->vc;
+    ev->vc.join(g_host);
+    return OK;
+}
+CUresult cuEventSynchronize(void* e) {
+    if (!e) return INVALID_VALUE;
+    g_host.join(((Event*)e)->vc);
+    return OK;
+}
+CUresult cuEventQuery(void* e) { return cuEventSynchronize(e); }
 CUresult cuEventElapsedTime(float* ms, void*, void*) {
     *ms = 0.0f;
     return OK;
@@ -315,11 +482,17 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     *p = (CUdeviceptr)m;
     return OK;
 }
+// Stream-ordered: the memory is the allocating stream's until another stream
+// is ordered after the allocation (recorded as a write of all of it).
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void* stream) {
     Stream* s = (Stream*)stream;
     if (s && s->capture && s->invalid) return CAPTURE_INVALIDATED;
     CUresult r = cuMemAlloc_v2(p, bytes);
     if (r == OK && s && s->capture) s->capture->owned.insert((void*)*p);
+    if (r == OK && !(s && s->capture)) {
+        OpScope op(stream);
+        touch_ptr(*p, bytes, true, "cuMemAllocAsync");
+    }
     return r;
 }
 CUresult cuMemFree_v2(CUdeviceptr p) {
@@ -332,6 +505,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
         g_counts.live_bytes -= it->second;
         g_sizes.erase(it);
     }
+    g_recs.erase((uintptr_t)p);
     simt_free((void*)p);
     return OK;
 }
@@ -346,58 +520,116 @@ CUresult cuMemFreeAsync(CUdeviceptr p, void* stream) {
         if (s->capture->owned.count((void*)p)) return OK;
         return refuse_in_capture(stream, "cuMemFreeAsync of memory allocated before the capture");
     }
-    return cuMemFree_v2(p);
+    // Freeing is a write of the whole allocation in stream order: another
+    // stream's access to it must be ordered before the free.
+    bool ok = true;
+    if (p) {
+        auto it = g_sizes.find((void*)p);
+        OpScope op(stream);
+        if (it != g_sizes.end()) ok = touch_ptr(p, it->second, true, "cuMemFreeAsync");
+    }
+    CUresult r = cuMemFree_v2(p);
+    return r == OK && !ok ? LAUNCH_FAILED : r;
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     *free_b = kDeviceBytes;
     *total = kDeviceBytes;
     return OK;
 }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
-    if (bad_range("cuMemcpyHtoD", "destination", d, n)) return INVALID_VALUE;
+}  // extern "C"
+
+namespace {
+
+// Copies and memsets: the work itself (bounds checked, accesses recorded on
+// the running operation's stream), then the synchronous entry points on the
+// legacy default stream (the host waits for them) and the asynchronous ones
+// on theirs.
+CUresult copy_htod(CUdeviceptr d, const void* h, size_t n, const char* what) {
+    if (bad_range(what, "destination", d, n)) return INVALID_VALUE;
     std::memcpy((void*)d, h, n);
-    return OK;
+    return touch_ptr(d, n, true, what) ? OK : LAUNCH_FAILED;
+}
+CUresult copy_dtoh(void* h, CUdeviceptr d, size_t n, const char* what) {
+    if (bad_range(what, "source", d, n)) return INVALID_VALUE;
+    std::memcpy(h, (const void*)d, n);
+    return touch_ptr(d, n, false, what) ? OK : LAUNCH_FAILED;
+}
+CUresult copy_dtod(CUdeviceptr d, CUdeviceptr s, size_t n, const char* what) {
+    if (bad_range(what, "destination", d, n) || bad_range(what, "source", s, n)) return INVALID_VALUE;
+    std::memmove((void*)d, (const void*)s, n);
+    bool ok = touch_ptr(s, n, false, what);
+    ok = touch_ptr(d, n, true, what) && ok;
+    return ok ? OK : LAUNCH_FAILED;
+}
+CUresult set_d8(CUdeviceptr d, unsigned char v, size_t n, const char* what) {
+    if (bad_range(what, "destination", d, n)) return INVALID_VALUE;
+    std::memset((void*)d, v, n);
+    return touch_ptr(d, n, true, what) ? OK : LAUNCH_FAILED;
+}
+CUresult set_d32(CUdeviceptr d, unsigned v, size_t n, const char* what) {
+    if (d % 4 != 0 || bad_range(what, "destination", d, n * 4)) return INVALID_VALUE;
+    for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
+    return touch_ptr(d, n * 4, true, what) ? OK : LAUNCH_FAILED;
+}
+// A synchronous call: on the legacy default stream, and the host waits.
+template <class F>
+CUresult blocking(F f) {
+    CUresult r;
+    {
+        OpScope op(nullptr);
+        r = f();
+    }
+    g_host.join(g_null.vc);
+    return r;
+}
+
+}  // namespace
+
+extern "C" {
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
+    return blocking([&] { return copy_htod(d, h, n, "cuMemcpyHtoD"); });
 }
 CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
-    if (bad_range("cuMemcpyDtoH", "source", d, n)) return INVALID_VALUE;
-    std::memcpy(h, (const void*)d, n);
-    return OK;
+    return blocking([&] { return copy_dtoh(h, d, n, "cuMemcpyDtoH"); });
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
-    if (bad_range("cuMemcpyDtoD", "destination", d, n) || bad_range("cuMemcpyDtoD", "source", s, n)) return INVALID_VALUE;
-    std::memmove((void*)d, (const void*)s, n);
-    return OK;
+    return blocking([&] { return copy_dtod(d, s, n, "cuMemcpyDtoD"); });
 }
-// Host copies from pageable memory cannot be captured.
+// Host copies from pageable memory cannot be captured. A copy to pageable
+// memory returns when it is done: the host has waited for the stream.
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void* st) {
     if (CUresult r = refuse_in_capture(st, "cuMemcpyHtoDAsync")) return r;
-    return cuMemcpyHtoD_v2(d, h, n);
+    OpScope op(st);
+    return copy_htod(d, h, n, "cuMemcpyHtoDAsync");
 }
 CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void* st) {
     if (CUresult r = refuse_in_capture(st, "cuMemcpyDtoHAsync")) return r;
-    return cuMemcpyDtoH_v2(h, d, n);
+    CUresult r;
+    {
+        OpScope op(st);
+        r = copy_dtoh(h, d, n, "cuMemcpyDtoHAsync");
+    }
+    g_host.join(stream_of(st)->vc);
+    return r;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) {
     if (bad_range("cuMemcpyDtoDAsync", "destination", d, n) || bad_range("cuMemcpyDtoDAsync", "source", s, n)) return INVALID_VALUE;
-    return submit(st, [=]() { return cuMemcpyDtoD_v2(d, s, n); });
+    return submit(st, [=]() { return copy_dtod(d, s, n, "cuMemcpyDtoDAsync"); });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
-    if (bad_range("cuMemsetD8", "destination", d, n)) return INVALID_VALUE;
-    std::memset((void*)d, v, n);
-    return OK;
+    return blocking([&] { return set_d8(d, v, n, "cuMemsetD8"); });
 }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
     if (bad_range("cuMemsetD8Async", "destination", d, n)) return INVALID_VALUE;
-    return submit(st, [=]() { return cuMemsetD8_v2(d, v, n); });
+    return submit(st, [=]() { return set_d8(d, v, n, "cuMemsetD8Async"); });
 }
 CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
-    if (d % 4 != 0 || bad_range("cuMemsetD32", "destination", d, n * 4)) return INVALID_VALUE;
-    for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
-    return OK;
+    return blocking([&] { return set_d32(d, v, n, "cuMemsetD32"); });
 }
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void* st) {
     if (d % 4 != 0 || bad_range("cuMemsetD32Async", "destination", d, n * 4)) return INVALID_VALUE;
-    return submit(st, [=]() { return cuMemsetD32_v2(d, v, n); });
+    return submit(st, [=]() { return set_d32(d, v, n, "cuMemsetD32Async"); });
 }
 
 // Modules: the entry points named in the PTX; each must be in the host table.
@@ -463,7 +695,15 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
             std::fprintf(stderr, "fake CUDA driver: %s\n", err);
             return LAUNCH_FAILED;
         }
-        return OK;
+        // What it read and wrote (checked builds), in stream order.
+        size_t nf = 0;
+        const unsigned long long* f = simt_footprints(&nf);
+        bool ok = true;
+        for (size_t i = 0; i < nf; ++i, f += 6) {
+            if (f[2] < f[3]) ok = touch(f[2], f[3], false, k->name) && ok;
+            if (f[4] < f[5]) ok = touch(f[4], f[5], true, k->name) && ok;
+        }
+        return ok ? OK : LAUNCH_FAILED;
     });
 }
 
@@ -481,6 +721,8 @@ void fake_driver_reset_counters() {
     g_counts.peak_bytes = live;
 }
 void fake_driver_dry_run(int on) { g_dry_run = on != 0; }
+// Stream races found so far (each also failed its call).
+unsigned long long fake_driver_stream_races() { return g_stream_races; }
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
     switch (e) {
@@ -638,13 +880,50 @@ int gemm(int ta, int tb, int m, int n, int k, float alpha, const void* A, int at
 
 extern "C" {
 
+}  // extern "C"
+
+namespace {
+
+struct Span {
+    unsigned long long lo, hi;
+    bool write;
+};
+
+// The bytes of a GEMM's operands for the stream-order check: per matrix
+// (cols - 1) ld + rows elements, `batch` of them `stride` elements apart;
+// A and B read, C written (and read when beta != 0).
+std::vector<Span> gemm_spans(int ta, int tb, int m, int n, int k, const void* A, int atype, int lda, long long sa, const void* B, int btype, int ldb, long long sb,
+                             const void* C, int ldc, long long sc, int batch, float beta) {
+    auto span = [&](const void* p, long long rows, long long cols, long long ld, long long stride, size_t esize, bool write) {
+        long long e = rows == 0 || cols == 0 || batch == 0 ? 0 : (cols - 1) * ld + rows;
+        long long lo = stride < 0 ? stride * (batch - 1) : 0, hi = (stride > 0 ? stride * (batch - 1) : 0) + e;
+        unsigned long long b = (unsigned long long)p;
+        return e == 0 ? Span{0, 0, write} : Span{b + (unsigned long long)(lo * (long long)esize), b + (unsigned long long)(hi * (long long)esize), write};
+    };
+    std::vector<Span> v;
+    if (k > 0) {
+        v.push_back(span(A, ta ? k : m, ta ? m : k, lda, sa, atype == 0 ? 4 : 2, false));
+        v.push_back(span(B, tb ? n : k, tb ? k : n, ldb, sb, btype == 0 ? 4 : 2, false));
+    }
+    if (beta != 0.0f) v.push_back(span(C, m, n, ldc, sc, 4, false));
+    v.push_back(span(C, m, n, ldc, sc, 4, true));
+    return v;
+}
+
+}  // namespace
+
+extern "C" {
+
 // A GEMM runs on the handle's stream: recorded there while it is captured.
-int on_stream(void* h, std::function<int()> g) {
+int on_stream(void* h, std::vector<Span> spans, std::function<int()> g) {
     g_counts.gemm_calls += 1;
-    CUresult r = submit(((BlasHandle*)h)->stream, [g]() {
+    CUresult r = submit(((BlasHandle*)h)->stream, [g, spans]() {
         g_counts.gemms += 1;
         if (g_dry_run) return OK;
-        return g() ? LAUNCH_FAILED : OK;
+        if (g()) return LAUNCH_FAILED;
+        bool ok = true;
+        for (const Span& sp : spans) ok = touch(sp.lo, sp.hi, sp.write, "a cuBLAS GEMM") && ok;
+        return ok ? OK : LAUNCH_FAILED;
     });
     return r == OK ? 0 : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
 }
@@ -697,21 +976,23 @@ int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* al
                    int ldc) {
     if (int r = check_gemm("cublasSgemm", ta, tb, m, n, k, A, 0, lda, 0, B, 0, ldb, 0, C, 0, ldc, 0, 1, 68)) return r;
     float al = *alpha, be = *beta;
-    return on_stream(h, [=]() { return gemm(ta, tb, m, n, k, al, A, 0, lda, B, 0, ldb, be, C, ldc); });
+    return on_stream(h, gemm_spans(ta, tb, m, n, k, A, 0, lda, 0, B, 0, ldb, 0, C, ldc, 0, 1, be),
+                     [=]() { return gemm(ta, tb, m, n, k, al, A, 0, lda, B, 0, ldb, be, C, ldc); });
 }
 
 int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, const void* B, int btype, int ldb,
                  const void* beta, void* C, int ctype, int ldc, int compute, int) {
     if (int r = check_gemm("cublasGemmEx", ta, tb, m, n, k, A, atype, lda, 0, B, btype, ldb, 0, C, ctype, ldc, 0, 1, compute)) return r;
     float al = *(const float*)alpha, be = *(const float*)beta;
-    return on_stream(h, [=]() { return gemm(ta, tb, m, n, k, al, A, atype, lda, B, btype, ldb, be, (float*)C, ldc); });
+    return on_stream(h, gemm_spans(ta, tb, m, n, k, A, atype, lda, 0, B, btype, ldb, 0, C, ldc, 0, 1, be),
+                     [=]() { return gemm(ta, tb, m, n, k, al, A, atype, lda, B, btype, ldb, be, (float*)C, ldc); });
 }
 
 int cublasGemmStridedBatchedEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* A, int atype, int lda, long long sa, const void* B,
                                int btype, int ldb, long long sb, const void* beta, void* C, int ctype, int ldc, long long sc, int batch, int compute, int) {
     if (int r = check_gemm("cublasGemmStridedBatchedEx", ta, tb, m, n, k, A, atype, lda, sa, B, btype, ldb, sb, C, ctype, ldc, sc, batch, compute)) return r;
     float al = *(const float*)alpha, be = *(const float*)beta;
-    return on_stream(h, [=]() {
+    return on_stream(h, gemm_spans(ta, tb, m, n, k, A, atype, lda, sa, B, btype, ldb, sb, C, ldc, sc, batch, be), [=]() {
         size_t ea = atype == 0 ? 4 : 2, eb = btype == 0 ? 4 : 2;
         for (int i = 0; i < batch; ++i) {
             int r = gemm(ta, tb, m, n, k, al, (const char*)A + (size_t)(sa * i) * ea, atype, lda, (const char*)B + (size_t)(sb * i) * eb, btype, ldb, be,

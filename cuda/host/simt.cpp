@@ -377,6 +377,47 @@ void global_access(uintptr_t a, size_t n, bool write, bool atomic, const void* p
     }
 }
 
+// ---- footprints: for the driver's stream-order check (fake_driver.cpp), the
+// bytes of each device buffer the running launch read and wrote, as covers
+// (lowest to highest byte; an atomic counts as both). Checked builds only:
+// the accesses are seen through the same hooks.
+struct Foot {
+    uintptr_t lo, hi;    // the buffer
+    uintptr_t rlo, rhi;  // read: [rlo, rhi), empty when rlo >= rhi
+    uintptr_t wlo, whi;  // written
+};
+std::vector<Foot> g_feet;
+// Direct-mapped cache of 4 KB pages: the page's footprint (an index into
+// g_feet), or -1 for a page no buffer overlaps (a __constant__ table, ...).
+// Each buffer has pages of its own (simt_alloc), so a page maps to one.
+struct FootSlot {
+    uintptr_t page = ~(uintptr_t)0;
+    long idx = -1;
+};
+FootSlot g_foot_cache[256];
+long find_foot(uintptr_t a, bool* page_free);
+
+inline void foot_access(uintptr_t a, size_t n, bool write, bool atomic) {
+    FootSlot& slot = g_foot_cache[(a >> 12) & 255];
+    long idx = slot.idx;
+    if (slot.page != a >> 12 || (idx >= 0 && (a < g_feet[(size_t)idx].lo || a >= g_feet[(size_t)idx].hi))) {
+        bool page_free = false;
+        idx = find_foot(a, &page_free);
+        if (idx >= 0 || page_free) slot = FootSlot{a >> 12, idx};
+    }
+    if (idx < 0) return;  // not device memory
+    Foot* f = &g_feet[(size_t)idx];
+    uintptr_t e = a + n;
+    if (write || atomic) {
+        if (a < f->wlo) f->wlo = a;
+        if (e > f->whi) f->whi = e;
+    }
+    if (!write || atomic) {
+        if (a < f->rlo) f->rlo = a;
+        if (e > f->rhi) f->rhi = e;
+    }
+}
+
 inline void check(void* addr, size_t n, bool write, bool atomic, const void* pc) {
     if (!g_in_kernel || !g_checks || g_abort) return;
     char* a = (char*)addr;
@@ -385,6 +426,7 @@ inline void check(void* addr, size_t n, bool write, bool atomic, const void* pc)
     } else if (a >= g_stacks_lo && a < g_stacks_hi) {
         return;  // a thread's own locals
     } else {
+        foot_access((uintptr_t)a, n, write, atomic);
         global_access((uintptr_t)a, n, write, atomic, pc);
     }
 }
@@ -519,6 +561,25 @@ std::vector<Region> g_regions;
 std::vector<std::pair<char*, size_t>> g_buffers;  // (user pointer, bytes) of live buffers
 struct sigaction g_prev_segv;
 bool g_handler = false;
+
+// The footprint of the buffer holding a (made at its first access), or -1;
+// *page_free: no buffer overlaps a's page.
+long find_foot(uintptr_t a, bool* page_free) {
+    for (size_t i = 0; i < g_feet.size(); ++i)
+        if (a >= g_feet[i].lo && a < g_feet[i].hi) return (long)i;
+    std::lock_guard<std::mutex> lock(g_regions_lock);
+    uintptr_t pg = a & ~(uintptr_t)4095;
+    *page_free = true;
+    for (auto& [p, len] : g_buffers) {
+        uintptr_t lo = (uintptr_t)p;
+        if (a >= lo && a < lo + len) {
+            g_feet.push_back(Foot{lo, lo + len, ~(uintptr_t)0, 0, ~(uintptr_t)0, 0});
+            return (long)g_feet.size() - 1;
+        }
+        if (lo < pg + 4096 && lo + len > pg) *page_free = false;
+    }
+    return -1;
+}
 
 std::string global_name(uintptr_t a) {
     char b[96];
@@ -753,6 +814,8 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
     g_kernel = kernel;
     g_error.clear();
     g_abort = false;
+    g_feet.clear();
+    for (FootSlot& f : g_foot_cache) f = FootSlot{};
     unsigned n = bx * by * bz;
     bool ok = true;
     if (n == 0 || n > kMaxThreads || bx > 1024 || by > 1024 || bz > 64 || gx == 0 || gy == 0 || gz == 0 || gx > 2147483647u || gy > 65535 ||
@@ -800,6 +863,15 @@ int simt_launch(const char* kernel, unsigned gx, unsigned gy, unsigned gz, unsig
     }
     if (!ok && err && errlen) std::snprintf(err, errlen, "%s", g_error.c_str());
     return ok ? 0 : 1;
+}
+
+// What the last launch read and wrote of each device buffer (checked builds;
+// none otherwise): *n covers of 6 values each (buffer start and end, read
+// [lo, hi), written [lo, hi); an empty cover has lo >= hi).
+const unsigned long long* simt_footprints(size_t* n) {
+    static_assert(sizeof(Foot) == 6 * sizeof(unsigned long long), "Foot is six 64-bit values");
+    *n = g_feet.size();
+    return (const unsigned long long*)g_feet.data();
 }
 
 // `bytes` of memory whose end touches a guard page (start aligned to `align`).

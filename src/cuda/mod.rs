@@ -104,6 +104,8 @@ pub struct CudaDevice {
     pub ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// A second stream, made at its first use (`side_stream`).
+    side: std::sync::OnceLock<Arc<CudaStream>>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Kernels already looked up: every op launch asks for its kernel, and
     /// cuModuleGetFunction is a driver call.
@@ -133,9 +135,17 @@ impl CudaDevice {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_err("create context"))?;
-        // One stream per device handle: cudarc's cross-stream event tracking is
-        // not needed and costs two events per allocation.
-        // SAFETY: every buffer of this device is used on its one stream only.
+        // cudarc's cross-stream event tracking costs two events per
+        // allocation and would order whole buffers: the one buffer shared
+        // between streams (the flat gradients, whose buckets the side stream
+        // sums while backward writes other slots) is ordered by explicit
+        // events instead.
+        // SAFETY: every buffer of this device is used on its main stream,
+        // except the gradient buckets of train::reduce_on_side_stream, which
+        // records an event after each bucket's last write that the side
+        // stream waits for, and joins the main stream to the side stream
+        // before anything else touches the buffer (the emulator's
+        // stream-order check verifies both).
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let stream = ctx.new_stream().map_err(driver_err("create stream"))?;
@@ -151,6 +161,7 @@ impl CudaDevice {
             ordinal,
             ctx,
             stream,
+            side: std::sync::OnceLock::new(),
             modules,
             functions: Default::default(),
         })
@@ -173,6 +184,25 @@ impl CudaDevice {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// A second stream of this device, made at the first call: gradient
+    /// buckets are summed there (NCCL) while backward goes on on `stream()`.
+    /// Nothing orders the two but events (`CudaStream::join`, `wait`).
+    pub fn side_stream(&self) -> Result<Arc<CudaStream>> {
+        if let Some(s) = self.side.get() {
+            return Ok(s.clone());
+        }
+        let s = self
+            .ctx
+            .new_stream()
+            .map_err(driver_err("create side stream"))?;
+        Ok(self.side.get_or_init(|| s).clone())
+    }
+
+    /// `waiter` waits (on the device, not the host) for what `of` holds now.
+    pub fn order(&self, waiter: &CudaStream, of: &CudaStream) -> Result<()> {
+        waiter.join(of).map_err(driver_err("order streams (event)"))
     }
 
     /// A kernel from one of the modules.

@@ -41,6 +41,30 @@ pub trait Collective: Send + Sync {
     ) -> Result<Option<cudarc::driver::CudaSlice<f32>>> {
         Ok(None)
     }
+    /// Whether `all_reduce_sum_on_stream` sums device memory in stream
+    /// order (else the caller sums gradients through the host after
+    /// backward).
+    fn sums_on_stream(&self) -> bool {
+        false
+    }
+    /// x <- the sum of every rank's x, in place, enqueued on `stream` after
+    /// the work it already holds: NCCL without the host waiting; the
+    /// in-process group (tests) through the host, which waits for the
+    /// stream. Only where `sums_on_stream`; every rank calls it in the same
+    /// order.
+    fn all_reduce_sum_on_stream(
+        &self,
+        _stream: &Arc<cudarc::driver::CudaStream>,
+        x: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        Err(Error::Collective {
+            op: "all_reduce_on_stream",
+            msg: format!(
+                "this group cannot sum device memory on a stream ({} values)",
+                x.len()
+            ),
+        })
+    }
     /// A second, independent group over the same ranks (every rank calls
     /// it, in the same order): its reductions never wait behind this one's,
     /// so gradient buckets can be summed on another thread while backward
@@ -248,6 +272,32 @@ impl Collective for InProcess {
             Buf::F32(_) => unreachable!("types checked in the sum"),
         }
         Ok(())
+    }
+    /// Through the host (the ranks are threads of one process): the host
+    /// waits for `stream`, sums, and copies the sum back on it. For tests
+    /// of the stream path on one device or the emulator, not for speed.
+    fn sums_on_stream(&self) -> bool {
+        true
+    }
+    fn all_reduce_sum_on_stream(
+        &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        x: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let err = |what: &str, e: cudarc::driver::DriverError| {
+            Self::fail(
+                "all_reduce_on_stream",
+                format!("rank {}: {what}: {e}", self.rank),
+            )
+        };
+        // A copy to pageable memory returns when it is done.
+        let mut h = stream
+            .clone_dtoh(x)
+            .map_err(|e| err("copy to the host", e))?;
+        self.all_reduce_sum(&mut h)?;
+        stream
+            .memcpy_htod(&h, x)
+            .map_err(|e| err("copy to the device", e))
     }
     fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
         let n = self

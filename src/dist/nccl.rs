@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::Collective;
@@ -35,13 +35,17 @@ pub struct Nccl {
     world: usize,
     dev: Arc<CudaDevice>,
     comm: Mutex<Comm>,
+    /// The stream the communicator enqueues on: the device's main stream,
+    /// or its side stream for the duplicate that sums gradient buckets.
+    stream: Arc<CudaStream>,
     /// The group the id came through; kept open for the run (closing it
-    /// would look like a failure to the other ranks).
-    _bootstrap: Box<dyn Collective>,
+    /// would look like a failure to the other ranks). A duplicate borrows
+    /// its original's.
+    bootstrap: Arc<dyn Collective>,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a
-// time; every use goes through the Mutex, on the device's one stream.
+// time; every use goes through the Mutex, on the communicator's stream.
 unsafe impl Send for Nccl {}
 // SAFETY: as above: shared references only reach the communicator through
 // the Mutex.
@@ -51,6 +55,17 @@ impl Nccl {
     /// Joins the ranks of `bootstrap` (a group over TCP) in an NCCL group on
     /// `dev`. Fails with a clear error when libnccl is missing.
     pub fn new(dev: Arc<CudaDevice>, bootstrap: Box<dyn Collective>) -> Result<Nccl> {
+        let bootstrap: Arc<dyn Collective> = Arc::from(bootstrap);
+        let stream = dev.stream().clone();
+        Self::join(dev, stream, bootstrap)
+    }
+
+    /// A communicator of the ranks of `bootstrap` enqueuing on `stream`.
+    fn join(
+        dev: Arc<CudaDevice>,
+        stream: Arc<CudaStream>,
+        bootstrap: Arc<dyn Collective>,
+    ) -> Result<Nccl> {
         let (rank, world) = (bootstrap.rank(), bootstrap.world());
         if !nccl_available() {
             return Err(fail(format!(
@@ -71,8 +86,8 @@ impl Nccl {
         bootstrap.all_reduce_sum_f64(&mut bytes)?;
         let internal: [core::ffi::c_char; 128] =
             std::array::from_fn(|i| bytes[i] as u8 as core::ffi::c_char);
-        let comm = Comm::from_rank(dev.stream().clone(), rank, world, Id::uninit(internal))
-            .map_err(|e| {
+        let comm =
+            Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(|e| {
                 fail(format!(
                     "rank {rank} of {world} joining the NCCL group: {e:?}"
                 ))
@@ -82,7 +97,8 @@ impl Nccl {
             world,
             dev,
             comm: Mutex::new(comm),
-            _bootstrap: bootstrap,
+            stream,
+            bootstrap,
         })
     }
 
@@ -91,8 +107,7 @@ impl Nccl {
         T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
     {
         let mut out = self
-            .dev
-            .stream()
+            .stream
             .alloc_zeros::<T>(x.len())
             .map_err(|e| fail(format!("allocating {} values: {e}", x.len())))?;
         let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
@@ -105,7 +120,7 @@ impl Nccl {
     where
         T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
     {
-        let s = self.dev.stream();
+        let s = &self.stream;
         let d = s
             .clone_htod(x)
             .map_err(|e| fail(format!("copy to the device: {e}")))?;
@@ -131,6 +146,41 @@ impl Collective for Nccl {
         self.sum_host(x)
     }
     fn all_reduce_sum_device(&self, x: &CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
+        if !Arc::ptr_eq(&self.stream, self.dev.stream()) {
+            // The result would be the side stream's: only the original sums
+            // whole buffers for the main stream.
+            return Ok(None);
+        }
         self.sum_on_device(x).map(Some)
+    }
+    fn sums_on_stream(&self) -> bool {
+        true
+    }
+    /// In place on the communicator's stream (the caller's `stream` must be
+    /// it: NCCL binds a communicator to one stream); the host does not wait.
+    fn all_reduce_sum_on_stream(
+        &self,
+        stream: &Arc<CudaStream>,
+        x: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        if stream.cu_stream() != self.stream.cu_stream() {
+            return Err(fail(format!(
+                "rank {}: asked to sum on another stream than the communicator's",
+                self.rank
+            )));
+        }
+        let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        comm.all_reduce_in_place(x, &ReduceOp::Sum)
+            .map_err(|e| fail(format!("all-reduce of {} values: {e:?}", x.len())))?;
+        Ok(())
+    }
+    /// A second communicator of the same ranks on the device's side stream
+    /// (its own NCCL id, through the same bootstrap group): gradient buckets
+    /// summed there overlap backward on the main stream, and never queue
+    /// behind SyncBatchNorm's reductions on this one.
+    fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
+        let side = self.dev.side_stream()?;
+        let d = Self::join(self.dev.clone(), side, Arc::clone(&self.bootstrap))?;
+        Ok(Some(Box::new(d)))
     }
 }

@@ -450,19 +450,24 @@ impl Trainer {
     }
 
     /// The group gradient buckets are summed on for `comm`: its duplicate,
-    /// made once (every rank makes it at the same step). None where the
-    /// buckets cannot overlap backward: no duplicate, gradients not on the
-    /// CPU (CUDA sums the whole buffer after backward, on the devices with
-    /// NCCL), or buckets turned off.
+    /// made once (every rank makes it at the same step). False where the
+    /// buckets cannot overlap backward: buckets turned off, no duplicate,
+    /// or gradients on CUDA with a group that cannot sum device memory on a
+    /// stream (TCP: the whole buffer goes through the host after backward).
     fn bucket_comm(&mut self, comm: &Arc<dyn Collective>) -> Result<bool> {
         let key = Arc::as_ptr(comm) as *const () as usize;
-        if self.bucket_values == 0 || self.model.device() != Device::Cpu {
+        let cuda = self.model.device() != Device::Cpu;
+        if self.bucket_values == 0 || (cuda && !comm.sums_on_stream()) {
             return Ok(false);
         }
         if self.grad_comm.as_ref().is_none_or(|(k, _)| *k != key) {
             self.grad_comm = Some((key, comm.duplicate()?));
         }
-        Ok(self.grad_comm.as_ref().is_some_and(|(_, c)| c.is_some()))
+        Ok(self
+            .grad_comm
+            .as_ref()
+            .and_then(|(_, c)| c.as_deref())
+            .is_some_and(|c| !cuda || c.sums_on_stream()))
     }
 
     fn step_inner(&mut self, batch: &Batch, keep_grads: bool) -> Result<StepReport> {
@@ -549,20 +554,33 @@ impl Trainer {
             // Each gradient goes into the store as soon as it is complete.
             if overlap && mi + 1 == k {
                 // The last micro-batch: each bucket of the flat gradients is
-                // summed over the ranks (on the duplicate group, by another
-                // thread) the moment its last slot is complete.
+                // summed over the ranks (on the duplicate group: by another
+                // thread on the CPU, on the device's side stream on CUDA)
+                // the moment its last slot is complete.
                 let comm = self
                     .grad_comm
                     .as_ref()
                     .and_then(|(_, c)| c.as_deref())
                     .expect("bucket_comm said yes");
-                (buckets, early) = reduce_during_backward(
-                    &mut self.store,
-                    comm,
-                    self.bucket_values,
-                    |f| rec.backward_into(&loss, &seed, f),
-                    keep_grads.then_some(&mut kept),
-                )?;
+                let backward = |f: &mut GradSink<'_>| rec.backward_into(&loss, &seed, f);
+                let kept = keep_grads.then_some(&mut kept);
+                (buckets, early) = if self.model.device() == Device::Cpu {
+                    reduce_during_backward(
+                        &mut self.store,
+                        comm,
+                        self.bucket_values,
+                        backward,
+                        kept,
+                    )?
+                } else {
+                    reduce_on_side_stream(
+                        &mut self.store,
+                        comm,
+                        self.bucket_values,
+                        backward,
+                        kept,
+                    )?
+                };
             } else {
                 let store = &mut self.store;
                 rec.backward_into(&loss, &seed, &mut |_, name, g| {
@@ -709,7 +727,7 @@ impl Trainer {
 }
 
 /// Where backward hands each complete gradient (slot, name, value).
-type GradSink<'a> = dyn FnMut(usize, &str, Tensor) -> Result<()> + 'a;
+pub type GradSink<'a> = dyn FnMut(usize, &str, Tensor) -> Result<()> + 'a;
 
 /// One backward (`backward`, given the gradient callback) whose gradients
 /// go into `store` while the store's buckets (`ParamStore::buckets`) are
@@ -785,4 +803,84 @@ fn reduce_during_backward(
         }
         Ok((plan.len(), early))
     })
+}
+
+/// The CUDA form of `reduce_during_backward`: the moment a bucket's last
+/// slot is written (on the device's main stream), the side stream waits for
+/// an event recorded there and sums the bucket over the ranks in place
+/// (`Collective::all_reduce_sum_on_stream`) while backward goes on; the
+/// buckets left incomplete follow in store order. Then the main stream waits
+/// for the side stream, so what reads the gradients next (the norm, Adam)
+/// reads the sums; the host waits for none of it (NCCL). Even when backward
+/// fails the main stream is joined to the side stream before returning, so
+/// no sum is still running on memory that may be freed.
+/// Returns (buckets, launched during backward).
+pub fn reduce_on_side_stream(
+    store: &mut ParamStore,
+    comm: &dyn Collective,
+    bucket_values: usize,
+    backward: impl FnOnce(&mut GradSink<'_>) -> Result<()>,
+    mut kept: Option<&mut Vec<(String, Tensor)>>,
+) -> Result<(usize, usize)> {
+    type Side = Option<(
+        Arc<crate::cuda::CudaDevice>,
+        Arc<cudarc::driver::CudaStream>,
+    )>;
+    let plan = store.buckets(bucket_values);
+    let spans: Vec<_> = plan.iter().map(|r| store.span(r)).collect();
+    let mut bucket_of = vec![0usize; store.slots().len()];
+    for (b, r) in plan.iter().enumerate() {
+        r.clone().for_each(|i| bucket_of[i] = b);
+    }
+    let mut missing: Vec<usize> = plan.iter().map(|r| r.len()).collect();
+    let mut sent = vec![false; plan.len()];
+    let mut side: Side = None;
+    // Bucket b's sum, enqueued on the side stream behind everything the
+    // main stream holds now (its last slot's write included).
+    let launch = |store: &mut ParamStore, side: &mut Side, b: usize| -> Result<()> {
+        let (dev, mut g) = store.cuda_grads_mut()?;
+        let s = match side {
+            Some((_, s)) => s.clone(),
+            None => {
+                let s = dev.side_stream()?;
+                *side = Some((dev.clone(), s.clone()));
+                s
+            }
+        };
+        dev.order(&s, dev.stream())?;
+        comm.all_reduce_sum_on_stream(&s, &mut g.slice_mut(spans[b].clone()))
+    };
+    let mut early = 0;
+    let r = backward(&mut |_, name, g| {
+        store.accept_grad(name, &g)?;
+        if let Some(k) = kept.as_deref_mut() {
+            k.push((name.to_string(), g.to_host()?));
+        }
+        let i = store.slot_index(name).expect("accepted above");
+        let b = bucket_of[i];
+        missing[b] -= 1;
+        if missing[b] == 0 {
+            launch(store, &mut side, b)?;
+            sent[b] = true;
+            early += 1;
+        }
+        Ok(())
+    });
+    let rest = || -> Result<()> {
+        r?;
+        if store.grads().is_some() {
+            for b in (0..plan.len()).filter(|&b| !sent[b]) {
+                launch(store, &mut side, b)?;
+            }
+        }
+        Ok(())
+    };
+    let done = rest();
+    // Whatever happened, nothing may touch the gradients before the sums
+    // launched so far are done.
+    if let Some((dev, s)) = &side {
+        dev.order(dev.stream(), s)?;
+    }
+    done?;
+    Ok((plan.len(), early))
 }

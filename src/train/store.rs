@@ -128,6 +128,23 @@ impl ParamStore {
             .and_then(|g| g.as_f32_mut().ok())
     }
 
+    /// The device and the flat gradients on it, writable in place (CUDA
+    /// only; an error before the first backward).
+    pub(crate) fn cuda_grads_mut(
+        &mut self,
+    ) -> Result<(
+        std::sync::Arc<crate::cuda::CudaDevice>,
+        cudarc::driver::CudaViewMut<'_, f32>,
+    )> {
+        const OP: &str = "gradient buckets";
+        let g = self
+            .grads
+            .as_mut()
+            .ok_or_else(|| Error::input(OP, "no gradient: run backward first"))?;
+        let dev = g.cuda_whole_f32(OP)?.0.clone();
+        Ok((dev, g.cuda_f32_mut(OP)?))
+    }
+
     pub fn slot(&self, name: &str) -> Option<&Slot> {
         self.index.get(name).map(|&i| &self.slots[i])
     }
