@@ -2872,3 +2872,117 @@ fn rel_pos_attention_backward_matches_cpu_on(s: &'static Simt) {
         );
     }
 }
+
+#[test]
+fn emulated_driver_checks_stream_order() {
+    // The emulated device runs each call at once, so an unordered pair of
+    // streams never computes a wrong value here: the driver's stream-order
+    // check fails the call instead, as a GPU could have computed garbage.
+    // Events, host synchronisation, the legacy default stream and
+    // stream-ordered free, through the driver API itself.
+    use std::ffi::c_void;
+    let Some(s) = simt::simt() else { return };
+    type P = *mut c_void;
+    type StreamCreate = unsafe extern "C" fn(*mut P, u32) -> i32;
+    type EventCreate = unsafe extern "C" fn(*mut P, u32) -> i32;
+    type EventRecord = unsafe extern "C" fn(P, P) -> i32;
+    type WaitEvent = unsafe extern "C" fn(P, P, u32) -> i32;
+    type Sync = unsafe extern "C" fn(P) -> i32;
+    type AllocAsync = unsafe extern "C" fn(*mut u64, usize, P) -> i32;
+    type FreeAsync = unsafe extern "C" fn(u64, P) -> i32;
+    type SetAsync = unsafe extern "C" fn(u64, u32, usize, P) -> i32;
+    type CopyAsync = unsafe extern "C" fn(u64, u64, usize, P) -> i32;
+    type DtoH = unsafe extern "C" fn(*mut c_void, u64, usize) -> i32;
+    type Races = unsafe extern "C" fn() -> u64;
+    const RACE: i32 = 719; // CUDA_ERROR_LAUNCH_FAILED, the message on stderr
+    // SAFETY: the signatures are those of cuda/host/fake_driver.cpp (the
+    // driver API's); every device range below lies inside its allocation
+    // and the host buffer holds the bytes copied into it.
+    unsafe {
+        let stream_create: StreamCreate = s.sym("cuStreamCreate");
+        let event_create: EventCreate = s.sym("cuEventCreate");
+        let record: EventRecord = s.sym("cuEventRecord");
+        let wait: WaitEvent = s.sym("cuStreamWaitEvent");
+        let stream_sync: Sync = s.sym("cuStreamSynchronize");
+        let alloc: AllocAsync = s.sym("cuMemAllocAsync");
+        let free: FreeAsync = s.sym("cuMemFreeAsync");
+        let set: SetAsync = s.sym("cuMemsetD32Async");
+        let copy: CopyAsync = s.sym("cuMemcpyDtoDAsync_v2");
+        let dtoh: DtoH = s.sym("cuMemcpyDtoH_v2");
+        let races: Races = s.sym("fake_driver_stream_races");
+        let stream = |flags: u32| {
+            let mut p: P = std::ptr::null_mut();
+            assert_eq!(stream_create(&mut p, flags), 0);
+            p
+        };
+        let event = || {
+            let mut e: P = std::ptr::null_mut();
+            assert_eq!(event_create(&mut e, 0), 0);
+            e
+        };
+        // Non-blocking streams (CU_STREAM_NON_BLOCKING, as cudarc makes them).
+        let (a, b) = (stream(1), stream(1));
+        let n = 256usize;
+        let buf = |st: P| {
+            let mut p = 0u64;
+            assert_eq!(alloc(&mut p, n * 4, st), 0);
+            p
+        };
+        let before = races();
+        // A writes x; B reads it with nothing between: refused.
+        let (x, y) = (buf(a), buf(b));
+        assert_eq!(set(x, 7, n, a), 0);
+        assert_eq!(
+            copy(y, x, n * 4, b),
+            RACE,
+            "unordered read on another stream"
+        );
+        // An event recorded on A after the write, waited for by B: fine.
+        let e = event();
+        assert_eq!(record(e, a), 0);
+        assert_eq!(wait(b, e, 0), 0);
+        assert_eq!(copy(y, x, n * 4, b), 0);
+        // A writes x again while B's read is not ordered before it: refused
+        // (a write after a read); after A waits for B, fine.
+        assert_eq!(set(x, 8, n, a), RACE, "unordered write after a read");
+        assert_eq!(record(e, b), 0);
+        assert_eq!(wait(a, e, 0), 0);
+        assert_eq!(set(x, 9, n, a), 0);
+        // Disjoint ranges of one allocation never conflict.
+        assert_eq!(record(e, a), 0);
+        assert_eq!(wait(b, e, 0), 0);
+        assert_eq!(set(x, 1, n / 2, a), 0);
+        assert_eq!(set(x + (n as u64 / 2) * 4, 2, n / 2, b), 0);
+        // The host waiting for a stream orders it before everything after.
+        assert_eq!(stream_sync(a), 0);
+        assert_eq!(stream_sync(b), 0);
+        assert_eq!(set(x, 3, n, b), 0);
+        // A free is a write of the whole allocation on its stream: B just
+        // wrote x, A frees it unordered: refused; y after a host sync: fine.
+        assert_eq!(
+            free(x, a),
+            RACE,
+            "free while another stream may still use it"
+        );
+        assert_eq!(stream_sync(b), 0);
+        assert_eq!(free(y, a), 0);
+        // The legacy default stream (a synchronous copy) waits for blocking
+        // streams, not for non-blocking ones.
+        let c = stream(0);
+        let (z, w) = (buf(c), buf(a));
+        assert_eq!(set(z, 4, n, c), 0);
+        assert_eq!(set(w, 5, n, a), 0);
+        let mut host = vec![0u32; n];
+        assert_eq!(dtoh(host.as_mut_ptr().cast(), z, n * 4), 0);
+        assert_eq!(host[0], 4);
+        assert_eq!(
+            dtoh(host.as_mut_ptr().cast(), w, n * 4),
+            RACE,
+            "the default stream does not wait for a non-blocking stream"
+        );
+        assert_eq!(races() - before, 4);
+        assert_eq!(stream_sync(a), 0);
+        assert_eq!(free(z, c), 0);
+        assert_eq!(free(w, a), 0);
+    }
+}

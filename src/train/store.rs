@@ -142,6 +142,14 @@ impl ParamStore {
             .as_mut()
             .ok_or_else(|| Error::input(OP, "no gradient: run backward first"))?;
         let dev = g.cuda_whole_f32(OP)?.0.clone();
+        // A shared buffer would be copied by cuda_f32_mut: the sums already
+        // running on the side stream would land in the old one.
+        if !g.is_exclusive() {
+            return Err(Error::input(
+                OP,
+                "a view of the gradient buffer is held elsewhere: its buckets cannot be summed in place",
+            ));
+        }
         Ok((dev, g.cuda_f32_mut(OP)?))
     }
 
