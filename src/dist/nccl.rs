@@ -177,7 +177,9 @@ impl Collective for Nccl {
     /// A second communicator of the same ranks on the device's side stream
     /// (its own NCCL id, through the same bootstrap group): gradient buckets
     /// summed there overlap backward on the main stream, and never queue
-    /// behind SyncBatchNorm's reductions on this one.
+    /// behind SyncBatchNorm's reductions on this one. Every rank issues the
+    /// two communicators' calls in the same program order (the same graph),
+    /// which NCCL asks of communicators used concurrently on one device.
     fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
         let side = self.dev.side_stream()?;
         let d = Self::join(self.dev.clone(), side, Arc::clone(&self.bootstrap))?;
