@@ -2878,8 +2878,8 @@ fn emulated_driver_checks_stream_order() {
     // The emulated device runs each call at once, so an unordered pair of
     // streams never computes a wrong value here: the driver's stream-order
     // check fails the call instead, as a GPU could have computed garbage.
-    // Events, host synchronisation, the legacy default stream and
-    // stream-ordered free, through the driver API itself.
+    // Events, host synchronisation, the legacy default stream, synchronous
+    // calls and stream-ordered free, through the driver API itself.
     use std::ffi::c_void;
     let Some(s) = simt::simt() else { return };
     type P = *mut c_void;
@@ -2894,6 +2894,8 @@ fn emulated_driver_checks_stream_order() {
     type CopyAsync = unsafe extern "C" fn(u64, u64, usize, P) -> i32;
     type DtoH = unsafe extern "C" fn(*mut c_void, u64, usize) -> i32;
     type Races = unsafe extern "C" fn() -> u64;
+    type SetSync = unsafe extern "C" fn(u64, u32, usize) -> i32;
+    type CtxSync = unsafe extern "C" fn() -> i32;
     const RACE: i32 = 719; // CUDA_ERROR_LAUNCH_FAILED, the message on stderr
     // SAFETY: the signatures are those of cuda/host/fake_driver.cpp (the
     // driver API's); every device range below lies inside its allocation
@@ -2980,9 +2982,25 @@ fn emulated_driver_checks_stream_order() {
             RACE,
             "the default stream does not wait for a non-blocking stream"
         );
-        assert_eq!(races() - before, 4);
+        // An event recorded on the legacy default stream follows the blocking
+        // streams' work: a non-blocking stream waiting for it may read z.
+        assert_eq!(set(z, 6, n, c), 0);
+        let null: P = std::ptr::null_mut();
+        assert_eq!(record(e, null), 0);
+        assert_eq!(wait(b, e, 0), 0);
+        let v = buf(b);
+        assert_eq!(copy(v, z, n * 4, b), 0);
+        // A synchronous memset does not make the host wait: a non-blocking
+        // stream writing the same memory right after it is unordered.
+        let set_sync: SetSync = s.sym("cuMemsetD32_v2");
         assert_eq!(stream_sync(a), 0);
+        assert_eq!(set_sync(w, 0, n), 0);
+        assert_eq!(set(w, 1, n, a), RACE, "a synchronous memset orders nothing");
+        assert_eq!(races() - before, 5);
+        let sync_all: CtxSync = s.sym("cuCtxSynchronize");
+        assert_eq!(sync_all(), 0);
         assert_eq!(free(z, c), 0);
         assert_eq!(free(w, a), 0);
+        assert_eq!(free(v, b), 0);
     }
 }

@@ -65,19 +65,6 @@ constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_DEVICE 
 
 // A captured graph: the recorded operations, in stream order, and the memory
 // allocated while capturing (the graph's own, freed with it).
-struct Graph {
-    std::vector<std::function<CUresult()>> ops;
-    std::set<void*> owned;
-};
-
-// ---- stream order ------------------------------------------------------------
-// Vector clocks: each stream counts the operations run on it, and knows, per
-// stream, how many of that stream's operations are ordered before its next
-// one (its own, an event it waited for, what the host had waited for when it
-// submitted, the legacy default stream's implicit joins). Each access to
-// device memory is recorded as (stream, count, byte range, read / write); an
-// access conflicts with a recorded one of another stream when either writes,
-// the ranges meet, and the clock of the accessing stream has not reached it.
 struct Clock {
     std::vector<uint64_t> t;
     uint64_t at(size_t i) const { return i < t.size() ? t[i] : 0; }
@@ -92,6 +79,21 @@ struct Clock {
     }
 };
 
+struct Graph {
+    std::vector<std::function<CUresult()>> ops;
+    std::set<void*> owned;
+    Clock last;  // the stream's clock at the end of its last launch
+};
+
+// ---- stream order ------------------------------------------------------------
+// Vector clocks: each stream counts the operations run on it, and knows, per
+// stream, how many of that stream's operations are ordered before its next
+// one (its own, an event it waited for, what the host had waited for when it
+// submitted, the legacy default stream's implicit joins). Each access to
+// device memory is recorded as (stream, count, byte range, read / write); an
+// access conflicts with a recorded one of another stream when either writes,
+// the ranges meet, and the clock of the accessing stream has not reached it.
+
 struct Stream {
     Graph* capture = nullptr;
     bool invalid = false;
@@ -101,6 +103,7 @@ struct Stream {
 };
 Stream g_null;                   // the legacy default stream
 std::vector<Stream*> g_streams;  // the live streams made by cuStreamCreate
+Clock g_retired;                 // destroyed streams' clocks (a device sync waits for their work)
 unsigned g_next_stream = 1;
 Clock g_host;  // what the host has waited for (synchronisations, blocking copies)
 
@@ -127,7 +130,7 @@ Stream* stream_of(void* h) { return h ? (Stream*)h : &g_null; }
 // The start of an operation on `s`: it is ordered after what the host waited
 // for before submitting it and, on the legacy default stream, after all
 // earlier work of the blocking streams (and they after its).
-void begin_op(Stream* s) {
+void legacy_joins(Stream* s) {
     s->vc.join(g_host);
     if (s == &g_null) {
         for (Stream* t : g_streams)
@@ -135,6 +138,9 @@ void begin_op(Stream* s) {
     } else if (s->blocking) {
         s->vc.join(g_null.vc);
     }
+}
+void begin_op(Stream* s) {
+    legacy_joins(s);
     s->vc.tick(s->id);
     g_op = s;
 }
@@ -350,6 +356,7 @@ CUresult cuCtxGetDevice(int* d) {
 }
 CUresult cuCtxSynchronize() {
     g_host.join(g_null.vc);
+    g_host.join(g_retired);
     for (Stream* t : g_streams) g_host.join(t->vc);
     return OK;
 }
@@ -367,9 +374,12 @@ CUresult cuStreamCreate(void** s, unsigned flags) {
     return OK;
 }
 CUresult cuStreamCreateWithPriority(void** s, unsigned flags, int) { return cuStreamCreate(s, flags); }
+// Its work still completes (the host does not wait): a later device
+// synchronisation covers it.
 CUresult cuStreamDestroy_v2(void* s) {
     for (size_t i = 0; i < g_streams.size(); ++i)
         if (g_streams[i] == s) g_streams.erase(g_streams.begin() + (long)i);
+    if (s) g_retired.join(((Stream*)s)->vc);
     delete (Stream*)s;
     return OK;
 }
@@ -411,12 +421,17 @@ CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long lon
 CUresult cuGraphLaunch(void* exec, void* stream) {
     Graph* g = (Graph*)exec;
     g_counts.graph_launches += 1;
+    // A launch of a graph is ordered after its previous launch, on whatever
+    // stream that ran.
     return submit(stream, [g]() {
+        if (g_op) g_op->vc.join(g->last);
+        CUresult r = OK;
         for (auto& op : g->ops) {
-            CUresult r = op();
-            if (r != OK) return r;
+            r = op();
+            if (r != OK) break;
         }
-        return OK;
+        if (g_op) g->last = g_op->vc;
+        return r;
     });
 }
 CUresult cuGraphUpload(void*, void*) { return OK; }
@@ -455,9 +470,11 @@ CUresult cuEventRecord(void* e, void* s) {
     if (!e) return INVALID_VALUE;
     Stream* st = (Stream*)s;
     if (st && st->capture) return OK;
-    Event* ev = (Event*)e;
-    ev->vc = stream_of(s)->vc;
-    ev->vc.join(g_host);
+    // On the legacy default stream (or a blocking one) the event also
+    // follows what that stream implicitly waits for.
+    Stream* rs = stream_of(s);
+    legacy_joins(rs);
+    ((Event*)e)->vc = rs->vc;
     return OK;
 }
 CUresult cuEventSynchronize(void* e) {
@@ -571,15 +588,24 @@ CUresult set_d32(CUdeviceptr d, unsigned v, size_t n, const char* what) {
     for (size_t i = 0; i < n; ++i) ((unsigned*)d)[i] = v;
     return touch_ptr(d, n * 4, true, what) ? OK : LAUNCH_FAILED;
 }
-// A synchronous call: on the legacy default stream, and the host waits.
+// A synchronous call runs on the legacy default stream; what the host then
+// knows is done follows CUDA's "API synchronization behavior": a copy to
+// (pageable) host memory is complete when it returns; a copy from host
+// memory waits for the work before it but may return before landing; a
+// device-to-device copy or a memset does not synchronise the host.
+enum class HostWaits { After, Before, No };
 template <class F>
-CUresult blocking(F f) {
+CUresult blocking(HostWaits w, F f) {
+    Clock before = g_null.vc;
+    for (Stream* t : g_streams)
+        if (t->blocking) before.join(t->vc);
     CUresult r;
     {
         OpScope op(nullptr);
         r = f();
     }
-    g_host.join(g_null.vc);
+    if (w == HostWaits::After) g_host.join(g_null.vc);
+    if (w == HostWaits::Before) g_host.join(before);
     return r;
 }
 
@@ -588,13 +614,13 @@ CUresult blocking(F f) {
 extern "C" {
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
-    return blocking([&] { return copy_htod(d, h, n, "cuMemcpyHtoD"); });
+    return blocking(HostWaits::Before, [&] { return copy_htod(d, h, n, "cuMemcpyHtoD"); });
 }
 CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
-    return blocking([&] { return copy_dtoh(h, d, n, "cuMemcpyDtoH"); });
+    return blocking(HostWaits::After, [&] { return copy_dtoh(h, d, n, "cuMemcpyDtoH"); });
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
-    return blocking([&] { return copy_dtod(d, s, n, "cuMemcpyDtoD"); });
+    return blocking(HostWaits::No, [&] { return copy_dtod(d, s, n, "cuMemcpyDtoD"); });
 }
 // Host copies from pageable memory cannot be captured. A copy to pageable
 // memory returns when it is done: the host has waited for the stream.
@@ -618,14 +644,14 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* st) 
     return submit(st, [=]() { return copy_dtod(d, s, n, "cuMemcpyDtoDAsync"); });
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
-    return blocking([&] { return set_d8(d, v, n, "cuMemsetD8"); });
+    return blocking(HostWaits::No, [&] { return set_d8(d, v, n, "cuMemsetD8"); });
 }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void* st) {
     if (bad_range("cuMemsetD8Async", "destination", d, n)) return INVALID_VALUE;
     return submit(st, [=]() { return set_d8(d, v, n, "cuMemsetD8Async"); });
 }
 CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned v, size_t n) {
-    return blocking([&] { return set_d32(d, v, n, "cuMemsetD32"); });
+    return blocking(HostWaits::No, [&] { return set_d32(d, v, n, "cuMemsetD32"); });
 }
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void* st) {
     if (d % 4 != 0 || bad_range("cuMemsetD32Async", "destination", d, n * 4)) return INVALID_VALUE;

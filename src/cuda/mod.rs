@@ -200,6 +200,11 @@ impl CudaDevice {
         Ok(self.side.get_or_init(|| s).clone())
     }
 
+    /// The side stream, if something made it.
+    pub fn side_stream_made(&self) -> Option<&Arc<CudaStream>> {
+        self.side.get()
+    }
+
     /// `waiter` waits (on the device, not the host) for what `of` holds now.
     pub fn order(&self, waiter: &CudaStream, of: &CudaStream) -> Result<()> {
         waiter.join(of).map_err(driver_err("order streams (event)"))

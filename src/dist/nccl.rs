@@ -102,10 +102,26 @@ impl Nccl {
         })
     }
 
+    /// Before a call on the main stream's communicator: the main stream
+    /// waits for the side stream, so that an all-reduce of this communicator
+    /// never runs beside one of the duplicate's (gradient buckets). Two
+    /// communicators' kernels in flight at once on one GPU can deadlock
+    /// (NCCL asks for one at a time per device): this way each rank runs
+    /// them one after another, in the program order every rank shares.
+    fn after_side_stream(&self) -> Result<()> {
+        if Arc::ptr_eq(&self.stream, self.dev.stream())
+            && let Some(side) = self.dev.side_stream_made()
+        {
+            self.dev.order(&self.stream, side)?;
+        }
+        Ok(())
+    }
+
     fn sum_on_device<T>(&self, x: &CudaSlice<T>) -> Result<CudaSlice<T>>
     where
         T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
     {
+        self.after_side_stream()?;
         let mut out = self
             .stream
             .alloc_zeros::<T>(x.len())
@@ -120,6 +136,7 @@ impl Nccl {
     where
         T: cudarc::nccl::NcclType + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits,
     {
+        self.after_side_stream()?;
         let s = &self.stream;
         let d = s
             .clone_htod(x)
@@ -177,9 +194,8 @@ impl Collective for Nccl {
     /// A second communicator of the same ranks on the device's side stream
     /// (its own NCCL id, through the same bootstrap group): gradient buckets
     /// summed there overlap backward on the main stream, and never queue
-    /// behind SyncBatchNorm's reductions on this one. Every rank issues the
-    /// two communicators' calls in the same program order (the same graph),
-    /// which NCCL asks of communicators used concurrently on one device.
+    /// behind SyncBatchNorm's reductions on this one. The bucket sums still
+    /// run before the next of those (`after_side_stream`), never beside.
     fn duplicate(&self) -> Result<Option<Box<dyn Collective>>> {
         let side = self.dev.side_stream()?;
         let d = Self::join(self.dev.clone(), side, Arc::clone(&self.bootstrap))?;

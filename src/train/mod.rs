@@ -877,10 +877,12 @@ pub fn reduce_on_side_stream(
     };
     let done = rest();
     // Whatever happened, nothing may touch the gradients before the sums
-    // launched so far are done.
-    if let Some((dev, s)) = &side {
-        dev.order(dev.stream(), s)?;
-    }
+    // launched so far are done (backward's own error first).
+    let joined = match &side {
+        Some((dev, s)) => dev.order(dev.stream(), s),
+        None => Ok(()),
+    };
     done?;
+    joined?;
     Ok((plan.len(), early))
 }
