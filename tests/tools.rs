@@ -239,7 +239,7 @@ fn train_on_several_ranks_from_the_readme_commands() {
     };
     // --nproc 2.
     let mut args = common("a");
-    args.extend(["--max-steps", "2", "--nproc", "2"].map(String::from));
+    args.extend(["--max-steps", "2", "--nproc", "2", "--bucket-mb", "0.5"].map(String::from));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, out, e) = run(train, &argv);
     assert!(ok, "{out}\n{e}");
@@ -250,6 +250,7 @@ fn train_on_several_ranks_from_the_readme_commands() {
     );
     let log = std::fs::read_to_string(dir.join("a/log.jsonl")).unwrap();
     assert!(log.contains("\"world\":2"), "{log}");
+    assert!(log.contains("\"bucket_mb\":0.5"), "{log}");
     assert_eq!(log.matches("\"event\":\"step\"").count(), 2);
     // Resumed on 3 ranks: 2 x 2 images do not divide among 3.
     let (ok, _, e) = run(

@@ -104,6 +104,10 @@ struct Args {
     /// Keep each rank's BatchNorm statistics (no SyncBatchNorm).
     #[arg(long)]
     no_sync_bn: bool,
+    /// MiB of gradients per bucket summed over the ranks while backward
+    /// runs (PyTorch DDP's bucket_cap_mb); 0 sums them all after backward.
+    #[arg(long, default_value_t = 25.0)]
+    bucket_mb: f64,
     /// Seconds a rank waits for the others before it gives up.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
@@ -243,6 +247,7 @@ fn run_rank(a: Args, launch: Option<Launch>) -> Result<()> {
             let mut cfg = RunConfig::new(data, out);
             cfg.device = device.unwrap_or(Device::Cpu);
             cfg.sync_bn = !a.no_sync_bn;
+            cfg.bucket_mb = a.bucket_mb;
             cfg.epochs = a.epochs.unwrap_or(1);
             cfg.batch_images = a.batch;
             cfg.accumulate = a.accumulate;

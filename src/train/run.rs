@@ -83,6 +83,10 @@ pub struct RunConfig {
     /// SyncBatchNorm across the ranks (the authors'); false keeps each
     /// rank's statistics (PyTorch DDP without SyncBatchNorm).
     pub sync_bn: bool,
+    /// MiB of f32 gradients per bucket summed over the ranks while backward
+    /// runs (PyTorch DDP's `bucket_cap_mb`, 25 by default); 0 sums the whole
+    /// buffer after backward.
+    pub bucket_mb: f64,
 }
 
 impl RunConfig {
@@ -109,7 +113,13 @@ impl RunConfig {
             max_steps: None,
             world: 1,
             sync_bn: true,
+            bucket_mb: 25.0,
         }
+    }
+
+    /// `bucket_mb` in f32 values.
+    fn bucket_values(&self) -> usize {
+        (self.bucket_mb * (1 << 18) as f64).round() as usize
     }
 
     fn to_json(&self) -> Value {
@@ -133,6 +143,7 @@ impl RunConfig {
             "max_steps": self.max_steps,
             "world": self.world,
             "sync_bn": self.sync_bn,
+            "bucket_mb": self.bucket_mb,
         })
     }
 
@@ -171,11 +182,18 @@ impl RunConfig {
             // Runs from before data parallelism: one rank.
             world: v["world"].as_u64().unwrap_or(1) as usize,
             sync_bn: v["sync_bn"].as_bool().unwrap_or(true),
+            bucket_mb: v["bucket_mb"].as_f64().unwrap_or(25.0),
         })
     }
 
     fn check(&self) -> Result<()> {
         let fail = |m: String| Err(Error::input("run config", m));
+        if !(self.bucket_mb.is_finite() && self.bucket_mb >= 0.0) {
+            return fail(format!(
+                "gradient bucket size {} MiB: must be 0 (sum after backward) or more",
+                self.bucket_mb
+            ));
+        }
         if self.batch_images == 0 || self.accumulate == 0 || self.masks_per_image == 0 {
             return fail(format!(
                 "images per batch {}, accumulation {}, masks per image {}: each must be at least 1",
@@ -296,7 +314,7 @@ impl Session {
         cfg.world = dp.as_ref().map_or(1, |d| d.comm.world());
         cfg.check()?;
         let data = Arc::new(PreparedSet::open(&cfg.data)?);
-        let trainer = Trainer::new(
+        let mut trainer = Trainer::new(
             init,
             cfg.device,
             TrainConfig {
@@ -304,6 +322,7 @@ impl Session {
                 ..TrainConfig::default()
             },
         )?;
+        trainer.set_bucket_values(cfg.bucket_values());
         let log = if is_leader(&dp) {
             mkdir(&cfg.out)?;
             let log_path = cfg.out.join("log.jsonl");
@@ -468,6 +487,7 @@ impl Session {
                 ..TrainConfig::default()
             },
         )?;
+        trainer.set_bucket_values(cfg.bucket_values());
         drop(w);
         let counters = read_counters(&mp)?;
         trainer.set_batch_norm_counters(&counters)?;
