@@ -744,14 +744,7 @@ fn reduce_during_backward(
     backward: impl FnOnce(&mut GradSink<'_>) -> Result<()>,
     mut kept: Option<&mut Vec<(String, Tensor)>>,
 ) -> Result<(usize, usize)> {
-    let plan = store.buckets(bucket_values);
-    let spans: Vec<_> = plan.iter().map(|r| store.span(r)).collect();
-    let mut bucket_of = vec![0usize; store.slots().len()];
-    for (b, r) in plan.iter().enumerate() {
-        r.clone().for_each(|i| bucket_of[i] = b);
-    }
-    let mut missing: Vec<usize> = plan.iter().map(|r| r.len()).collect();
-    let mut sent = vec![false; plan.len()];
+    let mut buckets = Buckets::new(store, bucket_values);
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<f32>)>();
     std::thread::scope(|scope| {
         let reducer = scope.spawn(move || -> Result<Vec<(usize, Vec<f32>)>> {
@@ -762,31 +755,25 @@ fn reduce_during_backward(
             }
             Ok(done)
         });
-        let mut early = 0;
-        let send = |store: &mut ParamStore, b: usize| {
+        let send = |store: &mut ParamStore, b: usize, span: std::ops::Range<usize>| {
             let g = store.cpu_grads_mut().expect("gradients on the CPU");
             // A send fails only when the reducer stopped on an error, which
             // its join reports.
-            let _ = tx.send((b, g[spans[b].clone()].to_vec()));
+            let _ = tx.send((b, g[span].to_vec()));
         };
         let r = backward(&mut |_, name, g| {
             store.accept_grad(name, &g)?;
             if let Some(k) = kept.as_deref_mut() {
                 k.push((name.to_string(), g.to_host()?));
             }
-            let i = store.slot_index(name).expect("accepted above");
-            let b = bucket_of[i];
-            missing[b] -= 1;
-            if missing[b] == 0 {
-                send(store, b);
-                sent[b] = true;
-                early += 1;
+            if let Some(b) = buckets.arrived(store, name) {
+                send(store, b, buckets.spans[b].clone());
             }
             Ok(())
         });
         if r.is_ok() && store.cpu_grads_mut().is_some() {
-            for (b, _) in sent.iter().enumerate().filter(|(_, s)| !**s) {
-                send(store, b);
+            for b in buckets.rest() {
+                send(store, b, buckets.spans[b].clone());
             }
         }
         drop(tx);
@@ -799,9 +786,9 @@ fn reduce_during_backward(
             .cpu_grads_mut()
             .ok_or_else(|| Error::input("train step", "no gradient to reduce"))?;
         for (b, v) in &done {
-            g[spans[*b].clone()].copy_from_slice(v);
+            g[buckets.spans[*b].clone()].copy_from_slice(v);
         }
-        Ok((plan.len(), early))
+        Ok((buckets.spans.len(), buckets.early))
     })
 }
 
@@ -826,51 +813,39 @@ pub fn reduce_on_side_stream(
         Arc<crate::cuda::CudaDevice>,
         Arc<cudarc::driver::CudaStream>,
     )>;
-    let plan = store.buckets(bucket_values);
-    let spans: Vec<_> = plan.iter().map(|r| store.span(r)).collect();
-    let mut bucket_of = vec![0usize; store.slots().len()];
-    for (b, r) in plan.iter().enumerate() {
-        r.clone().for_each(|i| bucket_of[i] = b);
-    }
-    let mut missing: Vec<usize> = plan.iter().map(|r| r.len()).collect();
-    let mut sent = vec![false; plan.len()];
+    let mut buckets = Buckets::new(store, bucket_values);
     let mut side: Side = None;
-    // Bucket b's sum, enqueued on the side stream behind everything the
+    // A bucket's sum, enqueued on the side stream behind everything the
     // main stream holds now (its last slot's write included).
-    let launch = |store: &mut ParamStore, side: &mut Side, b: usize| -> Result<()> {
-        let (dev, mut g) = store.cuda_grads_mut()?;
-        let s = match side {
-            Some((_, s)) => s.clone(),
-            None => {
-                let s = dev.side_stream()?;
-                *side = Some((dev.clone(), s.clone()));
-                s
-            }
+    let launch =
+        |store: &mut ParamStore, side: &mut Side, span: std::ops::Range<usize>| -> Result<()> {
+            let (dev, mut g) = store.cuda_grads_mut()?;
+            let s = match side {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let s = dev.side_stream()?;
+                    *side = Some((dev.clone(), s.clone()));
+                    s
+                }
+            };
+            dev.order(&s, dev.stream())?;
+            comm.all_reduce_sum_on_stream(&s, &mut g.slice_mut(span))
         };
-        dev.order(&s, dev.stream())?;
-        comm.all_reduce_sum_on_stream(&s, &mut g.slice_mut(spans[b].clone()))
-    };
-    let mut early = 0;
     let r = backward(&mut |_, name, g| {
         store.accept_grad(name, &g)?;
         if let Some(k) = kept.as_deref_mut() {
             k.push((name.to_string(), g.to_host()?));
         }
-        let i = store.slot_index(name).expect("accepted above");
-        let b = bucket_of[i];
-        missing[b] -= 1;
-        if missing[b] == 0 {
-            launch(store, &mut side, b)?;
-            sent[b] = true;
-            early += 1;
+        if let Some(b) = buckets.arrived(store, name) {
+            launch(store, &mut side, buckets.spans[b].clone())?;
         }
         Ok(())
     });
     let rest = || -> Result<()> {
         r?;
         if store.grads().is_some() {
-            for b in (0..plan.len()).filter(|&b| !sent[b]) {
-                launch(store, &mut side, b)?;
+            for b in buckets.rest() {
+                launch(store, &mut side, buckets.spans[b].clone())?;
             }
         }
         Ok(())
@@ -884,5 +859,56 @@ pub fn reduce_on_side_stream(
     };
     done?;
     joined?;
-    Ok((plan.len(), early))
+    Ok((buckets.spans.len(), buckets.early))
+}
+
+/// The buckets of one backward (`ParamStore::buckets`) as their slots'
+/// gradients arrive: which bucket each slot is in, how many slots each still
+/// waits for, which were launched.
+struct Buckets {
+    /// Each bucket's values in the flat buffers.
+    spans: Vec<std::ops::Range<usize>>,
+    bucket_of: Vec<usize>,
+    missing: Vec<usize>,
+    launched: Vec<bool>,
+    /// Launched during backward.
+    early: usize,
+}
+
+impl Buckets {
+    fn new(store: &ParamStore, bucket_values: usize) -> Self {
+        let plan = store.buckets(bucket_values);
+        let mut bucket_of = vec![0usize; store.slots().len()];
+        for (b, r) in plan.iter().enumerate() {
+            r.clone().for_each(|i| bucket_of[i] = b);
+        }
+        Buckets {
+            spans: plan.iter().map(|r| store.span(r)).collect(),
+            missing: plan.iter().map(|r| r.len()).collect(),
+            launched: vec![false; plan.len()],
+            bucket_of,
+            early: 0,
+        }
+    }
+
+    /// `name`'s gradient is in the store: the bucket it completes, if any
+    /// (counted as launched during backward).
+    fn arrived(&mut self, store: &ParamStore, name: &str) -> Option<usize> {
+        let b = self.bucket_of[store.slot_index(name)?];
+        self.missing[b] -= 1;
+        (self.missing[b] == 0).then(|| {
+            self.launched[b] = true;
+            self.early += 1;
+            b
+        })
+    }
+
+    /// The buckets not launched yet, in store order (now counted launched).
+    fn rest(&mut self) -> Vec<usize> {
+        let rest: Vec<usize> = (0..self.launched.len())
+            .filter(|&b| !self.launched[b])
+            .collect();
+        rest.iter().for_each(|&b| self.launched[b] = true);
+        rest
+    }
 }
