@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -522,6 +523,8 @@ def bench_train(a, model):
             bw.append((t2 - t1) * 1e3)
             ad.append((t3 - t2) * 1e3)
             tot.append((t3 - t0) * 1e3)
+    if a.profile:
+        profile_step(model, opt, x, boxes, labels, n, s)
     med = lambda v: round(statistics.median(v), 1)
     print(json.dumps({
         "impl": "pytorch-eager", "torch_version": torch.__version__, "what": "train_step",
@@ -536,6 +539,35 @@ def bench_train(a, model):
     }), flush=True)
 
 
+def profile_step(model, opt, x, boxes, labels, n, s):
+    """One more training step under torch.profiler (--profile): the ops by
+    self CPU time on stderr, and the share of the GEMM-type ops (matrix
+    products and convolutions, forward and backward), the part of the step
+    that the GEMM library's speed decides (tools/bench.rs's
+    SAM_UNET_PROFILE=1 prints ours)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        emb, ms = model.encode(x)
+        low = torch.cat([model.decode(emb[i:i + 1], ms[i:i + 1], boxes[i]) for i in range(n)])
+        up = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)
+        loss = focal_dice(up, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    ev = prof.key_averages()
+    print(ev.table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    total = sum(e.self_cpu_time_total for e in ev)
+    # The kernels themselves (aten::linear, matmul, conv2d, ... only dispatch
+    # to these: their self time is the dispatch).
+    gemm = [e for e in ev if re.fullmatch(r"aten::(addmm|mm|bmm|baddbmm|.*convolution.*)", e.key)]
+    gt = sum(e.self_cpu_time_total for e in gemm)
+    gf = sum(e.flops for e in gemm if e.flops)
+    print(f"profiled step: {total / 1e3:.1f} ms of op self time; GEMM-type ops "
+          f"({', '.join(sorted(e.key for e in gemm))}): {gt / 1e3:.1f} ms "
+          f"({100 * gt / max(total, 1):.1f} %); of them the profiler counts FLOPs for "
+          f"mm/addmm/bmm only (not convolutions): {gf / 1e9:.1f} GFLOP", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -548,6 +580,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (training steps only)")
     ap.add_argument("--autocast-bf16", action="store_true",
                     help="inference under torch.autocast('cpu', dtype=torch.bfloat16)")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --train: one more step under torch.profiler, the ops and "
+                         "the GEMM-type share on stderr")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
