@@ -12,9 +12,7 @@ use sam_unet::model::{SamUnet, SamUnetConfig};
 use sam_unet::{Device, Error, Predictor, PredictorOptions, Tensor};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sam-unet-bad-input-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    common::scratch().join(name)
 }
 
 /// A small random model: the fixture-sized configuration (ViT width 128, 2 heads,

@@ -10,10 +10,7 @@ use sam_unet::io::image::{read_mask, read_rgb};
 use sam_unet::preprocess::{ResizeInfo, box_from_mask, resize_image, resize_mask};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sam-unet-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir(&format!("data-{name}"))
 }
 
 fn tensor<'a>(st: &'a safetensors::SafeTensors<'a>, name: &str) -> (Vec<usize>, &'a [u8]) {

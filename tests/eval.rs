@@ -12,10 +12,7 @@ use sam_unet::io::Weights;
 use sam_unet::{Predictor, PredictorOptions};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sam-unet-eval-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir(&format!("eval-{name}"))
 }
 
 fn small34(fx: &Path) -> Predictor {

@@ -5,10 +5,10 @@ use sam_unet::io::Weights;
 use sam_unet::io::image::{read_mask, read_rgb};
 use sam_unet::io::weights::write_safetensors;
 
+mod common;
+
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sam-unet-io-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    common::scratch().join(name)
 }
 
 /// A fresh folder of its own.

@@ -168,8 +168,7 @@ fn starting_point_runs_through_info_and_segment() {
             .as_f32()
             .unwrap()
     );
-    let out =
-        std::env::temp_dir().join(format!("sam-unet-init-{}.safetensors", std::process::id()));
+    let out = common::scratch().join("init.safetensors");
     w.save(&out).unwrap();
     let loaded = Weights::from_file(&out).unwrap();
     let model = SamUnet::from_weights(&loaded).unwrap();
@@ -197,8 +196,7 @@ fn malicious_checkpoint_is_refused_and_runs_nothing() {
     );
     assert!(Weights::from_file(&p).is_err());
     // The converter leaves no output and no temporary file.
-    let out = std::env::temp_dir().join(format!("sam-unet-mal-{}", std::process::id()));
-    std::fs::create_dir_all(&out).unwrap();
+    let out = common::scratch_dir("mal");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_convert"))
         .arg("--in")
         .arg(&p)
@@ -309,7 +307,7 @@ fn broken_archives_give_clear_errors() {
     assert!(read_pth_bytes(b"PK\x03\x04 nothing else").is_err());
     assert!(read_pth_bytes(b"\x80\x02 garbage").is_err());
     // Through the file API: a typed error naming the file.
-    let f = std::env::temp_dir().join(format!("sam-unet-trunc-{}.pth", std::process::id()));
+    let f = common::scratch().join("trunc.pth");
     std::fs::write(&f, &good[..good.len() - 30]).unwrap();
     assert!(matches!(read_pth(&f), Err(Error::WeightsFile { .. })));
     std::fs::remove_file(f).ok();
@@ -351,7 +349,7 @@ fn pth_export_reads_back_here_and_in_pytorch() {
             data: 42i64.to_le_bytes().to_vec(),
         },
     ));
-    let out = std::env::temp_dir().join(format!("sam-unet-export-{}.pth", std::process::id()));
+    let out = common::scratch().join("export.pth");
     sam_unet::io::pth_write::write_pth(&out, &tensors).unwrap();
     let back = read_pth(&out).unwrap();
     assert_eq!(back.source, "model");

@@ -2,6 +2,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
     let o = Command::new(bin)
         .args(args)
@@ -17,7 +19,7 @@ fn run(bin: &str, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn readme_segment_command_writes_masks_and_overlay() {
-    let out = std::env::temp_dir().join(format!("sam-unet-readme-{}", std::process::id()));
+    let out = common::scratch().join("readme");
     let out_s = out.to_string_lossy().into_owned();
     let logits = out.join("l.safetensors").to_string_lossy().into_owned();
     let (ok, stdout, stderr) = run(
@@ -129,8 +131,7 @@ fn convert_then_info_then_segment() {
         eprintln!("SKIPPED: fixtures not found at {}", dir.display());
         return;
     }
-    let tmp = std::env::temp_dir().join(format!("sam-unet-convert-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = common::scratch_dir("convert");
     let init = tmp.join("init.safetensors");
     let (sam, rn) = (dir.join("ckpt_sam1024.pth"), dir.join("ckpt_resnet18.pth"));
     let (ok, out, err) = run(
@@ -197,9 +198,7 @@ fn convert_then_info_then_segment() {
 /// hanging); resuming on 4 ranks (the global batch kept) and refused on 3.
 #[test]
 fn train_on_several_ranks_from_the_readme_commands() {
-    let dir = std::env::temp_dir().join(format!("sam-unet-ranks-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("ranks");
     let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
     let (synth, prepare, train) = (
         env!("CARGO_BIN_EXE_synth"),
@@ -331,9 +330,7 @@ fn train_on_several_ranks_from_the_readme_commands() {
 #[test]
 fn segment_volume_writes_labels_on_the_source_grid() {
     use sam_unet::volume::{read_nifti, write_nifti};
-    let dir = std::env::temp_dir().join(format!("sam-unet-volume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("volume");
     let (nx, ny, nz) = (48usize, 40usize, 9usize);
     let mut v = vec![-1000.0f32; nx * ny * nz];
     for z in 0..nz {

@@ -546,10 +546,7 @@ fn trainer_weights_round_trip() {
         w.req(bn).unwrap().as_f32().unwrap(),
         "{bn} moved with the step"
     );
-    let path = std::env::temp_dir().join(format!(
-        "sam-unet-trained-{}.safetensors",
-        std::process::id()
-    ));
+    let path = common::scratch().join("trained.safetensors");
     out.save(&path).unwrap();
     let back = sam_unet::io::Weights::from_file(&path).unwrap();
     let mut tr2 =

@@ -9,10 +9,7 @@ use sam_unet::tensor::Device;
 use sam_unet::train::{RunConfig, Session, read_log};
 
 pub fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sam-unet-run-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    super::scratch_dir(&format!("run-{name}"))
 }
 
 /// data_demo/train prepared into a temporary folder (None without fixtures).
