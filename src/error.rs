@@ -25,7 +25,7 @@ pub enum Error {
         got: String,
     },
 
-    #[error("weights: missing tensor `{name}` (the model expects shape {expected:?})")]
+    #[error("weights: missing tensor `{name}`{}", expected_shape(.expected))]
     MissingTensor { name: String, expected: Vec<usize> },
 
     #[error("weights: unexpected tensor `{name}` with shape {shape:?}")]
@@ -40,6 +40,17 @@ pub enum Error {
 
     #[error("weights: tensor `{name}` has dtype {dtype}, expected f32, f16 or bf16")]
     TensorDType { name: String, dtype: String },
+
+    /// NaN or infinite values in weights (a diverged run's checkpoint, a
+    /// corrupt file): the model would run and draw empty masks.
+    #[error(
+        "weights: tensor `{name}` holds {count} NaN or infinite values (the first at element {first})"
+    )]
+    NonFiniteWeights {
+        name: String,
+        count: usize,
+        first: usize,
+    },
 
     /// The weights file cannot be read as safetensors (corrupt, truncated, ...).
     #[error("weights file {path}: {msg}")]
@@ -151,5 +162,14 @@ impl Error {
             op,
             msg: msg.into(),
         }
+    }
+}
+
+/// " (the model expects shape [..])", or nothing where the shape is not known.
+fn expected_shape(expected: &[usize]) -> String {
+    if expected.is_empty() {
+        String::new()
+    } else {
+        format!(" (the model expects shape {expected:?})")
     }
 }

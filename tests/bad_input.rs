@@ -112,6 +112,55 @@ fn missing_unexpected_and_misshaped_tensors_are_named() {
     );
     assert!(matches!(SamUnet::from_weights(&w4), Err(Error::Config(_))));
     assert!(SamUnet::from_weights(&Weights::new()).is_err());
+
+    // NaN or infinite values (a diverged run's checkpoint): named, counted.
+    let name = "image_encoder.sam_img_encoder.blocks.3.mlp.lin1.bias";
+    let mut w5 = small_weights();
+    let mut v = w5.req(name).unwrap().as_f32().unwrap().to_vec();
+    v[7] = f32::NAN;
+    v[9] = f32::INFINITY;
+    let n = v.len();
+    w5.insert(name, Tensor::from_vec(v, [n]).unwrap());
+    let e = SamUnet::from_weights(&w5)
+        .err()
+        .expect("NaN weights accepted");
+    assert!(
+        matches!(&e, Error::NonFiniteWeights { name: m, count: 2, first: 7 } if m == name),
+        "{e}"
+    );
+
+    // A tensor of the model stored with an integer dtype: said so, not "missing".
+    let name = "adapters_bridge.0.0.bias";
+    let mut recs = vec![];
+    for (n, t) in small_weights().iter() {
+        let (dt, bytes) = if n == name {
+            let b: Vec<u8> = t
+                .as_f32()
+                .unwrap()
+                .iter()
+                .flat_map(|&x| (x as i16).to_le_bytes())
+                .collect();
+            (safetensors::Dtype::I16, b)
+        } else {
+            let b: Vec<u8> = t
+                .as_f32()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            (safetensors::Dtype::F32, b)
+        };
+        recs.push((n.to_string(), dt, t.dims().to_vec(), bytes));
+    }
+    let p = tmp("i16.safetensors");
+    sam_unet::io::weights::write_safetensors(&p, &recs).unwrap();
+    let e = SamUnet::from_weights(&Weights::from_file(&p).unwrap())
+        .err()
+        .expect("an integer tensor accepted");
+    assert!(
+        matches!(&e, Error::TensorDType { name: m, dtype } if m == name && dtype == "I16"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -286,6 +286,29 @@ fn loader_draws_as_the_authors_dataset() {
     }
     assert_eq!(a.images.dims(), &[set.len(), 3, 256, 256]);
     assert_eq!(a.labels[0].dims(), &[k, 1, 256, 256]);
+    // An index that does not describe its shards is refused, naming what is wrong.
+    let ip = out.join("index.json");
+    let good = std::fs::read_to_string(&ip).unwrap();
+    let edits: [(&str, &dyn Fn(&mut serde_json::Value)); 4] = [
+        ("version 99", &|v| v["version"] = 99.into()),
+        ("size 512", &|v| v["size"] = 512.into()),
+        ("row 999 of shard 0", &|v| {
+            v["images"][0]["row"] = 999.into()
+        }),
+        ("size 100", &|v| v["size"] = 100.into()),
+    ];
+    for (says, edit) in edits {
+        let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+        edit(&mut v);
+        std::fs::write(&ip, v.to_string()).unwrap();
+        let e = PreparedSet::open(&out).err().expect(says).to_string();
+        assert!(
+            e.contains(says) || (says == "size 512" && e.contains("size is 512")),
+            "{says}: {e}"
+        );
+    }
+    std::fs::write(&ip, &good).unwrap();
+    assert!(PreparedSet::open(&out).is_ok());
     // A missing or corrupt prepared folder is an error, not a panic.
     assert!(PreparedSet::open(&out.join("nope")).is_err());
     std::fs::write(out.join("shard-00000.safetensors"), b"garbage").unwrap();

@@ -110,18 +110,31 @@ fn shards_merge_to_the_single_run() {
             "{f} differs between the single run and the merged shards"
         );
     }
-    assert!(
-        evaluate(
-            &p,
-            &items,
-            EvalOptions {
-                shard: Some((2, 2)),
-                ..EvalOptions::default()
-            },
-            &mut |_, _| {}
-        )
-        .is_err()
-    );
+    // Overlapping runs (a shard twice, or the single run with a shard) would
+    // count masks twice: refused, naming a mask and both folders.
+    for twice in [
+        [dir.join("s0"), dir.join("s0")],
+        [dir.join("all"), dir.join("s1")],
+    ] {
+        let dirs: Vec<&Path> = twice.iter().map(PathBuf::as_path).collect();
+        let e = read_rows(&dirs).unwrap_err().to_string();
+        assert!(e.contains("the runs overlap"), "{e}");
+    }
+    let bad = |o: EvalOptions| evaluate(&p, &items, o, &mut |_, _| {}).is_err();
+    assert!(bad(EvalOptions {
+        shard: Some((2, 2)),
+        ..EvalOptions::default()
+    }));
+    for tolerance in [-1.0, f64::NAN, f64::INFINITY] {
+        assert!(bad(EvalOptions {
+            tolerance,
+            ..EvalOptions::default()
+        }));
+    }
+    assert!(bad(EvalOptions {
+        batch_images: 0,
+        ..EvalOptions::default()
+    }));
 }
 
 /// A plain folder with bad masks (empty, not binary, another size, not an

@@ -269,6 +269,47 @@ fn state_pickle(numel: u8, rows: u8, cols: u8) -> Vec<u8> {
     p
 }
 
+/// `{'w': <rows x cols view of a 4-element storage with strides (0, 0)>}`: an
+/// expanded (broadcast) tensor, sizes as 4-byte ints.
+fn broadcast_pickle(rows: u32, cols: u32) -> Vec<u8> {
+    let mut p = b"\x80\x02}q\x00X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00".to_vec();
+    for v in [rows, cols] {
+        p.push(b'J');
+        p.extend(v.to_le_bytes());
+    }
+    p.extend(b"\x86K\x00K\x00\x86\x89ccollections\nOrderedDict\n)RtRs.");
+    p
+}
+
+/// A few bytes must not ask for terabytes: a broadcast view is materialised
+/// only up to 256 MiB (a small one still reads), and a size that would
+/// overflow is refused before any allocation.
+#[test]
+fn broadcast_views_are_bounded() {
+    let floats: Vec<u8> = (0..4).flat_map(|i| (i as f32).to_le_bytes()).collect();
+    let ck = read_pth_bytes(&zip(&[
+        ("a/data.pkl", &broadcast_pickle(3, 2)),
+        ("a/data/0", &floats),
+    ]))
+    .unwrap();
+    assert_eq!(ck.tensors[0].1.to_f32().unwrap(), vec![0.0; 6]);
+    for (rows, cols) in [
+        (100_000, 1_000),
+        (1_000_000, 1_000_000),
+        (i32::MAX as u32, i32::MAX as u32),
+    ] {
+        let e = read_pth_bytes(&zip(&[
+            ("a/data.pkl", &broadcast_pickle(rows, cols)),
+            ("a/data/0", &floats),
+        ]))
+        .unwrap_err();
+        assert!(
+            e.contains("broadcast") || e.contains("overflows"),
+            "{rows} x {cols}: {e}"
+        );
+    }
+}
+
 #[test]
 fn broken_archives_give_clear_errors() {
     let floats: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();

@@ -482,3 +482,128 @@ fn segment_volume_writes_labels_on_the_source_grid() {
     );
     assert!(!ok && e.contains("no readable DICOM slice"), "{e}");
 }
+
+/// What a mistyped command must not do: replace one of its inputs, write a
+/// format nobody asked for, or fail after half its outputs. Each refusal comes
+/// before any work and leaves the files as they were.
+#[test]
+fn tools_refuse_to_overwrite_their_inputs() {
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let dir = common::scratch_dir("refuse");
+    let p = |s: &str| dir.join(s).to_string_lossy().into_owned();
+    std::fs::copy("examples/demo/amos_0004_75.png", dir.join("a.png")).unwrap();
+    std::fs::copy(
+        "examples/demo/amos_0004_75_liver_000.png",
+        dir.join("a_mask0.png"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("v.nii"), b"not really a volume").unwrap();
+    std::fs::write(dir.join("c.pth"), b"not really a checkpoint").unwrap();
+    let inputs = ["a.png", "a_mask0.png", "v.nii", "c.pth"];
+    let read_all = || -> Vec<Vec<u8>> {
+        inputs
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect()
+    };
+    let before = read_all();
+    let (img, mask, vol, ck) = (p("a.png"), p("a_mask0.png"), p("v.nii"), p("c.pth"));
+    let refused = |bin: &str, args: &[&str], says: &str| {
+        let (ok, _, err) = run(bin, args);
+        assert!(
+            !ok && err.contains(says) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    };
+    let seg = env!("CARGO_BIN_EXE_segment");
+    let small = ["--random-weights", "sam-unet-small-18", "--image", &img];
+    let with = |more: &[&str]| -> Vec<String> {
+        small.iter().chain(more).map(|s| s.to_string()).collect()
+    };
+    // The mask written for the first box would be the mask the box came from.
+    let a = with(&["--box-from-mask", &mask, "--out", &p("")]);
+    refused(seg, &strs(&a), "is the --box-from-mask input");
+    // --logits onto the image; then into a folder that does not exist.
+    let (o, none) = (p("o"), p("none/l.safetensors"));
+    let a = with(&["--box", "1,1,50,50", "--out", &o, "--logits", &img]);
+    refused(seg, &strs(&a), "must end in .safetensors");
+    let a = with(&["--box", "1,1,50,50", "--out", &o, "--logits", &none]);
+    refused(seg, &strs(&a), "does not exist");
+    assert!(
+        !dir.join("o").exists(),
+        "no mask written before the refusal"
+    );
+    // segment-volume: labels over the volume, or into a .png.
+    let sv = env!("CARGO_BIN_EXE_segment-volume");
+    let v = [
+        "--weights",
+        "random:sam-unet-small-18",
+        "--image",
+        &vol,
+        "--box3d",
+        "1,1,0,5,5,1",
+        "--out",
+    ];
+    let a: Vec<&str> = v.iter().copied().chain([vol.as_str()]).collect();
+    refused(sv, &a, "is the --image input");
+    let a: Vec<&str> = v.iter().copied().chain([img.as_str()]).collect();
+    refused(sv, &a, "must end in .nii or .nii.gz");
+    // convert: a checkpoint over itself (a trainer checkpoint would lose its
+    // optimiser state), an unknown format, an input side the model cannot take.
+    let conv = env!("CARGO_BIN_EXE_convert");
+    refused(conv, &["--in", &ck, "--out", &ck], "is the --in input");
+    refused(
+        conv,
+        &["--in", &ck, "--out", &p("c.txt")],
+        "must end in .safetensors",
+    );
+    let init = p("i.safetensors");
+    for size in ["80", "0", "100000", "4294967296"] {
+        refused(
+            conv,
+            &[
+                "--sam",
+                &ck,
+                "--resnet",
+                &ck,
+                "--img-size",
+                size,
+                "--out",
+                &init,
+            ],
+            "multiple of 32",
+        );
+    }
+    // eval --merge into one of the runs it merges.
+    std::fs::create_dir_all(dir.join("r0")).unwrap();
+    std::fs::create_dir_all(dir.join("r1")).unwrap();
+    let (r0, r1) = (p("r0"), p("r1"));
+    refused(
+        env!("CARGO_BIN_EXE_eval"),
+        &["--merge", &r0, &r1, "--out", &r0],
+        "is the --merge input",
+    );
+    // train --resume keeps the run's settings: a new learning rate is refused.
+    refused(
+        env!("CARGO_BIN_EXE_train"),
+        &["--resume", &p("run"), "--lr", "0.1"],
+        "cannot be used with",
+    );
+    // prepare: a model frame no model takes, refused before the folder is made.
+    refused(
+        env!("CARGO_BIN_EXE_prepare"),
+        &[
+            "--data",
+            &p("nowhere"),
+            "--out",
+            &p("prep"),
+            "--size",
+            "100000",
+        ],
+        "multiple of 32",
+    );
+    assert!(!dir.join("prep").exists());
+    assert!(before == read_all(), "an input changed");
+}

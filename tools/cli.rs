@@ -49,3 +49,46 @@ pub fn load_weights(spec: &str) -> anyhow::Result<sam_unet::io::Weights> {
     }
     sam_unet::io::Weights::from_file(spec).with_context(|| format!("reading the weights {spec}"))
 }
+
+/// Refuses an output path that is one of the inputs (the same file or folder
+/// under any name), so that a mistyped command loses nothing.
+#[allow(dead_code)]
+pub fn not_an_input(
+    out_flag: &str,
+    out: &std::path::Path,
+    inputs: &[(&str, &std::path::Path)],
+) -> anyhow::Result<()> {
+    for (flag, input) in inputs {
+        if let (Ok(a), Ok(b)) = (out.canonicalize(), input.canonicalize())
+            && a == b
+        {
+            anyhow::bail!(
+                "{out_flag} {} is the {flag} input: refusing to overwrite it",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an output file name that does not end in one of `endings`
+/// (e.g. ".nii.gz"; case ignored): a typo in the name must not write a
+/// format the user did not ask for, or replace an unrelated file.
+#[allow(dead_code)]
+pub fn output_ending(flag: &str, path: &std::path::Path, endings: &[&str]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if !endings
+        .iter()
+        .any(|e| name.ends_with(e) && name.len() > e.len())
+    {
+        anyhow::bail!(
+            "{flag} {}: the file name must end in {}",
+            path.display(),
+            endings.join(" or ")
+        );
+    }
+    Ok(())
+}

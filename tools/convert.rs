@@ -63,6 +63,20 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: Args) -> Result<()> {
+    cli::output_ending("--out", &a.out, &[".safetensors", ".pth", ".pt"])?;
+    for (flag, p) in [
+        ("--in", &a.input),
+        ("--sam", &a.sam),
+        ("--resnet", &a.resnet),
+    ] {
+        if let Some(p) = p {
+            cli::not_an_input("--out", &a.out, &[(flag, p)])?;
+        }
+    }
+    if a.sam.is_some() {
+        sam_unet::model::config::check_img_size(a.img_size)
+            .map_err(|e| anyhow::anyhow!("--img-size: {e}"))?;
+    }
     match (&a.input, &a.sam, &a.resnet) {
         (Some(input), _, _) => {
             let ck = read_tensors(input)?;

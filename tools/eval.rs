@@ -128,6 +128,9 @@ fn run(a: Args) -> Result<()> {
     }
     if !a.merge.is_empty() {
         let dirs: Vec<&std::path::Path> = a.merge.iter().map(PathBuf::as_path).collect();
+        for d in &dirs {
+            cli::not_an_input("--out", &a.out, &[("--merge", d)])?;
+        }
         let mut rows = read_rows(&dirs)?;
         let skipped = read_skipped(&dirs)?;
         let tol = read_tolerance(&dirs)?;

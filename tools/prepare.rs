@@ -51,6 +51,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: Args) -> Result<()> {
+    // Before reading a whole data folder (prepare checks it again).
+    sam_unet::model::config::check_img_size(a.size).map_err(|e| anyhow::anyhow!("--size: {e}"))?;
     let split = a.split.split();
     let items = discover(&a.data, split)?;
     if items.is_empty() {

@@ -67,11 +67,63 @@ fn parse_box(s: &str) -> std::result::Result<[f32; 4], String> {
         .map_err(|_| format!("`{s}`: a box is four numbers x0,y0,x1,y1"))
 }
 
+/// Before any work: no output may replace an input (the image, a
+/// `--box-from-mask` mask), and `--logits` must be a `.safetensors` file whose
+/// folder exists (or is `--out`, made below), so that a bad name fails before
+/// the masks are written rather than after.
+fn check_outputs(args: &Args) -> Result<()> {
+    let mut inputs: Vec<(&str, &std::path::Path)> = vec![("--image", &args.image)];
+    inputs.extend(
+        args.box_from_mask
+            .iter()
+            .map(|m| ("--box-from-mask", m.as_path())),
+    );
+    let stem = image_stem(&args.image);
+    let n = args.boxes.len() + args.box_from_mask.len();
+    for k in 0..n {
+        cli::not_an_input(
+            "--out",
+            &args.out.join(format!("{stem}_mask{k}.png")),
+            &inputs,
+        )?;
+    }
+    cli::not_an_input(
+        "--out",
+        &args.out.join(format!("{stem}_overlay.png")),
+        &inputs,
+    )?;
+    if let Some(lp) = &args.logits {
+        cli::output_ending("--logits", lp, &[".safetensors"])?;
+        cli::not_an_input("--logits", lp, &inputs)?;
+        let dir = lp.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = dir
+            && !d.is_dir()
+            && d != args.out.as_path()
+        {
+            bail!(
+                "--logits {}: the folder {} does not exist",
+                lp.display(),
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The name the outputs start with: the image's file stem.
+fn image_stem(image: &std::path::Path) -> String {
+    image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into())
+}
+
 fn main() -> std::process::ExitCode {
     cli::exit(run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<()> {
+    check_outputs(&args)?;
     let img = read_rgb(&args.image)?;
     let mut boxes = args.boxes.clone();
     for m in &args.box_from_mask {
@@ -125,11 +177,7 @@ fn run(args: Args) -> Result<()> {
     let t3 = Instant::now();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let stem = args
-        .image
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
+    let stem = image_stem(&args.image);
     for (k, m) in pred.masks.iter().enumerate() {
         let path = args.out.join(format!("{stem}_mask{k}.png"));
         write_mask_png(&path, pred.width, pred.height, m)?;

@@ -69,6 +69,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(a: Args) -> Result<()> {
+    cli::output_ending("--out", &a.out, &[".nii", ".nii.gz"])?;
+    cli::not_an_input("--out", &a.out, &[("--image", &a.image)])?;
     let window = Window::parse(&a.window)?;
     let t0 = Instant::now();
     let vol = read_volume(&a.image)?;

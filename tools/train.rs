@@ -53,6 +53,9 @@ struct Args {
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Continue a run: its folder (newest checkpoint) or a checkpoint folder.
+    /// The run keeps its settings (batch, learning rate, schedule, seed, ...,
+    /// refused beside --resume); --device, --epochs, --max-steps and the
+    /// ranks' options apply.
     #[arg(long, conflicts_with_all = ["data", "init", "out"])]
     resume: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
@@ -63,36 +66,36 @@ struct Args {
     #[arg(long)]
     epochs: Option<u64>,
     /// Images per micro-batch (5 masks each).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, conflicts_with = "resume")]
     batch: usize,
     /// Micro-batches per update (gradient accumulation).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, conflicts_with = "resume")]
     accumulate: usize,
     /// Adam's learning rate (the authors: 1e-4).
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, conflicts_with = "resume")]
     lr: f32,
     /// MultiStepLR milestones, in epochs (comma-separated).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "resume")]
     milestones: Vec<u64>,
     /// MultiStepLR's factor at each milestone.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, conflicts_with = "resume")]
     gamma: f32,
     /// Seed of the split, the image order and the loader's draws.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     seed: u64,
     /// Share of each modality's images (or cases) trained on; the rest validates.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, conflicts_with = "resume")]
     train_fraction: f64,
-    #[arg(long, value_enum, default_value = "image")]
+    #[arg(long, value_enum, default_value = "image", conflicts_with = "resume")]
     split: SplitArg,
     /// Validate every K updates (default: at each epoch's end), and after the last.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     val_every: u64,
     /// Checkpoint every K updates (default: at each epoch's end), and after the last.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "resume")]
     save_every: u64,
     /// Checkpoints kept (the newest), besides best/.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, conflicts_with = "resume")]
     keep: usize,
     /// Stop after this many updates in all.
     #[arg(long)]
@@ -102,11 +105,11 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     nproc: usize,
     /// Keep each rank's BatchNorm statistics (no SyncBatchNorm).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     no_sync_bn: bool,
     /// MiB of gradients per bucket summed over the ranks while backward
     /// runs (PyTorch DDP's bucket_cap_mb); 0 sums them all after backward.
-    #[arg(long, default_value_t = 25.0)]
+    #[arg(long, default_value_t = 25.0, conflicts_with = "resume")]
     bucket_mb: f64,
     /// Seconds a rank waits for the others before it gives up.
     #[arg(long, default_value_t = 1800)]

@@ -85,9 +85,22 @@ impl PreparedSet {
         })?;
         let index: Value = serde_json::from_str(&text)
             .map_err(|e| bad(format!("{}: not JSON: {e}", ip.display())))?;
+        // What this reader understands: prepare's version 1.
+        match index["version"].as_u64() {
+            Some(1) => {}
+            v => {
+                return Err(bad(format!(
+                    "{}: version {}; this build reads version 1 (prepare the data again)",
+                    ip.display(),
+                    v.map_or("missing".to_string(), |v| v.to_string())
+                )));
+            }
+        }
         let size = index["size"]
             .as_u64()
             .ok_or_else(|| bad(format!("{}: no size", ip.display())))? as usize;
+        crate::model::config::check_img_size(size)
+            .map_err(|e| bad(format!("{}: size {size}: {e}", ip.display())))?;
         let mut shards = vec![];
         for s in index["shards"].as_array().into_iter().flatten() {
             let file = s["file"]
@@ -126,23 +139,58 @@ impl PreparedSet {
                 masks: (first..first + n).collect(),
             });
         }
-        for (k, sh) in shards.iter().enumerate() {
-            let rows_ok = images
-                .iter()
-                .filter(|i| i.shard == k)
-                .all(|i| i.row < sh.n_images);
-            if !rows_ok || sh.n_masks != mask_row[k] {
+        for e in &images {
+            let n = shards[e.shard].n_images;
+            if e.row >= n {
                 return Err(bad(format!(
-                    "shard {k}: {} images and {} masks, the index lists {} masks",
-                    sh.n_images, sh.n_masks, mask_row[k]
+                    "{}: image {} is row {} of shard {}, which holds {n} images",
+                    ip.display(),
+                    e.name,
+                    e.row,
+                    e.shard
                 )));
             }
         }
-        Ok(PreparedSet {
+        for (k, sh) in shards.iter().enumerate() {
+            if sh.n_masks != mask_row[k] {
+                return Err(bad(format!(
+                    "{}: shard {k} holds {} masks, the index lists {}",
+                    ip.display(),
+                    sh.n_masks,
+                    mask_row[k]
+                )));
+            }
+        }
+        let set = PreparedSet {
             size,
             images,
             shards,
-        })
+        };
+        // The boxes the loader prompts with: inside their image, not empty.
+        for (i, e) in set.images.iter().enumerate() {
+            let info = set.info(i)?;
+            for &m in &e.masks {
+                let b = set.shards[e.shard].mask_box(m);
+                let inside = b.iter().all(|v| v.is_finite())
+                    && 0.0 <= b[0]
+                    && b[0] < b[2]
+                    && b[2] <= info.orig_w as f32
+                    && 0.0 <= b[1]
+                    && b[1] < b[3]
+                    && b[3] <= info.orig_h as f32;
+                if !inside {
+                    return Err(bad(format!(
+                        "{}: image {} ({} x {}): mask {m} of shard {} has the box {b:?}",
+                        ip.display(),
+                        e.name,
+                        info.orig_w,
+                        info.orig_h,
+                        e.shard
+                    )));
+                }
+            }
+        }
+        Ok(set)
     }
 
     pub fn len(&self) -> usize {
@@ -333,23 +381,34 @@ impl Shard {
             let st = safetensors::SafeTensors::deserialize(&map)
                 .map_err(|e| bad(format!("{}: {e}", path.display())))?;
             let base = map.as_ptr() as usize;
-            let get = |name: &str, ok: &dyn Fn(&[usize]) -> bool| -> Result<(usize, usize)> {
+            let get = |name: &str,
+                       ok: &dyn Fn(&[usize]) -> bool,
+                       want: &str|
+             -> Result<(usize, usize)> {
                 let t = st
                     .tensor(name)
                     .map_err(|e| bad(format!("{}: {name}: {e}", path.display())))?;
                 if !ok(t.shape()) {
                     return Err(bad(format!(
-                        "{}: {name} has shape {:?}",
+                        "{}: {name} has shape {:?}, expected {want} (the index's size is {size})",
                         path.display(),
                         t.shape()
                     )));
                 }
                 Ok((t.data().as_ptr() as usize - base, t.shape()[0]))
             };
-            let (images, n_images) = get("images", &|d| d.len() == 4 && d[1..] == [size, size, 3])?;
-            let (sizes, n_sizes) = get("image_size", &|d| d.len() == 2 && d[1] == 4)?;
-            let (masks, n_masks) = get("masks", &|d| d.len() == 3 && d[1..] == [size, size])?;
-            let (boxes, n_boxes) = get("mask_box", &|d| d.len() == 2 && d[1] == 4)?;
+            let (images, n_images) = get(
+                "images",
+                &|d| d.len() == 4 && d[1..] == [size, size, 3],
+                "[N, size, size, 3]",
+            )?;
+            let (sizes, n_sizes) = get("image_size", &|d| d.len() == 2 && d[1] == 4, "[N, 4]")?;
+            let (masks, n_masks) = get(
+                "masks",
+                &|d| d.len() == 3 && d[1..] == [size, size],
+                "[M, size, size]",
+            )?;
+            let (boxes, n_boxes) = get("mask_box", &|d| d.len() == 2 && d[1] == 4, "[M, 4]")?;
             if n_sizes != n_images || n_boxes != n_masks {
                 return Err(bad(format!(
                     "{}: tensors of different lengths",

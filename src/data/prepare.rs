@@ -404,9 +404,11 @@ pub fn prepare(
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<PrepareReport> {
     const OP: &str = "prepare";
-    if opts.size == 0 || opts.shard_images == 0 {
-        return Err(bad(OP, "size and images per shard must be positive"));
+    if opts.shard_images == 0 {
+        return Err(bad(OP, "images per shard must be positive"));
     }
+    crate::model::config::check_img_size(opts.size)
+        .map_err(|e| bad(OP, &format!("size (the model frame): {e}")))?;
     let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     // An old index would describe other shards: remove it first, so that a

@@ -113,6 +113,10 @@ pub fn evaluate_timed(
 ) -> Result<(Vec<Row>, Vec<Skipped>, EvalTiming)> {
     use std::time::Instant;
     let mut timing = EvalTiming::default();
+    check_tolerance("eval", o.tolerance)?;
+    if o.batch_images == 0 {
+        return Err(Error::input("eval", "images per batch must be at least 1"));
+    }
     if let Some((k, n)) = o.shard
         && (n == 0 || k >= n)
     {
@@ -485,6 +489,9 @@ pub fn write_reports(
 /// list.
 pub fn read_rows(dirs: &[&Path]) -> Result<Vec<Row>> {
     let mut rows = vec![];
+    // Each mask is evaluated once; a mask in two runs means the runs overlap
+    // (the same shard twice, or a merge merged again), which would count it twice.
+    let mut seen: std::collections::HashMap<String, &Path> = Default::default();
     for d in dirs {
         let p = d.join("rows.jsonl");
         let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
@@ -496,12 +503,24 @@ pub fn read_rows(dirs: &[&Path]) -> Result<Vec<Row>> {
             let v: Value = serde_json::from_str(l).map_err(|e| {
                 Error::input("eval merge", format!("{} line {}: {e}", p.display(), i + 1))
             })?;
-            rows.push(Row::from_json(&v).ok_or_else(|| {
+            let row = Row::from_json(&v).ok_or_else(|| {
                 Error::input(
                     "eval merge",
                     format!("{} line {}: not a row", p.display(), i + 1),
                 )
-            })?);
+            })?;
+            if let Some(first) = seen.insert(row.mask.clone(), d) {
+                return Err(Error::input(
+                    "eval merge",
+                    format!(
+                        "mask {} is in {} and in {}: the runs overlap (the same shard twice?)",
+                        row.mask,
+                        first.display(),
+                        d.display()
+                    ),
+                ));
+            }
+            rows.push(row);
         }
     }
     Ok(rows)
@@ -618,4 +637,15 @@ fn io(path: &Path, source: std::io::Error) -> Error {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// NSD's tolerance (pixels, or mm in 3-D): a distance, finite and not negative.
+pub fn check_tolerance(op: &'static str, tolerance: f64) -> Result<()> {
+    if !(tolerance.is_finite() && tolerance >= 0.0) {
+        return Err(Error::input(
+            op,
+            format!("NSD tolerance {tolerance}: a distance, finite and not negative"),
+        ));
+    }
+    Ok(())
 }

@@ -16,6 +16,10 @@ use super::zip;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+/// The most bytes a broadcast view (strides that revisit stored elements) may
+/// grow to when it is materialised.
+const MAX_EXPANDED_BYTES: usize = 256 << 20;
+
 /// Element types of torch storages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RawDType {
@@ -233,7 +237,25 @@ fn materialize(
             ));
         }
     }
-    let mut data = Vec::with_capacity(numel * es);
+    let size_bytes = numel
+        .checked_mul(es)
+        .ok_or_else(|| format!("tensor `{name}`: size {:?} overflows", t.size))?;
+    // A view can only need more bytes than its storage holds when strides
+    // overlap (an expanded, broadcast tensor): a few bytes in the file could
+    // ask for terabytes here. Checkpoints hold no such tensor of any size.
+    if size_bytes > bytes.len() && size_bytes > MAX_EXPANDED_BYTES {
+        return Err(format!(
+            "tensor `{name}` (size {:?}, stride {:?}) repeats {} stored bytes into {size_bytes}; \
+             refusing to materialise a broadcast view larger than {} MiB",
+            t.size,
+            t.stride,
+            bytes.len(),
+            MAX_EXPANDED_BYTES >> 20
+        ));
+    }
+    let mut data = Vec::new();
+    data.try_reserve_exact(size_bytes)
+        .map_err(|_| format!("tensor `{name}`: {size_bytes} bytes do not fit in memory"))?;
     let contiguous = t
         .size
         .iter()

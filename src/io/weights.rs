@@ -14,8 +14,8 @@ use crate::tensor::Tensor;
 #[derive(Clone, Default, Debug)]
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
-    /// Names of non-floating tensors that were present (with shapes).
-    others: BTreeMap<String, Vec<usize>>,
+    /// Non-floating tensors that were present: shapes and dtype names.
+    others: BTreeMap<String, (Vec<usize>, String)>,
 }
 
 impl Weights {
@@ -76,8 +76,8 @@ impl Weights {
                     .chunks_exact(8)
                     .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
                     .collect(),
-                _ => {
-                    w.others.insert(name, shape);
+                other => {
+                    w.others.insert(name, (shape, format!("{other:?}")));
                     continue;
                 }
             };
@@ -94,7 +94,8 @@ impl Weights {
             match t.to_tensor() {
                 Some(x) => w.insert(name.clone(), x),
                 None => {
-                    w.others.insert(name.clone(), t.shape.clone());
+                    w.others
+                        .insert(name.clone(), (t.shape.clone(), t.dtype.name().to_string()));
                 }
             }
         }
@@ -111,10 +112,25 @@ impl Weights {
 
     /// The tensor `name`, or a typed error naming it.
     pub fn req(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            expected: vec![],
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| self.missing(name, vec![]))
+    }
+
+    /// The error for a float tensor `name` that `get` did not find: present
+    /// with another dtype (an integer one, say), or not present at all.
+    /// `expected`: the shape the model wants, empty where unknown.
+    pub fn missing(&self, name: &str, expected: Vec<usize>) -> Error {
+        match self.others.get(name) {
+            Some((_, dtype)) => Error::TensorDType {
+                name: name.to_string(),
+                dtype: dtype.clone(),
+            },
+            None => Error::MissingTensor {
+                name: name.to_string(),
+                expected,
+            },
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -130,7 +146,9 @@ impl Weights {
     }
 
     pub fn non_float(&self) -> impl Iterator<Item = (&str, &[usize])> {
-        self.others.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+        self.others
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.0.as_slice()))
     }
 
     pub fn len(&self) -> usize {

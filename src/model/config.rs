@@ -108,6 +108,23 @@ pub enum Init {
     Normal,
 }
 
+/// The largest model input side accepted (SAM's own is 1024).
+pub const MAX_IMG_SIZE: usize = 4096;
+
+/// Whether `size` can be SAM-UNet's input side: the ResNet branch halves the
+/// image five times and the adapters bring its features to the ViT's grid of
+/// 16-pixel patches, so the side must be a multiple of 32 (at most
+/// `MAX_IMG_SIZE`). The reason when not.
+pub fn check_img_size(size: usize) -> std::result::Result<(), String> {
+    if size == 0 || size % 32 != 0 || size > MAX_IMG_SIZE {
+        return Err(format!(
+            "the input side must be a multiple of 32 from 32 to {MAX_IMG_SIZE} (the ResNet \
+             branch halves it five times), not {size}"
+        ));
+    }
+    Ok(())
+}
+
 impl SamUnetConfig {
     fn base(resnet_depth: usize) -> Result<Self> {
         Ok(SamUnetConfig {
@@ -168,10 +185,7 @@ impl SamUnetConfig {
         let shape = |n: &str| -> Result<Vec<usize>> {
             w.get(n)
                 .map(|t| t.dims().to_vec())
-                .ok_or_else(|| Error::MissingTensor {
-                    name: n.into(),
-                    expected: vec![],
-                })
+                .ok_or_else(|| w.missing(n, vec![]))
         };
         let pe = shape(&format!("{IE}.patch_embed.proj.weight"))?;
         if pe.len() != 4 || pe[1] != 3 || pe[2] != pe[3] || pe[2] == 0 {
@@ -187,6 +201,18 @@ impl SamUnetConfig {
             )));
         }
         let grid = pos[1];
+        if patch_size != 16 {
+            return Err(Error::Config(format!(
+                "{IE}.patch_embed.proj.weight has {patch_size}-pixel patches; SAM-UNet's \
+                 adapters bring the ResNet features to a grid of 16-pixel patches"
+            )));
+        }
+        check_img_size(grid * patch_size).map_err(|e| {
+            Error::Config(format!(
+                "{IE}.pos_embed is a {grid} x {grid} grid, a {} pixel input: {e}",
+                grid * patch_size
+            ))
+        })?;
         let mut depth = 0;
         while w.contains(&format!("{IE}.blocks.{depth}.norm1.weight")) {
             depth += 1;
@@ -626,10 +652,7 @@ impl SamUnetConfig {
             known.insert(s.name.as_str());
             match w.get(&s.name) {
                 None => {
-                    return Err(Error::MissingTensor {
-                        name: s.name.clone(),
-                        expected: s.shape.clone(),
-                    });
+                    return Err(w.missing(&s.name, s.shape.clone()));
                 }
                 Some(t) if t.dims() != s.shape.as_slice() => {
                     return Err(Error::TensorShape {
@@ -639,6 +662,20 @@ impl SamUnetConfig {
                     });
                 }
                 _ => {}
+            }
+        }
+        // Every value finite (a parallel scan: ~0.14 G values for SAM-UNet-50).
+        for s in &specs {
+            if let Some(Ok(v)) = w.get(&s.name).map(|t| t.as_f32()) {
+                use rayon::prelude::*;
+                let first = v.par_iter().position_first(|x| !x.is_finite());
+                if let Some(first) = first {
+                    return Err(Error::NonFiniteWeights {
+                        name: s.name.clone(),
+                        count: v.par_iter().filter(|x| !x.is_finite()).count(),
+                        first,
+                    });
+                }
             }
         }
         for (name, t) in w.iter() {

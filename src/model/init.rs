@@ -51,6 +51,13 @@ pub fn sam_to_input_size(
             name: "image_encoder.patch_embed.proj.weight".into(),
             expected: vec![],
         })?;
+    crate::model::config::check_img_size(img_size)
+        .map_err(|e| Error::Config(format!("img_size: {e}")))?;
+    if patch != 16 {
+        return Err(Error::Config(format!(
+            "image_encoder.patch_embed.proj.weight has {patch}-pixel patches; SAM-UNet needs 16"
+        )));
+    }
     let g = img_size / patch.max(1);
     let g0 = sam
         .iter()

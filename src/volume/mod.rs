@@ -504,6 +504,7 @@ pub struct LabelScore {
 /// reference's voxel spacing.
 pub fn label_overlap(pred: &Volume, reference: &Volume, tolerance: f64) -> Result<Vec<LabelScore>> {
     const OP: &str = "label overlap";
+    crate::eval::run::check_tolerance(OP, tolerance)?;
     if pred.dims != reference.dims {
         return Err(Error::shape(
             OP,
