@@ -77,7 +77,13 @@ fn main() -> std::process::ExitCode {
 fn eval_volume(a: &Args, pred: &std::path::Path, reference: &std::path::Path) -> Result<()> {
     use sam_unet::volume::{label_overlap, read_volume};
     let (p, r) = (read_volume(pred)?, read_volume(reference)?);
-    let scores = label_overlap(&p, &r, a.tolerance)?;
+    let scores = label_overlap(&p, &r, a.tolerance).with_context(|| {
+        format!(
+            "comparing {} (prediction) with {} (reference)",
+            pred.display(),
+            reference.display()
+        )
+    })?;
     println!(
         "{} vs {}: {} x {} x {} voxels of {:.3} x {:.3} x {:.3} mm",
         pred.display(),
@@ -202,6 +208,13 @@ fn run(a: Args) -> Result<()> {
         "time: reading {:.1} s, model {:.1} s, metrics {:.1} s",
         timing.read_s, timing.model_s, timing.metrics_s
     );
+    if rows.is_empty() {
+        bail!(
+            "no mask could be evaluated ({} skipped, each with its reason in {})",
+            skipped.len(),
+            a.out.join("summary.json").display()
+        );
+    }
     print_summary(&a.out)
 }
 

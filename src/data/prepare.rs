@@ -323,7 +323,7 @@ fn prepare_item(item: &Item, size: usize) -> (Option<Prepared>, Vec<Skipped>) {
         Err(e) => {
             skipped.push(Skipped {
                 path: item.name.clone(),
-                reason: format!("{e} ({} masks dropped with it)", item.masks.len()),
+                reason: format!("{} ({} masks dropped with it)", e.full(), item.masks.len()),
             });
             return (None, skipped);
         }

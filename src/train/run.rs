@@ -194,6 +194,9 @@ impl RunConfig {
                 self.bucket_mb
             ));
         }
+        if self.epochs == 0 {
+            return fail("0 epochs: a run trains at least one".into());
+        }
         if self.batch_images == 0 || self.accumulate == 0 || self.masks_per_image == 0 {
             return fail(format!(
                 "images per batch {}, accumulation {}, masks per image {}: each must be at least 1",

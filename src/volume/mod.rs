@@ -246,8 +246,8 @@ impl Box3d {
         Err(Error::input(
             "box3d",
             format!(
-                "box {k} {self:?} is empty or leaves the volume of {} x {} x {} voxels",
-                dims[0], dims[1], dims[2]
+                "box {k} ({},{},{},{},{},{}) is empty or leaves the volume of {} x {} x {} voxels",
+                self.x0, self.y0, self.z0, self.x1, self.y1, self.z1, dims[0], dims[1], dims[2]
             ),
         ))
     }
@@ -528,16 +528,19 @@ pub fn label_overlap(pred: &Volume, reference: &Volume, tolerance: f64) -> Resul
             format!("the volumes are not on the same grid (sform {a:?} vs {b:?})"),
         ));
     }
-    let label = |v: f32| -> Result<u32> {
+    let label = |v: f32, which: &str| -> Result<u32> {
         if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= u32::MAX as f32 {
             Ok(v as u32)
         } else {
-            Err(Error::input(OP, format!("{v} is not a label")))
+            Err(Error::input(
+                OP,
+                format!("a voxel of the {which} holds {v}, not a label (a non-negative integer)"),
+            ))
         }
     };
     let mut counts: std::collections::BTreeMap<u32, [usize; 3]> = Default::default();
     for (&p, &r) in pred.data.iter().zip(&reference.data) {
-        let (p, r) = (label(p)?, label(r)?);
+        let (p, r) = (label(p, "prediction")?, label(r, "reference")?);
         if p != 0 {
             counts.entry(p).or_default()[1] += 1;
         }
