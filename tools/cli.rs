@@ -51,7 +51,8 @@ pub fn load_weights(spec: &str) -> anyhow::Result<sam_unet::io::Weights> {
 }
 
 /// Refuses an output path that is one of the inputs (the same file or folder
-/// under any name), so that a mistyped command loses nothing.
+/// by another path too: links, `..`; hard links are not seen), so that a
+/// mistyped command loses nothing.
 #[allow(dead_code)]
 pub fn not_an_input(
     out_flag: &str,

@@ -523,8 +523,6 @@ def bench_train(a, model):
             bw.append((t2 - t1) * 1e3)
             ad.append((t3 - t2) * 1e3)
             tot.append((t3 - t0) * 1e3)
-    if a.profile:
-        profile_step(model, opt, x, boxes, labels, n, s)
     med = lambda v: round(statistics.median(v), 1)
     print(json.dumps({
         "impl": "pytorch-eager", "torch_version": torch.__version__, "what": "train_step",
@@ -537,6 +535,9 @@ def bench_train(a, model):
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "loss_last": round(loss.item(), 6),
     }), flush=True)
+    # After the figures above (the profiler's own memory is not in their RSS).
+    if a.profile:
+        profile_step(model, opt, x, boxes, labels, n, s)
 
 
 def profile_step(model, opt, x, boxes, labels, n, s):
@@ -581,8 +582,8 @@ def main():
     ap.add_argument("--autocast-bf16", action="store_true",
                     help="inference under torch.autocast('cpu', dtype=torch.bfloat16)")
     ap.add_argument("--profile", action="store_true",
-                    help="with --train: one more step under torch.profiler, the ops and "
-                         "the GEMM-type share on stderr")
+                    help="with --train: after the timed steps, one more under torch.profiler, "
+                         "the ops and the GEMM-type share on stderr")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -596,6 +597,8 @@ def main():
     print(f"parameters: total {total:,} trainable {trainable:,} "
           f"({'matches' if ok else 'DOES NOT match'} 138,428,204 / 51,755,564)", file=sys.stderr)
 
+    if a.profile and not a.train:
+        ap.error("--profile profiles a training step: give --train N")
     if a.train:
         return bench_train(a, model)
 

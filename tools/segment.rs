@@ -96,9 +96,12 @@ fn check_outputs(args: &Args) -> Result<()> {
         cli::output_ending("--logits", lp, &[".safetensors"])?;
         cli::not_an_input("--logits", lp, &inputs)?;
         let dir = lp.parent().filter(|d| !d.as_os_str().is_empty());
+        let same = |a: &std::path::Path, b: &std::path::Path| {
+            std::path::absolute(a).ok() == std::path::absolute(b).ok()
+        };
         if let Some(d) = dir
             && !d.is_dir()
-            && d != args.out.as_path()
+            && !same(d, &args.out)
         {
             bail!(
                 "--logits {}: the folder {} does not exist",

@@ -489,10 +489,10 @@ pub fn write_reports(
 /// list.
 pub fn read_rows(dirs: &[&Path]) -> Result<Vec<Row>> {
     let mut rows = vec![];
-    // Each mask is evaluated once; a mask in two runs means the runs overlap
-    // (the same shard twice, or a merge merged again), which would count it twice.
-    let mut seen: std::collections::HashMap<String, &Path> = Default::default();
-    for d in dirs {
+    // A mask in two runs means the runs overlap (the same shard twice, or a
+    // merge merged again), which would count it twice.
+    let mut seen: std::collections::HashMap<(String, String), usize> = Default::default();
+    for (k, d) in dirs.iter().enumerate() {
         let p = d.join("rows.jsonl");
         let text = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
         for (i, l) in text
@@ -509,13 +509,18 @@ pub fn read_rows(dirs: &[&Path]) -> Result<Vec<Row>> {
                     format!("{} line {}: not a row", p.display(), i + 1),
                 )
             })?;
-            if let Some(first) = seen.insert(row.mask.clone(), d) {
+            // (Twice in one run is the data's list naming it twice: the
+            // single run counted it twice too.)
+            if let Some(first) = seen.insert((row.image.clone(), row.mask.clone()), k)
+                && first != k
+            {
                 return Err(Error::input(
                     "eval merge",
                     format!(
-                        "mask {} is in {} and in {}: the runs overlap (the same shard twice?)",
+                        "mask {} of {} is in {} and in {}: the runs overlap (the same shard twice?)",
                         row.mask,
-                        first.display(),
+                        row.image,
+                        dirs[first].display(),
                         d.display()
                     ),
                 ));

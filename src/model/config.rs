@@ -665,6 +665,8 @@ impl SamUnetConfig {
             }
         }
         // Every value finite (a parallel scan: ~0.14 G values for SAM-UNet-50).
+        // Weights are f32 on the CPU (f16 / bf16 / f64 files are converted
+        // at load), so `as_f32` sees every tensor.
         for s in &specs {
             if let Some(Ok(v)) = w.get(&s.name).map(|t| t.as_f32()) {
                 use rayon::prelude::*;

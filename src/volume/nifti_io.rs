@@ -426,7 +426,9 @@ pub fn write_nifti(
     let mut out = header_bytes(&h);
     out.extend([0u8; 4]); // no extensions
     out.extend_from_slice(data);
-    let gz = path.extension().is_some_and(|e| e == "gz");
+    let gz = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
     let bytes = if gz {
         use std::io::Write;
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));

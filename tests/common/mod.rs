@@ -29,14 +29,17 @@ extern "C" fn remove_scratch() {
 /// keeps it for a look). Each test run used to leave its files behind, ~2.5 GB
 /// a run (the training tests' checkpoints, prepared shards). Folders of earlier
 /// test processes that are gone (killed before they could clean up) are
-/// removed at first use too.
+/// removed at first use too, once an hour old.
 pub fn scratch() -> &'static Path {
     SCRATCH.get_or_init(|| {
         let tmp = std::env::temp_dir();
         remove_dead_scratch(&tmp);
         let d = tmp.join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+        // A folder of this name is a killed process's whose pid came back.
+        let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        if std::env::var_os("SAM_UNET_KEEP_TMP").is_none() {
+        let keep = std::env::var("SAM_UNET_KEEP_TMP").is_ok_and(|v| !v.is_empty() && v != "0");
+        if !keep {
             // SAFETY: registers a plain function with the C runtime; it runs at
             // exit, after the tests, and only removes the folder named in a
             // static that is set before the registration.
@@ -54,8 +57,9 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Removes the scratch folders of test processes that no longer run (Linux:
-/// no /proc/<pid>); elsewhere it cannot tell and removes nothing.
+/// Removes the scratch folders, older than an hour, of test processes that no
+/// longer run (Linux: no /proc/<pid>); elsewhere it cannot tell and removes
+/// nothing.
 fn remove_dead_scratch(tmp: &Path) {
     if !Path::new("/proc/self").exists() {
         return;
@@ -72,7 +76,15 @@ fn remove_dead_scratch(tmp: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+        // An hour old too: a process in another PID namespace that shares
+        // this temp folder looks dead from here.
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() > 3600);
+        if old && pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
