@@ -59,10 +59,12 @@ pub fn not_an_input(
     out: &std::path::Path,
     inputs: &[(&str, &std::path::Path)],
 ) -> anyhow::Result<()> {
+    // An output that does not exist yet replaces nothing.
+    let Ok(o) = out.canonicalize() else {
+        return Ok(());
+    };
     for (flag, input) in inputs {
-        if let (Ok(a), Ok(b)) = (out.canonicalize(), input.canonicalize())
-            && a == b
-        {
+        if input.canonicalize().is_ok_and(|i| i == o) {
             anyhow::bail!(
                 "{out_flag} {} is the {flag} input: refusing to overwrite it",
                 out.display()

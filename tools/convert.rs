@@ -64,15 +64,15 @@ fn main() -> std::process::ExitCode {
 
 fn run(a: Args) -> Result<()> {
     cli::output_ending("--out", &a.out, &[".safetensors", ".pth", ".pt"])?;
-    for (flag, p) in [
+    let inputs: Vec<(&str, &std::path::Path)> = [
         ("--in", &a.input),
         ("--sam", &a.sam),
         ("--resnet", &a.resnet),
-    ] {
-        if let Some(p) = p {
-            cli::not_an_input("--out", &a.out, &[(flag, p)])?;
-        }
-    }
+    ]
+    .into_iter()
+    .filter_map(|(flag, p)| p.as_deref().map(|p| (flag, p)))
+    .collect();
+    cli::not_an_input("--out", &a.out, &inputs)?;
     if a.sam.is_some() {
         sam_unet::model::config::check_img_size(a.img_size)
             .map_err(|e| anyhow::anyhow!("--img-size: {e}"))?;

@@ -171,23 +171,14 @@ impl PreparedSet {
             let info = set.info(i)?;
             for &m in &e.masks {
                 let b = set.shards[e.shard].mask_box(m);
-                let inside = b.iter().all(|v| v.is_finite())
-                    && 0.0 <= b[0]
-                    && b[0] < b[2]
-                    && b[2] <= info.orig_w as f32
-                    && 0.0 <= b[1]
-                    && b[1] < b[3]
-                    && b[3] <= info.orig_h as f32;
-                if !inside {
-                    return Err(bad(format!(
-                        "{}: image {} ({} x {}): mask {m} of shard {} has the box {b:?}",
+                crate::preprocess::validate_box(m, b, &info).map_err(|err| {
+                    bad(format!(
+                        "{}: image {}: mask {m} of shard {}: {err}",
                         ip.display(),
                         e.name,
-                        info.orig_w,
-                        info.orig_h,
                         e.shard
-                    )));
-                }
+                    ))
+                })?;
             }
         }
         Ok(set)
